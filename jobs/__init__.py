@@ -1,0 +1,1 @@
+"""User-facing jobs: the spec, generate, benchmark, and the CLI."""

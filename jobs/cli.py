@@ -1,0 +1,61 @@
+"""The `wuerstchen-batch` command: generate, tiny-model, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.spec import SpecError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wuerstchen-batch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="run a job: prompt table → images + manifest")
+    gen.add_argument("job", help="job spec (YAML)")
+    gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a spec key, e.g. --set generation.height=512 (repeatable)")
+
+    tiny = sub.add_parser("tiny-model", help="write the tiny random-weight preset in the official layout")
+    tiny.add_argument("directory")
+
+    bench = sub.add_parser("benchmark", help="images/s of the pipeline vs diffusers' combined pipeline")
+    bench.add_argument("--rows", type=int, default=64)
+    bench.add_argument("--model", default="tiny", help="tiny, or a directory holding prior/ and decoder/")
+    bench.add_argument("--prompts", help="a Parquet or TSV prompt table (default: generated prompts)")
+    bench.add_argument("--height", type=int, default=None)
+    bench.add_argument("--width", type=int, default=None)
+    bench.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--json", help="write the figures to this JSON file")
+
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.command == "generate":
+        from jobs.generate import run
+        from jobs.spec import load_spec
+
+        summary = run(load_spec(args.job, args.overrides))
+        print(summary)
+        return 1 if summary.failed else 0
+    if args.command == "tiny-model":
+        from stages.tiny import write_tiny_model
+
+        print(f"tiny model written to {write_tiny_model(args.directory)} (prior/, decoder/)")
+        return 0
+    from jobs.benchmark import run_benchmark
+
+    run_benchmark(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

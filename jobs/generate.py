@@ -1,0 +1,124 @@
+"""Runner: one streaming Ray Data pipeline from the prompt table to images, embeddings and a manifest."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import pyarrow.dataset as pads
+import ray
+import yaml
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from jobs import prompts
+from jobs.spec import JobSpec, SpecError, StageSpec
+from stages import columns as C
+from stages.decoder import DecoderStage
+from stages.models import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref
+from stages.prior import PriorStage
+from stages.storage import join, url_to_fs, write_atomic
+from stages.text import TextEncoder
+from stages.writer import write_embeddings, write_images
+
+log = logging.getLogger(__name__)
+TASK_CPUS = 0.25  # reading, expanding and writing are light: never let them wait behind the actors
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a finished job reports."""
+
+    rows: int
+    failed: int
+    seconds: float
+    output: str
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.rows - self.failed) / self.seconds if self.seconds else 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.rows} rows ({self.failed} failed) in {self.seconds:.1f} s, "
+                f"{self.images_per_s:.2f} images/s; images in {join(self.output, 'images')}, "
+                f"manifest in {join(self.output, 'manifest')}")
+
+
+def preflight(spec: JobSpec) -> prompts.PromptTable:
+    """Every check that needs no model: models exist, the table is Parquet with valid rows."""
+    try:
+        check_ref(spec.model.prior, "prior", PRIOR_SUBFOLDERS, spec.storage_options)
+        check_ref(spec.model.decoder, "decoder", DECODER_SUBFOLDERS, spec.storage_options)
+    except ModelRefError as err:
+        raise SpecError(str(err)) from None
+    return prompts.scan(spec)
+
+
+def run(spec: JobSpec) -> Summary:
+    """Validate, then generate every row of the prompt table; returns the closing summary."""
+    table = preflight(spec)
+    start = time.time()
+    fs, out = url_to_fs(spec.output, spec.storage_options)
+    write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True)  # joins RAY_ADDRESS when set, else starts a local Ray
+    build_dataset(spec, table).write_parquet(
+        join(out, "manifest"), filesystem=PyFileSystem(FSSpecHandler(fs)), ray_remote_args={"num_cpus": TASK_CPUS}
+    )
+    return summarize(spec, time.time() - start)
+
+
+def build_dataset(spec: JobSpec, table: prompts.PromptTable) -> ray.data.Dataset:
+    """read → expand rows → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
+    models = dict(dtype=spec.model.dtype, storage_options=spec.storage_options)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
+                               num_cpus=TASK_CPUS)
+    ds = ds.map_batches(prompts.expand_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
+        defaults=prompts.defaults_for(spec), images_per_prompt=spec.generation.images_per_prompt,
+        checkpoint=prompts.checkpoint_id(spec)))
+    ds = ds.map_batches(TextEncoder, fn_constructor_kwargs=dict(prior=spec.model.prior,
+                        decoder=spec.model.decoder, **models), **placement(spec.stages.text, "text", gpus))
+    ds = ds.map_batches(PriorStage, fn_constructor_kwargs=dict(prior=spec.model.prior, **models),
+                        **placement(spec.stages.prior, "prior", gpus))
+    ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
+                        fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
+    ds = ds.map_batches(DecoderStage, fn_constructor_kwargs=dict(decoder=spec.model.decoder, **models),
+                        **placement(spec.stages.decoder, "decoder", gpus))
+    return ds.map_batches(write_images, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
+        output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format))
+
+
+# GPU shares when a stage's num_gpus is not set: one GPU shared by all three pools, or whole GPUs
+# for Stage C and Stage B/A (text encoding is ~0.1% of the FLOPs) when the cluster has several.
+_GPU_SHARES = {"text": (0.1, 0.25), "prior": (0.45, 1.0), "decoder": (0.45, 1.0)}
+
+
+def placement(stage: StageSpec, name: str, cluster_gpus: float) -> dict:
+    """map_batches keyword arguments for a stage's actor pool, from its spec and the cluster."""
+    if stage.num_gpus is not None:
+        num_gpus = stage.num_gpus
+    elif cluster_gpus:
+        num_gpus = _GPU_SHARES[name][0 if cluster_gpus < 3 else 1]
+    else:
+        num_gpus = 0
+    concurrency = stage.concurrency or 1
+    args = dict(
+        batch_size=stage.batch_size,
+        batch_format="numpy",
+        concurrency=tuple(concurrency) if isinstance(concurrency, list) else concurrency,
+        num_gpus=num_gpus,
+        num_cpus=stage.num_cpus if stage.num_cpus is not None else TASK_CPUS,
+    )
+    for key in ("resources", "accelerator_type", "label_selector"):
+        if getattr(stage, key):
+            args[key] = getattr(stage, key)
+    return args
+
+
+def summarize(spec: JobSpec, seconds: float) -> Summary:
+    """Count the manifest's rows and failures (read back from storage)."""
+    fs, out = url_to_fs(join(spec.output, "manifest"), spec.storage_options)
+    manifest = pads.dataset(out, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet")
+    errors = manifest.to_table(columns=[C.ERROR]).column(C.ERROR)
+    return Summary(rows=len(errors), failed=len(errors) - errors.null_count, seconds=seconds, output=spec.output)

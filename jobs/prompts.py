@@ -1,0 +1,147 @@
+"""Reader: find the prompt table's Parquet files and validate every row before any model is loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs.spec import GENERATION_RULES, JobSpec, SpecError
+from stages import columns as C
+from stages.storage import full_uri, url_to_fs
+
+
+@dataclass(frozen=True)
+class PromptTable:
+    """The validated table: its files (paths on `fs`) and its row count."""
+
+    fs: object
+    files: tuple[str, ...]
+    rows: int
+    columns: tuple[str, ...]
+
+
+def list_files(uri: str, storage_options: dict) -> tuple[object, list[str]]:
+    """The Parquet files of a file or directory URI, or a one-line error naming it."""
+    fs, path = url_to_fs(uri, storage_options)
+    if not fs.exists(path):
+        raise SpecError(f"prompts: {uri} does not exist")
+    if not fs.isdir(path):
+        return fs, [path]
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    if not files:
+        raise SpecError(f"prompts: no .parquet files under {uri}")
+    return fs, files
+
+
+def scan(spec: JobSpec) -> PromptTable:
+    """Check schema and values of every row, streaming the files (nothing is collected)."""
+    fs, files = list_files(spec.prompts, spec.storage_options)
+    rows, columns = 0, None
+    for path in files:
+        name = full_uri(fs, path)
+        try:
+            parquet = pq.ParquetFile(fs.open(path, "rb"))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise SpecError(f"prompts: {name} is not a readable Parquet file ({err})") from None
+        schema = parquet.schema_arrow
+        present = _check_schema(schema, name)
+        columns = columns or present
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=65536, columns=list(present)):
+            _check_rows(batch, name, offset)
+            offset += batch.num_rows
+        rows += offset
+    if rows == 0:
+        raise SpecError(f"prompts: {spec.prompts} has no rows")
+    return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns))
+
+
+def _check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
+    if C.PROMPT not in schema.names:
+        raise SpecError(f"prompts: {name} has no '{C.PROMPT}' column (columns: {', '.join(schema.names)})")
+    for col in (C.PROMPT, C.NEGATIVE_PROMPT):
+        if col in schema.names and not pa.types.is_string(schema.field(col).type) \
+                and not pa.types.is_large_string(schema.field(col).type):
+            raise SpecError(f"prompts: column '{col}' in {name} is {schema.field(col).type}, not string")
+    for col in C.INT_PARAMS + C.FLOAT_PARAMS:
+        if col in schema.names:
+            kind = schema.field(col).type
+            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+                raise SpecError(f"prompts: column '{col}' in {name} is {kind}, not a number")
+    return tuple(c for c in (C.PROMPT, *C.OVERRIDABLE) if c in schema.names)
+
+
+def _check_rows(batch: pa.RecordBatch, name: str, offset: int) -> None:
+    def fail(mask, message, values=None):
+        where = np.flatnonzero(np.asarray(mask))
+        if len(where):
+            got = f", got {values[where[0]]:g}" if values is not None else ""
+            raise SpecError(f"prompts: {name} row {offset + where[0]}: {message}{got}")
+
+    fail(pc.is_null(batch.column(C.PROMPT)).to_numpy(zero_copy_only=False), "prompt is null")
+    for col in batch.schema.names:
+        if col in (C.PROMPT, C.NEGATIVE_PROMPT):
+            continue
+        values = batch.column(col).to_numpy(zero_copy_only=False).astype(np.float64)  # null → nan
+        present = ~np.isnan(values)
+        if col in C.INT_PARAMS:
+            fail(present & (values != np.round(values)), f"{col} must be a whole number", values)
+        is_bad, message = GENERATION_RULES[col]
+        fail(present & is_bad(np.nan_to_num(values)), f"{col} {message}", values)
+
+
+def defaults_for(spec: JobSpec) -> dict:
+    """Per-row defaults from the spec, keyed by column (prior_steps None → 0, the default schedule)."""
+    gen = spec.generation
+    values = {col: getattr(gen, col) for col in C.OVERRIDABLE}
+    values[C.PRIOR_STEPS] = gen.prior_steps or 0
+    return values
+
+
+def checkpoint_id(spec: JobSpec) -> str:
+    """The identity of the models and precision that make an image."""
+    return f"prior={spec.model.prior} decoder={spec.model.decoder} dtype={spec.model.dtype}"
+
+
+def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt: int, checkpoint: str) -> dict:
+    """Fill per-row parameters from defaults, make one row per image (seed + k), and add row ids."""
+    n = len(batch[C.PROMPT])
+    rows = np.repeat(np.arange(n), images_per_prompt)
+    out = {col: np.asarray(values)[rows] for col, values in batch.items()}  # user columns pass through
+    for col, default in defaults.items():
+        out[col] = _filled(batch.get(col), default, n)[rows]
+    out[C.IMAGE_INDEX] = np.tile(np.arange(images_per_prompt), n)
+    out[C.SEED] = out[C.SEED] + out[C.IMAGE_INDEX]
+    out[C.CHECKPOINT] = np.full(len(rows), checkpoint, dtype=object)
+    out[C.ROW_ID] = np.array([row_id(out, i, checkpoint) for i in range(len(rows))], dtype=object)
+    out[C.ERROR] = np.full(len(rows), "", dtype=object)
+    return out
+
+
+def _filled(values, default, n: int) -> np.ndarray:
+    if isinstance(default, str):
+        column = np.full(n, default, dtype=object)
+        if values is not None:
+            column = np.where([v is None for v in values], column, values).astype(object)
+        return column
+    kind = np.int64 if isinstance(default, int) else np.float64
+    if values is None:
+        return np.full(n, default, dtype=kind)
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isnan(values), default, values).astype(kind)
+
+
+def row_id(columns: dict[str, np.ndarray], i: int, checkpoint: str) -> str:
+    """A stable hash of everything that determines row i's image."""
+    key = {col: columns[col][i].item() if hasattr(columns[col][i], "item") else columns[col][i]
+           for col in (C.PROMPT, *C.OVERRIDABLE)}
+    for col in C.FLOAT_PARAMS:
+        key[col] = float(key[col])
+    key[C.CHECKPOINT] = checkpoint
+    return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]

@@ -1,0 +1,232 @@
+"""The job spec: frozen dataclasses loaded from YAML, unknown keys rejected by name, `--set` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from stages.models import DTYPES
+
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+
+
+class SpecError(ValueError):
+    """A user mistake in the job spec or its inputs; the message is one line naming the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the Stage C and Stage B/A checkpoints come from, and the compute dtype."""
+
+    prior: str = "tiny"
+    decoder: str = "tiny"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Defaults for every row; same-named prompt-table columns override them per row."""
+
+    height: int = 1024
+    width: int = 1024
+    prior_steps: typing.Optional[int] = None  # None → diffusers' DEFAULT_STAGE_C_TIMESTEPS
+    prior_guidance_scale: float = 4.0
+    decoder_steps: int = 12
+    decoder_guidance_scale: float = 0.0
+    negative_prompt: str = ""
+    seed: int = 0
+    images_per_prompt: int = 1
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Batch size and Ray placement of one stage's actor pool (passed to `map_batches`)."""
+
+    batch_size: int = 8
+    concurrency: typing.Union[int, list, None] = None  # n, or [min, max]
+    num_gpus: typing.Optional[float] = None  # None → a default that depends on the cluster's GPUs
+    num_cpus: typing.Optional[float] = None
+    resources: typing.Optional[dict] = None
+    accelerator_type: typing.Optional[str] = None
+    label_selector: typing.Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class StagesSpec:
+    """One StageSpec per pool."""
+
+    text: StageSpec = StageSpec(batch_size=64)
+    prior: StageSpec = StageSpec(batch_size=16)
+    decoder: StageSpec = StageSpec(batch_size=8)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole generation job."""
+
+    prompts: str
+    output: str
+    storage_options: dict = field(default_factory=dict)
+    model: ModelSpec = ModelSpec()
+    generation: GenerationSpec = GenerationSpec()
+    image_format: str = "png"
+    stages: StagesSpec = StagesSpec()
+
+    def to_dict(self) -> dict:
+        """Plain data for job.yaml."""
+        return dataclasses.asdict(self)
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read a YAML job file, apply `key.sub=value` overrides, validate."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpecError(f"job file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"job file {path}{where}: YAML syntax error: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"job file {path}: expected a mapping of keys, got {type(data).__name__}")
+    return spec_from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys (`generation.height=512`); values are parsed as YAML scalars/lists."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item}: expected key=value")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item}: {part} is not a mapping")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise SpecError(f"--set {item}: value is not valid YAML") from None
+    return data
+
+
+def spec_from_dict(data: dict) -> JobSpec:
+    """Build and validate a JobSpec from plain data."""
+    spec = _build(JobSpec, data, "")
+    validate(spec)
+    return spec
+
+
+def _build(cls, data, prefix: str):
+    if not isinstance(data, dict):
+        raise SpecError(f"{prefix.rstrip('.') or 'spec'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise SpecError(f"{prefix}{key}: unknown key{hint}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SpecError(f"{name}: required key is missing")
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(value):
+            value = _shallow(value)
+        if dataclasses.is_dataclass(hint):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            values[f.name] = _build(hint, {**_shallow(default), **(value or {})}, name + ".")
+        else:
+            values[f.name] = _check_type(value, hint, name)
+    return cls(**values)
+
+
+def _shallow(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)} if obj is not None else {}
+
+
+def _check_type(value, hint, name: str):
+    """Accept `value` if it fits the annotation (ints for floats too); else a one-line error."""
+    options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if dataclasses.is_dataclass(option) and isinstance(value, option):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, dict, list) and isinstance(value, option):
+            return value
+    wanted = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise SpecError(f"{name}: expected {wanted}, got {value!r}")
+
+
+def validate(spec: JobSpec) -> None:
+    """Value checks that types alone cannot express."""
+    gen = spec.generation
+    check_generation_value("generation.height", gen.height)
+    check_generation_value("generation.width", gen.width)
+    check_generation_value("generation.prior_guidance_scale", gen.prior_guidance_scale)
+    check_generation_value("generation.decoder_guidance_scale", gen.decoder_guidance_scale)
+    check_generation_value("generation.decoder_steps", gen.decoder_steps)
+    check_generation_value("generation.seed", gen.seed)
+    if gen.prior_steps is not None:
+        check_generation_value("generation.prior_steps", gen.prior_steps)
+    if gen.images_per_prompt < 1:
+        raise SpecError(f"generation.images_per_prompt: must be at least 1, got {gen.images_per_prompt}")
+    if spec.model.dtype not in DTYPES:
+        raise SpecError(f"model.dtype: unknown dtype {spec.model.dtype!r} (choose {' | '.join(DTYPES)})")
+    if spec.image_format not in IMAGE_FORMATS:
+        raise SpecError(f"image_format: {spec.image_format!r} is not one of {' | '.join(IMAGE_FORMATS)}")
+    for name in ("text", "prior", "decoder"):
+        _validate_stage(f"stages.{name}", getattr(spec.stages, name))
+
+
+_MULTIPLE_OF_128 = (lambda v: (v <= 0) | (v % 128 != 0), "must be a positive multiple of 128")
+_NOT_NEGATIVE = (lambda v: v < 0, "must not be negative")
+_AT_LEAST_ONE = (lambda v: v < 1, "must be at least 1")
+# One rule per generation parameter, shared by the spec and the per-row columns: (bad-value mask, message).
+GENERATION_RULES = {
+    "height": _MULTIPLE_OF_128,
+    "width": _MULTIPLE_OF_128,
+    "prior_guidance_scale": _NOT_NEGATIVE,
+    "decoder_guidance_scale": _NOT_NEGATIVE,
+    "prior_steps": _AT_LEAST_ONE,
+    "decoder_steps": _AT_LEAST_ONE,
+    "seed": _NOT_NEGATIVE,
+}
+
+
+def check_generation_value(name: str, value) -> None:
+    """Apply the parameter's rule to one value."""
+    is_bad, message = GENERATION_RULES[name.rsplit(".", 1)[-1]]
+    if is_bad(value):
+        raise SpecError(f"{name}: {message}, got {value}")
+
+
+def _validate_stage(name: str, stage: StageSpec) -> None:
+    if stage.batch_size < 1:
+        raise SpecError(f"{name}.batch_size: must be at least 1, got {stage.batch_size}")
+    conc = stage.concurrency
+    if isinstance(conc, int) and conc < 1:
+        raise SpecError(f"{name}.concurrency: must be at least 1, got {conc}")
+    if isinstance(conc, list) and (len(conc) != 2 or not all(isinstance(c, int) and c >= 1 for c in conc)
+                                   or conc[0] > conc[1]):
+        raise SpecError(f"{name}.concurrency: expected n or [min, max] with 1 <= min <= max, got {conc}")
+    for key in ("num_gpus", "num_cpus"):
+        value = getattr(stage, key)
+        if value is not None and value < 0:
+            raise SpecError(f"{name}.{key}: must not be negative, got {value}")

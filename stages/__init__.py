@@ -1,0 +1,1 @@
+"""Würstchen batch stages: text encoding, Stage C, Stage B/A, and the writers."""

@@ -1,0 +1,63 @@
+"""Column names shared by the reader, the stages, the writers and the manifest, in one place."""
+
+# Input table and per-row generation parameters (a same-named input column overrides the spec default).
+PROMPT = "prompt"
+NEGATIVE_PROMPT = "negative_prompt"
+SEED = "seed"
+HEIGHT = "height"
+WIDTH = "width"
+PRIOR_STEPS = "prior_steps"  # 0 means diffusers' DEFAULT_STAGE_C_TIMESTEPS (the spec's null)
+PRIOR_GUIDANCE = "prior_guidance_scale"
+DECODER_STEPS = "decoder_steps"
+DECODER_GUIDANCE = "decoder_guidance_scale"
+
+OVERRIDABLE = (
+    NEGATIVE_PROMPT,
+    SEED,
+    HEIGHT,
+    WIDTH,
+    PRIOR_GUIDANCE,
+    DECODER_GUIDANCE,
+    PRIOR_STEPS,
+    DECODER_STEPS,
+)
+INT_PARAMS = (SEED, HEIGHT, WIDTH, PRIOR_STEPS, DECODER_STEPS)
+FLOAT_PARAMS = (PRIOR_GUIDANCE, DECODER_GUIDANCE)
+
+# Identity of a row and of the models that make it.
+ROW_ID = "row_id"
+SOURCE_ROW = "source_row"  # "<file>:<index>" of the prompt row, k-th image appended as "#k"
+IMAGE_INDEX = "image_index"
+CHECKPOINT = "checkpoint"
+
+# Text stage outputs: CLIP last_hidden_state, (77, d) per row; negatives are zeros when unused.
+PRIOR_TEXT = "prior_text"
+PRIOR_TEXT_NEG = "prior_text_neg"
+DECODER_TEXT = "decoder_text"
+DECODER_TEXT_NEG = "decoder_text_neg"
+
+# Stage C outputs.
+IMAGE_EMBEDDINGS = "image_embeddings"  # (16, h, w), the prior pipeline's output
+GENERATOR_STATE = "generator_state"  # the row's CPU torch.Generator state after Stage C (uint8)
+
+# Stage B/A output.
+IMAGE = "image"  # (H, W, 3) uint8
+
+# Manifest-only columns.
+IMAGE_URI = "image_uri"
+ERROR = "error"  # null when the row succeeded
+TEXT_SECONDS = "text_s"
+PRIOR_SECONDS = "prior_s"
+DECODER_SECONDS = "decoder_s"
+FINISHED_AT = "finished_at"  # unix seconds when the image object was complete
+
+# Columns too heavy for the manifest: they travel between stages only.
+TRANSIENT = (
+    PRIOR_TEXT,
+    PRIOR_TEXT_NEG,
+    DECODER_TEXT,
+    DECODER_TEXT_NEG,
+    IMAGE_EMBEDDINGS,
+    GENERATOR_STATE,
+    IMAGE,
+)

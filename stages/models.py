@@ -1,0 +1,103 @@
+"""Model references (hub id, local dir, object-store URI, `tiny`) and loading of each component by subfolder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from stages.storage import url_to_fs
+from stages.tiny import ensure_tiny_model
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PRIOR_SUBFOLDERS = ("prior", "text_encoder", "tokenizer", "scheduler")
+DECODER_SUBFOLDERS = ("decoder", "text_encoder", "tokenizer", "vqgan", "scheduler")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class ModelRefError(ValueError):
+    """A model reference that names nothing loadable."""
+
+
+def cache_root() -> Path:
+    """Where the tiny preset and copies of object-store models live on this node."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wuerstchen-batch"
+    return Path(os.environ.get("WUERSTCHEN_BATCH_CACHE", default))
+
+
+def ref_kind(ref: str) -> str:
+    """Classify a model reference: 'tiny', 'uri', 'local' or 'hub'."""
+    if ref == "tiny":
+        return "tiny"
+    if "://" in ref:
+        return "uri"
+    if ref.startswith(("/", ".", "~")) or os.path.exists(ref) or not _HUB_ID.match(ref):
+        return "local"
+    return "hub"
+
+
+def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options: dict) -> None:
+    """Fail fast, before any model work, on a reference that cannot be loaded."""
+    kind = ref_kind(ref)
+    if kind == "local":
+        path = Path(ref).expanduser()
+        if not path.is_dir():
+            raise ModelRefError(f"model.{role}: directory {ref} does not exist")
+        missing = [s for s in subfolders if not (path / s).is_dir()]
+        if missing:
+            raise ModelRefError(f"model.{role}: {ref} lacks the subfolder(s) {', '.join(missing)}")
+    elif kind == "uri":
+        fs, path = url_to_fs(ref, storage_options)
+        if not fs.isdir(path):
+            raise ModelRefError(f"model.{role}: {ref} does not exist")
+
+
+def resolve(ref: str, role: str, storage_options: dict | None = None) -> str:
+    """Turn a reference into something `from_pretrained` loads: a local directory or a hub id."""
+    kind = ref_kind(ref)
+    if kind == "tiny":
+        return str(ensure_tiny_model(cache_root()) / role)
+    if kind == "uri":
+        return str(_copy_once(ref, storage_options or {}))
+    if kind == "local":
+        return str(Path(ref).expanduser())
+    return ref
+
+
+def _copy_once(uri: str, storage_options: dict) -> Path:
+    """Copy an object-store model directory to this node's cache once (atomic rename)."""
+    target = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if target.exists():
+        return target
+    fs, path = url_to_fs(uri, storage_options)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="copy-", dir=target.parent))
+    fs.get(path.rstrip("/") + "/", str(staging), recursive=True)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def pick_device() -> torch.device:
+    """CUDA when this process sees a GPU, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_component(cls, root: str, subfolder: str, dtype: torch.dtype, device: torch.device):
+    """Load one diffusers/transformers component from `root/subfolder`, safetensors only."""
+    model = cls.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def pipeline_config(root: str) -> dict:
+    """The pipeline-level settings (latent_mean, resolution_multiple, …) from model_index.json."""
+    path = Path(root) / "model_index.json"
+    return json.loads(path.read_text()) if path.exists() else {}

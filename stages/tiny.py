@@ -1,0 +1,133 @@
+"""The offline `tiny` preset: small random-weight Würstchen components saved in the official layout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import DDPMWuerstchenScheduler
+from tokenizers.pre_tokenizers import ByteLevel
+from diffusers.pipelines.deprecated.wuerstchen import (
+    PaellaVQModel,
+    WuerstchenDecoderPipeline,
+    WuerstchenDiffNeXt,
+    WuerstchenPrior,
+    WuerstchenPriorPipeline,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TEXT_HIDDEN = 32
+EFFNET_CHANNELS = 16  # as the official Stage C output (16 × 24 × 24 at 1024²)
+# A few common English merges so tokens are not all single characters.
+_MERGES = ["t h", "h e</w>", "a n", "i n", "e r", "o n", "r e", "a t", "e n", "o r"]
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP BPE tokenizer made here: every byte, with and without `</w>`, and a few merges."""
+    chars = sorted(ByteLevel.alphabet())
+    merges = [tuple(m.split()) for m in _MERGES]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def _text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def _wake(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give zero-initialised tensors (output heads, gammas, timestep mappers) small random values.
+
+    The real models start those at zero for training; left at zero, the tiny decoder would ignore
+    its inputs and the parity tests would prove nothing.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def build_prior() -> WuerstchenPriorPipeline:
+    """Stage C: a 2-deep prior with every block type (ResBlock, TimestepBlock, AttnBlock)."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(1)
+    prior = WuerstchenPrior(c_in=EFFNET_CHANNELS, c=32, c_cond=TEXT_HIDDEN, c_r=8, depth=2, nhead=2)
+    return WuerstchenPriorPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_text_encoder(tokenizer, seed=2),
+        prior=_wake(prior, seed=3),
+        scheduler=DDPMWuerstchenScheduler(),
+    )
+
+
+def build_decoder() -> WuerstchenDecoderPipeline:
+    """Stage B/A: a two-level decoder with an attention level (`CTA`) and effnet injection, and a VQGAN."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(4)
+    decoder = WuerstchenDiffNeXt(
+        c_cond=TEXT_HIDDEN,
+        clip_embd=TEXT_HIDDEN,
+        c_hidden=[16, 32],
+        nhead=[-1, 2],
+        blocks=[1, 1],
+        level_config=["CT", "CTA"],
+        inject_effnet=[False, True],
+        effnet_embd=EFFNET_CHANNELS,
+        c_r=8,
+    )
+    torch.manual_seed(5)
+    vqgan = _wake(PaellaVQModel(bottleneck_blocks=1, embed_dim=16, num_vq_embeddings=16), seed=8)
+    with torch.no_grad():  # random latents are large: scale the pixel head so images are mostly unclipped
+        vqgan.out_block[0].weight.mul_(0.025)
+        vqgan.out_block[0].bias.fill_(0.5)
+    return WuerstchenDecoderPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_text_encoder(tokenizer, seed=6),
+        decoder=_wake(decoder, seed=7),
+        scheduler=DDPMWuerstchenScheduler(),
+        vqgan=vqgan,
+    )
+
+
+def write_tiny_model(directory: str | os.PathLike) -> Path:
+    """Write `DIR/prior` and `DIR/decoder` in the official layouts (safetensors weights)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    build_prior().save_pretrained(directory / "prior", safe_serialization=True)
+    build_decoder().save_pretrained(directory / "decoder", safe_serialization=True)
+    return directory
+
+
+def ensure_tiny_model(cache_dir: Path) -> Path:
+    """Build the tiny preset into `cache_dir/tiny` once; concurrent callers see it whole or not at all."""
+    target = cache_dir / "tiny"
+    if (target / "decoder" / "model_index.json").exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=cache_dir))
+    write_tiny_model(staging)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,96 @@
+"""Writers: Stage C embeddings to Parquet, images to object storage, and the manifest rows for them."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from stages import columns as C
+from stages.storage import full_uri, join, url_to_fs, write_atomic
+
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+PARAMS_SCHEMA = pa.schema([
+    (C.ROW_ID, pa.string()),
+    (C.PROMPT, pa.string()),
+    (C.NEGATIVE_PROMPT, pa.string()),
+    (C.SEED, pa.int64()),
+    (C.HEIGHT, pa.int64()),
+    (C.WIDTH, pa.int64()),
+    (C.PRIOR_STEPS, pa.int64()),  # null: diffusers' DEFAULT_STAGE_C_TIMESTEPS
+    (C.PRIOR_GUIDANCE, pa.float64()),
+    (C.DECODER_STEPS, pa.int64()),
+    (C.DECODER_GUIDANCE, pa.float64()),
+    (C.IMAGE_INDEX, pa.int64()),
+    (C.CHECKPOINT, pa.string()),
+])
+MANIFEST_SCHEMA = pa.schema([
+    *PARAMS_SCHEMA,
+    (C.IMAGE_URI, pa.string()),  # null when the row failed
+    (C.ERROR, pa.string()),  # null when the row succeeded
+    *[(name, pa.float64()) for name in (C.TEXT_SECONDS, C.PRIOR_SECONDS, C.DECODER_SECONDS, C.FINISHED_AT)],
+])
+
+def _params_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
+    """The scalar columns of a batch in a fixed schema ('' errors and 0 prior_steps become null)."""
+    arrays = {}
+    for f in schema:
+        values = batch.get(f.name)
+        if f.name == C.PRIOR_STEPS:
+            values = [int(v) or None for v in values]
+        elif f.name == C.ERROR:
+            values = [v or None for v in values]
+        arrays[f.name] = pa.array(list(values) if values is not None else [None] * len(batch[C.ROW_ID]),
+                                  type=f.type)
+    return pa.table(arrays, schema=schema)
+
+
+def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options: dict) -> dict:
+    """Persist Stage C output (embeddings, generator state after Stage C, params) under <output>/embeddings/."""
+    fs, root = url_to_fs(join(output, "embeddings"), storage_options)
+    table = _params_table(batch, PARAMS_SCHEMA)
+    embeddings = list(batch[C.IMAGE_EMBEDDINGS])
+    value_type = pa.float16() if embeddings[0].dtype == np.float16 else pa.float32()
+    table = table.append_column(C.IMAGE_EMBEDDINGS, pa.array([e.ravel() for e in embeddings],
+                                                             type=pa.list_(value_type)))
+    table = table.append_column("embedding_shape", pa.array([list(e.shape) for e in embeddings],
+                                                            type=pa.list_(pa.int32())))
+    table = table.append_column(C.GENERATOR_STATE, pa.array([s.tobytes() for s in batch[C.GENERATOR_STATE]],
+                                                            type=pa.binary()))
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    write_atomic(fs, join(root, f"{uuid.uuid4().hex}.parquet"), sink.getvalue())
+    return batch
+
+
+def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
+    """PNG (lossless, for evaluation), JPEG or WebP bytes of an (H, W, 3) uint8 array."""
+    buffer = io.BytesIO()
+    options = {} if image_format == "png" else {"quality": 95}
+    Image.fromarray(pixels).save(buffer, format=image_format.upper(), **options)
+    return buffer.getvalue()
+
+
+def write_images(batch: dict[str, np.ndarray], output: str, storage_options: dict, image_format: str) -> pa.Table:
+    """Write each finished image as <output>/images/<row_id[:2]>/<row_id>.<ext>; return its manifest rows."""
+    fs, root = url_to_fs(join(output, "images"), storage_options)
+    uris, finished = [], []
+    for row, error, pixels in zip(batch[C.ROW_ID], batch[C.ERROR], batch[C.IMAGE]):
+        if error:
+            uris.append(None)
+        else:
+            path = join(root, row[:2], f"{row}.{EXTENSIONS[image_format]}")
+            write_atomic(fs, path, encode_image(pixels, image_format))
+            uris.append(full_uri(fs, path))
+        finished.append(time.time())
+    batch = {**batch, C.IMAGE_URI: np.asarray(uris, dtype=object), C.FINISHED_AT: np.asarray(finished)}
+    table = _params_table(batch, MANIFEST_SCHEMA)
+    for name, values in batch.items():  # the user's own columns pass through
+        if name not in MANIFEST_SCHEMA.names and name not in C.TRANSIENT:
+            table = table.append_column(name, pa.array(list(values)))
+    return table
