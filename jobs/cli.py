@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("directory")
 
     bench = sub.add_parser("benchmark", help="images/s of the pipeline vs diffusers' combined pipeline")
-    bench.add_argument("--rows", type=int, default=64)
+    bench.add_argument("--rows", type=int, default=256)
     bench.add_argument("--model", default="tiny", help="tiny, or a directory holding prior/ and decoder/")
     bench.add_argument("--prompts", help="a Parquet or TSV prompt table (default: generated prompts)")
     bench.add_argument("--height", type=int, default=None)

@@ -77,6 +77,8 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable) -> ray.data.Dataset
     ds = ds.map_batches(prompts.expand_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
         defaults=prompts.defaults_for(spec), images_per_prompt=spec.generation.images_per_prompt,
         checkpoint=prompts.checkpoint_id(spec)))
+    # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
+    ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
     ds = ds.map_batches(TextEncoder, fn_constructor_kwargs=dict(prior=spec.model.prior,
                         decoder=spec.model.decoder, **models), **placement(spec.stages.text, "text", gpus))
     ds = ds.map_batches(PriorStage, fn_constructor_kwargs=dict(prior=spec.model.prior, **models),

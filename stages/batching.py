@@ -18,6 +18,20 @@ def group_rows(batch: dict[str, np.ndarray], keys: tuple[str, ...], extra=None) 
     return {key: np.asarray(idx) for key, idx in groups.items()}
 
 
+# Rows per model call. Float reductions are ordered by the shapes a kernel sees, so a row's result
+# changes (by a few 1e-7) with the batch size it is computed in; at one fixed shape it is bitwise
+# independent of its position and neighbours. Every stage pads its model calls to this size, so an
+# image never depends on the Ray batch size, the batch composition or the actor count.
+MICRO_BATCH = 8
+
+
+def micro_batches(idx: np.ndarray, size: int = MICRO_BATCH):
+    """Yield (chunk, n_real): `size` row indices each, the last chunk padded by repeating its last row."""
+    for start in range(0, len(idx), size):
+        chunk = idx[start:start + size]
+        yield np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk))]), len(chunk)
+
+
 def seeded_generators(seeds) -> list[torch.Generator]:
     """One CPU generator per row, seeded from the row's seed (as diffusers' reproducibility guide does)."""
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -49,6 +63,16 @@ def scatter(n: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     column = np.empty(n, dtype=object)
     column[:] = rows
     return column
+
+
+def flag_nonfinite(errors: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], message: str) -> np.ndarray:
+    """Set `message` on rows whose output holds NaN or inf; earlier errors are kept."""
+    errors = np.asarray(errors, dtype=object).copy()
+    for idx, values in parts:
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        for i in idx[bad]:
+            errors[i] = errors[i] or message
+    return errors
 
 
 def batch_tensor(column: np.ndarray, idx: np.ndarray, device, dtype) -> torch.Tensor:

@@ -11,13 +11,12 @@ from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenD
 from diffusers.utils.torch_utils import randn_tensor
 
 from stages import columns as C
-from stages.batching import batch_tensor, group_rows, restored_generators, scatter
+from stages.batching import batch_tensor, flag_nonfinite, group_rows, micro_batches, restored_generators, scatter
 from stages.models import DTYPES, load_component, pick_device, pipeline_config, resolve
-from stages.prior import _flag_nan
 
 
 class DecoderStage:
-    """Decodes every row to an (H, W, 3) uint8 image; rows are grouped by (size, steps, guidance on/off)."""
+    """Decodes every row to (H, W, 3) uint8, grouped by (size, steps, guidance on/off), in fixed micro-batches."""
 
     def __init__(self, decoder: str, dtype: str = "float32", storage_options: dict | None = None):
         root = resolve(decoder, "decoder", storage_options)
@@ -35,9 +34,10 @@ class DecoderStage:
         groups = group_rows(batch, (C.HEIGHT, C.WIDTH, C.DECODER_STEPS), extra=lambda i: bool(cfg[i]))
         images = []
         for (_, _, steps, use_cfg), idx in groups.items():
-            images.append((idx, self._decode(batch, idx, steps, use_cfg)))
+            for chunk, real in micro_batches(idx):
+                images.append((chunk[:real], self._decode(batch, chunk, steps, use_cfg)[:real]))
         batch[C.IMAGE] = scatter(n, [(idx, (img * 255).round().astype(np.uint8)) for idx, img in images])
-        batch[C.ERROR] = _flag_nan(batch[C.ERROR], images, "Stage B/A produced NaN (try dtype float32)")
+        batch[C.ERROR] = flag_nonfinite(batch[C.ERROR], images, "Stage B/A produced NaN (try dtype float32)")
         batch[C.DECODER_SECONDS] = np.full(n, (time.perf_counter() - start) / n)
         return batch
 

@@ -101,3 +101,31 @@ def pipeline_config(root: str) -> dict:
     """The pipeline-level settings (latent_mean, resolution_multiple, …) from model_index.json."""
     path = Path(root) / "model_index.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def reference_pipeline(prior: str, decoder: str, dtype: str = "float32", storage_options: dict | None = None):
+    """diffusers' WuerstchenCombinedPipeline from the same components, for parity and the benchmark."""
+    from diffusers import DDPMWuerstchenScheduler
+    from diffusers.pipelines.deprecated.wuerstchen import (
+        PaellaVQModel,
+        WuerstchenCombinedPipeline,
+        WuerstchenDiffNeXt,
+        WuerstchenPrior,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    prior_root, decoder_root = resolve(prior, "prior", storage_options), resolve(decoder, "decoder", storage_options)
+    torch_dtype, device = DTYPES[dtype], pick_device()
+    pipe = WuerstchenCombinedPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(decoder_root, subfolder="tokenizer"),
+        text_encoder=load_component(CLIPTextModel, decoder_root, "text_encoder", torch_dtype, device),
+        decoder=load_component(WuerstchenDiffNeXt, decoder_root, "decoder", torch_dtype, device),
+        scheduler=DDPMWuerstchenScheduler.from_pretrained(decoder_root, subfolder="scheduler"),
+        vqgan=load_component(PaellaVQModel, decoder_root, "vqgan", torch_dtype, device),
+        prior_tokenizer=CLIPTokenizer.from_pretrained(prior_root, subfolder="tokenizer"),
+        prior_text_encoder=load_component(CLIPTextModel, prior_root, "text_encoder", torch_dtype, device),
+        prior_prior=load_component(WuerstchenPrior, prior_root, "prior", torch_dtype, device),
+        prior_scheduler=DDPMWuerstchenScheduler.from_pretrained(prior_root, subfolder="scheduler"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

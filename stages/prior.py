@@ -13,7 +13,15 @@ from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import 
 from diffusers.utils.torch_utils import randn_tensor
 
 from stages import columns as C
-from stages.batching import batch_tensor, generator_states, group_rows, scatter, seeded_generators
+from stages.batching import (
+    batch_tensor,
+    flag_nonfinite,
+    generator_states,
+    group_rows,
+    micro_batches,
+    scatter,
+    seeded_generators,
+)
 from stages.models import DTYPES, load_component, pick_device, pipeline_config, resolve
 from stages.text import transport_dtype
 
@@ -24,7 +32,7 @@ def embedding_size(height: int, width: int, resolution_multiple: float = 42.67) 
 
 
 class PriorStage:
-    """Runs Stage C for every row; rows are grouped by (size, steps, guidance on/off) inside the batch."""
+    """Runs Stage C for every row, grouped by (size, steps, guidance on/off), in fixed-size micro-batches."""
 
     def __init__(self, prior: str, dtype: str = "float32", storage_options: dict | None = None):
         root = resolve(prior, "prior", storage_options)
@@ -45,12 +53,13 @@ class PriorStage:
         groups = group_rows(batch, (C.HEIGHT, C.WIDTH, C.PRIOR_STEPS), extra=lambda i: bool(cfg[i]))
         embeddings, states = [], []
         for (height, width, steps, use_cfg), idx in groups.items():
-            emb, gens = self._generate(batch, idx, height, width, steps, use_cfg)
-            embeddings.append((idx, emb))
-            states.append((idx, generator_states(gens)))
+            for chunk, real in micro_batches(idx):
+                emb, gens = self._generate(batch, chunk, height, width, steps, use_cfg)
+                embeddings.append((chunk[:real], emb[:real]))
+                states.append((chunk[:real], generator_states(gens[:real])))
         batch[C.IMAGE_EMBEDDINGS] = scatter(n, embeddings)
         batch[C.GENERATOR_STATE] = scatter(n, states)
-        batch[C.ERROR] = _flag_nan(batch[C.ERROR], embeddings, "Stage C produced NaN (try dtype float32)")
+        batch[C.ERROR] = flag_nonfinite(batch[C.ERROR], embeddings, "Stage C produced NaN (try dtype float32)")
         batch[C.PRIOR_SECONDS] = np.full(n, (time.perf_counter() - start) / n)
         return batch
 
@@ -92,12 +101,3 @@ class PriorStage:
         embeddings = latents * self.latent_mean - self.latent_std
         return embeddings.float().cpu().numpy().astype(self.out_dtype), gens
 
-
-def _flag_nan(errors: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], message: str) -> np.ndarray:
-    """Set `message` on rows whose output holds NaN or inf; earlier errors are kept."""
-    errors = np.asarray(errors, dtype=object).copy()
-    for idx, values in parts:
-        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-        for i in idx[bad]:
-            errors[i] = errors[i] or message
-    return errors

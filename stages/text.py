@@ -10,6 +10,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from stages import columns as C
+from stages.batching import micro_batches
 from stages.models import DTYPES, load_component, pick_device, resolve
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ def transport_dtype(dtype: torch.dtype) -> np.dtype:
 
 
 class _Encoder:
-    """One tokenizer + CLIPTextModel, encoding as diffusers' Würstchen pipelines do."""
+    """One tokenizer + CLIPTextModel, encoding as diffusers' Würstchen pipelines do, in fixed micro-batches."""
 
     def __init__(self, root: str, dtype: torch.dtype, device: torch.device):
         self.tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
@@ -34,20 +35,22 @@ class _Encoder:
         """Encode each distinct text once → {text: (77, d) last_hidden_state}."""
         todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
         out = {t: self.cache[t] for t in texts if t in self.cache}
-        if todo:
-            max_len = self.tokenizer.model_max_length
-            tokens = self.tokenizer(todo, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
-            self._warn_truncated(todo, max_len)
+        self._warn_truncated(todo)
+        for chunk, n in micro_batches(np.arange(len(todo))):
+            texts = [todo[i] for i in chunk]
+            tokens = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt")
             states = self.model(
                 tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
-            ).last_hidden_state  # (U, 77, d)
-            out.update(zip(todo, states))
-            if "" in out:
-                self.cache[""] = out[""]
+            ).last_hidden_state  # (MICRO_BATCH, 77, d)
+            out.update(zip(texts[:n], states[:n]))
+        if "" in out:
+            self.cache[""] = out[""]
         return out
 
-    def _warn_truncated(self, texts: list[str], max_len: int) -> None:
-        lengths = [len(ids) for ids in self.tokenizer(texts).input_ids]
+    def _warn_truncated(self, texts: list[str]) -> None:
+        max_len = self.tokenizer.model_max_length
+        lengths = [len(ids) for ids in self.tokenizer(texts).input_ids] if texts else []
         for text, n in zip(texts, lengths):
             if n > max_len:
                 log.warning("prompt truncated to %d CLIP tokens (had %d): %.60r…", max_len, n, text)

@@ -1,0 +1,103 @@
+"""Shared fixtures: the tiny model in a test cache, a local Ray cluster, an S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stages import columns as C
+
+ROW_DEFAULTS = {C.NEGATIVE_PROMPT: "", C.SEED: 0, C.HEIGHT: 128, C.WIDTH: 128, C.PRIOR_GUIDANCE: 4.0,
+                C.DECODER_GUIDANCE: 0.0, C.PRIOR_STEPS: 2, C.DECODER_STEPS: 2}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Build the tiny preset once per session, in a cache of its own (Ray workers inherit the variable)."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    os.environ["WUERSTCHEN_BATCH_CACHE"] = str(cache)
+    from stages.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(cache)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(model_cache):
+    """A real local Ray (2 logical CPUs, as on this machine)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def make_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """A stage input batch: every generation column filled from ROW_DEFAULTS, plus row ids."""
+    full = [{C.PROMPT: r[C.PROMPT], **ROW_DEFAULTS, **r} for r in rows]
+    batch = {key: np.asarray([r[key] for r in full]) for key in full[0]}
+    for key in (C.PROMPT, C.NEGATIVE_PROMPT):
+        batch[key] = batch[key].astype(object)
+    batch[C.ROW_ID] = np.asarray([f"row{i}" for i in range(len(rows))], dtype=object)
+    batch[C.ERROR] = np.full(len(rows), "", dtype=object)
+    return batch
+
+
+def reference_image(pipe, row: dict) -> np.ndarray:
+    """What diffusers' combined pipeline makes for this row alone: (H, W, 3) floats in [0, 1]."""
+    from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
+
+    row = {**ROW_DEFAULTS, **row}
+    steps = row[C.PRIOR_STEPS]
+    return pipe(
+        prompt=row[C.PROMPT],
+        negative_prompt=row[C.NEGATIVE_PROMPT],
+        height=row[C.HEIGHT],
+        width=row[C.WIDTH],
+        prior_num_inference_steps=steps or 60,
+        prior_timesteps=None if steps else DEFAULT_STAGE_C_TIMESTEPS,
+        prior_guidance_scale=row[C.PRIOR_GUIDANCE],
+        num_inference_steps=row[C.DECODER_STEPS],
+        decoder_guidance_scale=row[C.DECODER_GUIDANCE],
+        generator=torch.Generator().manual_seed(row[C.SEED]),
+        output_type="np",
+    ).images[0]
+
+
+@pytest.fixture(scope="session")
+def reference_pipe(model_cache):
+    from stages.models import reference_pipeline
+
+    return reference_pipeline("tiny", "tiny")
+
+
+def write_prompts(path, rows: list[dict]) -> str:
+    """Write a prompt table (columns from the rows' keys) and return its path."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    pq.write_table(pa.table({k: [r.get(k) for r in rows] for k in keys}), path)
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, reached through s3fs; yields the storage options."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
+    yield options
+    server.stop()
