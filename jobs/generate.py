@@ -23,6 +23,8 @@ from stages.writer import write_embeddings, write_images
 
 log = logging.getLogger(__name__)
 TASK_CPUS = 0.25  # reading, expanding and writing are light: never let them wait behind the actors
+ACTOR_CPUS = 0.1  # a stage actor's default CPU reservation: its work is on the GPU, or in torch threads
+LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always asks for a whole CPU
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ def run(spec: JobSpec) -> Summary:
     write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)  # joins RAY_ADDRESS when set, else starts a local Ray
+    check_capacity(spec, ray.cluster_resources())
     build_dataset(spec, table).write_parquet(
         join(out, "manifest"), filesystem=PyFileSystem(FSSpecHandler(fs)), ray_remote_args={"num_cpus": TASK_CPUS}
     )
@@ -110,12 +113,33 @@ def placement(stage: StageSpec, name: str, cluster_gpus: float) -> dict:
         batch_format="numpy",
         concurrency=tuple(concurrency) if isinstance(concurrency, list) else concurrency,
         num_gpus=num_gpus,
-        num_cpus=stage.num_cpus if stage.num_cpus is not None else TASK_CPUS,
+        num_cpus=stage.num_cpus if stage.num_cpus is not None else ACTOR_CPUS,
     )
     for key in ("resources", "accelerator_type", "label_selector"):
         if getattr(stage, key):
             args[key] = getattr(stage, key)
     return args
+
+
+def check_capacity(spec: JobSpec, cluster: dict) -> None:
+    """Refuse a job whose minimum actor pools cannot all be placed: Ray would otherwise wait forever."""
+    gpus = cluster.get("GPU", 0)
+    need: dict[str, float] = {"CPU": LISTING_CPUS}
+    for name in ("text", "prior", "decoder"):
+        args = placement(getattr(spec.stages, name), name, gpus)
+        conc = args["concurrency"]
+        count = conc[0] if isinstance(conc, tuple) else conc
+        for resource, amount in (("CPU", args["num_cpus"]), ("GPU", args["num_gpus"]),
+                                 *args.get("resources", {}).items()):
+            need[resource] = need.get(resource, 0) + count * amount
+            if amount and resource not in cluster:
+                raise SpecError(f"stages.{name}: the Ray cluster has no {resource} resource "
+                                f"(has: {', '.join(sorted(cluster))})")
+    for resource, amount in need.items():
+        have = cluster.get(resource, 0)
+        if amount > have + 1e-9:
+            raise SpecError(f"stages: the minimum actor pools and Ray Data's file listing need {amount:g} {resource}, "
+                            f"the Ray cluster has {have:g}; lower a stage's concurrency or its {resource} ask")
 
 
 def summarize(spec: JobSpec, seconds: float) -> Summary:

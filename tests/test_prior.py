@@ -1,0 +1,82 @@
+"""Stage C: embeddings equal WuerstchenPriorPipeline's, per row, whatever the batch around the row."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_batch
+from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPriorPipeline
+from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
+
+from stages import columns as C
+from stages.prior import PriorStage, embedding_size
+from stages.text import TextEncoder
+
+ROWS = [
+    {C.PROMPT: "a lighthouse at dawn", C.SEED: 3},
+    {C.PROMPT: "a bowl of ramen", C.SEED: 5, C.HEIGHT: 256, C.WIDTH: 128, C.NEGATIVE_PROMPT: "blurry"},
+    {C.PROMPT: "an astronaut", C.SEED: 7, C.PRIOR_GUIDANCE: 1.0, C.PRIOR_STEPS: 3},
+    {C.PROMPT: "a lighthouse at dawn", C.SEED: 11, C.PRIOR_GUIDANCE: 6.5, C.PRIOR_STEPS: 0},  # default schedule
+]
+
+
+@pytest.fixture(scope="module")
+def stages():
+    return TextEncoder("tiny", "tiny"), PriorStage("tiny")
+
+
+def run(stages, rows):
+    text, prior = stages
+    return prior(text(make_batch(rows)))
+
+
+def test_embedding_size_matches_the_pipeline():
+    assert embedding_size(1024, 1024) == (24, 24)
+    assert embedding_size(1024, 1536) == (24, 36)
+    assert embedding_size(128, 128) == (3, 3)
+
+
+def test_matches_wuerstchen_prior_pipeline(stages, reference_pipe):
+    out = run(stages, ROWS)
+    prior_pipe = WuerstchenPriorPipeline(**{k: getattr(reference_pipe.prior_pipe, k)
+                                           for k in ("tokenizer", "text_encoder", "prior", "scheduler")})
+    prior_pipe.set_progress_bar_config(disable=True)
+    for i, row in enumerate(ROWS):
+        full = make_batch([row])
+        steps = int(full[C.PRIOR_STEPS][0])
+        expected = prior_pipe(
+            prompt=row[C.PROMPT], negative_prompt=str(full[C.NEGATIVE_PROMPT][0]),
+            height=int(full[C.HEIGHT][0]), width=int(full[C.WIDTH][0]),
+            num_inference_steps=steps or 60, timesteps=None if steps else DEFAULT_STAGE_C_TIMESTEPS,
+            guidance_scale=float(full[C.PRIOR_GUIDANCE][0]),
+            generator=torch.Generator().manual_seed(row[C.SEED]),
+        ).image_embeddings[0].numpy()
+        got = out[C.IMAGE_EMBEDDINGS][i]
+        assert got.shape == expected.shape
+        # Equal up to float32 rounding at the tensor's scale (the pipeline multiplies latents by 42).
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_generator_state_continues_the_row_generator(stages):
+    out = run(stages, ROWS[:1])
+    gen = torch.Generator()
+    gen.set_state(torch.from_numpy(out[C.GENERATOR_STATE][0]))
+    fresh = torch.Generator().manual_seed(ROWS[0][C.SEED])
+    assert not torch.equal(torch.randn(4, generator=gen), torch.randn(4, generator=fresh))
+
+
+def test_independent_of_batch_size_and_order(stages):
+    together = run(stages, ROWS)
+    reversed_ = run(stages, ROWS[::-1])
+    for i, row in enumerate(ROWS):
+        alone = run(stages, [row])
+        assert np.array_equal(alone[C.IMAGE_EMBEDDINGS][0], together[C.IMAGE_EMBEDDINGS][i])
+        assert np.array_equal(alone[C.GENERATOR_STATE][0], together[C.GENERATOR_STATE][i])
+        assert np.array_equal(reversed_[C.IMAGE_EMBEDDINGS][len(ROWS) - 1 - i], together[C.IMAGE_EMBEDDINGS][i])
+
+
+def test_non_finite_output_marks_the_row(stages):
+    text, prior = stages
+    batch = text(make_batch(ROWS[:2]))
+    batch[C.PRIOR_TEXT][1, 0, 0] = np.nan  # a NaN in the conditioning reaches the output
+    out = prior(batch)
+    assert out[C.ERROR][0] == "" and "NaN" in out[C.ERROR][1]

@@ -1,0 +1,76 @@
+"""The job spec: YAML loading, defaults, overrides and the one-line errors users see."""
+
+import pytest
+
+from jobs.spec import JobSpec, SpecError, load_spec, spec_from_dict
+
+BASE = {"prompts": "p.parquet", "output": "out"}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_the_reference_pipelines():
+    spec = spec_from_dict(BASE)
+    assert isinstance(spec, JobSpec)
+    gen = spec.generation
+    assert (gen.height, gen.width, gen.prior_steps, gen.prior_guidance_scale) == (1024, 1024, None, 4.0)
+    assert (gen.decoder_steps, gen.decoder_guidance_scale, gen.negative_prompt) == (12, 0.0, "")
+    assert (spec.stages.text.batch_size, spec.stages.prior.batch_size, spec.stages.decoder.batch_size) == (64, 16, 8)
+    assert spec.model.prior == "tiny" and spec.model.dtype == "float32" and spec.image_format == "png"
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "prompts: a.parquet\noutput: s3://b/run\nstages: {prior: {batch_size: 4}}\n")
+    spec = load_spec(path, ["generation.height=512", "generation.prior_steps=20", "stages.prior.concurrency=[1, 3]",
+                            "generation.negative_prompt=blurry"])
+    assert spec.generation.height == 512 and spec.generation.prior_steps == 20
+    assert spec.stages.prior.batch_size == 4 and spec.stages.prior.concurrency == [1, 3]
+    assert spec.stages.text.batch_size == 64  # untouched stages keep their defaults
+    assert spec.generation.negative_prompt == "blurry"
+
+
+def test_spec_is_frozen():
+    spec = spec_from_dict(BASE)
+    with pytest.raises(AttributeError):
+        spec.output = "elsewhere"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({**BASE, "generation": {"heigth": 512}}, "generation.heigth: unknown key (did you mean 'height'?)"),
+    ({**BASE, "outptu": "x"}, "outptu: unknown key (did you mean 'output'?)"),
+    ({**BASE, "stages": {"prior": {"batchsize": 2}}}, "stages.prior.batchsize: unknown key"),
+    ({"output": "x"}, "prompts: required key is missing"),
+    ({**BASE, "generation": {"height": 1000}}, "generation.height: must be a positive multiple of 128"),
+    ({**BASE, "generation": {"width": 0}}, "generation.width: must be a positive multiple of 128"),
+    ({**BASE, "generation": {"prior_guidance_scale": -1}}, "generation.prior_guidance_scale: must not be negative"),
+    ({**BASE, "generation": {"decoder_steps": 0}}, "generation.decoder_steps: must be at least 1"),
+    ({**BASE, "generation": {"prior_steps": 0}}, "generation.prior_steps: must be at least 1"),
+    ({**BASE, "generation": {"seed": -3}}, "generation.seed: must not be negative"),
+    ({**BASE, "generation": {"height": "big"}}, "generation.height: expected int"),
+    ({**BASE, "model": {"dtype": "float8"}}, "model.dtype: unknown dtype 'float8'"),
+    ({**BASE, "image_format": "gif"}, "image_format: 'gif' is not one of png | jpeg | webp"),
+    ({**BASE, "stages": {"decoder": {"concurrency": [3, 1]}}}, "stages.decoder.concurrency"),
+])
+def test_bad_specs_name_the_field(data, message):
+    with pytest.raises(SpecError) as err:
+        spec_from_dict(data)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = write(tmp_path, "prompts: a.parquet\noutput: [unclosed\n")
+    with pytest.raises(SpecError, match=r"job.yaml line \d+: YAML syntax error"):
+        load_spec(path)
+
+
+def test_bad_override_is_reported(tmp_path):
+    path = write(tmp_path, "prompts: a.parquet\noutput: out\n")
+    with pytest.raises(SpecError, match="generation.hieght: unknown key"):
+        load_spec(path, ["generation.hieght=512"])
+    with pytest.raises(SpecError, match="expected key=value"):
+        load_spec(path, ["generation.height"])

@@ -1,0 +1,56 @@
+"""Text stage: both encoders, negatives only where guidance > 1, each distinct text encoded once."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_batch
+
+from stages import columns as C
+from stages.text import TextEncoder
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return TextEncoder("tiny", "tiny")
+
+
+def test_matches_diffusers_encode_prompt(encoder, reference_pipe):
+    rows = [{C.PROMPT: "a red fox", C.NEGATIVE_PROMPT: "blurry", C.PRIOR_GUIDANCE: 4.0, C.DECODER_GUIDANCE: 2.0}]
+    out = encoder(make_batch(rows))
+    pos, neg = reference_pipe.prior_pipe.encode_prompt("cpu", 1, True, prompt=["a red fox"], negative_prompt=["blurry"])
+    assert torch.equal(torch.from_numpy(out[C.PRIOR_TEXT]), pos)
+    assert torch.equal(torch.from_numpy(out[C.PRIOR_TEXT_NEG]), neg)
+    dpos, dneg = reference_pipe.decoder_pipe.encode_prompt(["a red fox"], "cpu", 1, True, ["blurry"])
+    assert torch.equal(torch.from_numpy(out[C.DECODER_TEXT]), dpos)
+    assert torch.equal(torch.from_numpy(out[C.DECODER_TEXT_NEG]), dneg)
+
+
+def test_negatives_only_where_guidance_is_on(encoder):
+    rows = [{C.PROMPT: "a", C.PRIOR_GUIDANCE: 1.0, C.DECODER_GUIDANCE: 0.0},
+            {C.PROMPT: "b", C.NEGATIVE_PROMPT: "dark", C.PRIOR_GUIDANCE: 4.0, C.DECODER_GUIDANCE: 0.0}]
+    out = encoder(make_batch(rows))
+    assert out[C.PRIOR_TEXT].shape == (2, 77, 32)
+    assert not out[C.PRIOR_TEXT_NEG][0].any() and out[C.PRIOR_TEXT_NEG][1].any()
+    assert not out[C.DECODER_TEXT_NEG].any()
+
+
+def test_identical_texts_are_encoded_once(encoder):
+    seen = []
+    hook = encoder.prior.model.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        rows = [{C.PROMPT: "same prompt", C.SEED: s, C.PRIOR_GUIDANCE: 4.0} for s in range(12)]
+        out = encoder(make_batch(rows))
+    finally:
+        hook.remove()
+    assert len(seen) == 1  # 12 rows, 2 distinct texts ("same prompt" and the cached-or-not ""): one call
+    assert (out[C.PRIOR_TEXT] == out[C.PRIOR_TEXT][0]).all()
+
+
+def test_long_prompts_are_truncated_with_a_warning(encoder, caplog):
+    long_prompt = "a very long prompt " * 40
+    with caplog.at_level(logging.WARNING):
+        out = encoder(make_batch([{C.PROMPT: long_prompt}, {C.PROMPT: "猫と東京タワー 🌭"}]))
+    assert "truncated to 77 CLIP tokens" in caplog.text
+    assert np.isfinite(out[C.PRIOR_TEXT]).all() and out[C.PRIOR_TEXT].shape[0] == 2
