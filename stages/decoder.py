@@ -18,10 +18,11 @@ from stages.models import DTYPES, load_component, pick_device, pipeline_config, 
 class DecoderStage:
     """Decodes every row to (H, W, 3) uint8, grouped by (size, steps, guidance on/off), in fixed micro-batches."""
 
-    def __init__(self, decoder: str, dtype: str = "float32", storage_options: dict | None = None):
+    def __init__(self, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
+                 device: str = "auto"):
         root = resolve(decoder, "decoder", storage_options)
         self.dtype = DTYPES[dtype]
-        self.device = pick_device()
+        self.device = pick_device(device)
         self.decoder = load_component(WuerstchenDiffNeXt, root, "decoder", self.dtype, self.device)
         self.vqgan = load_component(PaellaVQModel, root, "vqgan", self.dtype, self.device)
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")

@@ -86,9 +86,11 @@ def _copy_once(uri: str, storage_options: dict) -> Path:
     return target
 
 
-def pick_device() -> torch.device:
-    """CUDA when this process sees a GPU, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto`: CUDA when this process sees a GPU, else CPU; anything else names the device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def load_component(cls, root: str, subfolder: str, dtype: torch.dtype, device: torch.device):

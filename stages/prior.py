@@ -34,11 +34,12 @@ def embedding_size(height: int, width: int, resolution_multiple: float = 42.67) 
 class PriorStage:
     """Runs Stage C for every row, grouped by (size, steps, guidance on/off), in fixed-size micro-batches."""
 
-    def __init__(self, prior: str, dtype: str = "float32", storage_options: dict | None = None):
+    def __init__(self, prior: str, dtype: str = "float32", storage_options: dict | None = None,
+                 device: str = "auto"):
         root = resolve(prior, "prior", storage_options)
         self.dtype = DTYPES[dtype]
         self.out_dtype = transport_dtype(self.dtype)
-        self.device = pick_device()
+        self.device = pick_device(device)
         self.prior = load_component(WuerstchenPrior, root, "prior", self.dtype, self.device)
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")
         config = pipeline_config(root)

@@ -59,9 +59,10 @@ class _Encoder:
 class TextEncoder:
     """Adds the prior's and the decoder's text states (and negatives where guidance > 1) to a batch."""
 
-    def __init__(self, prior: str, decoder: str, dtype: str = "float32", storage_options: dict | None = None):
+    def __init__(self, prior: str, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
+                 device: str = "auto"):
         torch_dtype = DTYPES[dtype]
-        self.device = pick_device()
+        self.device = pick_device(device)
         self.out_dtype = transport_dtype(torch_dtype)
         self.prior = _Encoder(resolve(prior, "prior", storage_options), torch_dtype, self.device)
         self.decoder = _Encoder(resolve(decoder, "decoder", storage_options), torch_dtype, self.device)

@@ -98,6 +98,6 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
+               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
     yield options
     server.stop()

@@ -74,3 +74,10 @@ def test_bad_override_is_reported(tmp_path):
         load_spec(path, ["generation.hieght=512"])
     with pytest.raises(SpecError, match="expected key=value"):
         load_spec(path, ["generation.height"])
+
+
+def test_example_jobs_are_valid():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "jobs" / "examples").glob("*.yaml")):
+        assert load_spec(path).prompts

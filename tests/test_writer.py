@@ -1,0 +1,59 @@
+"""Writers: image encodings, atomic objects, and manifest rows for good and failed rows."""
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from stages import columns as C
+from stages.writer import MANIFEST_SCHEMA, encode_image, write_embeddings, write_images
+
+
+def batch(n=2, errors=("", "")):
+    rng = np.random.default_rng(0)
+    return {
+        C.ROW_ID: np.asarray([f"ab{i:030d}" for i in range(n)], dtype=object),
+        C.PROMPT: np.asarray(["p"] * n, dtype=object), C.NEGATIVE_PROMPT: np.asarray([""] * n, dtype=object),
+        C.SEED: np.arange(n), C.HEIGHT: np.full(n, 128), C.WIDTH: np.full(n, 128),
+        C.PRIOR_STEPS: np.asarray([0, 3][:n]), C.PRIOR_GUIDANCE: np.full(n, 4.0),
+        C.DECODER_STEPS: np.full(n, 12), C.DECODER_GUIDANCE: np.zeros(n), C.IMAGE_INDEX: np.zeros(n, dtype=int),
+        C.CHECKPOINT: np.asarray(["tiny"] * n, dtype=object), C.ERROR: np.asarray(errors, dtype=object),
+        C.TEXT_SECONDS: np.ones(n), C.PRIOR_SECONDS: np.ones(n), C.DECODER_SECONDS: np.ones(n),
+        C.IMAGE: rng.integers(0, 256, (n, 128, 128, 3), dtype=np.uint8),
+        C.IMAGE_EMBEDDINGS: rng.standard_normal((n, 16, 3, 3)).astype(np.float16),
+        C.GENERATOR_STATE: rng.integers(0, 256, (n, 5056), dtype=np.uint8),
+        "user_column": np.asarray(["x", "y"][:n], dtype=object),
+    }
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_encodings_decode_back(fmt):
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 32, 3), dtype=np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(encode_image(pixels, fmt))))
+    assert decoded.shape == pixels.shape
+    if fmt == "png":
+        assert np.array_equal(decoded, pixels)  # lossless: the format for evaluation runs
+
+
+def test_manifest_rows_for_good_and_failed_rows(tmp_path):
+    table = write_images(batch(errors=("", "Stage C produced NaN")), str(tmp_path), {}, "png")
+    assert table.schema.names[:len(MANIFEST_SCHEMA)] == MANIFEST_SCHEMA.names
+    good, bad = table.to_pylist()
+    assert good[C.ERROR] is None and good[C.PRIOR_STEPS] is None and bad[C.PRIOR_STEPS] == 3
+    assert good[C.IMAGE_URI] == str(tmp_path / "images" / "ab" / f"{good[C.ROW_ID]}.png")
+    assert Image.open(good[C.IMAGE_URI]).size == (128, 128)
+    assert bad[C.IMAGE_URI] is None and bad[C.ERROR] == "Stage C produced NaN"
+    assert not (tmp_path / "images" / "ab" / f"{bad[C.ROW_ID]}.png").exists()
+    assert good["user_column"] == "x" and C.IMAGE not in table.schema.names
+    assert not list(tmp_path.rglob("*.tmp-*"))
+
+
+def test_embeddings_round_trip(tmp_path):
+    data = batch()
+    write_embeddings(data, str(tmp_path), {})
+    (row, _) = pq.read_table(tmp_path / "embeddings").to_pylist()
+    stored = np.asarray(row[C.IMAGE_EMBEDDINGS], dtype=np.float16).reshape(row["embedding_shape"])
+    assert np.array_equal(stored, data[C.IMAGE_EMBEDDINGS][0])
+    assert row[C.GENERATOR_STATE] == data[C.GENERATOR_STATE][0].tobytes()
