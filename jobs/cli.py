@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny = sub.add_parser("tiny-model", help="write the tiny random-weight preset in the official layout")
     tiny.add_argument("directory")
+    tiny.add_argument("--full-size", action="store_true",
+                      help="random weights in the official shapes instead (~2.7B parameters, bfloat16), for GPU benchmarks")
 
     bench = sub.add_parser("benchmark", help="images/s of the pipeline vs diffusers' combined pipeline")
     bench.add_argument("--rows", type=int, default=256)
@@ -47,9 +49,10 @@ def _dispatch(args) -> int:
         print(summary)
         return 1 if summary.failed else 0
     if args.command == "tiny-model":
-        from stages.tiny import write_tiny_model
+        from stages.presets import write_tiny_model
 
-        print(f"tiny model written to {write_tiny_model(args.directory)} (prior/, decoder/)")
+        directory = write_tiny_model(args.directory, full=args.full_size)
+        print(f"{'full-size random' if args.full_size else 'tiny'} model written to {directory} (prior/, decoder/)")
         return 0
     from jobs.benchmark import run_benchmark
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from stages.storage import url_to_fs
-from stages.tiny import ensure_tiny_model
+from stages.presets import ensure_tiny_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PRIOR_SUBFOLDERS = ("prior", "text_encoder", "tokenizer", "scheduler")

@@ -22,7 +22,7 @@ def model_cache(tmp_path_factory):
     """Build the tiny preset once per session, in a cache of its own (Ray workers inherit the variable)."""
     cache = tmp_path_factory.mktemp("model-cache")
     os.environ["WUERSTCHEN_BATCH_CACHE"] = str(cache)
-    from stages.tiny import ensure_tiny_model
+    from stages.presets import ensure_tiny_model
 
     return ensure_tiny_model(cache)
 

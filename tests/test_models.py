@@ -16,7 +16,7 @@ from stages.models import (
     ref_kind,
     resolve,
 )
-from stages.tiny import write_tiny_model
+from stages.presets import write_tiny_model
 
 
 def test_wuerstchen_classes_are_where_we_import_them_from():

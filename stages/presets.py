@@ -1,4 +1,4 @@
-"""The offline `tiny` preset: small random-weight Würstchen components saved in the official layout."""
+"""Offline random-weight presets in the official layout: `tiny` (tests, quick start) and `full` (official shapes)."""
 
 from __future__ import annotations
 
@@ -37,14 +37,22 @@ def build_tokenizer() -> CLIPTokenizer:
     return tokenizer
 
 
-def _text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
+# CLIP text towers: (hidden, intermediate, heads, layers). Multiples of 16 throughout, so CPU vector
+# lanes line up in every row and results do not depend on a row's position in the batch.
+TINY_TEXT = (TEXT_HIDDEN, 64, 4, 2)
+BIGG_TEXT = (1280, 5120, 20, 32)  # the prior's: CLIP ViT-bigG/14
+VIT_H_TEXT = (1024, 4096, 16, 24)  # the decoder's: CLIP ViT-H/14
+
+
+def _text_encoder(tokenizer: CLIPTokenizer, seed: int, shape=TINY_TEXT) -> CLIPTextModel:
     torch.manual_seed(seed)
+    hidden, intermediate, heads, layers = shape
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=64,  # multiples of 16 throughout: CPU vector lanes line up in every row
-        num_attention_heads=4,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
         max_position_embeddings=77,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -67,26 +75,29 @@ def _wake(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def build_prior() -> WuerstchenPriorPipeline:
-    """Stage C: a 2-deep prior with every block type (ResBlock, TimestepBlock, AttnBlock)."""
+def build_prior(full: bool = False) -> WuerstchenPriorPipeline:
+    """Stage C: tiny (2 deep, every block type) or the official shape (c=1536, depth 32, ~1B parameters)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(1)
-    prior = WuerstchenPrior(c_in=EFFNET_CHANNELS, c=32, c_cond=TEXT_HIDDEN, c_r=8, depth=2, nhead=2)
+    if full:
+        prior = WuerstchenPrior(c_in=EFFNET_CHANNELS, c=1536, c_cond=BIGG_TEXT[0], c_r=64, depth=32, nhead=24)
+    else:
+        prior = WuerstchenPrior(c_in=EFFNET_CHANNELS, c=32, c_cond=TEXT_HIDDEN, c_r=8, depth=2, nhead=2)
     with torch.no_grad():  # keep the output's divisor |1 - b| near 1, as in a trained prior
         prior.out[1].weight.mul_(0.05)
     return WuerstchenPriorPipeline(
         tokenizer=tokenizer,
-        text_encoder=_text_encoder(tokenizer, seed=2),
+        text_encoder=_text_encoder(tokenizer, seed=2, shape=BIGG_TEXT if full else TINY_TEXT),
         prior=_wake(prior, seed=3),
         scheduler=DDPMWuerstchenScheduler(),
     )
 
 
-def build_decoder() -> WuerstchenDecoderPipeline:
-    """Stage B/A: a two-level decoder with an attention level (`CTA`) and effnet injection, and a VQGAN."""
+def build_decoder(full: bool = False) -> WuerstchenDecoderPipeline:
+    """Stage B/A: tiny (two levels, one with attention `CTA` and effnet injection) or the official shape."""
     tokenizer = build_tokenizer()
     torch.manual_seed(4)
-    decoder = WuerstchenDiffNeXt(
+    decoder = WuerstchenDiffNeXt(c_cond=VIT_H_TEXT[0], clip_embd=VIT_H_TEXT[0]) if full else WuerstchenDiffNeXt(
         c_cond=TEXT_HIDDEN,
         clip_embd=TEXT_HIDDEN,
         c_hidden=[16, 32],
@@ -98,25 +109,28 @@ def build_decoder() -> WuerstchenDecoderPipeline:
         c_r=8,
     )
     torch.manual_seed(5)
-    vqgan = _wake(PaellaVQModel(bottleneck_blocks=1, embed_dim=32, num_vq_embeddings=16), seed=8)
+    vqgan = PaellaVQModel() if full else PaellaVQModel(bottleneck_blocks=1, embed_dim=32, num_vq_embeddings=16)
+    vqgan = _wake(vqgan, seed=8)
     with torch.no_grad():  # random latents are large: scale the pixel head so images are mostly unclipped
         vqgan.out_block[0].weight.mul_(0.025)
         vqgan.out_block[0].bias.fill_(0.5)
     return WuerstchenDecoderPipeline(
         tokenizer=tokenizer,
-        text_encoder=_text_encoder(tokenizer, seed=6),
+        text_encoder=_text_encoder(tokenizer, seed=6, shape=VIT_H_TEXT if full else TINY_TEXT),
         decoder=_wake(decoder, seed=7),
         scheduler=DDPMWuerstchenScheduler(),
         vqgan=vqgan,
     )
 
 
-def write_tiny_model(directory: str | os.PathLike) -> Path:
-    """Write `DIR/prior` and `DIR/decoder` in the official layouts (safetensors weights)."""
+def write_tiny_model(directory: str | os.PathLike, full: bool = False) -> Path:
+    """Write `DIR/prior` and `DIR/decoder` in the official layouts (safetensors; bfloat16 for `full`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    build_prior().save_pretrained(directory / "prior", safe_serialization=True)
-    build_decoder().save_pretrained(directory / "decoder", safe_serialization=True)
+    for role, pipe in (("prior", build_prior(full)), ("decoder", build_decoder(full))):
+        if full:
+            pipe.to(torch.bfloat16)
+        pipe.save_pretrained(directory / role, safe_serialization=True)
     return directory
 
 
