@@ -1,4 +1,4 @@
-"""The `wuerstchen-batch` command: generate, tiny-model, benchmark."""
+"""The `wuerstchen-batch` command: generate, plan, tiny-model, benchmark."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("job", help="job spec (YAML)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec key, e.g. --set generation.height=512 (repeatable)")
+
+    plan = sub.add_parser("plan", help="rows, buckets, per-stage FLOPs and the suggested actor ratio of a job")
+    plan.add_argument("job", help="job spec (YAML)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     tiny = sub.add_parser("tiny-model", help="write the tiny random-weight preset in the official layout")
     tiny.add_argument("directory")
@@ -48,6 +52,12 @@ def _dispatch(args) -> int:
         summary = run(load_spec(args.job, args.overrides))
         print(summary)
         return 1 if summary.failed else 0
+    if args.command == "plan":
+        from jobs.plan import plan
+        from jobs.spec import load_spec
+
+        print(plan(load_spec(args.job, args.overrides)))
+        return 0
     if args.command == "tiny-model":
         from stages.presets import write_tiny_model
 

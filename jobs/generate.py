@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 
 import pyarrow.dataset as pads
 import ray
 import yaml
+from ray.autoscaler.sdk import request_resources
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from jobs import prompts
@@ -62,9 +65,10 @@ def run(spec: JobSpec) -> Summary:
     start = time.time()
     fs, out = url_to_fs(spec.output, spec.storage_options)
     write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+    joined = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)  # joins RAY_ADDRESS when set, else starts a local Ray
-    check_capacity(spec, ray.cluster_resources())
+    wait_for_capacity(spec, spec.placement_timeout_s if joined else 0.0)
     build_dataset(spec, table).write_parquet(
         join(out, "manifest"), filesystem=PyFileSystem(FSSpecHandler(fs)), ray_remote_args={"num_cpus": TASK_CPUS}
     )
@@ -121,20 +125,48 @@ def placement(stage: StageSpec, name: str, cluster_gpus: float) -> dict:
     return args
 
 
+def wait_for_capacity(spec: JobSpec, timeout: float) -> None:
+    """Ask the autoscaler for the stages' minimum pools and wait up to `timeout` s; then a clear error."""
+    deadline, announced = time.time() + timeout, False
+    while True:
+        try:
+            return check_capacity(spec, ray.cluster_resources())
+        except SpecError as err:
+            if time.time() >= deadline:
+                raise SpecError(f"{err} (after waiting {timeout:g} s)" if timeout else str(err)) from None
+            if not announced:
+                print(f"waiting up to {timeout:g} s for the Ray cluster to offer: {err}", file=sys.stderr)
+                request_resources(bundles=minimum_bundles(spec))
+                announced = True
+            time.sleep(min(2.0, max(deadline - time.time(), 0)))
+
+
+def minimum_pools(spec: JobSpec, cluster: dict) -> list[tuple[str, int, dict]]:
+    """(stage, minimum actor count, one actor's resource ask) for each stage."""
+    pools = []
+    for name in ("text", "prior", "decoder"):
+        args = placement(getattr(spec.stages, name), name, cluster.get("GPU", 0))
+        conc = args["concurrency"]
+        ask = {"CPU": args["num_cpus"], "GPU": args["num_gpus"], **args.get("resources", {})}
+        pools.append((name, conc[0] if isinstance(conc, tuple) else conc, {k: v for k, v in ask.items() if v}))
+    return pools
+
+
+def minimum_bundles(spec: JobSpec) -> list[dict]:
+    """One resource bundle per actor of the minimum pools (what the autoscaler is asked for)."""
+    return [ask for _, count, ask in minimum_pools(spec, ray.cluster_resources()) for _ in range(count)]
+
+
 def check_capacity(spec: JobSpec, cluster: dict) -> None:
     """Refuse a job whose minimum actor pools cannot all be placed: Ray would otherwise wait forever."""
-    gpus = cluster.get("GPU", 0)
     need: dict[str, float] = {"CPU": LISTING_CPUS}
-    for name in ("text", "prior", "decoder"):
-        args = placement(getattr(spec.stages, name), name, gpus)
-        conc = args["concurrency"]
-        count = conc[0] if isinstance(conc, tuple) else conc
-        for resource, amount in (("CPU", args["num_cpus"]), ("GPU", args["num_gpus"]),
-                                 *args.get("resources", {}).items()):
+    for name, count, ask in minimum_pools(spec, cluster):
+        for resource, amount in ask.items():
+            if resource not in cluster:
+                offered = sorted(k for k in cluster if not k.startswith("node:") and "memory" not in k)
+                raise SpecError(f"stages.{name}: no node of the Ray cluster offers {resource} "
+                                f"(the cluster offers {', '.join(offered)})")
             need[resource] = need.get(resource, 0) + count * amount
-            if amount and resource not in cluster:
-                raise SpecError(f"stages.{name}: the Ray cluster has no {resource} resource "
-                                f"(has: {', '.join(sorted(cluster))})")
     for resource, amount in need.items():
         have = cluster.get(resource, 0)
         if amount > have + 1e-9:

@@ -76,6 +76,7 @@ class JobSpec:
     generation: GenerationSpec = GenerationSpec()
     image_format: str = "png"
     stages: StagesSpec = StagesSpec()
+    placement_timeout_s: float = 300.0  # how long to wait for an existing cluster to offer the stages' resources
 
     def to_dict(self) -> dict:
         """Plain data for job.yaml."""
@@ -189,6 +190,8 @@ def validate(spec: JobSpec) -> None:
         raise SpecError(f"generation.images_per_prompt: must be at least 1, got {gen.images_per_prompt}")
     if spec.model.dtype not in DTYPES:
         raise SpecError(f"model.dtype: unknown dtype {spec.model.dtype!r} (choose {' | '.join(DTYPES)})")
+    if spec.placement_timeout_s < 0:
+        raise SpecError(f"placement_timeout_s: must not be negative, got {spec.placement_timeout_s}")
     if spec.image_format not in IMAGE_FORMATS:
         raise SpecError(f"image_format: {spec.image_format!r} is not one of {' | '.join(IMAGE_FORMATS)}")
     for name in ("text", "prior", "decoder"):

@@ -32,6 +32,13 @@ def micro_batches(idx: np.ndarray, size: int = MICRO_BATCH):
         yield np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk))]), len(chunk)
 
 
+def current_node() -> str:
+    """The hex id of the Ray node this process runs on, or "" when called without Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def seeded_generators(seeds) -> list[torch.Generator]:
     """One CPU generator per row, seeded from the row's seed (as diffusers' reproducibility guide does)."""
     return [torch.Generator().manual_seed(int(s)) for s in seeds]

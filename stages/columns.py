@@ -50,6 +50,9 @@ TEXT_SECONDS = "text_s"
 PRIOR_SECONDS = "prior_s"
 DECODER_SECONDS = "decoder_s"
 FINISHED_AT = "finished_at"  # unix seconds when the image object was complete
+TEXT_NODE = "text_node"  # hex Ray node id that ran each stage for the row ("" outside Ray)
+PRIOR_NODE = "prior_node"
+DECODER_NODE = "decoder_node"
 
 # Columns too heavy for the manifest: they travel between stages only.
 TRANSIENT = (

@@ -11,7 +11,15 @@ from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenD
 from diffusers.utils.torch_utils import randn_tensor
 
 from stages import columns as C
-from stages.batching import batch_tensor, flag_nonfinite, group_rows, micro_batches, restored_generators, scatter
+from stages.batching import (
+    batch_tensor,
+    current_node,
+    flag_nonfinite,
+    group_rows,
+    micro_batches,
+    restored_generators,
+    scatter,
+)
 from stages.models import DTYPES, load_component, pick_device, pipeline_config, resolve
 
 
@@ -23,6 +31,7 @@ class DecoderStage:
         root = resolve(decoder, "decoder", storage_options)
         self.dtype = DTYPES[dtype]
         self.device = pick_device(device)
+        self.node = current_node()
         self.decoder = load_component(WuerstchenDiffNeXt, root, "decoder", self.dtype, self.device)
         self.vqgan = load_component(PaellaVQModel, root, "vqgan", self.dtype, self.device)
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")
@@ -39,6 +48,7 @@ class DecoderStage:
                 images.append((chunk[:real], self._decode(batch, chunk, steps, use_cfg)[:real]))
         batch[C.IMAGE] = scatter(n, [(idx, (img * 255).round().astype(np.uint8)) for idx, img in images])
         batch[C.ERROR] = flag_nonfinite(batch[C.ERROR], images, "Stage B/A produced NaN (try dtype float32)")
+        batch[C.DECODER_NODE] = np.full(n, self.node, dtype=object)
         batch[C.DECODER_SECONDS] = np.full(n, (time.perf_counter() - start) / n)
         return batch
 

@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from stages import columns as C
 from stages.batching import (
     batch_tensor,
+    current_node,
     flag_nonfinite,
     generator_states,
     group_rows,
@@ -40,6 +41,7 @@ class PriorStage:
         self.dtype = DTYPES[dtype]
         self.out_dtype = transport_dtype(self.dtype)
         self.device = pick_device(device)
+        self.node = current_node()
         self.prior = load_component(WuerstchenPrior, root, "prior", self.dtype, self.device)
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")
         config = pipeline_config(root)
@@ -61,6 +63,7 @@ class PriorStage:
         batch[C.IMAGE_EMBEDDINGS] = scatter(n, embeddings)
         batch[C.GENERATOR_STATE] = scatter(n, states)
         batch[C.ERROR] = flag_nonfinite(batch[C.ERROR], embeddings, "Stage C produced NaN (try dtype float32)")
+        batch[C.PRIOR_NODE] = np.full(n, self.node, dtype=object)
         batch[C.PRIOR_SECONDS] = np.full(n, (time.perf_counter() - start) / n)
         return batch
 

@@ -10,7 +10,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from stages import columns as C
-from stages.batching import micro_batches
+from stages.batching import current_node, micro_batches
 from stages.models import DTYPES, load_component, pick_device, resolve
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class TextEncoder:
                  device: str = "auto"):
         torch_dtype = DTYPES[dtype]
         self.device = pick_device(device)
+        self.node = current_node()
         self.out_dtype = transport_dtype(torch_dtype)
         self.prior = _Encoder(resolve(prior, "prior", storage_options), torch_dtype, self.device)
         self.decoder = _Encoder(resolve(decoder, "decoder", storage_options), torch_dtype, self.device)
@@ -81,6 +82,7 @@ class TextEncoder:
             batch[pos_col] = self._stack([states[p] for p in prompts])
             zeros = torch.zeros_like(states[prompts[0]])
             batch[neg_col] = self._stack([states[n] if use else zeros for n, use in zip(negatives, cfg)])
+        batch[C.TEXT_NODE] = np.full(len(prompts), self.node, dtype=object)
         batch[C.TEXT_SECONDS] = np.full(len(prompts), (time.perf_counter() - start) / len(prompts))
         return batch
 

@@ -34,6 +34,7 @@ MANIFEST_SCHEMA = pa.schema([
     (C.IMAGE_URI, pa.string()),  # null when the row failed
     (C.ERROR, pa.string()),  # null when the row succeeded
     *[(name, pa.float64()) for name in (C.TEXT_SECONDS, C.PRIOR_SECONDS, C.DECODER_SECONDS, C.FINISHED_AT)],
+    *[(name, pa.string()) for name in (C.TEXT_NODE, C.PRIOR_NODE, C.DECODER_NODE)],
 ])
 
 def _params_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:

