@@ -1,4 +1,4 @@
-"""The `wuerstchen-batch` command: generate, plan, tiny-model, benchmark."""
+"""The `wuerstchen-batch` command: generate, plan, report, tiny-model, benchmark."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("job", help="job spec (YAML)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec key, e.g. --set generation.height=512 (repeatable)")
+    gen.add_argument("--overwrite", action="store_true", help="delete what the output holds and start afresh")
 
     plan = sub.add_parser("plan", help="rows, buckets, per-stage FLOPs and the suggested actor ratio of a job")
     plan.add_argument("job", help="job spec (YAML)")
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--json", help="write the figures to this JSON file")
 
+    from jobs import report
+
+    report.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -49,9 +53,13 @@ def _dispatch(args) -> int:
         from jobs.generate import run
         from jobs.spec import load_spec
 
-        summary = run(load_spec(args.job, args.overrides))
+        summary = run(load_spec(args.job, args.overrides), overwrite=args.overwrite)
         print(summary)
         return 1 if summary.failed else 0
+    if args.command == "report":
+        from jobs.report import run_from_args
+
+        return run_from_args(args)
     if args.command == "plan":
         from jobs.plan import plan
         from jobs.spec import load_spec

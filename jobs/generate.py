@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow.dataset as pads
 import ray
 import yaml
@@ -15,6 +16,8 @@ from ray.autoscaler.sdk import request_resources
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from jobs import prompts
+from jobs.report import build_report
+from jobs.resume import check_continuation, skip_mask, stored_ids
 from jobs.spec import JobSpec, SpecError, StageSpec
 from stages import columns as C
 from stages.decoder import DecoderStage
@@ -22,7 +25,7 @@ from stages.models import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, c
 from stages.prior import PriorStage
 from stages.storage import join, url_to_fs, write_atomic
 from stages.text import TextEncoder
-from stages.writer import write_embeddings, write_images
+from stages.writer import ManifestSink, read_back_embeddings, write_embeddings, write_images
 
 log = logging.getLogger(__name__)
 TASK_CPUS = 0.25  # reading, expanding and writing are light: never let them wait behind the actors
@@ -38,15 +41,17 @@ class Summary:
     failed: int
     seconds: float
     output: str
+    new: int  # rows made by this run (the rest were done before it)
 
     @property
     def images_per_s(self) -> float:
-        return (self.rows - self.failed) / self.seconds if self.seconds else 0.0
+        return self.new / self.seconds if self.seconds else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.rows} rows ({self.failed} failed) in {self.seconds:.1f} s, "
+        earlier = f", {self.rows - self.new} done earlier" if self.new != self.rows else ""
+        return (f"{self.rows} rows ({self.failed} failed{earlier}); {self.new} made in {self.seconds:.1f} s, "
                 f"{self.images_per_s:.2f} images/s; images in {join(self.output, 'images')}, "
-                f"manifest in {join(self.output, 'manifest')}")
+                f"manifest in {join(self.output, 'manifest')}, report in {join(self.output, 'report', 'index.html')}")
 
 
 def preflight(spec: JobSpec) -> prompts.PromptTable:
@@ -59,43 +64,85 @@ def preflight(spec: JobSpec) -> prompts.PromptTable:
     return prompts.scan(spec)
 
 
-def run(spec: JobSpec) -> Summary:
-    """Validate, then generate every row of the prompt table; returns the closing summary."""
+def run(spec: JobSpec, overwrite: bool = False) -> Summary:
+    """Validate, then generate every row without a manifest entry yet; returns the closing summary."""
     table = preflight(spec)
+    check_continuation(spec, overwrite)
     start = time.time()
     fs, out = url_to_fs(spec.output, spec.storage_options)
     write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+    connect(spec)
+    done = stored_ids(spec.output, "manifest", spec.storage_options)
+    embedded = np.setdiff1d(stored_ids(spec.output, "embeddings", spec.storage_options), done)
+    if len(embedded):  # rows whose Stage C finished before an interruption: decode only
+        write_manifest(spec, decode_dataset(spec, stored_embeddings(spec.output, spec.storage_options, embedded)))
+    write_manifest(spec, build_dataset(spec, table, skip=np.union1d(done, embedded)))
+    summary = summarize(spec, time.time() - start, before=len(done))
+    build_report(spec.output, spec.storage_options)
+    return summary
+
+
+def connect(spec: JobSpec) -> None:
+    """Join RAY_ADDRESS (or the caller's Ray) and wait for the stages' resources, else start a local Ray."""
     joined = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)  # joins RAY_ADDRESS when set, else starts a local Ray
+        ray.init(ignore_reinit_error=True)
     wait_for_capacity(spec, spec.placement_timeout_s if joined else 0.0)
-    build_dataset(spec, table).write_parquet(
-        join(out, "manifest"), filesystem=PyFileSystem(FSSpecHandler(fs)), ray_remote_args={"num_cpus": TASK_CPUS}
-    )
-    return summarize(spec, time.time() - start)
 
 
-def build_dataset(spec: JobSpec, table: prompts.PromptTable) -> ray.data.Dataset:
+def write_manifest(spec: JobSpec, ds: ray.data.Dataset) -> None:
+    """Run the pipeline; each finished block of rows becomes one manifest object."""
+    ds.write_datasink(ManifestSink(spec.output, spec.storage_options), ray_remote_args={"num_cpus": TASK_CPUS})
+
+
+def stored_embeddings(output: str, storage_options: dict, keep: np.ndarray) -> ray.data.Dataset:
+    """The stored Stage C rows of `output` whose ids are in `keep`, as Stage B/A input."""
+    fs, path = url_to_fs(join(output, "embeddings"), storage_options)
+    ds = ray.data.read_parquet(path, filesystem=PyFileSystem(FSSpecHandler(fs)), num_cpus=TASK_CPUS)
+    ds = ds.map_batches(keep_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(keep=ray.put(keep)))
+    return ds.map_batches(read_back_embeddings, batch_format="numpy", num_cpus=TASK_CPUS)
+
+
+def keep_rows(batch: dict[str, np.ndarray], keep) -> dict[str, np.ndarray]:
+    """Only the rows whose id is in `keep` (an object ref to a sorted id array)."""
+    mask = skip_mask(batch[C.ROW_ID], ray.get(keep) if isinstance(keep, ray.ObjectRef) else keep)
+    return {k: v[mask] for k, v in batch.items()}
+
+
+def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = ()) -> ray.data.Dataset:
     """read → expand rows → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
-    models = dict(dtype=spec.model.dtype, storage_options=spec.storage_options)
-    gpus = ray.cluster_resources().get("GPU", 0)
     ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
                                num_cpus=TASK_CPUS)
     ds = ds.map_batches(prompts.expand_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
         defaults=prompts.defaults_for(spec), images_per_prompt=spec.generation.images_per_prompt,
-        checkpoint=prompts.checkpoint_id(spec)))
+        checkpoint=prompts.checkpoint_id(spec), skip=ray.put(np.asarray(skip, dtype="U32"))))
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    ds = ds.map_batches(TextEncoder, fn_constructor_kwargs=dict(prior=spec.model.prior,
-                        decoder=spec.model.decoder, **models), **placement(spec.stages.text, "text", gpus))
-    ds = ds.map_batches(PriorStage, fn_constructor_kwargs=dict(prior=spec.model.prior, **models),
-                        **placement(spec.stages.prior, "prior", gpus))
+    ds = _stage(ds, spec, TextEncoder, "text", prior=spec.model.prior, decoder=spec.model.decoder)
+    ds = _stage(ds, spec, PriorStage, "prior", prior=spec.model.prior)
     ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
-    ds = ds.map_batches(DecoderStage, fn_constructor_kwargs=dict(decoder=spec.model.decoder, **models),
-                        **placement(spec.stages.decoder, "decoder", gpus))
+    return _decode_and_write(ds, spec)
+
+
+def decode_dataset(spec: JobSpec, stored: ray.data.Dataset) -> ray.data.Dataset:
+    """Stored Stage C rows → text pool (for the decoder's text states) → Stage B/A pool → images."""
+    stored = stored.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
+    return _decode_and_write(_stage(stored, spec, TextEncoder, "text", prior=spec.model.prior,
+                                    decoder=spec.model.decoder), spec)
+
+
+def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec) -> ray.data.Dataset:
+    ds = _stage(ds, spec, DecoderStage, "decoder", decoder=spec.model.decoder)
     return ds.map_batches(write_images, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
         output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format))
+
+
+def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, **models) -> ray.data.Dataset:
+    """One stage's actor pool, placed from its spec."""
+    kwargs = dict(models, dtype=spec.model.dtype, storage_options=spec.storage_options)
+    placed = placement(getattr(spec.stages, name), name, ray.cluster_resources().get("GPU", 0))
+    return ds.map_batches(cls, fn_constructor_kwargs=kwargs, **placed)
 
 
 # GPU shares when a stage's num_gpus is not set: one GPU shared by all three pools, or whole GPUs
@@ -174,9 +221,10 @@ def check_capacity(spec: JobSpec, cluster: dict) -> None:
                             f"the Ray cluster has {have:g}; lower a stage's concurrency or its {resource} ask")
 
 
-def summarize(spec: JobSpec, seconds: float) -> Summary:
-    """Count the manifest's rows and failures (read back from storage)."""
+def summarize(spec: JobSpec, seconds: float, before: int = 0) -> Summary:
+    """Count the manifest's rows and failures (read back from storage); `before` rows were there already."""
     fs, out = url_to_fs(join(spec.output, "manifest"), spec.storage_options)
     manifest = pads.dataset(out, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet")
     errors = manifest.to_table(columns=[C.ERROR]).column(C.ERROR)
-    return Summary(rows=len(errors), failed=len(errors) - errors.null_count, seconds=seconds, output=spec.output)
+    return Summary(rows=len(errors), failed=len(errors) - errors.null_count, seconds=seconds,
+                   output=spec.output, new=len(errors) - before)

@@ -10,7 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
+from jobs.resume import skip_mask
 from jobs.spec import GENERATION_RULES, JobSpec, SpecError
 from stages import columns as C
 from stages.storage import full_uri, url_to_fs
@@ -109,8 +111,9 @@ def checkpoint_id(spec: JobSpec) -> str:
     return f"prior={spec.model.prior} decoder={spec.model.decoder} dtype={spec.model.dtype}"
 
 
-def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt: int, checkpoint: str) -> dict:
-    """Fill per-row parameters from defaults, make one row per image (seed + k), and add row ids."""
+def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt: int, checkpoint: str,
+                skip=None) -> dict:
+    """Fill per-row parameters from defaults, make one row per image (seed + k), add row ids, drop `skip`."""
     n = len(batch[C.PROMPT])
     rows = np.repeat(np.arange(n), images_per_prompt)
     out = {col: np.asarray(values)[rows] for col, values in batch.items()}  # user columns pass through
@@ -121,6 +124,9 @@ def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt:
     out[C.CHECKPOINT] = np.full(len(rows), checkpoint, dtype=object)
     out[C.ROW_ID] = np.array([row_id(out, i, checkpoint) for i in range(len(rows))], dtype=object)
     out[C.ERROR] = np.full(len(rows), "", dtype=object)
+    if skip is not None:
+        keep = ~skip_mask(out[C.ROW_ID], ray.get(skip) if isinstance(skip, ray.ObjectRef) else skip)
+        out = {k: v[keep] for k, v in out.items()}
     return out
 
 

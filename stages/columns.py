@@ -64,3 +64,6 @@ TRANSIENT = (
     GENERATOR_STATE,
     IMAGE,
 )
+
+# Stage-internal columns that are never the user's own (not carried into the embeddings table).
+INTERNAL = TRANSIENT + ("embedding_shape",)

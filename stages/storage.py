@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 import fsspec
@@ -27,11 +28,17 @@ def full_uri(fs, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
+def block_name(row_ids) -> str:
+    """A deterministic object name for a block of rows: a retried Ray task overwrites, never duplicates."""
+    return hashlib.sha256("\n".join(map(str, row_ids)).encode()).hexdigest()[:32]
+
+
 def write_atomic(fs, path: str, data: bytes) -> None:
     """Make `path` appear complete or not at all: one PUT on object stores, write-then-rename locally."""
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        folder, name = path.rsplit("/", 1)
+        fs.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"  # hidden: Parquet readers skip dot-files
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
     else:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import io
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
 
 from stages import columns as C
-from stages.storage import full_uri, join, url_to_fs, write_atomic
+from stages.batching import scatter
+from stages.storage import block_name, full_uri, join, url_to_fs, write_atomic
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PARAMS_SCHEMA = pa.schema([
@@ -54,7 +56,7 @@ def _params_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
 def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options: dict) -> dict:
     """Persist Stage C output (embeddings, generator state after Stage C, params) under <output>/embeddings/."""
     fs, root = url_to_fs(join(output, "embeddings"), storage_options)
-    table = _params_table(batch, PARAMS_SCHEMA)
+    table = _with_user_columns(_params_table(batch, PARAMS_SCHEMA), batch)
     embeddings = list(batch[C.IMAGE_EMBEDDINGS])
     value_type = pa.float16() if embeddings[0].dtype == np.float16 else pa.float32()
     table = table.append_column(C.IMAGE_EMBEDDINGS, pa.array([e.ravel() for e in embeddings],
@@ -65,8 +67,23 @@ def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options:
                                                             type=pa.binary()))
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    write_atomic(fs, join(root, f"{uuid.uuid4().hex}.parquet"), sink.getvalue())
+    write_atomic(fs, join(root, f"{block_name(batch[C.ROW_ID])}.parquet"), sink.getvalue())
     return batch
+
+
+def read_back_embeddings(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stored Stage C rows (see write_embeddings) back into the columns Stage B/A takes."""
+    n = len(batch[C.ROW_ID])
+    out = {k: v for k, v in batch.items() if k not in (C.IMAGE_EMBEDDINGS, "embedding_shape", C.GENERATOR_STATE)}
+    out[C.PRIOR_STEPS] = np.nan_to_num(np.asarray(batch[C.PRIOR_STEPS], dtype=np.float64)).astype(np.int64)
+    out[C.IMAGE_EMBEDDINGS] = scatter(n, [(np.arange(n), [
+        np.asarray(values).reshape(tuple(shape)) for values, shape in zip(batch[C.IMAGE_EMBEDDINGS],
+                                                                         batch["embedding_shape"])])])
+    out[C.GENERATOR_STATE] = np.stack([np.frombuffer(s, dtype=np.uint8) for s in batch[C.GENERATOR_STATE]])
+    out[C.ERROR] = np.full(n, "", dtype=object)
+    out[C.PRIOR_SECONDS] = np.zeros(n)
+    out[C.PRIOR_NODE] = np.full(n, "", dtype=object)
+    return out
 
 
 def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
@@ -90,8 +107,32 @@ def write_images(batch: dict[str, np.ndarray], output: str, storage_options: dic
             uris.append(full_uri(fs, path))
         finished.append(time.time())
     batch = {**batch, C.IMAGE_URI: np.asarray(uris, dtype=object), C.FINISHED_AT: np.asarray(finished)}
-    table = _params_table(batch, MANIFEST_SCHEMA)
-    for name, values in batch.items():  # the user's own columns pass through
-        if name not in MANIFEST_SCHEMA.names and name not in C.TRANSIENT:
+    return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch)
+
+
+def _with_user_columns(table: pa.Table, batch: dict[str, np.ndarray]) -> pa.Table:
+    """Append the prompt table's own columns, which pass through every stage."""
+    for name, values in batch.items():
+        if name not in table.schema.names and name not in MANIFEST_SCHEMA.names and name not in C.INTERNAL:
             table = table.append_column(name, pa.array(list(values)))
     return table
+
+
+class ManifestSink(Datasink):
+    """Writes each block of manifest rows as one Parquet object, atomically, as rows finish."""
+
+    def __init__(self, output: str, storage_options: dict):
+        self.output, self.storage_options = output, storage_options
+
+    def write(self, blocks, ctx) -> int:
+        fs, root = url_to_fs(join(self.output, "manifest"), self.storage_options)
+        rows = 0
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if table.num_rows:
+                sink = io.BytesIO()
+                pq.write_table(table, sink)
+                write_atomic(fs, join(root, f"{block_name(table.column(C.ROW_ID).to_pylist())}.parquet"),
+                             sink.getvalue())
+                rows += table.num_rows
+        return rows

@@ -1,0 +1,273 @@
+"""The run report: counts, timings, nodes, sweep grids and a contact sheet on one offline HTML page."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from html import escape
+from pathlib import PurePosixPath
+from urllib.parse import quote
+
+import pyarrow.dataset as pads
+import yaml
+from PIL import Image
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from stages import columns as C
+from stages.storage import full_uri, join, url_to_fs, write_atomic
+from stages.writer import MANIFEST_SCHEMA
+
+log = logging.getLogger(__name__)
+THUMB_PX = 128  # longest side of a thumbnail
+MAX_SHEET = 200  # thumbnails on the contact sheet
+MAX_PROMPTS = 20  # sweeps shown
+MAX_GRID = 200  # thumbnails per sweep grid
+MAX_FAILED = 500  # failed rows listed
+THREADS = 16  # thumbnail workers (image I/O may be remote)
+RESOLUTION = "resolution"  # the "HxW" sweep axis
+AXES = (C.SEED, C.PRIOR_GUIDANCE, C.DECODER_GUIDANCE, C.PRIOR_STEPS, C.DECODER_STEPS, C.NEGATIVE_PROMPT,
+        RESOLUTION, C.CHECKPOINT)
+STAGES = (("text", C.TEXT_SECONDS, C.TEXT_NODE), ("prior", C.PRIOR_SECONDS, C.PRIOR_NODE),
+          ("decoder", C.DECODER_SECONDS, C.DECODER_NODE))
+CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
+table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;
+vertical-align:top}th{background:#f3f3f3}td.num{text-align:right}img{display:block;border:0}
+.sheet{display:flex;flex-wrap:wrap;gap:6px}.sheet figure{margin:0;width:128px;font-size:11px}
+figcaption{overflow:hidden;white-space:nowrap;text-overflow:ellipsis}.bad{color:#b00020}
+.grid td{text-align:center}.grid td a{display:inline-block;margin:1px}.note{color:#666}code{font-size:90%}"""
+
+
+def build_report(output: str, storage_options: dict | None = None) -> str:
+    """Write <output>/report/index.html and its thumbnails; return the page's URI."""
+    job = read_job(output, storage_options or {})
+    options = storage_options if storage_options is not None else job.get("storage_options") or {}
+    fs, root = url_to_fs(output, options)
+    rows = read_manifest(fs, join(root, "manifest"))
+    sheet = sorted((r for r in rows if r[C.IMAGE_URI]), key=_row_order)
+    sweeps = find_sweeps(rows)
+    shown = sheet[:MAX_SHEET] + [r for _, axes, group in sweeps[:MAX_PROMPTS] for r in group[:MAX_GRID]]
+    thumbs = make_thumbs(fs, join(root, "report", "thumbs"), {r[C.ROW_ID]: r for r in shown}.values(), options)
+    page = render(output, job, rows, sheet, sweeps, lambda row: thumb_html(row, thumbs, full_uri(fs, root)))
+    path = join(root, "report", "index.html")
+    write_atomic(fs, path, page.encode())
+    return full_uri(fs, path)
+
+
+def read_job(output: str, storage_options: dict) -> dict:
+    """The run's resolved spec from <output>/job.yaml ({} when there is none)."""
+    fs, path = url_to_fs(join(output, "job.yaml"), storage_options)
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "rb") as f:
+        return yaml.safe_load(f) or {}
+
+
+def read_manifest(fs, path: str) -> list[dict]:
+    """The manifest's standard columns (null where an older run lacks one), one row per row_id (success first)."""
+    dataset = pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet", schema=MANIFEST_SCHEMA)
+    rows = {}
+    for row in sorted(dataset.to_table().to_pylist(), key=lambda r: (r[C.ERROR] is None, _order(r[C.FINISHED_AT]))):
+        rows[row[C.ROW_ID]] = row  # a row written twice (a retried block) counts once: its latest success wins
+    return list(rows.values())
+
+
+def axis_value(row: dict, axis: str):
+    """A row's value on a sweep axis (resolution is (height, width))."""
+    return (row[C.HEIGHT], row[C.WIDTH]) if axis == RESOLUTION else row[axis]
+
+
+def _order(value) -> tuple:
+    """Sort key that puts None first and never compares None with a value."""
+    return (value is not None, value if value is not None else 0)
+
+
+def _row_order(row: dict) -> tuple:
+    """Contact-sheet order: prompt, then every sweep axis."""
+    return (row[C.PROMPT], *(_order(axis_value(row, a)) for a in AXES), row[C.ROW_ID])
+
+
+def find_sweeps(rows: list[dict]) -> list[tuple[str, list[str], list[dict]]]:
+    """(prompt, varying axes, rows in grid order) for every prompt whose rows differ in a parameter, by prompt."""
+    by_prompt = defaultdict(list)
+    for row in rows:
+        by_prompt[row[C.PROMPT]].append(row)
+    sweeps = []
+    for prompt in sorted(by_prompt):
+        group = by_prompt[prompt]
+        axes = [a for a in AXES if len({axis_value(r, a) for r in group}) > 1]
+        if axes:
+            sweeps.append((prompt, axes, sorted(group, key=_row_order)))
+    return sweeps
+
+
+def make_thumbs(fs, folder: str, rows, storage_options: dict) -> set[str]:
+    """Write <folder>/<row_id>.jpg for every row with an image, in parallel; the row ids that have one."""
+    todo = [r for r in rows if r[C.IMAGE_URI]]
+    with ThreadPoolExecutor(THREADS) as pool:
+        made = list(pool.map(lambda r: make_thumb(fs, folder, r, storage_options), todo))
+    return {r[C.ROW_ID] for r, ok in zip(todo, made) if ok}
+
+
+def make_thumb(fs, folder: str, row: dict, storage_options: dict) -> bool:
+    """Thumbnail one image; False (logged) when its image cannot be read."""
+    try:
+        source_fs, source = url_to_fs(row[C.IMAGE_URI], storage_options)
+        with source_fs.open(source, "rb") as f:
+            image = Image.open(f)
+            image.thumbnail((THUMB_PX, THUMB_PX))
+            image = image.convert("RGB")
+    except Exception as err:  # noqa: BLE001 — one unreadable image must not sink the report
+        log.warning("report: cannot read %s: %s", row[C.IMAGE_URI], err)
+        return False
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    write_atomic(fs, join(folder, f"{row[C.ROW_ID]}.jpg"), buffer.getvalue())
+    return True
+
+
+def image_link(uri: str, root_uri: str) -> str:
+    """A link relative to report/ for images inside the run folder, else the URI (file:// for paths)."""
+    base = root_uri.rstrip("/") + "/"
+    if uri.startswith(base):
+        return "../" + quote(uri[len(base):])
+    return PurePosixPath(uri).as_uri() if uri.startswith("/") else uri
+
+
+def thumb_html(row: dict, thumbs: set[str], root_uri: str) -> str:
+    """A row's thumbnail linked to its image, or why there is none."""
+    if not row[C.IMAGE_URI]:
+        return f'<span class="bad" title="{escape(row[C.ERROR] or "")}">failed</span>'
+    if row[C.ROW_ID] not in thumbs:
+        return f'<span class="bad" title="{escape(row[C.IMAGE_URI])}">unreadable</span>'
+    title = f"{row[C.PROMPT]} | seed {row[C.SEED]} | {row[C.ROW_ID]}"
+    return (f'<a href="{escape(image_link(row[C.IMAGE_URI], root_uri))}"><img src="thumbs/{quote(row[C.ROW_ID])}.jpg"'
+            f' alt="{escape(row[C.ROW_ID])}" title="{escape(title)}"></a>')
+
+
+def fmt(axis: str, value) -> str:
+    """A sweep value as text (unescaped)."""
+    if value is None:
+        return "default" if axis == C.PRIOR_STEPS else "null"
+    if axis == RESOLUTION:
+        return "{}x{}".format(*value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "(none)" if axis == C.NEGATIVE_PROMPT and value == "" else str(value)
+
+
+def label(axes: list[str], key: tuple) -> str:
+    """Escaped "axis = value, …" of a grid row or column."""
+    return escape(", ".join(f"{a} = {fmt(a, v)}" for a, v in zip(axes, key)))
+
+
+def table(header: list[str], body: list[list[str]], cls: str = "") -> str:
+    """An HTML table from already-escaped cells."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(body_row) + "</tr>" for body_row in body)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def stamp(seconds: float) -> str:
+    """Unix seconds as UTC date and time."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def summary_html(output: str, job: dict, rows: list[dict]) -> str:
+    """The run, its counts and the span of finished_at."""
+    ok = sum(1 for r in rows if r[C.ERROR] is None)
+    done = [r[C.FINISHED_AT] for r in rows if r[C.FINISHED_AT] is not None]
+    span = max(done) - min(done) if done else 0.0
+    model = job.get("model") or {}
+    items = [("run", escape(output)), ("model", escape(" ".join(f"{k}={v}" for k, v in model.items()) or "?")),
+             ("rows", len(rows)), ("succeeded", ok), ("failed", len(rows) - ok)]
+    if done:
+        items += [("first image finished", stamp(min(done))), ("last image finished", stamp(max(done))),
+                  ("span of finished_at", f"{span:.1f} s"),
+                  ("images/s over that span", f"{ok / span:.2f}" if span > 0 else "n/a")]
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in items)
+    return (f'<table class="summary">{body}</table><p class="note">The job\'s start is not recorded: the span runs '
+            "from the first to the last finished image, so start-up (Ray, actors, model loads) is excluded.</p>")
+
+
+def stages_html(rows: list[dict]) -> str:
+    """Per-stage busy time, images per busy second and the nodes each stage ran on."""
+    body = []
+    for name, seconds, node in STAGES:
+        times = [r[seconds] for r in rows if r[seconds] is not None]
+        busy = sum(times)
+        nodes = Counter("(no Ray)" if r[node] == "" else r[node] or "(not recorded)" for r in rows)
+        listed = "<br>".join(f'<code title="{escape(n)}">{escape(n if n[0] == "(" else n[:12])}</code>: {c}'
+                             for n, c in nodes.most_common())
+        rate = f"{len(times) / busy:.2f}" if busy > 0 else "n/a"
+        body.append([f"<th>{name}</th>", f'<td class="num">{len(times)}</td>', f'<td class="num">{busy:.2f}</td>',
+                     f'<td class="num">{rate}</td>', f"<td>{listed}</td>"])
+    header = ["stage", "rows timed", "busy s (sum)", "images per busy s (one actor)", "nodes (rows)"]
+    return table(header, body, "stages")
+
+
+def failed_html(rows: list[dict]) -> str:
+    """The failed rows with their errors."""
+    failed = sorted((r for r in rows if r[C.ERROR] is not None), key=lambda r: r[C.ROW_ID])
+    if not failed:
+        return "<p>No failed rows.</p>"
+    body = [[f"<td><code>{escape(r[C.ROW_ID])}</code></td>", f"<td>{escape(r[C.PROMPT])}</td>",
+             f'<td class="bad">{escape(r[C.ERROR])}</td>'] for r in failed[:MAX_FAILED]]
+    more = f'<p class="note">Showing {MAX_FAILED} of {len(failed)} failed rows.</p>' if len(failed) > MAX_FAILED else ""
+    return table(["row_id", "prompt", "error"], body, "failed") + more
+
+
+def grid_html(prompt: str, axes: list[str], group: list[dict], thumb) -> str:
+    """One sweep: a row (one axis) or a grid with the first axis as rows and the rest as columns."""
+    shown = group[:MAX_GRID]  # grid order: row by row
+    row_axes, col_axes = ([], axes) if len(axes) == 1 else (axes[:1], axes[1:])
+    cells = defaultdict(list)
+    for r in shown:
+        cells[tuple(axis_value(r, a) for a in row_axes), tuple(axis_value(r, a) for a in col_axes)].append(r)
+    row_keys = list(dict.fromkeys(k[0] for k in cells))
+    col_keys = sorted({k[1] for k in cells}, key=lambda k: tuple(map(_order, k)))
+    corner = escape(f"{axes[0]} ↓ / {', '.join(col_axes)} →" if row_axes else " × ".join(col_axes))
+    body = [[f"<th>{label(row_axes, rk)}</th>", *(
+        "<td>" + ("".join(thumb(r) for r in cells[(rk, ck)]) or "—") + "</td>" for ck in col_keys)]
+        for rk in row_keys]
+    note = f'<p class="note">Showing {len(shown)} of {len(group)} images.</p>' if len(shown) < len(group) else ""
+    return (f'<section class="sweep"><h3>{escape(prompt)}</h3><p>varying: {escape(" × ".join(axes))}</p>'
+            + table([corner, *(label(col_axes, ck) for ck in col_keys)], body, "grid") + note + "</section>")
+
+
+def sheet_html(sheet: list[dict], thumb) -> str:
+    """The contact sheet: the first MAX_SHEET images, captioned with their seed."""
+    figures = "".join(f"<figure>{thumb(r)}<figcaption>{escape(r[C.PROMPT])} · seed {r[C.SEED]}</figcaption></figure>"
+                      for r in sheet[:MAX_SHEET])
+    capped = f'<p class="note">Showing {MAX_SHEET} of {len(sheet)} images.</p>' if len(sheet) > MAX_SHEET else ""
+    return capped + f'<div class="sheet">{figures}</div>'
+
+
+def render(output: str, job: dict, rows: list[dict], sheet: list[dict], sweeps: list, thumb) -> str:
+    """The whole page."""
+    grids = "".join(grid_html(p, axes, group, thumb) for p, axes, group in sweeps[:MAX_PROMPTS]) or "<p>No sweeps.</p>"
+    if len(sweeps) > MAX_PROMPTS:
+        grids += f'<p class="note">Showing {MAX_PROMPTS} of {len(sweeps)} swept prompts.</p>'
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Run report: {escape(output)}</title>'
+            f"<style>{CSS}</style></head><body><h1>Run report</h1>{summary_html(output, job, rows)}"
+            f"<h2>Stages</h2>{stages_html(rows)}<h2>Failed rows</h2>{failed_html(rows)}"
+            f"<h2>Sweeps</h2>{grids}<h2>Contact sheet</h2>{sheet_html(sheet, thumb)}</body></html>\n")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """The `report RUN_URI [--storage-options JSON]` subcommand."""
+    parser = subparsers.add_parser("report", help="write <run>/report/index.html: counts, timings, sweeps, thumbnails")
+    parser.add_argument("run", help="the run folder (a generate job's output: local path or fsspec URI)")
+    parser.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+                        help="fsspec options for the run's store (default: those in the run's job.yaml)")
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Build the report and print where it is."""
+    print(f"report written to {build_report(args.run, args.storage_options)}")
+    return 0

@@ -1,0 +1,213 @@
+"""The run report on a hand-made run folder (real PNGs, a manifest with a failure and a 2-axis sweep)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from jobs.report import add_parser, build_report, run_from_args
+from stages import columns as C
+from stages.storage import join, url_to_fs, write_atomic
+from stages.writer import MANIFEST_SCHEMA
+
+SWEPT = 'a red <b>cube</b> & "friends"'  # markup in a prompt must come out as text
+NODE = {C.TEXT_NODE: "a" * 56, C.PRIOR_NODE: "b" * 56}
+
+
+@pytest.fixture(scope="session")
+def model_cache():
+    """This module needs no model: skip building the tiny preset (conftest's autouse fixture)."""
+
+
+def manifest_rows(image_uri) -> list[dict]:
+    """9 rows: seeds 1-3 × decoder guidance 0/2 for SWEPT, two sizes of one prompt, one failed row."""
+    params = [(SWEPT, s, g, 128, 128) for s in (1, 2, 3) for g in (0.0, 2.0)] + [
+        ("a blue sphere", 0, 0.0, 128, 128), ("a blue sphere", 0, 0.0, 128, 256),
+        ("a broken prompt", 0, 0.0, 128, 128)]
+    rows = []
+    for i, (prompt, seed, guidance, height, width) in enumerate(params):
+        row_id = f"{i:02d}" + "f" * 30
+        failed = prompt == "a broken prompt"
+        rows.append({C.ROW_ID: row_id, C.PROMPT: prompt, C.NEGATIVE_PROMPT: "", C.SEED: seed, C.HEIGHT: height,
+                     C.WIDTH: width, C.PRIOR_STEPS: None, C.PRIOR_GUIDANCE: 4.0, C.DECODER_STEPS: 12,
+                     C.DECODER_GUIDANCE: guidance, C.IMAGE_INDEX: 0, C.CHECKPOINT: "prior=tiny decoder=tiny",
+                     C.IMAGE_URI: None if failed else image_uri(row_id),
+                     C.ERROR: "Stage C output is not finite" if failed else None,
+                     C.TEXT_SECONDS: 0.01, C.PRIOR_SECONDS: 0.1, C.DECODER_SECONDS: 0.5, C.FINISHED_AT: 1.7e9 + i,
+                     **NODE, C.DECODER_NODE: "c" * 56 if i % 3 else "d" * 56, "source": f"p.parquet:{i}"})
+    return rows
+
+
+def make_run(output: str, storage_options: dict) -> list[dict]:
+    """Write job.yaml, PNGs and a manifest (one row repeated in a second file, as a retried block) under output."""
+    fs, root = url_to_fs(output, storage_options)
+    uri = fs.unstrip_protocol if "://" in output else (lambda p: p)
+    rows = manifest_rows(lambda row_id: uri(join(root, "images", row_id[:2], f"{row_id}.png")))
+    job = {"output": output, "storage_options": storage_options, "model": {"prior": "tiny", "decoder": "tiny"}}
+    write_atomic(fs, join(root, "job.yaml"), yaml.safe_dump(job).encode())
+    for i, row in enumerate(rows):
+        if row[C.IMAGE_URI]:
+            pixels = np.zeros((row[C.HEIGHT], row[C.WIDTH], 3), np.uint8)
+            pixels[..., 0], pixels[..., 1] = 25 * i, np.linspace(0, 255, row[C.WIDTH], dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            write_atomic(fs, join(root, "images", row[C.ROW_ID][:2], f"{row[C.ROW_ID]}.png"), buffer.getvalue())
+    schema = MANIFEST_SCHEMA.append(pa.field("source", pa.string()))
+    for name, part in (("a", rows), ("b", rows[:1])):
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(part, schema=schema), sink)
+        write_atomic(fs, join(root, "manifest", f"{name}.parquet"), sink.getvalue())
+    return rows
+
+
+class Node:
+    """An element of a parsed page: tag, attributes, children, text."""
+
+    def __init__(self, tag: str, attrs: dict):
+        self.tag, self.attrs, self.children, self.content = tag, attrs, [], []  # content: text and children in order
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.content)
+
+    def find(self, tag: str, cls: str | None = None) -> list[Node]:
+        found = [c for c in self.children if c.tag == tag and (cls is None or c.attrs.get("class") == cls)]
+        return found + [n for c in self.children for n in c.find(tag, cls)]
+
+
+class Page(HTMLParser):
+    """html.parser into a tree of Nodes (void elements are not pushed)."""
+
+    VOID = {"img", "meta", "br", "link"}
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.root = Node("root", {})
+        self.stack = [self.root]
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, dict(attrs))
+        self.stack[-1].children.append(node)
+        self.stack[-1].content.append(node)
+        if tag not in self.VOID:
+            self.stack.append(node)
+
+    def handle_endtag(self, tag):
+        if tag not in self.VOID:
+            assert self.stack.pop().tag == tag, f"unbalanced </{tag}>"
+
+    def handle_data(self, data):
+        self.stack[-1].content.append(data)
+
+
+def parse(path) -> Node:
+    with open(path, encoding="utf-8") as f:
+        return Page(f.read()).root
+
+
+@pytest.fixture
+def local_run(tmp_path):
+    output = str(tmp_path / "run")
+    return output, make_run(output, {})
+
+
+def test_report_counts_failures_sweeps_and_thumbnails(local_run):
+    output, rows = local_run
+    uri = build_report(output)
+    assert uri == f"{output}/report/index.html"
+    page = parse(uri)
+    summary = {tr.find("th")[0].text(): tr.find("td")[0].text() for tr in page.find("table", "summary")[0].find("tr")}
+    assert (summary["rows"], summary["succeeded"], summary["failed"]) == ("9", "8", "1")  # the repeated row counts once
+    assert (summary["span of finished_at"], summary["images/s over that span"]) == ("8.0 s", "1.00")
+
+    stages = {tr.find("th")[0].text(): [td.text() for td in tr.find("td")]
+              for tr in page.find("table", "stages")[0].find("tr")[1:]}
+    assert stages["decoder"][:3] == ["9", "4.50", "2.00"] and stages["text"][3] == "aaaaaaaaaaaa: 9"
+    assert stages["decoder"][3] == "cccccccccccc: 6dddddddddddd: 3"
+
+    failed = page.find("table", "failed")[0].find("tr")[1:]
+    assert [[td.text() for td in tr.find("td")] for tr in failed] == [
+        ["08" + "f" * 30, "a broken prompt", "Stage C output is not finite"]]
+
+    sweeps = {s.find("h3")[0].text(): s for s in page.find("section", "sweep")}
+    assert set(sweeps) == {SWEPT, "a blue sphere"}  # the failed prompt's single row is no sweep
+    grid = sweeps[SWEPT].find("table", "grid")[0]
+    header, *body = grid.find("tr")
+    assert [th.text() for th in header.find("th")] == [
+        "seed ↓ / decoder_guidance_scale →", "decoder_guidance_scale = 0", "decoder_guidance_scale = 2"]
+    assert [tr.find("th")[0].text() for tr in body] == ["seed = 1", "seed = 2", "seed = 3"]
+    assert [len(td.find("img")) for tr in body for td in tr.find("td")] == [1] * 6
+    by_id = {r[C.ROW_ID]: r for r in rows}
+    cell = body[0].find("td")[1].find("a")[0]  # seed 1, guidance 2
+    shown = by_id[cell.find("img")[0].attrs["alt"]]
+    assert (shown[C.SEED], shown[C.DECODER_GUIDANCE]) == (1, 2.0)
+    assert cell.attrs["href"] == f"../images/{shown[C.ROW_ID][:2]}/{shown[C.ROW_ID]}.png"
+
+    row = sweeps["a blue sphere"].find("table", "grid")[0].find("tr")
+    assert [th.text() for th in row[0].find("th")] == ["resolution", "resolution = 128x128", "resolution = 128x256"]
+    assert len(row) == 2 and len(row[1].find("img")) == 2
+
+    sheet = page.find("div", "sheet")[0].find("img")
+    assert len(sheet) == 8
+    fs, _ = url_to_fs(output)
+    for img in page.find("img"):
+        assert img.attrs["src"].startswith("thumbs/")
+        with Image.open(f"{output}/report/{img.attrs['src']}") as thumb:
+            assert max(thumb.size) == 128 and thumb.format == "JPEG"
+    assert len(fs.ls(f"{output}/report/thumbs")) == 8
+
+    text = open(uri, encoding="utf-8").read()
+    assert "<b>cube</b>" not in text and "&lt;b&gt;cube&lt;/b&gt; &amp; &quot;friends&quot;" in text
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+
+
+def test_report_command_takes_storage_options_from_job_yaml(local_run, capsys):
+    output, _ = local_run
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["report", output])
+    assert args.storage_options is None
+    assert run_from_args(args) == 0
+    assert f"{output}/report/index.html" in capsys.readouterr().out
+    args = parser.parse_args(["report", output, "--storage-options", '{"anon": true}'])
+    assert args.storage_options == {"anon": True}
+
+
+def test_report_on_s3(s3_server):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("reports")
+    output = "s3://reports/run"
+    make_run(output, s3_server)
+    assert build_report(output, s3_server) == "s3://reports/run/report/index.html"
+    page = Page(fs.cat_file("reports/run/report/index.html").decode()).root
+    assert len(page.find("div", "sheet")[0].find("img")) == 8
+    assert len(fs.ls("reports/run/report/thumbs")) == 8
+    assert page.find("div", "sheet")[0].find("a")[0].attrs["href"].startswith("../images/")
+
+
+def test_page_renders_in_headless_chromium(local_run, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    output, _ = local_run
+    uri = build_report(output)
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
+                    f"file://{uri}"], check=True, capture_output=True, timeout=60)
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    assert pixels.shape == (900, 1200, 3) and pixels.var() > 0

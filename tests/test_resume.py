@@ -1,0 +1,95 @@
+"""Exact resume: a rerun makes only rows without a manifest entry, skips Stage C where it was done, survives kill -9."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import write_prompts
+from PIL import Image
+
+from jobs.generate import run
+from jobs.spec import SpecError, spec_from_dict
+from stages import columns as C
+
+
+def job_dict(tmp_path, rows=8, **extra):
+    prompts = [{C.PROMPT: f"prompt {i}", C.SEED: i} for i in range(rows)]
+    return {"prompts": write_prompts(tmp_path / "p.parquet", prompts), "output": str(tmp_path / "out"),
+            "generation": {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2},
+            "stages": {"text": {"batch_size": 2}, "prior": {"batch_size": 2}, "decoder": {"batch_size": 2}},
+            **extra}
+
+
+def manifest(tmp_path):
+    return pq.read_table(tmp_path / "out" / "manifest").to_pylist()
+
+
+def image_bytes(rows):
+    return {r[C.ROW_ID]: open(r[C.IMAGE_URI], "rb").read() for r in rows}
+
+
+def test_rerun_makes_only_missing_rows_and_skips_stage_c_where_stored(tmp_path, ray_cluster):
+    spec = spec_from_dict(job_dict(tmp_path))
+    first = run(spec)
+    assert first.rows == first.new == 8
+    before = manifest(tmp_path)
+    originals = image_bytes(before)
+    parts = sorted((tmp_path / "out" / "manifest").glob("*.parquet"))
+    lost = pq.read_table(parts[0]).column(C.ROW_ID).to_pylist()
+    parts[0].unlink()  # as if the job had died before writing these rows' manifest part
+    for row_id in lost:
+        (tmp_path / "out" / "images" / row_id[:2] / f"{row_id}.png").unlink()
+
+    second = run(spec)
+    after = manifest(tmp_path)
+    assert second.rows == 8 and second.new == len(lost)
+    assert sorted(r[C.ROW_ID] for r in after) == sorted(originals)  # every row exactly once
+    redone = [r for r in after if r[C.ROW_ID] in lost]
+    assert all(r[C.PRIOR_SECONDS] == 0 for r in redone)  # Stage C came from the stored embeddings
+    assert image_bytes(redone) == {k: originals[k] for k in lost}  # and the images are the same bytes
+
+    third = run(spec)
+    assert third.new == 0 and len(manifest(tmp_path)) == 8
+
+
+def test_changed_spec_is_refused_unless_overwrite(tmp_path, ray_cluster):
+    run(spec_from_dict(job_dict(tmp_path, rows=2)))
+    changed = spec_from_dict({**job_dict(tmp_path, rows=2), "generation": {"height": 256, "width": 128,
+                                                                          "prior_steps": 2, "decoder_steps": 2}})
+    with pytest.raises(SpecError, match=r"holds a run of another spec \(generation.height: 128 → 256\)"):
+        run(changed)
+    summary = run(changed, overwrite=True)
+    assert summary.rows == summary.new == 2 and {r[C.HEIGHT] for r in manifest(tmp_path)} == {256}
+    more = spec_from_dict({**job_dict(tmp_path, rows=3), "generation": changed.to_dict()["generation"],
+                           "stages": {"decoder": {"batch_size": 1}}})
+    assert run(more).new == 1  # more prompt rows and other batch sizes: the output continues
+
+
+def test_kill_the_whole_job_then_rerun_completes_it(tmp_path, model_cache):
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(tmp_path, rows=40)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "jobs.cli", "generate", str(tmp_path / "job.yaml")]
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    manifest_dir = tmp_path / "out" / "manifest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(manifest_dir.glob("*.parquet")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # driver, local Ray and its workers, mid-run
+    proc.wait()
+    before = {r[C.ROW_ID]: r[C.FINISHED_AT] for r in manifest(tmp_path)}
+    assert 0 < len(before) < 40, "the kill should land mid-run"
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = manifest(tmp_path)
+    assert len(after) == 40 and len({r[C.ROW_ID] for r in after}) == 40
+    assert all(before[r[C.ROW_ID]] == r[C.FINISHED_AT] for r in after if r[C.ROW_ID] in before)  # not redone
+    for row in after:  # every listed image is a complete object
+        with Image.open(row[C.IMAGE_URI]) as image:
+            image.verify()
