@@ -21,7 +21,7 @@ from jobs.resume import check_continuation, skip_mask, stored_ids
 from jobs.spec import JobSpec, SpecError, StageSpec
 from stages import columns as C
 from stages.decoder import DecoderStage
-from stages.models import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref
+from stages.models import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, prior_refs
 from stages.prior import PriorStage
 from stages.storage import join, url_to_fs, write_atomic
 from stages.text import TextEncoder
@@ -57,7 +57,8 @@ class Summary:
 def preflight(spec: JobSpec) -> prompts.PromptTable:
     """Every check that needs no model: models exist, the table is Parquet with valid rows."""
     try:
-        check_ref(spec.model.prior, "prior", PRIOR_SUBFOLDERS, spec.storage_options)
+        for ref in prior_refs(spec.model.prior, *spec.sweep.get(C.PRIOR_CHECKPOINT, [])):
+            check_ref(ref, "prior", PRIOR_SUBFOLDERS, spec.storage_options)
         check_ref(spec.model.decoder, "decoder", DECODER_SUBFOLDERS, spec.storage_options)
     except ModelRefError as err:
         raise SpecError(str(err)) from None
@@ -115,7 +116,8 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = 
                                num_cpus=TASK_CPUS)
     ds = ds.map_batches(prompts.expand_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
         defaults=prompts.defaults_for(spec), images_per_prompt=spec.generation.images_per_prompt,
-        checkpoint=prompts.checkpoint_id(spec), skip=ray.put(np.asarray(skip, dtype="U32"))))
+        model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype), combos=prompts.sweep_combinations(spec.sweep),
+        skip=ray.put(np.asarray(skip, dtype="U32"))))
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
     ds = _stage(ds, spec, TextEncoder, "text", prior=spec.model.prior, decoder=spec.model.decoder)

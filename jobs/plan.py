@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -18,7 +19,7 @@ from jobs import prompts
 from jobs.generate import preflight
 from jobs.spec import JobSpec
 from stages import columns as C
-from stages.models import ref_kind, resolve
+from stages.models import prior_refs, ref_kind, resolve
 from stages.prior import embedding_size
 from stages.storage import join, url_to_fs
 
@@ -41,17 +42,20 @@ class Bucket:
 def count_buckets(spec: JobSpec, table: prompts.PromptTable) -> list[Bucket]:
     """Stream the prompt table and count images per bucket (guidance only matters as on/off)."""
     defaults, counts = prompts.defaults_for(spec), Counter()
+    combos = prompts.sweep_combinations(spec.sweep)
     for path in table.files:
         parquet = pq.ParquetFile(table.fs.open(path, "rb"))
         present = [c for c in BUCKET if c in parquet.schema_arrow.names]
         for batch in parquet.iter_batches(batch_size=65536, columns=present or [C.PROMPT]):
             cols = {c: prompts._filled(batch.column(c).to_numpy(zero_copy_only=False) if c in present else None,
                                        defaults[c], batch.num_rows) for c in BUCKET}
-            cols[C.PRIOR_GUIDANCE] = cols[C.PRIOR_GUIDANCE] > 1
-            cols[C.DECODER_GUIDANCE] = cols[C.DECODER_GUIDANCE] > 1
-            grouped = pa.table(cols).group_by(list(BUCKET)).aggregate([([], "count_all")])
-            for row in grouped.to_pylist():
-                counts[tuple(row[c] for c in BUCKET)] += row["count_all"] * spec.generation.images_per_prompt
+            for combo in combos:  # a sweep value replaces the column for every row
+                swept = {c: np.full(batch.num_rows, combo[c]) if c in combo else v for c, v in cols.items()}
+                swept[C.PRIOR_GUIDANCE] = swept[C.PRIOR_GUIDANCE] > 1
+                swept[C.DECODER_GUIDANCE] = swept[C.DECODER_GUIDANCE] > 1
+                grouped = pa.table(swept).group_by(list(BUCKET)).aggregate([([], "count_all")])
+                for row in grouped.to_pylist():
+                    counts[tuple(row[c] for c in BUCKET)] += row["count_all"] * spec.generation.images_per_prompt
     return [Bucket(*key, images=n) for key, n in sorted(counts.items())]
 
 
@@ -88,10 +92,10 @@ OFFICIAL = {  # the official checkpoints' shapes, used when a hub config cannot 
 
 def meta_models(spec: JobSpec) -> dict[str, torch.nn.Module]:
     """Each stage's models built on the meta device from their configs (official shapes as fallback)."""
-    opts = spec.storage_options
+    opts, prior = spec.storage_options, prior_refs(spec.model.prior)[0]
     specs = {
-        "prior": (WuerstchenPrior, _config(spec.model.prior, "prior", "prior", opts), OFFICIAL["prior"]),
-        "prior_text": (CLIPTextConfig, _config(spec.model.prior, "prior", "text_encoder", opts), OFFICIAL["prior_text"]),
+        "prior": (WuerstchenPrior, _config(prior, "prior", "prior", opts), OFFICIAL["prior"]),
+        "prior_text": (CLIPTextConfig, _config(prior, "prior", "text_encoder", opts), OFFICIAL["prior_text"]),
         "decoder": (WuerstchenDiffNeXt, _config(spec.model.decoder, "decoder", "decoder", opts), OFFICIAL["decoder"]),
         "decoder_text": (CLIPTextConfig, _config(spec.model.decoder, "decoder", "text_encoder", opts),
                          OFFICIAL["decoder_text"]),

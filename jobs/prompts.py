@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import ray
 from jobs.resume import skip_mask
 from jobs.spec import GENERATION_RULES, JobSpec, SpecError
 from stages import columns as C
+from stages.models import prior_id
 from stages.storage import full_uri, url_to_fs
 
 
@@ -103,31 +105,51 @@ def defaults_for(spec: JobSpec) -> dict:
     gen = spec.generation
     values = {col: getattr(gen, col) for col in C.OVERRIDABLE}
     values[C.PRIOR_STEPS] = gen.prior_steps or 0
+    values[C.PRIOR_CHECKPOINT] = prior_id(spec.model.prior)
     return values
 
 
-def checkpoint_id(spec: JobSpec) -> str:
-    """The identity of the models and precision that make an image."""
-    return f"prior={spec.model.prior} decoder={spec.model.decoder} dtype={spec.model.dtype}"
+def sweep_combinations(sweep: dict) -> list[dict]:
+    """Every combination of the sweep axes as {column: value}; [{}] without a sweep."""
+    combos = []
+    for values in itertools.product(*sweep.values()):
+        combo = {}
+        for axis, value in zip(sweep, values):
+            if axis == "resolution":
+                combo[C.HEIGHT], combo[C.WIDTH] = value
+            elif axis == C.PRIOR_CHECKPOINT:
+                combo[axis] = prior_id(value)
+            else:
+                combo[axis] = value or 0 if axis == C.PRIOR_STEPS else value
+        combos.append(combo)
+    return combos
 
 
-def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt: int, checkpoint: str,
-                skip=None) -> dict:
-    """Fill per-row parameters from defaults, make one row per image (seed + k), add row ids, drop `skip`."""
-    n = len(batch[C.PROMPT])
-    rows = np.repeat(np.arange(n), images_per_prompt)
+def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt: int, model: dict,
+                combos: list[dict] = ({},), skip=None) -> dict:
+    """Each prompt row × each sweep combination × each image (seed + k): fill parameters, add row ids,
+    drop ids in `skip`, and order rows by shape bucket so stages see runs of one shape."""
+    n, m, k = len(batch[C.PROMPT]), len(combos), images_per_prompt
+    rows = np.repeat(np.arange(n), m * k)
     out = {col: np.asarray(values)[rows] for col, values in batch.items()}  # user columns pass through
     for col, default in defaults.items():
         out[col] = _filled(batch.get(col), default, n)[rows]
-    out[C.IMAGE_INDEX] = np.tile(np.arange(images_per_prompt), n)
+    combo = np.tile(np.repeat(np.arange(m), k), n)
+    for col in dict.fromkeys(c for combo_values in combos for c in combo_values):
+        out[col] = np.asarray([c[col] for c in combos], dtype=out[col].dtype)[combo]
+    out[C.IMAGE_INDEX] = np.tile(np.arange(k), n * m)
     out[C.SEED] = out[C.SEED] + out[C.IMAGE_INDEX]
-    out[C.CHECKPOINT] = np.full(len(rows), checkpoint, dtype=object)
-    out[C.ROW_ID] = np.array([row_id(out, i, checkpoint) for i in range(len(rows))], dtype=object)
+    out[C.CHECKPOINT] = np.asarray([f"prior={p} decoder={model['decoder']} dtype={model['dtype']}"
+                                    for p in out[C.PRIOR_CHECKPOINT]], dtype=object)
+    out[C.ROW_ID] = np.array([row_id(out, i) for i in range(len(rows))], dtype=object)
     out[C.ERROR] = np.full(len(rows), "", dtype=object)
+    keep = np.ones(len(rows), dtype=bool)
     if skip is not None:
         keep = ~skip_mask(out[C.ROW_ID], ray.get(skip) if isinstance(skip, ray.ObjectRef) else skip)
-        out = {k: v[keep] for k, v in out.items()}
-    return out
+    checkpoints = np.unique(out[C.PRIOR_CHECKPOINT].astype(str), return_inverse=True)[1]
+    order = np.lexsort((out[C.DECODER_STEPS], out[C.PRIOR_STEPS], out[C.WIDTH], out[C.HEIGHT], checkpoints))
+    order = order[keep[order]]
+    return {col: values[order] for col, values in out.items()}
 
 
 def _filled(values, default, n: int) -> np.ndarray:
@@ -143,11 +165,11 @@ def _filled(values, default, n: int) -> np.ndarray:
     return np.where(np.isnan(values), default, values).astype(kind)
 
 
-def row_id(columns: dict[str, np.ndarray], i: int, checkpoint: str) -> str:
+def row_id(columns: dict[str, np.ndarray], i: int) -> str:
     """A stable hash of everything that determines row i's image."""
     key = {col: columns[col][i].item() if hasattr(columns[col][i], "item") else columns[col][i]
            for col in (C.PROMPT, *C.OVERRIDABLE)}
     for col in C.FLOAT_PARAMS:
         key[col] = float(key[col])
-    key[C.CHECKPOINT] = checkpoint
+    key[C.CHECKPOINT] = columns[C.CHECKPOINT][i]
     return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]

@@ -23,7 +23,7 @@ class SpecError(ValueError):
 class ModelSpec:
     """Where the Stage C and Stage B/A checkpoints come from, and the compute dtype."""
 
-    prior: str = "tiny"
+    prior: typing.Union[str, dict] = "tiny"  # or {interpolate: [A, B], alpha: 0.3}: (1-alpha)·A + alpha·B
     decoder: str = "tiny"
     dtype: str = "float32"
 
@@ -76,6 +76,7 @@ class JobSpec:
     generation: GenerationSpec = GenerationSpec()
     image_format: str = "png"
     stages: StagesSpec = StagesSpec()
+    sweep: dict = field(default_factory=dict)  # axis → values; every prompt row × every combination
     placement_timeout_s: float = 300.0  # how long to wait for an existing cluster to offer the stages' resources
 
     def to_dict(self) -> dict:
@@ -188,6 +189,8 @@ def validate(spec: JobSpec) -> None:
         check_generation_value("generation.prior_steps", gen.prior_steps)
     if gen.images_per_prompt < 1:
         raise SpecError(f"generation.images_per_prompt: must be at least 1, got {gen.images_per_prompt}")
+    check_prior_spec("model.prior", spec.model.prior)
+    validate_sweep(spec.sweep)
     if spec.model.dtype not in DTYPES:
         raise SpecError(f"model.dtype: unknown dtype {spec.model.dtype!r} (choose {' | '.join(DTYPES)})")
     if spec.placement_timeout_s < 0:
@@ -213,11 +216,57 @@ GENERATION_RULES = {
 }
 
 
-def check_generation_value(name: str, value) -> None:
-    """Apply the parameter's rule to one value."""
-    is_bad, message = GENERATION_RULES[name.rsplit(".", 1)[-1]]
+def check_generation_value(name: str, value, param: str | None = None) -> None:
+    """Apply the rule of `param` (default: the last part of `name`) to one value."""
+    is_bad, message = GENERATION_RULES[param or name.rsplit(".", 1)[-1]]
     if is_bad(value):
         raise SpecError(f"{name}: {message}, got {value}")
+
+
+SWEEP_AXES = ("seed", "prior_guidance_scale", "decoder_guidance_scale", "prior_steps", "decoder_steps",
+              "negative_prompt", "resolution", "prior_checkpoint")
+
+
+def check_prior_spec(name: str, prior) -> None:
+    """A prior is a model reference, or {interpolate: [A, B], alpha: a} with 0 <= a <= 1."""
+    if isinstance(prior, str):
+        return
+    if not isinstance(prior, dict) or set(prior) != {"interpolate", "alpha"}:
+        raise SpecError(f"{name}: expected a model reference or {{interpolate: [A, B], alpha: 0.5}}, got {prior!r}")
+    pair, alpha = prior["interpolate"], prior["alpha"]
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+        raise SpecError(f"{name}.interpolate: expected two model references, got {pair!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise SpecError(f"{name}.alpha: expected a number from 0 to 1, got {alpha!r}")
+
+
+def validate_sweep(sweep: dict) -> None:
+    """Known axes, each a non-empty list of values that pass the parameter's own rule."""
+    for axis, values in sweep.items():
+        name = f"sweep.{axis}"
+        if axis not in SWEEP_AXES:
+            close = difflib.get_close_matches(str(axis), SWEEP_AXES, n=1)
+            raise SpecError(f"{name}: unknown axis" + (f" (did you mean '{close[0]}'?)" if close else
+                                                      f" (axes: {', '.join(SWEEP_AXES)})"))
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{name}: expected a non-empty list of values, got {values!r}")
+        for i, value in enumerate(values):
+            _check_axis_value(f"{name}[{i}]", axis, value)
+
+
+def _check_axis_value(name: str, axis: str, value) -> None:
+    if axis == "resolution":
+        if not (isinstance(value, list) and len(value) == 2):
+            raise SpecError(f"{name}: expected [height, width], got {value!r}")
+        for side, v in zip(("height", "width"), value):
+            check_generation_value(f"{name}.{side}", _check_type(v, int, f"{name}.{side}"), side)
+    elif axis == "prior_checkpoint":
+        check_prior_spec(name, value)
+    elif axis == "negative_prompt":
+        _check_type(value, str, name)
+    elif not (axis == "prior_steps" and value is None):
+        kind = float if axis.endswith("guidance_scale") else int
+        check_generation_value(name, _check_type(value, kind, name), axis)
 
 
 def _validate_stage(name: str, stage: StageSpec) -> None:

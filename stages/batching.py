@@ -13,7 +13,7 @@ def group_rows(batch: dict[str, np.ndarray], keys: tuple[str, ...], extra=None) 
     n = len(batch[keys[0]])
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i in range(n):
-        key = tuple(batch[k][i].item() for k in keys)
+        key = tuple(getattr(batch[k][i], "item", lambda v=batch[k][i]: v)() for k in keys)
         groups[key + ((extra(i),) if extra else ())].append(i)
     return {key: np.asarray(idx) for key, idx in groups.items()}
 

@@ -28,7 +28,8 @@ FLOAT_PARAMS = (PRIOR_GUIDANCE, DECODER_GUIDANCE)
 ROW_ID = "row_id"
 SOURCE_ROW = "source_row"  # "<file>:<index>" of the prompt row, k-th image appended as "#k"
 IMAGE_INDEX = "image_index"
-CHECKPOINT = "checkpoint"
+CHECKPOINT = "checkpoint"  # prior, decoder and dtype: the model identity in the row id
+PRIOR_CHECKPOINT = "prior_checkpoint"  # the row's Stage C weights (JSON of a reference or an interpolation)
 
 # Text stage outputs: CLIP last_hidden_state, (77, d) per row; negatives are zeros when unused.
 PRIOR_TEXT = "prior_text"

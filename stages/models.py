@@ -25,6 +25,33 @@ class ModelRefError(ValueError):
     """A model reference that names nothing loadable."""
 
 
+def prior_refs(*priors) -> list[str]:
+    """The model references inside prior specs (a reference, or {interpolate: [A, B], alpha})."""
+    refs = []
+    for prior in priors:
+        refs += prior["interpolate"] if isinstance(prior, dict) else [prior]
+    return list(dict.fromkeys(refs))
+
+
+def prior_id(prior) -> str:
+    """Canonical text of a prior spec: the row column and the checkpoint identity."""
+    return json.dumps(prior, sort_keys=True, ensure_ascii=False)
+
+
+def prior_weights(prior, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+    """Stage C weights of a prior spec in float32 on the CPU; (1 - alpha)·A + alpha·B for an interpolation."""
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
+
+    def load(ref: str) -> dict[str, torch.Tensor]:
+        root = resolve(ref, "prior", storage_options)
+        return load_component(WuerstchenPrior, root, "prior", torch.float32, torch.device("cpu")).state_dict()
+
+    if isinstance(prior, str):
+        return load(prior)
+    (a, b), alpha = (load(ref) for ref in prior["interpolate"]), prior["alpha"]
+    return {name: a[name] * (1 - alpha) + b[name] * alpha for name in a}
+
+
 def cache_root() -> Path:
     """Where the tiny preset and copies of object-store models live on this node."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wuerstchen-batch"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -23,7 +24,16 @@ from stages.batching import (
     scatter,
     seeded_generators,
 )
-from stages.models import DTYPES, load_component, pick_device, pipeline_config, resolve
+from stages.models import (
+    DTYPES,
+    load_component,
+    pick_device,
+    pipeline_config,
+    prior_id,
+    prior_refs,
+    prior_weights,
+    resolve,
+)
 from stages.text import transport_dtype
 
 
@@ -35,14 +45,19 @@ def embedding_size(height: int, width: int, resolution_multiple: float = 42.67) 
 class PriorStage:
     """Runs Stage C for every row, grouped by (size, steps, guidance on/off), in fixed-size micro-batches."""
 
-    def __init__(self, prior: str, dtype: str = "float32", storage_options: dict | None = None,
+    def __init__(self, prior="tiny", dtype: str = "float32", storage_options: dict | None = None,
                  device: str = "auto"):
-        root = resolve(prior, "prior", storage_options)
+        first = prior_refs(prior)[0]  # an interpolation takes scheduler and settings from A
+        root = resolve(first, "prior", storage_options)
+        self.storage_options = storage_options
+        self.default_checkpoint = prior_id(prior)
         self.dtype = DTYPES[dtype]
         self.out_dtype = transport_dtype(self.dtype)
         self.device = pick_device(device)
         self.node = current_node()
         self.prior = load_component(WuerstchenPrior, root, "prior", self.dtype, self.device)
+        self.loaded, self.weights = prior_id(first), {}
+        self._use(self.default_checkpoint)
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")
         config = pipeline_config(root)
         self.latent_mean = config.get("latent_mean", 42.0)
@@ -53,9 +68,11 @@ class PriorStage:
         start = time.perf_counter()
         n = len(batch[C.ROW_ID])
         cfg = np.asarray(batch[C.PRIOR_GUIDANCE], dtype=np.float64) > 1.0
-        groups = group_rows(batch, (C.HEIGHT, C.WIDTH, C.PRIOR_STEPS), extra=lambda i: bool(cfg[i]))
+        batch.setdefault(C.PRIOR_CHECKPOINT, np.full(n, self.default_checkpoint, dtype=object))
+        keys = (C.PRIOR_CHECKPOINT, C.HEIGHT, C.WIDTH, C.PRIOR_STEPS)
         embeddings, states = [], []
-        for (height, width, steps, use_cfg), idx in groups.items():
+        for (checkpoint, height, width, steps, use_cfg), idx in group_rows(batch, keys, lambda i: bool(cfg[i])).items():
+            self._use(checkpoint)
             for chunk, real in micro_batches(idx):
                 emb, gens = self._generate(batch, chunk, height, width, steps, use_cfg)
                 embeddings.append((chunk[:real], emb[:real]))
@@ -66,6 +83,14 @@ class PriorStage:
         batch[C.PRIOR_NODE] = np.full(n, self.node, dtype=object)
         batch[C.PRIOR_SECONDS] = np.full(n, (time.perf_counter() - start) / n)
         return batch
+
+    def _use(self, checkpoint: str) -> None:
+        """Put the checkpoint's Stage C weights in the model (loaded, or interpolated, once per actor)."""
+        if checkpoint != self.loaded:
+            if checkpoint not in self.weights:
+                self.weights[checkpoint] = prior_weights(json.loads(checkpoint), self.storage_options)
+            self.prior.load_state_dict(self.weights[checkpoint])
+            self.loaded = checkpoint
 
     @torch.no_grad()
     def _generate(self, batch, idx, height, width, steps, use_cfg):

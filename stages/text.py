@@ -11,7 +11,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from stages import columns as C
 from stages.batching import current_node, micro_batches
-from stages.models import DTYPES, load_component, pick_device, resolve
+from stages.models import DTYPES, load_component, pick_device, prior_refs, resolve
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,14 @@ class _Encoder:
 class TextEncoder:
     """Adds the prior's and the decoder's text states (and negatives where guidance > 1) to a batch."""
 
-    def __init__(self, prior: str, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
+    def __init__(self, prior, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
                  device: str = "auto"):
         torch_dtype = DTYPES[dtype]
         self.device = pick_device(device)
         self.node = current_node()
         self.out_dtype = transport_dtype(torch_dtype)
-        self.prior = _Encoder(resolve(prior, "prior", storage_options), torch_dtype, self.device)
+        prior_root = resolve(prior_refs(prior)[0], "prior", storage_options)  # an interpolation: A's text tower
+        self.prior = _Encoder(prior_root, torch_dtype, self.device)
         self.decoder = _Encoder(resolve(decoder, "decoder", storage_options), torch_dtype, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

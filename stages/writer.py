@@ -30,6 +30,7 @@ PARAMS_SCHEMA = pa.schema([
     (C.DECODER_GUIDANCE, pa.float64()),
     (C.IMAGE_INDEX, pa.int64()),
     (C.CHECKPOINT, pa.string()),
+    (C.PRIOR_CHECKPOINT, pa.string()),
 ])
 MANIFEST_SCHEMA = pa.schema([
     *PARAMS_SCHEMA,

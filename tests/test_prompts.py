@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.prompts import checkpoint_id, defaults_for, expand_rows, scan
+from jobs.prompts import defaults_for, expand_rows, scan, sweep_combinations
 from jobs.spec import SpecError, spec_from_dict
 from stages import columns as C
 
@@ -63,7 +63,9 @@ def test_missing_and_non_parquet_inputs(tmp_path):
 def expand(spec, **cols):
     batch = {k: np.asarray(v, dtype=object if isinstance(v[0], str) or v[0] is None else None)
              for k, v in cols.items()}
-    return expand_rows(batch, defaults_for(spec), spec.generation.images_per_prompt, checkpoint_id(spec))
+    model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype)
+    return expand_rows(batch, defaults_for(spec), spec.generation.images_per_prompt, model,
+                       sweep_combinations(spec.sweep))
 
 
 def test_expand_fills_defaults_and_overrides(tmp_path):

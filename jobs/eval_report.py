@@ -1,0 +1,123 @@
+"""Evaluation report: metrics.json (overall and per-axis metrics, definitions, failures) and the plots."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from stages import columns as C
+from stages import evaluate as E
+from stages import fid as F
+from stages.storage import join, url_to_fs, write_atomic
+
+log = logging.getLogger(__name__)
+MIN_FID_IMAGES = 2048  # more images than feature dimensions, or the covariance is rank-deficient
+DEFINITIONS = {
+    "clip_score": "per image 100 * max(cos(image_embeds, text_embeds), 0), transformers CLIPModel/CLIPProcessor, "
+                  "prompt truncated to the text model's positions; run and slice score = mean over evaluated images",
+    "fid": "Frechet distance of Gaussians fitted to Inception pool-3 (2048-d) features: |mu1-mu2|^2 + tr S1 + tr S2 "
+           "- 2 tr sqrt(S1 S2); float64 statistics (unbiased covariance) merged from per-block sums; the trace from "
+           "the eigenvalues of S1^1/2 S2 S1^1/2 (numpy eigh, negatives clipped to 0, real by construction)",
+    "resize": E.RESIZE,
+}
+
+
+def write_eval(run: str, name: str, data: bytes, storage_options: dict) -> None:
+    """Write RUN/eval/<name> in one piece."""
+    fs, path = url_to_fs(join(run, "eval", name), storage_options)
+    write_atomic(fs, path, data)
+
+
+def warn(message: str, warnings: list[str]) -> None:
+    """Log a warning and keep it for metrics.json."""
+    log.warning(message)
+    warnings.append(message)
+
+
+def warn_if_few(n: int, what: str, warnings: list[str]) -> None:
+    """FID needs more images than feature dimensions."""
+    if n < MIN_FID_IMAGES:
+        warn(f"FID of {what} uses {n} images, fewer than the {MIN_FID_IMAGES} feature dimensions: "
+             f"unreliable (biased, rank-deficient covariance)", warnings)
+
+
+def summarize(opts, groups: dict[str, F.Moments], ref_stats: dict | None, models: dict, reference,
+              warnings: list[str]) -> dict:
+    """metrics.json for an EvalOptions `opts`: overall and per-axis metrics, models, failures and warnings."""
+    root = None if ref_stats is None else F.psd_sqrt(np.asarray(ref_stats["sigma"], np.float64))
+
+    def fid(moments: F.Moments) -> float | None:
+        stats = moments.mean_cov() if ref_stats is not None else None
+        return None if stats is None else F.frechet_distance(ref_stats["mu"], ref_stats["sigma"], *stats, root)
+
+    overall = groups[F.ALL]
+    if ref_stats is not None:
+        warn_if_few(overall.n, opts.run, warnings)
+    failures = read_failures(opts.run, opts.storage_options)
+    if failures:
+        warn(f"{len(failures)} image(s) not evaluated, e.g. row {failures[0]['row_id']}: {failures[0]['error']} "
+             f"(all in metrics.json 'failures')", warnings)
+    return {
+        "run": opts.run, "images": overall.n, "clip_score": overall.clip_score(), "fid": fid(overall), **models,
+        "fid_reference": None if reference is None else {
+            "uri": reference.uri, "kind": reference.kind, "stats": ref_stats["source"], "images": ref_stats["n"]},
+        "resize": E.RESIZE if models["inception"] else None, "definitions": DEFINITIONS,
+        "by": {axis: by_axis(axis, groups, fid) for axis in opts.by},
+        "failures": failures, "warnings": warnings,
+    }
+
+
+def by_axis(axis: str, groups: dict[str, F.Moments], fid) -> list[dict]:
+    """One row of metrics per value of an axis, sorted by value (nulls last)."""
+    rows = []
+    for key, moments in groups.items():
+        name, *value = json.loads(key) or [None]
+        if name == axis:
+            rows.append({"value": value[0], "clip_score": moments.clip_score(), "fid": fid(moments),
+                         "count": moments.n})
+    return sorted(rows, key=lambda r: (r["value"] is None, type(r["value"]).__name__,
+                                       0 if r["value"] is None else r["value"]))
+
+
+def read_failures(run: str, storage_options: dict) -> list[dict]:
+    """Rows not evaluated, by row_id, from scores.parquet."""
+    fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)
+    with fs.open(path) as f:
+        table = pq.read_table(f, columns=[C.ROW_ID, E.EVAL_ERROR])
+    ids, errors = table.column(C.ROW_ID).to_pylist(), table.column(E.EVAL_ERROR).to_pylist()
+    return [{"row_id": r, "error": e} for r, e in zip(ids, errors) if e is not None]
+
+
+def numeric(rows: list[dict]) -> bool:
+    """Whether every non-null value of an axis is a number."""
+    values = [r["value"] for r in rows if r["value"] is not None]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def write_plots(run: str, metrics: dict, storage_options: dict) -> list[str]:
+    """RUN/eval/<metric>_by_<axis>.png for each numeric axis and each metric with values; returns the names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for axis, rows in metrics["by"].items():
+        for metric in ("clip_score", "fid") if numeric(rows) else ():
+            xy = [(r["value"], r[metric]) for r in rows if r["value"] is not None and r[metric] is not None]
+            if not xy:
+                continue
+            fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+            ax.plot(*zip(*xy), marker="o")
+            ax.set(xlabel=axis, ylabel=metric, title=f"{metric} by {axis} ({sum(r['count'] for r in rows)} images)")
+            ax.grid(alpha=0.3)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", bbox_inches="tight")
+            plt.close(fig)
+            written.append(f"{metric}_by_{axis}.png")
+            write_eval(run, written[-1], buffer.getvalue(), storage_options)
+    return written
