@@ -1,8 +1,9 @@
-"""The `wuerstchen-batch` command: generate, plan, report, tiny-model, benchmark."""
+"""The `wuerstchen-batch` command: generate, decode, plan, report, tiny-model, benchmark."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from jobs.spec import SpecError
@@ -17,6 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec key, e.g. --set generation.height=512 (repeatable)")
     gen.add_argument("--overwrite", action="store_true", help="delete what the output holds and start afresh")
+
+    dec = sub.add_parser("decode", help="re-run Stage B/A from a run's stored embeddings into a new output")
+    dec.add_argument("run", help="the run folder whose embeddings/ to decode")
+    dec.add_argument("output", help="the new output")
+    dec.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="decoder-side overrides, e.g. --set generation.decoder_steps=20")
+    dec.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+                     help="fsspec options for the stores (default: those in the run's job.yaml)")
+    dec.add_argument("--overwrite", action="store_true")
 
     plan = sub.add_parser("plan", help="rows, buckets, per-stage FLOPs and the suggested actor ratio of a job")
     plan.add_argument("job", help="job spec (YAML)")
@@ -54,6 +64,12 @@ def _dispatch(args) -> int:
         from jobs.spec import load_spec
 
         summary = run(load_spec(args.job, args.overrides), overwrite=args.overwrite)
+        print(summary)
+        return 1 if summary.failed else 0
+    if args.command == "decode":
+        from jobs.decode import run_decode
+
+        summary = run_decode(args.run, args.output, args.overrides, args.storage_options, args.overwrite)
         print(summary)
         return 1 if summary.failed else 0
     if args.command == "report":

@@ -17,7 +17,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from jobs import prompts
 from jobs.report import build_report
-from jobs.resume import check_continuation, skip_mask, stored_ids
+from jobs.resume import check_continuation, filter_ids, stored_ids
 from jobs.spec import JobSpec, SpecError, StageSpec
 from stages import columns as C
 from stages.decoder import DecoderStage
@@ -71,7 +71,7 @@ def run(spec: JobSpec, overwrite: bool = False) -> Summary:
     check_continuation(spec, overwrite)
     start = time.time()
     fs, out = url_to_fs(spec.output, spec.storage_options)
-    write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+    write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.public_dict(), sort_keys=False).encode())
     connect(spec)
     done = stored_ids(spec.output, "manifest", spec.storage_options)
     embedded = np.setdiff1d(stored_ids(spec.output, "embeddings", spec.storage_options), done)
@@ -100,14 +100,8 @@ def stored_embeddings(output: str, storage_options: dict, keep: np.ndarray) -> r
     """The stored Stage C rows of `output` whose ids are in `keep`, as Stage B/A input."""
     fs, path = url_to_fs(join(output, "embeddings"), storage_options)
     ds = ray.data.read_parquet(path, filesystem=PyFileSystem(FSSpecHandler(fs)), num_cpus=TASK_CPUS)
-    ds = ds.map_batches(keep_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(keep=ray.put(keep)))
+    ds = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ray.put(keep)))
     return ds.map_batches(read_back_embeddings, batch_format="numpy", num_cpus=TASK_CPUS)
-
-
-def keep_rows(batch: dict[str, np.ndarray], keep) -> dict[str, np.ndarray]:
-    """Only the rows whose id is in `keep` (an object ref to a sorted id array)."""
-    mask = skip_mask(batch[C.ROW_ID], ray.get(keep) if isinstance(keep, ray.ObjectRef) else keep)
-    return {k: v[mask] for k, v in batch.items()}
 
 
 def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = ()) -> ray.data.Dataset:

@@ -139,9 +139,7 @@ def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt:
         out[col] = np.asarray([c[col] for c in combos], dtype=out[col].dtype)[combo]
     out[C.IMAGE_INDEX] = np.tile(np.arange(k), n * m)
     out[C.SEED] = out[C.SEED] + out[C.IMAGE_INDEX]
-    out[C.CHECKPOINT] = np.asarray([f"prior={p} decoder={model['decoder']} dtype={model['dtype']}"
-                                    for p in out[C.PRIOR_CHECKPOINT]], dtype=object)
-    out[C.ROW_ID] = np.array([row_id(out, i) for i in range(len(rows))], dtype=object)
+    identify(out, model)
     out[C.ERROR] = np.full(len(rows), "", dtype=object)
     keep = np.ones(len(rows), dtype=bool)
     if skip is not None:
@@ -150,6 +148,13 @@ def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt:
     order = np.lexsort((out[C.DECODER_STEPS], out[C.PRIOR_STEPS], out[C.WIDTH], out[C.HEIGHT], checkpoints))
     order = order[keep[order]]
     return {col: values[order] for col, values in out.items()}
+
+
+def identify(rows: dict[str, np.ndarray], model: dict) -> None:
+    """Set each row's checkpoint identity (its prior, the decoder, the dtype) and its row id."""
+    rows[C.CHECKPOINT] = np.asarray([f"prior={p} decoder={model['decoder']} dtype={model['dtype']}"
+                                     for p in rows[C.PRIOR_CHECKPOINT]], dtype=object)
+    rows[C.ROW_ID] = np.asarray([row_id(rows, i) for i in range(len(rows[C.PROMPT]))], dtype=object)
 
 
 def _filled(values, default, n: int) -> np.ndarray:

@@ -64,3 +64,11 @@ def skip_mask(row_ids: np.ndarray, skip: np.ndarray) -> np.ndarray:
     if not len(skip):
         return np.zeros(len(row_ids), dtype=bool)
     return np.isin(np.asarray(row_ids, dtype="U32"), skip, assume_unique=False)
+
+
+def filter_ids(batch: dict[str, np.ndarray], ids, keep: bool = True) -> dict[str, np.ndarray]:
+    """The batch's rows whose id is (keep=True) or is not (keep=False) in `ids` (a sorted array or its ref)."""
+    import ray
+
+    mask = skip_mask(batch[C.ROW_ID], ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids)
+    return {k: v[mask == keep] for k, v in batch.items()}

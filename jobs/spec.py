@@ -77,11 +77,28 @@ class JobSpec:
     image_format: str = "png"
     stages: StagesSpec = StagesSpec()
     sweep: dict = field(default_factory=dict)  # axis → values; every prompt row × every combination
-    placement_timeout_s: float = 300.0  # how long to wait for an existing cluster to offer the stages' resources
+    placement_timeout_s: float = 300.0
+    decoded_from: typing.Optional[str] = None  # set by `decode`: the run whose Stage C embeddings are decoded  # how long to wait for an existing cluster to offer the stages' resources
 
     def to_dict(self) -> dict:
-        """Plain data for job.yaml."""
+        """Plain data (as loaded)."""
         return dataclasses.asdict(self)
+
+    def public_dict(self) -> dict:
+        """Plain data for job.yaml, with credentials in storage_options masked."""
+        data = self.to_dict()
+        data["storage_options"] = _masked(data["storage_options"])
+        return data
+
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def _masked(options):
+    if isinstance(options, dict):
+        return {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) and not isinstance(v, dict)
+                else _masked(v) for k, v in options.items()}
+    return options
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:

@@ -1,0 +1,81 @@
+"""Re-decode: run only Stage B/A again from a run's stored Stage C embeddings, into a new output."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray
+import yaml
+
+from jobs import prompts
+from jobs.generate import (
+    TASK_CPUS,
+    Summary,
+    connect,
+    decode_dataset,
+    stored_embeddings,
+    summarize,
+    write_manifest,
+)
+from jobs.report import build_report
+from jobs.resume import check_continuation, filter_ids, stored_ids
+from jobs.spec import JobSpec, SpecError, apply_overrides, spec_from_dict
+from stages import columns as C
+from stages.storage import join, url_to_fs, write_atomic
+from stages.writer import write_embeddings
+
+# What a re-decode may change: everything downstream of the stored embeddings.
+DECODER_KEYS = ("generation.decoder_steps", "generation.decoder_guidance_scale", "model.decoder", "model.dtype",
+                "image_format", "stages.", "placement_timeout_s", "storage_options")
+
+
+def decode_spec(run: str, output: str, overrides: list[str], storage_options: dict | None) -> JobSpec:
+    """The run's own spec, pointed at `output`, with decoder-side overrides only."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if not key.startswith(DECODER_KEYS):
+            raise SpecError(f"decode: {key} cannot change: the stored Stage C embeddings fix it "
+                            f"(allowed: {', '.join(DECODER_KEYS)})")
+    fs, root = url_to_fs(run, storage_options)
+    if not fs.exists(join(root, "job.yaml")) or not fs.exists(join(root, "embeddings")):
+        raise SpecError(f"decode: {run} is not a run folder (no job.yaml or embeddings/)")
+    data = yaml.safe_load(fs.cat_file(join(root, "job.yaml")))
+    data["storage_options"] = storage_options if storage_options is not None else data.get("storage_options", {})
+    data = apply_overrides(data, overrides)
+    return spec_from_dict({**data, "output": output, "decoded_from": run})
+
+
+def redecode_rows(batch: dict[str, np.ndarray], decoder_params: dict, model: dict) -> dict[str, np.ndarray]:
+    """Give stored rows the new decoder settings (where overridden) and the row ids that follow from them."""
+    n = len(batch[C.ROW_ID])
+    for col, value in decoder_params.items():
+        batch[col] = np.full(n, value)
+    prompts.identify(batch, model)
+    return batch
+
+
+def run_decode(run: str, output: str, overrides: list[str] = (), storage_options: dict | None = None,
+               overwrite: bool = False) -> Summary:
+    """Decode every stored Stage C row of `run` into `output` (resumable like generate)."""
+    spec = decode_spec(run, output, list(overrides), storage_options)
+    check_continuation(spec, overwrite)
+    start = time.time()
+    fs, out = url_to_fs(spec.output, spec.storage_options)
+    write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.public_dict(), sort_keys=False).encode())
+    connect(spec)
+    done = stored_ids(spec.output, "manifest", spec.storage_options)
+    ds = stored_embeddings(run, spec.storage_options, stored_ids(run, "embeddings", spec.storage_options))
+    changed = {key.split(".")[1]: getattr(spec.generation, key.split(".")[1]) for key in DECODER_KEYS[:2]
+               if any(item.startswith(key) for item in overrides)}
+    ds = ds.map_batches(redecode_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
+        decoder_params=changed, model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype)))
+    ds = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS,
+                        fn_kwargs=dict(ids=ray.put(done), keep=False))  # resumable like generate
+    ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
+                        fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
+    write_manifest(spec, decode_dataset(spec, ds))
+    summary = summarize(spec, time.time() - start, before=len(done))
+    build_report(spec.output, spec.storage_options)
+    return summary
+
