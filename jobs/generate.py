@@ -25,7 +25,7 @@ from stages.models import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, c
 from stages.prior import PriorStage
 from stages.storage import join, url_to_fs, write_atomic
 from stages.text import TextEncoder
-from stages.writer import ManifestSink, read_back_embeddings, write_embeddings, write_images
+from stages.writer import ManifestSink, read_back_embeddings, write_embeddings, write_images, write_shard
 
 log = logging.getLogger(__name__)
 TASK_CPUS = 0.25  # reading, expanding and writing are light: never let them wait behind the actors
@@ -130,8 +130,12 @@ def decode_dataset(spec: JobSpec, stored: ray.data.Dataset) -> ray.data.Dataset:
 
 def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec) -> ray.data.Dataset:
     ds = _stage(ds, spec, DecoderStage, "decoder", decoder=spec.model.decoder)
-    return ds.map_batches(write_images, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
-        output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format))
+    kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format)
+    if spec.output_format == "webdataset":
+        ds = ds.repartition(target_num_rows_per_block=spec.shard_size)
+        return ds.map_batches(write_shard, batch_format="numpy", batch_size=spec.shard_size, num_cpus=TASK_CPUS,
+                              fn_kwargs=kwargs)
+    return ds.map_batches(write_images, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=kwargs)
 
 
 def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, **models) -> ray.data.Dataset:

@@ -12,7 +12,7 @@ from stages import columns as C
 from stages.storage import join, url_to_fs
 
 # Spec sections that change images: an output holds the rows of one setting of these.
-IMAGE_KEYS = ("model", "generation", "image_format")
+IMAGE_KEYS = ("model", "generation", "image_format", "output_format")
 
 
 def stored_ids(output: str, folder: str, storage_options: dict) -> np.ndarray:

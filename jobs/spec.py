@@ -75,6 +75,8 @@ class JobSpec:
     model: ModelSpec = ModelSpec()
     generation: GenerationSpec = GenerationSpec()
     image_format: str = "png"
+    output_format: str = "files"  # files: images/<row_id[:2]>/<row_id>.<ext>; webdataset: shards/*.tar
+    shard_size: int = 1000  # webdataset: at most this many samples per tar
     stages: StagesSpec = StagesSpec()
     sweep: dict = field(default_factory=dict)  # axis → values; every prompt row × every combination
     placement_timeout_s: float = 300.0
@@ -212,6 +214,10 @@ def validate(spec: JobSpec) -> None:
         raise SpecError(f"model.dtype: unknown dtype {spec.model.dtype!r} (choose {' | '.join(DTYPES)})")
     if spec.placement_timeout_s < 0:
         raise SpecError(f"placement_timeout_s: must not be negative, got {spec.placement_timeout_s}")
+    if spec.output_format not in ("files", "webdataset"):
+        raise SpecError(f"output_format: {spec.output_format!r} is not one of files | webdataset")
+    if spec.shard_size < 1:
+        raise SpecError(f"shard_size: must be at least 1, got {spec.shard_size}")
     if spec.image_format not in IMAGE_FORMATS:
         raise SpecError(f"image_format: {spec.image_format!r} is not one of {' | '.join(IMAGE_FORMATS)}")
     for name in ("text", "prior", "decoder"):

@@ -47,6 +47,8 @@ IMAGE = "image"  # (H, W, 3) uint8
 # Manifest-only columns.
 IMAGE_URI = "image_uri"
 ERROR = "error"  # null when the row succeeded
+SHARD = "shard"  # output_format webdataset: the tar URI holding the row's sample
+KEY = "key"  # … and the sample's key in it (the row id)
 TEXT_SECONDS = "text_s"
 PRIOR_SECONDS = "prior_s"
 DECODER_SECONDS = "decoder_s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import numpy as np
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
+from webdataset import TarWriter
 
 from stages import columns as C
 from stages.batching import scatter
@@ -36,6 +38,8 @@ MANIFEST_SCHEMA = pa.schema([
     *PARAMS_SCHEMA,
     (C.IMAGE_URI, pa.string()),  # null when the row failed
     (C.ERROR, pa.string()),  # null when the row succeeded
+    (C.SHARD, pa.string()),  # output_format webdataset: the tar holding the sample, and its key
+    (C.KEY, pa.string()),
     *[(name, pa.float64()) for name in (C.TEXT_SECONDS, C.PRIOR_SECONDS, C.DECODER_SECONDS, C.FINISHED_AT)],
     *[(name, pa.string()) for name in (C.TEXT_NODE, C.PRIOR_NODE, C.DECODER_NODE)],
 ])
@@ -117,6 +121,32 @@ def _with_user_columns(table: pa.Table, batch: dict[str, np.ndarray]) -> pa.Tabl
         if name not in table.schema.names and name not in MANIFEST_SCHEMA.names and name not in C.INTERNAL:
             table = table.append_column(name, pa.array(list(values)))
     return table
+
+
+def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict, image_format: str) -> pa.Table:
+    """Write a batch as one WebDataset tar under <output>/shards/ (image, .txt caption, .json params per
+    sample) and its stats under <output>/shard_stats/; return manifest rows naming shard and key."""
+    fs, root = url_to_fs(join(output, "shards"), storage_options)
+    name = block_name(batch[C.ROW_ID])
+    shard = join(root, f"{name}.tar")
+    params = _params_table(batch, PARAMS_SCHEMA).to_pylist()
+    ok = [i for i, error in enumerate(batch[C.ERROR]) if not error]
+    buffer = io.BytesIO()
+    with TarWriter(buffer) as tar:
+        for i in ok:
+            image = encode_image(batch[C.IMAGE][i], image_format)
+            tar.write({"__key__": batch[C.ROW_ID][i], EXTENSIONS[image_format]: image,
+                       "txt": params[i][C.PROMPT], "json": json.dumps(params[i], ensure_ascii=False)})
+    write_atomic(fs, shard, buffer.getvalue())
+    stats = {"shard": full_uri(fs, shard), "samples": len(ok), "failed": len(params) - len(ok),
+             "bytes": buffer.getbuffer().nbytes, "image_format": image_format}
+    stats_fs, stats_root = url_to_fs(join(output, "shard_stats"), storage_options)  # beside, so readers of
+    write_atomic(stats_fs, join(stats_root, f"{name}.json"), json.dumps(stats).encode())  # shards/ see tars only
+    n = len(params)
+    batch = {**batch, C.IMAGE_URI: np.full(n, None, dtype=object), C.FINISHED_AT: np.full(n, time.time()),
+             C.SHARD: np.asarray([stats["shard"] if not e else None for e in batch[C.ERROR]], dtype=object),
+             C.KEY: np.asarray([r if not e else None for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])], dtype=object)}
+    return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch)
 
 
 class ManifestSink(Datasink):
