@@ -12,17 +12,16 @@ from jobs import prompts
 from jobs.generate import (
     TASK_CPUS,
     Summary,
-    connect,
+    close_output,
     decode_dataset,
+    open_output,
     stored_embeddings,
-    summarize,
     write_manifest,
 )
-from jobs.report import build_report
-from jobs.resume import check_continuation, filter_ids, stored_ids
+from jobs.resume import filter_ids, stored_ids
 from jobs.spec import JobSpec, SpecError, apply_overrides, spec_from_dict
 from stages import columns as C
-from stages.storage import join, url_to_fs, write_atomic
+from stages.storage import join, url_to_fs
 from stages.writer import write_embeddings
 
 # What a re-decode may change: everything downstream of the stored embeddings.
@@ -58,13 +57,8 @@ def redecode_rows(batch: dict[str, np.ndarray], decoder_params: dict, model: dic
 def run_decode(run: str, output: str, overrides: list[str] = (), storage_options: dict | None = None,
                overwrite: bool = False) -> Summary:
     """Decode every stored Stage C row of `run` into `output` (resumable like generate)."""
-    spec = decode_spec(run, output, list(overrides), storage_options)
-    check_continuation(spec, overwrite)
-    start = time.time()
-    fs, out = url_to_fs(spec.output, spec.storage_options)
-    write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.public_dict(), sort_keys=False).encode())
-    connect(spec)
-    done = stored_ids(spec.output, "manifest", spec.storage_options)
+    spec, start = decode_spec(run, output, list(overrides), storage_options), time.time()
+    done = open_output(spec, overwrite)
     ds = stored_embeddings(run, spec.storage_options, stored_ids(run, "embeddings", spec.storage_options))
     changed = {key.split(".")[1]: getattr(spec.generation, key.split(".")[1]) for key in DECODER_KEYS[:2]
                if any(item.startswith(key) for item in overrides)}
@@ -75,7 +69,5 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
     write_manifest(spec, decode_dataset(spec, ds))
-    summary = summarize(spec, time.time() - start, before=len(done))
-    build_report(spec.output, spec.storage_options)
-    return summary
+    return close_output(spec, start, done)
 

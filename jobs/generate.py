@@ -67,17 +67,26 @@ def preflight(spec: JobSpec) -> prompts.PromptTable:
 
 def run(spec: JobSpec, overwrite: bool = False) -> Summary:
     """Validate, then generate every row without a manifest entry yet; returns the closing summary."""
-    table = preflight(spec)
-    check_continuation(spec, overwrite)
-    start = time.time()
-    fs, out = url_to_fs(spec.output, spec.storage_options)
-    write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.public_dict(), sort_keys=False).encode())
-    connect(spec)
-    done = stored_ids(spec.output, "manifest", spec.storage_options)
+    table, start = preflight(spec), time.time()
+    done = open_output(spec, overwrite)
     embedded = np.setdiff1d(stored_ids(spec.output, "embeddings", spec.storage_options), done)
     if len(embedded):  # rows whose Stage C finished before an interruption: decode only
         write_manifest(spec, decode_dataset(spec, stored_embeddings(spec.output, spec.storage_options, embedded)))
     write_manifest(spec, build_dataset(spec, table, skip=np.union1d(done, embedded)))
+    return close_output(spec, start, done)
+
+
+def open_output(spec: JobSpec, overwrite: bool) -> np.ndarray:
+    """Check the output may take this spec, record the spec, join Ray; returns the row ids already done."""
+    check_continuation(spec, overwrite)
+    fs, out = url_to_fs(spec.output, spec.storage_options)
+    write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.public_dict(), sort_keys=False).encode())
+    connect(spec)
+    return stored_ids(spec.output, "manifest", spec.storage_options)
+
+
+def close_output(spec: JobSpec, start: float, done: np.ndarray) -> Summary:
+    """The closing summary, and the report rebuilt."""
     summary = summarize(spec, time.time() - start, before=len(done))
     build_report(spec.output, spec.storage_options)
     return summary
