@@ -20,7 +20,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def pipeline():
-    text, prior, decoder = TextEncoder("tiny", "tiny"), PriorStage("tiny"), DecoderStage("tiny")
+    text, prior, decoder = TextEncoder("tiny", "tiny"), PriorStage("tiny"), DecoderStage("tiny", keep_float=True)
     return lambda rows: decoder(prior(text(make_batch(rows))))
 
 
@@ -31,6 +31,8 @@ def test_images_match_the_combined_pipeline(pipeline, reference_pipe):
         got = out[C.IMAGE][i]
         assert got.dtype == np.uint8 and got.shape == expected.shape
         assert np.abs(got.astype(np.float64) / 255 - expected).max() <= 1 / 255 + 1e-6
+        assert np.abs(out[C.IMAGE_FLOAT][i] - expected).max() <= 1e-4  # before rounding
+        assert np.abs(out[C.IMAGE_FLOAT][i] - expected).mean() < 0.01 * expected.std()  # an image, not flat
         assert out[C.ERROR][i] == ""
 
 
