@@ -58,7 +58,7 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
                overwrite: bool = False) -> Summary:
     """Decode every stored Stage C row of `run` into `output` (resumable like generate)."""
     spec, start = decode_spec(run, output, list(overrides), storage_options), time.time()
-    done = open_output(spec, overwrite)
+    done = open_output(spec, overwrite, start)
     ds = stored_embeddings(run, spec.storage_options, stored_ids(run, "embeddings", spec.storage_options))
     changed = {key.split(".")[1]: getattr(spec.generation, key.split(".")[1]) for key in DECODER_KEYS[:2]
                if any(item.startswith(key) for item in overrides)}

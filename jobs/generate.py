@@ -16,7 +16,7 @@ from ray.autoscaler.sdk import request_resources
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from jobs import prompts
-from jobs.report import build_report
+from jobs.report import build_report, record_run
 from jobs.resume import check_continuation, filter_ids, stored_ids
 from jobs.spec import JobSpec, SpecError, StageSpec
 from stages import columns as C
@@ -67,8 +67,9 @@ def preflight(spec: JobSpec) -> prompts.PromptTable:
 
 def run(spec: JobSpec, overwrite: bool = False) -> Summary:
     """Validate, then generate every row without a manifest entry yet; returns the closing summary."""
-    table, start = preflight(spec), time.time()
-    done = open_output(spec, overwrite)
+    start = time.time()
+    table = preflight(spec)
+    done = open_output(spec, overwrite, start)
     embedded = np.setdiff1d(stored_ids(spec.output, "embeddings", spec.storage_options), done)
     if len(embedded):  # rows whose Stage C finished before an interruption: decode only
         write_manifest(spec, decode_dataset(spec, stored_embeddings(spec.output, spec.storage_options, embedded)))
@@ -76,18 +77,20 @@ def run(spec: JobSpec, overwrite: bool = False) -> Summary:
     return close_output(spec, start, done)
 
 
-def open_output(spec: JobSpec, overwrite: bool) -> np.ndarray:
-    """Check the output may take this spec, record the spec, join Ray; returns the row ids already done."""
+def open_output(spec: JobSpec, overwrite: bool, start: float) -> np.ndarray:
+    """Check the output may take this spec, record the spec and this invocation's start, join Ray; returns done ids."""
     check_continuation(spec, overwrite)
     fs, out = url_to_fs(spec.output, spec.storage_options)
     write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.public_dict(), sort_keys=False).encode())
+    record_run(spec.output, spec.storage_options, start)
     connect(spec)
     return stored_ids(spec.output, "manifest", spec.storage_options)
 
 
 def close_output(spec: JobSpec, start: float, done: np.ndarray) -> Summary:
-    """The closing summary, and the report rebuilt."""
+    """The closing summary, the invocation's record (the same figures), and the report rebuilt."""
     summary = summarize(spec, time.time() - start, before=len(done))
+    record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)
     build_report(spec.output, spec.storage_options)
     return summary
 
