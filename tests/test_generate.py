@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import ROW_DEFAULTS, reference_image, write_prompts
+from conftest import reference_image, write_prompts
 from PIL import Image
 
 from jobs.generate import run
@@ -57,14 +57,32 @@ def test_every_row_in_the_manifest_exactly_once(first_run):
     assert "images/s" in str(summary) and str(spec.output) in str(summary)
 
 
+def expected_rows(spec) -> dict[tuple[str, int], dict]:
+    """(prompt, image k) → the settings the row must be made with: the spec's defaults, the table's
+    overrides, seed + k. Computed from the input, never from the manifest under test."""
+    gen = spec.generation
+    defaults = {C.NEGATIVE_PROMPT: gen.negative_prompt, C.SEED: gen.seed, C.HEIGHT: gen.height, C.WIDTH: gen.width,
+                C.PRIOR_GUIDANCE: gen.prior_guidance_scale, C.DECODER_GUIDANCE: gen.decoder_guidance_scale,
+                C.PRIOR_STEPS: gen.prior_steps, C.DECODER_STEPS: gen.decoder_steps}
+    rows = {}
+    for prompt in PROMPTS:
+        settings = {**defaults, **{k: v for k, v in prompt.items() if k in defaults}}
+        for k in range(gen.images_per_prompt):
+            rows[prompt[C.PROMPT], k] = {C.PROMPT: prompt[C.PROMPT], **settings, C.SEED: settings[C.SEED] + k}
+    return rows
+
+
 def test_images_match_diffusers_for_each_row_alone(first_run, reference_pipe):
-    _, _, _, manifest = first_run
+    _, spec, _, manifest = first_run
+    expected = expected_rows(spec)
+    assert {(r[C.PROMPT], r[C.IMAGE_INDEX]) for r in manifest} == set(expected)
     for row in manifest:
-        params = {k: row[k] for k in ROW_DEFAULTS}
+        want = expected[row[C.PROMPT], row[C.IMAGE_INDEX]]
+        assert {k: row[k] for k in want} == want  # the manifest records what was asked
         image = np.asarray(Image.open(row[C.IMAGE_URI]))
-        expected = reference_image(reference_pipe, {C.PROMPT: row[C.PROMPT], **params})
-        assert image.shape == (row[C.HEIGHT], row[C.WIDTH], 3)
-        assert np.abs(image / 255.0 - expected).max() <= 1 / 255 + 1e-6, row[C.PROMPT]
+        reference = reference_image(reference_pipe, want)
+        assert image.shape == (want[C.HEIGHT], want[C.WIDTH], 3)
+        assert np.abs(image / 255.0 - reference).max() <= 1 / 255 + 1e-6, row[C.PROMPT]
 
 
 def test_embeddings_and_resolved_spec_are_stored(first_run):
