@@ -1,9 +1,11 @@
 """Re-decode: Stage B/A again from a run's stored embeddings, byte for byte with unchanged settings."""
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import write_prompts
+from conftest import reference_image, write_prompts
+from PIL import Image
 
 from jobs.cli import main
 from jobs.decode import run_decode
@@ -41,7 +43,7 @@ def test_unchanged_settings_reproduce_the_images_byte_for_byte(first_run):
     assert resolved["storage_options"]["key"] == "***"  # credentials never land in job.yaml
 
 
-def test_new_decoder_settings_make_new_rows(first_run, capsys):
+def test_new_decoder_settings_make_new_rows(first_run, capsys, reference_pipe):
     tmp_path, original = first_run
     code = main(["decode", str(tmp_path / "run"), str(tmp_path / "more"), "--set", "generation.decoder_steps=3",
                  "--set", "generation.decoder_guidance_scale=1.5"])
@@ -50,6 +52,15 @@ def test_new_decoder_settings_make_new_rows(first_run, capsys):
     assert {r[C.DECODER_STEPS] for r in rows} == {3} and {r[C.DECODER_GUIDANCE] for r in rows} == {1.5}
     assert not {r[C.ROW_ID] for r in rows} & original.keys()
     assert {(r[C.PROMPT], r[C.SEED]) for r in rows} == {(r[C.PROMPT], r[C.SEED]) for r in original.values()}
+    old = {(r[C.PROMPT], r[C.SEED]): r for r in original.values()}
+    for row in rows:  # the images diffusers makes with the new settings, not the old ones renamed
+        before = old[row[C.PROMPT], row[C.SEED]]
+        want = {k: before[k] for k in (C.PROMPT, C.NEGATIVE_PROMPT, C.SEED, C.HEIGHT, C.WIDTH, C.PRIOR_GUIDANCE,
+                                       C.PRIOR_STEPS)}
+        expected = reference_image(reference_pipe, {**want, C.DECODER_STEPS: 3, C.DECODER_GUIDANCE: 1.5})
+        image = np.asarray(Image.open(row[C.IMAGE_URI])) / 255.0
+        assert np.abs(image - expected).max() <= 1 / 255 + 1e-6
+        assert np.abs(image - np.asarray(Image.open(before[C.IMAGE_URI])) / 255.0).mean() >= 8 / 255
     embeddings = pq.read_table(tmp_path / "more" / "embeddings").column(C.ROW_ID).to_pylist()
     assert sorted(embeddings) == sorted(r[C.ROW_ID] for r in rows)  # the new output can be decoded again
 

@@ -1,5 +1,8 @@
 """End to end through a real local Ray: a prompt table in, images + embeddings + manifest out."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -108,3 +111,23 @@ def test_same_bytes_across_batch_sizes_and_actor_counts(first_run):
     for row in manifest:
         with open(row[C.IMAGE_URI], "rb") as a, open(second[row[C.ROW_ID]][C.IMAGE_URI], "rb") as b:
             assert a.read() == b.read()
+
+
+def readme_manifest_columns() -> list[str]:
+    """The manifest columns README.md promises (its Output section)."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    output_section = text.split("\n## Output\n", 1)[1]
+    block = output_section.split("<output>/manifest/*.parquet", 1)[1].split("<output>/report", 1)[0]
+    block = re.sub(r"\(.*?\)|your own columns", "", block)
+    return [c.strip() for c in block.replace("\n", " ").split(",") if c.strip()]
+
+
+def test_manifest_has_the_readme_columns_filled(first_run):
+    _, _, _, manifest = first_run
+    columns = readme_manifest_columns()
+    assert len(columns) >= 20 and "row_id" in columns and "decoder_node" in columns
+    nullable = {C.ERROR, C.SHARD, C.KEY}  # null on a successful files run, as README says
+    for row in manifest:
+        missing = [c for c in columns if c not in row]
+        assert not missing, missing
+        assert not [c for c in columns if c not in nullable and row[c] is None], row

@@ -33,28 +33,41 @@ def image_bytes(rows):
     return {r[C.ROW_ID]: open(r[C.IMAGE_URI], "rb").read() for r in rows}
 
 
+def stamps(tmp_path) -> dict:
+    """Every file under the output's images/, embeddings/ and manifest/ with its modification time (ns)."""
+    return {str(p.relative_to(tmp_path)): p.stat().st_mtime_ns for sub in ("images", "embeddings", "manifest")
+            for p in (tmp_path / "out" / sub).rglob("*") if p.is_file()}
+
+
 def test_rerun_makes_only_missing_rows_and_skips_stage_c_where_stored(tmp_path, ray_cluster):
     spec = spec_from_dict(job_dict(tmp_path))
     first = run(spec)
     assert first.rows == first.new == 8
     before = manifest(tmp_path)
     originals = image_bytes(before)
+    finished = {r[C.ROW_ID]: r[C.FINISHED_AT] for r in before}
     parts = sorted((tmp_path / "out" / "manifest").glob("*.parquet"))
     lost = pq.read_table(parts[0]).column(C.ROW_ID).to_pylist()
     parts[0].unlink()  # as if the job had died before writing these rows' manifest part
     for row_id in lost:
         (tmp_path / "out" / "images" / row_id[:2] / f"{row_id}.png").unlink()
 
+    kept = stamps(tmp_path)
     second = run(spec)
     after = manifest(tmp_path)
+    changed = {k for k, v in stamps(tmp_path).items() if kept.get(k, v) != v}
+    assert not changed, f"a rerun rewrote finished rows' objects: {sorted(changed)[:3]}"
+    assert all(r[C.FINISHED_AT] == finished[r[C.ROW_ID]] for r in after if r[C.ROW_ID] not in lost)
     assert second.rows == 8 and second.new == len(lost)
     assert sorted(r[C.ROW_ID] for r in after) == sorted(originals)  # every row exactly once
     redone = [r for r in after if r[C.ROW_ID] in lost]
     assert all(r[C.PRIOR_SECONDS] == 0 for r in redone)  # Stage C came from the stored embeddings
     assert image_bytes(redone) == {k: originals[k] for k in lost}  # and the images are the same bytes
 
+    kept = stamps(tmp_path)
     third = run(spec)
     assert third.new == 0 and len(manifest(tmp_path)) == 8
+    assert stamps(tmp_path) == kept  # nothing rewritten, nothing added
 
 
 def test_changed_spec_is_refused_unless_overwrite(tmp_path, ray_cluster):

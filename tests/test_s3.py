@@ -1,15 +1,33 @@
 """A whole job on object storage: prompts, models and output on an S3 server (moto, loopback) via s3fs."""
 
+import shutil
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import write_prompts
+from conftest import make_batch, write_prompts
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from jobs.generate import run
 from jobs.spec import SpecError, spec_from_dict
 from stages import columns as C
+from stages.decoder import DecoderStage
+from stages.prior import PriorStage
+from stages.text import TextEncoder
+
+ROWS = [{C.PROMPT: "a lighthouse"}, {C.PROMPT: "a bowl of ramen", C.DECODER_GUIDANCE: 2.0}]
+
+
+def darker_decoder(model_cache, target):
+    """A copy of the tiny decoder whose pixels are darker: a run that fell back to `tiny` would show it."""
+    shutil.copytree(model_cache / "decoder", target)
+    weights = target / "vqgan" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["out_block.0.bias"] = tensors["out_block.0.bias"] - 0.2
+    save_file(tensors, weights)
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +35,22 @@ def bucket(s3_server, model_cache, tmp_path_factory):
     fs = s3fs.S3FileSystem(**s3_server)
     fs.mkdir("wuerstchen")
     local = tmp_path_factory.mktemp("s3-prompts")
-    rows = [{C.PROMPT: "a lighthouse"}, {C.PROMPT: "a bowl of ramen", C.DECODER_GUIDANCE: 2.0}]
-    fs.put(write_prompts(local / "p.parquet", rows), "wuerstchen/prompts/p.parquet")
+    fs.put(write_prompts(local / "p.parquet", ROWS), "wuerstchen/prompts/p.parquet")
     fs.put(str(model_cache / "prior"), "wuerstchen/models/prior", recursive=True)
-    fs.put(str(model_cache / "decoder"), "wuerstchen/models/decoder", recursive=True)
-    return fs, s3_server
+    decoder = darker_decoder(model_cache, local / "decoder")
+    fs.put(str(decoder), "wuerstchen/models/decoder", recursive=True)
+    return fs, s3_server, decoder
+
+
+def snapshot(fs, folder: str) -> dict:
+    """Every object under the run's images/, embeddings/ and manifest/ with its ETag and modification time."""
+    fs.invalidate_cache()
+    return {path: (info.get("ETag"), info.get("LastModified")) for sub in ("images", "embeddings", "manifest")
+            for path, info in fs.find(f"{folder}/{sub}", detail=True).items()}
 
 
 def test_job_with_everything_on_s3(bucket, ray_cluster, model_cache):
-    fs, options = bucket
+    fs, options, decoder = bucket
     spec = spec_from_dict({
         "prompts": "s3://wuerstchen/prompts/",
         "output": "s3://wuerstchen/runs/one",
@@ -38,17 +63,27 @@ def test_job_with_everything_on_s3(bucket, ray_cluster, model_cache):
     assert summary.rows == 2 and summary.failed == 0
     manifest = pq.read_table("wuerstchen/runs/one/manifest", filesystem=fs).to_pylist()
     assert {r[C.PROMPT] for r in manifest} == {"a lighthouse", "a bowl of ramen"}
+    batch = make_batch(ROWS)  # the S3 models' images, made here from local copies of them
+    from_s3 = DecoderStage(str(decoder))(PriorStage(str(model_cache / "prior"))(
+        TextEncoder(str(model_cache / "prior"), str(decoder))(dict(batch))))[C.IMAGE]
+    preset = DecoderStage("tiny")(PriorStage("tiny")(TextEncoder("tiny", "tiny")(make_batch(ROWS))))[C.IMAGE]
     for row in manifest:
         assert row[C.IMAGE_URI].startswith("s3://wuerstchen/runs/one/images/")
         with fs.open(row[C.IMAGE_URI], "rb") as f:
-            assert np.asarray(Image.open(f)).shape == (128, 128, 3)
+            image = np.asarray(Image.open(f)).astype(float)
+        i = [r[C.PROMPT] for r in ROWS].index(row[C.PROMPT])
+        assert np.abs(image - from_s3[i]).max() <= 1  # made by the S3 models …
+        assert np.abs(image - preset[i]).mean() >= 8  # … not by a fallback to the tiny preset
+    before = snapshot(fs, "wuerstchen/runs/one")
+    assert run(spec).new == 0
+    assert snapshot(fs, "wuerstchen/runs/one") == before  # a rerun rewrites nothing
     assert fs.exists("wuerstchen/runs/one/job.yaml") and fs.ls("wuerstchen/runs/one/embeddings")
     copies = list((model_cache.parent / "models").iterdir())  # each S3 model copied once into the node cache
     assert len(copies) == 2 and all((c / "model_index.json").exists() for c in copies)
 
 
 def test_missing_s3_prompts_and_models_are_named(bucket):
-    _, options = bucket
+    _, options, _ = bucket
     base = {"output": "s3://wuerstchen/runs/bad", "storage_options": options}
     from jobs.generate import preflight
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import webdataset as wds
-from conftest import write_prompts
+from conftest import reference_image, write_prompts
 from PIL import Image
 
 from jobs.generate import run
@@ -14,7 +14,7 @@ from jobs.spec import spec_from_dict
 from stages import columns as C
 
 
-def test_shards_are_readable_by_webdataset_and_ray(tmp_path, ray_cluster):
+def test_shards_are_readable_by_webdataset_and_ray(tmp_path, ray_cluster, reference_pipe):
     rows = [{C.PROMPT: f"a painting of number {i}", C.SEED: i} for i in range(7)]
     spec = spec_from_dict({
         "prompts": write_prompts(tmp_path / "p.parquet", rows), "output": str(tmp_path / "out"),
@@ -32,7 +32,10 @@ def test_shards_are_readable_by_webdataset_and_ray(tmp_path, ray_cluster):
     for sample in samples:
         row = manifest[sample["__key__"]]
         assert sample["txt"].decode() == row[C.PROMPT] and json.loads(sample["json"])[C.SEED] == row[C.SEED]
-        assert np.asarray(Image.open(io.BytesIO(sample["png"]))).shape == (128, 128, 3)
+        image = np.asarray(Image.open(io.BytesIO(sample["png"]))) / 255.0
+        i = int(row[C.PROMPT].rsplit(" ", 1)[1])  # the input row this sample must come from
+        expected = reference_image(reference_pipe, rows[i])  # settings from the input, not the sample
+        assert np.abs(image - expected).max() <= 1 / 255 + 1e-6, sample["__key__"]
         assert row[C.SHARD].endswith(".tar")
 
     stats = [json.loads(p.read_text()) for p in (tmp_path / "out" / "shard_stats").glob("*.json")]
