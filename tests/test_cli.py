@@ -123,7 +123,7 @@ def test_help_and_spec_errors_import_no_heavy_library(workdir):
 def bad_models(s3_server, tmp_path):
     import s3fs
 
-    s3fs.S3FileSystem(**s3_server).mkdir("models-bucket")
+    s3fs.S3FileSystem(**s3_server).makedirs("models-bucket", exist_ok=True)
     return s3_server, tmp_path
 
 
@@ -150,7 +150,8 @@ def test_a_missing_model_is_one_line_before_any_work(bad_models, model, env, mes
 
 def test_an_unwritable_output_is_one_line_naming_it(workdir):
     (workdir / "a-file").write_text("in the way")
-    result, _ = command(["generate", job_file(workdir, BASE), "--set", f"output={workdir / 'a-file' / 'out'}"])
+    result, _ = command(["generate", job_file(workdir, BASE), "--set", f"prompts={workdir / 'good.parquet'}",
+                         "--set", f"output={workdir / 'a-file' / 'out'}"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: output {workdir / 'a-file' / 'out'}: cannot write "
                                                   f"there (Not a directory)"]
