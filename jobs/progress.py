@@ -41,7 +41,7 @@ def reporting(cls, tally, stage: str):
 
 
 class _Rate:
-    """A stage's images/s, measured from its first finished rows (start-up is not throughput)."""
+    """A stage's images/s between its first finished rows (start-up is not throughput) and its latest."""
 
     def __init__(self):
         self.first: tuple[float, int] | None = None
@@ -71,6 +71,7 @@ class Progress:
         self.rates = {stage: _Rate() for stage in stages}
         self.rows = dict.fromkeys(stages, 0)
         self.speed: dict[str, float | None] = dict.fromkeys(stages)
+        self.changed: dict[str, float] = {}  # when each stage's count last moved
         self.drawn, self.started = False, time.time()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
@@ -90,7 +91,8 @@ class Progress:
         out = []
         for stage in self.stages:
             done, total, rate = self.rows[stage], max(self.total, self.rows[stage]), self.speed[stage]
-            shown = rate or done / max(time.time() - self.started, 1e-9)  # until measured: since the start
+            since = self.changed.get(stage, time.time()) - self.started
+            shown = rate or done / max(since, 1e-9)  # until measured: over the pass so far
             speed = f"{shown:.2f} images/s" if shown else "-- images/s"
             eta = "done" if done >= total else f"ETA {_clock((total - done) / rate)}" if rate else "ETA --"
             out.append(f"{stage:<8} {done}/{total} rows  {speed}  {eta}")
@@ -103,8 +105,9 @@ class Progress:
             return
         now = time.time()
         for stage in self.stages:
-            self.rows[stage] = counts.get(stage, 0)
-            self.speed[stage] = self.rates[stage](now, self.rows[stage])
+            if counts.get(stage, 0) != self.rows[stage]:
+                self.rows[stage], self.changed[stage] = counts.get(stage, 0), now
+            self.speed[stage] = self.rates[stage](self.changed.get(stage, now), self.rows[stage])
 
     def _draw(self) -> None:
         lines = self.lines()
