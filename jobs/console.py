@@ -46,7 +46,7 @@ def absorb_restart_warning() -> None:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-    ray.kill(probe)
+    probe.__ray_terminate__.remote()  # exits once created (killing it while still pending makes the GCS log)
 
 
 def quiet_ray_data(verbose: bool) -> None:

@@ -81,7 +81,7 @@ def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> 
         with Progress(tally, list(stages), total):
             ds.write_datasink(ManifestSink(spec.output, spec.storage_options), ray_remote_args={"num_cpus": TASK_CPUS})
     finally:
-        ray.kill(tally)
+        tally.__ray_terminate__.remote()  # after its queued counts (killing a pending actor makes the GCS log)
 
 
 def stored_embeddings(output: str, storage_options: dict, keep: np.ndarray) -> ray.data.Dataset:
