@@ -62,7 +62,8 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
 def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) -> Summary:
     import ray
 
-    from jobs.generate import DECODE_STAGES, close_output, decode_dataset, open_output, stored_embeddings, write_manifest
+    from jobs.generate import (DECODE_STAGES, close_output, decode_dataset, open_output, stored_embeddings,
+                               write_manifest)
 
     run = spec.decoded_from
     done = open_output(spec, verbose)

@@ -19,7 +19,6 @@ from jobs.progress import Progress, Tally, reporting
 from jobs.report import build_report
 from jobs.resume import Summary, filter_ids, stored_ids, summarize
 from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec
-from stages import columns as C
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
 from stages.sink import ManifestSink
