@@ -66,6 +66,8 @@ def part_counts(output: str, folder: str, storage_options: dict, nulls_of: str |
             if nulls_of is None:
                 return meta.num_rows, 0
             column = meta.schema.to_arrow_schema().get_field_index(nulls_of)
+            if column < 0:
+                return meta.num_rows, 0
             stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
             if all(s is not None and s.has_null_count for s in stats):
                 return meta.num_rows, meta.num_rows - sum(s.null_count for s in stats)
@@ -78,7 +80,15 @@ def part_counts(output: str, folder: str, storage_options: dict, nulls_of: str |
 
 def finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -> Summary | None:
     """The summary of an output that already holds every row of this spec (`expected_rows()` of them, none
-    waiting in stored embeddings), from job.yaml and Parquet footers alone; None when there is work to do."""
+    waiting in stored embeddings), from job.yaml and Parquet footers alone; None when there is work to do,
+    or when the output cannot tell (the full path then checks everything and names what is wrong)."""
+    try:
+        return _finished(spec, expected_rows, started)
+    except Exception:  # noqa: BLE001 - a shortcut only: any doubt takes the full path
+        return None
+
+
+def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -> Summary | None:
     fs, root = url_to_fs(spec.output, spec.storage_options)
     job_file = join(root, "job.yaml")
     if not fs.exists(job_file):
@@ -93,17 +103,14 @@ def finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) ->
 
 
 def _prompts_older(spec: JobSpec, out_fs, job_file: str) -> bool:
-    """Whether no prompt file changed after job.yaml was written (False when a store cannot tell)."""
+    """Whether no prompt file changed after job.yaml was written."""
     if spec.decoded_from:
         return True
     from jobs.prompts import list_files
 
-    try:
-        fs, files = list_files(spec.prompts, spec.storage_options)
-        written = out_fs.modified(job_file).timestamp()
-        return all(fs.modified(f).timestamp() <= written for f in files)
-    except (NotImplementedError, OSError, AttributeError, SpecError):
-        return False
+    fs, files = list_files(spec.prompts, spec.storage_options)
+    written = out_fs.modified(job_file).timestamp()  # NotImplementedError where a store keeps no times
+    return all(fs.modified(f).timestamp() <= written for f in files)
 
 
 def stored_ids(output: str, folder: str, storage_options: dict) -> np.ndarray:

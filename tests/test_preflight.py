@@ -101,3 +101,19 @@ def test_missing_models_in_an_object_store_are_named(tmp_path, model_cache):
     for model, message in cases:
         with pytest.raises(SpecError, match=f"^{message.replace('(', '.').replace(')', '.')}"):
             check_models(spec_at(tmp_path, model=model))
+
+
+def test_a_finished_output_on_an_object_store_is_answered(s3_server, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.makedirs("quick", exist_ok=True)
+    fs.put(write_prompts(tmp_path / "p.parquet", [{C.PROMPT: "a"}, {C.PROMPT: "b"}]), "quick/prompts/p.parquet")
+    spec = spec_from_dict({"prompts": "s3://quick/prompts/", "output": "s3://quick/out", "storage_options": s3_server})
+    claim(spec, overwrite=False)
+    write_part(tmp_path / "parts", "a", ["id0", "id1"])
+    fs.put(str(tmp_path / "parts" / "a.parquet"), "quick/out/manifest/a.parquet")
+    assert answered(spec, time.time()).rows == 2
+    time.sleep(1.1)  # object stores keep modification times to the second
+    fs.put(str(tmp_path / "p.parquet"), "quick/prompts/p.parquet")  # rewritten after the run
+    assert answered(spec, time.time()) is None
