@@ -66,7 +66,7 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                                write_manifest)
 
     run = spec.decoded_from
-    done = open_output(spec, verbose)
+    done = open_output(spec, started, verbose)
     ids = stored_ids(run, "embeddings", spec.storage_options)
     changed = {key.split(".")[1]: getattr(spec.generation, key.split(".")[1]) for key in DECODER_KEYS[:2]
                if any(item.startswith(key) for item in overrides)}

@@ -16,7 +16,7 @@ from jobs import prompts
 from jobs.console import start_ray
 from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: part of this module's interface
 from jobs.progress import Progress, Tally, reporting
-from jobs.report import build_report
+from jobs.report import build_report, record_run
 from jobs.resume import Summary, filter_ids, stored_ids, summarize
 from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec
 from stages.decoder import DecoderStage
@@ -40,7 +40,7 @@ def run(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summar
 def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: bool = False) -> Summary:
     """The pipeline for a checked spec on its claimed output: rows whose Stage C embeddings were stored
     before an interruption are decoded first, then every row without a manifest entry is made."""
-    done = open_output(spec, verbose)
+    done = open_output(spec, start, verbose)
     embedded = np.setdiff1d(stored_ids(spec.output, "embeddings", spec.storage_options), done)
     if len(embedded):
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
@@ -51,15 +51,18 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     return close_output(spec, start, done)
 
 
-def open_output(spec: JobSpec, verbose: bool = False) -> np.ndarray:
-    """Join Ray (quietly unless `verbose`) with the stages' resources; returns the row ids already done."""
+def open_output(spec: JobSpec, start: float, verbose: bool = False) -> np.ndarray:
+    """Record this invocation's start, join Ray (quietly unless `verbose`) with the stages' resources; returns
+    the row ids already done."""
+    record_run(spec.output, spec.storage_options, start)
     connect(spec, verbose)
     return stored_ids(spec.output, "manifest", spec.storage_options)
 
 
 def close_output(spec: JobSpec, start: float, done: np.ndarray) -> Summary:
-    """The closing summary, and the report rebuilt."""
+    """The closing summary, the invocation's record (the same figures), and the report rebuilt."""
     summary = summarize(spec, time.time() - start, before=len(done))
+    record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)
     build_report(spec.output, spec.storage_options)
     return summary
 

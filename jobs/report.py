@@ -30,6 +30,7 @@ MAX_GRID = 200  # thumbnails per sweep grid
 MAX_FAILED = 500  # failed rows listed
 THREADS = 16  # thumbnail workers (image I/O may be remote)
 RESOLUTION = "resolution"  # the "HxW" sweep axis
+SWEEP_COLUMNS = {"prior_checkpoint": C.CHECKPOINT}  # sweep axis → the manifest column that shows it
 AXES = (C.SEED, C.PRIOR_GUIDANCE, C.DECODER_GUIDANCE, C.PRIOR_STEPS, C.DECODER_STEPS, C.NEGATIVE_PROMPT,
         RESOLUTION, C.CHECKPOINT)
 STAGES = (("text", C.TEXT_SECONDS, C.TEXT_NODE), ("prior", C.PRIOR_SECONDS, C.PRIOR_NODE),
@@ -49,10 +50,11 @@ def build_report(output: str, storage_options: dict | None = None) -> str:
     fs, root = url_to_fs(output, options)
     rows = read_manifest(fs, join(root, "manifest"))
     sheet = sorted((r for r in rows if r[C.IMAGE_URI]), key=_row_order)
-    sweeps = find_sweeps(rows)
+    sweeps = find_sweeps(rows, declared_axes(job))
     shown = sheet[:MAX_SHEET] + [r for _, axes, group in sweeps[:MAX_PROMPTS] for r in group[:MAX_GRID]]
     thumbs = make_thumbs(fs, join(root, "report", "thumbs"), {r[C.ROW_ID]: r for r in shown}.values(), options)
-    page = render(output, job, rows, sheet, sweeps, lambda row: thumb_html(row, thumbs, full_uri(fs, root)))
+    page = render(output, job, rows, sheet, sweeps, lambda row: thumb_html(row, thumbs, full_uri(fs, root)),
+                  read_runs(fs, root))
     path = join(root, "report", "index.html")
     write_atomic(fs, path, page.encode())
     return full_uri(fs, path)
@@ -65,6 +67,22 @@ def read_job(output: str, storage_options: dict) -> dict:
         return {}
     with fs.open(path, "rb") as f:
         return yaml.safe_load(f) or {}
+
+
+def record_run(output: str, storage_options: dict, started_at: float, **fields) -> None:
+    """Write <output>/runs/<start>.json: an invocation's start, and at its end `ended_at` and `made`."""
+    fs, root = url_to_fs(output, storage_options)
+    record = {"started_at": started_at, **fields}
+    write_atomic(fs, join(root, "runs", f"{started_at:.6f}.json"), json.dumps(record).encode())
+
+
+def read_runs(fs, root: str) -> list[dict]:
+    """The invocation records of a run folder, oldest first."""
+    folder = join(root, "runs")
+    if not fs.exists(folder):
+        return []
+    runs = [json.loads(fs.cat_file(path)) for path in fs.find(folder) if path.endswith(".json")]
+    return sorted(runs, key=lambda r: r["started_at"])
 
 
 def read_manifest(fs, path: str) -> list[dict]:
@@ -91,17 +109,24 @@ def _row_order(row: dict) -> tuple:
     return (row[C.PROMPT], *(_order(axis_value(row, a)) for a in AXES), row[C.ROW_ID])
 
 
-def find_sweeps(rows: list[dict]) -> list[tuple[str, list[str], list[dict]]]:
-    """(prompt, varying axes, rows in grid order) for every prompt whose rows differ in a parameter, by prompt."""
+def declared_axes(job: dict) -> list[str]:
+    """The axes the job varies on purpose: its sweep's, and the seed when images_per_prompt > 1."""
+    sweep = [SWEEP_COLUMNS.get(axis, axis) for axis in (job.get("sweep") or {})]
+    per_prompt = ((job.get("generation") or {}).get("images_per_prompt") or 1) > 1
+    return [a for a in AXES if a in sweep or (a == C.SEED and per_prompt)]
+
+
+def find_sweeps(rows: list[dict], axes: list[str]) -> list[tuple[str, list[str], list[dict]]]:
+    """(prompt, varying axes, rows in grid order) for every prompt whose rows differ on a declared axis."""
     by_prompt = defaultdict(list)
     for row in rows:
         by_prompt[row[C.PROMPT]].append(row)
     sweeps = []
     for prompt in sorted(by_prompt):
         group = by_prompt[prompt]
-        axes = [a for a in AXES if len({axis_value(r, a) for r in group}) > 1]
-        if axes:
-            sweeps.append((prompt, axes, sorted(group, key=_row_order)))
+        axes_here = [a for a in axes if len({axis_value(r, a) for r in group}) > 1]
+        if axes_here:
+            sweeps.append((prompt, axes_here, sorted(group, key=_row_order)))
     return sweeps
 
 
@@ -177,25 +202,49 @@ def stamp(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
-def summary_html(output: str, job: dict, rows: list[dict]) -> str:
-    """The run, its counts and the span of finished_at."""
+def sweep_note(job: dict) -> str:
+    """Why the grids exist: the job's sweep axes and/or its images_per_prompt."""
+    parts = [f"sweep over {', '.join(job['sweep'])}"] if job.get("sweep") else []
+    per_prompt = (job.get("generation") or {}).get("images_per_prompt") or 1
+    if per_prompt > 1:
+        parts.append(f"images_per_prompt = {per_prompt} (seeds seed … seed + {per_prompt - 1})")
+    return f'<p class="note">Grids per prompt, from the job\'s {escape(" and ".join(parts))}.</p>'
+
+
+def summary_html(output: str, job: dict, rows: list[dict], runs: list[dict]) -> str:
+    """The run, its counts, and throughput over each invocation's whole span (as the CLI printed it)."""
     ok = sum(1 for r in rows if r[C.ERROR] is None)
-    done = [r[C.FINISHED_AT] for r in rows if r[C.FINISHED_AT] is not None]
-    span = max(done) - min(done) if done else 0.0
     model = job.get("model") or {}
     items = [("run", escape(output)), ("model", escape(" ".join(f"{k}={v}" for k, v in model.items()) or "?")),
              ("rows", len(rows)), ("succeeded", ok), ("failed", len(rows) - ok)]
-    if done:
-        items += [("first image finished", stamp(min(done))), ("last image finished", stamp(max(done))),
-                  ("span of finished_at", f"{span:.1f} s"),
-                  ("images/s over that span", f"{ok / span:.2f}" if span > 0 else "n/a")]
+    finished = [r for r in runs if r.get("ended_at")]
+    if finished:
+        seconds = sum(r["ended_at"] - r["started_at"] for r in finished)
+        made = sum(r["made"] for r in finished)
+        items += [("started", stamp(min(r["started_at"] for r in runs))),
+                  ("invocations", f"{len(runs)} ({len(runs) - len(finished)} did not finish)"),
+                  ("wall time of finished invocations", f"{seconds:.1f} s"),
+                  ("images made / wall time", f"{made / seconds:.2f} images/s" if seconds > 0 else "n/a")]
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in items)
-    return (f'<table class="summary">{body}</table><p class="note">The job\'s start is not recorded: the span runs '
-            "from the first to the last finished image, so start-up (Ray, actors, model loads) is excluded.</p>")
+    note = ('<p class="note">Each invocation\'s span runs from the command\'s start to its closing summary '
+            "(start-up, model loads and writing included), the figures the CLI printed.</p>")
+    return f'<table class="summary">{body}</table>' + (runs_html(runs) + note if runs else "")
 
 
-def stages_html(rows: list[dict]) -> str:
-    """Per-stage busy time, images per busy second and the nodes each stage ran on."""
+def runs_html(runs: list[dict]) -> str:
+    """One line per invocation of generate/decode on this output."""
+    body = []
+    for run in runs:
+        seconds = run["ended_at"] - run["started_at"] if run.get("ended_at") else None
+        rate = f"{run['made'] / seconds:.2f}" if seconds else "n/a"
+        body.append([f"<td>{stamp(run['started_at'])}</td>", f'<td class="num">{run.get("made", "—")}</td>',
+                     f'<td class="num">{f"{seconds:.1f}" if seconds is not None else "did not finish"}</td>',
+                     f'<td class="num">{rate}</td>'])
+    return table(["invocation started", "images made", "seconds", "images/s"], body, "runs")
+
+
+def stages_html(rows: list[dict], wall: float) -> str:
+    """Per-stage busy time, images per busy second, share of the wall time busy, and the nodes each stage ran on."""
     body = []
     for name, seconds, node in STAGES:
         times = [r[seconds] for r in rows if r[seconds] is not None]
@@ -204,9 +253,11 @@ def stages_html(rows: list[dict]) -> str:
         listed = "<br>".join(f'<code title="{escape(n)}">{escape(n if n[0] == "(" else n[:12])}</code>: {c}'
                              for n, c in nodes.most_common())
         rate = f"{len(times) / busy:.2f}" if busy > 0 else "n/a"
+        share = f"{100 * busy / wall:.0f}%" if wall > 0 else "n/a"
         body.append([f"<th>{name}</th>", f'<td class="num">{len(times)}</td>', f'<td class="num">{busy:.2f}</td>',
-                     f'<td class="num">{rate}</td>', f"<td>{listed}</td>"])
-    header = ["stage", "rows timed", "busy s (sum)", "images per busy s (one actor)", "nodes (rows)"]
+                     f'<td class="num">{rate}</td>', f'<td class="num">{share}</td>', f"<td>{listed}</td>"])
+    header = ["stage", "rows timed", "busy s (sum)", "images per busy s (one actor)",
+              "busy s / wall s (over 100%: several actors)", "nodes (rows)"]
     return table(header, body, "stages")
 
 
@@ -247,15 +298,18 @@ def sheet_html(sheet: list[dict], thumb) -> str:
     return capped + f'<div class="sheet">{figures}</div>'
 
 
-def render(output: str, job: dict, rows: list[dict], sheet: list[dict], sweeps: list, thumb) -> str:
+def render(output: str, job: dict, rows: list[dict], sheet: list[dict], sweeps: list, thumb,
+           runs: list[dict] = ()) -> str:
     """The whole page."""
-    grids = "".join(grid_html(p, axes, group, thumb) for p, axes, group in sweeps[:MAX_PROMPTS]) or "<p>No sweeps.</p>"
+    wall = sum(r["ended_at"] - r["started_at"] for r in runs if r.get("ended_at"))
+    grids = "".join(grid_html(p, axes, group, thumb) for p, axes, group in sweeps[:MAX_PROMPTS])
+    grids = (sweep_note(job) + grids) if grids else "<p>No sweep: the job varies no axis per prompt.</p>"
     if len(sweeps) > MAX_PROMPTS:
         grids += f'<p class="note">Showing {MAX_PROMPTS} of {len(sweeps)} swept prompts.</p>'
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Run report: {escape(output)}</title>'
-            f"<style>{CSS}</style></head><body><h1>Run report</h1>{summary_html(output, job, rows)}"
-            f"<h2>Stages</h2>{stages_html(rows)}<h2>Failed rows</h2>{failed_html(rows)}"
-            f"<h2>Sweeps</h2>{grids}<h2>Contact sheet</h2>{sheet_html(sheet, thumb)}</body></html>\n")
+            f"<style>{CSS}</style></head><body><h1>Run report</h1>{summary_html(output, job, rows, runs)}"
+            f"<h2>Stages</h2>{stages_html(rows, wall)}<h2>Failed rows</h2>{failed_html(rows)}"
+            f"<h2>Per-prompt grids</h2>{grids}<h2>Contact sheet</h2>{sheet_html(sheet, thumb)}</body></html>\n")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

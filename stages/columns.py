@@ -43,6 +43,7 @@ GENERATOR_STATE = "generator_state"  # the row's CPU torch.Generator state after
 
 # Stage B/A output.
 IMAGE = "image"  # (H, W, 3) uint8
+IMAGE_FLOAT = "image_float"  # (H, W, 3) float32 in [0, 1] before rounding, on request (parity checks)
 
 # Manifest-only columns.
 IMAGE_URI = "image_uri"
@@ -66,6 +67,7 @@ TRANSIENT = (
     IMAGE_EMBEDDINGS,
     GENERATOR_STATE,
     IMAGE,
+    IMAGE_FLOAT,
 )
 
 # Stage-internal columns that are never the user's own (not carried into the embeddings table).

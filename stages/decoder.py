@@ -27,7 +27,7 @@ class DecoderStage:
     """Decodes every row to (H, W, 3) uint8, grouped by (size, steps, guidance on/off), in fixed micro-batches."""
 
     def __init__(self, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", keep_float: bool = False):
         root = resolve(decoder, "decoder", storage_options)
         self.dtype = DTYPES[dtype]
         self.device = pick_device(device)
@@ -36,6 +36,7 @@ class DecoderStage:
         self.vqgan = load_component(PaellaVQModel, root, "vqgan", self.dtype, self.device)
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")
         self.latent_dim_scale = pipeline_config(root).get("latent_dim_scale", 10.67)
+        self.keep_float = keep_float  # also return the pixels before rounding (parity checks)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -47,6 +48,8 @@ class DecoderStage:
             for chunk, real in micro_batches(idx):
                 images.append((chunk[:real], self._decode(batch, chunk, steps, use_cfg)[:real]))
         batch[C.IMAGE] = scatter(n, [(idx, (img * 255).round().astype(np.uint8)) for idx, img in images])
+        if self.keep_float:
+            batch[C.IMAGE_FLOAT] = scatter(n, images)  # (H, W, 3) float32 in [0, 1]
         batch[C.ERROR] = flag_nonfinite(batch[C.ERROR], images, "Stage B/A produced NaN (try dtype float32)")
         batch[C.DECODER_NODE] = np.full(n, self.node, dtype=object)
         batch[C.DECODER_SECONDS] = np.full(n, (time.perf_counter() - start) / n)

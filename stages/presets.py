@@ -19,6 +19,9 @@ from diffusers.pipelines.deprecated.wuerstchen import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from stages.tiny_weights import C_R, drawing_decoder, drawing_prior, drawing_vqgan
+
+TINY_VERSION = 2  # bump whenever the tiny weights change (v2: noise-aware heads, live blocks)
 TEXT_HIDDEN = 32
 EFFNET_CHANNELS = 16  # as the official Stage C output (16 × 24 × 24 at 1024²)
 # A few common English merges so tokens are not all single characters.
@@ -61,20 +64,6 @@ def _text_encoder(tokenizer: CLIPTokenizer, seed: int, shape=TINY_TEXT) -> CLIPT
     return CLIPTextModel(config).eval()
 
 
-def _wake(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Give zero-initialised tensors (output heads, gammas, timestep mappers) small random values.
-
-    The real models start those at zero for training; left at zero, the tiny decoder would ignore
-    its inputs and the parity tests would prove nothing.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if not param.any():
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    return model.eval()
-
-
 def build_prior(full: bool = False) -> WuerstchenPriorPipeline:
     """Stage C: tiny (2 deep, every block type) or the official shape (c=1536, depth 32, ~1B parameters)."""
     tokenizer = build_tokenizer()
@@ -82,13 +71,11 @@ def build_prior(full: bool = False) -> WuerstchenPriorPipeline:
     if full:
         prior = WuerstchenPrior(c_in=EFFNET_CHANNELS, c=1536, c_cond=BIGG_TEXT[0], c_r=64, depth=32, nhead=24)
     else:
-        prior = WuerstchenPrior(c_in=EFFNET_CHANNELS, c=32, c_cond=TEXT_HIDDEN, c_r=8, depth=2, nhead=2)
-    with torch.no_grad():  # keep the output's divisor |1 - b| near 1, as in a trained prior
-        prior.out[1].weight.mul_(0.05)
+        prior = drawing_prior(WuerstchenPrior(c_in=EFFNET_CHANNELS, c=32, c_cond=TEXT_HIDDEN, c_r=C_R, depth=2, nhead=2))
     return WuerstchenPriorPipeline(
         tokenizer=tokenizer,
         text_encoder=_text_encoder(tokenizer, seed=2, shape=BIGG_TEXT if full else TINY_TEXT),
-        prior=_wake(prior, seed=3),
+        prior=prior if full else prior.eval(),
         scheduler=DDPMWuerstchenScheduler(),
     )
 
@@ -106,18 +93,16 @@ def build_decoder(full: bool = False) -> WuerstchenDecoderPipeline:
         level_config=["CT", "CTA"],
         inject_effnet=[False, True],
         effnet_embd=EFFNET_CHANNELS,
-        c_r=8,
+        c_r=C_R,
     )
     torch.manual_seed(5)
     vqgan = PaellaVQModel() if full else PaellaVQModel(bottleneck_blocks=1, embed_dim=32, num_vq_embeddings=16)
-    vqgan = _wake(vqgan, seed=8)
-    with torch.no_grad():  # random latents are large: scale the pixel head so images are mostly unclipped
-        vqgan.out_block[0].weight.mul_(0.025)
-        vqgan.out_block[0].bias.fill_(0.5)
+    if not full:
+        decoder, vqgan = drawing_decoder(decoder), drawing_vqgan(vqgan)
     return WuerstchenDecoderPipeline(
         tokenizer=tokenizer,
         text_encoder=_text_encoder(tokenizer, seed=6, shape=VIT_H_TEXT if full else TINY_TEXT),
-        decoder=_wake(decoder, seed=7),
+        decoder=decoder,
         scheduler=DDPMWuerstchenScheduler(),
         vqgan=vqgan,
     )
@@ -135,8 +120,8 @@ def write_tiny_model(directory: str | os.PathLike, full: bool = False) -> Path:
 
 
 def ensure_tiny_model(cache_dir: Path) -> Path:
-    """Build the tiny preset into `cache_dir/tiny` once; concurrent callers see it whole or not at all."""
-    target = cache_dir / "tiny"
+    """Build the tiny preset into `cache_dir/tiny-vN` once; concurrent callers see it whole or not at all."""
+    target = cache_dir / f"tiny-v{TINY_VERSION}"  # a new version of the weights never reuses an old cache
     if (target / "decoder" / "model_index.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -18,20 +18,37 @@ ROWS = [
 ]
 
 
+# Eleven rows of one shape group (same size and steps, decoder guidance on), each with its own
+# guidance and negative prompt: they share micro-batches.
+NEGATIVES = ["", "low quality", "washed out"]
+GROUP = [{C.PROMPT: f"a kite number {i} over the dunes", C.SEED: 40 + i, C.DECODER_GUIDANCE: 1.5 + 0.5 * i,
+          C.NEGATIVE_PROMPT: NEGATIVES[i % 3]} for i in range(11)]
+
+
 @pytest.fixture(scope="module")
 def pipeline():
-    text, prior, decoder = TextEncoder("tiny", "tiny"), PriorStage("tiny"), DecoderStage("tiny")
+    text, prior, decoder = TextEncoder("tiny", "tiny"), PriorStage("tiny"), DecoderStage("tiny", keep_float=True)
     return lambda rows: decoder(prior(text(make_batch(rows))))
+
+
+def assert_parity(out, i: int, expected: np.ndarray) -> None:
+    got = out[C.IMAGE][i]
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    assert np.abs(got.astype(np.float64) / 255 - expected).max() <= 1 / 255 + 1e-6
+    assert np.abs(out[C.IMAGE_FLOAT][i] - expected).max() <= 1e-4  # before rounding
+    assert out[C.ERROR][i] == ""
 
 
 def test_images_match_the_combined_pipeline(pipeline, reference_pipe):
     out = pipeline(ROWS)  # distinct prompts, sizes, negatives, decoder guidance > 1 in one batch
     for i, row in enumerate(ROWS):
-        expected = reference_image(reference_pipe, row)
-        got = out[C.IMAGE][i]
-        assert got.dtype == np.uint8 and got.shape == expected.shape
-        assert np.abs(got.astype(np.float64) / 255 - expected).max() <= 1 / 255 + 1e-6
-        assert out[C.ERROR][i] == ""
+        assert_parity(out, i, reference_image(reference_pipe, row))
+
+
+def test_rows_of_one_group_keep_their_own_guidance_and_negative(pipeline, reference_pipe):
+    out = pipeline(GROUP)
+    for i, row in enumerate(GROUP):
+        assert_parity(out, i, reference_image(reference_pipe, row))
 
 
 def test_images_differ_by_prompt_and_seed(pipeline):
@@ -41,6 +58,11 @@ def test_images_differ_by_prompt_and_seed(pipeline):
 
 
 def test_independent_of_batch_composition(pipeline):
-    together = pipeline(ROWS)
-    for i in (0, 2):
-        assert np.array_equal(pipeline([ROWS[i]])[C.IMAGE][0], together[C.IMAGE][i])
+    """Bitwise: a row of a shared group equals itself alone, reversed, and in batches of 3."""
+    rows = GROUP + ROWS
+    together = pipeline(rows)[C.IMAGE]
+    reversed_ = pipeline(rows[::-1])[C.IMAGE]
+    chunks = [pipeline(rows[i:i + 3])[C.IMAGE] for i in range(0, len(rows), 3)]
+    for i, row in enumerate(rows):
+        assert np.array_equal(pipeline([row])[C.IMAGE][0], together[i]), (i, row)
+        assert np.array_equal(reversed_[len(rows) - 1 - i], together[i]) and np.array_equal(chunks[i // 3][i % 3], together[i])

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from jobs.report import add_parser, build_report, run_from_args
+from jobs.report import add_parser, build_report, record_run, run_from_args
 from stages import columns as C
 from stages.storage import join, url_to_fs, write_atomic
 from stages.writer import MANIFEST_SCHEMA
@@ -53,8 +53,12 @@ def make_run(output: str, storage_options: dict) -> list[dict]:
     fs, root = url_to_fs(output, storage_options)
     uri = fs.unstrip_protocol if "://" in output else (lambda p: p)
     rows = manifest_rows(lambda row_id: uri(join(root, "images", row_id[:2], f"{row_id}.png")))
-    job = {"output": output, "storage_options": storage_options, "model": {"prior": "tiny", "decoder": "tiny"}}
+    job = {"output": output, "storage_options": storage_options, "model": {"prior": "tiny", "decoder": "tiny"},
+           "generation": {"images_per_prompt": 3}, "sweep": {"decoder_guidance_scale": [0, 2], "resolution": []}}
     write_atomic(fs, join(root, "job.yaml"), yaml.safe_dump(job).encode())
+    # Two invocations as generate records them: one cut off (no end), one that made 5 rows in 10 s.
+    record_run(output, storage_options, 1.7e9 - 100)
+    record_run(output, storage_options, 1.7e9 - 2, ended_at=1.7e9 + 8, made=5)
     for i, row in enumerate(rows):
         if row[C.IMAGE_URI]:
             pixels = np.zeros((row[C.HEIGHT], row[C.WIDTH], 3), np.uint8)
@@ -128,12 +132,16 @@ def test_report_counts_failures_sweeps_and_thumbnails(local_run):
     page = parse(uri)
     summary = {tr.find("th")[0].text(): tr.find("td")[0].text() for tr in page.find("table", "summary")[0].find("tr")}
     assert (summary["rows"], summary["succeeded"], summary["failed"]) == ("9", "8", "1")  # the repeated row counts once
-    assert (summary["span of finished_at"], summary["images/s over that span"]) == ("8.0 s", "1.00")
+    assert summary["invocations"] == "2 (1 did not finish)"
+    assert (summary["wall time of finished invocations"], summary["images made / wall time"]) == (
+        "10.0 s", "0.50 images/s")  # the whole span of the invocation, not the last images' spacing
+    runs = [[td.text() for td in tr.find("td")] for tr in page.find("table", "runs")[0].find("tr")[1:]]
+    assert [r[1:] for r in runs] == [["—", "did not finish", "n/a"], ["5", "10.0", "0.50"]]
 
     stages = {tr.find("th")[0].text(): [td.text() for td in tr.find("td")]
               for tr in page.find("table", "stages")[0].find("tr")[1:]}
-    assert stages["decoder"][:3] == ["9", "4.50", "2.00"] and stages["text"][3] == "aaaaaaaaaaaa: 9"
-    assert stages["decoder"][3] == "cccccccccccc: 6dddddddddddd: 3"
+    assert stages["decoder"][:4] == ["9", "4.50", "2.00", "45%"] and stages["text"][4] == "aaaaaaaaaaaa: 9"
+    assert stages["decoder"][4] == "cccccccccccc: 6dddddddddddd: 3"
 
     failed = page.find("table", "failed")[0].find("tr")[1:]
     assert [[td.text() for td in tr.find("td")] for tr in failed] == [
@@ -141,6 +149,7 @@ def test_report_counts_failures_sweeps_and_thumbnails(local_run):
 
     sweeps = {s.find("h3")[0].text(): s for s in page.find("section", "sweep")}
     assert set(sweeps) == {SWEPT, "a blue sphere"}  # the failed prompt's single row is no sweep
+    assert any("images_per_prompt = 3" in note.text() for note in page.find("p", "note"))
     grid = sweeps[SWEPT].find("table", "grid")[0]
     header, *body = grid.find("tr")
     assert [th.text() for th in header.find("th")] == [
@@ -169,6 +178,18 @@ def test_report_counts_failures_sweeps_and_thumbnails(local_run):
     text = open(uri, encoding="utf-8").read()
     assert "<b>cube</b>" not in text and "&lt;b&gt;cube&lt;/b&gt; &amp; &quot;friends&quot;" in text
     assert "http://" not in text and "https://" not in text and "<script" not in text
+
+
+def test_no_grids_without_a_declared_axis(tmp_path):
+    """Rows of one prompt with other seeds from the table are no sweep when the job declares none."""
+    output = str(tmp_path / "run")
+    make_run(output, {})
+    fs, root = url_to_fs(output, {})
+    write_atomic(fs, join(root, "job.yaml"), yaml.safe_dump({"model": {"prior": "tiny"}}).encode())
+    page = parse(build_report(output))
+    assert page.find("section", "sweep") == []
+    assert "No sweep" in page.text()
+    assert len(page.find("div", "sheet")[0].find("figure")) == 8  # every image still on the contact sheet
 
 
 def test_report_command_takes_storage_options_from_job_yaml(local_run, capsys):
