@@ -72,7 +72,8 @@ class Progress:
         self.rows = dict.fromkeys(stages, 0)
         self.speed: dict[str, float | None] = dict.fromkeys(stages)
         self.changed: dict[str, float] = {}  # when each stage's count last moved
-        self.drawn, self.started = False, time.time()
+        self.drawn: list[str] = []  # the lines last drawn
+        self.started = time.time()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
 
@@ -84,7 +85,8 @@ class Progress:
         self.stop.set()
         self.thread.join()
         self._poll()
-        self._draw()
+        if self.tty or self.lines() != self.drawn:  # a log gets the closing state once
+            self._draw()
 
     def lines(self) -> list[str]:
         """The current line of each stage."""
@@ -117,7 +119,7 @@ class Progress:
         else:
             self.stream.write("".join(f"{line}\n" for line in lines))
         self.stream.flush()
-        self.drawn = True
+        self.drawn = lines
 
     def _loop(self) -> None:
         last = time.time()

@@ -65,3 +65,13 @@ def test_rate_is_measured_from_the_first_finished_rows():
     assert rate(12.0, 8) is None  # the first batch: start-up, not throughput
     assert rate(16.0, 16) == 2.0
     assert rate(20.0, 40) == 4.0
+
+
+def test_a_log_gets_the_closing_state_once(ray_cluster):
+    tally, log = Tally.remote(), io.StringIO()
+    progress = Progress(tally, ["text"], total=2, stream=log)
+    with progress:
+        ray_cluster.get(tally.add.remote("text", 2))
+        progress._poll()
+        progress._draw()  # as the loop does every LOG_EVERY_S, just before the pass ends
+    assert log.getvalue().count("text     2/2 rows") == 1
