@@ -10,7 +10,7 @@ from jobs.spec import SpecError
 
 # Heavy libraries (Ray, torch, diffusers, transformers) are imported by the commands that use them, never
 # here: --help, a spec error and a finished rerun answer in about a second.
-VERBOSE_HELP = "show Ray's own progress bars, logs and backend messages and the model libraries' messages"
+VERBOSE_HELP = "show Ray's own progress bars and logs, and the model libraries' messages and download bars"
 
 
 def main(argv: list[str] | None = None) -> int:

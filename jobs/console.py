@@ -1,4 +1,4 @@
-"""Quiet by default: Ray's own progress, info logs and backend messages off in the terminal unless --verbose."""
+"""Quiet by default: Ray's own progress bars, info logs and warnings off in the terminal unless --verbose."""
 
 from __future__ import annotations
 
