@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import ray
 import torch
 
+from jobs.console import start_ray
 from jobs.generate import run
 from jobs.spec import apply_overrides, spec_from_dict
 from stages import columns as C
@@ -52,9 +52,10 @@ def run_benchmark(args) -> dict:
         "generation": {"height": args.height or (256 if tiny else 1024), "width": args.width or (256 if tiny else 1024)},
     }
     spec = spec_from_dict(apply_overrides(data, args.overrides))
-    ray.init(ignore_reinit_error=True)
+    verbose = getattr(args, "verbose", False)
+    start_ray(verbose)
 
-    summary = run(spec)
+    summary = run(spec, verbose=verbose)
     steady = steady_state_rate(spec.output, skip=spec.stages.text.batch_size)
     baseline = diffusers_rate(spec, prompts)
     figures = {

@@ -8,6 +8,10 @@ import sys
 
 from jobs.spec import SpecError
 
+# Heavy libraries (Ray, torch, diffusers, transformers) are imported by the commands that use them, never
+# here: --help, a spec error and a finished rerun answer in about a second.
+VERBOSE_HELP = "show Ray's own progress bars and logs, and the model libraries' messages and download bars"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wuerstchen-batch", description=__doc__)
@@ -18,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec key, e.g. --set generation.height=512 (repeatable)")
     gen.add_argument("--overwrite", action="store_true", help="delete what the output holds and start afresh")
+    gen.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     dec = sub.add_parser("decode", help="re-run Stage B/A from a run's stored embeddings into a new output")
     dec.add_argument("run", help="the run folder whose embeddings/ to decode")
@@ -27,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
                      help="fsspec options for the stores (default: those in the run's job.yaml)")
     dec.add_argument("--overwrite", action="store_true")
+    dec.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     plan = sub.add_parser("plan", help="rows, buckets, per-stage FLOPs and the suggested actor ratio of a job")
     plan.add_argument("job", help="job spec (YAML)")
@@ -46,35 +52,40 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--json", help="write the figures to this JSON file")
+    bench.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
-    from jobs import evaluate, report
+    from jobs import eval_args, report
 
     report.add_parser(sub)
-    evaluate.add_parser(sub)
+    eval_args.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args) -> int:
     if args.command == "generate":
-        from jobs.generate import run
+        from jobs.preflight import generate_job
         from jobs.spec import load_spec
 
-        summary = run(load_spec(args.job, args.overrides), overwrite=args.overwrite)
+        summary = generate_job(load_spec(args.job, args.overrides), overwrite=args.overwrite, verbose=args.verbose)
         print(summary)
         return 1 if summary.failed else 0
     if args.command == "decode":
         from jobs.decode import run_decode
 
-        summary = run_decode(args.run, args.output, args.overrides, args.storage_options, args.overwrite)
+        summary = run_decode(args.run, args.output, args.overrides, args.storage_options, args.overwrite,
+                             verbose=args.verbose)
         print(summary)
         return 1 if summary.failed else 0
     if args.command == "evaluate":
-        from jobs.evaluate import run_from_args as evaluate_from_args
+        from jobs.eval_args import run_from_args as evaluate_from_args
 
         return evaluate_from_args(args)
     if args.command == "report":

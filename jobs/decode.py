@@ -5,21 +5,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import ray
 import yaml
 
 from jobs import prompts
-from jobs.generate import (
-    TASK_CPUS,
-    Summary,
-    close_output,
-    decode_dataset,
-    open_output,
-    stored_embeddings,
-    write_manifest,
-)
-from jobs.resume import filter_ids, stored_ids
-from jobs.spec import JobSpec, SpecError, apply_overrides, spec_from_dict
+from jobs.preflight import answered_decode, check_models
+from jobs.resume import Summary, claim, filter_ids, stored_ids
+from jobs.spec import TASK_CPUS, JobSpec, SpecError, apply_overrides, spec_from_dict
 from stages import columns as C
 from stages.storage import join, url_to_fs
 from stages.writer import write_embeddings
@@ -55,19 +46,40 @@ def redecode_rows(batch: dict[str, np.ndarray], decoder_params: dict, model: dic
 
 
 def run_decode(run: str, output: str, overrides: list[str] = (), storage_options: dict | None = None,
-               overwrite: bool = False) -> Summary:
-    """Decode every stored Stage C row of `run` into `output` (resumable like generate)."""
-    spec, start = decode_spec(run, output, list(overrides), storage_options), time.time()
-    done = open_output(spec, overwrite, start)
-    ds = stored_embeddings(run, spec.storage_options, stored_ids(run, "embeddings", spec.storage_options))
+               overwrite: bool = False, verbose: bool = False) -> Summary:
+    """Decode every stored Stage C row of `run` into `output` (resumable like generate; a finished one is
+    answered from its manifest without Ray or a model)."""
+    started = time.time()
+    spec = decode_spec(run, output, list(overrides), storage_options)
+    summary = None if overwrite else answered_decode(spec, started)
+    if summary is not None:
+        return summary
+    check_models(spec)
+    claim(spec, overwrite)
+    return _decode(spec, list(overrides), started, verbose)
+
+
+def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) -> Summary:
+    import ray
+
+    from jobs.generate import (DECODE_STAGES, close_output, decode_dataset, open_output, stored_embeddings,
+                               write_manifest)
+
+    run = spec.decoded_from
+    done = open_output(spec, started, verbose)
+    ids = stored_ids(run, "embeddings", spec.storage_options)
     changed = {key.split(".")[1]: getattr(spec.generation, key.split(".")[1]) for key in DECODER_KEYS[:2]
                if any(item.startswith(key) for item in overrides)}
-    ds = ds.map_batches(redecode_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
-        decoder_params=changed, model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype)))
-    ds = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS,
-                        fn_kwargs=dict(ids=ray.put(done), keep=False))  # resumable like generate
-    ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
-                        fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
-    write_manifest(spec, decode_dataset(spec, ds))
-    return close_output(spec, start, done)
 
+    def make(tally):
+        ds = stored_embeddings(run, spec.storage_options, ids)
+        ds = ds.map_batches(redecode_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
+            decoder_params=changed, model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype)))
+        ds = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS,
+                            fn_kwargs=dict(ids=ray.put(done), keep=False))  # resumable like generate
+        ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
+                            fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
+        return decode_dataset(spec, ds, tally)
+
+    write_manifest(spec, make, DECODE_STAGES, max(len(ids) - len(done), 0))
+    return close_output(spec, started, done)

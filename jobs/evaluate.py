@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -15,76 +15,19 @@ import ray
 from PIL import Image
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from jobs.console import start_ray
+from jobs.eval_args import EvalOptions, PoolOptions, add_parser, run_from_args  # noqa: F401 - this module's interface
 from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
-from jobs.generate import ACTOR_CPUS, TASK_CPUS
-from jobs.spec import SpecError
+from jobs.spec import TASK_CPUS, SpecError
 from stages import columns as C
 from stages import evaluate as E
 from stages import fid as F
-from stages.models import ModelRefError, ref_kind
+from stages.refs import ModelRefError, hub_entries, ref_kind
 from stages.storage import full_uri, join, url_to_fs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 REQUIRED = (C.ROW_ID, C.PROMPT, C.IMAGE_URI, C.ERROR)
 DROPPED = (C.ERROR, C.TEXT_SECONDS, C.PRIOR_SECONDS, C.DECODER_SECONDS, C.FINISHED_AT)  # not in scores.parquet
-
-
-@dataclass(frozen=True)
-class PoolOptions:
-    """Actor pools of the CLIP and Inception stages (`map_batches` arguments)."""
-
-    batch_size: int = 32
-    concurrency: int = 1
-    num_gpus: float | None = None  # None: 0.5 per pool on a cluster with one GPU, 1 with more, else 0
-    num_cpus: float = ACTOR_CPUS
-    stats_batch_size: int = 1024  # rows per partial-sum block (one 2048² float64 matrix per group each)
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """What `wuerstchen-batch evaluate` was asked to do."""
-
-    run: str
-    clip_model: str
-    fid_reference: str | None = None
-    inception: str | None = None
-    by: tuple[str, ...] = ()
-    storage_options: dict = field(default_factory=dict)
-    pools: PoolOptions = PoolOptions()
-
-
-def add_parser(subparsers) -> None:
-    """Register the `evaluate` subcommand."""
-    ev = subparsers.add_parser("evaluate", help="CLIP score and FID of a run's images, per sweep slice, with plots")
-    ev.add_argument("run", metavar="RUN_URI", help="output folder of `wuerstchen-batch generate`")
-    ev.add_argument("--clip-model", required=True, help="CLIP: hub id, local directory or object-store URI")
-    ev.add_argument("--fid-reference", help="a run folder, an image folder/prefix, or a .npz with mu and sigma")
-    ev.add_argument("--inception", help="TorchScript FID Inception: file, directory or object-store URI")
-    ev.add_argument("--by", nargs="+", action="extend", default=[], metavar="AXIS",
-                    help="manifest column(s) to break the metrics down by (repeatable)")
-    ev.add_argument("--batch-size", type=int, default=PoolOptions.batch_size)
-    ev.add_argument("--concurrency", type=int, default=PoolOptions.concurrency, help="actors per pool")
-    ev.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: by cluster)")
-    ev.add_argument("--storage-options", default="{}", help="fsspec options for remote URIs, as JSON")
-
-
-def run_from_args(args) -> int:
-    """Run `evaluate` from parsed arguments and print where the results are."""
-    try:
-        storage_options = json.loads(args.storage_options)
-    except json.JSONDecodeError:
-        raise SpecError(f"--storage-options {args.storage_options}: not valid JSON") from None
-    if args.batch_size < 1 or args.concurrency < 1:
-        raise SpecError("--batch-size and --concurrency must be at least 1")
-    pools = PoolOptions(batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus)
-    metrics = evaluate(EvalOptions(run=args.run, clip_model=args.clip_model, fid_reference=args.fid_reference,
-                                   inception=args.inception, by=tuple(dict.fromkeys(args.by)),
-                                   storage_options=storage_options, pools=pools))
-    fid = "n/a" if metrics["fid"] is None else f"{metrics['fid']:.3f}"
-    clip = "n/a" if metrics["clip_score"] is None else f"{metrics['clip_score']:.3f}"
-    print(f"{metrics['images']} images ({len(metrics['failures'])} failed): CLIP score {clip}, FID {fid}; "
-          f"results in {join(args.run, 'eval')}")
-    return 0
 
 
 def evaluate(opts: EvalOptions) -> dict:
@@ -93,8 +36,7 @@ def evaluate(opts: EvalOptions) -> dict:
     clip = check_clip(opts.clip_model, opts.storage_options)
     reference = check_reference(opts.fid_reference, opts.storage_options)
     inception = check_inception(opts) if reference else None
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)  # joins RAY_ADDRESS when set, else starts a local Ray
+    start_ray(opts.verbose)  # joins RAY_ADDRESS when set, else starts a local Ray
     warnings: list[str] = []
     ref_stats = reference_stats(reference, inception, opts, warnings) if reference else None
     groups = run_pass(opts, manifest, inception)
@@ -150,6 +92,12 @@ def check_clip(model: str, storage_options: dict) -> dict:
         if not fs.isfile(join(path, "config.json")):
             raise SpecError(f"--clip-model {model}: no config.json there; pass {hint}")
         return {"ref": model, "config_sha256": hashlib.sha256(fs.cat_file(join(path, "config.json"))).hexdigest()}
+    try:
+        entries = hub_entries(model, f"--clip-model {model}")
+    except ModelRefError as err:
+        raise SpecError(str(err)) from None
+    if "config.json" not in entries:
+        raise SpecError(f"--clip-model {model}: no config.json there; pass {hint}")
     return {"ref": model}
 
 

@@ -6,84 +6,56 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.dataset as pads
 import ray
-import yaml
-from ray.autoscaler.sdk import request_resources
 from pyarrow.fs import FSSpecHandler, PyFileSystem
+from ray.autoscaler.sdk import request_resources
 
 from jobs import prompts
+from jobs.console import start_ray
+from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: part of this module's interface
+from jobs.progress import Progress, Tally, reporting
 from jobs.report import build_report, record_run
-from jobs.resume import check_continuation, filter_ids, stored_ids
-from jobs.spec import JobSpec, SpecError, StageSpec
-from stages import columns as C
+from jobs.resume import Summary, filter_ids, stored_ids, summarize
+from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec
 from stages.decoder import DecoderStage
-from stages.models import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, prior_refs
 from stages.prior import PriorStage
-from stages.storage import join, url_to_fs, write_atomic
+from stages.sink import ManifestSink
+from stages.storage import join, url_to_fs
 from stages.text import TextEncoder
-from stages.writer import ManifestSink, read_back_embeddings, write_embeddings, write_images, write_shard
+from stages.writer import read_back_embeddings, write_embeddings, write_images, write_shard
 
 log = logging.getLogger(__name__)
-TASK_CPUS = 0.25  # reading, expanding and writing are light: never let them wait behind the actors
-ACTOR_CPUS = 0.1  # a stage actor's default CPU reservation: its work is on the GPU, or in torch threads
 LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always asks for a whole CPU
+ALL_STAGES = ("text", "prior", "decoder")
+DECODE_STAGES = ("text", "decoder")
 
 
-@dataclass(frozen=True)
-class Summary:
-    """What a finished job reports."""
-
-    rows: int
-    failed: int
-    seconds: float
-    output: str
-    new: int  # rows made by this run (the rest were done before it)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.new / self.seconds if self.seconds else 0.0
-
-    def __str__(self) -> str:
-        earlier = f", {self.rows - self.new} done earlier" if self.new != self.rows else ""
-        return (f"{self.rows} rows ({self.failed} failed{earlier}); {self.new} made in {self.seconds:.1f} s, "
-                f"{self.images_per_s:.2f} images/s; images in {join(self.output, 'images')}, "
-                f"manifest in {join(self.output, 'manifest')}, report in {join(self.output, 'report', 'index.html')}")
-
-
-def preflight(spec: JobSpec) -> prompts.PromptTable:
-    """Every check that needs no model: models exist, the table is Parquet with valid rows."""
-    try:
-        for ref in prior_refs(spec.model.prior, *spec.sweep.get(C.PRIOR_CHECKPOINT, [])):
-            check_ref(ref, "prior", PRIOR_SUBFOLDERS, spec.storage_options)
-        check_ref(spec.model.decoder, "decoder", DECODER_SUBFOLDERS, spec.storage_options)
-    except ModelRefError as err:
-        raise SpecError(str(err)) from None
-    return prompts.scan(spec)
-
-
-def run(spec: JobSpec, overwrite: bool = False) -> Summary:
+def run(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summary:
     """Validate, then generate every row without a manifest entry yet; returns the closing summary."""
-    start = time.time()
-    table = preflight(spec)
-    done = open_output(spec, overwrite, start)
+    return generate_job(spec, overwrite, verbose)
+
+
+def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: bool = False) -> Summary:
+    """The pipeline for a checked spec on its claimed output: rows whose Stage C embeddings were stored
+    before an interruption are decoded first, then every row without a manifest entry is made."""
+    done = open_output(spec, start, verbose)
     embedded = np.setdiff1d(stored_ids(spec.output, "embeddings", spec.storage_options), done)
-    if len(embedded):  # rows whose Stage C finished before an interruption: decode only
-        write_manifest(spec, decode_dataset(spec, stored_embeddings(spec.output, spec.storage_options, embedded)))
-    write_manifest(spec, build_dataset(spec, table, skip=np.union1d(done, embedded)))
+    if len(embedded):
+        write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
+            spec.output, spec.storage_options, embedded), tally), DECODE_STAGES, len(embedded))
+    todo = prompts.planned_rows(spec, table.rows) - len(done) - len(embedded)
+    write_manifest(spec, lambda tally: build_dataset(spec, table, np.union1d(done, embedded), tally),
+                   ALL_STAGES, max(todo, 0))
     return close_output(spec, start, done)
 
 
-def open_output(spec: JobSpec, overwrite: bool, start: float) -> np.ndarray:
-    """Check the output may take this spec, record the spec and this invocation's start, join Ray; returns done ids."""
-    check_continuation(spec, overwrite)
-    fs, out = url_to_fs(spec.output, spec.storage_options)
-    write_atomic(fs, join(out, "job.yaml"), yaml.safe_dump(spec.public_dict(), sort_keys=False).encode())
+def open_output(spec: JobSpec, start: float, verbose: bool = False) -> np.ndarray:
+    """Record this invocation's start, join Ray (quietly unless `verbose`) with the stages' resources; returns
+    the row ids already done."""
     record_run(spec.output, spec.storage_options, start)
-    connect(spec)
+    connect(spec, verbose)
     return stored_ids(spec.output, "manifest", spec.storage_options)
 
 
@@ -95,17 +67,23 @@ def close_output(spec: JobSpec, start: float, done: np.ndarray) -> Summary:
     return summary
 
 
-def connect(spec: JobSpec) -> None:
+def connect(spec: JobSpec, verbose: bool = False) -> None:
     """Join RAY_ADDRESS (or the caller's Ray) and wait for the stages' resources, else start a local Ray."""
     joined = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
+    start_ray(verbose)
     wait_for_capacity(spec, spec.placement_timeout_s if joined else 0.0)
 
 
-def write_manifest(spec: JobSpec, ds: ray.data.Dataset) -> None:
-    """Run the pipeline; each finished block of rows becomes one manifest object."""
-    ds.write_datasink(ManifestSink(spec.output, spec.storage_options), ray_remote_args={"num_cpus": TASK_CPUS})
+def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> None:
+    """Run one pass, `make(tally)` → its dataset, with a progress line per stage; each finished block of rows
+    becomes one manifest object."""
+    tally = Tally.remote()
+    try:
+        ds = make(tally)
+        with Progress(tally, list(stages), total):
+            ds.write_datasink(ManifestSink(spec.output, spec.storage_options), ray_remote_args={"num_cpus": TASK_CPUS})
+    finally:
+        tally.__ray_terminate__.remote()  # after its queued counts (killing a pending actor makes the GCS log)
 
 
 def stored_embeddings(output: str, storage_options: dict, keep: np.ndarray) -> ray.data.Dataset:
@@ -116,7 +94,7 @@ def stored_embeddings(output: str, storage_options: dict, keep: np.ndarray) -> r
     return ds.map_batches(read_back_embeddings, batch_format="numpy", num_cpus=TASK_CPUS)
 
 
-def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = ()) -> ray.data.Dataset:
+def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = (), tally=None) -> ray.data.Dataset:
     """read → expand rows → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
     ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
                                num_cpus=TASK_CPUS)
@@ -126,22 +104,22 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = 
         skip=ray.put(np.asarray(skip, dtype="U32"))))
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    ds = _stage(ds, spec, TextEncoder, "text", prior=spec.model.prior, decoder=spec.model.decoder)
-    ds = _stage(ds, spec, PriorStage, "prior", prior=spec.model.prior)
+    ds = _stage(ds, spec, TextEncoder, "text", tally, prior=spec.model.prior, decoder=spec.model.decoder)
+    ds = _stage(ds, spec, PriorStage, "prior", tally, prior=spec.model.prior)
     ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
-    return _decode_and_write(ds, spec)
+    return _decode_and_write(ds, spec, tally)
 
 
-def decode_dataset(spec: JobSpec, stored: ray.data.Dataset) -> ray.data.Dataset:
+def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None) -> ray.data.Dataset:
     """Stored Stage C rows → text pool (for the decoder's text states) → Stage B/A pool → images."""
     stored = stored.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    return _decode_and_write(_stage(stored, spec, TextEncoder, "text", prior=spec.model.prior,
-                                    decoder=spec.model.decoder), spec)
+    return _decode_and_write(_stage(stored, spec, TextEncoder, "text", tally, prior=spec.model.prior,
+                                    decoder=spec.model.decoder), spec, tally)
 
 
-def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec) -> ray.data.Dataset:
-    ds = _stage(ds, spec, DecoderStage, "decoder", decoder=spec.model.decoder)
+def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally) -> ray.data.Dataset:
+    ds = _stage(ds, spec, DecoderStage, "decoder", tally, decoder=spec.model.decoder)
     kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format)
     if spec.output_format == "webdataset":
         ds = ds.repartition(target_num_rows_per_block=spec.shard_size)
@@ -150,11 +128,12 @@ def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec) -> ray.data.Dataset:
     return ds.map_batches(write_images, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=kwargs)
 
 
-def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, **models) -> ray.data.Dataset:
-    """One stage's actor pool, placed from its spec."""
+def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, tally, **models) -> ray.data.Dataset:
+    """One stage's actor pool, placed from its spec, reporting its finished rows to `tally` (if given)."""
     kwargs = dict(models, dtype=spec.model.dtype, storage_options=spec.storage_options)
     placed = placement(getattr(spec.stages, name), name, ray.cluster_resources().get("GPU", 0))
-    return ds.map_batches(cls, fn_constructor_kwargs=kwargs, **placed)
+    stage = reporting(cls, tally, name) if tally is not None else cls
+    return ds.map_batches(stage, fn_constructor_kwargs=kwargs, **placed)
 
 
 # GPU shares when a stage's num_gpus is not set: one GPU shared by all three pools, or whole GPUs
@@ -170,11 +149,11 @@ def placement(stage: StageSpec, name: str, cluster_gpus: float) -> dict:
         num_gpus = _GPU_SHARES[name][0 if cluster_gpus < 3 else 1]
     else:
         num_gpus = 0
-    concurrency = stage.concurrency or 1
+    low, high = pool_size(stage)
     args = dict(
         batch_size=stage.batch_size,
         batch_format="numpy",
-        concurrency=tuple(concurrency) if isinstance(concurrency, list) else concurrency,
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=low),
         num_gpus=num_gpus,
         num_cpus=stage.num_cpus if stage.num_cpus is not None else ACTOR_CPUS,
     )
@@ -182,6 +161,12 @@ def placement(stage: StageSpec, name: str, cluster_gpus: float) -> dict:
         if getattr(stage, key):
             args[key] = getattr(stage, key)
     return args
+
+
+def pool_size(stage: StageSpec) -> tuple[int, int]:
+    """(min, max) actors of a stage's pool: its concurrency n (a fixed pool) or [min, max]; 1 by default."""
+    concurrency = stage.concurrency or 1
+    return tuple(concurrency) if isinstance(concurrency, list) else (concurrency, concurrency)
 
 
 def wait_for_capacity(spec: JobSpec, timeout: float) -> None:
@@ -204,10 +189,10 @@ def minimum_pools(spec: JobSpec, cluster: dict) -> list[tuple[str, int, dict]]:
     """(stage, minimum actor count, one actor's resource ask) for each stage."""
     pools = []
     for name in ("text", "prior", "decoder"):
-        args = placement(getattr(spec.stages, name), name, cluster.get("GPU", 0))
-        conc = args["concurrency"]
+        stage = getattr(spec.stages, name)
+        args = placement(stage, name, cluster.get("GPU", 0))
         ask = {"CPU": args["num_cpus"], "GPU": args["num_gpus"], **args.get("resources", {})}
-        pools.append((name, conc[0] if isinstance(conc, tuple) else conc, {k: v for k, v in ask.items() if v}))
+        pools.append((name, pool_size(stage)[0], {k: v for k, v in ask.items() if v}))
     return pools
 
 
@@ -231,12 +216,3 @@ def check_capacity(spec: JobSpec, cluster: dict) -> None:
         if amount > have + 1e-9:
             raise SpecError(f"stages: the minimum actor pools and Ray Data's file listing need {amount:g} {resource}, "
                             f"the Ray cluster has {have:g}; lower a stage's concurrency or its {resource} ask")
-
-
-def summarize(spec: JobSpec, seconds: float, before: int = 0) -> Summary:
-    """Count the manifest's rows and failures (read back from storage); `before` rows were there already."""
-    fs, out = url_to_fs(join(spec.output, "manifest"), spec.storage_options)
-    manifest = pads.dataset(out, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet")
-    errors = manifest.to_table(columns=[C.ERROR]).column(C.ERROR)
-    return Summary(rows=len(errors), failed=len(errors) - errors.null_count, seconds=seconds,
-                   output=spec.output, new=len(errors) - before)

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from jobs import prompts
-from jobs.generate import preflight
+from jobs.preflight import preflight
 from jobs.spec import JobSpec
 from stages import columns as C
 from stages.models import prior_refs, ref_kind, resolve

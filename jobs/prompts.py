@@ -5,19 +5,19 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from jobs.resume import skip_mask
 from jobs.spec import GENERATION_RULES, JobSpec, SpecError
 from stages import columns as C
-from stages.models import prior_id
-from stages.storage import full_uri, url_to_fs
+from stages.refs import prior_id
+from stages.storage import full_uri, reason, url_to_fs
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,17 @@ class PromptTable:
 
 def list_files(uri: str, storage_options: dict) -> tuple[object, list[str]]:
     """The Parquet files of a file or directory URI, or a one-line error naming it."""
-    fs, path = url_to_fs(uri, storage_options)
-    if not fs.exists(path):
-        raise SpecError(f"prompts: {uri} does not exist")
-    if not fs.isdir(path):
-        return fs, [path]
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    try:
+        fs, path = url_to_fs(uri, storage_options)
+        if not fs.exists(path):
+            raise SpecError(f"prompts: {uri} does not exist")
+        if not fs.isdir(path):
+            return fs, [path]
+        files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    except SpecError:
+        raise
+    except Exception as err:  # noqa: BLE001 - credentials, a missing bucket, no network: one line naming it
+        raise SpecError(f"prompts: cannot read {uri} ({reason(err)})") from None
     if not files:
         raise SpecError(f"prompts: no .parquet files under {uri}")
     return fs, files
@@ -100,6 +105,21 @@ def _check_rows(batch: pa.RecordBatch, name: str, offset: int) -> None:
         fail(present & is_bad(np.nan_to_num(values)), f"{col} {message}", values)
 
 
+def planned_rows(spec: JobSpec, prompt_rows: int) -> int:
+    """Image rows a table of `prompt_rows` makes: × every sweep combination × images_per_prompt."""
+    return prompt_rows * math.prod(len(values) for values in spec.sweep.values()) * spec.generation.images_per_prompt
+
+
+def count_rows(spec: JobSpec) -> int:
+    """The prompt table's row count from the Parquet footers alone (no row is read)."""
+    fs, files = list_files(spec.prompts, spec.storage_options)
+    total = 0
+    for path in files:
+        with fs.open(path, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
 def defaults_for(spec: JobSpec) -> dict:
     """Per-row defaults from the spec, keyed by column (prior_steps None → 0, the default schedule)."""
     gen = spec.generation
@@ -143,6 +163,8 @@ def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt:
     out[C.ERROR] = np.full(len(rows), "", dtype=object)
     keep = np.ones(len(rows), dtype=bool)
     if skip is not None:
+        import ray
+
         keep = ~skip_mask(out[C.ROW_ID], ray.get(skip) if isinstance(skip, ray.ObjectRef) else skip)
     checkpoints = np.unique(out[C.PRIOR_CHECKPOINT].astype(str), return_inverse=True)[1]
     order = np.lexsort((out[C.DECODER_STEPS], out[C.PRIOR_STEPS], out[C.WIDTH], out[C.HEIGHT], checkpoints))

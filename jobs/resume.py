@@ -1,18 +1,116 @@
-"""Resume: what an output already holds (done rows, stored Stage C rows) and whether a spec may continue it."""
+"""Resume: what an output already holds (done rows, stored Stage C rows, their counts) and whether a spec may
+continue it; the closing summary."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import yaml
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from jobs.spec import JobSpec, SpecError
 from stages import columns as C
-from stages.storage import join, url_to_fs
+from stages.storage import join, reason, url_to_fs, write_atomic
 
 # Spec sections that change images: an output holds the rows of one setting of these.
 IMAGE_KEYS = ("model", "generation", "image_format", "output_format")
+# Spec sections that decide which rows an output should hold.
+ROW_KEYS = ("prompts", "decoded_from", "sweep", *IMAGE_KEYS)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a finished job reports."""
+
+    rows: int
+    failed: int
+    seconds: float
+    output: str
+    new: int  # rows made by this run (the rest were done before it)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.new / self.seconds if self.seconds else 0.0
+
+    def __str__(self) -> str:
+        where = (f"images in {join(self.output, 'images')}, manifest in {join(self.output, 'manifest')}, "
+                 f"report in {join(self.output, 'report', 'index.html')}")
+        if not self.new:
+            return f"{self.rows} rows ({self.failed} failed), all made earlier: nothing to do; {where}"
+        earlier = f", {self.rows - self.new} done earlier" if self.new != self.rows else ""
+        return (f"{self.rows} rows ({self.failed} failed{earlier}); {self.new} made in {self.seconds:.1f} s, "
+                f"{self.images_per_s:.2f} images/s; {where}")
+
+
+def summarize(spec: JobSpec, seconds: float, before: int = 0) -> Summary:
+    """Count the manifest's rows and failures (from its Parquet footers); `before` rows were there already."""
+    rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
+    return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before)
+
+
+def part_counts(output: str, folder: str, storage_options: dict, nulls_of: str | None = None) -> tuple[int, int]:
+    """(rows, rows with a value in column `nulls_of`) over <output>/<folder>/*.parquet, from the footers alone."""
+    fs, path = url_to_fs(join(output, folder), storage_options)
+    files = fs.glob(join(path, "*.parquet")) if fs.exists(path) else []
+
+    def count(file: str) -> tuple[int, int]:
+        with fs.open(file, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            meta = parquet.metadata
+            if nulls_of is None:
+                return meta.num_rows, 0
+            column = meta.schema.to_arrow_schema().get_field_index(nulls_of)
+            if column < 0:
+                return meta.num_rows, 0
+            stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
+            if all(s is not None and s.has_null_count for s in stats):
+                return meta.num_rows, meta.num_rows - sum(s.null_count for s in stats)
+            return meta.num_rows, meta.num_rows - parquet.read(columns=[nulls_of]).column(0).null_count
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        counts = list(pool.map(count, files))
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -> Summary | None:
+    """The summary of an output that already holds every row of this spec (`expected_rows()` of them, none
+    waiting in stored embeddings), from job.yaml and Parquet footers alone; None when there is work to do,
+    or when the output cannot tell (the full path then checks everything and names what is wrong)."""
+    try:
+        return _finished(spec, expected_rows, started)
+    except Exception:  # noqa: BLE001 - a shortcut only: any doubt takes the full path
+        return None
+
+
+def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -> Summary | None:
+    fs, root = url_to_fs(spec.output, spec.storage_options)
+    job_file = join(root, "job.yaml")
+    if not fs.exists(job_file):
+        return None
+    before, now = yaml.safe_load(fs.cat_file(job_file)) or {}, spec.to_dict()
+    if any(before.get(key) != now.get(key) for key in ROW_KEYS) or not _prompts_older(spec, fs, job_file):
+        return None
+    rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
+    if rows != expected_rows() or part_counts(spec.output, "embeddings", spec.storage_options)[0] > rows:
+        return None
+    return Summary(rows=rows, failed=failed, seconds=time.time() - started, output=spec.output, new=0)
+
+
+def _prompts_older(spec: JobSpec, out_fs, job_file: str) -> bool:
+    """Whether no prompt file changed after job.yaml was written."""
+    if spec.decoded_from:
+        return True
+    from jobs.prompts import list_files
+
+    fs, files = list_files(spec.prompts, spec.storage_options)
+    written = out_fs.modified(job_file).timestamp()  # NotImplementedError where a store keeps no times
+    return all(fs.modified(f).timestamp() <= written for f in files)
 
 
 def stored_ids(output: str, folder: str, storage_options: dict) -> np.ndarray:
@@ -25,15 +123,30 @@ def stored_ids(output: str, folder: str, storage_options: dict) -> np.ndarray:
                      .astype("U32"))
 
 
+def claim(spec: JobSpec, overwrite: bool) -> None:
+    """Check the output may take this spec, then record the spec in it (job.yaml, written whole): the first
+    thing a job writes, after every check; an output that cannot be written is one line naming it."""
+    try:
+        check_continuation(spec, overwrite)
+        fs, root = url_to_fs(spec.output, spec.storage_options)
+        write_atomic(fs, join(root, "job.yaml"), yaml.safe_dump(spec.public_dict(), sort_keys=False).encode())
+    except SpecError:
+        raise
+    except Exception as err:  # noqa: BLE001 - permissions, a file in the way, a missing bucket: one line
+        raise SpecError(f"output {spec.output}: cannot write there ({reason(err)})") from None
+
+
 def check_continuation(spec: JobSpec, overwrite: bool) -> None:
-    """Start afresh on --overwrite; refuse an output made by a different spec, naming the first difference."""
+    """Start afresh on --overwrite; refuse an output holding rows of a different spec, naming the first
+    difference (a job.yaml without rows, left by an attempt that failed early, is no reason to refuse)."""
     fs, root = url_to_fs(spec.output, spec.storage_options)
     if overwrite:
         if fs.exists(root):
             fs.rm(root, recursive=True)
         return
     job_file = join(root, "job.yaml")
-    if not fs.exists(job_file):
+    if not fs.exists(job_file) or not any(fs.glob(join(root, folder, "*.parquet"))
+                                          for folder in ("manifest", "embeddings")):
         return
     before = yaml.safe_load(fs.cat_file(job_file))
     now = spec.to_dict()

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from stages.models import DTYPES
+from stages.dtypes import DTYPE_NAMES
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
+TASK_CPUS = 0.25  # reading, expanding and writing are light: never let them wait behind the actors
+ACTOR_CPUS = 0.1  # a stage actor's default CPU reservation: its work is on the GPU, or in torch threads
 
 
 class SpecError(ValueError):
@@ -210,8 +212,8 @@ def validate(spec: JobSpec) -> None:
         raise SpecError(f"generation.images_per_prompt: must be at least 1, got {gen.images_per_prompt}")
     check_prior_spec("model.prior", spec.model.prior)
     validate_sweep(spec.sweep)
-    if spec.model.dtype not in DTYPES:
-        raise SpecError(f"model.dtype: unknown dtype {spec.model.dtype!r} (choose {' | '.join(DTYPES)})")
+    if spec.model.dtype not in DTYPE_NAMES:
+        raise SpecError(f"model.dtype: unknown dtype {spec.model.dtype!r} (choose {' | '.join(DTYPE_NAMES)})")
     if spec.placement_timeout_s < 0:
         raise SpecError(f"placement_timeout_s: must not be negative, got {spec.placement_timeout_s}")
     if spec.output_format not in ("files", "webdataset"):

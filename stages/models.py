@@ -1,40 +1,30 @@
-"""Model references (hub id, local dir, object-store URI, `tiny`) and loading of each component by subfolder."""
+"""Model loading: references resolved to local folders, each component by its own class and subfolder."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from stages.dtypes import DTYPE_NAMES
+from stages.refs import (  # noqa: F401 - the reference helpers are part of this module's interface
+    DECODER_SUBFOLDERS,
+    PRIOR_SUBFOLDERS,
+    ModelRefError,
+    cache_root,
+    check_ref,
+    prior_id,
+    prior_refs,
+    ref_kind,
+)
 from stages.storage import url_to_fs
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PRIOR_SUBFOLDERS = ("prior", "text_encoder", "tokenizer", "scheduler")
-DECODER_SUBFOLDERS = ("decoder", "text_encoder", "tokenizer", "vqgan", "scheduler")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-class ModelRefError(ValueError):
-    """A model reference that names nothing loadable."""
-
-
-def prior_refs(*priors) -> list[str]:
-    """The model references inside prior specs (a reference, or {interpolate: [A, B], alpha})."""
-    refs = []
-    for prior in priors:
-        refs += prior["interpolate"] if isinstance(prior, dict) else [prior]
-    return list(dict.fromkeys(refs))
-
-
-def prior_id(prior) -> str:
-    """Canonical text of a prior spec: the row column and the checkpoint identity."""
-    return json.dumps(prior, sort_keys=True, ensure_ascii=False)
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def prior_weights(prior, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
@@ -51,41 +41,24 @@ def prior_weights(prior, storage_options: dict | None = None) -> dict[str, torch
     return {name: a[name] * (1 - alpha) + b[name] * alpha for name in a}
 
 
-def cache_root() -> Path:
-    """Where the tiny preset and copies of object-store models live on this node."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wuerstchen-batch"
-    return Path(os.environ.get("WUERSTCHEN_BATCH_CACHE", default))
+def quiet_libraries() -> None:
+    """Model loading without transformers', diffusers' and the hub's info lines and progress bars (an actor's
+    stderr reaches the driver); errors still show. WUERSTCHEN_BATCH_VERBOSE=1 (set by --verbose) keeps them."""
+    if os.environ.get("WUERSTCHEN_BATCH_VERBOSE") == "1":
+        return
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
 
-
-def ref_kind(ref: str) -> str:
-    """Classify a model reference: 'tiny', 'uri', 'local' or 'hub'."""
-    if ref == "tiny":
-        return "tiny"
-    if "://" in ref:
-        return "uri"
-    if ref.startswith(("/", ".", "~")) or os.path.exists(ref) or not _HUB_ID.match(ref):
-        return "local"
-    return "hub"
-
-
-def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options: dict) -> None:
-    """Fail fast, before any model work, on a reference that cannot be loaded."""
-    kind = ref_kind(ref)
-    if kind == "local":
-        path = Path(ref).expanduser()
-        if not path.is_dir():
-            raise ModelRefError(f"model.{role}: directory {ref} does not exist")
-        missing = [s for s in subfolders if not (path / s).is_dir()]
-        if missing:
-            raise ModelRefError(f"model.{role}: {ref} lacks the subfolder(s) {', '.join(missing)}")
-    elif kind == "uri":
-        fs, path = url_to_fs(ref, storage_options)
-        if not fs.isdir(path):
-            raise ModelRefError(f"model.{role}: {ref} does not exist")
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    hub_utils.disable_progress_bars()
 
 
 def resolve(ref: str, role: str, storage_options: dict | None = None) -> str:
     """Turn a reference into something `from_pretrained` loads: a local directory or a hub id."""
+    quiet_libraries()
     kind = ref_kind(ref)
     if kind == "tiny":
         from stages.presets import ensure_tiny_model  # imports diffusers: only when the preset is used

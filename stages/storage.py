@@ -18,6 +18,13 @@ def url_to_fs(uri: str, storage_options: dict | None = None):
     return fsspec.core.url_to_fs(uri, **options)
 
 
+def reason(err: BaseException) -> str:
+    """An exception in a few words, for a one-line error: the OS's reason where there is one, else the
+    first line of its message, else its type."""
+    text = getattr(err, "strerror", None) or str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def join(uri: str, *parts: str) -> str:
     """Join URI path parts with '/'."""
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])

@@ -10,12 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
-from webdataset import TarWriter
 
 from stages import columns as C
-from stages.batching import scatter
 from stages.storage import block_name, full_uri, join, url_to_fs, write_atomic
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -78,6 +74,8 @@ def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options:
 
 def read_back_embeddings(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stored Stage C rows (see write_embeddings) back into the columns Stage B/A takes."""
+    from stages.batching import scatter  # imports torch: only in the tasks that read embeddings back
+
     n = len(batch[C.ROW_ID])
     out = {k: v for k, v in batch.items() if k not in (C.IMAGE_EMBEDDINGS, "embedding_shape", C.GENERATOR_STATE)}
     out[C.PRIOR_STEPS] = np.nan_to_num(np.asarray(batch[C.PRIOR_STEPS], dtype=np.float64)).astype(np.int64)
@@ -126,6 +124,8 @@ def _with_user_columns(table: pa.Table, batch: dict[str, np.ndarray]) -> pa.Tabl
 def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict, image_format: str) -> pa.Table:
     """Write a batch as one WebDataset tar under <output>/shards/ (image, .txt caption, .json params per
     sample) and its stats under <output>/shard_stats/; return manifest rows naming shard and key."""
+    from webdataset import TarWriter  # ~1 s to import: only in the tasks that write shards
+
     fs, root = url_to_fs(join(output, "shards"), storage_options)
     name = block_name(batch[C.ROW_ID])
     shard = join(root, f"{name}.tar")
@@ -147,23 +147,3 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
              C.SHARD: np.asarray([stats["shard"] if not e else None for e in batch[C.ERROR]], dtype=object),
              C.KEY: np.asarray([r if not e else None for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])], dtype=object)}
     return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch)
-
-
-class ManifestSink(Datasink):
-    """Writes each block of manifest rows as one Parquet object, atomically, as rows finish."""
-
-    def __init__(self, output: str, storage_options: dict):
-        self.output, self.storage_options = output, storage_options
-
-    def write(self, blocks, ctx) -> int:
-        fs, root = url_to_fs(join(self.output, "manifest"), self.storage_options)
-        rows = 0
-        for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            if table.num_rows:
-                sink = io.BytesIO()
-                pq.write_table(table, sink)
-                write_atomic(fs, join(root, f"{block_name(table.column(C.ROW_ID).to_pylist())}.parquet"),
-                             sink.getvalue())
-                rows += table.num_rows
-        return rows

@@ -1,14 +1,22 @@
 """The command line: bad input is one clear line and a non-zero exit before any model work or output."""
 
 import json
+import os
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
+from conftest import write_prompts
 
 from jobs.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -86,3 +94,100 @@ def test_benchmark_reports_both_rates_and_their_ratio(ray_cluster, tmp_path, cap
     assert figures["pipeline_images_per_s"] > 0 and figures["diffusers_images_per_s"] > 0
     assert figures["ratio"] == pytest.approx(figures["pipeline_images_per_s"] / figures["diffusers_images_per_s"])
     assert "ratio pipeline / diffusers" in capsys.readouterr().out
+
+
+HEAVY = ("torch", "ray", "diffusers", "transformers")
+# Runs the command in-process and prints which heavy libraries it imported, after what it printed itself.
+HARNESS = ("import json, sys\nfrom jobs.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+           "    code = e.code\nprint(json.dumps([code, sorted(m for m in %r if m in sys.modules)]))\n" % (HEAVY,))
+
+
+def command(args, env=None, harness=False, timeout=600):
+    """The CLI in a fresh process (cwd: the repository), without the test session's Ray address."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
+    argv = ["-c", HARNESS] if harness else ["-m", "jobs.cli"]
+    started = time.time()
+    result = subprocess.run([sys.executable, *argv, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=timeout)
+    return result, time.time() - started
+
+
+def test_help_and_spec_errors_import_no_heavy_library(workdir):
+    for args in (["--help"], ["generate", "--help"], ["generate", job_file(workdir, BASE + "generation: {x: 1}\n")]):
+        result, _ = command(args, harness=True)
+        code, heavy = json.loads(result.stdout.strip().splitlines()[-1])
+        assert code in (0, 2) and heavy == [], (args, heavy)
+
+
+@pytest.fixture
+def bad_models(s3_server, tmp_path):
+    import s3fs
+
+    s3fs.S3FileSystem(**s3_server).makedirs("models-bucket", exist_ok=True)
+    return s3_server, tmp_path
+
+
+@pytest.mark.parametrize("model, env, message", [
+    ("warp-ai/wuerstchen-prior", {"HF_HUB_OFFLINE": "1"}, "model.prior: hub model warp-ai/wuerstchen-prior is "
+                                                          "not in the local Hugging Face cache"),
+    ("{tmp}/no-model", {}, "model.prior: directory {tmp}/no-model does not exist"),
+    ("s3://models-bucket/prior", {}, "model.prior: s3://models-bucket/prior does not exist"),
+])
+def test_a_missing_model_is_one_line_before_any_work(bad_models, model, env, message):
+    options, tmp_path = bad_models
+    write_prompts(tmp_path / "p.parquet", [{"prompt": "a cat"}])
+    job = {"prompts": str(tmp_path / "p.parquet"), "output": str(tmp_path / "out"), "storage_options": options,
+           "model": {"prior": model.format(tmp=tmp_path)}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    (tmp_path / "hf").mkdir()
+    result, seconds = command(["generate", str(tmp_path / "job.yaml")], env={"HF_HOME": str(tmp_path / "hf"), **env})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()]  # one line, no traceback, no Ray
+    assert result.stderr.startswith("error: " + message.format(tmp=tmp_path))
+    assert not (tmp_path / "out").exists()
+    assert seconds < 30, seconds  # before any pool or model: about a second on an idle machine
+
+
+def test_an_unwritable_output_is_one_line_naming_it(workdir):
+    (workdir / "a-file").write_text("in the way")
+    result, _ = command(["generate", job_file(workdir, BASE), "--set", f"prompts={workdir / 'good.parquet'}",
+                         "--set", f"output={workdir / 'a-file' / 'out'}"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: output {workdir / 'a-file' / 'out'}: cannot write "
+                                                  f"there (Not a directory)"]
+
+
+@pytest.fixture(scope="module")
+def quiet_run(tmp_path_factory, model_cache):
+    tmp_path = tmp_path_factory.mktemp("quiet")
+    job = {"prompts": write_prompts(tmp_path / "p.parquet", [{"prompt": f"prompt {i}"} for i in range(4)]),
+           "output": str(tmp_path / "out"),
+           "generation": {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2},
+           "stages": {"text": {"batch_size": 2}, "prior": {"batch_size": 2}, "decoder": {"batch_size": 2}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    result, _ = command(["generate", str(tmp_path / "job.yaml")])
+    return tmp_path, result
+
+
+def test_a_normal_run_is_quiet_and_shows_one_progress_line_per_stage(quiet_run):
+    _, result = quiet_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 rows (0 failed); 4 made in" in result.stdout
+    lines = result.stderr.splitlines()
+    for noise in ("Traceback", "deprecated", "core_worker", "WARNING", "INFO", "it/s]"):
+        assert noise not in result.stderr, noise
+    assert len(lines) <= 12, result.stderr
+    assert [re.sub(r"\d+\.\d\d", "R", line) for line in lines[-3:]] == [  # the closing state of each stage
+        f"{stage:<8} 4/4 rows  R images/s  done" for stage in ("text", "prior", "decoder")]
+
+
+def test_a_rerun_of_a_finished_job_answers_without_ray_or_models(quiet_run):
+    tmp_path, first = quiet_run
+    assert first.returncode == 0
+    result, seconds = command(["generate", str(tmp_path / "job.yaml")], harness=True)
+    *printed, last = result.stdout.strip().splitlines()
+    assert json.loads(last) == [0, []]  # exit 0, and neither Ray, torch, diffusers nor transformers imported
+    assert printed == [f"4 rows (0 failed), all made earlier: nothing to do; images in {tmp_path / 'out' / 'images'}, "
+                       f"manifest in {tmp_path / 'out' / 'manifest'}, report in "
+                       f"{tmp_path / 'out' / 'report' / 'index.html'}"]
+    assert result.stderr == ""

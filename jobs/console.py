@@ -1,0 +1,61 @@
+"""Quiet by default: Ray's own progress bars, info logs and warnings off in the terminal unless --verbose."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+
+def start_ray(verbose: bool = False) -> None:
+    """Join RAY_ADDRESS (or the caller's Ray), else start a local Ray; then set how loud Ray Data is."""
+    import ray
+
+    if verbose:
+        os.environ["WUERSTCHEN_BATCH_VERBOSE"] = "1"  # stage actors keep the model libraries' messages
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True,
+                 logging_level=logging.INFO if verbose else logging.ERROR)
+        if not verbose:
+            absorb_restart_warning()
+    quiet_ray_data(verbose)
+
+
+@functools.cache
+def absorb_restart_warning() -> None:
+    """Ray Data hands every actor-pool worker its DataContext and transform as object-store arguments and
+    turns actor restarts on, so Ray core logs, once per driver process, an ERROR line that a restarted actor
+    could lose such arguments (ray-project/ray#53727): it is not caused by the job's own arguments (the
+    stages take a few strings) and is no error of the job; Ray Data keeps those objects alive for the whole
+    run. Trigger that once-per-process line here, with stderr pointed at /dev/null for the one call, so
+    that it does not read as a failure in the middle of the job."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=1)
+    class Probe:
+        def __init__(self, arg):
+            self.arg = arg
+
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        probe = Probe.remote(ray.put(None))
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    probe.__ray_terminate__.remote()  # exits once created (killing it while still pending makes the GCS log)
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data without its progress bars, execution-plan lines and console info (its log file keeps all)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.INFO if verbose else logging.ERROR)

@@ -1,0 +1,52 @@
+"""Before Ray or any model: answer a finished rerun from its manifest, check models, prompts and the output."""
+
+from __future__ import annotations
+
+import time
+
+from jobs import prompts
+from jobs.resume import Summary, claim, finished, part_counts
+from jobs.spec import JobSpec, SpecError
+from stages import columns as C
+from stages.refs import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, prior_refs
+
+
+def check_models(spec: JobSpec) -> None:
+    """Every model the job names (priors, sweep checkpoints, decoder) exists: one line naming the first that
+    does not (a hub model that is neither cached nor reachable included)."""
+    try:
+        for ref in prior_refs(spec.model.prior, *spec.sweep.get(C.PRIOR_CHECKPOINT, [])):
+            check_ref(ref, "prior", PRIOR_SUBFOLDERS, spec.storage_options)
+        check_ref(spec.model.decoder, "decoder", DECODER_SUBFOLDERS, spec.storage_options)
+    except ModelRefError as err:
+        raise SpecError(str(err)) from None
+
+
+def preflight(spec: JobSpec) -> prompts.PromptTable:
+    """Every check that needs no model loaded: models exist, the table is Parquet with valid rows."""
+    check_models(spec)
+    return prompts.scan(spec)
+
+
+def answered(spec: JobSpec, started: float) -> Summary | None:
+    """The summary of a finished generate job on this output, from metadata alone; None when work is left."""
+    return finished(spec, lambda: prompts.planned_rows(spec, prompts.count_rows(spec)), started)
+
+
+def answered_decode(spec: JobSpec, started: float) -> Summary | None:
+    """The same for a re-decode: done when the output holds as many rows as the run stored embeddings."""
+    return finished(spec, lambda: part_counts(spec.decoded_from, "embeddings", spec.storage_options)[0], started)
+
+
+def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summary:
+    """A whole `generate`: a finished rerun is answered from its manifest; otherwise every check runs and the
+    output is claimed before Ray, torch or a model is imported, then the pipeline runs."""
+    started = time.time()
+    summary = None if overwrite else answered(spec, started)
+    if summary is not None:
+        return summary
+    table = preflight(spec)
+    claim(spec, overwrite)
+    from jobs.generate import generate
+
+    return generate(spec, table, started, verbose)

@@ -1,0 +1,130 @@
+"""Progress: each stage actor reports the rows it finished; the driver prints one line per stage."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import ray
+
+from stages import columns as C
+
+POLL_S = 1.0  # how often the driver asks for the counts
+LOG_EVERY_S = 30.0  # not a terminal (a log file, CI): one block of lines this often, and one at the end
+
+
+@ray.remote(num_cpus=0)
+class Tally:
+    """Rows finished per stage, as the stage actors report them (one number per stage, nothing per row)."""
+
+    def __init__(self):
+        self.rows: dict[str, int] = {}
+
+    def add(self, stage: str, rows: int) -> None:
+        self.rows[stage] = self.rows.get(stage, 0) + rows
+
+    def counts(self) -> dict[str, int]:
+        return self.rows
+
+
+def reporting(cls, tally, stage: str):
+    """`cls` (a stage's callable class) that also reports the rows of every batch it finishes to `tally`;
+    same name, so Ray Data's operators keep theirs."""
+
+    def __call__(self, batch):
+        out = cls.__call__(self, batch)
+        tally.add.remote(stage, len(out[C.ROW_ID]))
+        return out
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__doc__": cls.__doc__})
+
+
+class _Rate:
+    """A stage's images/s between its first finished rows (start-up is not throughput) and its latest."""
+
+    def __init__(self):
+        self.first: tuple[float, int] | None = None
+
+    def __call__(self, now: float, rows: int) -> float | None:
+        if self.first is None and rows:
+            self.first = (now, rows)
+        if self.first is None or rows == self.first[1] or now <= self.first[0]:
+            return None
+        return (rows - self.first[1]) / (now - self.first[0])
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class Progress:
+    """One line per stage (rows done / total, images/s, ETA) while a pipeline runs: redrawn in place on a
+    terminal, printed every LOG_EVERY_S otherwise, and once more when the pass ends."""
+
+    def __init__(self, tally, stages: list[str], total: int, stream=None):
+        self.tally, self.stages, self.total = tally, stages, total
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.rates = {stage: _Rate() for stage in stages}
+        self.rows = dict.fromkeys(stages, 0)
+        self.speed: dict[str, float | None] = dict.fromkeys(stages)
+        self.changed: dict[str, float] = {}  # when each stage's count last moved
+        self.drawn: list[str] = []  # the lines last drawn
+        self.started = time.time()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+
+    def __enter__(self) -> "Progress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._poll()
+        if self.tty or self.lines() != self.drawn:  # a log gets the closing state once
+            self._draw()
+
+    def lines(self) -> list[str]:
+        """The current line of each stage."""
+        out = []
+        for stage in self.stages:
+            done, total, rate = self.rows[stage], max(self.total, self.rows[stage]), self.speed[stage]
+            since = self.changed.get(stage, time.time()) - self.started
+            shown = rate or done / max(since, 1e-9)  # until measured: over the pass so far
+            speed = f"{shown:.2f} images/s" if shown else "-- images/s"
+            eta = "done" if done >= total else f"ETA {_clock((total - done) / rate)}" if rate else "ETA --"
+            out.append(f"{stage:<8} {done}/{total} rows  {speed}  {eta}")
+        return out
+
+    def _poll(self) -> None:
+        try:
+            counts = ray.get(self.tally.counts.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a slow or lost count only delays the line, never the job
+            return
+        now = time.time()
+        for stage in self.stages:
+            if counts.get(stage, 0) != self.rows[stage]:
+                self.rows[stage], self.changed[stage] = counts.get(stage, 0), now
+            self.speed[stage] = self.rates[stage](self.changed.get(stage, now), self.rows[stage])
+
+    def _draw(self) -> None:
+        lines = self.lines()
+        if self.tty:
+            up = f"\x1b[{len(lines)}F" if self.drawn else ""
+            self.stream.write(up + "".join(f"\x1b[2K{line}\n" for line in lines))
+        else:
+            self.stream.write("".join(f"{line}\n" for line in lines))
+        self.stream.flush()
+        self.drawn = lines
+
+    def _loop(self) -> None:
+        last = time.time()
+        while not self.stop.wait(POLL_S):
+            self._poll()
+            if self.tty or time.time() - last >= LOG_EVERY_S:
+                self._draw()
+                last = time.time()

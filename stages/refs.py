@@ -1,0 +1,111 @@
+"""Model references (hub id, local dir, object-store URI, `tiny`) and the checks that they name a loadable model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from stages.storage import reason, url_to_fs
+
+PRIOR_SUBFOLDERS = ("prior", "text_encoder", "tokenizer", "scheduler")
+DECODER_SUBFOLDERS = ("decoder", "text_encoder", "tokenizer", "vqgan", "scheduler")
+HUB_TIMEOUT_S = 5.0  # an unreachable hub is reported after this long, not after the actors' retries
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class ModelRefError(ValueError):
+    """A model reference that names nothing loadable."""
+
+
+def prior_refs(*priors) -> list[str]:
+    """The model references inside prior specs (a reference, or {interpolate: [A, B], alpha})."""
+    refs = []
+    for prior in priors:
+        refs += prior["interpolate"] if isinstance(prior, dict) else [prior]
+    return list(dict.fromkeys(refs))
+
+
+def prior_id(prior) -> str:
+    """Canonical text of a prior spec: the row column and the checkpoint identity."""
+    return json.dumps(prior, sort_keys=True, ensure_ascii=False)
+
+
+def cache_root() -> Path:
+    """Where the tiny preset and copies of object-store models live on this node."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wuerstchen-batch"
+    return Path(os.environ.get("WUERSTCHEN_BATCH_CACHE", default))
+
+
+def ref_kind(ref: str) -> str:
+    """Classify a model reference: 'tiny', 'uri', 'local' or 'hub'."""
+    if ref == "tiny":
+        return "tiny"
+    if "://" in ref:
+        return "uri"
+    if ref.startswith(("/", ".", "~")) or os.path.exists(ref) or not _HUB_ID.match(ref):
+        return "local"
+    return "hub"
+
+
+def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options: dict) -> None:
+    """Fail fast, before any model work, on a reference that cannot be loaded."""
+    kind = ref_kind(ref)
+    if kind == "local":
+        path = Path(ref).expanduser()
+        if not path.is_dir():
+            raise ModelRefError(f"model.{role}: directory {ref} does not exist")
+        _check_subfolders(ref, role, subfolders, {p.name for p in path.iterdir() if p.is_dir()})
+    elif kind == "uri":
+        _check_uri(ref, role, subfolders, storage_options)
+    elif kind == "hub":
+        _check_subfolders(ref, role, subfolders, hub_entries(ref, f"model.{role}"))
+
+
+def _check_subfolders(ref: str, role: str, subfolders: tuple[str, ...], present: set[str]) -> None:
+    missing = [s for s in subfolders if s not in present]
+    if missing:
+        raise ModelRefError(f"model.{role}: {ref} lacks the subfolder(s) {', '.join(missing)}")
+
+
+def _check_uri(ref: str, role: str, subfolders: tuple[str, ...], storage_options: dict) -> None:
+    try:
+        fs, path = url_to_fs(ref, storage_options)
+        if not fs.isdir(path):
+            raise ModelRefError(f"model.{role}: {ref} does not exist")
+        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    except ModelRefError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any store failure is one line naming the model
+        raise ModelRefError(f"model.{role}: cannot read {ref} ({reason(err)})") from None
+    _check_subfolders(ref, role, subfolders, present)
+
+
+def hub_entries(repo: str, name: str) -> set[str]:
+    """Top-level files and folders of a hub model: from the local Hugging Face cache if it holds a snapshot,
+    else from the hub (short timeout); a one-line ModelRefError naming `name` when neither can tell."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(repo, local_files_only=True))
+        return {p.name for p in snapshot.iterdir()}
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ModelRefError(f"{name}: hub model {repo} is not in the local Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set")
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise ModelRefError(f"{name}: hub model {repo} is gated: accept its terms and log in (HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ModelRefError(f"{name}: hub model {repo} does not exist (or is private: log in with HF_TOKEN)") from None
+    except Exception as err:  # noqa: BLE001 - network and HTTP failures alike: one line, what to do
+        raise ModelRefError(f"{name}: cannot reach the Hugging Face Hub for {repo} ({reason(err)}); check "
+                            f"the network, or put the model in the cache and set HF_HUB_OFFLINE=1") from None
+    return {s.rfilename.split("/")[0] for s in info.siblings or ()}
+

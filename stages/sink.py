@@ -1,0 +1,32 @@
+"""The manifest's Ray Data sink: each block of finished rows becomes one Parquet object, written whole."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from stages import columns as C
+from stages.storage import block_name, join, url_to_fs, write_atomic
+
+
+class ManifestSink(Datasink):
+    """Writes each block of manifest rows as one Parquet object, atomically, as rows finish."""
+
+    def __init__(self, output: str, storage_options: dict):
+        self.output, self.storage_options = output, storage_options
+
+    def write(self, blocks, ctx) -> int:
+        fs, root = url_to_fs(join(self.output, "manifest"), self.storage_options)
+        rows = 0
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if table.num_rows:
+                sink = io.BytesIO()
+                pq.write_table(table, sink)
+                write_atomic(fs, join(root, f"{block_name(table.column(C.ROW_ID).to_pylist())}.parquet"),
+                             sink.getvalue())
+                rows += table.num_rows
+        return rows

@@ -1,0 +1,119 @@
+"""Before Ray: a finished rerun is answered from metadata, models and output are checked, job.yaml comes last."""
+
+import os
+import time
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import write_prompts
+
+from jobs.preflight import answered, check_models
+from jobs.resume import claim, part_counts
+from jobs.spec import SpecError, spec_from_dict
+from stages import columns as C
+
+
+def spec_at(tmp_path, rows=3, **extra):
+    prompts = tmp_path / "p.parquet"
+    if not prompts.exists() or rows != pq.ParquetFile(prompts).metadata.num_rows:
+        write_prompts(prompts, [{C.PROMPT: f"prompt {i}"} for i in range(rows)])
+    return spec_from_dict({"prompts": str(prompts), "output": str(tmp_path / "out"), **extra})
+
+
+def write_part(folder, name, row_ids, errors=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = errors or [None] * len(row_ids)
+    pq.write_table(pa.table({C.ROW_ID: row_ids, C.ERROR: pa.array(errors, pa.string())}), folder / f"{name}.parquet")
+
+
+def finished_output(tmp_path, spec, rows):
+    """An output as a finished run leaves it: job.yaml, then manifest and embeddings parts."""
+    claim(spec, overwrite=False)
+    time.sleep(0.01)
+    ids = [f"id{i}" for i in range(rows)]
+    write_part(tmp_path / "out" / "manifest", "a", ids[:2], ["nan in stage C", None])
+    write_part(tmp_path / "out" / "manifest", "b", ids[2:])
+    write_part(tmp_path / "out" / "embeddings", "a", ids)
+
+
+def test_a_finished_output_is_answered_from_its_footers(tmp_path):
+    spec = spec_at(tmp_path, rows=3, generation={"images_per_prompt": 2})
+    finished_output(tmp_path, spec, rows=6)
+    summary = answered(spec, time.time())
+    assert (summary.rows, summary.failed, summary.new) == (6, 1, 0)
+    assert "all made earlier: nothing to do" in str(summary) and "images/s" not in str(summary)
+    assert part_counts(spec.output, "manifest", {}, nulls_of=C.ERROR) == (6, 1)
+    batch_sizes = spec_from_dict({**spec.to_dict(), "stages": {"prior": {"batch_size": 1}}})
+    assert answered(batch_sizes, time.time()) is not None  # placement does not decide which rows there are
+
+
+def test_work_left_is_not_answered(tmp_path):
+    spec = spec_at(tmp_path, rows=3)
+    finished_output(tmp_path, spec, rows=3)
+    assert answered(spec, time.time()) is not None
+    assert answered(spec_at(tmp_path, rows=3, generation={"seed": 5}), time.time()) is None  # another spec
+    assert answered(spec_at(tmp_path, rows=3, sweep={"seed": [0, 1]}), time.time()) is None  # more rows
+    write_part(tmp_path / "out" / "embeddings", "b", ["waiting"])  # Stage C done, decode pending
+    assert answered(spec, time.time()) is None
+    os.remove(tmp_path / "out" / "embeddings" / "b.parquet")
+    assert answered(spec, time.time()) is not None
+    later = time.time() + 5
+    os.utime(tmp_path / "p.parquet", (later, later))  # the table changed after the run: its rows may differ
+    assert answered(spec, time.time()) is None
+    (tmp_path / "new").mkdir()
+    assert answered(spec_at(tmp_path / "new"), time.time()) is None  # no output yet
+
+
+def test_job_yaml_of_a_failed_attempt_does_not_refuse_the_corrected_spec(tmp_path):
+    spec = spec_at(tmp_path, model={"prior": "tiny"})
+    claim(spec, overwrite=False)  # the attempt stopped before any row was made
+    corrected = spec_at(tmp_path, generation={"height": 512})
+    claim(corrected, overwrite=False)
+    assert yaml.safe_load((tmp_path / "out" / "job.yaml").read_text())["generation"]["height"] == 512
+    write_part(tmp_path / "out" / "manifest", "a", ["id0"])  # now the output holds rows: a change is refused
+    with pytest.raises(SpecError, match=r"holds a run of another spec \(generation.height: 512 → 1024\)"):
+        claim(spec, overwrite=False)
+
+
+@pytest.mark.parametrize("output, reason", [("{file}/out", "Not a directory"), ("{file}", "")])
+def test_an_unwritable_output_is_one_line_naming_it(tmp_path, output, reason):
+    (tmp_path / "file").write_text("not a folder")
+    spec = spec_at(tmp_path)
+    spec = spec_from_dict({**spec.to_dict(), "output": output.format(file=tmp_path / "file")})
+    with pytest.raises(SpecError, match=f"^output {spec.output}: cannot write there \\(.*{reason}.*\\)$"):
+        claim(spec, overwrite=False)
+
+
+def test_missing_models_in_an_object_store_are_named(tmp_path, model_cache):
+    fs = fsspec.filesystem("memory")
+    fs.put(str(model_cache / "prior"), "/store/prior", recursive=True)
+    fs.put(str(model_cache / "prior"), "/store/half", recursive=True)
+    fs.rm("/store/half/scheduler", recursive=True)
+    check_models(spec_at(tmp_path, model={"prior": "memory://store/prior"}))
+    cases = [({"prior": "memory://store/nope"}, "model.prior: memory://store/nope does not exist"),
+             ({"prior": "memory://store/half"}, "model.prior: memory://store/half lacks the subfolder(s) scheduler"),
+             ({"decoder": "memory://store/prior"}, "model.decoder: memory://store/prior lacks the subfolder(s) "
+                                                   "decoder, vqgan"),
+             ({"prior": {"interpolate": ["tiny", "./none"], "alpha": 0.5}}, "model.prior: directory ./none")]
+    for model, message in cases:
+        with pytest.raises(SpecError, match=f"^{message.replace('(', '.').replace(')', '.')}"):
+            check_models(spec_at(tmp_path, model=model))
+
+
+def test_a_finished_output_on_an_object_store_is_answered(s3_server, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.makedirs("quick", exist_ok=True)
+    fs.put(write_prompts(tmp_path / "p.parquet", [{C.PROMPT: "a"}, {C.PROMPT: "b"}]), "quick/prompts/p.parquet")
+    spec = spec_from_dict({"prompts": "s3://quick/prompts/", "output": "s3://quick/out", "storage_options": s3_server})
+    claim(spec, overwrite=False)
+    write_part(tmp_path / "parts", "a", ["id0", "id1"])
+    fs.put(str(tmp_path / "parts" / "a.parquet"), "quick/out/manifest/a.parquet")
+    assert answered(spec, time.time()).rows == 2
+    time.sleep(1.1)  # object stores keep modification times to the second
+    fs.put(str(tmp_path / "p.parquet"), "quick/prompts/p.parquet")  # rewritten after the run
+    assert answered(spec, time.time()) is None

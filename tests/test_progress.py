@@ -1,0 +1,77 @@
+"""Progress: stage actors report finished rows to a tally; the driver prints one line per stage."""
+
+import io
+
+import numpy as np
+
+from jobs.progress import Progress, Tally, _Rate, reporting
+from stages import columns as C
+
+
+class Echo:
+    """A stage that returns its batch."""
+
+    def __call__(self, batch):
+        return batch
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def batch(n):
+    return {C.ROW_ID: np.asarray([f"r{i}" for i in range(n)], dtype=object)}
+
+
+def test_stages_report_their_rows_and_keep_their_name(ray_cluster):
+    tally = Tally.remote()
+    stage = reporting(Echo, tally, "text")
+    assert stage.__name__ == "Echo" and issubclass(stage, Echo)  # Ray Data names the operator MapBatches(Echo)
+    instance = stage()
+    instance(batch(3))
+    instance(batch(2))
+    assert ray_cluster.get(tally.counts.remote()) == {"text": 5}
+
+
+def test_closing_lines_of_a_pass(ray_cluster):
+    tally, log = Tally.remote(), io.StringIO()
+    with Progress(tally, ["text", "decoder"], total=4, stream=log):
+        ray_cluster.get(tally.add.remote("text", 4))
+        ray_cluster.get(tally.add.remote("decoder", 1))
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and "\x1b" not in log.getvalue()  # not a terminal: plain lines
+    assert lines[0].startswith("text     4/4 rows  ") and lines[0].endswith(" images/s  done")
+    assert lines[1].startswith("decoder  1/4 rows  ") and lines[1].endswith("ETA --")
+
+
+def test_lines_show_rate_and_eta_and_redraw_in_place_on_a_terminal():
+    screen = Terminal()
+    progress = Progress(None, ["prior"], total=100, stream=screen)
+    progress.rows["prior"], progress.speed["prior"] = 40, 2.0
+    assert progress.lines() == ["prior    40/100 rows  2.00 images/s  ETA 0:30"]
+    progress.rows["prior"], progress.speed["prior"] = 100, 2.5
+    assert progress.lines() == ["prior    100/100 rows  2.50 images/s  done"]
+    progress._draw()
+    progress._draw()
+    first, second = screen.getvalue().split("\n")[:2]
+    assert first == "\x1b[2Kprior    100/100 rows  2.50 images/s  done"
+    assert second.startswith("\x1b[1F\x1b[2Kprior")  # the second draw goes back up over the first
+
+
+def test_rate_is_measured_from_the_first_finished_rows():
+    rate = _Rate()
+    assert rate(10.0, 0) is None
+    assert rate(12.0, 8) is None  # the first batch: start-up, not throughput
+    assert rate(16.0, 16) == 2.0
+    assert rate(20.0, 40) == 4.0
+
+
+def test_a_log_gets_the_closing_state_once(ray_cluster):
+    tally, log = Tally.remote(), io.StringIO()
+    progress = Progress(tally, ["text"], total=2, stream=log)
+    with progress:
+        ray_cluster.get(tally.add.remote("text", 2))
+        progress._poll()
+        progress._draw()  # as the loop does every LOG_EVERY_S, just before the pass ends
+    assert log.getvalue().count("text     2/2 rows") == 1

@@ -1,0 +1,63 @@
+"""Hub references are checked against the local Hugging Face cache first, then the hub with a short timeout."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ("from stages.refs import PRIOR_SUBFOLDERS, ModelRefError, check_ref\n"
+         "try:\n    check_ref({ref!r}, 'prior', PRIOR_SUBFOLDERS, {{}})\n    print('ok')\n"
+         "except ModelRefError as err:\n    print(err)\n")
+
+
+def check_in(env: dict, ref: str) -> tuple[str, float]:
+    """check_ref in a fresh process (the hub library reads its settings once, at import); its answer and time."""
+    started = time.time()
+    result = subprocess.run([sys.executable, "-c", CHECK.format(ref=ref)], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, **env}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip(), time.time() - started
+
+
+@pytest.fixture
+def hf_home(tmp_path):
+    """An empty Hugging Face home, and a way to put a snapshot of a hub model with some subfolders into it."""
+
+    def cache(repo: str, subfolders):
+        entry = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        (entry / "refs").mkdir(parents=True)
+        (entry / "refs" / "main").write_text("abc123")
+        for sub in subfolders:
+            (entry / "snapshots" / "abc123" / sub).mkdir(parents=True)
+
+    return tmp_path, cache
+
+
+def test_offline_without_the_model_in_the_cache_is_one_line(hf_home):
+    home, _ = hf_home
+    answer, _ = check_in({"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}, "warp-ai/wuerstchen-prior")
+    assert answer == (f"model.prior: hub model warp-ai/wuerstchen-prior is not in the local Hugging Face cache "
+                      f"({home / 'hub'}) and HF_HUB_OFFLINE is set")
+
+
+def test_a_cached_snapshot_is_checked_offline_with_its_subfolders(hf_home):
+    home, cache = hf_home
+    cache("org/whole", ["prior", "text_encoder", "tokenizer", "scheduler"])
+    cache("org/half", ["prior", "tokenizer"])
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    assert check_in(env, "org/whole")[0] == "ok"
+    assert check_in(env, "org/half")[0] == "model.prior: org/half lacks the subfolder(s) text_encoder, scheduler"
+
+
+def test_an_unreachable_hub_is_one_line_within_seconds(hf_home):
+    home, _ = hf_home
+    env = {"HF_HOME": str(home), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
+    answer, seconds = check_in(env, "warp-ai/wuerstchen-prior")
+    assert answer.startswith("model.prior: cannot reach the Hugging Face Hub for warp-ai/wuerstchen-prior (")
+    assert "HF_HUB_OFFLINE=1" in answer and "\n" not in answer
+    assert seconds < 30  # the process start included; the check itself gives up after HUB_TIMEOUT_S
