@@ -18,7 +18,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from jobs import prompts
 from jobs.report import build_report
 from jobs.resume import check_continuation, filter_ids, stored_ids
-from jobs.spec import JobSpec, SpecError, StageSpec
+from jobs.spec import JobSpec, SpecError, StageSpec, stage_kwargs
 from stages import columns as C
 from stages.decoder import DecoderStage
 from stages.models import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, prior_refs
@@ -123,8 +123,8 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = 
         skip=ray.put(np.asarray(skip, dtype="U32"))))
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    ds = _stage(ds, spec, TextEncoder, "text", prior=spec.model.prior, decoder=spec.model.decoder)
-    ds = _stage(ds, spec, PriorStage, "prior", prior=spec.model.prior)
+    ds = _stage(ds, spec, TextEncoder, "text")
+    ds = _stage(ds, spec, PriorStage, "prior")
     ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
     return _decode_and_write(ds, spec)
@@ -133,12 +133,11 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = 
 def decode_dataset(spec: JobSpec, stored: ray.data.Dataset) -> ray.data.Dataset:
     """Stored Stage C rows → text pool (for the decoder's text states) → Stage B/A pool → images."""
     stored = stored.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    return _decode_and_write(_stage(stored, spec, TextEncoder, "text", prior=spec.model.prior,
-                                    decoder=spec.model.decoder), spec)
+    return _decode_and_write(_stage(stored, spec, TextEncoder, "text"), spec)
 
 
 def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec) -> ray.data.Dataset:
-    ds = _stage(ds, spec, DecoderStage, "decoder", decoder=spec.model.decoder)
+    ds = _stage(ds, spec, DecoderStage, "decoder")
     kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format)
     if spec.output_format == "webdataset":
         ds = ds.repartition(target_num_rows_per_block=spec.shard_size)
@@ -147,11 +146,10 @@ def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec) -> ray.data.Dataset:
     return ds.map_batches(write_images, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=kwargs)
 
 
-def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, **models) -> ray.data.Dataset:
+def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str) -> ray.data.Dataset:
     """One stage's actor pool, placed from its spec."""
-    kwargs = dict(models, dtype=spec.model.dtype, storage_options=spec.storage_options)
     placed = placement(getattr(spec.stages, name), name, ray.cluster_resources().get("GPU", 0))
-    return ds.map_batches(cls, fn_constructor_kwargs=kwargs, **placed)
+    return ds.map_batches(cls, fn_constructor_kwargs=stage_kwargs(spec, name), **placed)
 
 
 # GPU shares when a stage's num_gpus is not set: one GPU shared by all three pools, or whole GPUs

@@ -16,7 +16,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from jobs import prompts
-from jobs.generate import preflight
 from jobs.spec import JobSpec
 from stages import columns as C
 from stages.models import prior_refs, ref_kind, resolve
@@ -138,6 +137,8 @@ def bucket_flops(models: dict, bucket: Bucket) -> dict[str, float]:
 
 def plan(spec: JobSpec) -> str:
     """The report `wuerstchen-batch plan` prints."""
+    from jobs.generate import preflight  # imports Ray: only where a plan is printed
+
     table = preflight(spec)
     buckets, models = count_buckets(spec, table), meta_models(spec)
     totals = {"text": 0.0, "prior": 0.0, "decoder": 0.0}

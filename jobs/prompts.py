@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from jobs.resume import skip_mask
 from jobs.spec import GENERATION_RULES, JobSpec, SpecError
@@ -143,6 +142,8 @@ def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt:
     out[C.ERROR] = np.full(len(rows), "", dtype=object)
     keep = np.ones(len(rows), dtype=bool)
     if skip is not None:
+        import ray  # only where rows are skipped: the in-process benchmark runs without Ray
+
         keep = ~skip_mask(out[C.ROW_ID], ray.get(skip) if isinstance(skip, ray.ObjectRef) else skip)
     checkpoints = np.unique(out[C.PRIOR_CHECKPOINT].astype(str), return_inverse=True)[1]
     order = np.lexsort((out[C.DECODER_STEPS], out[C.PRIOR_STEPS], out[C.WIDTH], out[C.HEIGHT], checkpoints))

@@ -93,6 +93,13 @@ class JobSpec:
         return data
 
 
+def stage_kwargs(spec: JobSpec, name: str) -> dict:
+    """Constructor arguments of stage `name`'s class (TextEncoder, PriorStage, DecoderStage) from the spec."""
+    models = {"text": dict(prior=spec.model.prior, decoder=spec.model.decoder),
+              "prior": dict(prior=spec.model.prior), "decoder": dict(decoder=spec.model.decoder)}[name]
+    return dict(models, dtype=spec.model.dtype, storage_options=spec.storage_options)
+
+
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 
 
