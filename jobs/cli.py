@@ -53,10 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--in-process", action="store_true",
                        help="time the stages in this process only, without the Ray pipeline (also when Ray is missing)")
 
-    from jobs import evaluate, report
-
-    report.add_parser(sub)
-    evaluate.add_parser(sub)
+    try:
+        from jobs import evaluate, report
+    except ModuleNotFoundError as err:  # a bare GPU box without Ray: tiny-model and benchmark --in-process still run
+        if err.name not in ("ray", "webdataset"):
+            raise
+    else:
+        report.add_parser(sub)
+        evaluate.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
