@@ -34,9 +34,11 @@ def micro_batches(idx: np.ndarray, size: int = MICRO_BATCH):
 
 
 def current_node() -> str:
-    """The hex id of the Ray node this process runs on, or "" when called without Ray."""
-    import ray
-
+    """The hex id of the Ray node this process runs on, or "" when called without Ray (or with none installed)."""
+    try:
+        import ray
+    except ModuleNotFoundError:
+        return ""
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
