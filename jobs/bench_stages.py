@@ -63,9 +63,9 @@ def run_stages(stages: dict, spec: JobSpec, rows: dict[str, np.ndarray]) -> tupl
     """Warm up on two micro-batches (compilation and CUDA-graph recording happen here), then time each stage
     over every row in blocks of its batch size, one stage after another; returns (final batch, {stage: figures})."""
     device = pick_device()
-    figures = {name: {} for name in STAGES}
+    figures, n = {name: {} for name in STAGES}, len(rows[C.ROW_ID])
     warm_rows = 2 * max(getattr(spec.stages, name).micro_batch for name in STAGES)
-    warm = take(rows, np.arange(min(warm_rows, len(rows))))
+    warm = take(rows, np.arange(min(warm_rows, n)))
     for name in STAGES:
         start = time.perf_counter()
         warm = stages[name](warm)
@@ -77,11 +77,10 @@ def run_stages(stages: dict, spec: JobSpec, rows: dict[str, np.ndarray]) -> tupl
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         base, start = allocated(device), time.perf_counter()
-        batch = concat([stages[name](take(batch, np.arange(i, min(i + size, len(rows)))))
-                        for i in range(0, len(rows), size)])
+        batch = concat([stages[name](take(batch, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
         sync(device)
         seconds = time.perf_counter() - start
-        figures[name].update(seconds=seconds, images_per_s=len(rows) / seconds)
+        figures[name].update(seconds=seconds, images_per_s=n / seconds)
         if device.type == "cuda":
             figures[name]["work_bytes"] = torch.cuda.max_memory_allocated(device) - base
     return batch, figures
