@@ -24,9 +24,9 @@ from stages.denoise import (
     Schedule,
     compiled,
     ddpm_step,
-    draw_noise,
     finish,
     new_step,
+    noise_stream,
     prepare_model,
     schedule,
     to_host,
@@ -96,13 +96,12 @@ class DecoderStage:
         sched = self._schedule(int(steps))
         ratios = sched.ratios[:, None].expand(-1, len(text)).contiguous()
 
-        # 3. Noise continuing each row's generator from where Stage C left it, drawn ahead:
-        #    start (B, 4, 10.67h, 10.67w), steps (S, B, 4, 10.67h, 10.67w)
+        # 3. Noise continuing each row's generator from where Stage C left it, in diffusers' order:
+        #    start latents (B, 4, 10.67h, 10.67w), then one per step
         gens = restored_generators(batch[C.GENERATOR_STATE][idx])
         h, w = effnet.shape[-2:]
-        shape = (4, int(h * self.latent_dim_scale), int(w * self.latent_dim_scale))
-        latents, noise = draw_noise(gens, shape, sched.steps, self.device)
-        latents = latents * self.scheduler.init_noise_sigma
+        noise = noise_stream(gens, (4, int(h * self.latent_dim_scale), int(w * self.latent_dim_scale)), self.device)
+        latents = next(noise) * self.scheduler.init_noise_sigma
 
         # 4. Denoise: latents, guidance and the step in float32, the model in its dtype; guidance doubles its batch
         for i in range(sched.steps):
@@ -112,7 +111,7 @@ class DecoderStage:
             if use_cfg:
                 pred_text, pred_uncond = pred.chunk(2)  # (B, 4, 4h', 4w') each
                 pred = torch.lerp(pred_uncond, pred_text, guidance)
-            latents = ddpm_step(latents, pred, sched.coefs[:, i], noise[i])  # (B, 4, 4h', 4w')
+            latents = ddpm_step(latents, pred, sched.coefs[:, i], next(noise))  # (B, 4, 4h', 4w')
 
         # 5. VQGAN decode to uint8 pixels on the device: (B, H, W, 3), and (B,) all-finite flags
         new_step()

@@ -1,5 +1,5 @@
-"""What the denoising loops share: a float32 DDPM step without host syncs, noise drawn ahead from the rows'
-CPU generators, model set-up (SDPA, float32 timestep ratio, channels-last), torch.compile, pinned transfers."""
+"""What the denoising loops share: a float32 DDPM step without host syncs, noise streamed from the rows' CPU
+generators, model set-up (SDPA, float32 timestep ratio, channels-last), torch.compile, pinned transfers."""
 
 from __future__ import annotations
 
@@ -38,15 +38,15 @@ def ddpm_step(sample: torch.Tensor, pred: torch.Tensor, coefs: torch.Tensor, noi
     return mu + coefs[3] * noise * coefs[4]
 
 
-def draw_noise(gens: list[torch.Generator], shape: tuple, steps: int, device: torch.device):
-    """Start latents (B, *shape) and every step's noise (S, B, *shape), float32, drawn ahead in diffusers'
-    order (per row: the start, then one draw per step) from each row's CPU generator, in one pinned buffer."""
-    buffer = torch.empty((steps + 1, len(gens), *shape), pin_memory=device.type == "cuda")
-    for row, gen in enumerate(gens):
-        for step in range(steps + 1):
-            torch.randn(shape, generator=gen, out=buffer[step, row])
-    buffer = buffer.to(device, non_blocking=True)
-    return buffer[0], buffer[1:]
+def noise_stream(gens: list[torch.Generator], shape: tuple, device: torch.device):
+    """The start latents, then each step's noise: (B, *shape) float32 on the device, drawn when asked for from
+    each row's CPU generator in diffusers' order (per row: the start, then one draw per step), through pinned
+    memory, so the CPU draws the next step's noise while the device computes this step."""
+    while True:
+        buffer = torch.empty((len(gens), *shape), pin_memory=device.type == "cuda")
+        for row, gen in enumerate(gens):
+            torch.randn(shape, generator=gen, out=buffer[row])
+        yield buffer.to(device, non_blocking=True)
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool | None = None) -> torch.nn.Module:

@@ -29,9 +29,9 @@ from stages.denoise import (
     Schedule,
     compiled,
     ddpm_step,
-    draw_noise,
     finish,
     new_step,
+    noise_stream,
     prepare_model,
     schedule,
     to_host,
@@ -125,7 +125,8 @@ class PriorStage:
     def _generate(self, batch, idx, height, width, steps, use_cfg):
         """The denoising loop of WuerstchenPriorPipeline for one micro-batch of same-shaped rows; nothing in it
         waits for the device. Returns the embeddings on the device (transport dtype) and the rows' generators."""
-        # 1. Text conditioning: (B, 77, d), with the negatives appended for guidance → (2B, 77, d); guidance (B, 1, 1, 1) fp32
+        # 1. Text conditioning: (B, 77, d), with the negatives appended for guidance → (2B, 77, d);
+        #    guidance (B, 1, 1, 1) float32
         text = batch_tensor(batch[C.PRIOR_TEXT], idx, self.device, self.dtype)
         if use_cfg:
             text = torch.cat([text, batch_tensor(batch[C.PRIOR_TEXT_NEG], idx, self.device, self.dtype)])
@@ -135,11 +136,11 @@ class PriorStage:
         sched = self._schedule(int(steps))
         ratios = sched.ratios[:, None].expand(-1, len(text)).contiguous()
 
-        # 3. Noise from each row's CPU generator, drawn ahead in diffusers' order: start (B, 16, h, w), steps (S, B, 16, h, w)
+        # 3. Noise from each row's CPU generator, in diffusers' order: start latents (B, 16, h, w), then one per step
         gens = seeded_generators(batch[C.SEED][idx])
         h, w = embedding_size(height, width, self.resolution_multiple)
-        latents, noise = draw_noise(gens, (self.prior.config.c_in, h, w), sched.steps, self.device)
-        latents = latents * self.scheduler.init_noise_sigma
+        noise = noise_stream(gens, (self.prior.config.c_in, h, w), self.device)
+        latents = next(noise) * self.scheduler.init_noise_sigma
 
         # 4. Denoise: latents, guidance and the step in float32, the model in its dtype; guidance doubles its batch
         for i in range(sched.steps):
@@ -149,7 +150,7 @@ class PriorStage:
             if use_cfg:
                 pred_text, pred_uncond = pred.chunk(2)  # (B, 16, h, w) each
                 pred = torch.lerp(pred_uncond, pred_text, guidance)
-            latents = ddpm_step(latents, pred, sched.coefs[:, i], noise[i])  # (B, 16, h, w)
+            latents = ddpm_step(latents, pred, sched.coefs[:, i], next(noise))  # (B, 16, h, w)
 
         # 5. Image embeddings as the prior pipeline returns them: (B, 16, h, w), in the transport dtype
         return (latents * self.latent_mean - self.latent_std).to(self.out_dtype), gens
