@@ -68,6 +68,8 @@ def run_benchmark(args) -> dict:
         figures["end_to_end_images_per_s"] = figures["ray_end_to_end_images_per_s"]
     print(report_pipeline(figures), flush=True)  # shown (and kept) before diffusers' turn
     _save(args.json, figures)
+    if args.skip_diffusers:
+        return figures
     figures["diffusers_compiled"] = any(getattr(spec.stages, name).compile for name in ("text", "prior", "decoder"))
     figures["diffusers_images_per_s"], figures["diffusers_warmup_s"] = diffusers_rate(
         spec, prompts, figures["diffusers_compiled"])

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="rows whose half-precision images are compared with float32 ones (0: none)")
     bench.add_argument("--compile", action="store_true",
                        help="compile every stage (stages.<name>.compile) and diffusers' prior and decoder")
+    bench.add_argument("--skip-diffusers", action="store_true", help="time only this project's stages")
     bench.add_argument("--in-process", action="store_true",
                        help="time the stages in this process only, without the Ray pipeline (also when Ray is missing)")
 
