@@ -29,7 +29,7 @@ def schedule(scheduler, device: torch.device) -> Schedule:
     alpha = cumprod / cumprod_prev
     coefs = torch.stack([(1.0 / alpha).sqrt(), 1 - alpha, (1 - cumprod).sqrt(),
                          ((1 - alpha) * (1.0 - cumprod_prev) / (1.0 - cumprod)).sqrt(), (t_prev != 0).float()])
-    return Schedule(t_now.to(device), coefs.to(device))
+    return Schedule(to_device(t_now, device), to_device(coefs, device))  # pinned copies: no sync here either
 
 
 def ddpm_step(sample: torch.Tensor, pred: torch.Tensor, coefs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

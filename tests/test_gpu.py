@@ -33,6 +33,7 @@ def test_denoising_loops_never_wait_for_the_gpu():
     prior, decoder = PriorStage("tiny", "bfloat16", device="cuda"), DecoderStage("tiny", "bfloat16", device="cuda")
     texts = text(make_batch(ROWS))
     batch = prior(dict(texts))
+    decoder(dict(batch))  # first calls: schedules computed, kernels chosen
     idx = np.arange(len(ROWS))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
