@@ -1,10 +1,10 @@
-"""Benchmark: the Ray pipeline against diffusers' WuerstchenCombinedPipeline (one row per call) on the same rows."""
+"""Benchmark: the stages in process and the Ray pipeline against diffusers' WuerstchenCombinedPipeline on the same rows."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +13,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 
-from jobs.console import start_ray
-from jobs.generate import run
-from jobs.spec import apply_overrides, spec_from_dict
+from jobs.bench_stages import diffusers_rate, in_process
+from jobs.spec import JobSpec, apply_overrides, spec_from_dict
 from stages import columns as C
-from stages.models import reference_pipeline
 
 _SUBJECTS = ["a red fox", "a lighthouse", "a bowl of ramen", "an astronaut", "a sailboat", "a cathedral",
              "a bonsai tree", "a vintage car"]
@@ -38,9 +36,8 @@ def benchmark_prompts(rows: int, source: str | None) -> list[str]:
     return [texts[i % len(texts)] for i in range(rows)]
 
 
-def run_benchmark(args) -> dict:
-    """Run both on the same rows and print images/s and their ratio."""
-    work = Path(tempfile.mkdtemp(prefix="wuerstchen-bench-"))
+def benchmark_spec(args, work: Path) -> tuple[JobSpec, list[str]]:
+    """The benchmark's job: generated or given prompts, seed = row index, the official size unless tiny."""
     prompts = benchmark_prompts(args.rows, args.prompts)
     pq.write_table(pa.table({C.PROMPT: prompts, C.SEED: list(range(len(prompts)))}), work / "prompts.parquet")
     tiny = args.model == "tiny"
@@ -51,33 +48,82 @@ def run_benchmark(args) -> dict:
         "model": {"prior": prior, "decoder": decoder, "dtype": args.dtype or "float32"},
         "generation": {"height": args.height or (256 if tiny else 1024), "width": args.width or (256 if tiny else 1024)},
     }
-    spec = spec_from_dict(apply_overrides(data, args.overrides))
-    verbose = getattr(args, "verbose", False)
-    start_ray(verbose)
+    if args.compile:
+        data["stages"] = {name: {"compile": True} for name in ("text", "prior", "decoder")}
+    return spec_from_dict(apply_overrides(data, args.overrides)), prompts
 
-    summary = run(spec, verbose=verbose)
-    steady = steady_state_rate(spec.output, skip=spec.stages.text.batch_size)
-    baseline = diffusers_rate(spec, prompts)
-    figures = {
-        "rows": len(prompts),
-        "model": args.model,
-        "height": spec.generation.height,
-        "width": spec.generation.width,
-        "dtype": spec.model.dtype,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "pipeline_images_per_s": steady,
-        "pipeline_end_to_end_images_per_s": summary.images_per_s,
-        "diffusers_images_per_s": baseline,
-        "ratio": steady / baseline,
-    }
-    print(f"pipeline (steady state): {steady:.2f} images/s   end to end, with start-up: "
-          f"{summary.images_per_s:.2f} images/s")
-    print(f"diffusers combined pipeline, one row per call: {baseline:.2f} images/s")
-    print(f"ratio pipeline / diffusers: {figures['ratio']:.2f}  ({len(prompts)} rows, {figures['height']}x"
-          f"{figures['width']}, {spec.model.dtype}, {figures['device']})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+def run_benchmark(args) -> dict:
+    """Per-stage figures in this process, the Ray pipeline where Ray is installed, diffusers on the same rows."""
+    work = Path(tempfile.mkdtemp(prefix="wuerstchen-bench-"))
+    spec, prompts = benchmark_spec(args, work)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    figures = {"rows": len(prompts), "model": args.model, "height": spec.generation.height,
+               "width": spec.generation.width, "dtype": spec.model.dtype, "device": device,
+               **in_process(spec, prompts, args.psnr_rows)}
+    figures["pipeline_images_per_s"] = figures["end_to_end_images_per_s"] = figures["in_process_images_per_s"]
+    if not args.in_process and importlib.util.find_spec("ray"):
+        figures.update(ray_rates(spec, getattr(args, "verbose", False)))
+        figures["pipeline_images_per_s"] = figures["ray_steady_images_per_s"]
+        figures["end_to_end_images_per_s"] = figures["ray_end_to_end_images_per_s"]
+    print(report_pipeline(figures), flush=True)  # shown (and kept) before diffusers' turn
+    _save(args.json, figures)
+    if args.skip_diffusers:
+        return figures
+    figures["diffusers_compiled"] = any(getattr(spec.stages, name).compile for name in ("text", "prior", "decoder"))
+    figures["diffusers_images_per_s"], figures["diffusers_warmup_s"] = diffusers_rate(
+        spec, prompts, figures["diffusers_compiled"])
+    figures["ratio"] = figures["pipeline_images_per_s"] / figures["diffusers_images_per_s"]
+    figures["end_to_end_ratio"] = figures["end_to_end_images_per_s"] / figures["diffusers_images_per_s"]
+    print(report_diffusers(figures))
+    _save(args.json, figures)
     return figures
+
+
+def _save(path: str | None, figures: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(figures, indent=2))
+
+
+def ray_rates(spec: JobSpec, verbose: bool = False) -> dict:
+    """The whole Ray Data pipeline on the rows: steady state, and end to end with start-up."""
+    from jobs.console import start_ray
+    from jobs.generate import run
+
+    start_ray(verbose)
+    summary = run(spec, verbose=verbose)
+    return {"ray_steady_images_per_s": steady_state_rate(spec.output, skip=spec.stages.text.batch_size),
+            "ray_end_to_end_images_per_s": summary.images_per_s}
+
+
+def report_pipeline(f: dict) -> str:
+    """The printed table of this project's figures."""
+    lines = [f"{f['rows']} rows, {f['height']}x{f['width']}, {f['dtype']}, {f['device']}; MFU against a measured "
+             f"matmul rate of {f['matmul_peak_tflops']:.1f} TFLOP/s",
+             "stage      images/s   TFLOP/image    MFU   warm-up s   load s   peak GiB"]
+    for name, s in f["stages"].items():
+        peak = f"{s['peak_memory_gib']:8.2f}" if "peak_memory_gib" in s else "       -"
+        lines.append(f"{name:<9} {s['images_per_s']:9.2f} {s['tflop_per_image']:13.3g} {100 * s['mfu']:5.1f}% "
+                     f"{s['warmup_s']:10.1f} {s['load_s']:8.1f} {peak}")
+    lines.append(f"in process, stages one after another, warm-up excluded: {f['in_process_images_per_s']:.2f} "
+                 f"images/s, MFU {100 * f['in_process_mfu']:.1f}% (load + warm-up {f['in_process_warmup_s']:.1f} s)")
+    if "ray_steady_images_per_s" in f:
+        lines.append(f"pipeline (steady state): {f['ray_steady_images_per_s']:.2f} images/s   end to end, with "
+                     f"start-up: {f['ray_end_to_end_images_per_s']:.2f} images/s")
+    if "psnr_vs_float32_db" in f:
+        p = f["psnr_vs_float32_db"]
+        lines.append(f"PSNR {f['dtype']} vs float32, {p['rows']} rows: mean {p['mean']:.2f} dB, min {p['min']:.2f} dB")
+    if f["failed_rows"]:
+        lines.append(f"warning: {f['failed_rows']} rows failed (non-finite output)")
+    return "\n".join(lines)
+
+
+def report_diffusers(f: dict) -> str:
+    """The printed comparison with diffusers."""
+    how = "prior and decoder compiled as its docs say" if f["diffusers_compiled"] else "eager"
+    return (f"diffusers combined pipeline, one row per call, {how}: {f['diffusers_images_per_s']:.2f} images/s "
+            f"(warm-up {f['diffusers_warmup_s']:.1f} s)\n"
+            f"ratio pipeline / diffusers: {f['ratio']:.2f}  end to end: {f['end_to_end_ratio']:.2f}")
 
 
 def steady_state_rate(output: str, skip: int) -> float:
@@ -86,25 +132,3 @@ def steady_state_rate(output: str, skip: int) -> float:
     if len(finished) <= 2 * skip:
         raise SystemExit(f"benchmark: --rows must exceed twice the text batch size ({skip}) to see a steady state")
     return (len(finished) - skip) / (finished[-1] - finished[skip - 1])
-
-
-def diffusers_rate(spec, prompts: list[str]) -> float:
-    """diffusers' combined pipeline, loaded once, called once per row with the row's seeded generator."""
-    from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
-
-    pipe = reference_pipeline(spec.model.prior, spec.model.decoder, spec.model.dtype, spec.storage_options)
-    gen = spec.generation
-    kwargs = dict(height=gen.height, width=gen.width, prior_guidance_scale=gen.prior_guidance_scale,
-                  num_inference_steps=gen.decoder_steps, decoder_guidance_scale=gen.decoder_guidance_scale,
-                  negative_prompt=gen.negative_prompt, output_type="np")
-    if gen.prior_steps:
-        kwargs["prior_num_inference_steps"] = gen.prior_steps
-    else:
-        kwargs["prior_timesteps"] = DEFAULT_STAGE_C_TIMESTEPS
-    pipe(prompt=prompts[0], generator=torch.Generator().manual_seed(0), **kwargs)  # warm-up
-    start = time.perf_counter()
-    for seed, prompt in enumerate(prompts):
-        pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return len(prompts) / (time.perf_counter() - start)

@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--json", help="write the figures to this JSON file")
+    bench.add_argument("--psnr-rows", type=int, default=8,
+                       help="rows whose half-precision images are compared with float32 ones (0: none)")
+    bench.add_argument("--compile", action="store_true",
+                       help="compile every stage (stages.<name>.compile) and diffusers' prior and decoder")
+    bench.add_argument("--skip-diffusers", action="store_true", help="time only this project's stages")
+    bench.add_argument("--in-process", action="store_true",
+                       help="time the stages in this process only, without the Ray pipeline (also when Ray is missing)")
+
     bench.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     from jobs import eval_args, report

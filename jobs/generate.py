@@ -18,7 +18,7 @@ from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: pa
 from jobs.progress import Progress, Tally, reporting
 from jobs.report import build_report, record_run
 from jobs.resume import Summary, filter_ids, stored_ids, summarize
-from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec
+from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec, stage_kwargs
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
 from stages.sink import ManifestSink
@@ -104,8 +104,8 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = 
         skip=ray.put(np.asarray(skip, dtype="U32"))))
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    ds = _stage(ds, spec, TextEncoder, "text", tally, prior=spec.model.prior, decoder=spec.model.decoder)
-    ds = _stage(ds, spec, PriorStage, "prior", tally, prior=spec.model.prior)
+    ds = _stage(ds, spec, TextEncoder, "text", tally)
+    ds = _stage(ds, spec, PriorStage, "prior", tally)
     ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
     return _decode_and_write(ds, spec, tally)
@@ -114,12 +114,11 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = 
 def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None) -> ray.data.Dataset:
     """Stored Stage C rows → text pool (for the decoder's text states) → Stage B/A pool → images."""
     stored = stored.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    return _decode_and_write(_stage(stored, spec, TextEncoder, "text", tally, prior=spec.model.prior,
-                                    decoder=spec.model.decoder), spec, tally)
+    return _decode_and_write(_stage(stored, spec, TextEncoder, "text", tally), spec, tally)
 
 
 def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally) -> ray.data.Dataset:
-    ds = _stage(ds, spec, DecoderStage, "decoder", tally, decoder=spec.model.decoder)
+    ds = _stage(ds, spec, DecoderStage, "decoder", tally)
     kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format)
     if spec.output_format == "webdataset":
         ds = ds.repartition(target_num_rows_per_block=spec.shard_size)
@@ -128,12 +127,11 @@ def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally) -> ray.data.Da
     return ds.map_batches(write_images, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=kwargs)
 
 
-def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, tally, **models) -> ray.data.Dataset:
+def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, tally) -> ray.data.Dataset:
     """One stage's actor pool, placed from its spec, reporting its finished rows to `tally` (if given)."""
-    kwargs = dict(models, dtype=spec.model.dtype, storage_options=spec.storage_options)
     placed = placement(getattr(spec.stages, name), name, ray.cluster_resources().get("GPU", 0))
     stage = reporting(cls, tally, name) if tally is not None else cls
-    return ds.map_batches(stage, fn_constructor_kwargs=kwargs, **placed)
+    return ds.map_batches(stage, fn_constructor_kwargs=stage_kwargs(spec, name), **placed)
 
 
 # GPU shares when a stage's num_gpus is not set: one GPU shared by all three pools, or whole GPUs

@@ -163,7 +163,7 @@ def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt:
     out[C.ERROR] = np.full(len(rows), "", dtype=object)
     keep = np.ones(len(rows), dtype=bool)
     if skip is not None:
-        import ray
+        import ray  # only where rows are skipped: the in-process benchmark runs without Ray
 
         keep = ~skip_mask(out[C.ROW_ID], ray.get(skip) if isinstance(skip, ray.ObjectRef) else skip)
     checkpoints = np.unique(out[C.PRIOR_CHECKPOINT].astype(str), return_inverse=True)[1]

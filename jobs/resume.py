@@ -14,12 +14,16 @@ import pyarrow.parquet as pq
 import yaml
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from jobs.spec import JobSpec, SpecError
+from jobs.spec import JobSpec, SpecError, StagesSpec
 from stages import columns as C
 from stages.storage import join, reason, url_to_fs, write_atomic
 
 # Spec sections that change images: an output holds the rows of one setting of these.
 IMAGE_KEYS = ("model", "generation", "image_format", "output_format")
+# Stage settings that change the bits of the images (rows per model call, compiled kernels).
+STAGE_IMAGE_KEYS = ("micro_batch", "compile")
+
+
 # Spec sections that decide which rows an output should hold.
 ROW_KEYS = ("prompts", "decoded_from", "sweep", *IMAGE_KEYS)
 
@@ -94,7 +98,8 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
     if not fs.exists(job_file):
         return None
     before, now = yaml.safe_load(fs.cat_file(job_file)) or {}, spec.to_dict()
-    if any(before.get(key) != now.get(key) for key in ROW_KEYS) or not _prompts_older(spec, fs, job_file):
+    if (any(before.get(key) != now.get(key) for key in ROW_KEYS) or _stage_bits(before) != _stage_bits(now)
+            or not _prompts_older(spec, fs, job_file)):
         return None
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
     if rows != expected_rows() or part_counts(spec.output, "embeddings", spec.storage_options)[0] > rows:
@@ -150,11 +155,20 @@ def check_continuation(spec: JobSpec, overwrite: bool) -> None:
         return
     before = yaml.safe_load(fs.cat_file(job_file))
     now = spec.to_dict()
-    for key in IMAGE_KEYS + ("sweep",):
-        diff = _first_difference(before.get(key), now.get(key), key)
-        if diff and not (key == "sweep" and _only_adds(before.get(key) or {}, now.get(key) or {})):
-            raise SpecError(f"output {spec.output} holds a run of another spec ({diff}); "
-                            f"use --overwrite to start afresh, or another output")
+    diffs = [_first_difference(before.get(key), now.get(key), key) for key in IMAGE_KEYS]
+    diffs.append(_first_difference(_stage_bits(before), _stage_bits(now), "stages"))
+    if not _only_adds(before.get("sweep") or {}, now.get("sweep") or {}):
+        diffs.append(_first_difference(before.get("sweep"), now.get("sweep"), "sweep"))
+    for diff in filter(None, diffs):
+        raise SpecError(f"output {spec.output} holds a run of another spec ({diff}); "
+                        f"use --overwrite to start afresh, or another output")
+
+
+def _stage_bits(data: dict) -> dict:
+    """{name: {key: value}} of the image-changing stage keys (defaults where a job.yaml predates them)."""
+    defaults, stages = StagesSpec(), data.get("stages") or {}
+    return {name: {key: (stages.get(name) or {}).get(key, getattr(getattr(defaults, name), key))
+                   for key in STAGE_IMAGE_KEYS} for name in ("text", "prior", "decoder")}
 
 
 def _first_difference(old, new, path: str) -> str | None:

@@ -50,6 +50,8 @@ class StageSpec:
     """Batch size and Ray placement of one stage's actor pool (passed to `map_batches`)."""
 
     batch_size: int = 8
+    micro_batch: int = 8  # rows per model call: fixes the bits of the output (so the run's identity); less memory
+    compile: bool = False  # torch.compile the stage's models (CUDA graphs on GPUs); changes bits: run identity too
     concurrency: typing.Union[int, list, None] = None  # n, or [min, max]
     num_gpus: typing.Optional[float] = None  # None → a default that depends on the cluster's GPUs
     num_cpus: typing.Optional[float] = None
@@ -93,6 +95,15 @@ class JobSpec:
         data = self.to_dict()
         data["storage_options"] = _masked(data["storage_options"])
         return data
+
+
+def stage_kwargs(spec: JobSpec, name: str) -> dict:
+    """Constructor arguments of stage `name`'s class (TextEncoder, PriorStage, DecoderStage) from the spec."""
+    models = {"text": dict(prior=spec.model.prior, decoder=spec.model.decoder),
+              "prior": dict(prior=spec.model.prior), "decoder": dict(decoder=spec.model.decoder)}[name]
+    stage = getattr(spec.stages, name)
+    return dict(models, dtype=spec.model.dtype, storage_options=spec.storage_options,
+                micro_batch=stage.micro_batch, compile=stage.compile)
 
 
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential")
@@ -186,6 +197,8 @@ def _check_type(value, hint, name: str):
         if option is type(None) and value is None:
             return None
         if dataclasses.is_dataclass(option) and isinstance(value, option):
+            return value
+        if option is bool and isinstance(value, bool):
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -295,8 +308,9 @@ def _check_axis_value(name: str, axis: str, value) -> None:
 
 
 def _validate_stage(name: str, stage: StageSpec) -> None:
-    if stage.batch_size < 1:
-        raise SpecError(f"{name}.batch_size: must be at least 1, got {stage.batch_size}")
+    for key in ("batch_size", "micro_batch"):
+        if getattr(stage, key) < 1:
+            raise SpecError(f"{name}.{key}: must be at least 1, got {getattr(stage, key)}")
     conc = stage.concurrency
     if isinstance(conc, int) and conc < 1:
         raise SpecError(f"{name}.concurrency: must be at least 1, got {conc}")

@@ -21,7 +21,8 @@ def group_rows(batch: dict[str, np.ndarray], keys: tuple[str, ...], extra=None) 
 # Rows per model call. Float reductions are ordered by the shapes a kernel sees, so a row's result
 # changes (by a few 1e-7) with the batch size it is computed in; at one fixed shape it is bitwise
 # independent of its position and neighbours. Every stage pads its model calls to this size, so an
-# image never depends on the Ray batch size, the batch composition or the actor count.
+# image never depends on the Ray batch size, the batch composition or the actor count. The size is the
+# spec's `stages.<name>.micro_batch` (this default): it fixes the bits of the output and bounds peak memory.
 MICRO_BATCH = 8
 
 
@@ -33,9 +34,11 @@ def micro_batches(idx: np.ndarray, size: int = MICRO_BATCH):
 
 
 def current_node() -> str:
-    """The hex id of the Ray node this process runs on, or "" when called without Ray."""
-    import ray
-
+    """The hex id of the Ray node this process runs on, or "" when called without Ray (or with none installed)."""
+    try:
+        import ray
+    except ModuleNotFoundError:
+        return ""
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
@@ -72,18 +75,31 @@ def scatter(n: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     return column
 
 
-def flag_nonfinite(errors: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], message: str) -> np.ndarray:
-    """Set `message` on rows whose output holds NaN or inf; earlier errors are kept."""
+def flag_rows(errors: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], message: str) -> np.ndarray:
+    """Set `message` on the rows whose flag in `parts` (row indices, per-row all-finite flags) is False;
+    earlier errors are kept."""
     errors = np.asarray(errors, dtype=object).copy()
-    for idx, values in parts:
-        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-        for i in idx[bad]:
+    for idx, finite in parts:
+        for i in idx[~np.asarray(finite, dtype=bool)]:
             errors[i] = errors[i] or message
     return errors
 
 
+def flag_nonfinite(errors: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], message: str) -> np.ndarray:
+    """Set `message` on rows whose output holds NaN or inf; earlier errors are kept."""
+    return flag_rows(errors, [(idx, np.isfinite(v.reshape(len(v), -1)).all(axis=1)) for idx, v in parts], message)
+
+
+def transport_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype tensors travel in between stages: float32 for float32 runs, else float16 (exact for bf16
+    values inside float16's range; outside it they become inf, and the row is flagged)."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
+
+
 def batch_tensor(column: np.ndarray, idx: np.ndarray, device, dtype) -> torch.Tensor:
-    """Rows `idx` of a (possibly object-typed) tensor column as one tensor on the device."""
+    """Rows `idx` of a (possibly object-typed) tensor column as one tensor on the device (pinned copy)."""
+    from stages.denoise import to_device
+
     rows = column[idx]
     array = np.stack(list(rows)) if rows.dtype == object else rows
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+    return to_device(torch.from_numpy(np.ascontiguousarray(array)), torch.device(device), dtype)

@@ -8,17 +8,28 @@ import numpy as np
 import torch
 from diffusers import DDPMWuerstchenScheduler
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt
-from diffusers.utils.torch_utils import randn_tensor
 
 from stages import columns as C
 from stages.batching import (
+    MICRO_BATCH,
     batch_tensor,
     current_node,
-    flag_nonfinite,
+    flag_rows,
     group_rows,
     micro_batches,
     restored_generators,
     scatter,
+)
+from stages.denoise import (
+    Schedule,
+    compiled,
+    ddpm_step,
+    finish,
+    new_step,
+    noise_stream,
+    prepare_model,
+    schedule,
+    to_host,
 )
 from stages.models import DTYPES, load_component, pick_device, pipeline_config, resolve
 
@@ -27,14 +38,21 @@ class DecoderStage:
     """Decodes every row to (H, W, 3) uint8, grouped by (size, steps, guidance on/off), in fixed micro-batches."""
 
     def __init__(self, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
-                 device: str = "auto", keep_float: bool = False):
+                 device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool = False,
+                 channels_last: bool | None = None, keep_float: bool = False):
         root = resolve(decoder, "decoder", storage_options)
         self.dtype = DTYPES[dtype]
         self.device = pick_device(device)
         self.node = current_node()
-        self.decoder = load_component(WuerstchenDiffNeXt, root, "decoder", self.dtype, self.device)
-        self.vqgan = load_component(PaellaVQModel, root, "vqgan", self.dtype, self.device)
+        self.micro_batch = micro_batch
+        self.decoder = prepare_model(load_component(WuerstchenDiffNeXt, root, "decoder", self.dtype, self.device),
+                                     self.device, channels_last)
+        self.vqgan = prepare_model(load_component(PaellaVQModel, root, "vqgan", self.dtype, self.device),
+                                   self.device, channels_last)
+        self.forward = compiled(self.decoder, self.device) if compile else self.decoder
+        self.pixels = compiled(self._pixels, self.device) if compile else self._pixels
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")
+        self.schedules: dict[int, Schedule] = {}
         self.latent_dim_scale = pipeline_config(root).get("latent_dim_scale", 10.67)
         self.keep_float = keep_float  # also return the pixels before rounding (parity checks)
 
@@ -43,53 +61,71 @@ class DecoderStage:
         n = len(batch[C.ROW_ID])
         cfg = np.asarray(batch[C.DECODER_GUIDANCE], dtype=np.float64) > 1.0
         groups = group_rows(batch, (C.HEIGHT, C.WIDTH, C.DECODER_STEPS), extra=lambda i: bool(cfg[i]))
-        images = []
+        pending = []  # every micro-batch is queued on the device before the first image is read
         for (_, _, steps, use_cfg), idx in groups.items():
-            for chunk, real in micro_batches(idx):
-                images.append((chunk[:real], self._decode(batch, chunk, steps, use_cfg)[:real]))
-        batch[C.IMAGE] = scatter(n, [(idx, (img * 255).round().astype(np.uint8)) for idx, img in images])
+            for chunk, real in micro_batches(idx, self.micro_batch):
+                images, finite, floats = self._decode(batch, chunk, steps, use_cfg)
+                pending.append((chunk[:real], to_host(images[:real]), to_host(finite[:real]),
+                                None if floats is None else to_host(floats[:real])))
+        finish(self.device)
+        batch[C.IMAGE] = scatter(n, [(idx, images.numpy()) for idx, images, _, _ in pending])
         if self.keep_float:
-            batch[C.IMAGE_FLOAT] = scatter(n, images)  # (H, W, 3) float32 in [0, 1]
-        batch[C.ERROR] = flag_nonfinite(batch[C.ERROR], images, "Stage B/A produced NaN (try dtype float32)")
+            batch[C.IMAGE_FLOAT] = scatter(n, [(idx, floats.numpy()) for idx, _, _, floats in pending])
+        batch[C.ERROR] = flag_rows(batch[C.ERROR], [(idx, finite.numpy()) for idx, _, finite, _ in pending],
+                                   "Stage B/A produced NaN or inf (try dtype float32)")
         batch[C.DECODER_NODE] = np.full(n, self.node, dtype=object)
         batch[C.DECODER_SECONDS] = np.full(n, (time.perf_counter() - start) / n)
         return batch
 
+    def _schedule(self, steps: int) -> Schedule:
+        """`steps` linear steps from 1 to 0, computed once per count."""
+        if steps not in self.schedules:
+            self.scheduler.set_timesteps(steps)
+            self.schedules[steps] = schedule(self.scheduler, self.device)
+        return self.schedules[steps]
+
     @torch.no_grad()
-    def _decode(self, batch, idx, steps, use_cfg) -> np.ndarray:
-        """The denoising loop of WuerstchenDecoderPipeline for one group; returns (B, H, W, 3) in [0, 1]."""
-        # 1. Conditioning: effnet (B, 16, h, w) and text (B, 77, d); guidance appends zeros / negatives
+    def _decode(self, batch, idx, steps, use_cfg):
+        """The denoising loop of WuerstchenDecoderPipeline for one micro-batch; nothing in it waits for the
+        device. Returns (B, H, W, 3) uint8 images and (B,) all-finite flags, on the device."""
+        # 1. Conditioning: effnet (B, 16, h, w) and text (B, 77, d); guidance appends zeros / negatives → 2B
         effnet = batch_tensor(batch[C.IMAGE_EMBEDDINGS], idx, self.device, self.dtype)
         text = batch_tensor(batch[C.DECODER_TEXT], idx, self.device, self.dtype)
         if use_cfg:
             effnet = torch.cat([effnet, torch.zeros_like(effnet)])  # (2B, 16, h, w)
             text = torch.cat([text, batch_tensor(batch[C.DECODER_TEXT_NEG], idx, self.device, self.dtype)])
-        guidance = torch.tensor(batch[C.DECODER_GUIDANCE][idx], device=self.device, dtype=self.dtype)
-        guidance = guidance.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        guidance = batch_tensor(batch[C.DECODER_GUIDANCE], idx, self.device, torch.float32).view(-1, 1, 1, 1)
 
-        # 2. Timesteps: `steps` linear steps from 1 to 0
-        self.scheduler.set_timesteps(int(steps), device=self.device)
-        timesteps = self.scheduler.timesteps
+        # 2. Schedule: each step's ratio for every model row (S, 2B or B) and its DDPM values, float32
+        sched = self._schedule(int(steps))
+        ratios = sched.ratios[:, None].expand(-1, len(text)).contiguous()
 
-        # 3. Initial noise, continuing each row's generator from where Stage C left it: (B, 4, 10.67h, 10.67w)
+        # 3. Noise continuing each row's generator from where Stage C left it, in diffusers' order:
+        #    start latents (B, 4, 10.67h, 10.67w), then one per step
         gens = restored_generators(batch[C.GENERATOR_STATE][idx])
         h, w = effnet.shape[-2:]
-        shape = (len(idx), 4, int(h * self.latent_dim_scale), int(w * self.latent_dim_scale))
-        latents = randn_tensor(shape, generator=gens, device=self.device, dtype=self.dtype)
-        latents = latents * self.scheduler.init_noise_sigma
+        noise = noise_stream(gens, (4, int(h * self.latent_dim_scale), int(w * self.latent_dim_scale)), self.device)
+        latents = next(noise) * self.scheduler.init_noise_sigma
 
-        # 4. Denoise; classifier-free guidance doubles the batch
-        for t in timesteps[:-1]:
-            ratio = t.expand(len(idx)).to(self.dtype)  # (B,)
-            model_in = torch.cat([latents] * 2) if use_cfg else latents
-            pred = self.decoder(
-                model_in, r=torch.cat([ratio] * 2) if use_cfg else ratio, effnet=effnet, clip=text
-            )
+        # 4. Denoise: latents, guidance and the step in float32, the model in its dtype; guidance doubles its batch
+        for i in range(sched.steps):
+            x = latents.to(self.dtype)  # (B, 4, 4h', 4w')
+            new_step()
+            pred = self.forward(torch.cat([x, x]) if use_cfg else x, r=ratios[i], effnet=effnet, clip=text).float()
             if use_cfg:
-                pred_text, pred_uncond = pred.chunk(2)
+                pred_text, pred_uncond = pred.chunk(2)  # (B, 4, 4h', 4w') each
                 pred = torch.lerp(pred_uncond, pred_text, guidance)
-            latents = self.scheduler.step(model_output=pred, timestep=ratio, sample=latents, generator=gens).prev_sample
+            latents = ddpm_step(latents, pred, sched.coefs[:, i], next(noise))  # (B, 4, 4h', 4w')
 
-        # 5. VQGAN decode: (B, 4, 4h', 4w') latents → (B, 3, H, W) pixels in [0, 1]
-        pixels = self.vqgan.decode(latents * self.vqgan.config.scale_factor).sample.clamp(0, 1)
-        return pixels.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
+        # 5. VQGAN decode to uint8 pixels on the device: (B, H, W, 3), and (B,) all-finite flags
+        new_step()
+        return self.pixels(latents)
+
+    def _pixels(self, latents: torch.Tensor):
+        """(B, 4, 4h', 4w') float32 latents → (B, H, W, 3) uint8 pixels, (B,) flags: every pixel finite, and the
+        float pixels in [0, 1] when `keep_float`."""
+        pixels = self.vqgan.decode((latents * self.vqgan.config.scale_factor).to(self.dtype)).sample.clamp(0, 1)
+        finite = torch.isfinite(pixels).flatten(1).all(dim=1)
+        images = (pixels.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        floats = pixels.float().permute(0, 2, 3, 1).contiguous() if self.keep_float else None  # parity checks
+        return images, finite, floats

@@ -11,10 +11,10 @@ import torch
 from diffusers import DDPMWuerstchenScheduler
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
-from diffusers.utils.torch_utils import randn_tensor
 
 from stages import columns as C
 from stages.batching import (
+    MICRO_BATCH,
     batch_tensor,
     current_node,
     flag_nonfinite,
@@ -23,6 +23,18 @@ from stages.batching import (
     micro_batches,
     scatter,
     seeded_generators,
+    transport_dtype,
+)
+from stages.denoise import (
+    Schedule,
+    compiled,
+    ddpm_step,
+    finish,
+    new_step,
+    noise_stream,
+    prepare_model,
+    schedule,
+    to_host,
 )
 from stages.models import (
     DTYPES,
@@ -34,7 +46,6 @@ from stages.models import (
     prior_weights,
     resolve,
 )
-from stages.text import transport_dtype
 
 
 def embedding_size(height: int, width: int, resolution_multiple: float = 42.67) -> tuple[int, int]:
@@ -46,7 +57,8 @@ class PriorStage:
     """Runs Stage C for every row, grouped by (size, steps, guidance on/off), in fixed-size micro-batches."""
 
     def __init__(self, prior="tiny", dtype: str = "float32", storage_options: dict | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool = False,
+                 channels_last: bool | None = None):
         first = prior_refs(prior)[0]  # an interpolation takes scheduler and settings from A
         root = resolve(first, "prior", storage_options)
         self.storage_options = storage_options
@@ -55,10 +67,14 @@ class PriorStage:
         self.out_dtype = transport_dtype(self.dtype)
         self.device = pick_device(device)
         self.node = current_node()
+        self.micro_batch = micro_batch
         self.prior = load_component(WuerstchenPrior, root, "prior", self.dtype, self.device)
         self.loaded, self.weights = prior_id(first), {}
         self._use(self.default_checkpoint)
+        prepare_model(self.prior, self.device, channels_last)
+        self.forward = compiled(self.prior, self.device) if compile else self.prior
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")
+        self.schedules: dict[int, Schedule] = {}
         config = pipeline_config(root)
         self.latent_mean = config.get("latent_mean", 42.0)
         self.latent_std = config.get("latent_std", 1.0)
@@ -70,18 +86,21 @@ class PriorStage:
         cfg = np.asarray(batch[C.PRIOR_GUIDANCE], dtype=np.float64) > 1.0
         batch.setdefault(C.PRIOR_CHECKPOINT, np.full(n, self.default_checkpoint, dtype=object))
         keys = (C.PRIOR_CHECKPOINT, C.HEIGHT, C.WIDTH, C.PRIOR_STEPS)
-        embeddings, states = [], []
+        pending = []  # every micro-batch is queued on the device before the first result is read
         for (checkpoint, height, width, steps, use_cfg), idx in group_rows(batch, keys, lambda i: bool(cfg[i])).items():
             self._use(checkpoint)
-            for chunk, real in micro_batches(idx):
+            for chunk, real in micro_batches(idx, self.micro_batch):
                 emb, gens = self._generate(batch, chunk, height, width, steps, use_cfg)
-                embeddings.append((chunk[:real], emb[:real]))
-                states.append((chunk[:real], generator_states(gens[:real])))
+                pending.append((chunk[:real], to_host(emb[:real]), generator_states(gens[:real])))
+        finish(self.device)
+        embeddings = [(idx, emb.numpy()) for idx, emb, _ in pending]
         batch[C.IMAGE_EMBEDDINGS] = scatter(n, embeddings)
-        batch[C.GENERATOR_STATE] = scatter(n, states)
-        batch[C.ERROR] = flag_nonfinite(batch[C.ERROR], embeddings, "Stage C produced NaN (try dtype float32)")
+        batch[C.GENERATOR_STATE] = scatter(n, [(idx, states) for idx, _, states in pending])
+        batch[C.ERROR] = flag_nonfinite(batch[C.ERROR], embeddings, "Stage C produced NaN or inf (try dtype float32)")
         batch[C.PRIOR_NODE] = np.full(n, self.node, dtype=object)
         batch[C.PRIOR_SECONDS] = np.full(n, (time.perf_counter() - start) / n)
+        for column in (C.PRIOR_TEXT, C.PRIOR_TEXT_NEG):  # the prior's text states stop here
+            batch.pop(column, None)
         return batch
 
     def _use(self, checkpoint: str) -> None:
@@ -92,41 +111,46 @@ class PriorStage:
             self.prior.load_state_dict(self.weights[checkpoint])
             self.loaded = checkpoint
 
+    def _schedule(self, steps: int) -> Schedule:
+        """diffusers' 30-value default schedule (steps 0), or `steps` linear steps; computed once per count."""
+        if steps not in self.schedules:
+            if steps == 0:
+                self.scheduler.set_timesteps(timesteps=DEFAULT_STAGE_C_TIMESTEPS)
+            else:
+                self.scheduler.set_timesteps(int(steps))
+            self.schedules[steps] = schedule(self.scheduler, self.device)
+        return self.schedules[steps]
+
     @torch.no_grad()
     def _generate(self, batch, idx, height, width, steps, use_cfg):
-        """The denoising loop of WuerstchenPriorPipeline for one group of same-shaped rows."""
-        # 1. Text conditioning: (B, 77, d), with the negatives appended for guidance → (2B, 77, d)
+        """The denoising loop of WuerstchenPriorPipeline for one micro-batch of same-shaped rows; nothing in it
+        waits for the device. Returns the embeddings on the device (transport dtype) and the rows' generators."""
+        # 1. Text conditioning: (B, 77, d), with the negatives appended for guidance → (2B, 77, d);
+        #    guidance (B, 1, 1, 1) float32
         text = batch_tensor(batch[C.PRIOR_TEXT], idx, self.device, self.dtype)
         if use_cfg:
             text = torch.cat([text, batch_tensor(batch[C.PRIOR_TEXT_NEG], idx, self.device, self.dtype)])
-        guidance = torch.tensor(batch[C.PRIOR_GUIDANCE][idx], device=self.device, dtype=self.dtype)
-        guidance = guidance.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        guidance = batch_tensor(batch[C.PRIOR_GUIDANCE], idx, self.device, torch.float32).view(-1, 1, 1, 1)
 
-        # 2. Timesteps: diffusers' 30-value default schedule, or `steps` linear steps
-        if steps == 0:
-            self.scheduler.set_timesteps(timesteps=DEFAULT_STAGE_C_TIMESTEPS, device=self.device)
-        else:
-            self.scheduler.set_timesteps(int(steps), device=self.device)
-        timesteps = self.scheduler.timesteps
+        # 2. Schedule: each step's ratio for every model row (S, 2B or B) and its DDPM values, float32
+        sched = self._schedule(int(steps))
+        ratios = sched.ratios[:, None].expand(-1, len(text)).contiguous()
 
-        # 3. Initial noise from each row's own CPU generator: (B, 16, h, w)
+        # 3. Noise from each row's CPU generator, in diffusers' order: start latents (B, 16, h, w), then one per step
         gens = seeded_generators(batch[C.SEED][idx])
         h, w = embedding_size(height, width, self.resolution_multiple)
-        shape = (len(idx), self.prior.config.c_in, h, w)
-        latents = randn_tensor(shape, generator=gens, device=self.device, dtype=self.dtype)
-        latents = latents * self.scheduler.init_noise_sigma
+        noise = noise_stream(gens, (self.prior.config.c_in, h, w), self.device)
+        latents = next(noise) * self.scheduler.init_noise_sigma
 
-        # 4. Denoise; classifier-free guidance doubles the batch
-        for t in timesteps[:-1]:
-            ratio = t.expand(len(idx)).to(self.dtype)  # (B,)
-            model_in = torch.cat([latents] * 2) if use_cfg else latents
-            pred = self.prior(model_in, r=torch.cat([ratio] * 2) if use_cfg else ratio, c=text)
+        # 4. Denoise: latents, guidance and the step in float32, the model in its dtype; guidance doubles its batch
+        for i in range(sched.steps):
+            x = latents.to(self.dtype)  # (B, 16, h, w)
+            new_step()
+            pred = self.forward(torch.cat([x, x]) if use_cfg else x, r=ratios[i], c=text).float()
             if use_cfg:
-                pred_text, pred_uncond = pred.chunk(2)
+                pred_text, pred_uncond = pred.chunk(2)  # (B, 16, h, w) each
                 pred = torch.lerp(pred_uncond, pred_text, guidance)
-            latents = self.scheduler.step(model_output=pred, timestep=ratio, sample=latents, generator=gens).prev_sample
+            latents = ddpm_step(latents, pred, sched.coefs[:, i], next(noise))  # (B, 16, h, w)
 
-        # 5. Image embeddings as the prior pipeline returns them: (B, 16, h, w)
-        embeddings = latents * self.latent_mean - self.latent_std
-        return embeddings.float().cpu().numpy().astype(self.out_dtype), gens
-
+        # 5. Image embeddings as the prior pipeline returns them: (B, 16, h, w), in the transport dtype
+        return (latents * self.latent_mean - self.latent_std).to(self.out_dtype), gens

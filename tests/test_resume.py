@@ -13,6 +13,7 @@ from conftest import write_prompts
 from PIL import Image
 
 from jobs.generate import run
+from jobs.resume import check_continuation
 from jobs.spec import SpecError, spec_from_dict
 from stages import columns as C
 
@@ -106,3 +107,18 @@ def test_kill_the_whole_job_then_rerun_completes_it(tmp_path, model_cache):
     for row in after:  # every listed image is a complete object
         with Image.open(row[C.IMAGE_URI]) as image:
             image.verify()
+
+
+@pytest.mark.parametrize("key, value, shown", [("micro_batch", 4, "stages.prior.micro_batch: 8 → 4"),
+                                               ("compile", True, "stages.prior.compile: False → True")])
+def test_stage_settings_that_change_bits_are_refused(tmp_path, key, value, shown):
+    data = job_dict(tmp_path, rows=1)
+    (tmp_path / "out").mkdir()
+    old = spec_from_dict(data).to_dict()
+    del old["stages"]["prior"]["micro_batch"], old["stages"]["prior"]["compile"]  # a job.yaml from before the keys
+    (tmp_path / "out" / "job.yaml").write_text(yaml.safe_dump(old))
+    check_continuation(spec_from_dict(data), overwrite=False)  # the defaults: the same run
+    data["stages"]["prior"][key] = value
+    with pytest.raises(SpecError, match=f"holds a run of another spec \\({shown}\\)"):
+        check_continuation(spec_from_dict(data), overwrite=False)
+    check_continuation(spec_from_dict({**data, "stages": {"prior": {"batch_size": 3}}}), overwrite=False)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jobs.spec import JobSpec, SpecError, load_spec, spec_from_dict
+from jobs.spec import JobSpec, SpecError, load_spec, spec_from_dict, stage_kwargs
 
 BASE = {"prompts": "p.parquet", "output": "out"}
 
@@ -54,6 +54,8 @@ def test_spec_is_frozen():
     ({**BASE, "model": {"dtype": "float8"}}, "model.dtype: unknown dtype 'float8'"),
     ({**BASE, "image_format": "gif"}, "image_format: 'gif' is not one of png | jpeg | webp"),
     ({**BASE, "stages": {"decoder": {"concurrency": [3, 1]}}}, "stages.decoder.concurrency"),
+    ({**BASE, "stages": {"prior": {"micro_batch": 0}}}, "stages.prior.micro_batch: must be at least 1, got 0"),
+    ({**BASE, "stages": {"decoder": {"compile": "yes"}}}, "stages.decoder.compile: expected bool, got 'yes'"),
 ])
 def test_bad_specs_name_the_field(data, message):
     with pytest.raises(SpecError) as err:
@@ -81,3 +83,12 @@ def test_example_jobs_are_valid():
 
     for path in sorted((Path(__file__).parents[1] / "jobs" / "examples").glob("*.yaml")):
         assert load_spec(path).prompts
+
+
+def test_micro_batch_and_compile_per_stage_reach_the_stage_classes(tmp_path):
+    spec = load_spec(write(tmp_path, "prompts: a.parquet\noutput: out\n"),
+                     ["stages.prior.micro_batch=4", "stages.decoder.compile=true"])
+    assert (spec.stages.text.micro_batch, spec.stages.prior.micro_batch, spec.stages.decoder.micro_batch) == (8, 4, 8)
+    assert stage_kwargs(spec, "prior")["micro_batch"] == 4 and not stage_kwargs(spec, "prior")["compile"]
+    assert stage_kwargs(spec, "decoder")["compile"] is True
+    assert set(stage_kwargs(spec, "text")) == {"prior", "decoder", "dtype", "storage_options", "micro_batch", "compile"}

@@ -95,13 +95,17 @@ def test_text_conditioning_of_both_stages_shapes_the_image(stages):
 
 
 def test_heads_follow_the_noise_level(stages):
-    """The decoder's divisor tracks sqrt(1 - ᾱ(r)), as a trained model's does."""
-    decoder = stages[2].decoder
-    scheduler = stages[2].scheduler
-    x, effnet, clip = torch.randn(2, 4, 32, 32), torch.randn(2, 16, 3, 3) * 30, torch.randn(2, 77, 32)
+    """The decoder's divisor tracks sqrt(1 - ᾱ(r)) from above (a margin keeps guided sampling stable)."""
+    decoder, scheduler = stages[2].decoder, stages[2].scheduler
+    gen = torch.Generator().manual_seed(0)
+    x, effnet = torch.randn(2, 4, 32, 32, generator=gen), torch.randn(2, 16, 3, 3, generator=gen) * 30
+    clip = torch.randn(2, 77, 32, generator=gen)
+    divisors = []
     with torch.no_grad():
-        for r in (0.9, 0.5, 0.2):
+        for r in (0.9, 0.5, 0.2, 0.05):
             ratio = torch.full((2,), r)
             _, b = decoder(x, ratio, effnet, clip, return_noise=False)
             s = (1 - scheduler._alpha_cumprod(ratio, "cpu")[0]).sqrt().item()
-            assert abs(b.mean().item() - s) < 0.2, (r, b.mean().item(), s)
+            assert s - 0.05 <= b.mean().item() <= s + 0.3, (r, b.mean().item(), s)
+            divisors.append(b.mean().item())
+    assert divisors == sorted(divisors, reverse=True)  # less noise, smaller divisor

@@ -1,0 +1,217 @@
+"""In-process benchmark of the stage classes (no Ray): per-stage images/s, warm-up, MFU, peak memory, PSNR."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+
+from jobs import prompts
+from jobs.spec import JobSpec, stage_kwargs
+from stages import columns as C
+from stages.models import DTYPES, pick_device
+
+STAGES = ("text", "prior", "decoder")
+GIB = 2.0 ** 30
+
+
+def stage_rows(spec: JobSpec, texts: list[str]) -> dict[str, np.ndarray]:
+    """The rows the stages see for these prompts (prompt i with seed i), expanded as the reader does."""
+    batch = {C.PROMPT: np.asarray(texts, dtype=object), C.SEED: np.arange(len(texts))}
+    model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype)
+    return prompts.expand_rows(batch, prompts.defaults_for(spec), 1, model)
+
+
+def take(batch: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
+    """Rows `idx` of a batch, as a new batch."""
+    return {key: values[idx] for key, values in batch.items()}
+
+
+def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches with the same columns, one after another."""
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def build_stages(spec: JobSpec, **overrides) -> tuple[dict, dict]:
+    """The three stages as the pipeline's actors build them; returns (stages, {stage: (load s, weight bytes)})."""
+    from stages.decoder import DecoderStage
+    from stages.prior import PriorStage
+    from stages.text import TextEncoder
+
+    device = pick_device()
+    stages, loads = {}, {}
+    for name, cls in zip(STAGES, (TextEncoder, PriorStage, DecoderStage)):
+        before, start = allocated(device), time.perf_counter()
+        stages[name] = cls(**{**stage_kwargs(spec, name), **overrides})
+        sync(device)
+        loads[name] = (time.perf_counter() - start, allocated(device) - before)
+    return stages, loads
+
+
+def run_stages(stages: dict, spec: JobSpec, rows: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """Warm up on two micro-batches (compilation and CUDA-graph recording happen here), then time each stage
+    over every row in blocks of its batch size, one stage after another; returns (final batch, {stage: figures})."""
+    device = pick_device()
+    figures, n = {name: {} for name in STAGES}, len(rows[C.ROW_ID])
+    warm_rows = 2 * max(getattr(spec.stages, name).micro_batch for name in STAGES)
+    warm = take(rows, np.arange(min(warm_rows, n)))
+    memory = {}  # stage: (peak during warm-up, memory it kept: CUDA-graph pools, caches), above what was there
+    for name in STAGES:
+        reset_peak(device)
+        base, start = allocated(device), time.perf_counter()
+        warm = stages[name](warm)
+        sync(device)
+        figures[name]["warmup_s"] = time.perf_counter() - start
+        memory[name] = (peak(device) - base, allocated(device) - base)
+    batch = rows
+    for name in STAGES:
+        size = getattr(spec.stages, name).batch_size
+        reset_peak(device)
+        base, start = allocated(device), time.perf_counter()
+        batch = concat([stages[name](take(batch, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
+        sync(device)
+        seconds = time.perf_counter() - start
+        warm_peak, kept = memory[name]
+        figures[name].update(seconds=seconds, images_per_s=n / seconds,
+                             work_bytes=max(warm_peak, kept + peak(device) - base))
+    return batch, figures
+
+
+def stage_flops(spec: JobSpec) -> dict[str, float]:
+    """FLOPs per image of each stage for the spec's generation settings, as `plan` counts them."""
+    from jobs.plan import Bucket, bucket_flops, meta_models
+
+    gen = spec.generation
+    bucket = Bucket(gen.height, gen.width, gen.prior_steps or 0, gen.prior_guidance_scale > 1, gen.decoder_steps,
+                    gen.decoder_guidance_scale > 1, images=1)
+    return bucket_flops(meta_models(spec), bucket)
+
+
+def matmul_peak(dtype: torch.dtype) -> float:
+    """FLOP/s of a large matrix product in `dtype` on this device: the MFU denominator."""
+    device = pick_device()
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 3)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def strict_float32():
+    """Float32 that is float32: no TF32 in matrix products or convolutions while the reference runs."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def psnr(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """PSNR in dB of each uint8 image against its reference (inf where equal)."""
+    diff = images.astype(np.float64) - reference.astype(np.float64)
+    mse = (diff ** 2).reshape(len(diff), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(255.0 ** 2 / mse)
+
+
+def float32_images(spec: JobSpec, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """The same rows made by float32 stages (eager, no TF32): the reference of the PSNR."""
+    stages, _ = build_stages(spec, dtype="float32", compile=False)
+    with strict_float32():
+        batch = rows
+        for name in STAGES:
+            batch = stages[name](batch)
+    del stages
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return np.stack(list(batch[C.IMAGE]))
+
+
+def diffusers_rate(spec: JobSpec, texts: list[str], compile_models: bool = False) -> tuple[float, float]:
+    """diffusers' combined pipeline, one row per call with the row's seeded generator; (images/s, warm-up s).
+    With `compile_models`, its prior and decoder are compiled as diffusers' Würstchen docs say."""
+    from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
+
+    from stages.models import reference_pipeline
+
+    pipe = reference_pipeline(spec.model.prior, spec.model.decoder, spec.model.dtype, spec.storage_options)
+    if compile_models:  # the docs set pipeline.prior_prior / .decoder; the sub-pipelines hold the models they call
+        pipe.prior_pipe.prior = torch.compile(pipe.prior_pipe.prior, mode="reduce-overhead", fullgraph=True)
+        pipe.decoder_pipe.decoder = torch.compile(pipe.decoder_pipe.decoder, mode="reduce-overhead", fullgraph=True)
+    gen = spec.generation
+    kwargs = dict(height=gen.height, width=gen.width, prior_guidance_scale=gen.prior_guidance_scale,
+                  num_inference_steps=gen.decoder_steps, decoder_guidance_scale=gen.decoder_guidance_scale,
+                  negative_prompt=gen.negative_prompt, output_type="np")
+    if gen.prior_steps:
+        kwargs["prior_num_inference_steps"] = gen.prior_steps
+    else:
+        kwargs["prior_timesteps"] = DEFAULT_STAGE_C_TIMESTEPS
+    device = pick_device()
+    start = time.perf_counter()
+    for _ in range(2 if compile_models else 1):  # compiled: the second call records the CUDA graphs
+        pipe(prompt=texts[0], generator=torch.Generator().manual_seed(0), **kwargs)
+    sync(device)
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    for seed, prompt in enumerate(texts):
+        pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
+    sync(device)
+    return len(texts) / (time.perf_counter() - start), warmup
+
+
+def in_process(spec: JobSpec, texts: list[str], psnr_rows: int) -> dict:
+    """Load, warm up and time the stages in this process; MFU against this device's matmul rate; PSNR of
+    the first `psnr_rows` rows against float32 when the run is in half precision."""
+    device = pick_device()
+    rows = stage_rows(spec, texts)
+    stages, loads = build_stages(spec)
+    batch, figures = run_stages(stages, spec, rows)
+    del stages
+    flops, peak = stage_flops(spec), matmul_peak(DTYPES[spec.model.dtype])
+    for name in STAGES:
+        load_s, weights = loads[name]
+        figures[name].update(load_s=load_s, tflop_per_image=flops[name] / 1e12,
+                             mfu=flops[name] * figures[name]["images_per_s"] / peak)
+        work = figures[name].pop("work_bytes")
+        if device.type == "cuda":
+            figures[name]["peak_memory_gib"] = (weights + work) / GIB
+    steady = sum(figures[name]["seconds"] for name in STAGES)
+    warmup = sum(figures[name]["warmup_s"] + figures[name]["load_s"] for name in STAGES)
+    result = {"stages": figures, "matmul_peak_tflops": peak / 1e12,
+              "in_process_images_per_s": len(texts) / steady,
+              "in_process_mfu": sum(flops.values()) * len(texts) / steady / peak,
+              "in_process_warmup_s": warmup,
+              "failed_rows": int(sum(bool(e) for e in batch[C.ERROR]))}
+    if psnr_rows and spec.model.dtype != "float32":
+        keep = np.arange(min(psnr_rows, len(texts)))
+        values = psnr(np.stack(list(batch[C.IMAGE][keep])), float32_images(spec, take(rows, keep)))
+        result["psnr_vs_float32_db"] = {"rows": len(keep), "mean": float(np.mean(values)),
+                                        "min": float(np.min(values))}
+    return result
