@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -117,6 +118,8 @@ def test_stage_settings_that_change_bits_are_refused(tmp_path, key, value, shown
     old = spec_from_dict(data).to_dict()
     del old["stages"]["prior"]["micro_batch"], old["stages"]["prior"]["compile"]  # a job.yaml from before the keys
     (tmp_path / "out" / "job.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "out" / "manifest").mkdir()  # the output holds a row: only then does its spec bind
+    pq.write_table(pa.table({C.ROW_ID: ["0" * 32]}), tmp_path / "out" / "manifest" / "part.parquet")
     check_continuation(spec_from_dict(data), overwrite=False)  # the defaults: the same run
     data["stages"]["prior"][key] = value
     with pytest.raises(SpecError, match=f"holds a run of another spec \\({shown}\\)"):
