@@ -89,3 +89,68 @@ def test_row_id_is_a_stable_hash_of_what_makes_the_image():
     assert expand(spec, prompt=["a cat"], decoder_guidance_scale=[2.0])[C.ROW_ID][0] != first[0]
     other_model = spec_from_dict({"prompts": "x", "output": "o", "model": {"prior": "warp-ai/wuerstchen-prior"}})
     assert expand(other_model, prompt=["a cat"])[C.ROW_ID][0] != first[0]
+
+
+# The README's list of what determines an image, each changed alone: (spec changes, column changes).
+BASE_GENERATION = dict(height=256, width=256, prior_steps=None, prior_guidance_scale=4.0, decoder_steps=12,
+                       decoder_guidance_scale=0.0, negative_prompt="", seed=5)
+MIX = {"interpolate": ["tiny", "warp-ai/wuerstchen-prior"], "alpha": 0.3}
+DETERMINING = {
+    "prompt": ({}, {"prompt": ["a dog"]}),
+    "negative_prompt (spec)": ({"generation": {"negative_prompt": "blurry"}}, {}),
+    "negative_prompt (column)": ({}, {"negative_prompt": ["blurry"]}),
+    "seed": ({"generation": {"seed": 6}}, {}),
+    "seed (column)": ({}, {"seed": [6]}),
+    "height": ({"generation": {"height": 384}}, {}),
+    "width": ({}, {"width": [384]}),
+    "prior_steps (default schedule → 30 linear)": ({"generation": {"prior_steps": 30}}, {}),
+    "prior_steps (column)": ({}, {"prior_steps": [2]}),
+    "prior_guidance_scale": ({"generation": {"prior_guidance_scale": 4.5}}, {}),
+    "prior_guidance_scale (column)": ({}, {"prior_guidance_scale": [3.0]}),
+    "decoder_steps": ({"generation": {"decoder_steps": 11}}, {}),
+    "decoder_guidance_scale": ({}, {"decoder_guidance_scale": [0.5]}),
+    "model.prior": ({"model": {"prior": "warp-ai/wuerstchen-prior"}}, {}),
+    "model.prior interpolation": ({"model": {"prior": MIX}}, {}),
+    "prior_checkpoint (sweep)": ({"sweep": {"prior_checkpoint": [MIX]}}, {}),
+    "model.decoder": ({"model": {"decoder": "warp-ai/wuerstchen"}}, {}),
+    "model.dtype": ({"model": {"dtype": "bfloat16"}}, {}),
+}
+NOT_DETERMINING = {
+    "a user column": ({}, {"Category": ["animals"]}),
+    "stage batch sizes": ({"stages": {"text": {"batch_size": 3}, "prior": {"batch_size": 5}}}, {}),
+    "images_per_prompt (image 0)": ({"generation": {"images_per_prompt": 3}}, {}),
+    "output, output_format, shard_size": ({"output": "elsewhere", "output_format": "webdataset", "shard_size": 7}, {}),
+    "seed given as a column equal to the default": ({}, {"seed": [5]}),
+    "prior_steps null in a column (the default)": ({}, {"prior_steps": [None]}),
+    "the same seed as a sweep value": ({"sweep": {"seed": [5]}}, {}),
+}
+
+
+def first_row_id(spec_changes: dict, column_changes: dict) -> str:
+    """The row id of "a cat" (the first image of the first row) under BASE_GENERATION with the changes applied."""
+    data = {"prompts": "x", "output": "o", "model": {"prior": "tiny", "decoder": "tiny", "dtype": "float32"},
+            "generation": dict(BASE_GENERATION)}
+    for key, value in spec_changes.items():
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
+    out = expand(spec_from_dict(data), **{"prompt": ["a cat"], **column_changes})
+    assert out[C.IMAGE_INDEX][0] == 0
+    return out[C.ROW_ID][0]
+
+
+@pytest.mark.parametrize("field", list(DETERMINING))
+def test_each_field_that_determines_the_image_changes_the_row_id(field):
+    assert first_row_id(*DETERMINING[field]) != first_row_id({}, {})
+
+
+@pytest.mark.parametrize("field", list(NOT_DETERMINING))
+def test_what_does_not_determine_the_image_keeps_the_row_id(field):
+    assert first_row_id(*NOT_DETERMINING[field]) == first_row_id({}, {})
+
+
+def test_row_ids_of_all_changes_are_distinct():
+    ids = {field: first_row_id(*change) for field, change in DETERMINING.items()}
+    same_value = [("negative_prompt (spec)", "negative_prompt (column)"), ("seed", "seed (column)"),
+                  ("model.prior interpolation", "prior_checkpoint (sweep)")]
+    for spec_route, other_route in same_value:  # one value given by the spec, a column or a sweep: one id
+        assert ids[spec_route] == ids[other_route]
+    assert len(set(ids.values())) == len(ids) - len(same_value)  # e.g. prompt and negative prompt don't hash alike

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import colorsys
 import io
+import posixpath
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -59,12 +61,10 @@ def make_run(output: str, storage_options: dict) -> list[dict]:
     # Two invocations as generate records them: one cut off (no end), one that made 5 rows in 10 s.
     record_run(output, storage_options, 1.7e9 - 100)
     record_run(output, storage_options, 1.7e9 - 2, ended_at=1.7e9 + 8, made=5)
-    for i, row in enumerate(rows):
+    for row in rows:
         if row[C.IMAGE_URI]:
-            pixels = np.zeros((row[C.HEIGHT], row[C.WIDTH], 3), np.uint8)
-            pixels[..., 0], pixels[..., 1] = 25 * i, np.linspace(0, 255, row[C.WIDTH], dtype=np.uint8)
             buffer = io.BytesIO()
-            Image.fromarray(pixels).save(buffer, format="PNG")
+            Image.fromarray(row_pixels(row)).save(buffer, format="PNG")
             write_atomic(fs, join(root, "images", row[C.ROW_ID][:2], f"{row[C.ROW_ID]}.png"), buffer.getvalue())
     schema = MANIFEST_SCHEMA.append(pa.field("source", pa.string()))
     for name, part in (("a", rows), ("b", rows[:1])):
@@ -72,6 +72,71 @@ def make_run(output: str, storage_options: dict) -> list[dict]:
         pq.write_table(pa.Table.from_pylist(part, schema=schema), sink)
         write_atomic(fs, join(root, "manifest", f"{name}.parquet"), sink.getvalue())
     return rows
+
+
+def quadrant_colours(row: dict) -> np.ndarray:
+    """(2, 2, 3) saturated colours of a row's image quadrants; golden-ratio hues make every row's unlike the others'."""
+    index = int(row[C.ROW_ID][:2])
+    hues = [((4 * index + q) * 0.618034) % 1 for q in range(4)]
+    return np.asarray([colorsys.hsv_to_rgb(h, 1.0, 0.9) for h in hues]).reshape(2, 2, 3) * 255
+
+
+def row_pixels(row: dict) -> np.ndarray:
+    """A row's image: its four quadrant colours at its size."""
+    h, w = row[C.HEIGHT], row[C.WIDTH]
+    colours = quadrant_colours(row).round().astype(np.uint8)
+    return colours.repeat(h // 2, axis=0).repeat(w // 2, axis=1)
+
+
+def decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+def shrunk(row: dict, size: tuple[int, int]) -> np.ndarray:
+    """The row's image box-filtered to (width, height) with PIL, not the report's code."""
+    return np.asarray(Image.fromarray(row_pixels(row)).resize(size, Image.Resampling.BOX), dtype=np.float64)
+
+
+def check_images_tied_to_rows(page: "Node", rows: list[dict], read) -> None:
+    """Each thumbnail shows its own row's image, links to that row's image file, and sits where that row belongs.
+
+    read(path relative to report/) → bytes. The row comes from the <img>'s alt; its place (grid cell or caption)
+    and the decoded thumbnail and link must all agree with it.
+    """
+    by_id = {r[C.ROW_ID]: r for r in rows if r[C.IMAGE_URI]}
+    for section in page.find("section", "sweep"):
+        varying = section.find("p")[0].text()
+        header, *body = section.find("table", "grid")[0].find("tr")
+        columns = [th.text() for th in header.find("th")[1:]]
+        for tr in body:
+            for column, td in zip(columns, tr.find("td")):
+                place = f"{tr.find('th')[0].text()}, {column}".split(", ")  # the cell's row and column labels
+                for img in td.find("img"):
+                    row = by_id[img.attrs["alt"]]
+                    labels = {C.SEED: f"seed = {row[C.SEED]}",
+                              C.DECODER_GUIDANCE: f"decoder_guidance_scale = {row[C.DECODER_GUIDANCE]:g}",
+                              "resolution": f"resolution = {row[C.HEIGHT]}x{row[C.WIDTH]}"}
+                    assert row[C.PROMPT] == section.find("h3")[0].text()
+                    assert all(label in place for axis, label in labels.items() if axis in varying), place
+    sheet = page.find("div", "sheet")[0].find("figure")
+    assert sorted(f.find("img")[0].attrs["alt"] for f in sheet) == sorted(by_id)  # every image once on the sheet
+    for figure in sheet:
+        row = by_id[figure.find("img")[0].attrs["alt"]]
+        assert figure.find("figcaption")[0].text() == f"{row[C.PROMPT]} · seed {row[C.SEED]}"
+    links = page.find("a")
+    assert len(links) == len(page.find("img")) == len(sheet) + 8  # the sheet, 6 + 2 grid cells
+    for link in links:
+        img = link.find("img")[0]
+        row = by_id[img.attrs["alt"]]
+        assert img.attrs["src"].startswith("thumbs/")
+        thumb = decode(read(img.attrs["src"]))
+        height, width = thumb.shape[:2]
+        assert max(height, width) == 128 and width * row[C.HEIGHT] == height * row[C.WIDTH]
+        own = np.abs(thumb - shrunk(row, (width, height))).mean()
+        nearest_other = min(np.abs(thumb - shrunk(r, (width, height))).mean() for r in by_id.values() if r is not row)
+        assert own < 4 and nearest_other > 15, (row[C.ROW_ID], own, nearest_other)
+        assert np.array_equal(decode(read(link.attrs["href"])), row_pixels(row))  # the link opens the row's image
 
 
 class Node:
@@ -166,13 +231,8 @@ def test_report_counts_failures_sweeps_and_thumbnails(local_run):
     assert [th.text() for th in row[0].find("th")] == ["resolution", "resolution = 128x128", "resolution = 128x256"]
     assert len(row) == 2 and len(row[1].find("img")) == 2
 
-    sheet = page.find("div", "sheet")[0].find("img")
-    assert len(sheet) == 8
+    check_images_tied_to_rows(page, rows, lambda path: open(f"{output}/report/{path}", "rb").read())
     fs, _ = url_to_fs(output)
-    for img in page.find("img"):
-        assert img.attrs["src"].startswith("thumbs/")
-        with Image.open(f"{output}/report/{img.attrs['src']}") as thumb:
-            assert max(thumb.size) == 128 and thumb.format == "JPEG"
     assert len(fs.ls(f"{output}/report/thumbs")) == 8
 
     text = open(uri, encoding="utf-8").read()
@@ -210,25 +270,37 @@ def test_report_on_s3(s3_server):
     fs = s3fs.S3FileSystem(**s3_server)
     fs.mkdir("reports")
     output = "s3://reports/run"
-    make_run(output, s3_server)
+    rows = make_run(output, s3_server)
     assert build_report(output, s3_server) == "s3://reports/run/report/index.html"
     page = Page(fs.cat_file("reports/run/report/index.html").decode()).root
-    assert len(page.find("div", "sheet")[0].find("img")) == 8
+    check_images_tied_to_rows(page, rows, lambda path: fs.cat_file(posixpath.normpath(f"reports/run/report/{path}")))
     assert len(fs.ls("reports/run/report/thumbs")) == 8
-    assert page.find("div", "sheet")[0].find("a")[0].attrs["href"].startswith("../images/")
 
 
 def test_page_renders_in_headless_chromium(local_run, tmp_path):
+    """Chromium's DOM of the page has the summary and every thumbnail; its screenshot shows each row's colours."""
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    output, _ = local_run
+    output, rows = local_run
     uri = build_report(output)
+
+    def chromium_run(*args) -> str:
+        return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                               "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                               "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", *args, f"file://{uri}"],
+                              check=True, capture_output=True, text=True, timeout=60).stdout
+
+    page = Page(chromium_run("--dump-dom")).root
+    summary = {tr.find("th")[0].text(): tr.find("td")[0].text() for tr in page.find("table", "summary")[0].find("tr")}
+    assert page.find("h1")[0].text() == "Run report" and summary["run"] == output
+    assert (summary["rows"], summary["succeeded"], summary["failed"]) == ("9", "8", "1")
+    assert len(page.find("div", "sheet")[0].find("img")) == 8 and len(page.find("img")) == 16
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
-                    f"file://{uri}"], check=True, capture_output=True, timeout=60)
+    chromium_run(f"--screenshot={shot}", "--window-size=1200,2400", "--hide-scrollbars")
     with Image.open(shot) as image:
         pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
-    assert pixels.shape == (900, 1200, 3) and pixels.var() > 0
+    assert pixels.shape == (2400, 1200, 3)
+    for row in rows:  # each quadrant's colour covers at least a thumbnail quadrant's worth of pixels
+        for colour in quadrant_colours(row).reshape(4, 3) if row[C.IMAGE_URI] else ():
+            assert (np.abs(pixels - colour).max(-1) <= 8).sum() >= 1500, (row[C.ROW_ID], colour)
