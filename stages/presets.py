@@ -19,7 +19,7 @@ from diffusers.pipelines.deprecated.wuerstchen import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from stages.tiny_weights import C_R, drawing_decoder, drawing_prior, drawing_vqgan
+from stages.tiny_weights import C_R, drawing_decoder, drawing_prior, drawing_vqgan, wake
 
 TINY_VERSION = 2  # bump whenever the tiny weights change (v2: noise-aware heads, live blocks)
 TEXT_HIDDEN = 32
@@ -70,12 +70,15 @@ def build_prior(full: bool = False) -> WuerstchenPriorPipeline:
     torch.manual_seed(1)
     if full:
         prior = WuerstchenPrior(c_in=EFFNET_CHANNELS, c=1536, c_cond=BIGG_TEXT[0], c_r=64, depth=32, nhead=24)
+        with torch.no_grad():  # keep the output's divisor |1 - b| near 1, as in a trained prior
+            prior.out[1].weight.mul_(0.05)
+        prior = wake(prior, seed=3)
     else:
         prior = drawing_prior(WuerstchenPrior(c_in=EFFNET_CHANNELS, c=32, c_cond=TEXT_HIDDEN, c_r=C_R, depth=2, nhead=2))
     return WuerstchenPriorPipeline(
         tokenizer=tokenizer,
         text_encoder=_text_encoder(tokenizer, seed=2, shape=BIGG_TEXT if full else TINY_TEXT),
-        prior=prior if full else prior.eval(),
+        prior=prior,
         scheduler=DDPMWuerstchenScheduler(),
     )
 
@@ -97,7 +100,9 @@ def build_decoder(full: bool = False) -> WuerstchenDecoderPipeline:
     )
     torch.manual_seed(5)
     vqgan = PaellaVQModel() if full else PaellaVQModel(bottleneck_blocks=1, embed_dim=32, num_vq_embeddings=16)
-    if not full:
+    if full:
+        decoder, vqgan = wake(decoder, seed=7), _full_size_vqgan(vqgan)
+    else:
         decoder, vqgan = drawing_decoder(decoder), drawing_vqgan(vqgan)
     return WuerstchenDecoderPipeline(
         tokenizer=tokenizer,
@@ -106,6 +111,15 @@ def build_decoder(full: bool = False) -> WuerstchenDecoderPipeline:
         scheduler=DDPMWuerstchenScheduler(),
         vqgan=vqgan,
     )
+
+
+def _full_size_vqgan(vqgan: PaellaVQModel) -> PaellaVQModel:
+    """Random official-shape Stage A whose pixel head keeps random latents mostly unclipped (benchmarks only)."""
+    vqgan = wake(vqgan, seed=8)
+    with torch.no_grad():
+        vqgan.out_block[0].weight.mul_(0.025)
+        vqgan.out_block[0].bias.fill_(0.5)
+    return vqgan
 
 
 def write_tiny_model(directory: str | os.PathLike, full: bool = False) -> Path:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from diffusers import DDPMWuerstchenScheduler
 
-# Gains: text into Stage C's attention, Stage C embeddings into Stage B, latents into pixels.
-TINY_GAINS = dict(prior_text=14.0, prior_a=1.0, decoder_a=1.0, effnet=0.03, pixels=1.5, prior_margin=0.3,
-                  prior_res=6.0, decoder_attn=10.0)
+# Gains: text into Stage C's attention, Stage C's ResBlocks, Stage C embeddings into Stage B, Stage B's
+# attention, latents into pixels; and the margin that keeps Stage C's divisor clear of 0.
+TINY_GAINS = dict(prior_text=14.0, prior_res=6.0, effnet=0.03, decoder_attn=10.0, pixels=1.5, prior_margin=0.3)
 C_R = 64  # timestep embedding width, as the official models (the fit needs its low frequencies)
 SIGMOID_FIT = (5.0, -1.5)  # sigmoid(k·s + c): ≈ s at high noise, ≥ 0.18 at low (stable with guidance)
 
@@ -34,11 +34,15 @@ def wake(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def _smooth_columns(c_r: int) -> np.ndarray:
-    """Which entries of diffusers' r embedding (sin, cos of r·f) vary slowly over r in [0, 1]."""
+def _frequencies(c_r: int) -> np.ndarray:
+    """The frequencies f of diffusers' r embedding (sin, cos of r·f), as gen_r_embedding computes them."""
     half = c_r // 2
-    freqs = np.exp(-math.log(10000) / (half - 1) * np.arange(half)) * 10000
-    return np.concatenate([freqs < 12] * 2)
+    return np.exp(-math.log(10000) / (half - 1) * np.arange(half)) * 10000
+
+
+def _smooth_columns(c_r: int) -> np.ndarray:
+    """Which entries of diffusers' r embedding vary slowly over r in [0, 1]."""
+    return np.concatenate([_frequencies(c_r) < 12] * 2)
 
 
 def smooth_in_time(model: torch.nn.Module) -> None:
@@ -53,9 +57,7 @@ def noise_level_fit(c_r: int = C_R) -> tuple[np.ndarray, float]:
     r = np.linspace(0, 1, 401)
     acp = DDPMWuerstchenScheduler()._alpha_cumprod(torch.tensor(r, dtype=torch.float64), "cpu").numpy()
     target = np.sqrt((1 - acp) / acp)
-    half = c_r // 2
-    freqs = np.exp(-math.log(10000) / (half - 1) * np.arange(half)) * 10000
-    smooth = _smooth_columns(c_r)
+    freqs, smooth = _frequencies(c_r), _smooth_columns(c_r)
     emb = np.concatenate([np.sin(r[:, None] * freqs), np.cos(r[:, None] * freqs)], axis=1)
     basis = np.concatenate([emb[:, smooth], np.ones((len(r), 1))], axis=1)
     weight = 1 / np.maximum(target, 0.3)  # relative error where G is large
@@ -110,7 +112,7 @@ def drawing_prior(prior, gen_seed: int = 3):
         last_t = [b for b in prior.blocks if hasattr(b, "mapper")][-1]
         x, text = torch.randn(4, half, 6, 6, generator=gen), torch.randn(4, 77, prior.config.c_cond, generator=gen)
         v, scale = _quiet_direction(prior, last_t, lambda: prior(x, torch.full((4,), 0.5), text))
-        head.weight[:half].normal_(generator=gen).mul_(TINY_GAINS["prior_a"] / c**0.5)
+        head.weight[:half].normal_(generator=gen).mul_(1.0 / c**0.5)
         head.bias.zero_()
         _noise_aware(last_t, head, half, v, scale)
         head.weight[half:, :, 0, 0] = -v / c**0.5  # b = 1 - s - margin: |1 - b| stays clear of 0
@@ -140,7 +142,7 @@ def drawing_decoder(decoder, gen_seed: int = 7):
         effnet = torch.randn(4, decoder.config.effnet_embd, 3, 3, generator=gen) * 30
         text = torch.randn(4, 77, decoder.config.clip_embd, generator=gen)
         v, scale = _quiet_direction(decoder, last_t, lambda: decoder(x, torch.full((4,), 0.5), effnet, text))
-        head.weight[:half].normal_(generator=gen).mul_(TINY_GAINS["decoder_a"] / c**0.5)
+        head.weight[:half].normal_(generator=gen).mul_(1.0 / c**0.5)
         head.bias.zero_()
         _noise_aware(last_t, head, half, v, scale)
         k, bias = SIGMOID_FIT
