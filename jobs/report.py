@@ -112,8 +112,17 @@ def _row_order(row: dict) -> tuple:
 def declared_axes(job: dict) -> list[str]:
     """The axes the job varies on purpose: its sweep's, and the seed when images_per_prompt > 1."""
     sweep = [SWEEP_COLUMNS.get(axis, axis) for axis in (job.get("sweep") or {})]
-    per_prompt = ((job.get("generation") or {}).get("images_per_prompt") or 1) > 1
-    return [a for a in AXES if a in sweep or (a == C.SEED and per_prompt)]
+    return [a for a in AXES if a in sweep or (a == C.SEED and images_per_prompt(job) > 1)]
+
+
+def images_per_prompt(job: dict) -> int:
+    """The job's images_per_prompt (1 where job.yaml does not say)."""
+    return (job.get("generation") or {}).get("images_per_prompt") or 1
+
+
+def wall_seconds(runs: list[dict]) -> float:
+    """The summed span of the invocations that finished."""
+    return sum(r["ended_at"] - r["started_at"] for r in runs if r.get("ended_at"))
 
 
 def find_sweeps(rows: list[dict], axes: list[str]) -> list[tuple[str, list[str], list[dict]]]:
@@ -205,7 +214,7 @@ def stamp(seconds: float) -> str:
 def sweep_note(job: dict) -> str:
     """Why the grids exist: the job's sweep axes and/or its images_per_prompt."""
     parts = [f"sweep over {', '.join(job['sweep'])}"] if job.get("sweep") else []
-    per_prompt = (job.get("generation") or {}).get("images_per_prompt") or 1
+    per_prompt = images_per_prompt(job)
     if per_prompt > 1:
         parts.append(f"images_per_prompt = {per_prompt} (seeds seed … seed + {per_prompt - 1})")
     return f'<p class="note">Grids per prompt, from the job\'s {escape(" and ".join(parts))}.</p>'
@@ -219,7 +228,7 @@ def summary_html(output: str, job: dict, rows: list[dict], runs: list[dict]) -> 
              ("rows", len(rows)), ("succeeded", ok), ("failed", len(rows) - ok)]
     finished = [r for r in runs if r.get("ended_at")]
     if finished:
-        seconds = sum(r["ended_at"] - r["started_at"] for r in finished)
+        seconds = wall_seconds(runs)
         made = sum(r["made"] for r in finished)
         items += [("started", stamp(min(r["started_at"] for r in runs))),
                   ("invocations", f"{len(runs)} ({len(runs) - len(finished)} did not finish)"),
@@ -301,7 +310,7 @@ def sheet_html(sheet: list[dict], thumb) -> str:
 def render(output: str, job: dict, rows: list[dict], sheet: list[dict], sweeps: list, thumb,
            runs: list[dict] = ()) -> str:
     """The whole page."""
-    wall = sum(r["ended_at"] - r["started_at"] for r in runs if r.get("ended_at"))
+    wall = wall_seconds(runs)
     grids = "".join(grid_html(p, axes, group, thumb) for p, axes, group in sweeps[:MAX_PROMPTS])
     grids = (sweep_note(job) + grids) if grids else "<p>No sweep: the job varies no axis per prompt.</p>"
     if len(sweeps) > MAX_PROMPTS:
