@@ -9,11 +9,14 @@ import yaml
 
 from jobs import prompts
 from jobs.preflight import answered_decode, check_models
-from jobs.resume import Summary, claim, filter_ids, stored_ids
+from jobs.resume import Summary, claim
 from jobs.spec import TASK_CPUS, JobSpec, SpecError, apply_overrides, spec_from_dict
 from stages import columns as C
+from stages import output
 from stages.storage import join, url_to_fs
-from stages.writer import write_embeddings
+from stages.writer import PARAMS_SCHEMA, write_embeddings
+
+NEW_ID = "new_row_id"  # a stored row's id once re-decoded
 
 # What a re-decode may change: everything downstream of the stored embeddings.
 DECODER_KEYS = ("generation.decoder_steps", "generation.decoder_guidance_scale", "model.decoder", "model.dtype",
@@ -59,27 +62,37 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     return _decode(spec, list(overrides), started, verbose)
 
 
-def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) -> Summary:
-    import ray
+def stored_keys(batch: dict[str, np.ndarray], decoder_params: dict, model: dict) -> dict[str, np.ndarray]:
+    """(row_id, path, NEW_ID) of stored rows: NEW_ID is the id a row gets once re-decoded (see redecode_rows)."""
+    rows = {k: v for k, v in batch.items() if k != output.PATH}
+    rows[C.PRIOR_STEPS] = np.nan_to_num(np.asarray(rows[C.PRIOR_STEPS], dtype=np.float64)).astype(np.int64)
+    rows = redecode_rows(rows, decoder_params, model)
+    return {C.ROW_ID: batch[C.ROW_ID], output.PATH: batch[output.PATH], NEW_ID: rows[C.ROW_ID]}
 
-    from jobs.generate import (DECODE_STAGES, close_output, decode_dataset, open_output, stored_embeddings,
-                               write_manifest)
+
+def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) -> Summary:
+    from jobs.generate import DECODE_STAGES, close_output, decode_dataset, open_output, stored_embeddings, write_manifest
 
     run = spec.decoded_from
     done = open_output(spec, started, verbose)
-    ids = stored_ids(run, "embeddings", spec.storage_options)
     changed = {key.split(".")[1]: getattr(spec.generation, key.split(".")[1]) for key in DECODER_KEYS[:2]
                if any(item.startswith(key) for item in overrides)}
+    model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype)
 
     def make(tally):
-        ds = stored_embeddings(run, spec.storage_options, ids)
-        ds = ds.map_batches(redecode_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
-            decoder_params=changed, model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype)))
-        ds = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS,
-                            fn_kwargs=dict(ids=ray.put(done), keep=False))  # resumable like generate
+        keys = output.read_parts(run, output.EMBEDDINGS, spec.storage_options, include_paths=True,
+                                 columns=[f.name for f in PARAMS_SCHEMA])
+        if done:  # resumable like generate: rows whose new id the output holds are not read at all
+            keys = keys.map_batches(stored_keys, batch_format="numpy", num_cpus=TASK_CPUS,
+                                    fn_kwargs=dict(decoder_params=changed, model=model))
+            keys = output.drop_done(keys, spec.output, spec.storage_options, done, on=NEW_ID)
+        ds = stored_embeddings(run, spec.storage_options, keys.select_columns([C.ROW_ID, output.PATH]))
+        ds = ds.map_batches(redecode_rows, batch_format="numpy", num_cpus=TASK_CPUS,
+                            fn_kwargs=dict(decoder_params=changed, model=model))
         ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                             fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
         return decode_dataset(spec, ds, tally)
 
-    write_manifest(spec, make, DECODE_STAGES, max(len(ids) - len(done), 0))
+    stored = output.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
+    write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))
     return close_output(spec, started, done)

@@ -7,7 +7,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.autoscaler.sdk import request_resources
@@ -17,12 +16,12 @@ from jobs.console import start_ray
 from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: part of this module's interface
 from jobs.progress import Progress, Tally, reporting
 from jobs.report import build_report, record_run
-from jobs.resume import Summary, filter_ids, stored_ids, summarize
+from jobs.resume import Summary, summarize
 from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec, stage_kwargs
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
+from stages import output
 from stages.sink import ManifestSink
-from stages.storage import join, url_to_fs
 from stages.text import TextEncoder
 from stages.writer import read_back_embeddings, write_embeddings, write_images, write_shard
 
@@ -39,29 +38,33 @@ def run(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summar
 
 def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: bool = False) -> Summary:
     """The pipeline for a checked spec on its claimed output: rows whose Stage C embeddings were stored
-    before an interruption are decoded first, then every row without a manifest entry is made."""
+    before an interruption are decoded first, then every row without a manifest entry is made. Done rows are
+    counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
     done = open_output(spec, start, verbose)
-    embedded = np.setdiff1d(stored_ids(spec.output, "embeddings", spec.storage_options), done)
-    if len(embedded):
+    pending = output.in_flight(spec.output, spec.storage_options, done)
+    waiting = pending.count() if pending is not None else 0
+    if pending is not None:
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
-            spec.output, spec.storage_options, embedded), tally), DECODE_STAGES, len(embedded))
-    todo = prompts.planned_rows(spec, table.rows) - len(done) - len(embedded)
-    write_manifest(spec, lambda tally: build_dataset(spec, table, np.union1d(done, embedded), tally),
-                   ALL_STAGES, max(todo, 0))
+            spec.output, spec.storage_options, pending), tally), DECODE_STAGES, waiting)
+    finished_rows = output.part_counts(spec.output, output.MANIFEST, spec.storage_options)[0]
+    todo = prompts.planned_rows(spec, table.rows) - finished_rows
+    write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally), ALL_STAGES, max(todo, 0))
     return close_output(spec, start, done)
 
 
-def open_output(spec: JobSpec, start: float, verbose: bool = False) -> np.ndarray:
+def open_output(spec: JobSpec, start: float, verbose: bool = False) -> int:
     """Record this invocation's start, join Ray (quietly unless `verbose`) with the stages' resources; returns
-    the row ids already done."""
+    the count of manifest rows already there (from the footers)."""
     record_run(spec.output, spec.storage_options, start)
     connect(spec, verbose)
-    return stored_ids(spec.output, "manifest", spec.storage_options)
+    return output.part_counts(spec.output, output.MANIFEST, spec.storage_options)[0]
 
 
-def close_output(spec: JobSpec, start: float, done: np.ndarray) -> Summary:
-    """The closing summary, the invocation's record (the same figures), and the report rebuilt."""
-    summary = summarize(spec, time.time() - start, before=len(done))
+def close_output(spec: JobSpec, start: float, done: int) -> Summary:
+    """Compact the manifest's small parts, then the closing summary, the invocation's record (the same
+    figures), and the report rebuilt."""
+    output.compact(spec.output, output.MANIFEST, spec.storage_options)
+    summary = summarize(spec, time.time() - start, before=done)
     record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)
     build_report(spec.output, spec.storage_options)
     return summary
@@ -86,22 +89,25 @@ def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> 
         tally.__ray_terminate__.remote()  # after its queued counts (killing a pending actor makes the GCS log)
 
 
-def stored_embeddings(output: str, storage_options: dict, keep: np.ndarray) -> ray.data.Dataset:
-    """The stored Stage C rows of `output` whose ids are in `keep`, as Stage B/A input."""
-    fs, path = url_to_fs(join(output, "embeddings"), storage_options)
-    ds = ray.data.read_parquet(path, filesystem=PyFileSystem(FSSpecHandler(fs)), num_cpus=TASK_CPUS)
-    ds = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ray.put(keep)))
+def stored_embeddings(output_uri: str, storage_options: dict, keys: ray.data.Dataset) -> ray.data.Dataset:
+    """The stored Stage C rows of `output_uri` named by `keys` (row_id, path), as Stage B/A input."""
+    ds = output.stored_rows(keys, output_uri, storage_options)
     return ds.map_batches(read_back_embeddings, batch_format="numpy", num_cpus=TASK_CPUS)
 
 
-def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = (), tally=None) -> ray.data.Dataset:
-    """read → expand rows → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
+def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0, tally=None) -> ray.data.Dataset:
+    """read → expand rows (bounded batches) → drop done rows (an anti-join with the manifest's ids, when
+    `done_rows`) → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
     ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
                                num_cpus=TASK_CPUS)
-    ds = ds.map_batches(prompts.expand_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
-        defaults=prompts.defaults_for(spec), images_per_prompt=spec.generation.images_per_prompt,
-        model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype), combos=prompts.sweep_combinations(spec.sweep),
-        skip=ray.put(np.asarray(skip, dtype="U32"))))
+    combos = prompts.sweep_combinations(spec.sweep)
+    ds = ds.map_batches(prompts.expand_rows, batch_format="numpy", num_cpus=TASK_CPUS,
+                        batch_size=prompts.expansion_batch(len(combos) * spec.generation.images_per_prompt),
+                        fn_kwargs=dict(defaults=prompts.defaults_for(spec), images_per_prompt=spec.generation.images_per_prompt,
+                                       model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype), combos=combos))
+    if done_rows:
+        ds = output.drop_done(ds, spec.output, spec.storage_options, done_rows)
+        ds = ds.map_batches(prompts.shape_order, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
     ds = _stage(ds, spec, TextEncoder, "text", tally)

@@ -20,6 +20,9 @@ from stages.refs import prior_id
 from stages.storage import full_uri, reason, url_to_fs
 
 
+EXPANDED_ROWS = 4096  # image rows one expansion batch makes (bounded task memory for any sweep size)
+
+
 @dataclass(frozen=True)
 class PromptTable:
     """The validated table: its files (paths on `fs`) and its row count."""
@@ -148,7 +151,7 @@ def sweep_combinations(sweep: dict) -> list[dict]:
 def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt: int, model: dict,
                 combos: list[dict] = ({},), skip=None) -> dict:
     """Each prompt row × each sweep combination × each image (seed + k): fill parameters, add row ids,
-    drop ids in `skip`, and order rows by shape bucket so stages see runs of one shape."""
+    drop ids in `skip` (small in-process uses; a job drops done rows with an anti-join), and order rows by shape bucket so stages see runs of one shape."""
     n, m, k = len(batch[C.PROMPT]), len(combos), images_per_prompt
     rows = np.repeat(np.arange(n), m * k)
     out = {col: np.asarray(values)[rows] for col, values in batch.items()}  # user columns pass through
@@ -161,15 +164,26 @@ def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt:
     out[C.SEED] = out[C.SEED] + out[C.IMAGE_INDEX]
     identify(out, model)
     out[C.ERROR] = np.full(len(rows), "", dtype=object)
-    keep = np.ones(len(rows), dtype=bool)
     if skip is not None:
         import ray  # only where rows are skipped: the in-process benchmark runs without Ray
 
         keep = ~skip_mask(out[C.ROW_ID], ray.get(skip) if isinstance(skip, ray.ObjectRef) else skip)
-    checkpoints = np.unique(out[C.PRIOR_CHECKPOINT].astype(str), return_inverse=True)[1]
-    order = np.lexsort((out[C.DECODER_STEPS], out[C.PRIOR_STEPS], out[C.WIDTH], out[C.HEIGHT], checkpoints))
-    order = order[keep[order]]
-    return {col: values[order] for col, values in out.items()}
+        out = {col: values[keep] for col, values in out.items()}
+    return shape_order(out)
+
+
+def expansion_batch(rows_per_prompt: int) -> int:
+    """Prompt rows per expansion batch: about EXPANDED_ROWS image rows, whatever the input's row groups."""
+    return max(1, EXPANDED_ROWS // max(rows_per_prompt, 1))
+
+
+def shape_order(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch's rows ordered by shape bucket (checkpoint, height, width, steps): stages see runs of one shape."""
+    if not len(batch[C.ROW_ID]):
+        return batch
+    checkpoints = np.unique(np.asarray(batch[C.PRIOR_CHECKPOINT]).astype(str), return_inverse=True)[1].ravel()
+    order = np.lexsort((batch[C.DECODER_STEPS], batch[C.PRIOR_STEPS], batch[C.WIDTH], batch[C.HEIGHT], checkpoints))
+    return {col: np.asarray(values)[order] for col, values in batch.items()}
 
 
 def identify(rows: dict[str, np.ndarray], model: dict) -> None:

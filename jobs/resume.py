@@ -4,18 +4,17 @@ continue it; the closing summary."""
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import yaml
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from jobs.spec import JobSpec, SpecError, StagesSpec
 from stages import columns as C
+from stages import output as output_folder
 from stages.storage import join, reason, url_to_fs, write_atomic
 
 # Spec sections that change images: an output holds the rows of one setting of these.
@@ -59,27 +58,8 @@ def summarize(spec: JobSpec, seconds: float, before: int = 0) -> Summary:
 
 
 def part_counts(output: str, folder: str, storage_options: dict, nulls_of: str | None = None) -> tuple[int, int]:
-    """(rows, rows with a value in column `nulls_of`) over <output>/<folder>/*.parquet, from the footers alone."""
-    fs, path = url_to_fs(join(output, folder), storage_options)
-    files = fs.glob(join(path, "*.parquet")) if fs.exists(path) else []
-
-    def count(file: str) -> tuple[int, int]:
-        with fs.open(file, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            meta = parquet.metadata
-            if nulls_of is None:
-                return meta.num_rows, 0
-            column = meta.schema.to_arrow_schema().get_field_index(nulls_of)
-            if column < 0:
-                return meta.num_rows, 0
-            stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
-            if all(s is not None and s.has_null_count for s in stats):
-                return meta.num_rows, meta.num_rows - sum(s.null_count for s in stats)
-            return meta.num_rows, meta.num_rows - parquet.read(columns=[nulls_of]).column(0).null_count
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        counts = list(pool.map(count, files))
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+    """(rows, rows with a value in column `nulls_of`) over <output>/<folder>'s live parts, from the footers alone."""
+    return output_folder.part_counts(output, folder, storage_options, nulls_of)
 
 
 def finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -> Summary | None:

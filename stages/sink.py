@@ -9,7 +9,8 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from stages import columns as C
-from stages.storage import block_name, join, url_to_fs, write_atomic
+from stages.output import MANIFEST, folder
+from stages.storage import block_name, join, write_atomic
 
 
 class ManifestSink(Datasink):
@@ -19,7 +20,7 @@ class ManifestSink(Datasink):
         self.output, self.storage_options = output, storage_options
 
     def write(self, blocks, ctx) -> int:
-        fs, root = url_to_fs(join(self.output, "manifest"), self.storage_options)
+        fs, root = folder(self.output, MANIFEST, self.storage_options)
         rows = 0
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()

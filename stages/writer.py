@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from stages import columns as C
-from stages.storage import block_name, full_uri, join, url_to_fs, write_atomic
+from stages.output import EMBEDDINGS, IMAGES, SHARD_STATS, SHARDS, folder
+from stages.storage import block_name, full_uri, join, write_atomic
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PARAMS_SCHEMA = pa.schema([
@@ -56,7 +57,7 @@ def _params_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
 
 def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options: dict) -> dict:
     """Persist Stage C output (embeddings, generator state after Stage C, params) under <output>/embeddings/."""
-    fs, root = url_to_fs(join(output, "embeddings"), storage_options)
+    fs, root = folder(output, EMBEDDINGS, storage_options)
     table = _with_user_columns(_params_table(batch, PARAMS_SCHEMA), batch)
     embeddings = list(batch[C.IMAGE_EMBEDDINGS])
     value_type = pa.float16() if embeddings[0].dtype == np.float16 else pa.float32()
@@ -99,7 +100,7 @@ def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
 
 def write_images(batch: dict[str, np.ndarray], output: str, storage_options: dict, image_format: str) -> pa.Table:
     """Write each finished image as <output>/images/<row_id[:2]>/<row_id>.<ext>; return its manifest rows."""
-    fs, root = url_to_fs(join(output, "images"), storage_options)
+    fs, root = folder(output, IMAGES, storage_options)
     uris, finished = [], []
     for row, error, pixels in zip(batch[C.ROW_ID], batch[C.ERROR], batch[C.IMAGE]):
         if error:
@@ -126,7 +127,7 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
     sample) and its stats under <output>/shard_stats/; return manifest rows naming shard and key."""
     from webdataset import TarWriter  # ~1 s to import: only in the tasks that write shards
 
-    fs, root = url_to_fs(join(output, "shards"), storage_options)
+    fs, root = folder(output, SHARDS, storage_options)
     name = block_name(batch[C.ROW_ID])
     shard = join(root, f"{name}.tar")
     params = _params_table(batch, PARAMS_SCHEMA).to_pylist()
@@ -140,7 +141,7 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
     write_atomic(fs, shard, buffer.getvalue())
     stats = {"shard": full_uri(fs, shard), "samples": len(ok), "failed": len(params) - len(ok),
              "bytes": buffer.getbuffer().nbytes, "image_format": image_format}
-    stats_fs, stats_root = url_to_fs(join(output, "shard_stats"), storage_options)  # beside, so readers of
+    stats_fs, stats_root = folder(output, SHARD_STATS, storage_options)  # beside, so readers of
     write_atomic(stats_fs, join(stats_root, f"{name}.json"), json.dumps(stats).encode())  # shards/ see tars only
     n = len(params)
     batch = {**batch, C.IMAGE_URI: np.full(n, None, dtype=object), C.FINISHED_AT: np.full(n, time.time()),

@@ -1,0 +1,207 @@
+"""The run folder, one owner: its layout, job.yaml, manifest parts (listing, counting, compaction), the done
+row ids and the stored Stage C rows, read inside Ray so that nothing on the driver grows with the rows."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from fsspec.implementations.local import LocalFileSystem
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from stages import columns as C
+from stages.storage import join, url_to_fs
+
+# Layout of an output: <output>/<folder>/...
+JOB_FILE = "job.yaml"
+MANIFEST = "manifest"  # Parquet parts of finished rows (one per finished block, or compacted)
+EMBEDDINGS = "embeddings"  # Parquet parts of Stage C rows
+IMAGES = "images"
+SHARDS = "shards"
+SHARD_STATS = "shard_stats"
+REPORT = "report"
+RUNS = "runs"
+EVAL = "eval"
+
+COMPACTED_FROM = b"wuerstchen_batch.compacted_from"  # a compacted part's footer: the part names it replaces
+COMPACTED_PREFIX = "compacted-"
+PATH = "path"  # the column Ray Data's include_paths adds
+ROWS_PER_PARTITION = 500_000  # done ids per join partition (≈ 40 MB in one aggregator)
+THREADS = 16  # footer readers (object stores answer in parallel)
+
+
+def folder(output: str, name: str, storage_options: dict | None) -> tuple[object, str]:
+    """(filesystem, path) of <output>/<name>."""
+    return url_to_fs(join(output, name), storage_options)
+
+
+def arrow_fs(fs) -> PyFileSystem:
+    """A pyarrow filesystem over an fsspec one (for pyarrow.dataset and Ray's readers)."""
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def read_job(output: str, storage_options: dict | None) -> dict:
+    """The run's resolved spec from <output>/job.yaml ({} when there is none)."""
+    fs, path = url_to_fs(join(output, JOB_FILE), storage_options)
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "rb") as f:
+        return yaml.safe_load(f) or {}
+
+
+def list_parts(output: str, name: str, storage_options: dict | None) -> tuple[object, list[str]]:
+    """The live Parquet parts of <output>/<name>, sorted: parts that a compacted part replaces are left out,
+    so a reader listing during or after a compaction sees each row once (one listing, plus one footer per
+    compacted part)."""
+    fs, path = folder(output, name, storage_options)
+    try:
+        files = sorted(fs.glob(join(path, "*.parquet")))
+    except FileNotFoundError:
+        return fs, []
+    replaced: set[str] = set()
+    for part in (f for f in files if f.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)):
+        replaced.update(_replaces(fs, part))
+    return fs, [f for f in files if f.rsplit("/", 1)[-1] not in replaced]
+
+
+def _replaces(fs, part: str) -> list[str]:
+    with fs.open(part, "rb") as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    return json.loads(meta.get(COMPACTED_FROM, b"[]"))
+
+
+def part_counts(output: str, name: str, storage_options: dict | None, nulls_of: str | None = None) -> tuple[int, int]:
+    """(rows, rows with a value in column `nulls_of`) over the live parts of <output>/<name>, from footers."""
+    fs, files = list_parts(output, name, storage_options)
+
+    def count(file: str) -> tuple[int, int]:
+        with fs.open(file, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            meta = parquet.metadata
+            column = meta.schema.to_arrow_schema().get_field_index(nulls_of) if nulls_of else -1
+            if column < 0:
+                return meta.num_rows, 0
+            stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
+            if all(s is not None and s.has_null_count for s in stats):
+                return meta.num_rows, meta.num_rows - sum(s.null_count for s in stats)
+            return meta.num_rows, meta.num_rows - parquet.read(columns=[nulls_of]).column(0).null_count
+
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        counts = list(pool.map(count, files))
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def read_parts(output: str, name: str, storage_options: dict | None, columns=None, include_paths: bool = False):
+    """A Ray dataset over the live parts of <output>/<name> (only `columns`); None when there are none."""
+    import ray
+
+    from jobs.spec import TASK_CPUS
+
+    fs, files = list_parts(output, name, storage_options)
+    if not files:
+        return None
+    return ray.data.read_parquet(files, filesystem=arrow_fs(fs), columns=list(columns) if columns else None,
+                                 include_paths=include_paths, num_cpus=TASK_CPUS)
+
+
+def drop_done(ds, output: str, storage_options: dict | None, done_rows: int, on: str = C.ROW_ID):
+    """The rows of `ds` whose `on` id has no manifest entry in `output`: a hash-partitioned anti-join inside Ray
+    (each partition holds ~ROWS_PER_PARTITION done ids); `ds` itself when the output holds none."""
+    ids = read_parts(output, MANIFEST, storage_options, columns=[C.ROW_ID]) if done_rows else None
+    if ids is None:
+        return ds
+    if on != C.ROW_ID:
+        return ds.join(ids, join_type="left_anti", num_partitions=partitions(done_rows), on=(on,),
+                       right_on=(C.ROW_ID,))
+    return ds.join(ids, join_type="left_anti", num_partitions=partitions(done_rows), on=(C.ROW_ID,))
+
+
+def partitions(done_rows: int) -> int:
+    """Join partitions for `done_rows` done ids."""
+    return max(2, -(-done_rows // ROWS_PER_PARTITION))
+
+
+def in_flight(output: str, storage_options: dict | None, done_rows: int):
+    """(row_id, path) of the stored Stage C rows without a manifest entry (rows in flight at an interruption),
+    materialized in the object store (at most the rows that were in flight); None when there are none."""
+    stored = read_parts(output, EMBEDDINGS, storage_options, columns=[C.ROW_ID], include_paths=True)
+    if stored is None:
+        return None
+    pending = drop_done(stored, output, storage_options, done_rows).materialize()
+    return pending if pending.count() else None
+
+
+def stored_rows(keys, output: str, storage_options: dict | None):
+    """The stored Stage C rows named by `keys` (row_id, path): each part holding one is read once, with only
+    its named rows kept."""
+    from jobs.spec import TASK_CPUS
+
+    fs, _ = folder(output, EMBEDDINGS, storage_options)
+    return keys.groupby(PATH).map_groups(_read_named_rows, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                                         fn_kwargs=dict(fs=fs))
+
+
+def _read_named_rows(group: pa.Table, fs) -> pa.Table:
+    path = group.column(PATH)[0].as_py()
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    return table.filter(pa.compute.is_in(table.column(C.ROW_ID), value_set=group.column(C.ROW_ID)))
+
+
+def compact(output: str, name: str, storage_options: dict | None, min_parts: int = 64,
+            target_rows: int = 1_000_000) -> int:
+    """Merge the small live parts of <output>/<name> (same schema) into parts of up to `target_rows` rows,
+    streaming row groups; returns the parts replaced. Each merged part names in its footer the parts it
+    replaces and appears whole; the replaced parts are deleted after. A reader (see list_parts) sees each
+    row once at every moment, and an interrupted compaction leaves a consistent folder (rerun it)."""
+    fs, files = list_parts(output, name, storage_options)
+    small = [f for f in files if not f.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)]
+    if len(small) < min_parts:
+        return 0
+    groups: dict[pa.Schema, list[tuple[str, int]]] = {}
+    for file, schema, rows in _footers(fs, small):
+        groups.setdefault(schema, []).append((file, rows))
+    replaced = 0
+    for schema, parts in groups.items():
+        batch, rows = [], 0
+        for file, count in parts:
+            batch.append(file)
+            rows += count
+            if rows >= target_rows:
+                replaced += _merge(fs, batch, schema)
+                batch, rows = [], 0
+        if len(batch) > 1:
+            replaced += _merge(fs, batch, schema)
+    return replaced
+
+
+def _footers(fs, files: list[str]):
+    def read(file):
+        with fs.open(file, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        return file, meta.schema.to_arrow_schema().remove_metadata(), meta.num_rows
+
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        return list(pool.map(read, files))
+
+
+def _merge(fs, files: list[str], schema: pa.Schema) -> int:
+    folder_path = files[0].rsplit("/", 1)[0]
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    target = join(folder_path, f"{COMPACTED_PREFIX}{uuid.uuid4().hex}.parquet")
+    local = isinstance(fs, LocalFileSystem)
+    tmp = join(folder_path, f".{target.rsplit('/', 1)[-1]}.tmp") if local else target  # S3: appears on close
+    with fs.open(tmp, "wb") as sink, pq.ParquetWriter(
+            sink, schema.with_metadata({COMPACTED_FROM: json.dumps(names).encode()})) as writer:
+        for file in files:
+            with fs.open(file, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
+                    writer.write_batch(batch)
+    if local:
+        fs.mv(tmp, target)
+    fs.rm(files)
+    return len(files)
