@@ -1,4 +1,4 @@
-"""The `wuerstchen-batch` command: generate, decode, evaluate, plan, report, tiny-model, benchmark."""
+"""The `wuerstchen-batch` command: generate, decode, evaluate, plan, report, tiny-model, benchmark, bench-scale."""
 
 from __future__ import annotations
 
@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
     bench.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
-    from jobs import eval_args, report
+    from jobs import bench_scale, eval_args, report
 
     report.add_parser(sub)
+    bench_scale.add_parser(sub)
     eval_args.add_parser(sub)
     args = parser.parse_args(argv)
     try:
@@ -100,6 +101,10 @@ def _dispatch(args) -> int:
         from jobs.report import run_from_args
 
         return run_from_args(args)
+    if args.command == "bench-scale":
+        from jobs.bench_scale import run_from_args as bench_scale_from_args
+
+        return bench_scale_from_args(args)
     if args.command == "plan":
         from jobs.plan import plan
         from jobs.spec import load_spec

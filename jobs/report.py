@@ -7,34 +7,24 @@ import io
 import json
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from html import escape
 from pathlib import PurePosixPath
 from urllib.parse import quote
 
-import pyarrow.dataset as pads
-import yaml
 from PIL import Image
-from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from jobs.report_data import (AXES, MAX_FAILED, RESOLUTION, STAGES, ManifestView, _order, axis_value,  # noqa: F401
+                              read_view, row_order)
 from stages import columns as C
+from stages import output as output_folder
 from stages.storage import full_uri, join, url_to_fs, write_atomic
-from stages.writer import MANIFEST_SCHEMA
 
 log = logging.getLogger(__name__)
 THUMB_PX = 128  # longest side of a thumbnail
-MAX_SHEET = 200  # thumbnails on the contact sheet
-MAX_PROMPTS = 20  # sweeps shown
-MAX_GRID = 200  # thumbnails per sweep grid
-MAX_FAILED = 500  # failed rows listed
 THREADS = 16  # thumbnail workers (image I/O may be remote)
-RESOLUTION = "resolution"  # the "HxW" sweep axis
 SWEEP_COLUMNS = {"prior_checkpoint": C.CHECKPOINT}  # sweep axis → the manifest column that shows it
-AXES = (C.SEED, C.PRIOR_GUIDANCE, C.DECODER_GUIDANCE, C.PRIOR_STEPS, C.DECODER_STEPS, C.NEGATIVE_PROMPT,
-        RESOLUTION, C.CHECKPOINT)
-STAGES = (("text", C.TEXT_SECONDS, C.TEXT_NODE), ("prior", C.PRIOR_SECONDS, C.PRIOR_NODE),
-          ("decoder", C.DECODER_SECONDS, C.DECODER_NODE))
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;
 vertical-align:top}th{background:#f3f3f3}td.num{text-align:right}img{display:block;border:0}
@@ -44,17 +34,15 @@ figcaption{overflow:hidden;white-space:nowrap;text-overflow:ellipsis}.bad{color:
 
 
 def build_report(output: str, storage_options: dict | None = None) -> str:
-    """Write <output>/report/index.html and its thumbnails; return the page's URI."""
+    """Write <output>/report/index.html and its thumbnails; return the page's URI. The manifest is read with
+    Arrow, streaming (see report_data): only the rows the page shows become Python rows."""
     job = read_job(output, storage_options or {})
     options = storage_options if storage_options is not None else job.get("storage_options") or {}
     fs, root = url_to_fs(output, options)
-    rows = read_manifest(fs, join(root, "manifest"))
-    sheet = sorted((r for r in rows if r[C.IMAGE_URI]), key=_row_order)
-    sweeps = find_sweeps(rows, declared_axes(job))
-    shown = sheet[:MAX_SHEET] + [r for _, axes, group in sweeps[:MAX_PROMPTS] for r in group[:MAX_GRID]]
+    view = read_view(output, options, declared_axes(job))
+    shown = view.sheet + [r for _, _, group, _ in view.sweeps for r in group]
     thumbs = make_thumbs(fs, join(root, "report", "thumbs"), {r[C.ROW_ID]: r for r in shown}.values(), options)
-    page = render(output, job, rows, sheet, sweeps, lambda row: thumb_html(row, thumbs, full_uri(fs, root)),
-                  read_runs(fs, root))
+    page = render(output, job, view, lambda row: thumb_html(row, thumbs, full_uri(fs, root)), read_runs(fs, root))
     path = join(root, "report", "index.html")
     write_atomic(fs, path, page.encode())
     return full_uri(fs, path)
@@ -62,11 +50,7 @@ def build_report(output: str, storage_options: dict | None = None) -> str:
 
 def read_job(output: str, storage_options: dict) -> dict:
     """The run's resolved spec from <output>/job.yaml ({} when there is none)."""
-    fs, path = url_to_fs(join(output, "job.yaml"), storage_options)
-    if not fs.exists(path):
-        return {}
-    with fs.open(path, "rb") as f:
-        return yaml.safe_load(f) or {}
+    return output_folder.read_job(output, storage_options)
 
 
 def record_run(output: str, storage_options: dict, started_at: float, **fields) -> None:
@@ -85,30 +69,6 @@ def read_runs(fs, root: str) -> list[dict]:
     return sorted(runs, key=lambda r: r["started_at"])
 
 
-def read_manifest(fs, path: str) -> list[dict]:
-    """The manifest's standard columns (null where an older run lacks one), one row per row_id (success first)."""
-    dataset = pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet", schema=MANIFEST_SCHEMA)
-    rows = {}
-    for row in sorted(dataset.to_table().to_pylist(), key=lambda r: (r[C.ERROR] is None, _order(r[C.FINISHED_AT]))):
-        rows[row[C.ROW_ID]] = row  # a row written twice (a retried block) counts once: its latest success wins
-    return list(rows.values())
-
-
-def axis_value(row: dict, axis: str):
-    """A row's value on a sweep axis (resolution is (height, width))."""
-    return (row[C.HEIGHT], row[C.WIDTH]) if axis == RESOLUTION else row[axis]
-
-
-def _order(value) -> tuple:
-    """Sort key that puts None first and never compares None with a value."""
-    return (value is not None, value if value is not None else 0)
-
-
-def _row_order(row: dict) -> tuple:
-    """Contact-sheet order: prompt, then every sweep axis."""
-    return (row[C.PROMPT], *(_order(axis_value(row, a)) for a in AXES), row[C.ROW_ID])
-
-
 def declared_axes(job: dict) -> list[str]:
     """The axes the job varies on purpose: its sweep's, and the seed when images_per_prompt > 1."""
     sweep = [SWEEP_COLUMNS.get(axis, axis) for axis in (job.get("sweep") or {})]
@@ -123,20 +83,6 @@ def images_per_prompt(job: dict) -> int:
 def wall_seconds(runs: list[dict]) -> float:
     """The summed span of the invocations that finished."""
     return sum(r["ended_at"] - r["started_at"] for r in runs if r.get("ended_at"))
-
-
-def find_sweeps(rows: list[dict], axes: list[str]) -> list[tuple[str, list[str], list[dict]]]:
-    """(prompt, varying axes, rows in grid order) for every prompt whose rows differ on a declared axis."""
-    by_prompt = defaultdict(list)
-    for row in rows:
-        by_prompt[row[C.PROMPT]].append(row)
-    sweeps = []
-    for prompt in sorted(by_prompt):
-        group = by_prompt[prompt]
-        axes_here = [a for a in axes if len({axis_value(r, a) for r in group}) > 1]
-        if axes_here:
-            sweeps.append((prompt, axes_here, sorted(group, key=_row_order)))
-    return sweeps
 
 
 def make_thumbs(fs, folder: str, rows, storage_options: dict) -> set[str]:
@@ -220,12 +166,11 @@ def sweep_note(job: dict) -> str:
     return f'<p class="note">Grids per prompt, from the job\'s {escape(" and ".join(parts))}.</p>'
 
 
-def summary_html(output: str, job: dict, rows: list[dict], runs: list[dict]) -> str:
+def summary_html(output: str, job: dict, view: ManifestView, runs: list[dict]) -> str:
     """The run, its counts, and throughput over each invocation's whole span (as the CLI printed it)."""
-    ok = sum(1 for r in rows if r[C.ERROR] is None)
     model = job.get("model") or {}
     items = [("run", escape(output)), ("model", escape(" ".join(f"{k}={v}" for k, v in model.items()) or "?")),
-             ("rows", len(rows)), ("succeeded", ok), ("failed", len(rows) - ok)]
+             ("rows", view.rows), ("succeeded", view.succeeded), ("failed", view.failed)]
     finished = [r for r in runs if r.get("ended_at")]
     if finished:
         seconds = wall_seconds(runs)
@@ -252,38 +197,36 @@ def runs_html(runs: list[dict]) -> str:
     return table(["invocation started", "images made", "seconds", "images/s"], body, "runs")
 
 
-def stages_html(rows: list[dict], wall: float) -> str:
+def stages_html(view: ManifestView, wall: float) -> str:
     """Per-stage busy time, images per busy second, share of the wall time busy, and the nodes each stage ran on."""
     body = []
-    for name, seconds, node in STAGES:
-        times = [r[seconds] for r in rows if r[seconds] is not None]
-        busy = sum(times)
-        nodes = Counter("(no Ray)" if r[node] == "" else r[node] or "(not recorded)" for r in rows)
+    for name, _, _ in STAGES:
+        figures = view.stages[name]
+        busy = figures.busy
         listed = "<br>".join(f'<code title="{escape(n)}">{escape(n if n[0] == "(" else n[:12])}</code>: {c}'
-                             for n, c in nodes.most_common())
-        rate = f"{len(times) / busy:.2f}" if busy > 0 else "n/a"
+                             for n, c in figures.nodes.most_common())
+        rate = f"{figures.timed / busy:.2f}" if busy > 0 else "n/a"
         share = f"{100 * busy / wall:.0f}%" if wall > 0 else "n/a"
-        body.append([f"<th>{name}</th>", f'<td class="num">{len(times)}</td>', f'<td class="num">{busy:.2f}</td>',
+        body.append([f"<th>{name}</th>", f'<td class="num">{figures.timed}</td>', f'<td class="num">{busy:.2f}</td>',
                      f'<td class="num">{rate}</td>', f'<td class="num">{share}</td>', f"<td>{listed}</td>"])
     header = ["stage", "rows timed", "busy s (sum)", "images per busy s (one actor)",
               "busy s / wall s (over 100%: several actors)", "nodes (rows)"]
     return table(header, body, "stages")
 
 
-def failed_html(rows: list[dict]) -> str:
-    """The failed rows with their errors."""
-    failed = sorted((r for r in rows if r[C.ERROR] is not None), key=lambda r: r[C.ROW_ID])
-    if not failed:
+def failed_html(view: ManifestView) -> str:
+    """The failed rows with their errors (the first MAX_FAILED by row id)."""
+    if not view.failed:
         return "<p>No failed rows.</p>"
     body = [[f"<td><code>{escape(r[C.ROW_ID])}</code></td>", f"<td>{escape(r[C.PROMPT])}</td>",
-             f'<td class="bad">{escape(r[C.ERROR])}</td>'] for r in failed[:MAX_FAILED]]
-    more = f'<p class="note">Showing {MAX_FAILED} of {len(failed)} failed rows.</p>' if len(failed) > MAX_FAILED else ""
+             f'<td class="bad">{escape(r[C.ERROR])}</td>'] for r in view.failed_rows[:MAX_FAILED]]
+    more = (f'<p class="note">Showing {len(body)} of {view.failed} failed rows.</p>' if view.failed > len(body)
+            else "")
     return table(["row_id", "prompt", "error"], body, "failed") + more
 
 
-def grid_html(prompt: str, axes: list[str], group: list[dict], thumb) -> str:
+def grid_html(prompt: str, axes: list[str], shown: list[dict], total: int, thumb) -> str:
     """One sweep: a row (one axis) or a grid with the first axis as rows and the rest as columns."""
-    shown = group[:MAX_GRID]  # grid order: row by row
     row_axes, col_axes = ([], axes) if len(axes) == 1 else (axes[:1], axes[1:])
     cells = defaultdict(list)
     for r in shown:
@@ -294,31 +237,32 @@ def grid_html(prompt: str, axes: list[str], group: list[dict], thumb) -> str:
     body = [[f"<th>{label(row_axes, rk)}</th>", *(
         "<td>" + ("".join(thumb(r) for r in cells[(rk, ck)]) or "—") + "</td>" for ck in col_keys)]
         for rk in row_keys]
-    note = f'<p class="note">Showing {len(shown)} of {len(group)} images.</p>' if len(shown) < len(group) else ""
+    note = f'<p class="note">Showing {len(shown)} of {total} images.</p>' if len(shown) < total else ""
     return (f'<section class="sweep"><h3>{escape(prompt)}</h3><p>varying: {escape(" × ".join(axes))}</p>'
             + table([corner, *(label(col_axes, ck) for ck in col_keys)], body, "grid") + note + "</section>")
 
 
-def sheet_html(sheet: list[dict], thumb) -> str:
+def sheet_html(view: ManifestView, thumb) -> str:
     """The contact sheet: the first MAX_SHEET images, captioned with their seed."""
     figures = "".join(f"<figure>{thumb(r)}<figcaption>{escape(r[C.PROMPT])} · seed {r[C.SEED]}</figcaption></figure>"
-                      for r in sheet[:MAX_SHEET])
-    capped = f'<p class="note">Showing {MAX_SHEET} of {len(sheet)} images.</p>' if len(sheet) > MAX_SHEET else ""
+                      for r in view.sheet)
+    images = view.succeeded if view.sheet else 0
+    capped = f'<p class="note">Showing {len(view.sheet)} of {images} images.</p>' if images > len(view.sheet) else ""
     return capped + f'<div class="sheet">{figures}</div>'
 
 
-def render(output: str, job: dict, rows: list[dict], sheet: list[dict], sweeps: list, thumb,
-           runs: list[dict] = ()) -> str:
+def render(output: str, job: dict, view: ManifestView, thumb, runs: list[dict] = ()) -> str:
     """The whole page."""
     wall = wall_seconds(runs)
-    grids = "".join(grid_html(p, axes, group, thumb) for p, axes, group in sweeps[:MAX_PROMPTS])
+    grids = "".join(grid_html(p, axes, shown, total, thumb) for p, axes, shown, total in view.sweeps)
     grids = (sweep_note(job) + grids) if grids else "<p>No sweep: the job varies no axis per prompt.</p>"
-    if len(sweeps) > MAX_PROMPTS:
-        grids += f'<p class="note">Showing {MAX_PROMPTS} of {len(sweeps)} swept prompts.</p>'
+    if view.swept_prompts > len(view.sweeps):
+        grids += f'<p class="note">Showing {len(view.sweeps)} of {view.swept_prompts} swept prompts.</p>'
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Run report: {escape(output)}</title>'
-            f"<style>{CSS}</style></head><body><h1>Run report</h1>{summary_html(output, job, rows, runs)}"
-            f"<h2>Stages</h2>{stages_html(rows, wall)}<h2>Failed rows</h2>{failed_html(rows)}"
-            f"<h2>Per-prompt grids</h2>{grids}<h2>Contact sheet</h2>{sheet_html(sheet, thumb)}</body></html>\n")
+            f"<style>{CSS}</style></head><body><h1>Run report</h1>{summary_html(output, job, view, runs)}"
+            f"<h2>Stages</h2>{stages_html(view, wall)}<h2>Failed rows</h2>{failed_html(view)}"
+            f"<h2>Per-prompt grids</h2>{grids}<h2>Contact sheet</h2>{sheet_html(view, thumb)}</body></html>\n"
+            )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

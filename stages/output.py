@@ -3,10 +3,12 @@ row ids and the stored Stage C rows, read inside Ray so that nothing on the driv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -205,3 +207,32 @@ def _merge(fs, files: list[str], schema: pa.Schema) -> int:
         fs.mv(tmp, target)
     fs.rm(files)
     return len(files)
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def compact_ids(ids) -> np.ndarray:
+    """Row ids as 16-byte values ('S16'), the same whatever batch an id comes in: a 32-hex-digit id's own 128
+    bits (vectorized), any other id's MD5."""
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    n = len(ids)
+    out = np.zeros(n, dtype="S16")
+    fast = np.zeros(n, dtype=bool)
+    if n and ids.null_count == 0 and pa.types.is_string(ids.type):
+        offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset:ids.offset + n + 1].astype(np.int64)
+        fast = np.diff(offsets) == 32
+        data = np.frombuffer(ids.buffers()[2], np.uint8) if ids.buffers()[2] is not None else np.zeros(0, np.uint8)
+        where = offsets[:-1][fast][:, None] + np.arange(32)
+        digits = _HEX[data[where]] if fast.any() else np.zeros((0, 32), np.uint8)
+        valid = ~(digits == 255).any(axis=1)
+        fast[np.flatnonzero(fast)[~valid]] = False
+        digits = digits[valid]
+        out[fast] = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2]).view("S16").ravel()
+    rest = np.flatnonzero(~fast)
+    if len(rest):
+        values = ids.take(pa.array(rest)).to_pylist()
+        out[rest] = [hashlib.md5(str(v).encode()).digest() for v in values]
+    return out

@@ -1,0 +1,177 @@
+"""Scale benchmark: a synthetic output of N done rows (the manifest's own schema, ids a rerun recomputes), then a
+rerun with a few new prompts, `report` and evaluate's bookkeeping, each in its own process: driver peak RSS,
+wall time and the objects the output holds."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages import columns as C
+from stages import output
+
+SIZE = 128  # the tiny model's smallest comfortable image
+STEPS = ("rerun", "rerun-again", "report", "evaluate-bookkeeping")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """The `bench-scale --rows N` subcommand."""
+    parser = subparsers.add_parser("bench-scale", help="driver memory and wall time of a rerun, report and "
+                                   "evaluate bookkeeping over an output of N done rows")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="done rows in the synthetic output")
+    parser.add_argument("--new", type=int, default=8, help="new prompts the rerun makes")
+    parser.add_argument("--part-rows", type=int, default=1000, help="rows per synthetic manifest part")
+    parser.add_argument("--work", help="folder for the synthetic output (default: a new temporary folder)")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
+    parser.add_argument("--keep", action="store_true", help="measure on an output already built in --work")
+    parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # one measured step, in a child
+    return parser
+
+
+def job_data(work: Path) -> dict:
+    """The benchmark's job: the tiny model, small images, few steps."""
+    return {"prompts": str(work / "prompts"), "output": str(work / "out"),
+            "model": {"prior": "tiny", "decoder": "tiny", "dtype": "float32"},
+            "generation": {"height": SIZE, "width": SIZE, "prior_steps": 2, "decoder_steps": 2}}
+
+
+def id_template(spec) -> tuple[str, str, str]:
+    """(before prompt, between prompt and seed, after seed) of the JSON a row id hashes (see prompts.row_id)."""
+    from jobs import prompts
+
+    batch = {C.PROMPT: np.asarray(["\x01"], dtype=object), C.SEED: np.asarray([918273645])}
+    row = prompts.expand_rows(batch, prompts.defaults_for(spec), 1, dict(decoder=spec.model.decoder,
+                                                                         dtype=spec.model.dtype))
+    key = {col: row[col][0].item() if hasattr(row[col][0], "item") else row[col][0] for col in (C.PROMPT, *C.OVERRIDABLE)}
+    for col in C.FLOAT_PARAMS:
+        key[col] = float(key[col])
+    key[C.CHECKPOINT] = row[C.CHECKPOINT][0]
+    text = json.dumps(key, sort_keys=True, ensure_ascii=False)
+    before, rest = text.split(json.dumps("\x01", ensure_ascii=False))
+    middle, after = rest.split("918273645")
+    return before, middle, after
+
+
+def fast_ids(template, texts: list[str], seeds: np.ndarray) -> list[str]:
+    before, middle, after = template
+    return [hashlib.sha256(f"{before}{json.dumps(t, ensure_ascii=False)}{middle}{s}{after}".encode()).hexdigest()[:32]
+            for t, s in zip(texts, seeds.tolist())]
+
+
+def build(work: Path, rows: int, new: int, part_rows: int) -> None:
+    """prompts/ (rows done + `new` new prompts), job.yaml, and manifest parts of `part_rows` done rows."""
+    from jobs import prompts
+    from jobs.resume import claim
+    from jobs.spec import spec_from_dict
+    from stages.writer import MANIFEST_SCHEMA
+
+    spec = spec_from_dict(job_data(work))
+    (work / "prompts").mkdir(parents=True, exist_ok=True)
+    template = id_template(spec)
+    defaults = prompts.defaults_for(spec)
+    with pq.ParquetWriter(work / "prompts" / "a-done.parquet", pa.schema([(C.PROMPT, pa.string()),
+                                                                          (C.SEED, pa.int64())])) as writer:
+        for start in range(0, rows, part_rows):
+            n = min(part_rows, rows - start)
+            texts = [f"synthetic prompt {i}" for i in range(start, start + n)]
+            seeds = np.arange(start, start + n)
+            writer.write_table(pa.table({C.PROMPT: texts, C.SEED: seeds}))
+            ids = fast_ids(template, texts, seeds)
+            if start == 0:  # the fast ids are the pipeline's own
+                check = prompts.expand_rows({C.PROMPT: np.asarray(texts[:50], dtype=object), C.SEED: seeds[:50]},
+                                            defaults, 1, dict(decoder="tiny", dtype="float32"))
+                assert sorted(check[C.ROW_ID]) == sorted(ids[:50]), "benchmark ids differ from the pipeline's"
+            columns = {C.ROW_ID: ids, C.PROMPT: texts, C.SEED: seeds, C.IMAGE_INDEX: np.zeros(n, np.int64),
+                       C.IMAGE_URI: [f"{work}/out/images/{i[:2]}/{i}.png" for i in ids]}
+            for col in (C.NEGATIVE_PROMPT, C.HEIGHT, C.WIDTH, C.PRIOR_GUIDANCE, C.DECODER_GUIDANCE, C.DECODER_STEPS,
+                        C.PRIOR_CHECKPOINT):
+                columns[col] = np.full(n, defaults[col])
+            columns[C.PRIOR_STEPS] = np.full(n, defaults[C.PRIOR_STEPS] or 0)
+            columns[C.CHECKPOINT] = np.full(n, f"prior={defaults[C.PRIOR_CHECKPOINT]} decoder=tiny dtype=float32")
+            for col in (C.TEXT_SECONDS, C.PRIOR_SECONDS, C.DECODER_SECONDS):
+                columns[col] = np.full(n, 0.01)
+            columns[C.FINISHED_AT] = np.full(n, time.time())
+            for col in (C.TEXT_NODE, C.PRIOR_NODE, C.DECODER_NODE):
+                columns[col] = np.full(n, "synthetic-node")
+            table = pa.table({f.name: pa.array(columns[f.name], f.type) if f.name in columns
+                              else pa.nulls(n, f.type) for f in MANIFEST_SCHEMA}, schema=MANIFEST_SCHEMA)
+            path = work / "out" / output.MANIFEST / f"{start // part_rows:08d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, path)
+    pq.write_table(pa.table({C.PROMPT: [f"new prompt {i}" for i in range(new)], C.SEED: np.arange(new)}),
+                   work / "prompts" / "b-new.parquet")
+    claim(spec, overwrite=False)  # job.yaml, as a run writes it
+    time.sleep(1.1)  # the new prompts are newer than job.yaml on every store: no finished-rerun shortcut
+
+
+def step(name: str, work: Path) -> dict:
+    """One measured step in this process; returns its figures."""
+    objects = count_objects(work / "out")
+    if name == "rerun-again":  # a second rerun with more new prompts: after the first one's compaction
+        count = len(list((work / "prompts").iterdir()))
+        pq.write_table(pa.table({C.PROMPT: [f"new prompt {count}.{i}" for i in range(8)], C.SEED: np.arange(8)}),
+                       work / "prompts" / f"c-new{count}.parquet")
+        time.sleep(1.1)
+        objects = count_objects(work / "out")
+    started = time.time()
+    if name.startswith("rerun"):
+        from jobs.preflight import generate_job
+        from jobs.spec import spec_from_dict
+
+        summary = generate_job(spec_from_dict(job_data(work)))
+        detail = f"{summary.new} new rows, {summary.rows} rows"
+    elif name == "report":
+        from jobs.report import build_report
+
+        detail = build_report(str(work / "out"))
+    else:
+        from jobs.evaluate import check_run
+
+        manifest = check_run(str(work / "out"), (C.SEED,), {})
+        detail = f"{len(manifest.files)} manifest parts"
+    return {"step": name, "wall_s": round(time.time() - started, 1), "detail": detail, "objects_before": objects,
+            "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def count_objects(out: Path) -> dict:
+    """Objects per folder of an output."""
+    return {p.name: sum(1 for _ in p.rglob("*") if _.is_file()) for p in sorted(out.iterdir()) if p.is_dir()} \
+        if out.exists() else {}
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Build (unless a measured step is asked for), then measure each step in a child process."""
+    work = Path(args.work or tempfile.mkdtemp(prefix="wuerstchen-scale-"))
+    if args.step:
+        print(json.dumps(step(args.step, work)))
+        return 0
+    started = time.time()
+    if not args.keep:
+        build(work, args.rows, args.new, args.part_rows)
+    print(f"built {args.rows} done rows in {len(list((work / 'out' / output.MANIFEST).iterdir()))} manifest parts "
+          f"under {work} in {time.time() - started:.0f} s", flush=True)
+    for name in args.steps.split(","):
+        child = subprocess.run([sys.executable, "-m", "jobs.cli", "bench-scale", "--work", str(work), "--step", name],
+                               capture_output=True, text=True, env=os.environ)
+        lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+        if child.returncode or not lines:
+            print(f"{name}: failed\n{child.stderr[-3000:]}")
+            return 1
+        figures = json.loads(lines[-1])
+        print(f"{name:22s} driver peak RSS {figures['driver_peak_rss_mib']:8.1f} MiB   wall {figures['wall_s']:7.1f} s"
+              f"   objects before {figures['objects_before']}   ({figures['detail']})", flush=True)
+    print(f"after: objects {count_objects(work / 'out')}")
+    return 0
+

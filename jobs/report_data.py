@@ -1,0 +1,216 @@
+"""What the report shows, read from the manifest with Arrow, streaming: counts over compact ids, per-stage
+sums, nodes, the swept prompts (one grouped pass), and only the rows the page shows as Python rows."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from pyarrow import acero
+
+from stages import columns as C
+from stages import output
+from stages.writer import MANIFEST_SCHEMA
+
+MAX_SHEET = 200  # thumbnails on the contact sheet
+MAX_PROMPTS = 20  # sweeps shown
+MAX_GRID = 200  # thumbnails per sweep grid
+MAX_FAILED = 500  # failed rows listed
+BATCH_ROWS = 65536
+RESOLUTION = "resolution"  # the "HxW" sweep axis
+AXES = (C.SEED, C.PRIOR_GUIDANCE, C.DECODER_GUIDANCE, C.PRIOR_STEPS, C.DECODER_STEPS, C.NEGATIVE_PROMPT,
+        RESOLUTION, C.CHECKPOINT)
+STAGES = (("text", C.TEXT_SECONDS, C.TEXT_NODE), ("prior", C.PRIOR_SECONDS, C.PRIOR_NODE),
+          ("decoder", C.DECODER_SECONDS, C.DECODER_NODE))
+# Contact-sheet and grid order (prompt, then every axis, nulls first), as Arrow sort keys.
+ORDER = [(c, "ascending", "at_start") for c in (C.PROMPT, *(c for a in AXES for c in ((C.HEIGHT, C.WIDTH)
+                                                if a == RESOLUTION else (a,))), C.ROW_ID)]
+SHOWN = [C.ROW_ID, C.PROMPT, C.IMAGE_URI, C.ERROR, C.FINISHED_AT, *(k for k, _, _ in ORDER[1:-1])]
+
+
+@dataclass
+class StageFigures:
+    """One stage's rows timed, busy seconds and rows per node."""
+
+    timed: int = 0
+    busy: float = 0.0
+    nodes: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class ManifestView:
+    """The report's figures and the few rows it shows."""
+
+    rows: int = 0
+    succeeded: int = 0
+    stages: dict = field(default_factory=lambda: {name: StageFigures() for name, _, _ in STAGES})
+    failed_rows: list = field(default_factory=list)  # the first MAX_FAILED by row id
+    sheet: list = field(default_factory=list)  # the first MAX_SHEET images in ORDER
+    sweeps: list = field(default_factory=list)  # (prompt, axes, rows shown, rows in all) of the first MAX_PROMPTS
+    swept_prompts: int = 0
+
+    @property
+    def failed(self) -> int:
+        return self.rows - self.succeeded
+
+
+def read_view(output_uri: str, storage_options: dict, axes: list[str]) -> ManifestView:
+    """Everything the page needs, in three streaming passes over a few columns; a row id written twice (a
+    retried block) counts once, its latest success winning."""
+    fs, files = output.list_parts(output_uri, output.MANIFEST, storage_options)
+    view = ManifestView()
+    if not files:
+        return view
+    dataset = pads.dataset(files, filesystem=output.arrow_fs(fs), format="parquet", schema=MANIFEST_SCHEMA)
+    ok = count_rows(dataset, view)
+    view.failed_rows = failed_rows(dataset, ok)
+    view.sheet = first_images(dataset)
+    if axes:
+        view.sweeps, view.swept_prompts = find_sweeps(dataset, axes)
+    return view
+
+
+def count_rows(dataset: pads.Dataset, view: ManifestView) -> np.ndarray:
+    """Distinct ids and succeeded ids (16 bytes each), per-stage sums and nodes; returns the sorted ok ids."""
+    every, ok = [], []
+    columns = [C.ROW_ID, C.ERROR, *(c for _, seconds, node in STAGES for c in (seconds, node))]
+    for batch in dataset.to_batches(columns=columns, batch_size=BATCH_ROWS):
+        ids = output.compact_ids(batch.column(C.ROW_ID))
+        every.append(ids)
+        ok.append(ids[pc.is_null(batch.column(C.ERROR)).to_numpy(zero_copy_only=False)])
+        for name, seconds, node in STAGES:
+            figures, times = view.stages[name], batch.column(seconds)
+            figures.timed += len(times) - times.null_count
+            figures.busy += pc.sum(times).as_py() or 0.0
+            nodes = pc.value_counts(batch.column(node))
+            figures.nodes.update({node_label(v["values"].as_py()): v["counts"].as_py() for v in nodes})
+    ids, copies = np.unique(np.concatenate(every), return_counts=True)
+    del every
+    view.rows = len(ids)
+    if (copies > 1).any():
+        drop_copies(dataset, ids[copies > 1], view)
+    del ids, copies
+    ok_ids = np.unique(np.concatenate(ok)) if ok else np.zeros(0, "S16")
+    view.succeeded = len(ok_ids)
+    return ok_ids
+
+
+def drop_copies(dataset: pads.Dataset, repeated: np.ndarray, view: ManifestView) -> None:
+    """Take out of the stage figures every copy of a repeated id but the one that counts (rare: one more
+    pass, keeping only the repeated ids' rows)."""
+    rows = []
+    columns = [C.ROW_ID, C.ERROR, C.FINISHED_AT, *(c for _, seconds, node in STAGES for c in (seconds, node))]
+    for batch in dataset.to_batches(columns=columns, batch_size=BATCH_ROWS):
+        mask = _member(output.compact_ids(batch.column(C.ROW_ID)), repeated)
+        if mask.any():
+            rows += pa.Table.from_batches([batch]).filter(pa.array(mask)).to_pylist()
+    counted = {id(r) for r in _latest(rows)}
+    for row in (r for r in rows if id(r) not in counted):
+        for name, seconds, node in STAGES:
+            figures = view.stages[name]
+            if row[seconds] is not None:
+                figures.timed -= 1
+                figures.busy -= row[seconds]
+            figures.nodes[node_label(row[node])] -= 1
+            figures.nodes += Counter()  # drops the nodes left with no row
+
+
+def node_label(value) -> str:
+    """A node column's value as the report lists it."""
+    return "(not recorded)" if value is None else value or "(no Ray)"
+
+
+def _member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    if not len(sorted_ids):
+        return np.zeros(len(ids), dtype=bool)
+    at = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+    return sorted_ids[at] == ids
+
+
+def failed_rows(dataset: pads.Dataset, ok_ids: np.ndarray) -> list[dict]:
+    """The first MAX_FAILED failed rows by id whose id never succeeded."""
+    kept = None
+    for batch in dataset.to_batches(columns=[C.ROW_ID, C.PROMPT, C.ERROR], filter=pc.field(C.ERROR).is_valid(),
+                                    batch_size=BATCH_ROWS):
+        table = pa.Table.from_batches([batch])
+        table = table.filter(pa.array(~_member(output.compact_ids(table.column(C.ROW_ID)), ok_ids)))
+        kept = _top(table if kept is None else pa.concat_tables([kept, table]), ORDER[-1:], MAX_FAILED)
+    return _distinct(kept.to_pylist()) if kept is not None else []
+
+
+def first_images(dataset: pads.Dataset) -> list[dict]:
+    """The first MAX_SHEET rows with an image in ORDER (a running top-k: bounded whatever the row count)."""
+    kept = None
+    for batch in dataset.to_batches(columns=SHOWN, filter=pc.field(C.IMAGE_URI).is_valid(), batch_size=BATCH_ROWS):
+        table = pa.Table.from_batches([batch])
+        kept = _top(table if kept is None else pa.concat_tables([kept, table]), ORDER, 2 * MAX_SHEET)
+    return _distinct(kept.to_pylist())[:MAX_SHEET] if kept is not None else []
+
+
+def _top(table: pa.Table, keys, n: int) -> pa.Table:
+    return table.take(pc.sort_indices(table, sort_keys=keys)[:n])
+
+
+def _distinct(rows: list[dict]) -> list[dict]:
+    """One row per id, keeping the order of first appearance."""
+    return list({r[C.ROW_ID]: r for r in reversed(rows)}.values())[::-1]
+
+
+def find_sweeps(dataset: pads.Dataset, axes: list[str]) -> tuple[list, int]:
+    """(prompt, varying axes, rows in grid order, rows in all) of the first MAX_PROMPTS swept prompts, and the
+    number of swept prompts: one grouped pass (min, max and nulls per declared axis and prompt: memory grows
+    with the prompts, not the rows), then only the shown prompts' rows."""
+    columns = [c for a in axes for c in ((C.HEIGHT, C.WIDTH) if a == RESOLUTION else (a,))]
+    aggregates = [(c, f"hash_{f}", None, f"{c}_{f}") for c in columns for f in ("min", "max")]
+    aggregates += [(c, "hash_count", pc.CountOptions("only_null"), f"{c}_nulls") for c in columns]
+    aggregates += [(C.ROW_ID, "hash_count", pc.CountOptions("all"), "rows")]
+    plan = acero.Declaration.from_sequence([
+        acero.Declaration("scan", acero.ScanNodeOptions(dataset, columns=[C.PROMPT, C.ROW_ID, *columns])),
+        acero.Declaration("aggregate", acero.AggregateNodeOptions(aggregates, keys=[C.PROMPT]))])
+    groups = plan.to_table()
+    varies = None
+    for c in columns:
+        nulls = groups.column(f"{c}_nulls")
+        differs = pc.or_(pc.fill_null(pc.not_equal(groups.column(f"{c}_min"), groups.column(f"{c}_max")), False),
+                         pc.and_(pc.greater(nulls, 0), pc.less(nulls, groups.column("rows"))))
+        varies = differs if varies is None else pc.or_(varies, differs)
+    swept = groups.filter(varies).column(C.PROMPT)
+    shown = pc.sort_indices(swept)[:MAX_PROMPTS]
+    prompts = swept.take(shown).to_pylist()
+    rows = _latest(dataset.to_table(columns=SHOWN, filter=pc.field(C.PROMPT).isin(prompts)).to_pylist())
+    by_prompt = defaultdict(list)
+    for row in rows:
+        by_prompt[row[C.PROMPT]].append(row)
+    sweeps = []
+    for prompt in prompts:
+        group = sorted(by_prompt[prompt], key=row_order)
+        axes_here = [a for a in axes if len({axis_value(r, a) for r in group}) > 1]
+        sweeps.append((prompt, axes_here, group[:MAX_GRID], len(group)))
+    return sweeps, len(swept)
+
+
+def _latest(rows: list[dict]) -> list[dict]:
+    """One row per id: its latest success, else its latest failure."""
+    latest = {}
+    for row in sorted(rows, key=lambda r: (r[C.ERROR] is None, _order(r[C.FINISHED_AT]))):
+        latest[row[C.ROW_ID]] = row
+    return list(latest.values())
+
+
+def axis_value(row: dict, axis: str):
+    """A row's value on a sweep axis (resolution is (height, width))."""
+    return (row[C.HEIGHT], row[C.WIDTH]) if axis == RESOLUTION else row[axis]
+
+
+def _order(value) -> tuple:
+    """Sort key that puts None first and never compares None with a value."""
+    return (value is not None, value if value is not None else 0)
+
+
+def row_order(row: dict) -> tuple:
+    """Contact-sheet and grid order: prompt, then every sweep axis (as ORDER)."""
+    return (row[C.PROMPT], *(_order(axis_value(row, a)) for a in AXES), row[C.ROW_ID])
