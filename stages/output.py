@@ -59,15 +59,21 @@ def list_parts(output: str, name: str, storage_options: dict | None) -> tuple[ob
     """The live Parquet parts of <output>/<name>, sorted: parts that a compacted part replaces are left out,
     so a reader listing during or after a compaction sees each row once (one listing, plus one footer per
     compacted part)."""
+    fs, files, replaced = _listing(output, name, storage_options)
+    return fs, [f for f in files if f not in replaced]
+
+
+def _listing(output: str, name: str, storage_options: dict | None) -> tuple[object, list[str], set[str]]:
+    """(fs, every part, the parts a compacted part replaces)."""
     fs, path = folder(output, name, storage_options)
     try:
         files = sorted(fs.glob(join(path, "*.parquet")))
     except FileNotFoundError:
-        return fs, []
+        return fs, [], set()
     replaced: set[str] = set()
     for part in (f for f in files if f.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)):
-        replaced.update(_replaces(fs, part))
-    return fs, [f for f in files if f.rsplit("/", 1)[-1] not in replaced]
+        replaced.update(join(path, n) for n in _replaces(fs, part))
+    return fs, files, replaced
 
 
 def _replaces(fs, part: str) -> list[str]:
@@ -160,8 +166,11 @@ def compact(output: str, name: str, storage_options: dict | None, min_parts: int
     streaming row groups; returns the parts replaced. Each merged part names in its footer the parts it
     replaces and appears whole; the replaced parts are deleted after. A reader (see list_parts) sees each
     row once at every moment, and an interrupted compaction leaves a consistent folder (rerun it)."""
-    fs, files = list_parts(output, name, storage_options)
-    small = [f for f in files if not f.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)]
+    fs, files, replaced = _listing(output, name, storage_options)
+    leftovers = [f for f in files if f in replaced]  # an interrupted compaction's: readers skip them already
+    if leftovers:
+        fs.rm(leftovers)
+    small = [f for f in files if f not in replaced and not f.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)]
     if len(small) < min_parts:
         return 0
     groups: dict[pa.Schema, list[tuple[str, int]]] = {}
