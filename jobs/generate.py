@@ -62,11 +62,12 @@ def open_output(spec: JobSpec, start: float, verbose: bool = False) -> int:
 
 def close_output(spec: JobSpec, start: float, done: int) -> Summary:
     """Compact the manifest's small parts, then the closing summary, the invocation's record (the same
-    figures), and the report rebuilt."""
-    output.compact(spec.output, output.MANIFEST, spec.storage_options)
+    figures), and the report rebuilt; compaction and report run in a Ray task, off the driver."""
+    in_task = ray.remote(num_cpus=TASK_CPUS)
+    ray.get(in_task(output.compact).remote(spec.output, output.MANIFEST, spec.storage_options))
     summary = summarize(spec, time.time() - start, before=done)
     record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)
-    build_report(spec.output, spec.storage_options)
+    ray.get(in_task(build_report).remote(spec.output, spec.storage_options))
     return summary
 
 

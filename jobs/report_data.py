@@ -21,6 +21,7 @@ MAX_PROMPTS = 20  # sweeps shown
 MAX_GRID = 200  # thumbnails per sweep grid
 MAX_FAILED = 500  # failed rows listed
 BATCH_ROWS = 65536
+SCAN = pads.ParquetFragmentScanOptions(pre_buffer=False)  # no whole-file buffering on object stores
 RESOLUTION = "resolution"  # the "HxW" sweep axis
 AXES = (C.SEED, C.PRIOR_GUIDANCE, C.DECODER_GUIDANCE, C.PRIOR_STEPS, C.DECODER_STEPS, C.NEGATIVE_PROMPT,
         RESOLUTION, C.CHECKPOINT)
@@ -74,11 +75,18 @@ def read_view(output_uri: str, storage_options: dict, axes: list[str]) -> Manife
     return view
 
 
+def batches(dataset: pads.Dataset, columns: list[str], filter=None):
+    """The dataset's record batches (only `columns`, only rows passing `filter`), with little read ahead:
+    memory stays a few batches whatever the row count."""
+    return dataset.to_batches(columns=columns, filter=filter, batch_size=BATCH_ROWS, batch_readahead=2,
+                              fragment_readahead=1, fragment_scan_options=SCAN)
+
+
 def count_rows(dataset: pads.Dataset, view: ManifestView) -> np.ndarray:
     """Distinct ids and succeeded ids (16 bytes each), per-stage sums and nodes; returns the sorted ok ids."""
     every, ok = [], []
     columns = [C.ROW_ID, C.ERROR, *(c for _, seconds, node in STAGES for c in (seconds, node))]
-    for batch in dataset.to_batches(columns=columns, batch_size=BATCH_ROWS):
+    for batch in batches(dataset, columns):
         ids = output.compact_ids(batch.column(C.ROW_ID))
         every.append(ids)
         ok.append(ids[pc.is_null(batch.column(C.ERROR)).to_numpy(zero_copy_only=False)])
@@ -104,7 +112,7 @@ def drop_copies(dataset: pads.Dataset, repeated: np.ndarray, view: ManifestView)
     pass, keeping only the repeated ids' rows)."""
     rows = []
     columns = [C.ROW_ID, C.ERROR, C.FINISHED_AT, *(c for _, seconds, node in STAGES for c in (seconds, node))]
-    for batch in dataset.to_batches(columns=columns, batch_size=BATCH_ROWS):
+    for batch in batches(dataset, columns):
         mask = _member(output.compact_ids(batch.column(C.ROW_ID)), repeated)
         if mask.any():
             rows += pa.Table.from_batches([batch]).filter(pa.array(mask)).to_pylist()
@@ -134,8 +142,7 @@ def _member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
 def failed_rows(dataset: pads.Dataset, ok_ids: np.ndarray) -> list[dict]:
     """The first MAX_FAILED failed rows by id whose id never succeeded."""
     kept = None
-    for batch in dataset.to_batches(columns=[C.ROW_ID, C.PROMPT, C.ERROR], filter=pc.field(C.ERROR).is_valid(),
-                                    batch_size=BATCH_ROWS):
+    for batch in batches(dataset, [C.ROW_ID, C.PROMPT, C.ERROR], pc.field(C.ERROR).is_valid()):
         table = pa.Table.from_batches([batch])
         table = table.filter(pa.array(~_member(output.compact_ids(table.column(C.ROW_ID)), ok_ids)))
         kept = _top(table if kept is None else pa.concat_tables([kept, table]), ORDER[-1:], MAX_FAILED)
@@ -145,7 +152,7 @@ def failed_rows(dataset: pads.Dataset, ok_ids: np.ndarray) -> list[dict]:
 def first_images(dataset: pads.Dataset) -> list[dict]:
     """The first MAX_SHEET rows with an image in ORDER (a running top-k: bounded whatever the row count)."""
     kept = None
-    for batch in dataset.to_batches(columns=SHOWN, filter=pc.field(C.IMAGE_URI).is_valid(), batch_size=BATCH_ROWS):
+    for batch in batches(dataset, SHOWN, pc.field(C.IMAGE_URI).is_valid()):
         table = pa.Table.from_batches([batch])
         kept = _top(table if kept is None else pa.concat_tables([kept, table]), ORDER, 2 * MAX_SHEET)
     return _distinct(kept.to_pylist())[:MAX_SHEET] if kept is not None else []
