@@ -22,6 +22,7 @@ from jobs.spec import TASK_CPUS, SpecError
 from stages import columns as C
 from stages import evaluate as E
 from stages import fid as F
+from stages import output
 from stages.refs import ModelRefError, hub_entries, ref_kind
 from stages.storage import full_uri, join, url_to_fs
 
@@ -64,8 +65,7 @@ class Manifest:
 
 def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
     """The run's manifest; each --by axis must be one of its columns."""
-    fs, root = url_to_fs(run, storage_options)
-    files = sorted(fs.glob(join(root, "manifest", "*.parquet")))
+    fs, files = output.list_parts(run, output.MANIFEST, storage_options)
     if not files:
         raise SpecError(f"{run}: not a run folder (no manifest/*.parquet)")
     with fs.open(files[0]) as f:
