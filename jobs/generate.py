@@ -23,7 +23,7 @@ from stages.prior import PriorStage
 from stages import output
 from stages.sink import ManifestSink
 from stages.text import TextEncoder
-from stages.writer import read_back_embeddings, write_embeddings, write_images, write_shard
+from stages.writer import read_back_embeddings, shard_columns, write_embeddings, write_images, write_shard
 
 log = logging.getLogger(__name__)
 LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always asks for a whole CPU
@@ -127,7 +127,8 @@ def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None) -> ray.d
 def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally) -> ray.data.Dataset:
     ds = _stage(ds, spec, DecoderStage, "decoder", tally)
     kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format)
-    if spec.output_format == "webdataset":
+    if spec.output_format == "webdataset":  # shard blocks carry the images and scalars only (no text states)
+        ds = ds.map_batches(shard_columns, batch_format="numpy", num_cpus=TASK_CPUS)
         ds = ds.repartition(target_num_rows_per_block=spec.shard_size)
         return ds.map_batches(write_shard, batch_format="numpy", batch_size=spec.shard_size, num_cpus=TASK_CPUS,
                               fn_kwargs=kwargs)

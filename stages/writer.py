@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from stages import columns as C
@@ -122,6 +123,12 @@ def _with_user_columns(table: pa.Table, batch: dict[str, np.ndarray]) -> pa.Tabl
     return table
 
 
+def shard_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What write_shard needs of a decoded batch: the images and the scalar columns (no text states or
+    embeddings), so that a shard's rows gathered into one block stay small."""
+    return {k: v for k, v in batch.items() if k == C.IMAGE or k not in C.TRANSIENT}
+
+
 def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict, image_format: str) -> pa.Table:
     """Write a batch as one WebDataset tar under <output>/shards/ (image, .txt caption, .json params per
     sample) and its stats under <output>/shard_stats/; return manifest rows naming shard and key."""
@@ -138,7 +145,8 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
             image = encode_image(batch[C.IMAGE][i], image_format)
             tar.write({"__key__": batch[C.ROW_ID][i], EXTENSIONS[image_format]: image,
                        "txt": params[i][C.PROMPT], "json": json.dumps(params[i], ensure_ascii=False)})
-    write_atomic(fs, shard, buffer.getvalue())
+    local = isinstance(fs, LocalFileSystem)  # local files take the tar's bytes without a copy of them
+    write_atomic(fs, shard, buffer.getbuffer() if local else buffer.getvalue())
     stats = {"shard": full_uri(fs, shard), "samples": len(ok), "failed": len(params) - len(ok),
              "bytes": buffer.getbuffer().nbytes, "image_format": image_format}
     stats_fs, stats_root = folder(output, SHARD_STATS, storage_options)  # beside, so readers of
