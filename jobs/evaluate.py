@@ -238,17 +238,33 @@ def _parts(opts: EvalOptions) -> str:
 
 
 def write_scores(opts: EvalOptions, manifest: Manifest) -> None:
-    """RUN/eval/scores.parquet: row_id, clip_score, eval_error and the manifest's params, in manifest order."""
+    """RUN/eval/scores.parquet: row_id, clip_score, eval_error and the manifest's params, in manifest order,
+    streamed: the driver holds the scores' compact ids and values (about 25 bytes a row), never a row object."""
     fs, parts = url_to_fs(_parts(opts), opts.storage_options)
-    scores = pads.dataset(parts, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet").to_table()
+    scores = pads.dataset(parts, filesystem=output.arrow_fs(fs), format="parquet")
+    values = [c for c in scores.schema.names if c != C.ROW_ID]
+    ids, table = [], []
+    for batch in scores.to_batches(columns=[C.ROW_ID, *values]):
+        ids.append(output.compact_ids(batch.column(C.ROW_ID)))
+        table.append(pa.Table.from_batches([batch]).select(values))
+    ids = np.concatenate(ids) if ids else np.zeros(0, "S16")
+    order = np.argsort(ids, kind="stable")
+    ids, table = ids[order], pa.concat_tables(table).take(pa.array(order)) if table else None
     keep = [n for n in manifest.names if n not in DROPPED and n != C.ROW_ID]
-    params = pads.dataset(list(manifest.files), filesystem=manifest.pyarrow_fs(),
-                          format="parquet").to_table(columns=[C.ROW_ID, *keep])
-    position = {rid: i for i, rid in enumerate(scores.column(C.ROW_ID).to_pylist())}
-    table = scores.take(pa.array([position[rid] for rid in params.column(C.ROW_ID).to_pylist()], pa.int64()))
-    for name in keep:
-        table = table.append_column(name, params.column(name))
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    write_eval(opts.run, "scores.parquet", buffer.getvalue(), opts.storage_options)
+    params = pads.dataset(list(manifest.files), filesystem=manifest.pyarrow_fs(), format="parquet")
+    out_fs, path = url_to_fs(join(opts.run, "eval", "scores.parquet"), opts.storage_options)
+    writer = None
+    with output.open_atomic(out_fs, path) as sink:
+        for batch in params.to_batches(columns=[C.ROW_ID, *keep]):
+            wanted = output.compact_ids(batch.column(C.ROW_ID))
+            at = np.searchsorted(ids, wanted).clip(max=max(len(ids) - 1, 0))
+            if len(wanted) and (not len(ids) or (ids[at] != wanted).any()):
+                raise SpecError(f"{opts.run}: a manifest row has no score (rerun evaluate)")
+            rows = table.take(pa.array(at)) if len(wanted) else table.slice(0, 0)
+            chunk = pa.table([batch.column(C.ROW_ID), *rows.columns, *(batch.column(k) for k in keep)],
+                             names=[C.ROW_ID, *values, *keep])
+            writer = writer or pq.ParquetWriter(sink, chunk.schema)
+            writer.write_table(chunk)
+        if writer is not None:
+            writer.close()
     fs.rm(parts, recursive=True)

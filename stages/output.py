@@ -7,6 +7,7 @@ import hashlib
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -204,18 +205,34 @@ def _merge(fs, files: list[str], schema: pa.Schema) -> int:
     folder_path = files[0].rsplit("/", 1)[0]
     names = [f.rsplit("/", 1)[-1] for f in files]
     target = join(folder_path, f"{COMPACTED_PREFIX}{uuid.uuid4().hex}.parquet")
-    local = isinstance(fs, LocalFileSystem)
-    tmp = join(folder_path, f".{target.rsplit('/', 1)[-1]}.tmp") if local else target  # S3: appears on close
-    with fs.open(tmp, "wb") as sink, pq.ParquetWriter(
+    with open_atomic(fs, target) as sink, pq.ParquetWriter(
             sink, schema.with_metadata({COMPACTED_FROM: json.dumps(names).encode()})) as writer:
         for file in files:
             with fs.open(file, "rb") as f:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
                     writer.write_batch(batch)
-    if local:
-        fs.mv(tmp, target)
     fs.rm(files)
     return len(files)
+
+
+@contextmanager
+def open_atomic(fs, path: str):
+    """A file to stream into that appears at `path` whole or not at all: a hidden file renamed locally, the
+    object store's own upload (visible once closed) elsewhere."""
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(path, "wb") as f:
+            yield f
+        return
+    folder_path, name = path.rsplit("/", 1)
+    fs.makedirs(folder_path, exist_ok=True)
+    tmp = join(folder_path, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with fs.open(tmp, "wb") as f:
+            yield f
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
 
 
 _HEX = np.full(256, 255, dtype=np.uint8)
