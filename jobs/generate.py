@@ -46,7 +46,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     if pending is not None:
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
             spec.output, spec.storage_options, pending), tally), DECODE_STAGES, waiting)
-    finished_rows = output.part_counts(spec.output, output.MANIFEST, spec.storage_options)[0]
+    finished_rows = done + waiting if pending is not None else done  # the rows in flight are done now
     todo = prompts.planned_rows(spec, table.rows) - finished_rows
     write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally), ALL_STAGES, max(todo, 0))
     return close_output(spec, start, done)
