@@ -160,8 +160,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     started = time.time()
     if not args.keep:
         build(work, args.rows, args.new, args.part_rows)
-    print(f"built {args.rows} done rows in {len(list((work / 'out' / output.MANIFEST).iterdir()))} manifest parts "
-          f"under {work} in {time.time() - started:.0f} s", flush=True)
+    parts = len(list((work / "out" / output.MANIFEST).iterdir()))
+    made = "kept" if args.keep else f"built {args.rows} done rows in"
+    print(f"{made} {parts} manifest parts under {work} in {time.time() - started:.0f} s", flush=True)
     for name in args.steps.split(","):
         child = subprocess.run([sys.executable, "-m", "jobs.cli", "bench-scale", "--work", str(work), "--step", name],
                                capture_output=True, text=True, env=os.environ)
