@@ -102,9 +102,10 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
                                num_cpus=TASK_CPUS)
     combos = prompts.sweep_combinations(spec.sweep)
+    per_prompt = spec.generation.images_per_prompt
     ds = ds.map_batches(prompts.expand_rows, batch_format="numpy", num_cpus=TASK_CPUS,
-                        batch_size=prompts.expansion_batch(len(combos) * spec.generation.images_per_prompt),
-                        fn_kwargs=dict(defaults=prompts.defaults_for(spec), images_per_prompt=spec.generation.images_per_prompt,
+                        batch_size=prompts.expansion_batch(len(combos) * per_prompt),
+                        fn_kwargs=dict(defaults=prompts.defaults_for(spec), images_per_prompt=per_prompt,
                                        model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype), combos=combos))
     if done_rows:
         ds = output.drop_done(ds, spec.output, spec.storage_options, done_rows)
