@@ -63,15 +63,15 @@ def test_in_flight_rows_read_back_only_from_their_parts(tmp_path, ray_cluster):
     write_parts(tmp_path, ids[:2500], 5)
     folder = tmp_path / output.EMBEDDINGS
     folder.mkdir()
-    for k in range(6):  # 500 rows a part: the last part holds only rows in flight, part 4 holds a mix
-        chunk = ids[k * 500:(k + 1) * 500] if k < 5 else ids[2500:]
+    for k in range(5):  # 700 rows a part: part 2 holds done rows and rows in flight, parts 3 and 4 only the latter
+        chunk = ids[k * 700:(k + 1) * 700]
         pq.write_table(pa.table({C.ROW_ID: chunk, "vector": [[k, i] for i in range(len(chunk))]}),
                        folder / f"e{k}.parquet")
     os.remove(tmp_path / output.MANIFEST / "part-00004.parquet")  # rows 2000-2499 in flight too
     pending = output.in_flight(str(tmp_path), {}, done_rows=2000)
     rows = output.stored_rows(pending, str(tmp_path), {}).take_all()
     assert sorted(r[C.ROW_ID] for r in rows) == sorted(ids[2000:])
-    assert all(list(r["vector"])[0] == ids.index(r[C.ROW_ID]) // 500 for r in rows)
+    assert all(list(r["vector"])[0] == ids.index(r[C.ROW_ID]) // 700 for r in rows)
     assert output.in_flight(str(tmp_path), {}, done_rows=0) is not None  # nothing done: everything in flight
 
 
