@@ -75,11 +75,13 @@ def read_view(output_uri: str, storage_options: dict, axes: list[str]) -> Manife
     return view
 
 
-def batches(dataset: pads.Dataset, columns: list[str], filter=None):
-    """The dataset's record batches (only `columns`, only rows passing `filter`), with little read ahead:
-    memory stays a few batches whatever the row count."""
-    return dataset.to_batches(columns=columns, filter=filter, batch_size=BATCH_ROWS, batch_readahead=2,
-                              fragment_readahead=1, fragment_scan_options=SCAN)
+def batches(dataset: pads.FileSystemDataset, columns: list[str], filter=None):
+    """The dataset's record batches (only `columns`, only rows passing `filter`), one file at a time with
+    little read ahead: memory stays a few batches and one file's metadata whatever the rows and files."""
+    for path in dataset.files:
+        part = pads.dataset(path, filesystem=dataset.filesystem, format="parquet", schema=dataset.schema)
+        yield from part.to_batches(columns=columns, filter=filter, batch_size=BATCH_ROWS, batch_readahead=2,
+                                   fragment_scan_options=SCAN)
 
 
 def id_keys(ids) -> np.ndarray:

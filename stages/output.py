@@ -34,6 +34,7 @@ COMPACTED_FROM = b"wuerstchen_batch.compacted_from"  # a compacted part's footer
 COMPACTED_PREFIX = "compacted-"
 PATH = "path"  # the column Ray Data's include_paths adds
 ROWS_PER_PARTITION = 500_000  # done ids per join partition (≈ 40 MB in one aggregator)
+ROW_GROUP = 65536  # rows per row group of a compacted part
 THREADS = 16  # footer readers (object stores answer in parallel)
 
 
@@ -205,12 +206,19 @@ def _merge(fs, files: list[str], schema: pa.Schema) -> int:
     folder_path = files[0].rsplit("/", 1)[0]
     names = [f.rsplit("/", 1)[-1] for f in files]
     target = join(folder_path, f"{COMPACTED_PREFIX}{uuid.uuid4().hex}.parquet")
-    with open_atomic(fs, target) as sink, pq.ParquetWriter(
-            sink, schema.with_metadata({COMPACTED_FROM: json.dumps(names).encode()})) as writer:
-        for file in files:
+    schema = schema.with_metadata({COMPACTED_FROM: json.dumps(names).encode()})
+    with open_atomic(fs, target) as sink, pq.ParquetWriter(sink, schema) as writer:
+        pending, rows = [], 0
+        for file in files:  # row groups of ROW_GROUP rows, whatever the parts' sizes (small footers)
             with fs.open(file, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
-                    writer.write_batch(batch)
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP):
+                    pending.append(batch)
+                    rows += batch.num_rows
+                    if rows >= ROW_GROUP:
+                        writer.write_table(pa.Table.from_batches(pending).cast(schema), row_group_size=ROW_GROUP)
+                        pending, rows = [], 0
+        if pending:
+            writer.write_table(pa.Table.from_batches(pending).cast(schema), row_group_size=ROW_GROUP)
     fs.rm(files)
     return len(files)
 
