@@ -55,20 +55,25 @@ def _params_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
 
 
 def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options: dict) -> dict:
-    """Persist Stage C output (embeddings, generator state after Stage C, params) under <output>/embeddings/."""
+    """Persist Stage C output (embeddings, generator state after Stage C, params) of the rows without an error
+    under <output>/embeddings/ (a failed row is made afresh on a resume)."""
+    ok = np.asarray([not error for error in batch[C.ERROR]], dtype=bool)
+    if not ok.any():
+        return batch
+    stored = {k: v[ok] for k, v in batch.items()}
     fs, root = url_to_fs(join(output, "embeddings"), storage_options)
-    table = _with_user_columns(_params_table(batch, PARAMS_SCHEMA), batch)
-    embeddings = list(batch[C.IMAGE_EMBEDDINGS])
+    table = _with_user_columns(_params_table(stored, PARAMS_SCHEMA), stored)
+    embeddings = list(stored[C.IMAGE_EMBEDDINGS])
     value_type = pa.float16() if embeddings[0].dtype == np.float16 else pa.float32()
     table = table.append_column(C.IMAGE_EMBEDDINGS, pa.array([e.ravel() for e in embeddings],
                                                              type=pa.list_(value_type)))
     table = table.append_column("embedding_shape", pa.array([list(e.shape) for e in embeddings],
                                                             type=pa.list_(pa.int32())))
-    table = table.append_column(C.GENERATOR_STATE, pa.array([s.tobytes() for s in batch[C.GENERATOR_STATE]],
+    table = table.append_column(C.GENERATOR_STATE, pa.array([s.tobytes() for s in stored[C.GENERATOR_STATE]],
                                                             type=pa.binary()))
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    write_atomic(fs, join(root, f"{block_name(batch[C.ROW_ID])}.parquet"), sink.getvalue())
+    write_atomic(fs, join(root, f"{block_name(stored[C.ROW_ID])}.parquet"), sink.getvalue())
     return batch
 
 
@@ -147,3 +152,30 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
              C.SHARD: np.asarray([stats["shard"] if not e else None for e in batch[C.ERROR]], dtype=object),
              C.KEY: np.asarray([r if not e else None for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])], dtype=object)}
     return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch)
+
+
+def drop_unlisted_shards(output: str, storage_options: dict) -> int:
+    """Delete what <output>/shards/ holds that no manifest entry names (a shard written by a run killed before
+    its manifest entry, whose rows the resume writes again; a leftover temporary file), with its stats;
+    returns how many. Readers of shards/ then find each sample once."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, root = url_to_fs(join(output, "shards"), storage_options)
+    if not fs.exists(root):
+        return 0
+    manifest_fs, manifest = url_to_fs(join(output, "manifest"), storage_options)
+    listed = set()
+    if manifest_fs.exists(manifest):
+        parts = pads.dataset(manifest, filesystem=PyFileSystem(FSSpecHandler(manifest_fs)), format="parquet")
+        if C.SHARD in parts.schema.names:
+            listed = set(pc.unique(parts.to_table(columns=[C.SHARD]).column(C.SHARD)).drop_null().to_pylist())
+    stats_fs, stats_root = url_to_fs(join(output, "shard_stats"), storage_options)
+    dropped = [path for path in fs.find(root) if full_uri(fs, path) not in listed]
+    for path in dropped:
+        fs.rm(path)
+        stats = join(stats_root, path.rsplit("/", 1)[-1].removesuffix(".tar") + ".json")
+        if path.endswith(".tar") and stats_fs.exists(stats):
+            stats_fs.rm(stats)
+    return len(dropped)
