@@ -100,7 +100,8 @@ def test_store_down_for_good_ends_in_one_line_naming_the_output(tmp_path, ray_cl
 
 
 def stage_processes(name: str) -> list[int]:
-    """Pids of the Ray actor processes running stage class `name` (Ray titles them by their class)."""
+    """Pids of this test's own Ray actor processes running stage class `name` (Ray titles them by their class):
+    descendants of this process only, never another Ray's on the machine."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
@@ -108,7 +109,18 @@ def stage_processes(name: str) -> list[int]:
                 pids.append(int(proc.name))
         except OSError:
             continue
-    return [pid for pid in pids if pid != os.getpid()]
+    return [pid for pid in pids if pid != os.getpid() and _descends_from(pid, os.getpid())]
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the parent's pid
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
 
 
 def test_actor_killed_by_pid_mid_run_loses_and_doubles_no_row(tmp_path, ray_cluster):
