@@ -59,7 +59,10 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
         return summary
     check_models(spec)
     claim(spec, overwrite)
-    return _decode(spec, list(overrides), started, verbose)
+    from jobs.retries import storage_errors_named
+
+    with storage_errors_named(spec.output):
+        return _decode(spec, list(overrides), started, verbose)
 
 
 def stored_keys(batch: dict[str, np.ndarray], decoder_params: dict, model: dict) -> dict[str, np.ndarray]:

@@ -14,16 +14,19 @@ from ray.autoscaler.sdk import request_resources
 from jobs import prompts
 from jobs.console import start_ray
 from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: part of this module's interface
+from jobs.isolation import isolating
 from jobs.progress import Progress, Tally, reporting
 from jobs.report import build_report, record_run
 from jobs.resume import Summary, summarize
+from jobs.retries import configure_ray_data
 from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec, stage_kwargs
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
 from stages import output
 from stages.sink import ManifestSink
 from stages.text import TextEncoder
-from stages.writer import read_back_embeddings, shard_columns, write_embeddings, write_images, write_shard
+from stages.writer import (drop_unlisted_shards, read_back_embeddings, shard_columns, write_embeddings,
+                           write_images, write_shard)
 
 log = logging.getLogger(__name__)
 LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always asks for a whole CPU
@@ -57,6 +60,8 @@ def open_output(spec: JobSpec, start: float, verbose: bool = False) -> int:
     the count of manifest rows already there (from the footers)."""
     record_run(spec.output, spec.storage_options, start)
     connect(spec, verbose)
+    if spec.output_format == "webdataset":
+        drop_unlisted_shards(spec.output, spec.storage_options)  # a killed run's shards: written again below
     return output.part_counts(spec.output, output.MANIFEST, spec.storage_options)[0]
 
 
@@ -75,6 +80,7 @@ def connect(spec: JobSpec, verbose: bool = False) -> None:
     """Join RAY_ADDRESS (or the caller's Ray) and wait for the stages' resources, else start a local Ray."""
     joined = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
     start_ray(verbose)
+    configure_ray_data()
     wait_for_capacity(spec, spec.placement_timeout_s if joined else 0.0)
 
 
@@ -139,7 +145,7 @@ def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally) -> ray.data.Da
 def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, tally) -> ray.data.Dataset:
     """One stage's actor pool, placed from its spec, reporting its finished rows to `tally` (if given)."""
     placed = placement(getattr(spec.stages, name), name, ray.cluster_resources().get("GPU", 0))
-    stage = reporting(cls, tally, name) if tally is not None else cls
+    stage = reporting(isolating(cls, tally, name), tally, name) if tally is not None else isolating(cls)
     return ds.map_batches(stage, fn_constructor_kwargs=stage_kwargs(spec, name), **placed)
 
 

@@ -48,5 +48,7 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False) 
     table = preflight(spec)
     claim(spec, overwrite)
     from jobs.generate import generate
+    from jobs.retries import storage_errors_named
 
-    return generate(spec, table, started, verbose)
+    with storage_errors_named(spec.output):
+        return generate(spec, table, started, verbose)

@@ -16,10 +16,34 @@ LOG_EVERY_S = 30.0  # not a terminal (a log file, CI): one block of lines this o
 
 @ray.remote(num_cpus=0)
 class Tally:
-    """Rows finished per stage, as the stage actors report them (one number per stage, nothing per row)."""
+    """Rows finished per stage, as the stage actors report them (one number per stage), and the tries of the
+    rows in flight (nothing per finished row): a batch tried again after its actor died is seen."""
 
     def __init__(self):
         self.rows: dict[str, int] = {}
+        self.tries: dict[tuple[str, str], int] = {}  # (stage, row id) → tries of the batch holding it
+        self.alone_tries: dict[tuple[str, str], int] = {}  # … → tries of the row run alone
+
+    def begin(self, stage: str, ids: list[str]) -> list[int]:
+        """Count a try of a batch; the tries so far of each of its rows."""
+        for i in ids:
+            self.tries[stage, i] = self.tries.get((stage, i), 0) + 1
+        return [self.tries[stage, i] for i in ids]
+
+    def alone(self, stage: str, row_id: str) -> int:
+        """Count a try of one row run alone; its tries so far."""
+        self.alone_tries[stage, row_id] = self.alone_tries.get((stage, row_id), 0) + 1
+        return self.alone_tries[stage, row_id]
+
+    def ran(self, stage: str, row_id: str) -> None:
+        """A row run alone came back."""
+        self.alone_tries.pop((stage, row_id), None)
+
+    def end(self, stage: str, ids: list[str]) -> None:
+        """A batch came back (done or raised): forget its rows' tries."""
+        for i in ids:
+            self.tries.pop((stage, i), None)
+            self.alone_tries.pop((stage, i), None)
 
     def add(self, stage: str, rows: int) -> None:
         self.rows[stage] = self.rows.get(stage, 0) + rows

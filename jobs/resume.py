@@ -104,6 +104,8 @@ def stored_ids(output: str, folder: str, storage_options: dict) -> np.ndarray:
     if not fs.exists(path) or not fs.ls(path):
         return np.asarray([], dtype="U32")
     dataset = pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet")
+    if not dataset.files:  # only a leftover temporary file (hidden: not a part)
+        return np.asarray([], dtype="U32")
     return np.unique(dataset.to_table(columns=[C.ROW_ID]).column(C.ROW_ID).to_numpy(zero_copy_only=False)
                      .astype("U32"))
 

@@ -77,6 +77,13 @@ class DecoderStage:
         batch[C.DECODER_SECONDS] = np.full(n, (time.perf_counter() - start) / n)
         return batch
 
+    def blank(self) -> dict:
+        """This stage's outputs for a row it did not run (see jobs.isolation)."""
+        out = {C.IMAGE: np.zeros((0, 0, 3), dtype=np.uint8), C.DECODER_NODE: self.node, C.DECODER_SECONDS: 0.0}
+        if self.keep_float:
+            out[C.IMAGE_FLOAT] = np.zeros((0, 0, 3), dtype=np.float32)
+        return out
+
     def _schedule(self, steps: int) -> Schedule:
         """`steps` linear steps from 1 to 0, computed once per count."""
         if steps not in self.schedules:

@@ -103,6 +103,12 @@ class PriorStage:
             batch.pop(column, None)
         return batch
 
+    def blank(self) -> dict:
+        """This stage's outputs for a row it did not run (None: a column it drops; see jobs.isolation)."""
+        return {C.IMAGE_EMBEDDINGS: torch.empty((0, 0, 0), dtype=self.out_dtype).numpy(),
+                C.GENERATOR_STATE: np.zeros(0, dtype=np.uint8), C.PRIOR_CHECKPOINT: self.default_checkpoint,
+                C.PRIOR_NODE: self.node, C.PRIOR_SECONDS: 0.0, C.PRIOR_TEXT: None, C.PRIOR_TEXT_NEG: None}
+
     def _use(self, checkpoint: str) -> None:
         """Put the checkpoint's Stage C weights in the model (loaded, or interpolated, once per actor)."""
         if checkpoint != self.loaded:

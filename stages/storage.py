@@ -10,12 +10,52 @@ from fsspec.implementations.local import LocalFileSystem
 
 LOCAL_PROTOCOLS = ("file", "local", "memory")
 
+# Every S3 request rides out a store that refuses or drops connections, or answers 500/503/SlowDown: botocore's
+# standard retry mode retries those with jittered exponential backoff capped at 20 s per wait; 10 attempts wait
+# ~55 s on average (at most ~111 s) before the error reaches Ray Data, which retries the task (RETRIED_ERRORS).
+# The job's own storage_options win, key by key.
+S3_DEFAULTS = {"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 10}}}
+REMOTE_DEFAULTS = {"s3": S3_DEFAULTS, "s3a": S3_DEFAULTS}
+
+# What a transient store failure reads like once botocore's retries are spent (class names and messages of
+# botocore, aiohttp and s3fs's translations); Ray Data retries a task that fails with one of these.
+TRANSIENT_ERRORS = [
+    "EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError", "ConnectionResetError",
+    "ConnectionRefusedError", "SlowDown", "Reduce your request rate", "ServiceUnavailable", "Service Unavailable",
+    "InternalError", "We encountered an internal error", "reached max retries",
+]
+
+
+def merged(defaults: dict, options: dict) -> dict:
+    """`defaults` updated by `options`, nested dicts merged key by key (the options' values win)."""
+    out = dict(defaults)
+    for key, value in options.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
 
 def url_to_fs(uri: str, storage_options: dict | None = None):
-    """(filesystem, path) for a URI; storage options go to remote stores only (s3://, gs://, …)."""
+    """(filesystem, path) for a URI; storage options go to remote stores only (s3://, gs://, …), over the
+    retry defaults of the store (REMOTE_DEFAULTS)."""
     protocol = uri.split("://")[0] if "://" in uri else "file"
-    options = {} if protocol in LOCAL_PROTOCOLS else dict(storage_options or {})
+    options = {} if protocol in LOCAL_PROTOCOLS else merged(REMOTE_DEFAULTS.get(protocol, {}), storage_options or {})
     return fsspec.core.url_to_fs(uri, **options)
+
+
+def transient(err: BaseException) -> bool:
+    """Whether an error (or one it wraps) reads as a transient store failure."""
+    text = " ".join(f"{type(e).__name__}: {e}" for e in causes(err))
+    return any(pattern in text for pattern in TRANSIENT_ERRORS)
+
+
+def causes(err: BaseException | None):
+    """An exception and the ones it was raised from or during, outermost first."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def reason(err: BaseException) -> str:

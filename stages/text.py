@@ -91,6 +91,12 @@ class TextEncoder:
         batch[C.TEXT_SECONDS] = np.full(len(prompts), (time.perf_counter() - start) / len(prompts))
         return batch
 
+    def blank(self) -> dict:
+        """This stage's outputs for a row it did not run (see jobs.isolation)."""
+        empty = torch.empty((0, 0), dtype=self.out_dtype).numpy()
+        return {C.PRIOR_TEXT: empty, C.PRIOR_TEXT_NEG: empty, C.DECODER_TEXT: empty, C.DECODER_TEXT_NEG: empty,
+                C.TEXT_NODE: self.node, C.TEXT_SECONDS: 0.0}
+
     def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """(B, 77, d) in the transport dtype, on its way to pinned host memory (read after `finish`)."""
         return to_host(torch.stack(tensors).to(self.out_dtype))

@@ -13,7 +13,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from stages import columns as C
-from stages.output import EMBEDDINGS, IMAGES, SHARD_STATS, SHARDS, folder
+from stages.output import EMBEDDINGS, IMAGES, MANIFEST, SHARD_STATS, SHARDS, folder, list_parts
 from stages.storage import block_name, full_uri, join, write_atomic
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -57,20 +57,25 @@ def _params_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
 
 
 def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options: dict) -> dict:
-    """Persist Stage C output (embeddings, generator state after Stage C, params) under <output>/embeddings/."""
+    """Persist Stage C output (embeddings, generator state after Stage C, params) of the rows without an error
+    under <output>/embeddings/ (a failed row is made afresh on a resume)."""
+    ok = np.asarray([not error for error in batch[C.ERROR]], dtype=bool)
+    if not ok.any():
+        return batch
+    stored = {k: v[ok] for k, v in batch.items()}
     fs, root = folder(output, EMBEDDINGS, storage_options)
-    table = _with_user_columns(_params_table(batch, PARAMS_SCHEMA), batch)
-    embeddings = list(batch[C.IMAGE_EMBEDDINGS])
+    table = _with_user_columns(_params_table(stored, PARAMS_SCHEMA), stored)
+    embeddings = list(stored[C.IMAGE_EMBEDDINGS])
     value_type = pa.float16() if embeddings[0].dtype == np.float16 else pa.float32()
     table = table.append_column(C.IMAGE_EMBEDDINGS, pa.array([e.ravel() for e in embeddings],
                                                              type=pa.list_(value_type)))
     table = table.append_column("embedding_shape", pa.array([list(e.shape) for e in embeddings],
                                                             type=pa.list_(pa.int32())))
-    table = table.append_column(C.GENERATOR_STATE, pa.array([s.tobytes() for s in batch[C.GENERATOR_STATE]],
+    table = table.append_column(C.GENERATOR_STATE, pa.array([s.tobytes() for s in stored[C.GENERATOR_STATE]],
                                                             type=pa.binary()))
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    write_atomic(fs, join(root, f"{block_name(batch[C.ROW_ID])}.parquet"), sink.getvalue())
+    write_atomic(fs, join(root, f"{block_name(stored[C.ROW_ID])}.parquet"), sink.getvalue())
     return batch
 
 
@@ -156,3 +161,30 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
              C.SHARD: np.asarray([stats["shard"] if not e else None for e in batch[C.ERROR]], dtype=object),
              C.KEY: np.asarray([r if not e else None for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])], dtype=object)}
     return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch)
+
+
+def drop_unlisted_shards(output: str, storage_options: dict) -> int:
+    """Delete what <output>/shards/ holds that no manifest entry names (a shard written by a run killed before
+    its manifest entry, whose rows the resume writes again; a leftover temporary file), with its stats;
+    returns how many. Readers of shards/ then find each sample once. Reads the live manifest parts' shard
+    column one part at a time (memory: one part's column and the set of shard names)."""
+    import pyarrow.compute as pc
+
+    fs, root = folder(output, SHARDS, storage_options)
+    if not fs.exists(root):
+        return 0
+    manifest_fs, parts = list_parts(output, MANIFEST, storage_options)
+    listed: set[str] = set()
+    for part in parts:
+        with manifest_fs.open(part, "rb") as f:
+            table = pq.ParquetFile(f)
+            if C.SHARD in table.schema_arrow.names:
+                listed.update(pc.unique(table.read(columns=[C.SHARD]).column(C.SHARD)).drop_null().to_pylist())
+    stats_fs, stats_root = folder(output, SHARD_STATS, storage_options)
+    dropped = [path for path in fs.find(root) if full_uri(fs, path) not in listed]
+    for path in dropped:
+        fs.rm(path)
+        stats = join(stats_root, path.rsplit("/", 1)[-1].removesuffix(".tar") + ".json")
+        if path.endswith(".tar") and stats_fs.exists(stats):
+            stats_fs.rm(stats)
+    return len(dropped)

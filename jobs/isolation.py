@@ -1,0 +1,109 @@
+"""Row isolation in the stage actors: a row that fails (an exception on it, or an actor that dies on it again
+and again) gets an `error` in its manifest entry; its batch-mates and the run go on."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from stages import columns as C
+from stages.storage import reason, transient
+
+# An actor (OOM-killed, say) may die this often while one row runs alone in it; the row then fails. Ray Data
+# restarts the actor and retries its task each time (max_restarts=-1, max_task_retries=-1).
+MAX_DEATHS = 2
+
+
+def isolating(cls, tally=None, stage: str = ""):
+    """`cls` (a stage's callable class) that runs only the rows without an error yet; when the batch raises,
+    or when an earlier try of it died with the actor (seen through `tally`, if given), it runs the rows one
+    at a time, so only a failing row gets the error. A row's result does not depend on its batch-mates (the
+    stages pad every model call to a fixed micro-batch), so running it alone makes the same bits."""
+    stage = stage or cls.__name__
+
+    def __call__(self, batch):
+        ids = [str(i) for i in batch[C.ROW_ID]]
+        retried = tally is not None and max(ray.get(tally.begin.remote(stage, ids)), default=0) > 1
+        try:
+            return _run(self, cls, batch, stage, tally, alone=retried)
+        finally:
+            if tally is not None:
+                tally.end.remote(stage, ids)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__doc__": cls.__doc__})
+
+
+def _run(self, cls, batch, stage, tally, alone: bool):
+    n = len(batch[C.ROW_ID])
+    todo = [i for i, error in enumerate(batch[C.ERROR]) if not error]
+    parts, failed = [], {}
+    if todo and not alone:
+        try:
+            if len(todo) == n:
+                return cls.__call__(self, batch)
+            parts.append((np.asarray(todo), cls.__call__(self, _rows(batch, todo))))
+            todo = []
+        except Exception as err:  # noqa: BLE001 - a row's failure: find the row below
+            if transient(err):
+                raise  # Ray Data retries the task (DataContext.retried_map_errors)
+    for i in todo:
+        row_id = str(batch[C.ROW_ID][i])
+        if tally is not None and ray.get(tally.alone.remote(stage, row_id)) > MAX_DEATHS:
+            failed[i] = f"{stage}: the stage's actor died {MAX_DEATHS} times running this row alone (out of memory?)"
+            continue
+        try:
+            parts.append((np.asarray([i]), cls.__call__(self, _rows(batch, [i]))))
+        except Exception as err:  # noqa: BLE001 - this row's own failure becomes its error
+            if transient(err):
+                raise
+            failed[i] = f"{stage}: {type(err).__name__}: {reason(err)}"
+        if tally is not None:
+            tally.ran.remote(stage, row_id)
+    return merge(batch, parts, failed, self.blank())
+
+
+def _rows(batch: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
+    return {k: v[np.asarray(idx)] for k, v in batch.items()}
+
+
+def merge(batch: dict[str, np.ndarray], parts: list, failed: dict[int, str], blank: dict) -> dict[str, np.ndarray]:
+    """The batch's rows in order: each from the part that ran it, else the input with `blank` values for the
+    stage's outputs (None in `blank`: a column the stage drops); `failed` rows get their error."""
+    n = len(batch[C.ROW_ID])
+    template = parts[0][1] if parts else None
+    if template is not None:
+        columns = list(template)
+    else:
+        columns = [c for c in dict.fromkeys([*batch, *blank]) if not (c in blank and blank[c] is None)]
+    source: list = [None] * n
+    for idx, out in parts:
+        for j, i in enumerate(idx):
+            source[i] = (out, j)
+    merged = {}
+    for column in columns:
+        values = []
+        for i in range(n):
+            if source[i] is not None:
+                values.append(source[i][0][column][source[i][1]])
+            elif column in batch:
+                values.append(batch[column][i])
+            else:
+                like = template[column][0] if template is not None else None
+                values.append(np.zeros_like(like) if isinstance(like, np.ndarray) else blank[column])
+        like = template[column] if template is not None else batch.get(column)
+        merged[column] = _column(values, like)
+    merged[C.ERROR] = np.asarray([failed.get(i) or merged[C.ERROR][i] for i in range(n)], dtype=object)
+    return merged
+
+
+def _column(values: list, like: np.ndarray | None) -> np.ndarray:
+    """One column from per-row values: a tensor column when every value is an array of one shape and dtype,
+    an object column of arrays when they differ, else the dtype of `like`."""
+    if values and all(isinstance(v, np.ndarray) for v in values):
+        if len({(v.shape, v.dtype) for v in values}) == 1:
+            return np.stack(values)
+        column = np.empty(len(values), dtype=object)
+        for k, v in enumerate(values):
+            column[k] = v
+        return column
+    return np.asarray(values, dtype=like.dtype if like is not None and like.ndim == 1 else object)

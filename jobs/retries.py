@@ -1,0 +1,53 @@
+"""Ray Data's retry settings for a run (transient store failures, actor deaths) and the one-line error when a
+store stays down."""
+
+from __future__ import annotations
+
+import contextlib
+
+from jobs.spec import SpecError
+from stages.storage import TRANSIENT_ERRORS, causes, reason, transient
+
+MAP_RETRIES = 3  # a task failing with a transient store error runs again up to this often (backoff ≤ 32 s)
+ACTOR_INIT_DEATHS = 3  # consecutive stage actors that may die loading their models before the run fails
+
+
+def configure_ray_data() -> None:
+    """Retry tasks that fail on a transient store error (after botocore's own retries), and model loads."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.retried_map_errors = list(TRANSIENT_ERRORS)
+    context.max_map_retries = MAP_RETRIES
+    context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *TRANSIENT_ERRORS]))
+    context.actor_init_retry_on_errors = True  # a model load that fails is tried again in the same actor …
+    context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS  # … and a dead actor replaced, this often
+
+
+def storage_failure(err: BaseException, output: str) -> str | None:
+    """A one-line error for a run that ended on a store that stayed unreachable through every retry; None when
+    `err` is something else."""
+    if not transient(err):
+        return None
+    cause = next((e for e in causes(err) if any(p in f"{type(e).__name__}: {e}" for p in TRANSIENT_ERRORS)), err)
+    return (f"output {output}: the object store stayed unreachable through every retry ({_last_line(cause)}); "
+            f"the rows finished so far are kept: run the same command again to continue")
+
+
+def _last_line(err: BaseException) -> str:
+    """The exception's own message (the last line of a wrapped Ray error), one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    ours = [line for line in lines if any(p in line for p in TRANSIENT_ERRORS)]
+    return (ours[-1] if ours else reason(err))[:300]
+
+
+@contextlib.contextmanager
+def storage_errors_named(output: str):
+    """Turn a run that ended on an unreachable store into a one-line SpecError naming the output."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - only store failures are translated; the rest is re-raised
+        message = storage_failure(err, output)
+        if message is None:
+            raise
+        raise SpecError(message) from None

@@ -1,0 +1,235 @@
+"""Fault injection: a flaky object store, a killed actor, a poison row, a kill between a shard and its entry;
+after each, every row is in the manifest exactly once."""
+
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+import webdataset as wds
+from conftest import make_batch, write_prompts
+from faults import FlakyProxy
+
+from jobs.generate import _stage, placement, run
+from jobs.isolation import isolating
+from jobs.spec import SpecError, spec_from_dict
+from stages import columns as C
+from stages.decoder import DecoderStage
+from stages.prior import PriorStage
+from stages.text import TextEncoder
+
+SMALL = {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2}
+
+
+def small_job(prompts: str, output: str, **extra) -> dict:
+    return {"prompts": prompts, "output": output, "generation": SMALL,
+            "stages": {name: {"batch_size": 4} for name in ("text", "prior", "decoder")}, **extra}
+
+
+def once_each(rows: list[dict], n: int) -> None:
+    ids = [r[C.ROW_ID] for r in rows]
+    assert len(ids) == n and len(set(ids)) == n, f"{len(ids)} entries, {len(set(ids))} distinct, {n} rows"
+
+
+@pytest.fixture
+def flaky(s3_server):
+    """A proxy in front of the S3 server, its storage options, and a client that bypasses it."""
+    port = int(s3_server["client_kwargs"]["endpoint_url"].rsplit(":", 1)[1])
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request lines
+    proxy = FlakyProxy(port)
+    options = {**s3_server, "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}"}}
+    direct = s3fs.S3FileSystem(**s3_server)
+    if not direct.exists("faults"):
+        direct.mkdir("faults")
+    yield proxy, options, direct
+    proxy.close()
+
+
+def when_rows_land(fs, folder: str, action, timeout: float = 300) -> threading.Thread:
+    """Run `action` in the background once the first manifest part appears under `folder`."""
+    def watch():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            fs.invalidate_cache()
+            if fs.exists(folder) and fs.ls(folder):
+                return action()
+            time.sleep(0.1)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_object_store_outage_mid_run_loses_no_row(tmp_path, ray_cluster, flaky):
+    proxy, options, direct = flaky
+    prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"p{i}", C.SEED: i} for i in range(40)])
+    spec = spec_from_dict({**small_job(prompts, "s3://faults/outage"), "storage_options": options})
+
+    def outages():
+        proxy.outage(10)  # refused and reset connections …
+        time.sleep(10.5)
+        proxy.slow_down(3)  # … then 503 SlowDown
+    watcher = when_rows_land(direct, "faults/outage/manifest", outages)
+    summary = run(spec)
+    watcher.join()
+    assert summary.rows == 40 and summary.failed == 0
+    direct.invalidate_cache()
+    once_each(pq.read_table("faults/outage/manifest", filesystem=direct).to_pylist(), 40)
+
+
+def test_store_down_for_good_ends_in_one_line_naming_the_output(tmp_path, ray_cluster, flaky):
+    proxy, options, direct = flaky
+    prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"p{i}", C.SEED: i} for i in range(12)])
+    quick = {**options, "config_kwargs": {"retries": {"total_max_attempts": 2}}}  # the job's own value wins
+    spec = spec_from_dict({**small_job(prompts, "s3://faults/down"), "storage_options": quick})
+    watcher = when_rows_land(direct, "faults/down/manifest", lambda: proxy.outage(300))
+    started = time.time()
+    with pytest.raises(SpecError) as err:
+        run(spec)
+    watcher.join()
+    message = str(err.value)
+    assert message.startswith("output s3://faults/down: the object store stayed unreachable") and "\n" not in message
+    assert "Could not connect to the endpoint URL" in message and time.time() - started < 240
+
+
+def stage_processes(name: str) -> list[int]:
+    """Pids of this test's own Ray actor processes running stage class `name` (Ray titles them by their class):
+    descendants of this process only, never another Ray's on the machine."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and name in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return [pid for pid in pids if pid != os.getpid() and _descends_from(pid, os.getpid())]
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the parent's pid
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+def test_actor_killed_by_pid_mid_run_loses_and_doubles_no_row(tmp_path, ray_cluster):
+    prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"p{i}", C.SEED: i} for i in range(24)])
+    spec = spec_from_dict(small_job(prompts, str(tmp_path / "out")))
+    killed = []
+
+    def kill():
+        for pid in stage_processes("DecoderStage"):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    watcher = when_rows_land(_Local(), str(tmp_path / "out" / "manifest"), kill)
+    summary = run(spec)
+    watcher.join()
+    assert killed, "no Stage B/A actor process was found to kill"
+    assert summary.rows == 24 and summary.failed == 0
+    once_each(pq.read_table(tmp_path / "out" / "manifest").to_pylist(), 24)
+
+
+class _Local:
+    """The two calls `when_rows_land` makes, on the local disk."""
+
+    def invalidate_cache(self):
+        pass
+
+    def exists(self, path):
+        return Path(path).exists()
+
+    def ls(self, path):
+        return [p for p in Path(path).iterdir() if p.suffix == ".parquet"]
+
+
+def test_a_failing_row_gets_an_error_and_its_batch_mates_the_same_bits(model_cache):
+    stages = [isolating(cls)(*args) for cls, args in ((TextEncoder, ("tiny", "tiny")), (PriorStage, ("tiny",)),
+                                                      (DecoderStage, ("tiny",)))]
+    rows = [{C.PROMPT: f"a row {i}", C.SEED: i} for i in range(5)]
+
+    def make(batch):
+        for stage in stages:
+            batch = stage(batch)
+        return batch
+    clean = make(make_batch(rows))
+    poisoned = make(make_batch(rows[:2] + [{C.PROMPT: "poison", C.DECODER_STEPS: -2}] + rows[2:]))
+    assert list(poisoned[C.ERROR][:2]) + list(poisoned[C.ERROR][3:]) == [""] * 5
+    assert poisoned[C.ERROR][2].startswith("DecoderStage: RuntimeError")
+    for k, i in enumerate([0, 1, 3, 4, 5]):
+        assert np.array_equal(poisoned[C.IMAGE][i], clean[C.IMAGE][k])  # not changed by the failed row
+
+
+def test_poison_row_in_a_resumed_run_is_isolated(tmp_path, ray_cluster):
+    prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"p{i}", C.SEED: i} for i in range(6)])
+    spec = spec_from_dict(small_job(prompts, str(tmp_path / "out")))
+    run(spec)
+    out = tmp_path / "out"
+    first = {r[C.ROW_ID]: Path(r[C.IMAGE_URI]).read_bytes() for r in pq.read_table(out / "manifest").to_pylist()}
+    for part in (out / "manifest").glob("*.parquet"):
+        part.unlink()  # as if killed after Stage C: the rerun decodes the stored embeddings
+    part = sorted((out / "embeddings").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    rows = table.to_pylist()
+    poison = rows[0][C.ROW_ID]
+    rows[0][C.IMAGE_EMBEDDINGS] = rows[0][C.IMAGE_EMBEDDINGS][9:]  # a stored row with 15 channels, not 16
+    rows[0]["embedding_shape"] = [15] + rows[0]["embedding_shape"][1:]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), part)
+
+    summary = run(spec)
+    manifest = pq.read_table(out / "manifest").to_pylist()
+    once_each(manifest, 6)
+    assert summary.failed == 1
+    for row in manifest:
+        if row[C.ROW_ID] == poison:
+            assert row[C.ERROR].startswith("decoder: ") and row[C.IMAGE_URI] is None
+        else:
+            assert row[C.ERROR] is None and Path(row[C.IMAGE_URI]).read_bytes() == first[row[C.ROW_ID]]
+
+
+def test_shard_written_before_a_kill_is_not_left_beside_its_rewrite(tmp_path, ray_cluster):
+    prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"p{i}", C.SEED: i} for i in range(7)])
+    job = {**small_job(prompts, str(tmp_path / "out")), "output_format": "webdataset", "shard_size": 3}
+    run(spec_from_dict(job))
+    out = tmp_path / "out"
+    for part in (out / "manifest").glob("*.parquet"):
+        part.unlink()  # killed after the shards were written, before their manifest entries
+    (out / "shards" / ".leftover.tar.tmp-0123").write_bytes(b"partial")  # and a temporary file left behind
+    (out / "manifest" / ".leftover.parquet.tmp-0123").write_bytes(b"partial")
+    summary = run(spec_from_dict({**job, "shard_size": 2}))  # the rows regrouped: other shard names
+    assert summary.rows == 7
+    manifest = pq.read_table(out / "manifest").to_pylist()
+    once_each(manifest, 7)
+    keys = [s["__key__"] for s in wds.WebDataset(sorted(map(str, (out / "shards").glob("*"))), shardshuffle=False)]
+    assert sorted(keys) == sorted(r[C.ROW_ID] for r in manifest)  # each sample once, in a shard the manifest names
+    assert {str(p) for p in (out / "shards").iterdir()} == {r[C.SHARD] for r in manifest}
+
+
+def test_actor_pools_use_the_current_ray_api_without_deprecation_warnings(tmp_path, ray_cluster):
+    prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: "p"}])
+    spec = spec_from_dict({**small_job(prompts, str(tmp_path / "out")), "stages": {"decoder": {"concurrency": [1, 2]}}})
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("ray.data").addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*concurrency.*")
+            ds = ray_cluster.data.range(1)
+            for cls, name in ((TextEncoder, "text"), (PriorStage, "prior"), (DecoderStage, "decoder")):
+                ds = _stage(ds, spec, cls, name, None)  # the plan only: no model is loaded
+    finally:
+        logging.getLogger("ray.data").removeHandler(handler)
+    assert not [r.getMessage() for r in records if "concurrency" in r.getMessage()]
+    args = placement(spec.stages.decoder, "decoder", 0)
+    assert "concurrency" not in args and (args["compute"].min_size, args["compute"].max_size) == (1, 2)
