@@ -98,7 +98,7 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = 
     """read → expand rows → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
     ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
                                num_cpus=TASK_CPUS)
-    ds = ds.map_batches(prompts.expand_rows, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(
+    ds = ds.map_batches(prompts.expand_table, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(
         defaults=prompts.defaults_for(spec), images_per_prompt=spec.generation.images_per_prompt,
         model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype), combos=prompts.sweep_combinations(spec.sweep),
         skip=ray.put(np.asarray(skip, dtype="U32"))))

@@ -15,6 +15,7 @@ from stages.dtypes import DTYPE_NAMES
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 TASK_CPUS = 0.25  # reading, expanding and writing are light: never let them wait behind the actors
 ACTOR_CPUS = 0.1  # a stage actor's default CPU reservation: its work is on the GPU, or in torch threads
+MAX_SEED = 2 ** 63 - 1  # seeds are signed 64-bit integers end to end (Parquet int64, torch's manual_seed)
 
 
 class SpecError(ValueError):
@@ -225,6 +226,11 @@ def validate(spec: JobSpec) -> None:
         raise SpecError(f"generation.images_per_prompt: must be at least 1, got {gen.images_per_prompt}")
     check_prior_spec("model.prior", spec.model.prior)
     validate_sweep(spec.sweep)
+    for name, seed in [("generation.seed", gen.seed)] + [(f"sweep.seed[{i}]", v)
+                                                         for i, v in enumerate(spec.sweep.get("seed") or [])]:
+        if isinstance(seed, int) and seed + gen.images_per_prompt - 1 > MAX_SEED:
+            raise SpecError(f"{name}: must be at most 2^63 - {gen.images_per_prompt} (seed + image index is a "
+                            f"signed 64-bit integer), got {seed}")
     if spec.model.dtype not in DTYPE_NAMES:
         raise SpecError(f"model.dtype: unknown dtype {spec.model.dtype!r} (choose {' | '.join(DTYPE_NAMES)})")
     if spec.placement_timeout_s < 0:
