@@ -19,6 +19,7 @@ from PIL import Image
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from stages import columns as C
+from stages.secrets import options_arg, usable
 from stages.storage import full_uri, join, url_to_fs, write_atomic
 from stages.writer import MANIFEST_SCHEMA
 
@@ -46,7 +47,7 @@ figcaption{overflow:hidden;white-space:nowrap;text-overflow:ellipsis}.bad{color:
 def build_report(output: str, storage_options: dict | None = None) -> str:
     """Write <output>/report/index.html and its thumbnails; return the page's URI."""
     job = read_job(output, storage_options or {})
-    options = storage_options if storage_options is not None else job.get("storage_options") or {}
+    options = storage_options if storage_options is not None else usable(job.get("storage_options") or {})
     fs, root = url_to_fs(output, options)
     rows = read_manifest(fs, join(root, "manifest"))
     sheet = sorted((r for r in rows if r[C.IMAGE_URI]), key=_row_order)
@@ -325,8 +326,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """The `report RUN_URI [--storage-options JSON]` subcommand."""
     parser = subparsers.add_parser("report", help="write <run>/report/index.html: counts, timings, sweeps, thumbnails")
     parser.add_argument("run", help="the run folder (a generate job's output: local path or fsspec URI)")
-    parser.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
-                        help="fsspec options for the run's store (default: those in the run's job.yaml)")
+    parser.add_argument("--storage-options", type=options_arg, default=None, metavar="JSON",
+                        help="fsspec options for the run's store (default: the run's job.yaml without its masked "
+                             "credentials, which then come from the environment)")
     return parser
 
 

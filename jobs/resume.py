@@ -142,14 +142,18 @@ def claim(spec: JobSpec, overwrite: bool) -> None:
 
 
 def check_continuation(spec: JobSpec, overwrite: bool) -> None:
-    """Start afresh on --overwrite; refuse an output holding rows of a different spec, naming the first
-    difference (a job.yaml without rows, left by an attempt that failed early, is no reason to refuse)."""
+    """Start afresh on --overwrite (only where the output holds a run or nothing); refuse an output holding rows
+    of a different spec, naming the first difference (a job.yaml without rows, left by an attempt that failed
+    early, is no reason to refuse)."""
     fs, root = url_to_fs(spec.output, spec.storage_options)
+    job_file = join(root, "job.yaml")
     if overwrite:
+        if fs.exists(root) and not fs.exists(job_file) and (not fs.isdir(root) or fs.ls(root, detail=False)):
+            raise SpecError(f"output {spec.output} holds files but no run (no job.yaml): --overwrite deletes only "
+                            f"a run folder or an empty one; choose another output")
         if fs.exists(root):
             fs.rm(root, recursive=True)
         return
-    job_file = join(root, "job.yaml")
     if not fs.exists(job_file) or not any(fs.glob(join(root, folder, "*.parquet"))
                                           for folder in ("manifest", "embeddings")):
         return
