@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from jobs.spec import SpecError
-from stages.secrets import options_arg, redact
+from stages.credentials import options_arg, redact
 
 # Heavy libraries (Ray, torch, diffusers, transformers) are imported by the commands that use them, never
 # here: --help, a spec error and a finished rerun answer in about a second.
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 def _refuse_credentials_in_uris(args) -> None:
     """A URI argument holding user:password@ is refused without being shown (the job spec's URIs are checked
     when it is loaded)."""
-    from stages.secrets import has_user_info
+    from stages.credentials import has_user_info
 
     for name, value in vars(args).items():
         if isinstance(value, str) and has_user_info(value):

@@ -12,7 +12,7 @@ from jobs.preflight import answered_decode, check_models
 from jobs.resume import Summary, claim, filter_ids, stored_ids
 from jobs.spec import TASK_CPUS, JobSpec, SpecError, apply_overrides, spec_from_dict
 from stages import columns as C
-from stages.secrets import usable
+from stages.credentials import usable
 from stages.storage import join, url_to_fs
 from stages.writer import write_embeddings
 

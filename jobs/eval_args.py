@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jobs.spec import ACTOR_CPUS, SpecError
-from stages.secrets import options_arg
+from stages.credentials import options_arg
 from stages.storage import join
 
 

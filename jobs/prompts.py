@@ -77,6 +77,11 @@ def scan(spec: JobSpec) -> PromptTable:
 def _check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
     if C.PROMPT not in schema.names:
         raise SpecError(f"prompts: {name} has no '{C.PROMPT}' column (columns: {', '.join(schema.names)})")
+    for col in C.RESERVED:
+        if col in schema.names:
+            hint = " (per-row checkpoints: use sweep: {prior_checkpoint: [...]})" if col == C.PRIOR_CHECKPOINT else ""
+            raise SpecError(f"prompts: column '{col}' in {name} is set by the job itself, so its values would be "
+                            f"replaced: rename the column{hint}")
     for col in (C.PROMPT, C.NEGATIVE_PROMPT):
         if col in schema.names and not pa.types.is_string(schema.field(col).type) \
                 and not pa.types.is_large_string(schema.field(col).type):

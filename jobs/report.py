@@ -19,7 +19,7 @@ from PIL import Image
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from stages import columns as C
-from stages.secrets import options_arg, usable
+from stages.credentials import options_arg, usable
 from stages.storage import full_uri, join, url_to_fs, write_atomic
 from stages.writer import MANIFEST_SCHEMA
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from stages import secrets
+from stages import credentials as secrets
 from stages.dtypes import DTYPE_NAMES
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
