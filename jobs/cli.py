@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec key, e.g. --set generation.height=512 (repeatable)")
     gen.add_argument("--overwrite", action="store_true", help="delete what the output holds and start afresh")
+    gen.add_argument("--retry-failed", action="store_true",
+                     help="make again only the rows whose manifest entry has an error, replacing those entries")
     gen.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     dec = sub.add_parser("decode", help="re-run Stage B/A from a run's stored embeddings into a new output")
@@ -95,7 +97,8 @@ def _dispatch(args) -> int:
         from jobs.preflight import generate_job
         from jobs.spec import load_spec
 
-        summary = generate_job(load_spec(args.job, args.overrides), overwrite=args.overwrite, verbose=args.verbose)
+        summary = generate_job(load_spec(args.job, args.overrides), overwrite=args.overwrite, verbose=args.verbose,
+                               retry_failed=args.retry_failed)
         print(redact(summary))
         return 1 if summary.failed else 0
     if args.command == "decode":

@@ -37,18 +37,24 @@ def run(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summar
     return generate_job(spec, overwrite, verbose)
 
 
-def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: bool = False) -> Summary:
+def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: bool = False,
+             only: np.ndarray | None = None) -> Summary:
     """The pipeline for a checked spec on its claimed output: rows whose Stage C embeddings were stored
-    before an interruption are decoded first, then every row without a manifest entry is made."""
+    before an interruption are decoded first, then every row without a manifest entry is made (of the ids
+    in `only`, where given: a retry of failed rows)."""
     done = open_output(spec, start, verbose)
     embedded = np.setdiff1d(stored_ids(spec.output, "embeddings", spec.storage_options), done)
+    if only is not None:
+        embedded = np.intersect1d(embedded, only)
     if len(embedded):
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
             spec.output, spec.storage_options, embedded), tally), DECODE_STAGES, len(embedded))
-    todo = prompts.planned_rows(spec, table.rows) - len(done) - len(embedded)
-    write_manifest(spec, lambda tally: build_dataset(spec, table, np.union1d(done, embedded), tally),
-                   ALL_STAGES, max(todo, 0))
-    return close_output(spec, start, done)
+    todo = prompts.planned_rows(spec, table.rows) if only is None else len(only)
+    todo -= len(embedded) + (len(done) if only is None else 0)
+    if only is None or len(only):
+        write_manifest(spec, lambda tally: build_dataset(spec, table, np.union1d(done, embedded), tally, only),
+                       ALL_STAGES, max(todo, 0))
+    return close_output(spec, start, done, retried=None if only is None else len(only))
 
 
 def open_output(spec: JobSpec, start: float, verbose: bool = False) -> np.ndarray:
@@ -59,9 +65,9 @@ def open_output(spec: JobSpec, start: float, verbose: bool = False) -> np.ndarra
     return stored_ids(spec.output, "manifest", spec.storage_options)
 
 
-def close_output(spec: JobSpec, start: float, done: np.ndarray) -> Summary:
+def close_output(spec: JobSpec, start: float, done: np.ndarray, retried: int | None = None) -> Summary:
     """The closing summary, the invocation's record (the same figures), and the report rebuilt."""
-    summary = summarize(spec, time.time() - start, before=len(done))
+    summary = summarize(spec, time.time() - start, before=len(done), retried=retried)
     record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)
     build_report(spec.output, spec.storage_options)
     return summary
@@ -94,14 +100,18 @@ def stored_embeddings(output: str, storage_options: dict, keep: np.ndarray) -> r
     return ds.map_batches(read_back_embeddings, batch_format="numpy", num_cpus=TASK_CPUS)
 
 
-def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = (), tally=None) -> ray.data.Dataset:
-    """read → expand rows → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
+def build_dataset(spec: JobSpec, table: prompts.PromptTable, skip: np.ndarray = (), tally=None,
+                  only: np.ndarray | None = None) -> ray.data.Dataset:
+    """read → expand rows (those in `only`, where given) → text pool → Stage C pool → embeddings → Stage B/A
+    pool → images."""
     ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
                                num_cpus=TASK_CPUS)
     ds = ds.map_batches(prompts.expand_table, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(
         defaults=prompts.defaults_for(spec), images_per_prompt=spec.generation.images_per_prompt,
         model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype), combos=prompts.sweep_combinations(spec.sweep),
         skip=ray.put(np.asarray(skip, dtype="U32"))))
+    if only is not None:
+        ds = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ray.put(only)))
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
     ds = _stage(ds, spec, TextEncoder, "text", tally)

@@ -67,15 +67,21 @@ def answered_decode(spec: JobSpec, started: float) -> Summary | None:
     return finished(spec, lambda: part_counts(spec.decoded_from, "embeddings", spec.storage_options)[0], started)
 
 
-def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summary:
+def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, retry_failed: bool = False) -> Summary:
     """A whole `generate`: a finished rerun is answered from its manifest; otherwise every check runs and the
-    output is claimed before Ray, torch or a model is imported, then the pipeline runs."""
+    output is claimed before Ray, torch or a model is imported, then the pipeline runs. `retry_failed`: only the
+    rows whose manifest entry has an error are made again, their entries replaced."""
     started = time.time()
-    summary = None if overwrite else answered(spec, started)
+    summary = None if overwrite or retry_failed else answered(spec, started)
     if summary is not None:
         return summary
     table = preflight(spec)
     claim(spec, overwrite)
+    only = None
+    if retry_failed:
+        from jobs.retry import drop_failed
+
+        only = drop_failed(spec.output, spec.storage_options)
     from jobs.generate import generate
 
-    return generate(spec, table, started, verbose)
+    return generate(spec, table, started, verbose, only=only)

@@ -37,6 +37,7 @@ class Summary:
     seconds: float
     output: str
     new: int  # rows made by this run (the rest were done before it)
+    retried: int | None = None  # --retry-failed: the failed rows this run made again
 
     @property
     def images_per_s(self) -> float:
@@ -45,6 +46,9 @@ class Summary:
     def __str__(self) -> str:
         where = (f"images in {join(self.output, 'images')}, manifest in {join(self.output, 'manifest')}, "
                  f"report in {join(self.output, 'report', 'index.html')}")
+        if self.retried is not None:  # every failed row was retried: the failures left are this run's
+            return (f"retried {self.retried} failed rows: {self.retried - self.failed} succeeded, {self.failed} "
+                    f"failed again ({self.rows} rows in all) in {self.seconds:.1f} s; {where}")
         if not self.new:
             return f"{self.rows} rows ({self.failed} failed), all made earlier: nothing to do; {where}"
         earlier = f", {self.rows - self.new} done earlier" if self.new != self.rows else ""
@@ -52,10 +56,11 @@ class Summary:
                 f"{self.images_per_s:.2f} images/s; {where}")
 
 
-def summarize(spec: JobSpec, seconds: float, before: int = 0) -> Summary:
+def summarize(spec: JobSpec, seconds: float, before: int = 0, retried: int | None = None) -> Summary:
     """Count the manifest's rows and failures (from its Parquet footers); `before` rows were there already."""
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
-    return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before)
+    return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before,
+                   retried=retried)
 
 
 def part_counts(output: str, folder: str, storage_options: dict, nulls_of: str | None = None) -> tuple[int, int]:
