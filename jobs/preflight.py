@@ -7,9 +7,9 @@ import time
 from jobs import prompts
 from jobs.resume import Summary, claim, finished, part_counts
 from jobs.spec import JobSpec, SpecError
-from stages.storage import reason
 from stages import columns as C
 from stages.refs import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, conditioning, prior_refs
+from stages.storage import reason
 
 
 def check_models(spec: JobSpec) -> None:
