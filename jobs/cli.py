@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from jobs.spec import SpecError
+from stages.credentials import options_arg, redact
 
 # Heavy libraries (Ray, torch, diffusers, transformers) are imported by the commands that use them, never
 # here: --help, a spec error and a finished rerun answer in about a second.
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec key, e.g. --set generation.height=512 (repeatable)")
     gen.add_argument("--overwrite", action="store_true", help="delete what the output holds and start afresh")
+    gen.add_argument("--retry-failed", action="store_true",
+                     help="make again only the rows whose manifest entry has an error, replacing those entries")
     gen.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     dec = sub.add_parser("decode", help="re-run Stage B/A from a run's stored embeddings into a new output")
@@ -29,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("output", help="the new output")
     dec.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="decoder-side overrides, e.g. --set generation.decoder_steps=20")
-    dec.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
-                     help="fsspec options for the stores (default: those in the run's job.yaml)")
+    dec.add_argument("--storage-options", type=options_arg, default=None, metavar="JSON",
+                     help="fsspec options for the stores (default: the run's job.yaml without its masked "
+                          "credentials, which then come from the environment)")
     dec.add_argument("--overwrite", action="store_true")
     dec.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
@@ -69,13 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     eval_args.add_parser(sub)
     args = parser.parse_args(argv)
     try:
+        _refuse_credentials_in_uris(args)
         return _dispatch(args)
     except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
+
+
+def _refuse_credentials_in_uris(args) -> None:
+    """A URI argument holding user:password@ is refused without being shown (the job spec's URIs are checked
+    when it is loaded)."""
+    from stages.credentials import has_user_info
+
+    for name, value in vars(args).items():
+        if isinstance(value, str) and has_user_info(value):
+            raise SpecError(f"{name}: credentials in a URI (user:password@…) are not accepted and not shown; "
+                            f"give them in --storage-options or the environment")
 
 
 def _dispatch(args) -> int:
@@ -83,15 +98,16 @@ def _dispatch(args) -> int:
         from jobs.preflight import generate_job
         from jobs.spec import load_spec
 
-        summary = generate_job(load_spec(args.job, args.overrides), overwrite=args.overwrite, verbose=args.verbose)
-        print(summary)
+        summary = generate_job(load_spec(args.job, args.overrides), overwrite=args.overwrite, verbose=args.verbose,
+                               retry_failed=args.retry_failed)
+        print(redact(summary))
         return 1 if summary.failed else 0
     if args.command == "decode":
         from jobs.decode import run_decode
 
         summary = run_decode(args.run, args.output, args.overrides, args.storage_options, args.overwrite,
                              verbose=args.verbose)
-        print(summary)
+        print(redact(summary))
         return 1 if summary.failed else 0
     if args.command == "evaluate":
         from jobs.eval_args import run_from_args as evaluate_from_args

@@ -13,6 +13,7 @@ from jobs.resume import Summary, claim
 from jobs.spec import TASK_CPUS, JobSpec, SpecError, apply_overrides, spec_from_dict
 from stages import columns as C
 from stages import output
+from stages.credentials import usable
 from stages.storage import join, url_to_fs
 from stages.writer import PARAMS_SCHEMA, write_embeddings
 
@@ -34,7 +35,8 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
     if not fs.exists(join(root, "job.yaml")) or not fs.exists(join(root, "embeddings")):
         raise SpecError(f"decode: {run} is not a run folder (no job.yaml or embeddings/)")
     data = yaml.safe_load(fs.cat_file(join(root, "job.yaml")))
-    data["storage_options"] = storage_options if storage_options is not None else data.get("storage_options", {})
+    # The run's options without its masked credentials: those come from the command line or the environment.
+    data["storage_options"] = storage_options if storage_options is not None else usable(data.get("storage_options") or {})
     data = apply_overrides(data, overrides)
     return spec_from_dict({**data, "output": output, "decoded_from": run})
 

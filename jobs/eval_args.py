@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from jobs.spec import ACTOR_CPUS, SpecError
+from stages.credentials import options_arg
 from stages.storage import join
 
 
@@ -46,16 +46,13 @@ def add_parser(subparsers) -> None:
     ev.add_argument("--batch-size", type=int, default=PoolOptions.batch_size)
     ev.add_argument("--concurrency", type=int, default=PoolOptions.concurrency, help="actors per pool")
     ev.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: by cluster)")
-    ev.add_argument("--storage-options", default="{}", help="fsspec options for remote URIs, as JSON")
+    ev.add_argument("--storage-options", type=options_arg, default="{}", help="fsspec options for remote URIs, as JSON")
     ev.add_argument("--verbose", action="store_true", help="show Ray's own progress and logs")
 
 
 def run_from_args(args) -> int:
     """Run `evaluate` from parsed arguments and print where the results are."""
-    try:
-        storage_options = json.loads(args.storage_options)
-    except json.JSONDecodeError:
-        raise SpecError(f"--storage-options {args.storage_options}: not valid JSON") from None
+    storage_options = args.storage_options
     if args.batch_size < 1 or args.concurrency < 1:
         raise SpecError("--batch-size and --concurrency must be at least 1")
     pools = PoolOptions(batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus)

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.autoscaler.sdk import request_resources
@@ -17,7 +18,7 @@ from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: pa
 from jobs.isolation import isolating
 from jobs.progress import Progress, Tally, reporting
 from jobs.report import build_report, record_run
-from jobs.resume import Summary, summarize
+from jobs.resume import Summary, filter_ids, summarize
 from jobs.retries import configure_ray_data
 from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec, stage_kwargs
 from stages.decoder import DecoderStage
@@ -39,20 +40,24 @@ def run(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summar
     return generate_job(spec, overwrite, verbose)
 
 
-def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: bool = False) -> Summary:
+def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: bool = False,
+             only: np.ndarray | None = None) -> Summary:
     """The pipeline for a checked spec on its claimed output: rows whose Stage C embeddings were stored
-    before an interruption are decoded first, then every row without a manifest entry is made. Done rows are
-    counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
+    before an interruption are decoded first, then every row without a manifest entry is made (of the ids in
+    `only`, where given: a retry of failed rows). Done rows are counted from Parquet footers and dropped inside
+    Ray: nothing on the driver grows with the rows."""
     done = open_output(spec, start, verbose)
     pending = output.in_flight(spec.output, spec.storage_options, done)
     waiting = pending.count() if pending is not None else 0
     if pending is not None:
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
             spec.output, spec.storage_options, pending), tally), DECODE_STAGES, waiting)
-    finished_rows = done + waiting if pending is not None else done  # the rows in flight are done now
-    todo = prompts.planned_rows(spec, table.rows) - finished_rows
-    write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally), ALL_STAGES, max(todo, 0))
-    return close_output(spec, start, done)
+    finished_rows = done + waiting  # the rows in flight are done now
+    todo = prompts.planned_rows(spec, table.rows) - finished_rows if only is None else len(only)
+    if only is None or len(only):
+        write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only), ALL_STAGES,
+                       max(todo, 0))
+    return close_output(spec, start, done, retried=None if only is None else len(only))
 
 
 def open_output(spec: JobSpec, start: float, verbose: bool = False) -> int:
@@ -65,12 +70,12 @@ def open_output(spec: JobSpec, start: float, verbose: bool = False) -> int:
     return output.part_counts(spec.output, output.MANIFEST, spec.storage_options)[0]
 
 
-def close_output(spec: JobSpec, start: float, done: int) -> Summary:
+def close_output(spec: JobSpec, start: float, done: int, retried: int | None = None) -> Summary:
     """Compact the manifest's small parts, then the closing summary, the invocation's record (the same
     figures), and the report rebuilt; compaction and report run in a Ray task, off the driver."""
     in_task = ray.remote(num_cpus=TASK_CPUS)
     ray.get(in_task(output.compact).remote(spec.output, output.MANIFEST, spec.storage_options))
-    summary = summarize(spec, time.time() - start, before=done)
+    summary = summarize(spec, time.time() - start, before=done, retried=retried)
     record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)
     ray.get(in_task(build_report).remote(spec.output, spec.storage_options))
     return summary
@@ -102,17 +107,20 @@ def stored_embeddings(output_uri: str, storage_options: dict, keys: ray.data.Dat
     return ds.map_batches(read_back_embeddings, batch_format="numpy", num_cpus=TASK_CPUS)
 
 
-def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0, tally=None) -> ray.data.Dataset:
+def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0, tally=None,
+                  only: np.ndarray | None = None) -> ray.data.Dataset:
     """read → expand rows (bounded batches) → drop done rows (an anti-join with the manifest's ids, when
-    `done_rows`) → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
+    `done_rows`; only the ids in `only`, where given) → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
     ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
                                num_cpus=TASK_CPUS)
     combos = prompts.sweep_combinations(spec.sweep)
     per_prompt = spec.generation.images_per_prompt
-    ds = ds.map_batches(prompts.expand_rows, batch_format="numpy", num_cpus=TASK_CPUS,
+    ds = ds.map_batches(prompts.expand_table, batch_format="pyarrow", num_cpus=TASK_CPUS,
                         batch_size=prompts.expansion_batch(len(combos) * per_prompt),
                         fn_kwargs=dict(defaults=prompts.defaults_for(spec), images_per_prompt=per_prompt,
                                        model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype), combos=combos))
+    if only is not None:  # a retry of failed rows: few ids
+        ds = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ray.put(only)))
     if done_rows:
         ds = output.drop_done(ds, spec.output, spec.storage_options, done_rows)
         ds = ds.map_batches(prompts.shape_order, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)

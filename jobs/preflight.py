@@ -8,7 +8,8 @@ from jobs import prompts
 from jobs.resume import Summary, claim, finished, part_counts
 from jobs.spec import JobSpec, SpecError
 from stages import columns as C
-from stages.refs import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, prior_refs
+from stages.refs import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, conditioning, prior_refs
+from stages.storage import reason
 
 
 def check_models(spec: JobSpec) -> None:
@@ -20,6 +21,34 @@ def check_models(spec: JobSpec) -> None:
         check_ref(spec.model.decoder, "decoder", DECODER_SUBFOLDERS, spec.storage_options)
     except ModelRefError as err:
         raise SpecError(str(err)) from None
+    check_shared_conditioning(spec)
+
+
+def check_shared_conditioning(spec: JobSpec) -> None:
+    """Every prior of the job (an interpolation's B, each swept checkpoint) has model.prior's text encoder,
+    tokenizer, scheduler and latent settings, which its rows are made with; else one line naming the first
+    that differs."""
+    priors = [("model.prior", spec.model.prior)] + [
+        (f"sweep.prior_checkpoint[{i}]", p) for i, p in enumerate(spec.sweep.get(C.PRIOR_CHECKPOINT, []))]
+    base = prior_refs(spec.model.prior)[0]
+    refs = [(name, ref) for name, prior in priors for ref in prior_refs(prior) if ref != base]
+    if not refs:
+        return
+    try:
+        expected = conditioning(base, spec.storage_options)
+        for name, ref in refs:
+            found = conditioning(ref, spec.storage_options)
+            for part, identity in expected.items():
+                if found[part] != identity:
+                    raise SpecError(
+                        f"{name}: the {part.replace('_', ' ')} of {ref} differs from model.prior's ({base}); the "
+                        f"checkpoints of one job share model.prior's text encoder, scheduler and latent settings: "
+                        f"run {ref} as a job of its own (model.prior: {ref})")
+    except SpecError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a store or hub failure is one line naming the model
+        raise SpecError(f"model.prior: cannot compare the checkpoints' text encoders and schedulers "
+                        f"({reason(err)})") from None
 
 
 def preflight(spec: JobSpec) -> prompts.PromptTable:
@@ -38,17 +67,23 @@ def answered_decode(spec: JobSpec, started: float) -> Summary | None:
     return finished(spec, lambda: part_counts(spec.decoded_from, "embeddings", spec.storage_options)[0], started)
 
 
-def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summary:
+def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, retry_failed: bool = False) -> Summary:
     """A whole `generate`: a finished rerun is answered from its manifest; otherwise every check runs and the
-    output is claimed before Ray, torch or a model is imported, then the pipeline runs."""
+    output is claimed before Ray, torch or a model is imported, then the pipeline runs. `retry_failed`: only the
+    rows whose manifest entry has an error are made again, their entries replaced."""
     started = time.time()
-    summary = None if overwrite else answered(spec, started)
+    summary = None if overwrite or retry_failed else answered(spec, started)
     if summary is not None:
         return summary
     table = preflight(spec)
     claim(spec, overwrite)
+    only = None
+    if retry_failed:
+        from jobs.retry import drop_failed
+
+        only = drop_failed(spec.output, spec.storage_options)
     from jobs.generate import generate
     from jobs.retries import storage_errors_named
 
     with storage_errors_named(spec.output):
-        return generate(spec, table, started, verbose)
+        return generate(spec, table, started, verbose, only=only)

@@ -14,13 +14,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.resume import skip_mask
-from jobs.spec import GENERATION_RULES, JobSpec, SpecError
+from jobs.spec import GENERATION_RULES, MAX_SEED, JobSpec, SpecError
 from stages import columns as C
 from stages.refs import prior_id
 from stages.storage import full_uri, reason, url_to_fs
 
 
 EXPANDED_ROWS = 4096  # image rows one expansion batch makes (bounded task memory for any sweep size)
+FLOAT_EXACT = 2 ** 53  # above this a float64 cannot hold every integer
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def scan(spec: JobSpec) -> PromptTable:
         columns = columns or present
         offset = 0
         for batch in parquet.iter_batches(batch_size=65536, columns=list(present)):
-            _check_rows(batch, name, offset)
+            _check_rows(batch, name, offset, spec.generation.images_per_prompt)
             offset += batch.num_rows
         rows += offset
     if rows == 0:
@@ -77,6 +78,11 @@ def scan(spec: JobSpec) -> PromptTable:
 def _check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
     if C.PROMPT not in schema.names:
         raise SpecError(f"prompts: {name} has no '{C.PROMPT}' column (columns: {', '.join(schema.names)})")
+    for col in C.RESERVED:
+        if col in schema.names:
+            hint = " (per-row checkpoints: use sweep: {prior_checkpoint: [...]})" if col == C.PRIOR_CHECKPOINT else ""
+            raise SpecError(f"prompts: column '{col}' in {name} is set by the job itself, so its values would be "
+                            f"replaced: rename the column{hint}")
     for col in (C.PROMPT, C.NEGATIVE_PROMPT):
         if col in schema.names and not pa.types.is_string(schema.field(col).type) \
                 and not pa.types.is_large_string(schema.field(col).type):
@@ -89,23 +95,36 @@ def _check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
     return tuple(c for c in (C.PROMPT, *C.OVERRIDABLE) if c in schema.names)
 
 
-def _check_rows(batch: pa.RecordBatch, name: str, offset: int) -> None:
+def _check_rows(batch: pa.RecordBatch, name: str, offset: int, images_per_prompt: int = 1) -> None:
     def fail(mask, message, values=None):
         where = np.flatnonzero(np.asarray(mask))
         if len(where):
-            got = f", got {values[where[0]]:g}" if values is not None else ""
+            got = f", got {values[where[0]]}" if values is not None else ""
             raise SpecError(f"prompts: {name} row {offset + where[0]}: {message}{got}")
 
     fail(pc.is_null(batch.column(C.PROMPT)).to_numpy(zero_copy_only=False), "prompt is null")
     for col in batch.schema.names:
         if col in (C.PROMPT, C.NEGATIVE_PROMPT):
             continue
-        values = batch.column(col).to_numpy(zero_copy_only=False).astype(np.float64)  # null → nan
-        present = ~np.isnan(values)
-        if col in C.INT_PARAMS:
-            fail(present & (values != np.round(values)), f"{col} must be a whole number", values)
+        column = batch.column(col)
+        present = pc.is_valid(column).to_numpy(zero_copy_only=False)
+        if pa.types.is_integer(column.type):  # checked as integers: 2^53 + 1 must not become 2^53
+            if col == C.SEED and column.type.bit_width == 64:
+                top = pa.scalar(MAX_SEED - (images_per_prompt - 1), column.type)
+                fail(pc.fill_null(pc.greater(column, top), False).to_numpy(zero_copy_only=False),
+                     f"seed must be at most 2^63 - {images_per_prompt} (seed + image index is a signed 64-bit "
+                     f"integer)", column)
+            values = pc.fill_null(column, 1).to_numpy(zero_copy_only=False)
+        else:
+            values = column.to_numpy(zero_copy_only=False).astype(np.float64)  # null → nan
+            if col in C.INT_PARAMS:
+                fail(present & (values != np.round(values)), f"{col} must be a whole number", values)
+            if col == C.SEED:
+                fail(present & (np.abs(values) > FLOAT_EXACT), "seed is a floating-point column and its value "
+                     "is above 2^53, where floats skip integers: store seeds as int64", values)
+            values = np.nan_to_num(values)
         is_bad, message = GENERATION_RULES[col]
-        fail(present & is_bad(np.nan_to_num(values)), f"{col} {message}", values)
+        fail(present & is_bad(values), f"{col} {message}", values)
 
 
 def planned_rows(spec: JobSpec, prompt_rows: int) -> int:
@@ -146,6 +165,18 @@ def sweep_combinations(sweep: dict) -> list[dict]:
                 combo[axis] = value or 0 if axis == C.PRIOR_STEPS else value
         combos.append(combo)
     return combos
+
+
+def expand_table(table: pa.Table, defaults: dict, *args, **kwargs) -> dict:
+    """expand_rows for an Arrow batch: integer columns are filled and converted as integers (numpy would turn an
+    int64 column with nulls into float64, and 2^53 + 1 into 2^53)."""
+    batch = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_integer(column.type) and isinstance(defaults.get(name), int):
+            column = pc.fill_null(column.cast(pa.int64()), defaults[name])
+        batch[name] = column.to_numpy(zero_copy_only=False)
+    return expand_rows(batch, defaults, *args, **kwargs)
 
 
 def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt: int, model: dict,
@@ -202,6 +233,8 @@ def _filled(values, default, n: int) -> np.ndarray:
     kind = np.int64 if isinstance(default, int) else np.float64
     if values is None:
         return np.full(n, default, dtype=kind)
+    if np.issubdtype(np.asarray(values).dtype, np.integer):  # no nulls: exact, never through float64
+        return np.asarray(values).astype(kind)
     values = np.asarray(values, dtype=np.float64)
     return np.where(np.isnan(values), default, values).astype(kind)
 

@@ -19,6 +19,7 @@ from jobs.report_data import (AXES, MAX_FAILED, RESOLUTION, STAGES, ManifestView
                               read_view, row_order)
 from stages import columns as C
 from stages import output as output_folder
+from stages.credentials import options_arg, usable
 from stages.storage import full_uri, join, url_to_fs, write_atomic
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def build_report(output: str, storage_options: dict | None = None) -> str:
     """Write <output>/report/index.html and its thumbnails; return the page's URI. The manifest is read with
     Arrow, streaming (see report_data): only the rows the page shows become Python rows."""
     job = read_job(output, storage_options or {})
-    options = storage_options if storage_options is not None else job.get("storage_options") or {}
+    options = storage_options if storage_options is not None else usable(job.get("storage_options") or {})
     fs, root = url_to_fs(output, options)
     view = read_view(output, options, declared_axes(job))
     shown = view.sheet + [r for _, _, group, _ in view.sweeps for r in group]
@@ -269,8 +270,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """The `report RUN_URI [--storage-options JSON]` subcommand."""
     parser = subparsers.add_parser("report", help="write <run>/report/index.html: counts, timings, sweeps, thumbnails")
     parser.add_argument("run", help="the run folder (a generate job's output: local path or fsspec URI)")
-    parser.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
-                        help="fsspec options for the run's store (default: those in the run's job.yaml)")
+    parser.add_argument("--storage-options", type=options_arg, default=None, metavar="JSON",
+                        help="fsspec options for the run's store (default: the run's job.yaml without its masked "
+                             "credentials, which then come from the environment)")
     return parser
 
 

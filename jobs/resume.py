@@ -36,6 +36,7 @@ class Summary:
     seconds: float
     output: str
     new: int  # rows made by this run (the rest were done before it)
+    retried: int | None = None  # --retry-failed: the failed rows this run made again
 
     @property
     def images_per_s(self) -> float:
@@ -44,6 +45,9 @@ class Summary:
     def __str__(self) -> str:
         where = (f"images in {join(self.output, 'images')}, manifest in {join(self.output, 'manifest')}, "
                  f"report in {join(self.output, 'report', 'index.html')}")
+        if self.retried is not None:  # every failed row was retried: the failures left are this run's
+            return (f"retried {self.retried} failed rows: {self.retried - self.failed} succeeded, {self.failed} "
+                    f"failed again ({self.rows} rows in all) in {self.seconds:.1f} s; {where}")
         if not self.new:
             return f"{self.rows} rows ({self.failed} failed), all made earlier: nothing to do; {where}"
         earlier = f", {self.rows - self.new} done earlier" if self.new != self.rows else ""
@@ -51,10 +55,11 @@ class Summary:
                 f"{self.images_per_s:.2f} images/s; {where}")
 
 
-def summarize(spec: JobSpec, seconds: float, before: int = 0) -> Summary:
+def summarize(spec: JobSpec, seconds: float, before: int = 0, retried: int | None = None) -> Summary:
     """Count the manifest's rows and failures (from its Parquet footers); `before` rows were there already."""
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
-    return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before)
+    return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before,
+                   retried=retried)
 
 
 def part_counts(output: str, folder: str, storage_options: dict, nulls_of: str | None = None) -> tuple[int, int]:
@@ -124,14 +129,18 @@ def claim(spec: JobSpec, overwrite: bool) -> None:
 
 
 def check_continuation(spec: JobSpec, overwrite: bool) -> None:
-    """Start afresh on --overwrite; refuse an output holding rows of a different spec, naming the first
-    difference (a job.yaml without rows, left by an attempt that failed early, is no reason to refuse)."""
+    """Start afresh on --overwrite (only where the output holds a run or nothing); refuse an output holding rows
+    of a different spec, naming the first difference (a job.yaml without rows, left by an attempt that failed
+    early, is no reason to refuse)."""
     fs, root = url_to_fs(spec.output, spec.storage_options)
+    job_file = join(root, "job.yaml")
     if overwrite:
+        if fs.exists(root) and not fs.exists(job_file) and (not fs.isdir(root) or fs.ls(root, detail=False)):
+            raise SpecError(f"output {spec.output} holds files but no run (no job.yaml): --overwrite deletes only "
+                            f"a run folder or an empty one; choose another output")
         if fs.exists(root):
             fs.rm(root, recursive=True)
         return
-    job_file = join(root, "job.yaml")
     if not fs.exists(job_file) or not any(fs.glob(join(root, folder, "*.parquet"))
                                           for folder in ("manifest", "embeddings")):
         return

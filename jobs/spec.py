@@ -10,11 +10,13 @@ from pathlib import Path
 
 import yaml
 
+from stages import credentials as secrets
 from stages.dtypes import DTYPE_NAMES
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 TASK_CPUS = 0.25  # reading, expanding and writing are light: never let them wait behind the actors
 ACTOR_CPUS = 0.1  # a stage actor's default CPU reservation: its work is on the GPU, or in torch threads
+MAX_SEED = 2 ** 63 - 1  # seeds are signed 64-bit integers end to end (Parquet int64, torch's manual_seed)
 
 
 class SpecError(ValueError):
@@ -93,7 +95,7 @@ class JobSpec:
     def public_dict(self) -> dict:
         """Plain data for job.yaml, with credentials in storage_options masked."""
         data = self.to_dict()
-        data["storage_options"] = _masked(data["storage_options"])
+        data["storage_options"] = secrets.masked(data["storage_options"])
         return data
 
 
@@ -104,16 +106,6 @@ def stage_kwargs(spec: JobSpec, name: str) -> dict:
     stage = getattr(spec.stages, name)
     return dict(models, dtype=spec.model.dtype, storage_options=spec.storage_options,
                 micro_batch=stage.micro_batch, compile=stage.compile)
-
-
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
-
-
-def _masked(options):
-    if isinstance(options, dict):
-        return {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) and not isinstance(v, dict)
-                else _masked(v) for k, v in options.items()}
-    return options
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
@@ -147,12 +139,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         try:
             node[leaf] = yaml.safe_load(raw)
         except yaml.YAMLError:
-            raise SpecError(f"--set {item}: value is not valid YAML") from None
+            shown = key if key.strip().startswith("storage_options") else item  # a credential is never echoed
+            raise SpecError(f"--set {shown}: value is not valid YAML") from None
     return data
 
 
 def spec_from_dict(data: dict) -> JobSpec:
     """Build and validate a JobSpec from plain data."""
+    if isinstance(data, dict):
+        secrets.remember(data.get("storage_options"))
     spec = _build(JobSpec, data, "")
     validate(spec)
     return spec
@@ -207,7 +202,8 @@ def _check_type(value, hint, name: str):
         if option in (str, dict, list) and isinstance(value, option):
             return value
     wanted = " or ".join("null" if o is type(None) else o.__name__ for o in options)
-    raise SpecError(f"{name}: expected {wanted}, got {value!r}")
+    shown = "a value not shown (it may hold credentials)" if name.startswith("storage_options") else repr(value)
+    raise SpecError(f"{name}: expected {wanted}, got {shown}")
 
 
 def validate(spec: JobSpec) -> None:
@@ -225,6 +221,12 @@ def validate(spec: JobSpec) -> None:
         raise SpecError(f"generation.images_per_prompt: must be at least 1, got {gen.images_per_prompt}")
     check_prior_spec("model.prior", spec.model.prior)
     validate_sweep(spec.sweep)
+    check_uris(spec)
+    for name, seed in [("generation.seed", gen.seed)] + [(f"sweep.seed[{i}]", v)
+                                                         for i, v in enumerate(spec.sweep.get("seed") or [])]:
+        if isinstance(seed, int) and seed + gen.images_per_prompt - 1 > MAX_SEED:
+            raise SpecError(f"{name}: must be at most 2^63 - {gen.images_per_prompt} (seed + image index is a "
+                            f"signed 64-bit integer), got {seed}")
     if spec.model.dtype not in DTYPE_NAMES:
         raise SpecError(f"model.dtype: unknown dtype {spec.model.dtype!r} (choose {' | '.join(DTYPE_NAMES)})")
     if spec.placement_timeout_s < 0:
@@ -263,6 +265,21 @@ def check_generation_value(name: str, value, param: str | None = None) -> None:
 
 SWEEP_AXES = ("seed", "prior_guidance_scale", "decoder_guidance_scale", "prior_steps", "decoder_steps",
               "negative_prompt", "resolution", "prior_checkpoint")
+
+
+def check_uris(spec: JobSpec) -> None:
+    """Refuse credentials written into a URI (user:password@), without showing them: they belong in
+    storage_options (masked in job.yaml) or the environment."""
+    named = [("prompts", spec.prompts), ("output", spec.output), ("decoded_from", spec.decoded_from or ""),
+             ("model.decoder", spec.model.decoder)]
+    priors = [("model.prior", spec.model.prior)] + [(f"sweep.prior_checkpoint[{i}]", p)
+                                                   for i, p in enumerate(spec.sweep.get("prior_checkpoint") or [])]
+    named += [(name, ref) for name, prior in priors
+              for ref in (prior["interpolate"] if isinstance(prior, dict) else [prior])]
+    for name, uri in named:
+        if secrets.has_user_info(uri):
+            raise SpecError(f"{name}: credentials in a URI (user:password@…) are not accepted and not shown; "
+                            f"give them in storage_options or the environment")
 
 
 def check_prior_spec(name: str, prior) -> None:

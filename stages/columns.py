@@ -72,3 +72,8 @@ TRANSIENT = (
 
 # Stage-internal columns that are never the user's own (not carried into the embeddings table).
 INTERNAL = TRANSIENT + ("embedding_shape",)
+
+# Columns the job sets itself: a prompt table holding one is refused (its value would be silently replaced).
+RESERVED = (ROW_ID, SOURCE_ROW, IMAGE_INDEX, CHECKPOINT, PRIOR_CHECKPOINT, IMAGE_URI, ERROR, SHARD, KEY,
+            TEXT_SECONDS, PRIOR_SECONDS, DECODER_SECONDS, FINISHED_AT, TEXT_NODE, PRIOR_NODE, DECODER_NODE,
+            *INTERNAL)

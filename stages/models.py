@@ -72,19 +72,46 @@ def resolve(ref: str, role: str, storage_options: dict | None = None) -> str:
 
 
 def _copy_once(uri: str, storage_options: dict) -> Path:
-    """Copy an object-store model directory to this node's cache once (atomic rename)."""
-    target = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    """Copy an object-store model directory to this node's cache once per version of its objects (their ETags):
+    one process per node downloads (a file lock), into a hidden folder renamed into place when complete, so a
+    failed download leaves nothing and an updated model is copied again. A store that no longer lists the model
+    serves the newest copy already here."""
+    from filelock import FileLock
+
+    fs, path = url_to_fs(uri, storage_options)
+    models, name = cache_root() / "models", hashlib.sha256(uri.encode()).hexdigest()[:16]
+    files = fs.find(path, detail=True)
+    if not files:
+        copies = sorted(models.glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
+        if copies:
+            return copies[-1]
+    target = models / f"{name}-{_version(files, path)}"
     if target.exists():
         return target
-    fs, path = url_to_fs(uri, storage_options)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="copy-", dir=target.parent))
-    fs.get(path.rstrip("/") + "/", str(staging), recursive=True)
-    try:
-        os.rename(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
+    (cache_root() / "locks").mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_root() / "locks" / f"{target.name}.lock")):
+        if target.exists():  # another process of this node copied it while this one waited
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=_mkdir(models)))
+        try:
+            fs.get(path.rstrip("/") + "/", str(staging), recursive=True)
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _version(files: dict, root: str) -> str:
+    """A digest of a model folder's objects: each one's path and ETag (size and time where a store has none)."""
+    tags = sorted((name[len(root):], str(info.get("ETag") or info.get("md5Hash") or
+                                        (info.get("size"), info.get("mtime") or info.get("LastModified"))))
+                  for name, info in files.items())
+    return hashlib.sha256(json.dumps(tags).encode()).hexdigest()[:16]
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -109,3 +110,55 @@ def hub_entries(repo: str, name: str) -> set[str]:
                             f"the network, or put the model in the cache and set HF_HUB_OFFLINE=1") from None
     return {s.rfilename.split("/")[0] for s in info.siblings or ()}
 
+
+
+# What a prior's rows are conditioned and scheduled with, beside its Stage C weights: a sweep over checkpoints
+# must share these with model.prior (the text stage encodes with model.prior's text encoder once per row).
+CONDITIONING = ("text_encoder", "tokenizer", "scheduler")
+LATENT_SETTINGS = ("latent_mean", "latent_std", "resolution_multiple")
+
+
+def conditioning(ref: str, storage_options: dict | None = None) -> dict[str, str]:
+    """{part: identity} of a prior reference's text encoder, tokenizer, scheduler (a digest of each file's
+    content, or the store's version tag) and latent settings (model_index.json)."""
+    from stages.models import resolve  # the tiny preset is built where it is named
+
+    kind = ref_kind(ref)
+    if kind == "hub":
+        return _hub_conditioning(ref)
+    root = resolve(ref, "prior") if kind in ("tiny", "local") else ref
+    fs, path = url_to_fs(root, storage_options) if kind == "uri" else url_to_fs(str(Path(root).expanduser()))
+    found = {}
+    for part in CONDITIONING:
+        files = fs.find(f"{path.rstrip('/')}/{part}", detail=True)
+        found[part] = hashlib.sha256(json.dumps(sorted(
+            (name.rsplit(f"/{part}/", 1)[-1], _file_identity(fs, name, info, kind))
+            for name, info in files.items())).encode()).hexdigest()
+    index = f"{path.rstrip('/')}/model_index.json"
+    settings = json.loads(fs.cat_file(index)) if fs.exists(index) else {}
+    found["latent settings"] = json.dumps({k: settings.get(k) for k in LATENT_SETTINGS}, sort_keys=True)
+    return found
+
+
+def _file_identity(fs, name: str, info: dict, kind: str) -> str:
+    """A local file's content digest; an object's ETag (its version) on a store."""
+    if kind == "uri":
+        return str(info.get("ETag") or info.get("md5Hash") or info.get("size"))
+    with fs.open(name, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _hub_conditioning(repo: str) -> dict[str, str]:
+    """The same for a hub model: from its cached snapshot, else from the hub's file metadata (LFS sha256)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return conditioning(snapshot_download(repo, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        pass
+    info = HfApi().model_info(repo, files_metadata=True, timeout=HUB_TIMEOUT_S)
+    found = {part: json.dumps(sorted((s.rfilename, s.lfs.sha256 if s.lfs else s.blob_id) for s in info.siblings
+                                     if s.rfilename.startswith(f"{part}/"))) for part in CONDITIONING}
+    found["latent settings"] = "unknown (hub model index not read)"
+    return found
