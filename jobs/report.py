@@ -20,7 +20,7 @@ from jobs.report_data import (AXES, MAX_FAILED, RESOLUTION, STAGES, ManifestView
 from stages import columns as C
 from stages import output as output_folder
 from stages.credentials import options_arg, usable
-from stages.storage import full_uri, join, url_to_fs, write_atomic
+from stages.storage import full_uri, join, outer_uri, url_to_fs, write_atomic
 
 log = logging.getLogger(__name__)
 THUMB_PX = 128  # longest side of a thumbnail
@@ -113,7 +113,7 @@ def make_thumb(fs, folder: str, row: dict, storage_options: dict) -> bool:
 
 def image_link(uri: str, root_uri: str) -> str:
     """A link relative to report/ for images inside the run folder, else the URI (file:// for paths)."""
-    base = root_uri.rstrip("/") + "/"
+    base, uri = root_uri.rstrip("/") + "/", outer_uri(uri)  # a WebDataset sample links its shard
     if uri.startswith(base):
         return "../" + quote(uri[len(base):])
     return PurePosixPath(uri).as_uri() if uri.startswith("/") else uri

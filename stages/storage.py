@@ -37,10 +37,24 @@ def merged(defaults: dict, options: dict) -> dict:
 
 def url_to_fs(uri: str, storage_options: dict | None = None):
     """(filesystem, path) for a URI; storage options go to remote stores only (s3://, gs://, …), over the
-    retry defaults of the store (REMOTE_DEFAULTS)."""
-    protocol = uri.split("://")[0] if "://" in uri else "file"
+    retry defaults of the store (REMOTE_DEFAULTS). In a chained URI (`tar://key.png::s3://b/shard.tar`, a
+    WebDataset sample) they go to the store that holds the outermost file."""
+    store = uri.rsplit("::", 1)[-1]
+    protocol = store.split("://")[0] if "://" in store else "file"
     options = {} if protocol in LOCAL_PROTOCOLS else merged(REMOTE_DEFAULTS.get(protocol, {}), storage_options or {})
+    if store != uri:
+        return fsspec.core.url_to_fs(uri, **({protocol: options} if options else {}))
     return fsspec.core.url_to_fs(uri, **options)
+
+
+def sample_uri(shard_uri: str, member: str) -> str:
+    """The fsspec URI of one member of a tar (a WebDataset sample's image): `fsspec.open` reads it."""
+    return f"tar://{member}::{shard_uri}"
+
+
+def outer_uri(uri: str) -> str:
+    """The object a URI lives in: the tar of a sample URI, else the URI itself."""
+    return uri.rsplit("::", 1)[-1]
 
 
 def transient(err: BaseException) -> bool:

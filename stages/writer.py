@@ -14,7 +14,7 @@ from PIL import Image
 
 from stages import columns as C
 from stages.output import EMBEDDINGS, IMAGES, MANIFEST, SHARD_STATS, SHARDS, folder, list_parts
-from stages.storage import block_name, full_uri, join, write_atomic
+from stages.storage import block_name, full_uri, join, sample_uri, write_atomic
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PARAMS_SCHEMA = pa.schema([
@@ -157,7 +157,10 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
     stats_fs, stats_root = folder(output, SHARD_STATS, storage_options)  # beside, so readers of
     write_atomic(stats_fs, join(stats_root, f"{name}.json"), json.dumps(stats).encode())  # shards/ see tars only
     n = len(params)
-    batch = {**batch, C.IMAGE_URI: np.full(n, None, dtype=object), C.FINISHED_AT: np.full(n, time.time()),
+    member = f"{{}}.{EXTENSIONS[image_format]}"  # image_uri reads the sample's image through fsspec's tar://
+    uris = [sample_uri(stats["shard"], member.format(r)) if not e else None
+            for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])]
+    batch = {**batch, C.IMAGE_URI: np.asarray(uris, dtype=object), C.FINISHED_AT: np.full(n, time.time()),
              C.SHARD: np.asarray([stats["shard"] if not e else None for e in batch[C.ERROR]], dtype=object),
              C.KEY: np.asarray([r if not e else None for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])], dtype=object)}
     return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch)

@@ -3,26 +3,45 @@
 import io
 import json
 
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import webdataset as wds
 from conftest import reference_image, write_prompts
 from PIL import Image
+from test_evaluate import clip_dir  # noqa: F401 - the fixture
 
+import jobs.evaluate as J
+from jobs.decode import run_decode
 from jobs.generate import run
 from jobs.spec import spec_from_dict
 from stages import columns as C
 
+ROWS = [{C.PROMPT: f"a painting of number {i}", C.SEED: i} for i in range(7)]
 
-def test_shards_are_readable_by_webdataset_and_ray(tmp_path, ray_cluster, reference_pipe):
-    rows = [{C.PROMPT: f"a painting of number {i}", C.SEED: i} for i in range(7)]
+
+@pytest.fixture(scope="module")
+def shards_run(tmp_path_factory, ray_cluster):
+    tmp_path = tmp_path_factory.mktemp("wds")
     spec = spec_from_dict({
-        "prompts": write_prompts(tmp_path / "p.parquet", rows), "output": str(tmp_path / "out"),
+        "prompts": write_prompts(tmp_path / "p.parquet", ROWS), "output": str(tmp_path / "out"),
         "generation": {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2},
         "output_format": "webdataset", "shard_size": 3,
         "stages": {"text": {"batch_size": 4}, "prior": {"batch_size": 4}, "decoder": {"batch_size": 4}},
     })
     assert run(spec).rows == 7
+    return tmp_path
+
+
+def samples_of(out) -> dict:
+    """{key: sample} of every shard under `out`."""
+    return {s["__key__"]: s for s in wds.WebDataset([str(p) for p in sorted((out / "shards").glob("*.tar"))],
+                                                    shardshuffle=False)}
+
+
+def test_shards_are_readable_by_webdataset_and_ray(shards_run, ray_cluster, reference_pipe):
+    tmp_path, rows = shards_run, ROWS
     manifest = {r[C.KEY]: r for r in pq.read_table(tmp_path / "out" / "manifest").to_pylist()}
     shards = sorted((tmp_path / "out" / "shards").glob("*.tar"))
     assert len(manifest) == 7 and all(r[C.SHARD] in {str(s) for s in shards} for r in manifest.values())
@@ -41,3 +60,26 @@ def test_shards_are_readable_by_webdataset_and_ray(tmp_path, ray_cluster, refere
     stats = [json.loads(p.read_text()) for p in (tmp_path / "out" / "shard_stats").glob("*.json")]
     assert sum(s["samples"] for s in stats) == 7 and all(s["samples"] <= 3 for s in stats)
     assert ray_cluster.data.read_webdataset(str(tmp_path / "out" / "shards")).count() == 7
+
+
+def test_report_evaluate_and_decode_read_the_samples(shards_run, clip_dir):  # noqa: F811 - the fixture
+    out = shards_run / "out"
+    samples, manifest = samples_of(out), pq.read_table(out / "manifest").to_pylist()
+    for row in manifest:  # image_uri opens the row's own sample with fsspec
+        with fsspec.open(row[C.IMAGE_URI], "rb") as f:
+            assert f.read() == samples[row[C.ROW_ID]]["png"]
+    page = (out / "report" / "index.html").read_text()
+    pixels = {k: np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"), dtype=float) for k, s in samples.items()}
+    for row in manifest:  # every thumbnail (JPEG of a 128² image) is nearest its own row's image
+        thumb = np.asarray(Image.open(out / "report" / "thumbs" / f"{row[C.ROW_ID]}.jpg"), dtype=float)
+        distance = {k: np.abs(thumb - image).mean() for k, image in pixels.items()}
+        assert min(distance, key=distance.get) == row[C.ROW_ID], distance
+    assert "unreadable" not in page
+
+    metrics = J.evaluate(J.EvalOptions(run=str(out), clip_model=clip_dir, pools=J.PoolOptions(batch_size=4)))
+    assert metrics["images"] == 7 and not metrics["failures"]
+
+    assert run_decode(str(out), str(shards_run / "again")).rows == 7  # same settings: the same samples, bit for bit
+    again = samples_of(shards_run / "again")
+    assert again.keys() == samples.keys() and all(again[k]["png"] == samples[k]["png"] for k in samples)
+
