@@ -98,6 +98,8 @@ def _prompts_older(spec: JobSpec, out_fs, job_file: str) -> bool:
         return True
     from jobs.prompts import list_files
 
+    for cached in (out_fs, url_to_fs(spec.prompts, spec.storage_options)[0]):
+        cached.invalidate_cache()  # fsspec keeps listings per filesystem instance: ask the store afresh
     fs, files = list_files(spec.prompts, spec.storage_options)
     written = out_fs.modified(job_file).timestamp()  # NotImplementedError where a store keeps no times
     return all(fs.modified(f).timestamp() <= written for f in files)
