@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import pyarrow.dataset as pads
 import yaml
-from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from jobs.spec import JobSpec, SpecError, StagesSpec
 from stages import columns as C
@@ -103,18 +101,6 @@ def _prompts_older(spec: JobSpec, out_fs, job_file: str) -> bool:
     fs, files = list_files(spec.prompts, spec.storage_options)
     written = out_fs.modified(job_file).timestamp()  # NotImplementedError where a store keeps no times
     return all(fs.modified(f).timestamp() <= written for f in files)
-
-
-def stored_ids(output: str, folder: str, storage_options: dict) -> np.ndarray:
-    """Sorted row ids in <output>/<folder>/*.parquet (manifest or embeddings); empty if none."""
-    fs, path = url_to_fs(join(output, folder), storage_options)
-    if not fs.exists(path) or not fs.ls(path):
-        return np.asarray([], dtype="U32")
-    dataset = pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet")
-    if not dataset.files:  # only a leftover temporary file (hidden: not a part)
-        return np.asarray([], dtype="U32")
-    return np.unique(dataset.to_table(columns=[C.ROW_ID]).column(C.ROW_ID).to_numpy(zero_copy_only=False)
-                     .astype("U32"))
 
 
 def claim(spec: JobSpec, overwrite: bool) -> None:
