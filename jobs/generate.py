@@ -12,8 +12,9 @@ import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.autoscaler.sdk import request_resources
 
-from jobs import prompts
+from jobs import prompts, retry
 from jobs.console import start_ray
+from jobs.folding import fold_identical
 from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: part of this module's interface
 from jobs.isolation import isolating
 from jobs.progress import Progress, Tally, reporting
@@ -21,6 +22,7 @@ from jobs.report import build_report, record_run
 from jobs.resume import Summary, filter_ids, summarize
 from jobs.retries import configure_ray_data
 from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec, stage_kwargs
+from stages import columns as C
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
 from stages import output
@@ -41,12 +43,14 @@ def run(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summar
 
 
 def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: bool = False,
-             only: np.ndarray | None = None) -> Summary:
+             retry_failed: bool = False) -> Summary:
     """The pipeline for a checked spec on its claimed output: rows whose Stage C embeddings were stored
-    before an interruption are decoded first, then every row without a manifest entry is made (of the ids in
-    `only`, where given: a retry of failed rows). Done rows are counted from Parquet footers and dropped inside
-    Ray: nothing on the driver grows with the rows."""
+    before an interruption are decoded first, then every row without a manifest entry is made (with
+    `retry_failed`, only the failed rows the prompt table still plans, their entries taken out first). Done rows
+    are counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
     done = open_output(spec, start, verbose)
+    only, kept = retry.take_out_failed(spec, lambda ids: planned_among(spec, table, ids)) if retry_failed else (
+        None, 0)
     pending = output.in_flight(spec.output, spec.storage_options, done)
     waiting = pending.count() if pending is not None else 0
     if pending is not None:
@@ -57,7 +61,15 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     if only is None or len(only):
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only), ALL_STAGES,
                        max(todo, 0))
-    return close_output(spec, start, done, retried=None if only is None else len(only))
+    return close_output(spec, start, done, retried=None if only is None else len(only), kept=kept)
+
+
+def planned_among(spec: JobSpec, table: prompts.PromptTable, ids: np.ndarray) -> np.ndarray:
+    """The sorted ids among `ids` (few: failed rows) that the prompt table plans, found by a pass over it in Ray."""
+    ds = expanded(spec, table).map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS,
+                                           fn_kwargs=dict(ids=ray.put(ids))).select_columns([C.ROW_ID])
+    found = [batch[C.ROW_ID] for batch in ds.iter_batches(batch_format="numpy", batch_size=None)]
+    return np.unique(np.concatenate(found).astype("U32")) if found else np.asarray([], dtype="U32")
 
 
 def open_output(spec: JobSpec, start: float, verbose: bool = False) -> int:
@@ -70,12 +82,12 @@ def open_output(spec: JobSpec, start: float, verbose: bool = False) -> int:
     return output.part_counts(spec.output, output.MANIFEST, spec.storage_options)[0]
 
 
-def close_output(spec: JobSpec, start: float, done: int, retried: int | None = None) -> Summary:
+def close_output(spec: JobSpec, start: float, done: int, retried: int | None = None, kept: int = 0) -> Summary:
     """Compact the manifest's small parts, then the closing summary, the invocation's record (the same
     figures), and the report rebuilt; compaction and report run in a Ray task, off the driver."""
     in_task = ray.remote(num_cpus=TASK_CPUS)
     ray.get(in_task(output.compact).remote(spec.output, output.MANIFEST, spec.storage_options))
-    summary = summarize(spec, time.time() - start, before=done, retried=retried)
+    summary = summarize(spec, time.time() - start, before=done, retried=retried, kept=kept)
     record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)
     ray.get(in_task(build_report).remote(spec.output, spec.storage_options))
     return summary
@@ -110,20 +122,13 @@ def stored_embeddings(output_uri: str, storage_options: dict, keys: ray.data.Dat
 def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0, tally=None,
                   only: np.ndarray | None = None) -> ray.data.Dataset:
     """read → expand rows (bounded batches) → drop done rows (an anti-join with the manifest's ids, when
-    `done_rows`; only the ids in `only`, where given) → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
-    ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
-                               num_cpus=TASK_CPUS)
-    combos = prompts.sweep_combinations(spec.sweep)
-    per_prompt = spec.generation.images_per_prompt
-    ds = ds.map_batches(prompts.expand_table, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                        batch_size=prompts.expansion_batch(len(combos) * per_prompt),
-                        fn_kwargs=dict(defaults=prompts.defaults_for(spec), images_per_prompt=per_prompt,
-                                       model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype), combos=combos))
+    `done_rows`; only the ids in `only`, where given) → fold identical rows → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
+    ds = expanded(spec, table)
     if only is not None:  # a retry of failed rows: few ids
         ds = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ray.put(only)))
     if done_rows:
         ds = output.drop_done(ds, spec.output, spec.storage_options, done_rows)
-        ds = ds.map_batches(prompts.shape_order, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
+    ds = fold_identical(ds, prompts.planned_rows(spec, table.rows) if only is None else len(only), tally)
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
     ds = _stage(ds, spec, TextEncoder, "text", tally)
@@ -131,6 +136,19 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
     return _decode_and_write(ds, spec, tally)
+
+
+def expanded(spec: JobSpec, table: prompts.PromptTable) -> ray.data.Dataset:
+    """The planned rows: each prompt row × sweep combination × image, with its row id (bounded batches)."""
+    ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
+                               num_cpus=TASK_CPUS)
+    combos = prompts.sweep_combinations(spec.sweep)
+    per_prompt = spec.generation.images_per_prompt
+    return ds.map_batches(prompts.expand_table, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                          batch_size=prompts.expansion_batch(len(combos) * per_prompt),
+                          fn_kwargs=dict(defaults=prompts.defaults_for(spec), images_per_prompt=per_prompt,
+                                         model=dict(decoder=spec.model.decoder, dtype=spec.model.dtype),
+                                         combos=combos))
 
 
 def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None) -> ray.data.Dataset:

@@ -77,13 +77,8 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, 
         return summary
     table = preflight(spec)
     claim(spec, overwrite)
-    only = None
-    if retry_failed:
-        from jobs.retry import drop_failed
-
-        only = drop_failed(spec.output, spec.storage_options)
     from jobs.generate import generate
     from jobs.retries import storage_errors_named
 
     with storage_errors_named(spec.output):
-        return generate(spec, table, started, verbose, only=only)
+        return generate(spec, table, started, verbose, retry_failed=retry_failed)

@@ -12,6 +12,7 @@ from stages import columns as C
 
 POLL_S = 1.0  # how often the driver asks for the counts
 LOG_EVERY_S = 30.0  # not a terminal (a log file, CI): one block of lines this often, and one at the end
+FOLDED = "folded"  # the tally's count of input rows folded into an identical row (made once)
 
 
 @ray.remote(num_cpus=0)
@@ -94,6 +95,7 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.rates = {stage: _Rate() for stage in stages}
         self.rows = dict.fromkeys(stages, 0)
+        self.folded, self.finished = 0, False
         self.speed: dict[str, float | None] = dict.fromkeys(stages)
         self.changed: dict[str, float] = {}  # when each stage's count last moved
         self.drawn: list[str] = []  # the lines last drawn
@@ -105,10 +107,11 @@ class Progress:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, error, *exc) -> None:
         self.stop.set()
         self.thread.join()
         self._poll()
+        self.finished = error is None  # every row of the pass is through (fewer than counted: copies folded)
         if self.tty or self.lines() != self.drawn:  # a log gets the closing state once
             self._draw()
 
@@ -116,7 +119,8 @@ class Progress:
         """The current line of each stage."""
         out = []
         for stage in self.stages:
-            done, total, rate = self.rows[stage], max(self.total, self.rows[stage]), self.speed[stage]
+            done, rate = self.rows[stage], self.speed[stage]
+            total = done if self.finished else max(self.total - self.folded, done)
             since = self.changed.get(stage, time.time()) - self.started
             shown = rate or done / max(since, 1e-9)  # until measured: over the pass so far
             speed = f"{shown:.2f} images/s" if shown else "-- images/s"
@@ -129,7 +133,7 @@ class Progress:
             counts = ray.get(self.tally.counts.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - a slow or lost count only delays the line, never the job
             return
-        now = time.time()
+        now, self.folded = time.time(), counts.get(FOLDED, 0)
         for stage in self.stages:
             if counts.get(stage, 0) != self.rows[stage]:
                 self.rows[stage], self.changed[stage] = counts.get(stage, 0), now

@@ -208,12 +208,15 @@ def expansion_batch(rows_per_prompt: int) -> int:
     return max(1, EXPANDED_ROWS // max(rows_per_prompt, 1))
 
 
+SHAPE_KEYS = (C.PRIOR_CHECKPOINT, C.HEIGHT, C.WIDTH, C.PRIOR_STEPS, C.DECODER_STEPS)  # a shape bucket, major first
+
+
 def shape_order(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The batch's rows ordered by shape bucket (checkpoint, height, width, steps): stages see runs of one shape."""
     if not len(batch[C.ROW_ID]):
         return batch
     checkpoints = np.unique(np.asarray(batch[C.PRIOR_CHECKPOINT]).astype(str), return_inverse=True)[1].ravel()
-    order = np.lexsort((batch[C.DECODER_STEPS], batch[C.PRIOR_STEPS], batch[C.WIDTH], batch[C.HEIGHT], checkpoints))
+    order = np.lexsort([checkpoints if key == C.PRIOR_CHECKPOINT else batch[key] for key in reversed(SHAPE_KEYS)])
     return {col: np.asarray(values)[order] for col, values in batch.items()}
 
 

@@ -172,6 +172,8 @@ def summary_html(output: str, job: dict, view: ManifestView, runs: list[dict]) -
     model = job.get("model") or {}
     items = [("run", escape(output)), ("model", escape(" ".join(f"{k}={v}" for k, v in model.items()) or "?")),
              ("rows", view.rows), ("succeeded", view.succeeded), ("failed", view.failed)]
+    if view.folded:
+        items.append(("identical input rows folded", f"{view.folded} (made once each; see input_rows)"))
     finished = [r for r in runs if r.get("ended_at")]
     if finished:
         seconds = wall_seconds(runs)

@@ -48,6 +48,7 @@ class ManifestView:
 
     rows: int = 0
     succeeded: int = 0
+    folded: int = 0  # input rows folded into an identical row
     stages: dict = field(default_factory=lambda: {name: StageFigures() for name, _, _ in STAGES})
     failed_rows: list = field(default_factory=list)  # the first MAX_FAILED by row id
     sheet: list = field(default_factory=list)  # the first MAX_SHEET images in ORDER
@@ -94,9 +95,11 @@ def count_rows(dataset: pads.Dataset, view: ManifestView) -> np.ndarray:
     """Distinct ids and succeeded ids (8-byte keys, sorted in place), per-stage sums and nodes; returns the
     sorted keys of the succeeded ids (about 16 bytes a row at the peak)."""
     every, ok = [], []
-    columns = [C.ROW_ID, C.ERROR, *(c for _, seconds, node in STAGES for c in (seconds, node))]
+    columns = [C.ROW_ID, C.ERROR, C.INPUT_ROWS, *(c for _, seconds, node in STAGES for c in (seconds, node))]
     for batch in batches(dataset, columns):
         keys = id_keys(batch.column(C.ROW_ID))
+        inputs = batch.column(C.INPUT_ROWS)
+        view.folded += (pc.sum(inputs).as_py() or 0) - (len(inputs) - inputs.null_count)
         every.append(keys)
         ok.append(keys[pc.is_null(batch.column(C.ERROR)).to_numpy(zero_copy_only=False)])
         for name, seconds, node in STAGES:

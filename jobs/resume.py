@@ -35,6 +35,8 @@ class Summary:
     output: str
     new: int  # rows made by this run (the rest were done before it)
     retried: int | None = None  # --retry-failed: the failed rows this run made again
+    folded: int = 0  # input rows folded into an identical row (made once, counted in its input_rows)
+    kept: int = 0  # --retry-failed: failed rows left as they were (the prompt table no longer plans them)
 
     @property
     def images_per_s(self) -> float:
@@ -43,21 +45,25 @@ class Summary:
     def __str__(self) -> str:
         where = (f"images in {join(self.output, 'images')}, manifest in {join(self.output, 'manifest')}, "
                  f"report in {join(self.output, 'report', 'index.html')}")
-        if self.retried is not None:  # every failed row was retried: the failures left are this run's
-            return (f"retried {self.retried} failed rows: {self.retried - self.failed} succeeded, {self.failed} "
-                    f"failed again ({self.rows} rows in all) in {self.seconds:.1f} s; {where}")
+        if self.retried is not None:  # every failed row planned was retried: the failures left are this run's
+            again = self.failed - self.kept
+            kept = (f"; {self.kept} failed rows the prompt table no longer plans were left as they are"
+                    if self.kept else "")
+            return (f"retried {self.retried} failed rows: {self.retried - again} succeeded, {again} "
+                    f"failed again ({self.rows} rows in all{kept}) in {self.seconds:.1f} s; {where}")
         if not self.new:
             return f"{self.rows} rows ({self.failed} failed), all made earlier: nothing to do; {where}"
         earlier = f", {self.rows - self.new} done earlier" if self.new != self.rows else ""
+        earlier += f", {self.folded} identical input rows folded" if self.folded else ""
         return (f"{self.rows} rows ({self.failed} failed{earlier}); {self.new} made in {self.seconds:.1f} s, "
                 f"{self.images_per_s:.2f} images/s; {where}")
 
 
-def summarize(spec: JobSpec, seconds: float, before: int = 0, retried: int | None = None) -> Summary:
+def summarize(spec: JobSpec, seconds: float, before: int = 0, retried: int | None = None, kept: int = 0) -> Summary:
     """Count the manifest's rows and failures (from its Parquet footers); `before` rows were there already."""
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
     return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before,
-                   retried=retried)
+                   retried=retried, folded=output_folder.folded_rows(spec.output, spec.storage_options), kept=kept)
 
 
 def part_counts(output: str, folder: str, storage_options: dict, nulls_of: str | None = None) -> tuple[int, int]:

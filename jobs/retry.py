@@ -14,15 +14,22 @@ from stages.output import list_parts
 from stages.storage import write_atomic
 
 
-def drop_failed(output: str, storage_options: dict) -> np.ndarray:
-    """Remove every manifest entry that has an error, and those rows' stored Stage C output (they are made whole
-    again); returns their sorted ids. Embeddings go first, then the manifest: a kill in between leaves the error
+def take_out_failed(spec, planned_among) -> tuple[np.ndarray, int]:
+    """Remove the manifest entries that have an error and whose row the prompt table still plans
+    (`planned_among(ids)`), and those rows' stored Stage C output (they are made whole again). Returns their
+    sorted ids and the count of failed entries kept because the table no longer plans their rows (never lost)."""
+    failed = failed_ids(spec.output, spec.storage_options)
+    planned = planned_among(failed) if len(failed) else failed
+    drop_failed(spec.output, spec.storage_options, planned)
+    return planned, len(failed) - len(planned)
+
+
+def drop_failed(output: str, storage_options: dict, ids: np.ndarray) -> None:
+    """Take the rows `ids` out of the embeddings, then out of the manifest: a kill in between leaves the error
     entries for the next --retry-failed, and no reader ever sees a row's old entry beside its new one."""
-    failed = failed_ids(output, storage_options)
-    if len(failed):
-        drop_rows(output, "embeddings", storage_options, failed)
-        drop_rows(output, "manifest", storage_options, failed)
-    return failed
+    if len(ids):
+        drop_rows(output, "embeddings", storage_options, ids)
+        drop_rows(output, "manifest", storage_options, ids)
 
 
 def _parts(output: str, folder: str, storage_options: dict):

@@ -30,6 +30,7 @@ SOURCE_ROW = "source_row"  # "<file>:<index>" of the prompt row, k-th image appe
 IMAGE_INDEX = "image_index"
 CHECKPOINT = "checkpoint"  # prior, decoder and dtype: the model identity in the row id
 PRIOR_CHECKPOINT = "prior_checkpoint"  # the row's Stage C weights (JSON of a reference or an interpolation)
+INPUT_ROWS = "input_rows"  # identical input rows (prompt row × sweep × image) folded into this row, ≥ 1
 
 # Text stage outputs: CLIP last_hidden_state, (77, d) per row; negatives are zeros when unused.
 PRIOR_TEXT = "prior_text"
@@ -74,6 +75,6 @@ TRANSIENT = (
 INTERNAL = TRANSIENT + ("embedding_shape",)
 
 # Columns the job sets itself: a prompt table holding one is refused (its value would be silently replaced).
-RESERVED = (ROW_ID, SOURCE_ROW, IMAGE_INDEX, CHECKPOINT, PRIOR_CHECKPOINT, IMAGE_URI, ERROR, SHARD, KEY,
-            TEXT_SECONDS, PRIOR_SECONDS, DECODER_SECONDS, FINISHED_AT, TEXT_NODE, PRIOR_NODE, DECODER_NODE,
+RESERVED = (ROW_ID, SOURCE_ROW, IMAGE_INDEX, CHECKPOINT, PRIOR_CHECKPOINT, INPUT_ROWS, IMAGE_URI, ERROR, SHARD,
+            KEY, TEXT_SECONDS, PRIOR_SECONDS, DECODER_SECONDS, FINISHED_AT, TEXT_NODE, PRIOR_NODE, DECODER_NODE,
             *INTERNAL)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from fsspec.implementations.local import LocalFileSystem
@@ -103,6 +104,22 @@ def part_counts(output: str, name: str, storage_options: dict | None, nulls_of: 
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
         counts = list(pool.map(count, files))
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def folded_rows(output: str, storage_options: dict | None) -> int:
+    """Input rows folded into an identical row (Σ input_rows - 1) over the live manifest parts, one column read."""
+    fs, files = list_parts(output, MANIFEST, storage_options)
+
+    def folded(file: str) -> int:
+        with fs.open(file, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            if C.INPUT_ROWS not in parquet.schema_arrow.names:
+                return 0
+            column = parquet.read(columns=[C.INPUT_ROWS]).column(0)
+            return (pc.sum(column).as_py() or 0) - (len(column) - column.null_count)
+
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        return sum(pool.map(folded, files))
 
 
 def read_parts(output: str, name: str, storage_options: dict | None, columns=None, include_paths: bool = False):

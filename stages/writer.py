@@ -31,6 +31,7 @@ PARAMS_SCHEMA = pa.schema([
     (C.IMAGE_INDEX, pa.int64()),
     (C.CHECKPOINT, pa.string()),
     (C.PRIOR_CHECKPOINT, pa.string()),
+    (C.INPUT_ROWS, pa.int64()),  # null where no fold ran (a re-decode): one input row
 ])
 MANIFEST_SCHEMA = pa.schema([
     *PARAMS_SCHEMA,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import struct
 import threading
@@ -30,10 +31,20 @@ class FlakyProxy:
         self.mode = "up"
         self.live: set[socket.socket] = set()
         self.lock = threading.Lock()
-        self.listener = self._listen(0)
+        self.listener = self._fixed_port()
         self.port = self.listener.getsockname()[1]
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def _fixed_port(self) -> socket.socket:
+        """A listener on a port below the kernel's ephemeral range (32768+): while the proxy is down, no outgoing
+        connection of Ray's or botocore's can take its port, so it can listen there again."""
+        for port in random.sample(range(20000, 32000), 200):
+            try:
+                return self._listen(port)
+            except OSError:
+                continue
+        raise OSError("no free port below the ephemeral range")
 
     def _listen(self, port: int) -> socket.socket:
         sock = socket.socket()
@@ -111,8 +122,13 @@ class FlakyProxy:
         threading.Timer(seconds, self._restore).start()
 
     def _restore(self) -> None:
-        if self.mode == "down":
-            self.listener = self._listen(self.port)
+        while self.mode == "down" and not self.closed:
+            try:
+                self.listener = self._listen(self.port)
+            except OSError:  # the port is not free yet: the store stays down a moment longer
+                time.sleep(0.1)
+                continue
+            break
         self.mode = "up"
 
     def close(self) -> None:

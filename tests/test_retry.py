@@ -54,3 +54,25 @@ def test_retry_failed_remakes_only_the_failed_rows_and_replaces_their_entries(tm
         assert remade == (row_id in failed)  # only the failed rows were made again
     embedded = pq.read_table(tmp_path / "out" / "embeddings", columns=[C.ROW_ID])[C.ROW_ID].to_pylist()
     assert sorted(embedded) == sorted(before)  # their Stage C output was replaced too, not doubled
+
+
+def test_retry_keeps_the_failed_rows_an_edited_table_no_longer_plans(tmp_path, ray_cluster, capsys):
+    prompts = write_prompts(tmp_path / "p.parquet", PROMPTS)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({
+        "prompts": prompts, "output": str(tmp_path / "out"),
+        "generation": {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2},
+        "stages": {"text": {"batch_size": 4}, "prior": {"batch_size": 4}, "decoder": {"batch_size": 4}}}))
+    assert main(["generate", str(tmp_path / "job.yaml")]) == 0
+    failed = fail_rows(tmp_path / "out" / "manifest", 2)
+    entries = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "out" / "manifest").to_pylist()}
+    gone = entries[failed[0]][C.PROMPT]
+    write_prompts(tmp_path / "p.parquet", [p for p in PROMPTS if p[C.PROMPT] != gone])  # the user edits the table
+    capsys.readouterr()
+
+    assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0  # the retried row succeeded
+    out = capsys.readouterr().out
+    assert ("retried 1 failed rows: 1 succeeded, 0 failed again (5 rows in all; 1 failed rows the prompt table "
+            "no longer plans were left as they are)") in out
+    after = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "out" / "manifest").to_pylist()}
+    assert sorted(after) == sorted(entries)  # nothing lost, nothing doubled
+    assert after[failed[0]][C.ERROR] == entries[failed[0]][C.ERROR] and after[failed[1]][C.ERROR] is None

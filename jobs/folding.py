@@ -1,0 +1,38 @@
+"""Identical input rows (same prompt and parameters, hence the same row id) folded into one row: made once, with
+`input_rows` counting the input rows it stands for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from jobs import prompts
+from jobs.progress import FOLDED
+from jobs.spec import TASK_CPUS
+from stages import columns as C
+
+ROWS_PER_PARTITION = 200_000  # planned rows per hash partition (≈ 100 MB of prompts and parameters at most)
+MAX_PARTITIONS = 1024
+
+
+def fold_identical(ds, planned_rows: int, tally=None):
+    """`ds` with one row per row id. Every copy of an id is brought into one block, as Ray Data's own `map_groups`
+    does: one block for a run of up to ROWS_PER_PARTITION rows, else a hash shuffle by row id; then each block
+    keeps the first copy of each id. A barrier: no row reaches the stages before every planned row is expanded
+    (seconds per million rows on a cluster)."""
+    partitions = min(MAX_PARTITIONS, -(-planned_rows // ROWS_PER_PARTITION))
+    ds = ds.repartition(partitions, keys=[C.ROW_ID]) if partitions > 1 else ds.repartition(1)
+    return ds.map_batches(fold_block, batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                          fn_kwargs=dict(tally=tally))
+
+
+def fold_block(block: pa.Table, tally=None) -> pa.Table:
+    """The block's first row of each row id, with `input_rows` its copies in the block; in shape order."""
+    position = pa.array(np.arange(block.num_rows, dtype=np.int64))
+    groups = (pa.table({C.ROW_ID: block.column(C.ROW_ID), "position": position})
+              .group_by(C.ROW_ID, use_threads=False).aggregate([("position", "min"), ("position", "count")])
+              .sort_by("position_min"))
+    kept = block.take(groups.column("position_min")).append_column(C.INPUT_ROWS, groups.column("position_count"))
+    if tally is not None and kept.num_rows < block.num_rows:
+        tally.add.remote(FOLDED, block.num_rows - kept.num_rows)
+    return kept.sort_by([(column, "ascending") for column in prompts.SHAPE_KEYS])

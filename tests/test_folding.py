@@ -1,0 +1,81 @@
+"""Identical input rows are folded: one row id, one manifest entry, one image, its input rows counted."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from conftest import write_prompts
+
+from jobs.folding import fold_block
+from jobs.generate import run
+from jobs.spec import spec_from_dict
+from stages import columns as C
+
+SMALL = {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2}
+
+
+def job(prompts: str, output: str, **generation) -> dict:
+    return {"prompts": prompts, "output": output, "generation": {**SMALL, **generation},
+            "stages": {name: {"batch_size": 4} for name in ("text", "prior", "decoder")}}
+
+
+def test_a_block_keeps_the_first_copy_of_each_id_and_counts_the_copies():
+    block = pa.table({C.ROW_ID: ["b", "a", "b", "c", "b", "a"], "tag": [0, 1, 2, 3, 4, 5],
+                      **{key: [1] * 6 for key in (C.HEIGHT, C.WIDTH, C.PRIOR_STEPS, C.DECODER_STEPS)},
+                      C.PRIOR_CHECKPOINT: ["p"] * 6})
+    folded = fold_block(block).to_pydict()
+    assert sorted(zip(folded[C.ROW_ID], folded["tag"], folded[C.INPUT_ROWS])) == [("a", 1, 2), ("b", 0, 3),
+                                                                                   ("c", 3, 1)]
+
+
+def test_identical_rows_are_made_once_and_counted(tmp_path, ray_cluster):
+    rows = [{C.PROMPT: f"p{i}", C.SEED: i, "caption_id": i} for i in range(6)]
+    rows += [{C.PROMPT: "p1", C.SEED: 1, "caption_id": 10}, {C.PROMPT: "p1", C.SEED: 1, "caption_id": 11},
+             {C.PROMPT: "p4", C.SEED: 4, "caption_id": 12}]
+    rows.append({C.PROMPT: "p4", C.SEED: 5, "caption_id": 13})  # another seed: another row
+    prompts = write_prompts(tmp_path / "p.parquet", rows)
+    out = tmp_path / "out"
+    summary = run(spec_from_dict(job(prompts, str(out))))
+
+    manifest = pq.read_table(out / "manifest").to_pylist()
+    ids = [r[C.ROW_ID] for r in manifest]
+    assert len(ids) == len(set(ids)) == 7 and summary.rows == 7
+    inputs = {(r[C.PROMPT], r[C.SEED]): r[C.INPUT_ROWS] for r in manifest}
+    assert inputs == {("p0", 0): 1, ("p1", 1): 3, ("p2", 2): 1, ("p3", 3): 1, ("p4", 4): 2, ("p5", 5): 1,
+                      ("p4", 5): 1}
+    assert {r["caption_id"] for r in manifest if r[C.PROMPT] == "p1"} <= {1, 10, 11}
+    assert len(list((out / "images").rglob("*.png"))) == 7
+    assert summary.folded == 3 and "3 identical input rows folded" in str(summary)
+    assert "identical input rows folded" in (out / "report" / "index.html").read_text()
+
+    rows.append({C.PROMPT: "p4", C.SEED: 4, "caption_id": 14})  # a later copy of a done row: nothing to make
+    write_prompts(tmp_path / "p.parquet", rows)
+    again = run(spec_from_dict(job(prompts, str(out))))
+    assert again.rows == 7 and again.new == 0
+    assert len(pq.read_table(out / "manifest").column(C.ROW_ID)) == 7
+
+
+def test_images_per_prompt_copies_fold_with_the_seeds_they_share(tmp_path, ray_cluster):
+    # seeds 0 and 1 with 2 images each: seed 0's second image is seed 1's first
+    prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: "same", C.SEED: 0}, {C.PROMPT: "same", C.SEED: 1}])
+    out = tmp_path / "out"
+    summary = run(spec_from_dict(job(prompts, str(out), images_per_prompt=2)))
+    manifest = pq.read_table(out / "manifest").to_pylist()
+    assert sorted(r[C.SEED] for r in manifest) == [0, 1, 2] and summary.folded == 1
+    assert np.sum([r[C.INPUT_ROWS] for r in manifest]) == 4
+    assert len({Path(r[C.IMAGE_URI]).name for r in manifest}) == 3
+
+
+def test_copies_meet_across_hash_partitions(ray_cluster, monkeypatch):
+    import ray
+
+    from jobs import folding
+
+    monkeypatch.setattr(folding, "ROWS_PER_PARTITION", 64)  # 6 hash partitions for 360 rows
+    rows = [{C.ROW_ID: f"id{i % 120}", "copy": i // 120, C.PRIOR_CHECKPOINT: "p",
+             **{key: 1 for key in (C.HEIGHT, C.WIDTH, C.PRIOR_STEPS, C.DECODER_STEPS)}} for i in range(360)]
+    ds = ray.data.from_items(rows, override_num_blocks=12)  # every id's three copies in three blocks
+    folded = folding.fold_identical(ds, len(rows)).to_pandas()
+    assert sorted(folded[C.ROW_ID]) == sorted(f"id{i}" for i in range(120))
+    assert (folded[C.INPUT_ROWS] == 3).all()
