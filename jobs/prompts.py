@@ -217,11 +217,37 @@ def shape_order(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {col: np.asarray(values)[order] for col, values in batch.items()}
 
 
+ID_COLUMNS = tuple(sorted((C.PROMPT, *C.OVERRIDABLE, C.CHECKPOINT)))  # the keys of a row id's JSON, in its order
+
+
 def identify(rows: dict[str, np.ndarray], model: dict) -> None:
-    """Set each row's checkpoint identity (its prior, the decoder, the dtype) and its row id."""
-    rows[C.CHECKPOINT] = np.asarray([f"prior={p} decoder={model['decoder']} dtype={model['dtype']}"
-                                     for p in rows[C.PRIOR_CHECKPOINT]], dtype=object)
-    rows[C.ROW_ID] = np.asarray([row_id(rows, i) for i in range(len(rows[C.PROMPT]))], dtype=object)
+    """Set each row's checkpoint identity (its prior, the decoder, the dtype) and its row id (`row_id`'s value,
+    formed column-wise: each distinct value's JSON once, the rows' texts joined by Arrow, one sha256 a row)."""
+    suffix = f" decoder={model['decoder']} dtype={model['dtype']}"
+    rows[C.CHECKPOINT] = _per_distinct(rows[C.PRIOR_CHECKPOINT], lambda p: f"prior={p}{suffix}").to_numpy(
+        zero_copy_only=False).astype(object)
+    pieces = []
+    for i, col in enumerate(ID_COLUMNS):
+        pieces += [("{" if i == 0 else ", ") + json.dumps(col) + ": ",
+                   _per_distinct(rows[col], lambda v, col=col: json.dumps(_plain(v, col), ensure_ascii=False))]
+    texts = pc.binary_join_element_wise(*pieces, "}", "").cast(pa.binary()).to_pylist()
+    rows[C.ROW_ID] = np.asarray([hashlib.sha256(t).hexdigest()[:32] for t in texts], dtype=object)
+
+
+def _plain(value, col: str):
+    value = value.item() if hasattr(value, "item") else value
+    return float(value) if col in C.FLOAT_PARAMS else value
+
+
+def _per_distinct(values: np.ndarray, text) -> pa.Array:
+    """`text(v)` for each row's value v, called once per distinct value (Arrow's hash dictionary; floats keyed
+    by their bits, so that -0.0 and 0.0 stay apart)."""
+    values = np.asarray(values)
+    floats = values.dtype == np.float64
+    encoded = pa.array(values.view(np.int64) if floats else values).dictionary_encode(null_encoding="encode")
+    distinct = encoded.dictionary.to_numpy(zero_copy_only=False)
+    distinct = distinct.view(np.float64) if floats else encoded.dictionary.to_pylist()
+    return pa.array([text(v) for v in distinct], pa.string()).take(encoded.indices)
 
 
 def _filled(values, default, n: int) -> np.ndarray:
