@@ -222,21 +222,29 @@ ID_COLUMNS = tuple(sorted((C.PROMPT, *C.OVERRIDABLE, C.CHECKPOINT)))  # the keys
 
 def identify(rows: dict[str, np.ndarray], model: dict) -> None:
     """Set each row's checkpoint identity (its prior, the decoder, the dtype) and its row id (`row_id`'s value,
-    formed column-wise: each distinct value's JSON once, the rows' texts joined by Arrow, one sha256 a row)."""
+    formed column-wise: integers printed by Arrow, other values' JSON once per distinct value, the rows' texts
+    joined by Arrow, then one sha256 a row)."""
     suffix = f" decoder={model['decoder']} dtype={model['dtype']}"
     rows[C.CHECKPOINT] = _per_distinct(rows[C.PRIOR_CHECKPOINT], lambda p: f"prior={p}{suffix}").to_numpy(
         zero_copy_only=False).astype(object)
     pieces = []
     for i, col in enumerate(ID_COLUMNS):
-        pieces += [("{" if i == 0 else ", ") + json.dumps(col) + ": ",
-                   _per_distinct(rows[col], lambda v, col=col: json.dumps(_plain(v, col), ensure_ascii=False))]
+        pieces += [("{" if i == 0 else ", ") + json.dumps(col) + ": ", _json_texts(rows[col], col)]
     texts = pc.binary_join_element_wise(*pieces, "}", "").cast(pa.binary()).to_pylist()
     rows[C.ROW_ID] = np.asarray([hashlib.sha256(t).hexdigest()[:32] for t in texts], dtype=object)
 
 
-def _plain(value, col: str):
-    value = value.item() if hasattr(value, "item") else value
-    return float(value) if col in C.FLOAT_PARAMS else value
+_JSON = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(value, ensure_ascii=False), built once
+
+
+def _json_texts(values: np.ndarray, col: str) -> pa.Array:
+    """Each value's JSON as `row_id` writes it (floats for the float parameters)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iu" and col not in C.FLOAT_PARAMS:
+        return pa.array(values).cast(pa.string())  # an integer's JSON is its decimal digits
+    if col in C.FLOAT_PARAMS:
+        return _per_distinct(values.astype(np.float64), lambda v: _JSON(float(v)))
+    return _per_distinct(values, lambda v: _JSON(v.item() if hasattr(v, "item") else v))
 
 
 def _per_distinct(values: np.ndarray, text) -> pa.Array:
