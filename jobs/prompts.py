@@ -244,18 +244,14 @@ def _json_texts(values: np.ndarray, col: str) -> pa.Array:
         return pa.array(values).cast(pa.string())  # an integer's JSON is its decimal digits
     if col in C.FLOAT_PARAMS:
         return _per_distinct(values.astype(np.float64), lambda v: _JSON(float(v)))
-    return _per_distinct(values, lambda v: _JSON(v.item() if hasattr(v, "item") else v))
+    return _per_distinct(values, _JSON)
 
 
 def _per_distinct(values: np.ndarray, text) -> pa.Array:
-    """`text(v)` for each row's value v, called once per distinct value (Arrow's hash dictionary; floats keyed
-    by their bits, so that -0.0 and 0.0 stay apart)."""
-    values = np.asarray(values)
-    floats = values.dtype == np.float64
-    encoded = pa.array(values.view(np.int64) if floats else values).dictionary_encode(null_encoding="encode")
-    distinct = encoded.dictionary.to_numpy(zero_copy_only=False)
-    distinct = distinct.view(np.float64) if floats else encoded.dictionary.to_pylist()
-    return pa.array([text(v) for v in distinct], pa.string()).take(encoded.indices)
+    """`text(v)` for each row's value v, called once per distinct value (Arrow's hash dictionary, which keeps
+    -0.0 and 0.0 apart)."""
+    encoded = pa.array(np.asarray(values)).dictionary_encode(null_encoding="encode")
+    return pa.array([text(v) for v in encoded.dictionary.to_pylist()], pa.string()).take(encoded.indices)
 
 
 def _filled(values, default, n: int) -> np.ndarray:
