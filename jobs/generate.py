@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always asks for a whole CPU
 ALL_STAGES = ("text", "prior", "decoder")
 DECODE_STAGES = ("text", "decoder")
+READ_ROWS = 65536  # prompt rows a read yields at once: expansion starts at once, whatever the file's size
 
 
 def run(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summary:
@@ -112,7 +113,7 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     """read → expand rows (bounded batches) → drop done rows (an anti-join with the manifest's ids, when
     `done_rows`; only the ids in `only`, where given) → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
     ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
-                               num_cpus=TASK_CPUS)
+                               num_cpus=TASK_CPUS, batch_size=READ_ROWS)
     combos = prompts.sweep_combinations(spec.sweep)
     per_prompt = spec.generation.images_per_prompt
     ds = ds.map_batches(prompts.expand_table, batch_format="pyarrow", num_cpus=TASK_CPUS,
