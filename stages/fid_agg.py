@@ -1,13 +1,17 @@
 """FID/CLIP statistics per group merged by Ray Data (groupby + AggregateFnV2); the driver gets finished scalars.
 
-Cost (D = 2048 feature dimensions):
-- a block ships, per group it holds, one accumulator: the group's rows' features as float64 while the
-  group has at most RAW_MAX (= D) rows in the block (16 KiB a row, per row and --by axis), else
-  n, Σclip, Σx and Σxxᵀ (D² float64 = 32 MiB); never more than 32 MiB + 16 KiB per (block, group);
-- an aggregator holds one such accumulator per group of its partition (≤ 32 MiB each) plus the block
-  accumulators Ray queues before it compacts them (Ray's compaction threshold, 100 doubling to 2000 shards);
-- finalize turns a group into [n, Σclip, FID] (FID against the reference inside the aggregator); only the
-  group ALL also returns its mean and covariance (for fid_stats.npz), so the driver holds 24 bytes a group.
+Cost (D = 2048 feature dimensions, a group = the run (ALL) or one value of one --by axis):
+- `explode` writes each usable row once per group it is in (1 + number of axes): 8 KiB of float32 features
+  and its key, into the shuffle's map task;
+- the map task pre-aggregates per (block, group): the group's rows as float64 while it has at most RAW_MAX
+  (= D) rows in the block (16 KiB a row), else n, Σclip, Σx and Σxxᵀ (D² float64 = 32 MiB); so a block ships
+  at most 32 MiB + 16 KiB per group it holds, and only 16 KiB a row for the groups with few rows;
+- an aggregator holds one accumulator (≤ 32 MiB) per group of its partitions, plus the block accumulators Ray
+  queues before compacting them (Ray's threshold: 100 shards, doubling up to 2000). The partition holding ALL
+  receives one accumulator per block (≤ 16 MiB with the default 1024-row blocks): up to 1.6 GB queued at the
+  first threshold, more later on very large runs (Ray's thresholds are not configurable);
+- finalize turns a group into [n, Σclip, FID] (the FID against the reference inside the aggregator); only ALL
+  also returns its mean and covariance (for fid_stats.npz): the driver holds 24 bytes a group, plus 32 MiB.
 """
 
 from __future__ import annotations
