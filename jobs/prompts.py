@@ -59,14 +59,14 @@ def scan(spec: JobSpec) -> PromptTable:
     for path in files:
         name = full_uri(fs, path)
         try:
-            parquet = pq.ParquetFile(fs.open(path, "rb"))
+            parquet = pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False)  # pre-buffering: +140 MiB at 10M rows
         except (pa.ArrowInvalid, OSError) as err:
             raise SpecError(f"prompts: {name} is not a readable Parquet file ({err})") from None
         schema = parquet.schema_arrow
         present = _check_schema(schema, name)
         columns = columns or present
         offset = 0
-        for batch in parquet.iter_batches(batch_size=65536, columns=list(present)):
+        for batch in parquet.iter_batches(batch_size=65536, columns=list(present), use_threads=False):
             _check_rows(batch, name, offset, spec.generation.images_per_prompt)
             offset += batch.num_rows
         rows += offset
