@@ -17,7 +17,8 @@ class PoolOptions:
     concurrency: int = 1
     num_gpus: float | None = None  # None: 0.5 per pool on a cluster with one GPU, 1 with more, else 0
     num_cpus: float = ACTOR_CPUS
-    stats_batch_size: int = 1024  # rows per partial-sum block (one 2048² float64 matrix per group each)
+    stats_batch_size: int = 1024  # rows per block entering the per-group merge
+    stats_partitions: int = 16  # hash partitions of the per-group merge (more: fewer groups per aggregator)
 
 
 @dataclass(frozen=True)

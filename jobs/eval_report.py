@@ -6,7 +6,6 @@ import io
 import json
 import logging
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from stages import columns as C
@@ -45,15 +44,9 @@ def warn_if_few(n: int, what: str, warnings: list[str]) -> None:
              f"unreliable (biased, rank-deficient covariance)", warnings)
 
 
-def summarize(opts, groups: dict[str, F.Moments], ref_stats: dict | None, models: dict, reference,
-              warnings: list[str]) -> dict:
-    """metrics.json for an EvalOptions `opts`: overall and per-axis metrics, models, failures and warnings."""
-    root = None if ref_stats is None else F.psd_sqrt(np.asarray(ref_stats["sigma"], np.float64))
-
-    def fid(moments: F.Moments) -> float | None:
-        stats = moments.mean_cov() if ref_stats is not None else None
-        return None if stats is None else F.frechet_distance(ref_stats["mu"], ref_stats["sigma"], *stats, root)
-
+def summarize(opts, groups: dict, ref_stats: dict | None, models: dict, reference, warnings: list[str]) -> dict:
+    """metrics.json for an EvalOptions `opts` from stages.fid_agg.GroupResult's: overall and per-axis metrics,
+    models, failures and warnings."""
     overall = groups[F.ALL]
     if ref_stats is not None:
         warn_if_few(overall.n, opts.run, warnings)
@@ -62,22 +55,22 @@ def summarize(opts, groups: dict[str, F.Moments], ref_stats: dict | None, models
         warn(f"{len(failures)} image(s) not evaluated, e.g. row {failures[0]['row_id']}: {failures[0]['error']} "
              f"(all in metrics.json 'failures')", warnings)
     return {
-        "run": opts.run, "images": overall.n, "clip_score": overall.clip_score(), "fid": fid(overall), **models,
+        "run": opts.run, "images": overall.n, "clip_score": overall.clip_score(), "fid": overall.fid, **models,
         "fid_reference": None if reference is None else {
             "uri": reference.uri, "kind": reference.kind, "stats": ref_stats["source"], "images": ref_stats["n"]},
         "resize": E.RESIZE if models["inception"] else None, "definitions": DEFINITIONS,
-        "by": {axis: by_axis(axis, groups, fid) for axis in opts.by},
+        "by": {axis: by_axis(axis, groups) for axis in opts.by},
         "failures": failures, "warnings": warnings,
     }
 
 
-def by_axis(axis: str, groups: dict[str, F.Moments], fid) -> list[dict]:
+def by_axis(axis: str, groups: dict) -> list[dict]:
     """One row of metrics per value of an axis, sorted by value (nulls last)."""
     rows = []
     for key, moments in groups.items():
         name, *value = json.loads(key) or [None]
         if name == axis:
-            rows.append({"value": value[0], "clip_score": moments.clip_score(), "fid": fid(moments),
+            rows.append({"value": value[0], "clip_score": moments.clip_score(), "fid": moments.fid,
                          "count": moments.n})
     return sorted(rows, key=lambda r: (r["value"] is None, type(r["value"]).__name__,
                                        0 if r["value"] is None else r["value"]))

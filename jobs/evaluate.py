@@ -22,6 +22,7 @@ from jobs.spec import TASK_CPUS, SpecError
 from stages import columns as C
 from stages import evaluate as E
 from stages import fid as F
+from stages import fid_agg as G
 from stages import output
 from stages.refs import ModelRefError, hub_entries, ref_kind
 from stages.storage import full_uri, join, url_to_fs
@@ -40,7 +41,7 @@ def evaluate(opts: EvalOptions) -> dict:
     start_ray(opts.verbose)  # joins RAY_ADDRESS when set, else starts a local Ray
     warnings: list[str] = []
     ref_stats = reference_stats(reference, inception, opts, warnings) if reference else None
-    groups = run_pass(opts, manifest, inception)
+    groups = run_pass(opts, manifest, inception, ref_stats)
     write_scores(opts, manifest)
     metrics = summarize(opts, groups, ref_stats, {"clip_model": clip, "inception": inception}, reference, warnings)
     if inception and groups[F.ALL].mean_cov() is not None:
@@ -177,7 +178,7 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
         ds = _read_manifest(check_run(ref.uri, (), so), (C.ROW_ID, C.IMAGE_URI, C.ERROR))
     else:
         ds = ray.data.from_items([{C.ROW_ID: u, C.IMAGE_URI: u, C.ERROR: ""} for u in ref.images])
-    moments = merge(_inception_stage(ds, opts), (), None, opts)[F.ALL]
+    moments = merge(_inception_stage(ds, opts), (), None, opts, None)[F.ALL]
     if moments.n < 2:
         raise SpecError(f"--fid-reference {ref.uri}: fewer than 2 readable images")
     warn_if_few(moments.n, f"the reference {ref.uri}", warnings)
@@ -210,16 +211,16 @@ def _inception_stage(ds: ray.data.Dataset, opts: EvalOptions) -> ray.data.Datase
         weights=opts.inception, storage_options=opts.storage_options), **pool_args(opts.pools))
 
 
-def merge(ds: ray.data.Dataset, by: tuple[str, ...], parts: str | None, opts: EvalOptions) -> dict:
-    """Reduce a dataset to per-group partial sums block by block, then fold them on the driver."""
-    stats = ds.map_batches(F.score_block, batch_size=opts.pools.stats_batch_size, batch_format="numpy",
-                           num_cpus=TASK_CPUS, fn_kwargs=dict(by=by, parts=parts, storage_options=opts.storage_options))
-    groups = F.merge_stats(stats.iter_rows())
-    groups.setdefault(F.ALL, F.Moments())
-    return groups
+def merge(ds: ray.data.Dataset, by: tuple[str, ...], parts: str | None, opts: EvalOptions,
+          ref_stats: dict | None) -> dict[str, G.GroupResult]:
+    """Each group's n, clip score and FID against `ref_stats`, merged inside Ray (see stages/fid_agg.py)."""
+    rows = ds.map_batches(G.score_block, batch_size=opts.pools.stats_batch_size, batch_format="numpy",
+                          num_cpus=TASK_CPUS, fn_kwargs=dict(by=by, parts=parts, storage_options=opts.storage_options))
+    return G.merge_groups(rows, ref_stats, opts.pools.stats_partitions)
 
 
-def run_pass(opts: EvalOptions, manifest: Manifest, inception: dict | None) -> dict[str, F.Moments]:
+def run_pass(opts: EvalOptions, manifest: Manifest, inception: dict | None,
+             ref_stats: dict | None) -> dict[str, G.GroupResult]:
     """read manifest → CLIP pool → Inception pool (with a reference) → per-block sums and score parts."""
     parts = _parts(opts)
     fs, path = url_to_fs(parts, opts.storage_options)
@@ -230,7 +231,7 @@ def run_pass(opts: EvalOptions, manifest: Manifest, inception: dict | None) -> d
         model=opts.clip_model, storage_options=opts.storage_options), **pool_args(opts.pools))
     if inception:
         ds = _inception_stage(ds, opts)
-    return merge(ds, opts.by, parts, opts)
+    return merge(ds, opts.by, parts, opts, ref_stats)
 
 
 def _parts(opts: EvalOptions) -> str:

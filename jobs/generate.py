@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always asks for a whole CPU
 ALL_STAGES = ("text", "prior", "decoder")
 DECODE_STAGES = ("text", "decoder")
+READ_ROWS = 65536  # prompt rows a read yields at once: expansion starts at once, whatever the file's size
 
 
 def run(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summary:
@@ -122,13 +123,15 @@ def stored_embeddings(output_uri: str, storage_options: dict, keys: ray.data.Dat
 def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0, tally=None,
                   only: np.ndarray | None = None) -> ray.data.Dataset:
     """read → expand rows (bounded batches) → drop done rows (an anti-join with the manifest's ids, when
-    `done_rows`; only the ids in `only`, where given) → fold identical rows → text pool → Stage C pool → embeddings → Stage B/A pool → images."""
+    `done_rows`; only the ids in `only`, where given) → fold identical rows → text pool → Stage C pool →
+    embeddings → Stage B/A pool → images."""
     ds = expanded(spec, table)
     if only is not None:  # a retry of failed rows: few ids
         ds = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ray.put(only)))
     if done_rows:
         ds = output.drop_done(ds, spec.output, spec.storage_options, done_rows)
-    ds = fold_identical(ds, prompts.planned_rows(spec, table.rows) if only is None else len(only), tally)
+    left = prompts.planned_rows(spec, table.rows) - done_rows if only is None else len(only)  # after the join
+    ds = fold_identical(ds, max(left, 1), tally)
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
     ds = _stage(ds, spec, TextEncoder, "text", tally)
@@ -141,7 +144,7 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
 def expanded(spec: JobSpec, table: prompts.PromptTable) -> ray.data.Dataset:
     """The planned rows: each prompt row × sweep combination × image, with its row id (bounded batches)."""
     ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
-                               num_cpus=TASK_CPUS)
+                               num_cpus=TASK_CPUS, batch_size=READ_ROWS)
     combos = prompts.sweep_combinations(spec.sweep)
     per_prompt = spec.generation.images_per_prompt
     return ds.map_batches(prompts.expand_table, batch_format="pyarrow", num_cpus=TASK_CPUS,

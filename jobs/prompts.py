@@ -59,14 +59,14 @@ def scan(spec: JobSpec) -> PromptTable:
     for path in files:
         name = full_uri(fs, path)
         try:
-            parquet = pq.ParquetFile(fs.open(path, "rb"))
+            parquet = pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False)  # pre-buffering: +140 MiB at 10M rows
         except (pa.ArrowInvalid, OSError) as err:
             raise SpecError(f"prompts: {name} is not a readable Parquet file ({err})") from None
         schema = parquet.schema_arrow
         present = _check_schema(schema, name)
         columns = columns or present
         offset = 0
-        for batch in parquet.iter_batches(batch_size=65536, columns=list(present)):
+        for batch in parquet.iter_batches(batch_size=65536, columns=list(present), use_threads=False):
             _check_rows(batch, name, offset, spec.generation.images_per_prompt)
             offset += batch.num_rows
         rows += offset
@@ -220,11 +220,41 @@ def shape_order(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {col: np.asarray(values)[order] for col, values in batch.items()}
 
 
+ID_COLUMNS = tuple(sorted((C.PROMPT, *C.OVERRIDABLE, C.CHECKPOINT)))  # the keys of a row id's JSON, in its order
+
+
 def identify(rows: dict[str, np.ndarray], model: dict) -> None:
-    """Set each row's checkpoint identity (its prior, the decoder, the dtype) and its row id."""
-    rows[C.CHECKPOINT] = np.asarray([f"prior={p} decoder={model['decoder']} dtype={model['dtype']}"
-                                     for p in rows[C.PRIOR_CHECKPOINT]], dtype=object)
-    rows[C.ROW_ID] = np.asarray([row_id(rows, i) for i in range(len(rows[C.PROMPT]))], dtype=object)
+    """Set each row's checkpoint identity (its prior, the decoder, the dtype) and its row id (`row_id`'s value,
+    formed column-wise: integers printed by Arrow, other values' JSON once per distinct value, the rows' texts
+    joined by Arrow, then one sha256 a row)."""
+    suffix = f" decoder={model['decoder']} dtype={model['dtype']}"
+    rows[C.CHECKPOINT] = _per_distinct(rows[C.PRIOR_CHECKPOINT], lambda p: f"prior={p}{suffix}").to_numpy(
+        zero_copy_only=False).astype(object)
+    pieces = []
+    for i, col in enumerate(ID_COLUMNS):
+        pieces += [("{" if i == 0 else ", ") + json.dumps(col) + ": ", _json_texts(rows[col], col)]
+    texts = pc.binary_join_element_wise(*pieces, "}", "").cast(pa.binary()).to_pylist()
+    rows[C.ROW_ID] = np.asarray([hashlib.sha256(t).hexdigest()[:32] for t in texts], dtype=object)
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(value, ensure_ascii=False), built once
+
+
+def _json_texts(values: np.ndarray, col: str) -> pa.Array:
+    """Each value's JSON as `row_id` writes it (floats for the float parameters)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iu" and col not in C.FLOAT_PARAMS:
+        return pa.array(values).cast(pa.string())  # an integer's JSON is its decimal digits
+    if col in C.FLOAT_PARAMS:
+        return _per_distinct(values.astype(np.float64), lambda v: _JSON(float(v)))
+    return _per_distinct(values, _JSON)
+
+
+def _per_distinct(values: np.ndarray, text) -> pa.Array:
+    """`text(v)` for each row's value v, called once per distinct value (Arrow's hash dictionary, which keeps
+    -0.0 and 0.0 apart)."""
+    encoded = pa.array(np.asarray(values)).dictionary_encode(null_encoding="encode")
+    return pa.array([text(v) for v in encoded.dictionary.to_pylist()], pa.string()).take(encoded.indices)
 
 
 def _filled(values, default, n: int) -> np.ndarray:

@@ -37,6 +37,7 @@ PATH = "path"  # the column Ray Data's include_paths adds
 ROWS_PER_PARTITION = 500_000  # done ids per join partition (≈ 40 MB in one aggregator)
 ROW_GROUP = 65536  # rows per row group of a compacted part
 THREADS = 16  # footer readers (object stores answer in parallel)
+MERGE_THREADS = 4  # compacted parts written at once (each holds one row group of ROW_GROUP rows)
 
 
 def folder(output: str, name: str, storage_options: dict | None) -> tuple[object, str]:
@@ -195,18 +196,19 @@ def compact(output: str, name: str, storage_options: dict | None, min_parts: int
     groups: dict[pa.Schema, list[tuple[str, int]]] = {}
     for file, schema, rows in _footers(fs, small):
         groups.setdefault(schema, []).append((file, rows))
-    replaced = 0
+    merges = []
     for schema, parts in groups.items():
         batch, rows = [], 0
         for file, count in parts:
             batch.append(file)
             rows += count
             if rows >= target_rows:
-                replaced += _merge(fs, batch, schema)
+                merges.append((batch, schema))
                 batch, rows = [], 0
         if len(batch) > 1:
-            replaced += _merge(fs, batch, schema)
-    return replaced
+            merges.append((batch, schema))
+    with ThreadPoolExecutor(max_workers=MERGE_THREADS) as pool:  # Parquet reading/writing leaves the GIL
+        return sum(pool.map(lambda merge: _merge(fs, *merge), merges))
 
 
 def _footers(fs, files: list[str]):

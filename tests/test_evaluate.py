@@ -60,27 +60,49 @@ def test_frechet_matches_scipy_and_is_zero_on_itself():
     assert abs(F.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
 
 
-def test_merged_block_sums_equal_statistics_of_all_features():
+def test_groups_merged_in_ray_equal_numpy_statistics_per_value(ray_cluster):
+    """--by over 400 values (1 to ~2600 rows each) and a 3-value axis: each group's count, clip score and FID as
+    numpy computes them from that group's rows; only ALL brings its mean and covariance to the driver."""
+    import ray
+
+    from stages import fid_agg as G
+
     rng = np.random.default_rng(1)
-    x = rng.random((50, 96), dtype=np.float32) * 3  # any width: the sums do not assume 2048
-    guidance = np.asarray([GUIDANCES[i % 3] for i in range(50)])
-    errors = np.asarray(["" if i != 7 else "cannot read" for i in range(50)], dtype=object)
-    clip = rng.random(50) * 30
-    rows = []
-    for lo, hi in ((0, 13), (13, 14), (14, 50)):  # uneven blocks, one of a single row
-        batch = {C.ROW_ID: np.arange(lo, hi), E.FEATURES: x[lo:hi], E.EVAL_ERROR: errors[lo:hi],
-                 E.CLIP_SCORE: clip[lo:hi], C.DECODER_GUIDANCE: guidance[lo:hi]}
-        out = F.block_stats(batch, by=(C.DECODER_GUIDANCE,))
-        rows += [{k: v[i] for k, v in out.items()} for i in range(len(out["n"]))]
-    merged = F.merge_stats(rows)
+    n, d = 6000, 8  # any width: the merge does not assume 2048
+    prompt = np.where(rng.random(n) < 0.45, 0, rng.integers(1, 400, n))  # value 0: > RAW_MAX rows, folded to sums
+    x = (rng.random((n, d), dtype=np.float32) * 3 + prompt[:, None] % 5).astype(np.float32)
+    clip, guidance = rng.random(n) * 30, np.asarray(GUIDANCES)[np.arange(n) % 3]
+    errors = np.where(np.arange(n) % 97 == 5, "cannot read", "")
+    ref_x = rng.standard_normal((300, d)) + 1
+    ref = {"mu": ref_x.mean(0), "sigma": np.cov(ref_x, rowvar=False)}
+
+    def rows(batch, ids):
+        i = batch["id"]
+        return {C.ROW_ID: i.astype(str), "prompt": prompt[i], C.DECODER_GUIDANCE: guidance[i], E.FEATURES: x[i],
+                E.CLIP_SCORE: clip[i], E.EVAL_ERROR: errors[i].astype(object)}
+
+    ds = ray.data.range(n, override_num_blocks=4).map_batches(rows, fn_kwargs=dict(ids=None), batch_size=None)
+    ds = ds.map_batches(G.score_block, batch_size=3000, batch_format="numpy",
+                        fn_kwargs=dict(by=("prompt", C.DECODER_GUIDANCE)))
+    groups = G.merge_groups(ds, ref, partitions=4)
     ok = errors == ""
-    for key, mask in [(F.ALL, ok)] + [(json.dumps([C.DECODER_GUIDANCE, g]), ok & (guidance == g)) for g in GUIDANCES]:
-        mu, sigma = merged[key].mean_cov()
-        feats = x[mask].astype(np.float64)
-        assert merged[key].n == mask.sum()
-        np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-12)
-        np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-9, atol=1e-12)
-        assert merged[key].clip_score() == pytest.approx(clip[mask].mean(), rel=1e-12)
+    expected = [(F.ALL, ok)] + [(json.dumps(["prompt", int(p)]), ok & (prompt == p)) for p in np.unique(prompt)] + \
+        [(json.dumps([C.DECODER_GUIDANCE, g]), ok & (guidance == g)) for g in GUIDANCES]
+    assert set(groups) == {key for key, mask in expected if mask.any()} and len(groups) > 300
+    assert groups[json.dumps(["prompt", 0])].n > G.RAW_MAX
+    for key, mask in expected:
+        got, feats = groups.get(key), x[mask].astype(np.float64)
+        if not mask.any():
+            continue
+        assert got.n == mask.sum() and got.clip_score() == pytest.approx(clip[mask].mean(), rel=1e-12), key
+        if mask.sum() < 2:
+            assert got.fid is None
+            continue
+        assert got.fid == pytest.approx(frechet_from_features(ref_x, feats), rel=1e-6, abs=1e-9), key
+        assert (got.mean_cov() is not None) == (key == F.ALL)
+    mu, sigma = groups[F.ALL].mean_cov()
+    np.testing.assert_allclose(mu, x[ok].astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x[ok].astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
 
 
 # --- a tiny CLIP and small runs on disk -------------------------------------------------------

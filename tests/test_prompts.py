@@ -91,6 +91,25 @@ def test_row_id_is_a_stable_hash_of_what_makes_the_image():
     assert expand(other_model, prompt=["a cat"])[C.ROW_ID][0] != first[0]
 
 
+def test_row_ids_formed_column_wise_equal_the_per_row_definition():
+    """Outputs written before keep their ids: quotes, escapes, control and non-ASCII characters, -0.0 beside 0.0,
+    float reprs, huge seeds, two prior checkpoints; and one id pinned to its value."""
+    from jobs.prompts import identify, row_id
+
+    n, awkward = 700, ['a "q"', "back\\slash", "nl\nx", "tab\t", "ctl\x01\x1f", "ünï €", "\u2028", "🎉", "", "p"]
+    rows = {C.PROMPT: np.asarray([awkward[i % 10] + str(i % 37) for i in range(n)], dtype=object),
+            C.NEGATIVE_PROMPT: np.asarray([awkward[i % 7] for i in range(n)], dtype=object),
+            C.SEED: np.random.default_rng(0).integers(-2 ** 62, 2 ** 62, n), C.HEIGHT: np.full(n, 128),
+            C.WIDTH: np.full(n, 96), C.PRIOR_STEPS: np.arange(n) % 3, C.DECODER_STEPS: np.full(n, 12),
+            C.PRIOR_GUIDANCE: np.asarray([[0.1, 4.0, -0.0, 0.0, 1e-5, 1e20, 2.5][i % 7] for i in range(n)]),
+            C.DECODER_GUIDANCE: np.asarray([[1 / 3, 0.0][i % 2] for i in range(n)]),
+            C.PRIOR_CHECKPOINT: np.asarray([['{"x": 1}', "tiny"][i % 2] for i in range(n)], dtype=object)}
+    identify(rows, dict(decoder="tiny", dtype="float32"))
+    assert list(rows[C.ROW_ID]) == [row_id(rows, i) for i in range(n)]
+    assert len(set(rows[C.ROW_ID][[2, 3]])) == 2  # -0.0 and 0.0 guidance: other JSON, other ids
+    assert expand(spec_for("x"), prompt=["a cat"])[C.ROW_ID][0] == "3507be42f93f783798d6c5eb5023e5ee"
+
+
 # The README's list of what determines an image, each changed alone: (spec changes, column changes).
 BASE_GENERATION = dict(height=256, width=256, prior_steps=None, prior_guidance_scale=4.0, decoder_steps=12,
                        decoder_guidance_scale=0.0, negative_prompt="", seed=5)
