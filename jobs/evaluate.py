@@ -16,6 +16,7 @@ from PIL import Image
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from jobs.console import start_ray
+from jobs.retries import configure_ray_data
 from jobs.eval_args import EvalOptions, PoolOptions, add_parser, run_from_args  # noqa: F401 - this module's interface
 from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
 from jobs.spec import TASK_CPUS, SpecError
@@ -39,6 +40,7 @@ def evaluate(opts: EvalOptions) -> dict:
     reference = check_reference(opts.fid_reference, opts.storage_options)
     inception = check_inception(opts) if reference else None
     start_ray(opts.verbose)  # joins RAY_ADDRESS when set, else starts a local Ray
+    configure_ray_data()  # the run's reader and store retries
     warnings: list[str] = []
     ref_stats = reference_stats(reference, inception, opts, warnings) if reference else None
     groups = run_pass(opts, manifest, inception, ref_stats)
