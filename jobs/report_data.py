@@ -98,8 +98,7 @@ def count_rows(dataset: pads.Dataset, view: ManifestView) -> np.ndarray:
     columns = [C.ROW_ID, C.ERROR, C.INPUT_ROWS, *(c for _, seconds, node in STAGES for c in (seconds, node))]
     for batch in batches(dataset, columns):
         keys = id_keys(batch.column(C.ROW_ID))
-        inputs = batch.column(C.INPUT_ROWS)
-        view.folded += (pc.sum(inputs).as_py() or 0) - (len(inputs) - inputs.null_count)
+        view.folded += output.folded_in(batch.column(C.INPUT_ROWS))
         every.append(keys)
         ok.append(keys[pc.is_null(batch.column(C.ERROR)).to_numpy(zero_copy_only=False)])
         for name, seconds, node in STAGES:

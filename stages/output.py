@@ -116,11 +116,15 @@ def folded_rows(output: str, storage_options: dict | None) -> int:
             parquet = pq.ParquetFile(f)
             if C.INPUT_ROWS not in parquet.schema_arrow.names:
                 return 0
-            column = parquet.read(columns=[C.INPUT_ROWS]).column(0)
-            return (pc.sum(column).as_py() or 0) - (len(column) - column.null_count)
+            return folded_in(parquet.read(columns=[C.INPUT_ROWS]).column(0))
 
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
         return sum(pool.map(folded, files))
+
+
+def folded_in(input_rows) -> int:
+    """Σ (input_rows - 1) of an Arrow column (null: an entry made without folding, one input row)."""
+    return (pc.sum(input_rows).as_py() or 0) - (len(input_rows) - input_rows.null_count)
 
 
 def read_parts(output: str, name: str, storage_options: dict | None, columns=None, include_paths: bool = False):
