@@ -16,7 +16,7 @@ from jobs import prompts, retry
 from jobs.console import start_ray
 from jobs.folding import fold_identical
 from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: part of this module's interface
-from jobs.isolation import isolating
+from jobs.isolation import isolating, load_error, load_warnings
 from jobs.progress import Progress, Tally, reporting
 from jobs.report import build_report, record_run
 from jobs.resume import Summary, filter_ids, summarize
@@ -109,7 +109,13 @@ def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> 
     try:
         ds = make(tally)
         with Progress(tally, list(stages), total):
-            ds.write_datasink(ManifestSink(spec.output, spec.storage_options), ray_remote_args={"num_cpus": TASK_CPUS})
+            try:
+                ds.write_datasink(ManifestSink(spec.output, spec.storage_options),
+                                  ray_remote_args={"num_cpus": TASK_CPUS})
+            except Exception as err:
+                raise load_error(err, ray.get(tally.failed_loads.remote())) or err
+        for line in load_warnings(ray.get(tally.failed_loads.remote())):
+            print(line, file=sys.stderr)
     finally:
         tally.__ray_terminate__.remote()  # after its queued counts (killing a pending actor makes the GCS log)
 

@@ -1,13 +1,15 @@
 """Row isolation in the stage actors: a row that fails (an exception on it, or an actor that dies on it again
-and again) gets an `error` in its manifest entry; its batch-mates and the run go on."""
+and again) gets an `error` in its manifest entry; its batch-mates and the run go on. A stage actor that cannot
+load its models is reported: a warning when other actors served the stage, else a one-line error."""
 
 from __future__ import annotations
 
 import numpy as np
 import ray
 
+from jobs.spec import SpecError
 from stages import columns as C
-from stages.storage import reason, transient
+from stages.storage import causes, reason, transient
 
 # An actor (OOM-killed, say) may die this often while one row runs alone in it; the row then fails. Ray Data
 # restarts the actor and retries its task each time (max_restarts=-1, max_task_retries=-1).
@@ -21,6 +23,14 @@ def isolating(cls, tally=None, stage: str = ""):
     stages pad every model call to a fixed micro-batch), so running it alone makes the same bits."""
     stage = stage or cls.__name__
 
+    def __init__(self, *args, **kwargs):
+        try:
+            cls.__init__(self, *args, **kwargs)
+        except Exception as err:
+            if tally is not None:  # before Ray Data replaces this actor, or ends the run
+                ray.get(tally.load_failed.remote(stage, cls.__name__, _node(), _one_line(err)))
+            raise
+
     def __call__(self, batch):
         ids = [str(i) for i in batch[C.ROW_ID]]
         retried = tally is not None and max(ray.get(tally.begin.remote(stage, ids)), default=0) > 1
@@ -30,7 +40,43 @@ def isolating(cls, tally=None, stage: str = ""):
             if tally is not None:
                 tally.end.remote(stage, ids)
 
-    return type(cls.__name__, (cls,), {"__call__": __call__, "__doc__": cls.__doc__})
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__call__": __call__, "__doc__": cls.__doc__})
+
+
+def load_error(err: BaseException, failed: dict[str, dict]) -> SpecError | None:
+    """The one-line error for a pass that ended because a stage's actors could not load its models (Ray Data
+    gives up after `max_consecutive_actor_init_deaths` in a row); None for any other failure. `failed`:
+    Tally.failed_loads()."""
+    if not failed or not any(isinstance(e, ray.exceptions.ActorDiedError) for e in causes(err)):
+        return None
+    text = str(err)
+    stages = [s for s, f in failed.items() if f"({f['class']})" in text] or list(failed)
+    return SpecError(f"{_stages(stages)}: the model could not be loaded ({_where(failed, stages)}); the rows "
+                     f"finished so far are kept: fix the cause and run the same command again")
+
+
+def load_warnings(failed: dict[str, dict]) -> list[str]:
+    """One line per stage whose model failed to load on some node while its other actors served it."""
+    return [f"warning: {_stages([s])}: the model could not be loaded on {_where(failed, [s])} (the stage's "
+            f"other actors served it)" for s in failed]
+
+
+def _stages(stages: list[str]) -> str:
+    return ", ".join(f"stages.{s}" for s in stages)
+
+
+def _where(failed: dict[str, dict], stages: list[str]) -> str:
+    return "; ".join(f"node {node}: {why}" for s in stages for node, why in failed[s]["nodes"].items())
+
+
+def _node() -> str:
+    context = ray.get_runtime_context()
+    return f"{context.get_node_id()[:8]} at {ray.util.get_node_ip_address()}"
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _run(self, cls, batch, stage, tally, alone: bool):

@@ -24,6 +24,7 @@ class Tally:
         self.rows: dict[str, int] = {}
         self.tries: dict[tuple[str, str], int] = {}  # (stage, row id) → tries of the batch holding it
         self.alone_tries: dict[tuple[str, str], int] = {}  # … → tries of the row run alone
+        self.loads: dict[str, dict] = {}  # stage → its class name and {node: why} where its models failed to load
 
     def begin(self, stage: str, ids: list[str]) -> list[int]:
         """Count a try of a batch; the tries so far of each of its rows."""
@@ -45,6 +46,13 @@ class Tally:
         for i in ids:
             self.tries.pop((stage, i), None)
             self.alone_tries.pop((stage, i), None)
+
+    def load_failed(self, stage: str, cls: str, node: str, why: str) -> None:
+        """A stage actor on `node` could not load its models (the latest reason per node is kept)."""
+        self.loads.setdefault(stage, {"class": cls, "nodes": {}})["nodes"][node] = why
+
+    def failed_loads(self) -> dict[str, dict]:
+        return self.loads
 
     def add(self, stage: str, rows: int) -> None:
         self.rows[stage] = self.rows.get(stage, 0) + rows

@@ -1,4 +1,5 @@
-"""A real multi-node Ray on this machine: each stage runs only on its own group's node, joined via RAY_ADDRESS."""
+"""A real multi-node Ray on this machine, joined via RAY_ADDRESS: each stage runs only on its own group's node;
+a node whose disk is broken (no model can be cached there) is passed over while other nodes serve."""
 
 import os
 import subprocess
@@ -19,7 +20,11 @@ def cluster(model_cache):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
-    nodes = {g: cluster.add_node(num_cpus=1, resources={f"{g}_group": 1}) for g in GROUPS}
+    nodes = {g: cluster.add_node(num_cpus=1, resources={f"{g}_group": 1}) for g in ("text", "prior")}
+    nodes["decoder"] = cluster.add_node(num_cpus=1, resources={"decoder_group": 1, "serve": 1})
+    # A node that cannot load any model: its model cache is not a folder (a full or broken disk).
+    nodes["broken"] = cluster.add_node(num_cpus=1, resources={"serve": 1, "broken_group": 1},
+                                       env_vars={"WUERSTCHEN_BATCH_CACHE": "/dev/null/cache"})
     cluster.wait_for_nodes()
     yield cluster.address, {g: node.node_id for g, node in nodes.items()}
     cluster.shutdown()
@@ -60,3 +65,30 @@ def test_a_group_without_nodes_is_a_clear_error(cluster, tmp_path):
     assert last.startswith("error: stages.prior: no node of the Ray cluster offers h100_group")
     assert "after waiting 2 s" in last and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "manifest").exists()
+
+
+def test_a_node_that_cannot_load_the_model_is_passed_over(cluster, tmp_path):
+    address, node_ids = cluster
+    stages = {g: {"batch_size": 2, "resources": {f"{g}_group": 0.5}} for g in ("text", "prior")}
+    stages["decoder"] = {"batch_size": 2, "concurrency": 2, "resources": {"serve": 0.6}}  # one actor a node
+    result = submit(tmp_path, address, **base_job(tmp_path), stages=stages)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = pq.read_table(tmp_path / "out" / "manifest").to_pylist()
+    assert sorted(row[C.SEED] for row in manifest) == list(range(6)) and not any(r[C.ERROR] for r in manifest)
+    assert {row[C.DECODER_NODE] for row in manifest} == {node_ids["decoder"]}
+    warning = next(line for line in result.stderr.splitlines() if line.startswith("warning: stages.decoder"))
+    assert f"node {node_ids['broken'][:8]}" in warning and "Not a directory: '/dev/null/cache'" in warning
+
+
+def test_a_stage_no_node_can_load_is_a_clear_error(cluster, tmp_path):
+    address, _ = cluster
+    stages = {g: {"batch_size": 2, "resources": {f"{g}_group": 0.5}} for g in ("text", "prior")}
+    stages["decoder"] = {"batch_size": 2, "resources": {"broken_group": 0.5}}
+    result = submit(tmp_path, address, **base_job(tmp_path), stages=stages)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stages.decoder: the model could not be loaded (node "), last
+    assert "NotADirectoryError: [Errno 20] Not a directory: '/dev/null/cache'" in last
+    assert "jobs/cli.py" not in result.stderr  # no traceback of the driver
+    manifest = tmp_path / "out" / "manifest"
+    assert not manifest.exists() or pq.read_table(manifest).num_rows == 0
