@@ -76,7 +76,8 @@ def stored_keys(batch: dict[str, np.ndarray], decoder_params: dict, model: dict)
 
 
 def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) -> Summary:
-    from jobs.generate import DECODE_STAGES, close_output, decode_dataset, open_output, stored_embeddings, write_manifest
+    from jobs.generate import (DECODE_STAGES, EMBEDDINGS_PART_ROWS, close_output, coalesced, decode_dataset,
+                               open_output, stored_embeddings, write_manifest)
 
     run = spec.decoded_from
     done = open_output(spec, started, verbose)
@@ -94,9 +95,10 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
         ds = stored_embeddings(run, spec.storage_options, keys.select_columns([C.ROW_ID, output.PATH]))
         ds = ds.map_batches(redecode_rows, batch_format="numpy", num_cpus=TASK_CPUS,
                             fn_kwargs=dict(decoder_params=changed, model=model))
+        ds = coalesced(ds, max(stored - done, 0), EMBEDDINGS_PART_ROWS, spec)
         ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                             fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
-        return decode_dataset(spec, ds, tally)
+        return decode_dataset(spec, ds, tally, max(stored - done, 0))
 
     stored = output.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
     write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))

@@ -36,6 +36,12 @@ LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always ask
 ALL_STAGES = ("text", "prior", "decoder")
 DECODE_STAGES = ("text", "decoder")
 READ_ROWS = 65536  # prompt rows a read yields at once: expansion starts at once, whatever the file's size
+# Rows per manifest / embeddings part a run writes: about RUN_PARTS parts per pass (a 10M-row run is not a
+# million small objects before its closing compaction), at most these many rows each (the finished work a kill
+# can leave unrecorded, made again on the resume; for embeddings, the Stage C rows before Stage B/A starts).
+RUN_PARTS = 1000
+MANIFEST_PART_ROWS = 1024
+EMBEDDINGS_PART_ROWS = 256
 
 
 def run(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summary:
@@ -56,7 +62,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     waiting = pending.count() if pending is not None else 0
     if pending is not None:
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
-            spec.output, spec.storage_options, pending), tally), DECODE_STAGES, waiting)
+            spec.output, spec.storage_options, pending), tally, waiting), DECODE_STAGES, waiting)
     finished_rows = done + waiting  # the rows in flight are done now
     todo = prompts.planned_rows(spec, table.rows) - finished_rows if only is None else len(only)
     if only is None or len(only):
@@ -142,9 +148,17 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
     ds = _stage(ds, spec, TextEncoder, "text", tally)
     ds = _stage(ds, spec, PriorStage, "prior", tally)
+    ds = coalesced(ds, left, EMBEDDINGS_PART_ROWS, spec)
     ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
-    return _decode_and_write(ds, spec, tally)
+    return _decode_and_write(ds, spec, tally, left)
+
+
+def coalesced(ds: ray.data.Dataset, rows: int, most: int, spec: JobSpec) -> ray.data.Dataset:
+    """`ds` in blocks of about rows / RUN_PARTS rows (at most `most`), where that is more than the text batch
+    the pipeline streams in: each block is written as one part."""
+    part = min(-(-rows // RUN_PARTS), most)
+    return ds.repartition(target_num_rows_per_block=part, strict=True) if part > spec.stages.text.batch_size else ds
 
 
 def expanded(spec: JobSpec, table: prompts.PromptTable) -> ray.data.Dataset:
@@ -160,13 +174,14 @@ def expanded(spec: JobSpec, table: prompts.PromptTable) -> ray.data.Dataset:
                                          combos=combos))
 
 
-def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None) -> ray.data.Dataset:
-    """Stored Stage C rows → text pool (for the decoder's text states) → Stage B/A pool → images."""
+def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None, rows: int = 0) -> ray.data.Dataset:
+    """Stored Stage C rows (about `rows`) → text pool (for the decoder's text states) → Stage B/A pool →
+    images."""
     stored = stored.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    return _decode_and_write(_stage(stored, spec, TextEncoder, "text", tally), spec, tally)
+    return _decode_and_write(_stage(stored, spec, TextEncoder, "text", tally), spec, tally, rows)
 
 
-def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally) -> ray.data.Dataset:
+def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int) -> ray.data.Dataset:
     ds = _stage(ds, spec, DecoderStage, "decoder", tally)
     kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format)
     if spec.output_format == "webdataset":  # shard blocks carry the images and scalars only (no text states)
@@ -174,7 +189,8 @@ def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally) -> ray.data.Da
         ds = ds.repartition(target_num_rows_per_block=spec.shard_size)
         return ds.map_batches(write_shard, batch_format="numpy", batch_size=spec.shard_size, num_cpus=TASK_CPUS,
                               fn_kwargs=kwargs)
-    return ds.map_batches(write_images, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=kwargs)
+    ds = ds.map_batches(write_images, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=kwargs)
+    return coalesced(ds, rows, MANIFEST_PART_ROWS, spec)
 
 
 def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, tally) -> ray.data.Dataset:

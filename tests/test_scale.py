@@ -109,3 +109,25 @@ def test_streaming_report_counts_each_row_once(tmp_path):
     listed = re.findall(r'<tr><td><code>([0-9a-f]{32})</code></td>', page)
     assert listed == sorted(ids[-2000:-500])[:500] and "Showing 500 of 1500 failed rows" in page
     assert re.search(r"decoder</th><td class=\"num\">(\d+)<", page).group(1) == str(ROWS)  # timed once each
+
+
+def test_a_run_writes_few_large_parts(tmp_path, ray_cluster, monkeypatch):
+    """A run writes about RUN_PARTS manifest and embeddings parts whatever its text batch (here 4 parts of
+    6 rows for 24 rows in text batches of 2), each row once."""
+    from conftest import write_prompts
+
+    from jobs import generate
+    from jobs.spec import spec_from_dict
+
+    monkeypatch.setattr(generate, "RUN_PARTS", 4)  # a 24-row run stands for a big one: 6 rows a part
+    rows = [{C.PROMPT: f"prompt {i}", C.SEED: i} for i in range(24)]
+    out = tmp_path / "out"
+    job = {"prompts": write_prompts(tmp_path / "p.parquet", rows), "output": str(out),
+           "generation": {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2},
+           "stages": {name: {"batch_size": 2} for name in ("text", "prior", "decoder")}}
+    generate.run(spec_from_dict(job))
+    for folder in ("embeddings", "manifest"):
+        sizes = [pq.ParquetFile(p).metadata.num_rows for p in (out / folder).glob("*.parquet")]
+        assert sorted(sizes) == [6, 6, 6, 6], (folder, sizes)
+    ids = pq.read_table(out / "manifest").column(C.ROW_ID).to_pylist()
+    assert len(ids) == len(set(ids)) == 24 and len(list((out / "images").rglob("*.png"))) == 24
