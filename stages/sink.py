@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 
 import pyarrow.parquet as pq
 from ray.data import Datasink
@@ -18,6 +19,9 @@ class ManifestSink(Datasink):
 
     def __init__(self, output: str, storage_options: dict):
         self.output, self.storage_options = output, storage_options
+        # A part's name: its rows and this pass. A retried write task of the pass overwrites its part; a later
+        # pass never reuses the name of a part that a compaction replaced (its footer lists that name).
+        self.pass_id = uuid.uuid4().hex
 
     def write(self, blocks, ctx) -> int:
         fs, root = folder(self.output, MANIFEST, self.storage_options)
@@ -27,7 +31,7 @@ class ManifestSink(Datasink):
             if table.num_rows:
                 sink = io.BytesIO()
                 pq.write_table(table, sink)
-                write_atomic(fs, join(root, f"{block_name(table.column(C.ROW_ID).to_pylist())}.parquet"),
-                             sink.getvalue())
+                name = block_name([self.pass_id, *table.column(C.ROW_ID).to_pylist()])
+                write_atomic(fs, join(root, f"{name}.parquet"), sink.getvalue())
                 rows += table.num_rows
         return rows

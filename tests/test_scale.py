@@ -131,3 +131,20 @@ def test_a_run_writes_few_large_parts(tmp_path, ray_cluster, monkeypatch):
         assert sorted(sizes) == [6, 6, 6, 6], (folder, sizes)
     ids = pq.read_table(out / "manifest").column(C.ROW_ID).to_pylist()
     assert len(ids) == len(set(ids)) == 24 and len(list((out / "images").rglob("*.png"))) == 24
+
+
+def test_rows_made_again_after_a_compaction_are_listed(tmp_path):
+    """A pass's sink writes 2-row parts, compaction merges them, --retry-failed takes one part's failed rows
+    out, the next pass writes those same rows again: every row is listed once (a new part is never taken for
+    a part the compaction replaced)."""
+    from jobs.retry import drop_failed
+    from stages.sink import ManifestSink
+
+    ids = random_ids(128, 3)
+    blocks = [manifest_table(ids[k:k + 2], failed=k == 10) for k in range(0, 128, 2)]
+    ManifestSink(str(tmp_path), {}).write(blocks, None)
+    assert output.compact(str(tmp_path), output.MANIFEST, {}) == 64
+    drop_failed(str(tmp_path), {}, np.asarray(sorted(ids[10:12])))
+    assert sorted(live_ids(tmp_path)) == sorted(ids[:10] + ids[12:])
+    ManifestSink(str(tmp_path), {}).write([manifest_table(ids[10:12])], None)  # the retry's pass
+    assert sorted(live_ids(tmp_path)) == sorted(ids)
