@@ -24,6 +24,7 @@ TRANSIENT_ERRORS = [
     "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError", "ConnectionResetError",
     "ConnectionRefusedError", "SlowDown", "Reduce your request rate", "ServiceUnavailable", "Service Unavailable",
     "InternalError", "We encountered an internal error", "reached max retries",
+    "ServiceRequestError", "ServiceResponseError",  # azure-core (adlfs): a request not sent / no response
 ]
 
 
