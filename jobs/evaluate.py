@@ -17,8 +17,8 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from jobs.console import start_ray
 from jobs.retries import configure_ray_data
 from jobs.eval_args import EvalOptions, PoolOptions, add_parser, run_from_args  # noqa: F401 - this module's interface
-from jobs.eval_scores import parts_uri, write_scores
 from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
+from jobs.eval_scores import parts_uri, write_scores
 from jobs.spec import TASK_CPUS, SpecError
 from stages import columns as C
 from stages import evaluate as E
