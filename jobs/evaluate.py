@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
@@ -19,6 +18,7 @@ from jobs.console import start_ray
 from jobs.retries import configure_ray_data
 from jobs.eval_args import EvalOptions, PoolOptions, add_parser, run_from_args  # noqa: F401 - this module's interface
 from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
+from jobs.eval_scores import parts_uri, write_scores
 from jobs.spec import TASK_CPUS, SpecError
 from stages import columns as C
 from stages import evaluate as E
@@ -30,7 +30,6 @@ from stages.storage import full_uri, join, url_to_fs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 REQUIRED = (C.ROW_ID, C.PROMPT, C.IMAGE_URI, C.ERROR)
-DROPPED = (C.ERROR, C.TEXT_SECONDS, C.PRIOR_SECONDS, C.DECODER_SECONDS, C.FINISHED_AT)  # not in scores.parquet
 
 
 def evaluate(opts: EvalOptions) -> dict:
@@ -44,7 +43,7 @@ def evaluate(opts: EvalOptions) -> dict:
     warnings: list[str] = []
     ref_stats = reference_stats(reference, inception, opts, warnings) if reference else None
     groups = run_pass(opts, manifest, inception, ref_stats)
-    write_scores(opts, manifest)
+    write_scores(opts.run, manifest, opts.storage_options)
     metrics = summarize(opts, groups, ref_stats, {"clip_model": clip, "inception": inception}, reference, warnings)
     if inception and groups[F.ALL].mean_cov() is not None:
         F.save_stats(join(opts.run, "eval", "fid_stats.npz"), groups[F.ALL],
@@ -224,7 +223,7 @@ def merge(ds: ray.data.Dataset, by: tuple[str, ...], parts: str | None, opts: Ev
 def run_pass(opts: EvalOptions, manifest: Manifest, inception: dict | None,
              ref_stats: dict | None) -> dict[str, G.GroupResult]:
     """read manifest → CLIP pool → Inception pool (with a reference) → per-block sums and score parts."""
-    parts = _parts(opts)
+    parts = parts_uri(opts.run)
     fs, path = url_to_fs(parts, opts.storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=True)  # left by an interrupted evaluation
@@ -234,40 +233,3 @@ def run_pass(opts: EvalOptions, manifest: Manifest, inception: dict | None,
     if inception:
         ds = _inception_stage(ds, opts)
     return merge(ds, opts.by, parts, opts, ref_stats)
-
-
-def _parts(opts: EvalOptions) -> str:
-    return join(opts.run, "eval", "scores.parts")
-
-
-def write_scores(opts: EvalOptions, manifest: Manifest) -> None:
-    """RUN/eval/scores.parquet: row_id, clip_score, eval_error and the manifest's params, in manifest order,
-    streamed: the driver holds the scores' compact ids and values (about 25 bytes a row), never a row object."""
-    fs, parts = url_to_fs(_parts(opts), opts.storage_options)
-    scores = pads.dataset(parts, filesystem=output.arrow_fs(fs), format="parquet")
-    values = [c for c in scores.schema.names if c != C.ROW_ID]
-    ids, table = [], []
-    for batch in scores.to_batches(columns=[C.ROW_ID, *values]):
-        ids.append(output.compact_ids(batch.column(C.ROW_ID)))
-        table.append(pa.Table.from_batches([batch]).select(values))
-    ids = np.concatenate(ids) if ids else np.zeros(0, "S16")
-    order = np.argsort(ids, kind="stable")
-    ids, table = ids[order], pa.concat_tables(table).take(pa.array(order)) if table else None
-    keep = [n for n in manifest.names if n not in DROPPED and n != C.ROW_ID]
-    params = pads.dataset(list(manifest.files), filesystem=manifest.pyarrow_fs(), format="parquet")
-    out_fs, path = url_to_fs(join(opts.run, "eval", "scores.parquet"), opts.storage_options)
-    writer = None
-    with output.open_atomic(out_fs, path) as sink:
-        for batch in params.to_batches(columns=[C.ROW_ID, *keep]):
-            wanted = output.compact_ids(batch.column(C.ROW_ID))
-            at = np.searchsorted(ids, wanted).clip(max=max(len(ids) - 1, 0))
-            if len(wanted) and (not len(ids) or (ids[at] != wanted).any()):
-                raise SpecError(f"{opts.run}: a manifest row has no score (rerun evaluate)")
-            rows = table.take(pa.array(at)) if len(wanted) else table.slice(0, 0)
-            chunk = pa.table([batch.column(C.ROW_ID), *rows.columns, *(batch.column(k) for k in keep)],
-                             names=[C.ROW_ID, *values, *keep])
-            writer = writer or pq.ParquetWriter(sink, chunk.schema)
-            writer.write_table(chunk)
-        if writer is not None:
-            writer.close()
-    fs.rm(parts, recursive=True)

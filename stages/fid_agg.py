@@ -6,17 +6,24 @@ Cost (D = 2048 feature dimensions, a group = the run (ALL) or one value of one -
 - the map task pre-aggregates per (block, group): the group's rows as float64 while it has at most RAW_MAX
   (= D) rows in the block (16 KiB a row), else n, Σclip, Σx and Σxxᵀ (D² float64 = 32 MiB); so a block ships
   at most 32 MiB + 16 KiB per group it holds, and only 16 KiB a row for the groups with few rows;
-- an aggregator holds one accumulator (≤ 32 MiB) per group of its partitions, plus the block accumulators Ray
-  queues before compacting them (Ray's threshold: 100 shards, doubling up to 2000). The partition holding ALL
-  receives one accumulator per block (≤ 16 MiB with the default 1024-row blocks): up to 1.6 GB queued at the
-  first threshold, more later on very large runs (Ray's thresholds are not configurable);
+- an aggregator holds one accumulator (≤ 32 MiB) per group of its partitions, plus the shards Ray queues per
+  partition (one per input block: the block's accumulators of that partition) until it compacts them into
+  one. Ray's threshold (100 shards, doubling after each compaction up to 2000) lets ALL's partition queue
+  2000 × 16 MiB at the default 1024-row blocks; `bounded_queue` makes it COMPACT_AT (8) for the merge, so a
+  compaction merges ≤ COMPACT_AT + C - 1 shards and at most C run at once, C = the aggregator's threads
+  (min(its partitions, 8): 1 when the cluster has as many CPUs as partitions). A shard of ALL is ≤ 16 MiB at
+  1024-row blocks (16 KiB × the block's rows of that partition in general): ≤ 8 × 16 MiB = 128 MiB queued
+  with C = 1, 8 × 15 × 16 MiB at worst with C = 8, plus one copy of what a compaction merges (Arrow concat);
+  none of it grows with the run (tests/test_fid_agg.py measures the merge's fan-in);
 - finalize turns a group into [n, Σclip, FID] (the FID against the reference inside the aggregator); only ALL
   also returns its mean and covariance (for fid_stats.npz): the driver holds 24 bytes a group, plus 32 MiB.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 
 import numpy as np
 import ray
@@ -29,6 +36,7 @@ from stages.fid import ALL, frechet_distance, mean_cov, plain, psd_sqrt
 GROUP = "group"
 RESULT = "fid_group"
 RAW_MAX = 2048  # rows a group keeps as raw features; one more and Σxxᵀ (D² floats) is the smaller form
+COMPACT_AT = 8  # shards of a partition an aggregator queues before merging them into one
 HEAD = 4  # accumulator: [n, Σclip, D, keep] then payload: n raw rows (n ≤ RAW_MAX) or Σx and Σxxᵀ
 
 
@@ -139,17 +147,48 @@ def score_block(batch: dict[str, np.ndarray], by: tuple[str, ...] = (), parts: s
 
 def merge_groups(ds: "ray.data.Dataset", reference: dict | None = None, partitions: int = 16,
                  keep_all: bool = True) -> dict[str, GroupResult]:
-    """Group an `explode`d dataset by GROUP inside Ray; the driver receives one short row per group.
-
-    Ray's hash-shuffle aggregation (aggregator actors that compact queued block accumulators) rather than the
-    default shuffle, whose reduce task holds every block's accumulator of its partition at once.
-    """
+    """Group an `explode`d dataset by GROUP inside Ray; the driver receives one short row per group."""
     ref = None
     if reference is not None:
         sigma = np.asarray(reference["sigma"], np.float64)
         ref = ray.put({"mu": np.asarray(reference["mu"], np.float64), "sigma": sigma, "root": psd_sqrt(sigma)})
-    ds.context.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
-    out = ds.groupby(GROUP, num_partitions=partitions).aggregate(GroupStats(ref, keep_all))
-    groups = {str(row[GROUP]): GroupResult(row[RESULT]) for row in out.iter_rows()}
+    groups = {key: GroupResult(value) for key, value in aggregate(ds, GroupStats(ref, keep_all), partitions)}
     groups.setdefault(ALL, GroupResult())
     return groups
+
+
+def aggregate(ds: "ray.data.Dataset", agg: AggregateFnV2, partitions: int) -> list[tuple[str, object]]:
+    """(group, finalized value) of each GROUP of `ds`, aggregated by Ray's hash-shuffle aggregation (aggregator
+    actors compacting queued block accumulators; the default shuffle's reduce task holds every block's
+    accumulator of its partition at once), its queue bounded by `bounded_queue`."""
+    ds.context.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
+    with bounded_queue():
+        out = ds.groupby(GROUP, num_partitions=partitions).aggregate(agg)
+        return [(str(row[GROUP]), row[agg.name]) for row in out.iter_rows()]
+
+
+# Ray 2.60 has no setting for the compaction threshold: HashAggregateOperator reads these class attributes on
+# the driver when it starts its aggregators (_get_min_max_partition_shards_compaction_thresholds) and hands
+# them to the actors. Equal min and max: no doubling. tests/test_fid_agg.py measures the bound, so a Ray that
+# renames or stops reading them fails there; here that Ray's own thresholds apply, with a warning.
+_THRESHOLDS = ("_DEFAULT_MIN_NUM_SHARDS_COMPACTION_THRESHOLD", "_DEFAULT_MAX_NUM_SHARDS_COMPACTION_THRESHOLD")
+
+
+@contextlib.contextmanager
+def bounded_queue(shards: int = COMPACT_AT):
+    """While open, Ray's hash aggregations started from this process compact every `shards` queued shards."""
+    try:
+        from ray.data._internal.execution.operators.hash_aggregate import HashAggregateOperator as op
+    except ImportError:
+        op = None
+    saved = {name: vars(op)[name] for name in _THRESHOLDS if name in vars(op)} if op else {}
+    if len(saved) < len(_THRESHOLDS):
+        warnings.warn(f"ray {ray.__version__}: no compaction thresholds to set; the FID merge's aggregator "
+                      "queues follow Ray's defaults (see stages/fid_agg.py)", stacklevel=3)
+    try:
+        for name in saved:
+            setattr(op, name, shards)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(op, name, value)

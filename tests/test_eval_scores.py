@@ -1,0 +1,78 @@
+"""scores.parquet: each manifest row once, with its own scores and params; a row without a score is an error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import eval_scores as S
+from jobs import evaluate as J
+from jobs.spec import SpecError
+from stages import columns as C
+from stages import evaluate as E
+
+
+def make_run(root, n: int, parts: int = 3) -> tuple[str, pa.Table]:
+    """A manifest of `n` rows in `parts` parts (ids in no order) and its score parts, cut elsewhere."""
+    rng = np.random.default_rng(0)
+    ids = np.asarray([f"{i:05x}" for i in rng.permutation(n)])
+    manifest = pa.table({C.ROW_ID: ids, C.PROMPT: [f"prompt {i}" for i in ids], C.IMAGE_URI: [f"{i}.png" for i in ids],
+                         C.ERROR: pa.nulls(n, pa.string()), C.SEED: np.arange(n), C.FINISHED_AT: np.ones(n),
+                         "style": pa.array([["a", "b"][i % 2] for i in range(n)])})
+    (root / "manifest").mkdir(parents=True)
+    for k, cut in enumerate(np.array_split(np.arange(n), parts)):
+        pq.write_table(manifest.take(cut), root / "manifest" / f"part-{k}.parquet")
+    scores = pa.table({C.ROW_ID: ids, E.CLIP_SCORE: rng.random(n) * 30,
+                       E.EVAL_ERROR: pa.array([None if i % 50 else "cannot read" for i in range(n)], pa.string())})
+    (root / "eval" / "scores.parts").mkdir(parents=True)
+    for k, cut in enumerate(np.array_split(rng.permutation(n), 7)):
+        pq.write_table(scores.take(cut), root / "eval" / "scores.parts" / f"{k}.parquet")
+    return str(root), manifest.join(scores, C.ROW_ID)
+
+
+def test_scores_file_holds_each_manifest_row_once_in_row_id_order(ray_cluster, tmp_path):
+    """5000 rows, a block scored twice (a retried task): one file, every row once with its scores and params."""
+    run, expected = make_run(tmp_path / "run", 5000)
+    pq.write_table(pq.read_table(f"{run}/eval/scores.parts/3.parquet"), f"{run}/eval/scores.parts/3-again.parquet")
+    S.write_scores(run, J.check_run(run, (), {}), {})
+    got = pq.read_table(f"{run}/eval/scores.parquet")
+    assert got.column_names == [C.ROW_ID, E.CLIP_SCORE, E.EVAL_ERROR, C.PROMPT, C.IMAGE_URI, C.SEED, "style"]
+    assert got.column(C.ROW_ID).to_pylist() == sorted(expected.column(C.ROW_ID).to_pylist())
+    assert got.equals(expected.sort_by(C.ROW_ID).select(got.column_names))
+    assert not (tmp_path / "run" / "eval" / "scores.parts").exists()
+
+
+def test_a_manifest_row_without_a_score_is_named_and_no_file_is_left(ray_cluster, tmp_path):
+    run, expected = make_run(tmp_path / "run", 3000)
+    part = f"{run}/eval/scores.parts/5.parquet"
+    table = pq.read_table(part)
+    dropped = table.column(C.ROW_ID)[17].as_py()
+    pq.write_table(table.filter(pa.compute.not_equal(table.column(C.ROW_ID), dropped)), part)
+    with pytest.raises(SpecError, match=f"the manifest row {dropped} has no score"):
+        S.write_scores(run, J.check_run(run, (), {}), {})
+    assert not list((tmp_path / "run" / "eval").glob("*scores.parquet*"))
+
+
+def batches(table: pa.Table, sizes) -> list[pa.Table]:
+    cuts = np.cumsum([0, *sizes])
+    return [table.slice(a, b - a) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+@pytest.mark.parametrize("params_sizes, scores_sizes", [([5, 0, 7, 8], [1, 19]), ([20], [3, 3, 3, 3, 8]),
+                                                        ([1] * 20, [20])])
+def test_aligned_pairs_rows_whatever_the_batches(params_sizes, scores_sizes):
+    ids = pa.array([f"id{i:03d}" for i in range(20)])
+    params = pa.table({C.ROW_ID: ids, "p": np.arange(20)})
+    scores = pa.table({C.ROW_ID: ids, E.CLIP_SCORE: np.arange(20) * 1.5, E.EVAL_ERROR: pa.nulls(20, pa.string())})
+    pairs = list(S.aligned(batches(params, params_sizes), batches(scores, scores_sizes), "RUN"))
+    assert pa.concat_tables([b for b, _ in pairs]).equals(params)
+    assert pa.concat_tables([s for _, s in pairs]).equals(scores.select(list(S.SCORES)))
+    doubled = pa.concat_tables([scores.slice(0, 8), scores.slice(7, 13)])  # id007 twice, across two batches
+    assert len(list(S.aligned(batches(params, params_sizes), batches(doubled, [8, 13]), "RUN"))) == len(pairs)
+    with pytest.raises(SpecError, match="RUN: the manifest row id019 has no score"):
+        list(S.aligned(batches(params, params_sizes), [scores.slice(0, 19)], "RUN"))
+    with pytest.raises(SpecError, match="a score for id020, a row not in the manifest"):
+        list(S.aligned([params], [scores, pa.table({C.ROW_ID: ["id020"], E.CLIP_SCORE: [1.0],
+                                                    E.EVAL_ERROR: pa.nulls(1, pa.string())})], "RUN"))
