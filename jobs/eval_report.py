@@ -6,6 +6,8 @@ import io
 import json
 import logging
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages import columns as C
@@ -15,6 +17,7 @@ from stages.storage import join, url_to_fs, write_atomic
 
 log = logging.getLogger(__name__)
 MIN_FID_IMAGES = 2048  # more images than feature dimensions, or the covariance is rank-deficient
+MAX_FAILURES_LISTED = 10_000  # rows not evaluated that metrics.json lists (scores.parquet has them all)
 DEFINITIONS = {
     "clip_score": "per image 100 * max(cos(image_embeds, text_embeds), 0), transformers CLIPModel/CLIPProcessor, "
                   "prompt truncated to the text model's positions; run and slice score = mean over evaluated images",
@@ -50,10 +53,12 @@ def summarize(opts, groups: dict, ref_stats: dict | None, models: dict, referenc
     overall = groups[F.ALL]
     if ref_stats is not None:
         warn_if_few(overall.n, opts.run, warnings)
-    failures = read_failures(opts.run, opts.storage_options)
+    failures, failed = read_failures(opts.run, opts.storage_options)
     if failures:
-        warn(f"{len(failures)} image(s) not evaluated, e.g. row {failures[0]['row_id']}: {failures[0]['error']} "
-             f"(all in metrics.json 'failures')", warnings)
+        where = "metrics.json 'failures'" if failed == len(failures) else \
+            f"the first {len(failures)} in metrics.json 'failures', all in scores.parquet's eval_error"
+        warn(f"{failed} image(s) not evaluated, e.g. row {failures[0]['row_id']}: {failures[0]['error']} "
+             f"({where})", warnings)
     return {
         "run": opts.run, "images": overall.n, "clip_score": overall.clip_score(), "fid": overall.fid, **models,
         "fid_reference": None if reference is None else {
@@ -76,13 +81,19 @@ def by_axis(axis: str, groups: dict) -> list[dict]:
                                        0 if r["value"] is None else r["value"]))
 
 
-def read_failures(run: str, storage_options: dict) -> list[dict]:
-    """Rows not evaluated, by row_id, from scores.parquet."""
+def read_failures(run: str, storage_options: dict, most: int = MAX_FAILURES_LISTED) -> tuple[list[dict], int]:
+    """The first `most` rows not evaluated (row_id, error) and their count, from scores.parquet, streamed: only
+    the failed rows are kept."""
     fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)
+    listed, count = [], 0
     with fs.open(path) as f:
-        table = pq.read_table(f, columns=[C.ROW_ID, E.EVAL_ERROR])
-    ids, errors = table.column(C.ROW_ID).to_pylist(), table.column(E.EVAL_ERROR).to_pylist()
-    return [{"row_id": r, "error": e} for r, e in zip(ids, errors) if e is not None]
+        for batch in pq.ParquetFile(f).iter_batches(columns=[C.ROW_ID, E.EVAL_ERROR], batch_size=65536):
+            failed = pa.Table.from_batches([batch]).filter(pc.is_valid(batch.column(E.EVAL_ERROR)))
+            count += failed.num_rows
+            for row_id, error in zip(*(failed.column(c).to_pylist() for c in (C.ROW_ID, E.EVAL_ERROR))):
+                if len(listed) < most:
+                    listed.append({"row_id": row_id, "error": error})
+    return listed, count
 
 
 def numeric(rows: list[dict]) -> bool:

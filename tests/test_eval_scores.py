@@ -76,3 +76,19 @@ def test_aligned_pairs_rows_whatever_the_batches(params_sizes, scores_sizes):
     with pytest.raises(SpecError, match="a score for id020, a row not in the manifest"):
         list(S.aligned([params], [scores, pa.table({C.ROW_ID: ["id020"], E.CLIP_SCORE: [1.0],
                                                     E.EVAL_ERROR: pa.nulls(1, pa.string())})], "RUN"))
+
+
+def test_failures_are_counted_streaming_and_listed_up_to_a_cap(tmp_path):
+    """metrics.json lists the first failures (up to a cap) and counts them all, from scores.parquet in batches."""
+    from jobs.eval_report import read_failures
+
+    n = 150_000
+    errors = [None] * n
+    for i in (3, 70_000, 70_001, 140_000, n - 1):
+        errors[i] = f"unreadable {i}"
+    (tmp_path / "eval").mkdir()
+    pq.write_table(pa.table({C.ROW_ID: [f"r{i}" for i in range(n)], E.EVAL_ERROR: errors}),
+                   tmp_path / "eval" / "scores.parquet")
+    listed, count = read_failures(str(tmp_path), {}, most=3)
+    assert count == 5
+    assert listed == [{"row_id": f"r{i}", "error": f"unreadable {i}"} for i in (3, 70_000, 70_001)]
