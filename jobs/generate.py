@@ -94,6 +94,7 @@ def close_output(spec: JobSpec, start: float, done: int, retried: int | None = N
     figures), and the report rebuilt; compaction and report run in a Ray task, off the driver."""
     in_task = ray.remote(num_cpus=TASK_CPUS)
     ray.get(in_task(output.compact).remote(spec.output, output.MANIFEST, spec.storage_options))
+    output.mark_closed(spec.output, spec.storage_options)  # every stored Stage C row has its entry now
     summary = summarize(spec, time.time() - start, before=done, retried=retried, kept=kept)
     record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)
     ray.get(in_task(build_report).remote(spec.output, spec.storage_options))

@@ -34,6 +34,7 @@ EVAL = "eval"
 COMPACTED_FROM = b"wuerstchen_batch.compacted_from"  # a compacted part's footer: the part names it replaces
 COMPACTED_PREFIX = "compacted-"
 PATH = "path"  # the column Ray Data's include_paths adds
+CLOSED = "_closed"  # embeddings/_closed, written as a pass ends: an older part's rows all have manifest entries
 ROWS_PER_PARTITION = 500_000  # done ids per join partition (≈ 40 MB in one aggregator)
 ROW_GROUP = 65536  # rows per row group of a compacted part
 THREADS = 16  # footer readers (object stores answer in parallel)
@@ -127,13 +128,17 @@ def folded_in(input_rows) -> int:
     return (pc.sum(input_rows).as_py() or 0) - (len(input_rows) - input_rows.null_count)
 
 
-def read_parts(output: str, name: str, storage_options: dict | None, columns=None, include_paths: bool = False):
-    """A Ray dataset over the live parts of <output>/<name> (only `columns`); None when there are none."""
+def read_parts(output: str, name: str, storage_options: dict | None, columns=None, include_paths: bool = False,
+               since_closed: bool = False):
+    """A Ray dataset over the live parts of <output>/<name> (only `columns`; with `since_closed`, only those
+    written since the last pass ended, see mark_closed); None when there are none."""
     import ray
 
     from jobs.spec import TASK_CPUS
 
     fs, files = list_parts(output, name, storage_options)
+    if since_closed and files:
+        files = _since_closed(fs, folder(output, name, storage_options)[1], files)
     if not files:
         return None
     return ray.data.read_parquet(files, filesystem=arrow_fs(fs), columns=list(columns) if columns else None,
@@ -160,11 +165,39 @@ def partitions(done_rows: int) -> int:
 def in_flight(output: str, storage_options: dict | None, done_rows: int):
     """(row_id, path) of the stored Stage C rows without a manifest entry (rows in flight at an interruption),
     materialized in the object store (at most the rows that were in flight); None when there are none."""
-    stored = read_parts(output, EMBEDDINGS, storage_options, columns=[C.ROW_ID], include_paths=True)
+    stored = read_parts(output, EMBEDDINGS, storage_options, columns=[C.ROW_ID], include_paths=True,
+                        since_closed=True)
     if stored is None:
         return None
     pending = drop_done(stored, output, storage_options, done_rows).materialize()
     return pending if pending.count() else None
+
+
+def mark_closed(output: str, storage_options: dict | None) -> None:
+    """Record that every stored Stage C row so far has its manifest entry (a pass ended): a resume looks for
+    rows in flight only in the embeddings parts written after this (the store's clock decides)."""
+    from stages.storage import write_atomic
+
+    fs, root = folder(output, EMBEDDINGS, storage_options)
+    if fs.exists(root):
+        write_atomic(fs, join(root, CLOSED), b"")
+
+
+def _since_closed(fs, root: str, files: list[str]) -> list[str]:
+    """The parts among `files` modified at or after embeddings/_closed (all of them without one, or where the
+    store gives no modification times)."""
+    try:
+        closed = _modified(fs.info(join(root, CLOSED)))
+    except FileNotFoundError:
+        return files
+    times = {entry["name"]: _modified(entry) for entry in fs.ls(root, detail=True, refresh=True)}
+    return [f for f in files if closed is None or times.get(f) is None or times[f] >= closed]
+
+
+def _modified(entry: dict) -> float | None:
+    """A listing entry's modification time in seconds (local mtime, S3 LastModified), else None."""
+    value = entry.get("mtime", entry.get("LastModified"))
+    return value.timestamp() if hasattr(value, "timestamp") else float(value) if value is not None else None
 
 
 def stored_rows(keys, output: str, storage_options: dict | None):

@@ -24,6 +24,7 @@ from jobs.isolation import MAX_DEATHS, isolating
 from jobs.progress import Tally
 from jobs.spec import SpecError, spec_from_dict
 from stages import columns as C
+from stages import output
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
 from stages.text import TextEncoder
@@ -183,6 +184,7 @@ def test_poison_row_in_a_resumed_run_is_isolated(tmp_path, ray_cluster):
     first = {r[C.ROW_ID]: Path(r[C.IMAGE_URI]).read_bytes() for r in pq.read_table(out / "manifest").to_pylist()}
     for part in (out / "manifest").glob("*.parquet"):
         part.unlink()  # as if killed after Stage C: the rerun decodes the stored embeddings
+    (out / output.EMBEDDINGS / output.CLOSED).unlink()  # a killed pass never marks its end
     part = sorted((out / "embeddings").glob("*.parquet"))[0]
     table = pq.read_table(part)
     rows = table.to_pylist()
@@ -209,6 +211,7 @@ def test_shard_written_before_a_kill_is_not_left_beside_its_rewrite(tmp_path, ra
     out = tmp_path / "out"
     for part in (out / "manifest").glob("*.parquet"):
         part.unlink()  # killed after the shards were written, before their manifest entries
+    (out / output.EMBEDDINGS / output.CLOSED).unlink()  # a killed pass never marks its end
     (out / "shards" / ".leftover.tar.tmp-0123").write_bytes(b"partial")  # and a temporary file left behind
     (out / "manifest" / ".leftover.parquet.tmp-0123").write_bytes(b"partial")
     summary = run(spec_from_dict({**job, "shard_size": 2}))  # the rows regrouped: other shard names

@@ -17,6 +17,7 @@ from jobs.generate import run
 from jobs.resume import check_continuation
 from jobs.spec import SpecError, spec_from_dict
 from stages import columns as C
+from stages import output
 
 
 def job_dict(tmp_path, rows=8, **extra):
@@ -50,7 +51,8 @@ def test_rerun_makes_only_missing_rows_and_skips_stage_c_where_stored(tmp_path, 
     finished = {r[C.ROW_ID]: r[C.FINISHED_AT] for r in before}
     parts = sorted((tmp_path / "out" / "manifest").glob("*.parquet"))
     lost = pq.read_table(parts[0]).column(C.ROW_ID).to_pylist()
-    parts[0].unlink()  # as if the job had died before writing these rows' manifest part
+    parts[0].unlink()  # as if the job had died before writing these rows' manifest part …
+    (tmp_path / "out" / output.EMBEDDINGS / output.CLOSED).unlink()  # … so it never marked its end
     for row_id in lost:
         (tmp_path / "out" / "images" / row_id[:2] / f"{row_id}.png").unlink()
 

@@ -75,6 +75,25 @@ def test_in_flight_rows_read_back_only_from_their_parts(tmp_path, ray_cluster):
     assert output.in_flight(str(tmp_path), {}, done_rows=0) is not None  # nothing done: everything in flight
 
 
+def test_in_flight_rows_are_looked_for_only_in_parts_written_since_the_last_clean_end(tmp_path, ray_cluster):
+    """A resume reads only the embeddings parts written after the last pass that ended (embeddings/_closed): an
+    older part is not opened at all (here one is not even Parquet), newer ones are, in flight rows found."""
+    ids = random_ids(400, 4)
+    write_parts(tmp_path, ids[:300], 3)
+    folder = tmp_path / output.EMBEDDINGS
+    folder.mkdir()
+    for k in range(3):  # parts of a pass that ended: every row has its entry
+        pq.write_table(pa.table({C.ROW_ID: ids[k * 100:(k + 1) * 100]}), folder / f"old{k}.parquet")
+    (folder / "old1.parquet").write_bytes(b"not parquet: would fail if it were read")
+    past = os.stat(folder / "old0.parquet").st_mtime - 60
+    for k in range(3):
+        os.utime(folder / f"old{k}.parquet", (past, past))
+    output.mark_closed(str(tmp_path), {})
+    pq.write_table(pa.table({C.ROW_ID: ids[250:400]}), folder / "new.parquet")  # 100 rows in flight
+    pending = output.in_flight(str(tmp_path), {}, done_rows=300)
+    assert sorted(r[C.ROW_ID] for r in pending.take_all()) == sorted(ids[300:])
+
+
 def test_compaction_keeps_every_row_once_at_every_step(tmp_path):
     """Small parts merge into compacted ones; an interrupted compaction (sources still there) and a finished
     one both list each row exactly once, and the next compaction clears the leftovers."""
