@@ -80,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
+    except Exception as err:
+        from stages.output import vanished_part
+
+        if (part := vanished_part(err)) is None:
+            raise
+        print(f"error: {part}: deleted while this command read the manifest (a run on the same output compacted "
+              f"it meanwhile); run the command again", file=sys.stderr)
+        return 2
 
 
 def _refuse_credentials_in_uris(args) -> None:

@@ -14,7 +14,7 @@ from jobs.spec import TASK_CPUS, SpecError
 from stages import columns as C
 from stages import evaluate as E
 from stages import output
-from stages.storage import join, url_to_fs
+from stages.storage import join, open_atomic, url_to_fs
 
 DROPPED = (C.ERROR, C.TEXT_SECONDS, C.PRIOR_SECONDS, C.DECODER_SECONDS, C.FINISHED_AT)  # not in scores.parquet
 SCORES = (E.CLIP_SCORE, E.EVAL_ERROR)
@@ -38,7 +38,7 @@ def write_scores(run: str, manifest, storage_options: dict) -> None:
              for ds, columns in ((params, [C.ROW_ID, *keep]), (scores, [C.ROW_ID, *SCORES]))]
     out_fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)
     writer = None
-    with output.open_atomic(out_fs, path) as sink:
+    with open_atomic(out_fs, path) as sink:
         for batch, scored in aligned(*sides, run):
             chunk = pa.table([batch.column(C.ROW_ID), *scored.columns, *batch.select(keep).columns],
                              names=[C.ROW_ID, *SCORES, *keep])

@@ -25,7 +25,7 @@ from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec, stag
 from stages import columns as C
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
-from stages import output
+from stages import compaction, output
 from stages.sink import ManifestSink
 from stages.text import TextEncoder
 from stages.writer import (drop_unlisted_shards, read_back_embeddings, shard_columns, write_embeddings,
@@ -93,7 +93,7 @@ def close_output(spec: JobSpec, start: float, done: int, retried: int | None = N
     """Compact the manifest's small parts, then the closing summary, the invocation's record (the same
     figures), and the report rebuilt; compaction and report run in a Ray task, off the driver."""
     in_task = ray.remote(num_cpus=TASK_CPUS)
-    ray.get(in_task(output.compact).remote(spec.output, output.MANIFEST, spec.storage_options))
+    ray.get(in_task(compaction.compact).remote(spec.output, output.MANIFEST, spec.storage_options))
     output.mark_closed(spec.output, spec.storage_options)  # every stored Stage C row has its entry now
     summary = summarize(spec, time.time() - start, before=done, retried=retried, kept=kept)
     record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)

@@ -60,6 +60,7 @@ class ManifestView:
         return self.rows - self.succeeded
 
 
+@output.relisted
 def read_view(output_uri: str, storage_options: dict, axes: list[str]) -> ManifestView:
     """Everything the page needs, in three streaming passes over a few columns; a row id written twice (a
     retried block) counts once, its latest success winning."""

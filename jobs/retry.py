@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.resume import skip_mask
+from jobs.resume import filter_ids
+from jobs.spec import TASK_CPUS
 from stages import columns as C
-from stages.output import list_parts
-from stages.storage import write_atomic
+from stages import output as out
+from stages.output import PATH, list_parts, read_parts
+from stages.storage import open_atomic
 
 
 def take_out_failed(spec, planned_among) -> tuple[np.ndarray, int]:
@@ -45,7 +46,7 @@ def failed_ids(output: str, storage_options: dict) -> np.ndarray:
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             meta = parquet.metadata
-            column = meta.schema.to_arrow_schema().get_field_index(C.ERROR)
+            column = out.column_index(meta, C.ERROR)
             if column < 0:
                 continue
             groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
@@ -58,26 +59,34 @@ def failed_ids(output: str, storage_options: dict) -> np.ndarray:
 
 
 def drop_rows(output: str, folder: str, storage_options: dict, ids: np.ndarray) -> None:
-    """Rewrite each part of <output>/<folder> that holds one of `ids` whole without those rows (one atomic write;
-    a part left empty is deleted)."""
-    fs, files = _parts(output, folder, storage_options)
-    for path in files:
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            marks = skip_mask(parquet.read(columns=[C.ROW_ID])[C.ROW_ID].to_numpy(zero_copy_only=False), ids)
-            if not marks.any():
-                continue
-            kept = parquet.read().filter(pa_mask(~marks))
-        if kept.num_rows:
-            sink = io.BytesIO()
-            pq.write_table(kept, sink)
-            write_atomic(fs, path, sink.getvalue())
-        else:
+    """Rewrite the parts of <output>/<folder> that hold one of `ids` without those rows: the parts found by a read
+    of their row ids in Ray (any number of parts, in parallel), each rewritten by one task, a row group at a time,
+    atomically (a part left empty is deleted)."""
+    import ray
+
+    ds = read_parts(output, folder, storage_options, columns=[C.ROW_ID], include_paths=True)
+    if ds is None:
+        return
+    fs = out.folder(output, folder, storage_options)[0]
+    ref = ray.put(ids)
+    hits = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ref))
+    hits.groupby(PATH).map_groups(_rewrite_without, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                                  fn_kwargs=dict(fs=fs, ids=ref)).materialize()
+
+
+def _rewrite_without(hits: pa.Table, fs, ids) -> pa.Table:
+    """Rewrite the part the rows `hits` (row_id, path) come from without the rows whose id is in `ids`."""
+    import ray
+
+    path = hits.column(PATH)[0].as_py()
+    drop = pa.array(ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids, pa.string())
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        if hits.num_rows >= parquet.metadata.num_rows:  # every row goes
             fs.rm(path)
-
-
-def pa_mask(mask: np.ndarray):
-    """A numpy bool mask as an Arrow filter."""
-    import pyarrow as pa
-
-    return pa.array(mask, type=pa.bool_())
+            return hits.slice(0, 0)
+        with open_atomic(fs, path) as sink, pq.ParquetWriter(sink, parquet.schema_arrow) as writer:
+            for i in range(parquet.num_row_groups):  # the part's own row groups: bounded memory, same layout
+                group = parquet.read_row_group(i)
+                writer.write_table(group.filter(pc.invert(pc.is_in(group.column(C.ROW_ID), value_set=drop))))
+    return hits.slice(0, 0)

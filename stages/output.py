@@ -3,22 +3,22 @@ row ids and the stored Stage C rows, read inside Ray so that nothing on the driv
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import uuid
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from stages import columns as C
-from stages.storage import join, url_to_fs
+from stages.storage import causes, join, url_to_fs
 
 # Layout of an output: <output>/<folder>/...
 JOB_FILE = "job.yaml"
@@ -36,9 +36,8 @@ COMPACTED_PREFIX = "compacted-"
 PATH = "path"  # the column Ray Data's include_paths adds
 CLOSED = "_closed"  # embeddings/_closed, written as a pass ends: an older part's rows all have manifest entries
 ROWS_PER_PARTITION = 500_000  # done ids per join partition (≈ 40 MB in one aggregator)
-ROW_GROUP = 65536  # rows per row group of a compacted part
 THREADS = 16  # footer readers (object stores answer in parallel)
-MERGE_THREADS = 4  # compacted parts written at once (each holds one row group of ROW_GROUP rows)
+READ_ATTEMPTS, REREAD_PAUSE_S = 5, 2.0  # a read that lost a listed part to a compaction (see relisted)
 
 
 def folder(output: str, name: str, storage_options: dict | None) -> tuple[object, str]:
@@ -64,11 +63,11 @@ def list_parts(output: str, name: str, storage_options: dict | None) -> tuple[ob
     """The live Parquet parts of <output>/<name>, sorted: parts that a compacted part replaces are left out,
     so a reader listing during or after a compaction sees each row once (one listing, plus one footer per
     compacted part)."""
-    fs, files, replaced = _listing(output, name, storage_options)
+    fs, files, replaced = listing(output, name, storage_options)
     return fs, [f for f in files if f not in replaced]
 
 
-def _listing(output: str, name: str, storage_options: dict | None) -> tuple[object, list[str], set[str]]:
+def listing(output: str, name: str, storage_options: dict | None) -> tuple[object, list[str], set[str]]:
     """(fs, every part, the parts a compacted part replaces)."""
     fs, path = folder(output, name, storage_options)
     try:
@@ -87,6 +86,33 @@ def _replaces(fs, part: str) -> list[str]:
     return json.loads(meta.get(COMPACTED_FROM, b"[]"))
 
 
+def vanished_part(err: BaseException) -> str | None:
+    """The manifest part `err` names, when it is a part a reader listed and then did not find (a run closing on
+    the same output compacted the manifest in between); else None."""
+    for e in causes(err):
+        if isinstance(e, FileNotFoundError):
+            found = re.search(rf"[^\s'\"]*/{MANIFEST}/[^\s'\"/]+\.parquet", str(e))
+            if found:
+                return found.group(0)
+    return None
+
+
+def relisted(read):
+    """`read` (which lists the manifest, then reads what it listed) run again from a fresh listing when a
+    compaction deleted a listed part meanwhile, up to READ_ATTEMPTS times: the compacted part holds its rows."""
+    @functools.wraps(read)
+    def again(*args, **kwargs):
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                return read(*args, **kwargs)
+            except FileNotFoundError as err:
+                if attempt == READ_ATTEMPTS or vanished_part(err) is None:
+                    raise
+                time.sleep(REREAD_PAUSE_S)  # the compaction may still be deleting
+    return again
+
+
+@relisted
 def part_counts(output: str, name: str, storage_options: dict | None, nulls_of: str | None = None) -> tuple[int, int]:
     """(rows, rows with a value in column `nulls_of`) over the live parts of <output>/<name>, from footers."""
     fs, files = list_parts(output, name, storage_options)
@@ -95,7 +121,7 @@ def part_counts(output: str, name: str, storage_options: dict | None, nulls_of: 
         with fs.open(file, "rb") as f:
             parquet = pq.ParquetFile(f)
             meta = parquet.metadata
-            column = _chunk(meta, nulls_of) if nulls_of else -1
+            column = column_index(meta, nulls_of) if nulls_of else -1
             if column < 0:
                 return meta.num_rows, 0
             stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
@@ -108,7 +134,7 @@ def part_counts(output: str, name: str, storage_options: dict | None, nulls_of: 
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
-def _chunk(meta, name: str) -> int:
+def column_index(meta, name: str) -> int:
     """The index of column `name`'s chunks in a Parquet footer's row groups, -1 without one. (Read from the
     Parquet schema: the Arrow schema built in a worker thread kept ~45 KB a file on the driver, 470 MiB for
     10k manifest parts.)"""
@@ -116,6 +142,7 @@ def _chunk(meta, name: str) -> int:
     return paths.index(name) if name in paths else -1
 
 
+@relisted
 def folded_rows(output: str, storage_options: dict | None) -> int:
     """Input rows folded into an identical row (Σ input_rows - 1) over the live manifest parts, one column read."""
     fs, files = list_parts(output, MANIFEST, storage_options)
@@ -123,7 +150,7 @@ def folded_rows(output: str, storage_options: dict | None) -> int:
     def folded(file: str) -> int:
         with fs.open(file, "rb") as f:
             parquet = pq.ParquetFile(f)
-            if _chunk(parquet.metadata, C.INPUT_ROWS) < 0:
+            if column_index(parquet.metadata, C.INPUT_ROWS) < 0:
                 return 0
             return folded_in(parquet.read(columns=[C.INPUT_ROWS]).column(0))
 
@@ -223,88 +250,6 @@ def _read_named_rows(group: pa.Table, fs) -> pa.Table:
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
     return table.filter(pa.compute.is_in(table.column(C.ROW_ID), value_set=group.column(C.ROW_ID)))
-
-
-def compact(output: str, name: str, storage_options: dict | None, min_parts: int = 64,
-            target_rows: int = 1_000_000) -> int:
-    """Merge the small live parts of <output>/<name> (same schema) into parts of up to `target_rows` rows,
-    streaming row groups; returns the parts replaced. Each merged part names in its footer the parts it
-    replaces and appears whole; the replaced parts are deleted after. A reader (see list_parts) sees each
-    row once at every moment, and an interrupted compaction leaves a consistent folder (rerun it)."""
-    fs, files, replaced = _listing(output, name, storage_options)
-    leftovers = [f for f in files if f in replaced]  # an interrupted compaction's: readers skip them already
-    if leftovers:
-        fs.rm(leftovers)
-    small = [f for f in files if f not in replaced and not f.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)]
-    if len(small) < min_parts:
-        return 0
-    groups: dict[pa.Schema, list[tuple[str, int]]] = {}
-    for file, schema, rows in _footers(fs, small):
-        groups.setdefault(schema, []).append((file, rows))
-    merges = []
-    for schema, parts in groups.items():
-        batch, rows = [], 0
-        for file, count in parts:
-            batch.append(file)
-            rows += count
-            if rows >= target_rows:
-                merges.append((batch, schema))
-                batch, rows = [], 0
-        if len(batch) > 1:
-            merges.append((batch, schema))
-    with ThreadPoolExecutor(max_workers=MERGE_THREADS) as pool:  # Parquet reading/writing leaves the GIL
-        return sum(pool.map(lambda merge: _merge(fs, *merge), merges))
-
-
-def _footers(fs, files: list[str]):
-    def read(file):
-        with fs.open(file, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-        return file, meta.schema.to_arrow_schema().remove_metadata(), meta.num_rows
-
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        return list(pool.map(read, files))
-
-
-def _merge(fs, files: list[str], schema: pa.Schema) -> int:
-    folder_path = files[0].rsplit("/", 1)[0]
-    names = [f.rsplit("/", 1)[-1] for f in files]
-    target = join(folder_path, f"{COMPACTED_PREFIX}{uuid.uuid4().hex}.parquet")
-    schema = schema.with_metadata({COMPACTED_FROM: json.dumps(names).encode()})
-    with open_atomic(fs, target) as sink, pq.ParquetWriter(sink, schema) as writer:
-        pending, rows = [], 0
-        for file in files:  # row groups of ROW_GROUP rows, whatever the parts' sizes (small footers)
-            with fs.open(file, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP):
-                    pending.append(batch)
-                    rows += batch.num_rows
-                    if rows >= ROW_GROUP:
-                        writer.write_table(pa.Table.from_batches(pending).cast(schema), row_group_size=ROW_GROUP)
-                        pending, rows = [], 0
-        if pending:
-            writer.write_table(pa.Table.from_batches(pending).cast(schema), row_group_size=ROW_GROUP)
-    fs.rm(files)
-    return len(files)
-
-
-@contextmanager
-def open_atomic(fs, path: str):
-    """A file to stream into that appears at `path` whole or not at all: a hidden file renamed locally, the
-    object store's own upload (visible once closed) elsewhere."""
-    if not isinstance(fs, LocalFileSystem):
-        with fs.open(path, "wb") as f:
-            yield f
-        return
-    folder_path, name = path.rsplit("/", 1)
-    fs.makedirs(folder_path, exist_ok=True)
-    tmp = join(folder_path, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with fs.open(tmp, "wb") as f:
-            yield f
-        fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
 
 
 _HEX = np.full(256, 255, dtype=np.uint8)

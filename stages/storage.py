@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from contextlib import contextmanager
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -105,3 +106,23 @@ def write_atomic(fs, path: str, data: bytes) -> None:
         fs.mv(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+@contextmanager
+def open_atomic(fs, path: str):
+    """A file to stream into that appears at `path` whole or not at all: a hidden file renamed locally, the
+    object store's own upload (visible once closed) elsewhere."""
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(path, "wb") as f:
+            yield f
+        return
+    folder_path, name = path.rsplit("/", 1)
+    fs.makedirs(folder_path, exist_ok=True)
+    tmp = join(folder_path, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with fs.open(tmp, "wb") as f:
+            yield f
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)

@@ -10,10 +10,12 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from jobs.report import build_report
+from jobs.report_data import read_view
 from stages import columns as C
-from stages import output
+from stages import compaction, output
 from stages.writer import MANIFEST_SCHEMA
 
 ROWS = 300_000
@@ -102,7 +104,7 @@ def test_compaction_keeps_every_row_once_at_every_step(tmp_path):
     folder = tmp_path / output.MANIFEST
     backup = tmp_path / "backup"
     shutil.copytree(folder, backup)
-    replaced = output.compact(str(tmp_path), output.MANIFEST, {}, target_rows=100_000)
+    replaced = compaction.compact(str(tmp_path), output.MANIFEST, {}, target_rows=100_000)
     assert replaced == PARTS
     compacted = sorted(os.listdir(folder))
     assert len(compacted) == 3 and all(n.startswith(output.COMPACTED_PREFIX) for n in compacted)
@@ -111,7 +113,7 @@ def test_compaction_keeps_every_row_once_at_every_step(tmp_path):
         shutil.copy(backup / name, folder / name)
     assert sorted(live_ids(tmp_path)) == sorted(ids)
     assert output.part_counts(str(tmp_path), output.MANIFEST, {}) == (ROWS, 0)
-    assert output.compact(str(tmp_path), output.MANIFEST, {}) == 0 and sorted(os.listdir(folder)) == compacted
+    assert compaction.compact(str(tmp_path), output.MANIFEST, {}) == 0 and sorted(os.listdir(folder)) == compacted
 
 
 def test_streaming_report_counts_each_row_once(tmp_path):
@@ -152,7 +154,7 @@ def test_a_run_writes_few_large_parts(tmp_path, ray_cluster, monkeypatch):
     assert len(ids) == len(set(ids)) == 24 and len(list((out / "images").rglob("*.png"))) == 24
 
 
-def test_rows_made_again_after_a_compaction_are_listed(tmp_path):
+def test_rows_made_again_after_a_compaction_are_listed(tmp_path, ray_cluster):
     """A pass's sink writes 2-row parts, compaction merges them, --retry-failed takes one part's failed rows
     out, the next pass writes those same rows again: every row is listed once (a new part is never taken for
     a part the compaction replaced)."""
@@ -162,8 +164,70 @@ def test_rows_made_again_after_a_compaction_are_listed(tmp_path):
     ids = random_ids(128, 3)
     blocks = [manifest_table(ids[k:k + 2], failed=k == 10) for k in range(0, 128, 2)]
     ManifestSink(str(tmp_path), {}).write(blocks, None)
-    assert output.compact(str(tmp_path), output.MANIFEST, {}) == 64
+    assert compaction.compact(str(tmp_path), output.MANIFEST, {}) == 64
     drop_failed(str(tmp_path), {}, np.asarray(sorted(ids[10:12])))
     assert sorted(live_ids(tmp_path)) == sorted(ids[:10] + ids[12:])
     ManifestSink(str(tmp_path), {}).write([manifest_table(ids[10:12])], None)  # the retry's pass
     assert sorted(live_ids(tmp_path)) == sorted(ids)
+
+
+def compacting_after_listing(monkeypatch, root) -> list:
+    """Make the next manifest listing stale: the listing is taken, then a real compaction of the manifest runs
+    (merging and deleting the parts listed), then the listing is handed to the reader."""
+    listed = output.list_parts
+    ran = []
+
+    def stale(*args, **kwargs):
+        fs, files = listed(*args, **kwargs)
+        if not ran and args[1] == output.MANIFEST:
+            ran.append(compaction.compact(str(root), output.MANIFEST, {}))
+        return fs, files
+    monkeypatch.setattr(output, "list_parts", stale)
+    return ran
+
+
+def test_a_report_read_while_a_compaction_deletes_its_parts_counts_each_row_once(tmp_path, monkeypatch):
+    """The report lists the manifest, a run closing on the same output compacts it, the report reads what it
+    listed: it reads again from a fresh listing, and counts every row once."""
+    ids = random_ids(ROWS // 3, 6)
+    write_parts(tmp_path, ids, PARTS)
+    ran = compacting_after_listing(monkeypatch, tmp_path)
+    view = read_view(str(tmp_path), {}, [])
+    assert ran == [PARTS] and (view.rows, view.succeeded) == (len(ids), len(ids))
+
+
+def test_a_ray_read_that_lost_its_parts_to_a_compaction_names_the_part(tmp_path, ray_cluster, monkeypatch, capsys):
+    """A reader in Ray (evaluate, decode) whose listed parts a compaction deleted fails with an error that
+    names the part, which the command line turns into one line asking to run again."""
+    write_parts(tmp_path, random_ids(1000, 7), PARTS)
+    ran = compacting_after_listing(monkeypatch, tmp_path)
+    with pytest.raises(Exception) as err:
+        output.read_parts(str(tmp_path), output.MANIFEST, {}, columns=[C.ROW_ID]).take_all()
+    assert ran == [PARTS] and re.fullmatch(rf"{tmp_path}/manifest/part-\d+\.parquet", output.vanished_part(err.value))
+    from jobs import cli
+
+    def failing(args):
+        raise err.value  # as a command reading the manifest in Ray meets it
+    monkeypatch.setattr(cli, "_dispatch", failing)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and message.startswith(f"error: {tmp_path}/manifest/part-") and "run the command again" in message
+
+
+def test_failed_rows_are_taken_out_of_compacted_and_small_parts_exactly(tmp_path, ray_cluster):
+    """--retry-failed's take-out over 300k rows: a compacted part (4 row groups) and small parts lose exactly the
+    failed rows; a part of failed rows only is deleted; the compacted part keeps its footer (the parts it
+    replaces) and is rewritten a row group at a time (its 4 row groups kept)."""
+    from jobs.retry import drop_failed
+
+    ids = random_ids(ROWS, 8)
+    write_parts(tmp_path, ids[:200_000], 100)
+    assert compaction.compact(str(tmp_path), output.MANIFEST, {}) == 100
+    write_parts(tmp_path, ids[200_000:], 50, name="late")  # 2000 rows a part
+    failed = ids[5:100_000:1000] + ids[200_000:202_000]  # 100 rows of the compacted part, and all of late-00000
+    drop_failed(str(tmp_path), {}, np.asarray(sorted(failed)))
+    assert sorted(live_ids(tmp_path)) == sorted(set(ids) - set(failed))
+    folder = tmp_path / output.MANIFEST
+    assert not (folder / "late-00000.parquet").exists() and (folder / "late-00001.parquet").exists()
+    [compacted] = [pq.ParquetFile(p) for p in folder.iterdir() if p.name.startswith(output.COMPACTED_PREFIX)]
+    assert compacted.metadata.num_row_groups == 4 and output.COMPACTED_FROM in compacted.schema_arrow.metadata

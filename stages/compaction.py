@@ -1,0 +1,78 @@
+"""Manifest compaction: many small parts merged into few large ones, atomically for readers (see
+output.list_parts: a compacted part names in its footer the parts it replaces)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.output import COMPACTED_FROM, COMPACTED_PREFIX, THREADS, listing
+from stages.storage import join, open_atomic
+
+ROW_GROUP = 65536  # rows per row group of a compacted part
+MERGE_THREADS = 4  # compacted parts written at once (each holds one row group of ROW_GROUP rows)
+
+
+def compact(output: str, name: str, storage_options: dict | None, min_parts: int = 64,
+            target_rows: int = 1_000_000) -> int:
+    """Merge the small live parts of <output>/<name> (same schema) into parts of up to `target_rows` rows,
+    streaming row groups; returns the parts replaced. Each merged part names in its footer the parts it
+    replaces and appears whole; the replaced parts are deleted after. A reader (see list_parts) sees each
+    row once at every moment, and an interrupted compaction leaves a consistent folder (rerun it)."""
+    fs, files, replaced = listing(output, name, storage_options)
+    leftovers = [f for f in files if f in replaced]  # an interrupted compaction's: readers skip them already
+    if leftovers:
+        fs.rm(leftovers)
+    small = [f for f in files if f not in replaced and not f.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)]
+    if len(small) < min_parts:
+        return 0
+    groups: dict[pa.Schema, list[tuple[str, int]]] = {}
+    for file, schema, rows in _footers(fs, small):
+        groups.setdefault(schema, []).append((file, rows))
+    merges = []
+    for schema, parts in groups.items():
+        batch, rows = [], 0
+        for file, count in parts:
+            batch.append(file)
+            rows += count
+            if rows >= target_rows:
+                merges.append((batch, schema))
+                batch, rows = [], 0
+        if len(batch) > 1:
+            merges.append((batch, schema))
+    with ThreadPoolExecutor(max_workers=MERGE_THREADS) as pool:  # Parquet reading/writing leaves the GIL
+        return sum(pool.map(lambda merge: _merge(fs, *merge), merges))
+
+
+def _footers(fs, files: list[str]):
+    def read(file):
+        with fs.open(file, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        return file, meta.schema.to_arrow_schema().remove_metadata(), meta.num_rows
+
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        return list(pool.map(read, files))
+
+
+def _merge(fs, files: list[str], schema: pa.Schema) -> int:
+    folder_path = files[0].rsplit("/", 1)[0]
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    target = join(folder_path, f"{COMPACTED_PREFIX}{uuid.uuid4().hex}.parquet")
+    schema = schema.with_metadata({COMPACTED_FROM: json.dumps(names).encode()})
+    with open_atomic(fs, target) as sink, pq.ParquetWriter(sink, schema) as writer:
+        pending = schema.empty_table()
+        for file in files:  # row groups of exactly ROW_GROUP rows, whatever the parts' sizes (small footers)
+            with fs.open(file, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP):
+                    pending = pa.concat_tables([pending, pa.Table.from_batches([batch]).cast(schema)])
+                    if pending.num_rows >= ROW_GROUP:
+                        writer.write_table(pending.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)
+                        pending = pending.slice(ROW_GROUP)
+        if pending.num_rows:
+            writer.write_table(pending, row_group_size=ROW_GROUP)
+    fs.rm(files)
+    return len(files)
