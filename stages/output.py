@@ -70,6 +70,7 @@ def list_parts(output: str, name: str, storage_options: dict | None) -> tuple[ob
 def listing(output: str, name: str, storage_options: dict | None) -> tuple[object, list[str], set[str]]:
     """(fs, every part, the parts a compacted part replaces)."""
     fs, path = folder(output, name, storage_options)
+    fs.invalidate_cache(path)  # fsspec keeps listings per filesystem instance: a listing asks the store afresh
     try:
         files = sorted(fs.glob(join(path, "*.parquet")))
     except FileNotFoundError:

@@ -14,9 +14,11 @@ LOCAL_PROTOCOLS = ("file", "local", "memory")
 # Every S3 request rides out a store that refuses or drops connections, or answers 500/503/SlowDown: botocore's
 # standard retry mode retries those with jittered exponential backoff capped at 20 s per wait; 10 attempts wait
 # ~55 s on average (at most ~111 s) before the error reaches Ray Data, which retries the task (RETRIED_ERRORS).
-# The job's own storage_options win, key by key.
+# The job's own storage_options win, key by key. S3 requests also send their body without waiting for a
+# `100 Continue` (stages/s3_session.py), so that a store that stops answering mid-request meets the read timeout.
 S3_DEFAULTS = {"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 10}}}
-REMOTE_DEFAULTS = {"s3": S3_DEFAULTS, "s3a": S3_DEFAULTS}
+S3_PROTOCOLS = ("s3", "s3a")
+REMOTE_DEFAULTS = {protocol: S3_DEFAULTS for protocol in S3_PROTOCOLS}
 
 # What a transient store failure reads like once botocore's retries are spent (class names and messages of
 # botocore, aiohttp and s3fs's translations); Ray Data retries a task that fails with one of these.
@@ -44,6 +46,10 @@ def url_to_fs(uri: str, storage_options: dict | None = None):
     store = uri.rsplit("::", 1)[-1]
     protocol = store.split("://")[0] if "://" in store else "file"
     options = {} if protocol in LOCAL_PROTOCOLS else merged(REMOTE_DEFAULTS.get(protocol, {}), storage_options or {})
+    if protocol in S3_PROTOCOLS:
+        from stages.s3_session import NoContinueSession  # imports aiobotocore: only for S3
+
+        options["config_kwargs"] = {"http_session_cls": NoContinueSession, **(options.get("config_kwargs") or {})}
     if store != uri:
         return fsspec.core.url_to_fs(uri, **({protocol: options} if options else {}))
     return fsspec.core.url_to_fs(uri, **options)
@@ -111,10 +117,18 @@ def write_atomic(fs, path: str, data: bytes) -> None:
 @contextmanager
 def open_atomic(fs, path: str):
     """A file to stream into that appears at `path` whole or not at all: a hidden file renamed locally, the
-    object store's own upload (visible once closed) elsewhere."""
+    object store's own upload (visible once closed) elsewhere. An error while writing leaves nothing: fsspec's
+    own `with fs.open(...)` would upload what was written so far (its exit commits), so the upload is discarded
+    (s3fs aborts its multipart upload) and the file marked closed unwritten."""
     if not isinstance(fs, LocalFileSystem):
-        with fs.open(path, "wb") as f:
+        f = fs.open(path, "wb")
+        try:
             yield f
+        except BaseException:
+            f.discard()
+            f.closed = True  # AbstractBufferedFile.close() would commit the buffer
+            raise
+        f.close()
         return
     folder_path, name = path.rsplit("/", 1)
     fs.makedirs(folder_path, exist_ok=True)

@@ -4,6 +4,7 @@ after each, every row is in the manifest exactly once."""
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ from stages import columns as C
 from stages import output
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
+from stages.storage import transient, url_to_fs
 from stages.text import TextEncoder
 
 SMALL = {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2}
@@ -106,6 +108,32 @@ def test_store_down_for_good_ends_in_one_line_naming_the_output(tmp_path, ray_cl
     message = str(err.value)
     assert message.startswith("output s3://faults/down: the object store stayed unreachable") and "\n" not in message
     assert "Could not connect to the endpoint URL" in message and time.time() - started < 240
+
+
+def test_a_store_that_stops_answering_mid_request_ends_the_write_in_bounded_time():
+    """A store that takes a PUT's connection and never answers (a connection dropped without a reset, as the
+    flaky proxy sometimes leaves one): the write ends in the store's read timeout, which Ray retries, instead of
+    waiting forever for the store's `100 Continue` (aiohttp arms no timeout for it)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(silent.accept()) for _ in range(64)], daemon=True).start()
+    options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{silent.getsockname()[1]}"},
+               "config_kwargs": {"read_timeout": 1, "retries": {"total_max_attempts": 1}}}
+    fs, _ = url_to_fs("s3://silent/x.png", options)
+    outcome = []
+
+    def put():
+        try:
+            fs.pipe_file("silent/x.png", b"png" * 1000)
+        except Exception as err:  # noqa: BLE001 - the outcome is asserted below
+            outcome.append(err)
+    writer = threading.Thread(target=put, daemon=True)
+    writer.start()
+    writer.join(60)
+    assert not writer.is_alive(), "the write still waits on a store that never answers"
+    assert held and outcome and transient(outcome[0]), outcome
 
 
 def stage_processes(name: str) -> list[int]:

@@ -116,6 +116,36 @@ def test_compaction_keeps_every_row_once_at_every_step(tmp_path):
     assert compaction.compact(str(tmp_path), output.MANIFEST, {}) == 0 and sorted(os.listdir(folder)) == compacted
 
 
+def test_a_compaction_that_fails_midway_on_s3_leaves_no_part(s3_server, monkeypatch):
+    """On an object store a compaction that fails while merging (here a part deleted after its footer was read)
+    uploads nothing: a half-written compacted part would name every part it meant to replace, and readers would
+    skip them all."""
+    import s3fs
+
+    direct = s3fs.S3FileSystem(**s3_server)
+    direct.mkdir("compaction")
+    root = "s3://compaction/run"
+    ids = random_ids(640, 7)
+    for k, chunk in enumerate(np.array_split(np.asarray(ids, dtype=object), 64)):
+        with direct.open(f"compaction/run/{output.MANIFEST}/part-{k:05d}.parquet", "wb") as f:
+            pq.write_table(manifest_table(list(chunk)), f)
+    read_footers = compaction._footers
+
+    def footers_then_a_part_vanishes(fs, files):
+        footers = read_footers(fs, files)
+        direct.rm(files[-1])  # gone before the merge reaches it
+        return footers
+    monkeypatch.setattr(compaction, "_footers", footers_then_a_part_vanishes)
+    with pytest.raises(FileNotFoundError):
+        compaction.compact(root, output.MANIFEST, s3_server)
+    direct.invalidate_cache()
+    names = [p.rsplit("/", 1)[-1] for p in direct.ls(f"compaction/run/{output.MANIFEST}")]
+    assert len(names) == 63 and not any(n.startswith(output.COMPACTED_PREFIX) for n in names)
+    fs, files = output.list_parts(root, output.MANIFEST, s3_server)
+    live = pq.ParquetDataset(files, filesystem=fs).read(columns=[C.ROW_ID]).column(C.ROW_ID).to_pylist()
+    assert sorted(live) == sorted(ids[:630])
+
+
 def test_streaming_report_counts_each_row_once(tmp_path):
     """300k rows, some failed, a retried block written twice, failures later made good: the report's counts
     are the distinct rows', and it lists only failures that never succeeded."""
