@@ -103,7 +103,10 @@ class FlakyProxy:
             self.live.discard(src)
 
     def outage(self, seconds: float) -> None:
-        """Refuse connections (nothing listens) and reset those in flight for `seconds`, in the background."""
+        """Refuse connections (nothing listens) and reset those in flight for `seconds`, in the background. A
+        connection whose pump is blocked reading is not reset by the close (Linux keeps the socket until the read
+        returns): it goes silent, as a connection dropped without a reset does, and only the client's read
+        timeout ends it."""
         self.mode = "down"
         self.listener.close()
         with self.lock:
