@@ -73,7 +73,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
 
 def planned_among(spec: JobSpec, table: prompts.PromptTable, ids: np.ndarray) -> np.ndarray:
     """The sorted ids among `ids` (few: failed rows) that the prompt table plans, found by a pass over it in Ray."""
-    ds = expanded(spec, table).map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS,
+    ds = expanded(spec, table).map_batches(filter_ids, batch_format="pyarrow", num_cpus=TASK_CPUS,
                                            fn_kwargs=dict(ids=ray.put(ids))).select_columns([C.ROW_ID])
     found = [batch[C.ROW_ID] for batch in ds.iter_batches(batch_format="numpy", batch_size=None)]
     return np.unique(np.concatenate(found).astype("U32")) if found else np.asarray([], dtype="U32")
@@ -140,7 +140,7 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     embeddings → Stage B/A pool → images."""
     ds = expanded(spec, table)
     if only is not None:  # a retry of failed rows: few ids
-        ds = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ray.put(only)))
+        ds = ds.map_batches(filter_ids, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ray.put(only)))
     if done_rows:
         ds = output.drop_done(ds, spec.output, spec.storage_options, done_rows)
     left = prompts.planned_rows(spec, table.rows) - done_rows if only is None else len(only)  # after the join

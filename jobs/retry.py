@@ -69,7 +69,7 @@ def drop_rows(output: str, folder: str, storage_options: dict, ids: np.ndarray) 
         return
     fs = out.folder(output, folder, storage_options)[0]
     ref = ray.put(ids)
-    hits = ds.map_batches(filter_ids, batch_format="numpy", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ref))
+    hits = ds.map_batches(filter_ids, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ref))
     hits.groupby(PATH).map_groups(_rewrite_without, batch_format="pyarrow", num_cpus=TASK_CPUS,
                                   fn_kwargs=dict(fs=fs, ids=ref)).materialize()
 
