@@ -13,7 +13,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from stages import columns as C
-from stages.output import EMBEDDINGS, IMAGES, MANIFEST, SHARD_STATS, SHARDS, folder, list_parts
+from stages.output import EMBEDDINGS, IMAGES, MANIFEST, SHARD_STATS, SHARDS, column_index, folder, list_parts
 from stages.storage import block_name, full_uri, join, sample_uri, write_atomic
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -182,7 +182,7 @@ def drop_unlisted_shards(output: str, storage_options: dict) -> int:
     for part in parts:
         with manifest_fs.open(part, "rb") as f:
             table = pq.ParquetFile(f)
-            if C.SHARD in table.schema_arrow.names:
+            if column_index(table.metadata, C.SHARD) >= 0:
                 listed.update(pc.unique(table.read(columns=[C.SHARD]).column(C.SHARD)).drop_null().to_pylist())
     stats_fs, stats_root = folder(output, SHARD_STATS, storage_options)
     dropped = [path for path in fs.find(root) if full_uri(fs, path) not in listed]
