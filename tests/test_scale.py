@@ -261,3 +261,14 @@ def test_failed_rows_are_taken_out_of_compacted_and_small_parts_exactly(tmp_path
     assert not (folder / "late-00000.parquet").exists() and (folder / "late-00001.parquet").exists()
     [compacted] = [pq.ParquetFile(p) for p in folder.iterdir() if p.name.startswith(output.COMPACTED_PREFIX)]
     assert compacted.metadata.num_row_groups == 4 and output.COMPACTED_FROM in compacted.schema_arrow.metadata
+
+
+def test_a_column_is_found_in_footers_by_its_chunks(tmp_path):
+    """The footer column lookup the counts use is a leaf-column index (a struct column of two fields comes first:
+    the Arrow field index would be one short), and -1 for a missing column."""
+    table = pa.table({"size": [{"h": 1, "w": 2}, {"h": 3, "w": 4}], C.ROW_ID: ["a", "b"], C.ERROR: [None, "boom"]})
+    pq.write_table(table, tmp_path / "nested.parquet")
+    meta = pq.ParquetFile(tmp_path / "nested.parquet").metadata
+    assert output.column_index(meta, C.ERROR) == 3 and output.column_index(meta, "missing") == -1
+    assert meta.row_group(0).column(3).statistics.null_count == 1
+    assert output.part_counts(str(tmp_path), ".", {}, nulls_of=C.ERROR) == (2, 1)
