@@ -31,11 +31,13 @@ from stages.denoise import (
     schedule,
     to_host,
 )
+from stages.effnet_terms import fill_effnet_terms, split_effnet_linears
 from stages.models import DTYPES, load_component, pick_device, pipeline_config, resolve
 
 
 class DecoderStage:
-    """Decodes every row to (H, W, 3) uint8, grouped by (size, steps, guidance on/off), in fixed micro-batches."""
+    """Decodes every row to (H, W, 3) uint8, grouped by (size, steps, guidance on/off), in fixed micro-batches.
+    Its `decoder` has split effnet Linears: call it only after `fill_effnet_terms` for the same embeddings."""
 
     def __init__(self, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
                  device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool = False,
@@ -47,6 +49,7 @@ class DecoderStage:
         self.micro_batch = micro_batch
         self.decoder = prepare_model(load_component(WuerstchenDiffNeXt, root, "decoder", self.dtype, self.device),
                                      self.device, channels_last)
+        split_effnet_linears(self.decoder)  # the effnet share of its Linears: once per micro-batch, not per step
         self.vqgan = prepare_model(load_component(PaellaVQModel, root, "vqgan", self.dtype, self.device),
                                    self.device, channels_last)
         self.forward = compiled(self.decoder, self.device) if compile else self.decoder
@@ -111,10 +114,14 @@ class DecoderStage:
         #    start latents (B, 4, 10.67h, 10.67w), then one per step
         gens = restored_generators(batch[C.GENERATOR_STATE][idx])
         h, w = effnet.shape[-2:]
-        noise = noise_stream(gens, (4, int(h * self.latent_dim_scale), int(w * self.latent_dim_scale)), self.device)
+        latent_hw = (int(h * self.latent_dim_scale), int(w * self.latent_dim_scale))
+        noise = noise_stream(gens, (4, *latent_hw), self.device)
         latents = next(noise) * self.scheduler.init_noise_sigma
 
-        # 4. Denoise: latents, guidance and the step in float32, the model in its dtype; guidance doubles its batch
+        # 4. The step-invariant share of the effnet-injecting blocks, once for all steps (stages/effnet_terms.py)
+        fill_effnet_terms(self.decoder, effnet, latent_hw)
+
+        # 5. Denoise: latents, guidance and the step in float32, the model in its dtype; guidance doubles its batch
         for i in range(sched.steps):
             x = latents.to(self.dtype)  # (B, 4, 4h', 4w')
             new_step()
@@ -124,7 +131,7 @@ class DecoderStage:
                 pred = torch.lerp(pred_uncond, pred_text, guidance)
             latents = ddpm_step(latents, pred, sched.coefs[:, i], next(noise))  # (B, 4, 4h', 4w')
 
-        # 5. VQGAN decode to uint8 pixels on the device: (B, H, W, 3), and (B,) all-finite flags
+        # 6. VQGAN decode to uint8 pixels on the device: (B, H, W, 3), and (B,) all-finite flags
         new_step()
         return self.pixels(latents)
 

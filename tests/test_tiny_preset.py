@@ -9,6 +9,7 @@ from conftest import make_batch
 
 from stages import columns as C
 from stages.decoder import DecoderStage
+from stages.effnet_terms import fill_effnet_terms
 from stages.prior import PriorStage
 from stages.text import TextEncoder
 
@@ -100,6 +101,7 @@ def test_heads_follow_the_noise_level(stages):
     gen = torch.Generator().manual_seed(0)
     x, effnet = torch.randn(2, 4, 32, 32, generator=gen), torch.randn(2, 16, 3, 3, generator=gen) * 30
     clip = torch.randn(2, 77, 32, generator=gen)
+    fill_effnet_terms(decoder, effnet, x.shape[-2:])  # the stage's model reads these once per micro-batch
     divisors = []
     with torch.no_grad():
         for r in (0.9, 0.5, 0.2, 0.05):
