@@ -14,7 +14,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.resume import skip_mask
-from jobs.spec import GENERATION_RULES, MAX_SEED, JobSpec, SpecError
+from jobs.spec import JobSpec
+from jobs.spec_rules import GENERATION_RULES, MAX_SEED, SpecError
 from stages import columns as C
 from stages.refs import prior_id
 from stages.storage import full_uri, reason, url_to_fs
