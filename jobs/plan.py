@@ -138,8 +138,6 @@ def bucket_flops(models: dict, bucket: Bucket) -> dict[str, float]:
 
 def plan(spec: JobSpec) -> str:
     """The report `wuerstchen-batch plan` prints."""
-    from jobs.generate import preflight  # imports Ray: only where a plan is printed
-
     table = preflight(spec)
     buckets, models = count_buckets(spec, table), meta_models(spec)
     totals = {"text": 0.0, "prior": 0.0, "decoder": 0.0}
