@@ -19,6 +19,7 @@ from jobs import prompts
 from jobs.preflight import preflight
 from jobs.spec import JobSpec
 from stages import columns as C
+from stages.effnet_terms import fill_effnet_terms, split_effnet_linears
 from stages.models import prior_refs, ref_kind, resolve
 from stages.prior import embedding_size
 from stages.storage import join, url_to_fs
@@ -109,6 +110,7 @@ def meta_models(spec: JobSpec) -> dict[str, torch.nn.Module]:
                 models[name] = CLIPTextModel(CLIPTextConfig(**config))
             else:
                 models[name] = cls.from_config(config)
+    split_effnet_linears(models["decoder"])  # as DecoderStage runs it: the effnet share once per micro-batch
     return models
 
 
@@ -119,7 +121,8 @@ def _flops(fn) -> int:
 
 
 def bucket_flops(models: dict, bucket: Bucket) -> dict[str, float]:
-    """FLOPs per image of each stage for one bucket (guidance doubles a stage's batch)."""
+    """FLOPs per image of each stage for one bucket, as the stages do the work (guidance doubles a stage's batch;
+    Stage B's effnet share is computed once per micro-batch, not at every step)."""
     prior, decoder = models["prior"], models["decoder"]
     h, w = embedding_size(bucket.height, bucket.width)
     text_dim, dec_dim = prior.config.c_cond, decoder.config.clip_embd
@@ -127,13 +130,14 @@ def bucket_flops(models: dict, bucket: Bucket) -> dict[str, float]:
     prior_steps = bucket.prior_steps or len(DEFAULT_STAGE_C_TIMESTEPS) - 1
     latent = (1, 4, int(h * 10.67), int(w * 10.67))
     prior_fwd = _flops(lambda: prior(torch.randn(1, prior.config.c_in, h, w), torch.rand(1), torch.randn(1, 77, text_dim)))
-    dec_fwd = _flops(lambda: decoder(torch.randn(latent), torch.rand(1), torch.randn(1, prior.config.c_in, h, w),
-                                     torch.randn(1, 77, dec_dim)))
+    effnet = (1, prior.config.c_in, h, w)
+    dec_once = _flops(lambda: fill_effnet_terms(decoder, torch.randn(effnet), latent[-2:]))
+    dec_fwd = _flops(lambda: decoder(torch.randn(latent), torch.rand(1), torch.randn(effnet), torch.randn(1, 77, dec_dim)))
     text = _flops(lambda: models["prior_text"](ids)) * (1 + bucket.prior_cfg) + \
         _flops(lambda: models["decoder_text"](ids)) * (1 + bucket.decoder_cfg)
     vq = _flops(lambda: models["vqgan"].decode(torch.randn(latent)))
     return {"text": text, "prior": prior_fwd * prior_steps * (1 + bucket.prior_cfg),
-            "decoder": dec_fwd * bucket.decoder_steps * (1 + bucket.decoder_cfg) + vq}
+            "decoder": (dec_once + dec_fwd * bucket.decoder_steps) * (1 + bucket.decoder_cfg) + vq}
 
 
 def plan(spec: JobSpec) -> str:
