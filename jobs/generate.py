@@ -84,8 +84,8 @@ def open_output(spec: JobSpec, start: float, verbose: bool = False) -> int:
     the count of manifest rows already there (from the footers)."""
     record_run(spec.output, spec.storage_options, start)
     connect(spec, verbose)
-    if spec.output_format == "webdataset":
-        drop_unlisted_shards(spec.output, spec.storage_options)  # a killed run's shards: written again below
+    if spec.output_format == "webdataset":  # a killed run's shards, written again below; in a task (reads every part)
+        ray.get(ray.remote(num_cpus=TASK_CPUS)(drop_unlisted_shards).remote(spec.output, spec.storage_options))
     return output.part_counts(spec.output, output.MANIFEST, spec.storage_options)[0]
 
 

@@ -3,6 +3,7 @@ output.list_parts: a compacted part names in its footer the parts it replaces)."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -30,11 +31,12 @@ def compact(output: str, name: str, storage_options: dict | None, min_parts: int
     small = [f for f in files if f not in replaced and not f.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)]
     if len(small) < min_parts:
         return 0
-    groups: dict[pa.Schema, list[tuple[str, int]]] = {}
-    for file, schema, rows in _footers(fs, small):
-        groups.setdefault(schema, []).append((file, rows))
+    groups: dict[bytes, list[tuple[str, int]]] = {}
+    for file, key, rows in _footers(fs, small):
+        groups.setdefault(key, []).append((file, rows))
     merges = []
-    for schema, parts in groups.items():
+    for parts in groups.values():
+        schema = _schema(fs, parts[0][0])
         batch, rows = [], 0
         for file, count in parts:
             batch.append(file)
@@ -48,14 +50,26 @@ def compact(output: str, name: str, storage_options: dict | None, min_parts: int
         return sum(pool.map(lambda merge: _merge(fs, *merge), merges))
 
 
-def _footers(fs, files: list[str]):
+def _footers(fs, files: list[str]) -> list[tuple[str, bytes, int]]:
+    """(file, schema key, rows) of each part. The key is a digest of the Arrow schema its writer stored in the
+    footer (`ARROW:schema`), read as bytes: building each footer's schema churned ~57 KB a part that the C
+    allocator kept (+470 MiB in this task over 10k parts). Parts without one get a key from their schema."""
     def read(file):
         with fs.open(file, "rb") as f:
             meta = pq.ParquetFile(f).metadata
-        return file, meta.schema.to_arrow_schema().remove_metadata(), meta.num_rows
+        stored = (meta.metadata or {}).get(b"ARROW:schema")
+        if stored is None:
+            stored = meta.schema.to_arrow_schema().remove_metadata().serialize().to_pybytes()
+        return file, hashlib.sha256(stored).digest(), meta.num_rows
 
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
         return list(pool.map(read, files))
+
+
+def _schema(fs, file: str) -> pa.Schema:
+    """A part's Arrow schema, without metadata: the schema its group's merged parts are written with."""
+    with fs.open(file, "rb") as f:
+        return pq.ParquetFile(f).schema_arrow.remove_metadata()
 
 
 def _merge(fs, files: list[str], schema: pa.Schema) -> int:

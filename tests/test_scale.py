@@ -96,6 +96,27 @@ def test_in_flight_rows_are_looked_for_only_in_parts_written_since_the_last_clea
     assert sorted(r[C.ROW_ID] for r in pending.take_all()) == sorted(ids[300:])
 
 
+def test_parts_of_other_schemas_are_compacted_apart(tmp_path):
+    """Parts with a user column added in a later pass, and parts where that column's type changed but its Parquet
+    storage did not (int64 → timestamp), merge only with parts of their own schema: no value is cast."""
+    ids = random_ids(420, 5)
+    folder = tmp_path / output.MANIFEST
+    write_parts(tmp_path, ids[:140], 70, name="a")
+    for name, kind, chunk_ids in (("b", pa.int64(), ids[140:280]), ("c", pa.timestamp("us"), ids[280:])):
+        for k, chunk in enumerate(np.array_split(np.asarray(chunk_ids, dtype=object), 70)):
+            table = manifest_table(list(chunk)).append_column("batch", pa.array(np.arange(len(chunk)), kind))
+            pq.write_table(table, folder / f"{name}-{k:05d}.parquet")
+    assert compaction.compact(str(tmp_path), output.MANIFEST, {}) == 210
+    fs, files = output.list_parts(str(tmp_path), output.MANIFEST, {})
+    assert len(files) == 3 and all(f.rsplit("/", 1)[-1].startswith(output.COMPACTED_PREFIX) for f in files)
+    found = {}
+    for file in files:
+        table = pq.read_table(file)
+        kind = table.schema.field("batch").type if "batch" in table.column_names else None
+        found[str(kind)] = sorted(table.column(C.ROW_ID).to_pylist())
+    assert found == {"None": sorted(ids[:140]), "int64": sorted(ids[140:280]), "timestamp[us]": sorted(ids[280:])}
+
+
 def test_compaction_keeps_every_row_once_at_every_step(tmp_path):
     """Small parts merge into compacted ones; an interrupted compaction (sources still there) and a finished
     one both list each row exactly once, and the next compaction clears the leftovers."""
