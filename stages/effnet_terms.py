@@ -3,7 +3,7 @@
 Every ResBlockStageB of an effnet-injecting level (the official decoder's levels 1-3) starts its MLP with
 Linear(c [+ c skip] + c_cond, 4c) on its input concatenated with the Stage C embedding mapped to that level.
 The embedding does not change across the steps, so its columns' product (plus the bias) is the same at every
-step: ~16% of Stage B's FLOPs per step at 1024². `split_effnet_linears` splits those Linears; before each
+step: ~17% of Stage B's FLOPs per step at 1024². `split_effnet_linears` splits those Linears; before each
 micro-batch's loop `fill_effnet_terms` computes the effnet share once, and each step multiplies only the rest.
 """
 
