@@ -84,21 +84,25 @@ def open_output(spec: JobSpec, start: float, verbose: bool = False) -> int:
     the count of manifest rows already there (from the footers)."""
     record_run(spec.output, spec.storage_options, start)
     connect(spec, verbose)
-    if spec.output_format == "webdataset":  # a killed run's shards, written again below; in a task (reads every part)
-        ray.get(ray.remote(num_cpus=TASK_CPUS)(drop_unlisted_shards).remote(spec.output, spec.storage_options))
+    if spec.output_format == "webdataset":  # a killed run's shards, written again below (reads every part)
+        in_task(drop_unlisted_shards, spec.output, spec.storage_options)
     return output.part_counts(spec.output, output.MANIFEST, spec.storage_options)[0]
 
 
 def close_output(spec: JobSpec, start: float, done: int, retried: int | None = None, kept: int = 0) -> Summary:
     """Compact the manifest's small parts, then the closing summary, the invocation's record (the same
     figures), and the report rebuilt; compaction and report run in a Ray task, off the driver."""
-    in_task = ray.remote(num_cpus=TASK_CPUS)
-    ray.get(in_task(compaction.compact).remote(spec.output, output.MANIFEST, spec.storage_options))
+    in_task(compaction.compact, spec.output, output.MANIFEST, spec.storage_options)
     output.mark_closed(spec.output, spec.storage_options)  # every stored Stage C row has its entry now
     summary = summarize(spec, time.time() - start, before=done, retried=retried, kept=kept)
     record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)
-    ray.get(in_task(build_report).remote(spec.output, spec.storage_options))
+    in_task(build_report, spec.output, spec.storage_options)
     return summary
+
+
+def in_task(fn, *args):
+    """fn(*args) in a Ray task, off the driver (its memory, e.g. a pass over every manifest part's footer)."""
+    return ray.get(ray.remote(num_cpus=TASK_CPUS)(fn).remote(*args))
 
 
 def connect(spec: JobSpec, verbose: bool = False) -> None:
