@@ -138,8 +138,9 @@ class DecoderStage:
     def _pixels(self, latents: torch.Tensor):
         """(B, 4, 4h', 4w') float32 latents → (B, H, W, 3) uint8 pixels, (B,) flags: every pixel finite, and the
         float pixels in [0, 1] when `keep_float`."""
-        pixels = self.vqgan.decode((latents * self.vqgan.config.scale_factor).to(self.dtype)).sample.clamp(0, 1)
-        finite = torch.isfinite(pixels).flatten(1).all(dim=1)
+        decoded = self.vqgan.decode((latents * self.vqgan.config.scale_factor).to(self.dtype)).sample
+        finite = torch.isfinite(decoded).flatten(1).all(dim=1)  # before the clamp, which turns ±inf into 0 or 1
+        pixels = decoded.clamp(0, 1)
         images = (pixels.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         floats = pixels.float().permute(0, 2, 3, 1).contiguous() if self.keep_float else None  # parity checks
         return images, finite, floats

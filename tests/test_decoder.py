@@ -66,3 +66,19 @@ def test_independent_of_batch_composition(pipeline):
     for i, row in enumerate(rows):
         assert np.array_equal(pipeline([row])[C.IMAGE][0], together[i]), (i, row)
         assert np.array_equal(reversed_[len(rows) - 1 - i], together[i]) and np.array_equal(chunks[i // 3][i % 3], together[i])
+
+
+def test_infinite_pixels_mark_the_row(monkeypatch):
+    """±inf out of the VQGAN (an fp16 overflow) fails its row, though the clamp to [0, 1] would hide it."""
+    text, prior, decoder = TextEncoder("tiny", "tiny"), PriorStage("tiny"), DecoderStage("tiny")
+    decode = decoder.vqgan.decode
+
+    def overflowing(latents):
+        out = decode(latents)
+        out.sample[0, 0, 0, 0] = float("inf")  # one pixel of the first row
+        out.sample[0, 1, 0, 0] = -float("inf")
+        return out
+
+    monkeypatch.setattr(decoder.vqgan, "decode", overflowing)
+    out = decoder(prior(text(make_batch(ROWS[:1] + ROWS[:1]))))
+    assert "NaN or inf" in out[C.ERROR][0] and out[C.ERROR][1] == ""
