@@ -97,6 +97,8 @@ def close_output(spec: JobSpec, start: float, done: int, retried: int | None = N
     summary = summarize(spec, time.time() - start, before=done, retried=retried, kept=kept)
     record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)
     in_task(build_report, spec.output, spec.storage_options)
+    if retried is None:  # every planned row was made (--retry-failed makes only the failed ones)
+        output.mark_finished(spec.output, spec.storage_options)  # a rerun may now be answered from the footers
     return summary
 
 

@@ -115,14 +115,17 @@ def _check_rows(batch: pa.RecordBatch, name: str, offset: int, images_per_prompt
                 fail(pc.fill_null(pc.greater(column, top), False).to_numpy(zero_copy_only=False),
                      f"seed must be at most 2^63 - {images_per_prompt} (seed + image index is a signed 64-bit "
                      f"integer)", column)
+            elif column.type.bit_width == 64:  # a uint64 column: its values must fit the int64 the rows carry
+                fail(pc.fill_null(pc.greater(column, pa.scalar(MAX_SEED, column.type)), False).to_numpy(
+                    zero_copy_only=False), f"{col} must fit a signed 64-bit integer", column)
             values = pc.fill_null(column, 1).to_numpy(zero_copy_only=False)
         else:
             values = column.to_numpy(zero_copy_only=False).astype(np.float64)  # null → nan
+            fail(present & ~np.isfinite(values), f"{col} must be a finite number", values)
             if col in C.INT_PARAMS:
                 fail(present & (values != np.round(values)), f"{col} must be a whole number", values)
-            if col == C.SEED:
-                fail(present & (np.abs(values) > FLOAT_EXACT), "seed is a floating-point column and its value "
-                     "is above 2^53, where floats skip integers: store seeds as int64", values)
+                fail(present & (np.abs(values) > FLOAT_EXACT), f"{col} is a floating-point column and its value "
+                     f"is above 2^53, where floats skip integers: store {col} as int64", values)
             values = np.nan_to_num(values)
         is_bad, message = GENERATION_RULES[col]
         fail(present & is_bad(values), f"{col} {message}", values)

@@ -74,8 +74,10 @@ def part_counts(output: str, folder: str, storage_options: dict, nulls_of: str |
 
 def finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -> Summary | None:
     """The summary of an output that already holds every row of this spec (`expected_rows()` of them, none
-    waiting in stored embeddings), from job.yaml and Parquet footers alone; None when there is work to do,
-    or when the output cannot tell (the full path then checks everything and names what is wrong)."""
+    waiting in stored embeddings), from job.yaml, <output>/_finished and Parquet footers alone; None when there
+    is work to do, or when the output cannot tell (the full path then checks everything and names what is wrong).
+    The last invocation must have ended: one that claimed the output and died left a job.yaml newer than a table
+    edited before it, whose new rows it never made."""
     try:
         return _finished(spec, expected_rows, started)
     except Exception:  # noqa: BLE001 - a shortcut only: any doubt takes the full path
@@ -89,6 +91,7 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
         return None
     before, now = yaml.safe_load(fs.cat_file(job_file)) or {}, spec.to_dict()
     if (any(before.get(key) != now.get(key) for key in ROW_KEYS) or _stage_bits(before) != _stage_bits(now)
+            or not output_folder.is_finished(spec.output, spec.storage_options)
             or not _prompts_older(spec, fs, job_file)):
         return None
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
@@ -98,7 +101,8 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
 
 
 def _prompts_older(spec: JobSpec, out_fs, job_file: str) -> bool:
-    """Whether no prompt file changed after job.yaml was written."""
+    """Whether no prompt file changed after job.yaml was written: after the finished invocation claimed the
+    output, before it read the table."""
     if spec.decoded_from:
         return True
     from jobs.prompts import list_files
@@ -115,6 +119,7 @@ def claim(spec: JobSpec, overwrite: bool) -> None:
     thing a job writes, after every check; an output that cannot be written is one line naming it."""
     try:
         check_continuation(spec, overwrite)
+        output_folder.mark_finished(spec.output, spec.storage_options, False)  # until this invocation ends
         fs, root = url_to_fs(spec.output, spec.storage_options)
         write_atomic(fs, join(root, "job.yaml"), yaml.safe_dump(spec.public_dict(), sort_keys=False).encode())
     except SpecError:

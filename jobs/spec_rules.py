@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 
 from stages import credentials as secrets
@@ -93,7 +94,12 @@ GENERATION_RULES = {
 
 def check_generation_value(name: str, value, param: str | None = None) -> None:
     """Apply the rule of `param` (default: the last part of `name`) to one value."""
-    is_bad, message = GENERATION_RULES[param or name.rsplit(".", 1)[-1]]
+    param = param or name.rsplit(".", 1)[-1]
+    is_bad, message = GENERATION_RULES[param]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{name}: must be a finite number, got {value}")
+    if isinstance(value, int) and abs(value) > MAX_SEED and param != "seed":  # the seed's own check names its bound
+        raise SpecError(f"{name}: must fit a signed 64-bit integer, got {value}")
     if is_bad(value):
         raise SpecError(f"{name}: {message}, got {value}")
 

@@ -35,6 +35,7 @@ COMPACTED_FROM = b"wuerstchen_batch.compacted_from"  # a compacted part's footer
 COMPACTED_PREFIX = "compacted-"
 PATH = "path"  # the column Ray Data's include_paths adds
 CLOSED = "_closed"  # embeddings/_closed, written as a pass ends: an older part's rows all have manifest entries
+FINISHED = "_finished"  # <output>/_finished, written as an invocation ends; a claim removes it first
 ROWS_PER_PARTITION = 500_000  # done ids per join partition (≈ 40 MB in one aggregator)
 THREADS = 16  # footer readers (object stores answer in parallel)
 READ_ATTEMPTS, REREAD_PAUSE_S = 5, 2.0  # a read that lost a listed part to a compaction (see relisted)
@@ -220,6 +221,24 @@ def mark_closed(output: str, storage_options: dict | None) -> None:
     fs, root = folder(output, EMBEDDINGS, storage_options)
     if fs.exists(root):
         write_atomic(fs, join(root, CLOSED), b"")
+
+
+def mark_finished(output: str, storage_options: dict | None, finished: bool = True) -> None:
+    """Record that the invocation which last claimed the output ended with every planned row made (or take
+    the record away, as a claim does first): only then may a rerun be answered from the footers alone."""
+    from stages.storage import write_atomic
+
+    fs, path = url_to_fs(join(output, FINISHED), storage_options)
+    if finished:
+        write_atomic(fs, path, b"")
+    elif fs.exists(path):
+        fs.rm(path)
+
+
+def is_finished(output: str, storage_options: dict | None) -> bool:
+    """Whether the last invocation that claimed the output ended (see mark_finished)."""
+    fs, path = url_to_fs(join(output, FINISHED), storage_options)
+    return fs.exists(path)
 
 
 def _since_closed(fs, root: str, files: list[str]) -> list[str]:

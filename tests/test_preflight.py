@@ -14,6 +14,7 @@ from jobs.preflight import answered, check_models
 from jobs.resume import claim, part_counts
 from jobs.spec import SpecError, spec_from_dict
 from stages import columns as C
+from stages import output
 
 
 def spec_at(tmp_path, rows=3, **extra):
@@ -37,6 +38,7 @@ def finished_output(tmp_path, spec, rows):
     write_part(tmp_path / "out" / "manifest", "a", ids[:2], ["nan in stage C", None])
     write_part(tmp_path / "out" / "manifest", "b", ids[2:])
     write_part(tmp_path / "out" / "embeddings", "a", ids)
+    output.mark_finished(spec.output, {})  # the invocation ended
 
 
 def test_a_finished_output_is_answered_from_its_footers(tmp_path):
@@ -65,6 +67,20 @@ def test_work_left_is_not_answered(tmp_path):
     assert answered(spec, time.time()) is None
     (tmp_path / "new").mkdir()
     assert answered(spec_at(tmp_path / "new"), time.time()) is None  # no output yet
+
+
+def test_a_table_edited_before_an_attempt_that_died_is_not_answered(tmp_path):
+    """A prompt edited in place (same row count), then a run that claimed the output and died before making the
+    new row: its job.yaml is newer than the table, yet the new row is still to make."""
+    spec = spec_at(tmp_path, rows=3)
+    finished_output(tmp_path, spec, rows=3)
+    assert answered(spec, time.time()) is not None
+    earlier = time.time() - 5
+    os.utime(tmp_path / "p.parquet", (earlier, earlier))  # the edit, before the next attempt claims the output
+    claim(spec, overwrite=False)  # … which then dies (placement timeout, Ctrl-C, a store outage)
+    assert answered(spec, time.time()) is None
+    output.mark_finished(spec.output, {})  # the rerun that followed made every planned row
+    assert answered(spec, time.time()) is not None
 
 
 def test_job_yaml_of_a_failed_attempt_does_not_refuse_the_corrected_spec(tmp_path):
@@ -113,6 +129,8 @@ def test_a_finished_output_on_an_object_store_is_answered(s3_server, tmp_path):
     claim(spec, overwrite=False)
     write_part(tmp_path / "parts", "a", ["id0", "id1"])
     fs.put(str(tmp_path / "parts" / "a.parquet"), "quick/out/manifest/a.parquet")
+    assert answered(spec, time.time()) is None  # the invocation has not ended
+    output.mark_finished(spec.output, s3_server)
     assert answered(spec, time.time()).rows == 2
     time.sleep(1.1)  # object stores keep modification times to the second
     fs.put(str(tmp_path / "p.parquet"), "quick/prompts/p.parquet")  # rewritten after the run

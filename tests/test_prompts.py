@@ -40,6 +40,15 @@ def test_scan_counts_rows_across_files(tmp_path):
     ({"prompt": ["a"], "seed": [-1]}, "row 0: seed must not be negative"),
     ({"prompt": ["a"], "seed": [1.5]}, "row 0: seed must be a whole number"),
     ({"prompt": ["a"], "seed": ["one"]}, "column 'seed' in"),
+    ({"prompt": ["a", "b"], "prior_guidance_scale": [4.0, float("inf")]}, "row 1: prior_guidance_scale must be a "
+                                                                          "finite number, got inf"),
+    ({"prompt": ["a"], "decoder_guidance_scale": [float("nan")]}, "row 0: decoder_guidance_scale must be a finite "
+                                                                  "number, got nan"),
+    ({"prompt": ["a"], "decoder_steps": [float("inf")]}, "row 0: decoder_steps must be a finite number"),
+    ({"prompt": ["a"], "prior_steps": [1e19]}, "row 0: prior_steps is a floating-point column and its value is "
+                                              "above 2^53"),
+    ({"prompt": ["a", "b"], "decoder_steps": pa.array([2, 2**64 - 1], pa.uint64())},
+     "row 1: decoder_steps must fit a signed 64-bit integer"),
     ({"prompt": ["a"], "negative_prompt": [3]}, "column 'negative_prompt' in"),
 ])
 def test_bad_rows_are_named(tmp_path, cols, message):

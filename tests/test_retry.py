@@ -66,7 +66,8 @@ def test_retry_keeps_the_failed_rows_an_edited_table_no_longer_plans(tmp_path, r
     failed = fail_rows(tmp_path / "out" / "manifest", 2)
     entries = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "out" / "manifest").to_pylist()}
     gone = entries[failed[0]][C.PROMPT]
-    write_prompts(tmp_path / "p.parquet", [p for p in PROMPTS if p[C.PROMPT] != gone])  # the user edits the table
+    edited = [p if p[C.PROMPT] != gone else {**p, C.PROMPT: "a prompt added in its place"} for p in PROMPTS]
+    write_prompts(tmp_path / "p.parquet", edited)  # the user edits the table (as many rows as before)
     capsys.readouterr()
 
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0  # the retried row succeeded
@@ -76,3 +77,8 @@ def test_retry_keeps_the_failed_rows_an_edited_table_no_longer_plans(tmp_path, r
     after = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "out" / "manifest").to_pylist()}
     assert sorted(after) == sorted(entries)  # nothing lost, nothing doubled
     assert after[failed[0]][C.ERROR] == entries[failed[0]][C.ERROR] and after[failed[1]][C.ERROR] is None
+    # A retry makes only failed rows: the next plain run still makes the added prompt (not "nothing to do").
+    assert main(["generate", str(tmp_path / "job.yaml")]) == 1  # the kept failure is still reported
+    assert "1 made" in capsys.readouterr().out
+    prompts_made = pq.read_table(tmp_path / "out" / "manifest")[C.PROMPT].to_pylist()
+    assert "a prompt added in its place" in prompts_made and len(prompts_made) == len(PROMPTS) + 1
