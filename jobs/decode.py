@@ -97,9 +97,11 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                             fn_kwargs=dict(decoder_params=changed, model=model))
         ds = coalesced(ds, max(stored - done, 0), EMBEDDINGS_PART_ROWS, spec)
         ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
-                            fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
-        return decode_dataset(spec, ds, tally, max(stored - done, 0))
+                            fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options,
+                                           user_types=user_types))
+        return decode_dataset(spec, ds, tally, max(stored - done, 0), user_types)
 
     stored = output.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
+    user_types = output.first_schema(run, output.EMBEDDINGS, spec.storage_options)  # the prompt table's columns
     write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))
     return close_output(spec, started, done)

@@ -25,7 +25,7 @@ from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec, stag
 from stages import columns as C
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
-from stages import compaction, output
+from stages import compaction, output, user_columns
 from stages.sink import ManifestSink
 from stages.text import TextEncoder
 from stages.writer import (drop_unlisted_shards, read_back_embeddings, shard_columns, write_embeddings,
@@ -62,7 +62,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     waiting = pending.count() if pending is not None else 0
     if pending is not None:
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
-            spec.output, spec.storage_options, pending), tally, waiting), DECODE_STAGES, waiting)
+            spec.output, spec.storage_options, pending), tally, waiting, table.schema), DECODE_STAGES, waiting)
     finished_rows = done + waiting  # the rows in flight are done now
     todo = prompts.planned_rows(spec, table.rows) - finished_rows if only is None else len(only)
     if only is None or len(only):
@@ -136,6 +136,7 @@ def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> 
 def stored_embeddings(output_uri: str, storage_options: dict, keys: ray.data.Dataset) -> ray.data.Dataset:
     """The stored Stage C rows of `output_uri` named by `keys` (row_id, path), as Stage B/A input."""
     ds = output.stored_rows(keys, output_uri, storage_options)
+    ds = ds.map_batches(user_columns.pack, batch_format="pyarrow", num_cpus=TASK_CPUS)  # as the reader does
     return ds.map_batches(read_back_embeddings, batch_format="numpy", num_cpus=TASK_CPUS)
 
 
@@ -157,8 +158,9 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     ds = _stage(ds, spec, PriorStage, "prior", tally)
     ds = coalesced(ds, left, EMBEDDINGS_PART_ROWS, spec)
     ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
-                        fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options))
-    return _decode_and_write(ds, spec, tally, left)
+                        fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options,
+                                       user_types=table.schema))
+    return _decode_and_write(ds, spec, tally, left, table.schema)
 
 
 def coalesced(ds: ray.data.Dataset, rows: int, most: int, spec: JobSpec) -> ray.data.Dataset:
@@ -181,16 +183,18 @@ def expanded(spec: JobSpec, table: prompts.PromptTable) -> ray.data.Dataset:
                                          combos=combos))
 
 
-def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None, rows: int = 0) -> ray.data.Dataset:
+def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None, rows: int = 0,
+                   user_types=None) -> ray.data.Dataset:
     """Stored Stage C rows (about `rows`) → text pool (for the decoder's text states) → Stage B/A pool →
-    images."""
+    images (the prompt table's own columns written in `user_types`, a pyarrow schema, where given)."""
     stored = stored.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    return _decode_and_write(_stage(stored, spec, TextEncoder, "text", tally), spec, tally, rows)
+    return _decode_and_write(_stage(stored, spec, TextEncoder, "text", tally), spec, tally, rows, user_types)
 
 
-def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int) -> ray.data.Dataset:
+def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int, user_types) -> ray.data.Dataset:
     ds = _stage(ds, spec, DecoderStage, "decoder", tally)
-    kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format)
+    kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format,
+                  user_types=user_types)
     if spec.output_format == "webdataset":  # shard blocks carry the images and scalars only (no text states)
         ds = ds.map_batches(shard_columns, batch_format="numpy", num_cpus=TASK_CPUS)
         ds = ds.repartition(target_num_rows_per_block=spec.shard_size)

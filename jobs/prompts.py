@@ -17,6 +17,7 @@ from jobs.resume import skip_mask
 from jobs.spec import JobSpec
 from jobs.spec_rules import GENERATION_RULES, MAX_SEED, SpecError
 from stages import columns as C
+from stages import user_columns
 from stages.refs import prior_id
 from stages.storage import full_uri, reason, url_to_fs
 
@@ -27,12 +28,13 @@ FLOAT_EXACT = 2 ** 53  # above this a float64 cannot hold every integer
 
 @dataclass(frozen=True)
 class PromptTable:
-    """The validated table: its files (paths on `fs`) and its row count."""
+    """The validated table: its files (paths on `fs`), its row count, and its columns' types over all files."""
 
     fs: object
     files: tuple[str, ...]
     rows: int
     columns: tuple[str, ...]
+    schema: pa.Schema  # the files' schemas unified: the writers keep the user's columns in these types
 
 
 def list_files(uri: str, storage_options: dict) -> tuple[object, list[str]]:
@@ -56,7 +58,7 @@ def list_files(uri: str, storage_options: dict) -> tuple[object, list[str]]:
 def scan(spec: JobSpec) -> PromptTable:
     """Check schema and values of every row, streaming the files (nothing is collected)."""
     fs, files = list_files(spec.prompts, spec.storage_options)
-    rows, columns = 0, None
+    rows, columns, unified = 0, None, pa.schema([])
     for path in files:
         name = full_uri(fs, path)
         try:
@@ -65,6 +67,7 @@ def scan(spec: JobSpec) -> PromptTable:
             raise SpecError(f"prompts: {name} is not a readable Parquet file ({err})") from None
         schema = parquet.schema_arrow
         present = _check_schema(schema, name)
+        unified = _unified(unified, schema, name)
         columns = columns or present
         offset = 0
         for batch in parquet.iter_batches(batch_size=65536, columns=list(present), use_threads=False):
@@ -73,7 +76,18 @@ def scan(spec: JobSpec) -> PromptTable:
         rows += offset
     if rows == 0:
         raise SpecError(f"prompts: {spec.prompts} has no rows")
-    return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns))
+    return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns), schema=unified)
+
+
+def _unified(schema: pa.Schema, more: pa.Schema, name: str) -> pa.Schema:
+    """The schemas of the files so far and of file `name`, as one (int64 and double become double); a column of
+    two incompatible types is one line naming it."""
+    try:
+        return pa.unify_schemas([schema, more.remove_metadata()], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        clash = next(f for f in more if f.name in schema.names and schema.field(f.name).type != f.type)
+        raise SpecError(f"prompts: column '{clash.name}' in {name} is {clash.type}, in the files before it "
+                        f"{schema.field(clash.name).type}") from None
 
 
 def _check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
@@ -174,7 +188,7 @@ def sweep_combinations(sweep: dict) -> list[dict]:
 def expand_table(table: pa.Table, defaults: dict, *args, **kwargs) -> dict:
     """expand_rows for an Arrow batch: integer columns are filled and converted as integers (numpy would turn an
     int64 column with nulls into float64, and 2^53 + 1 into 2^53)."""
-    batch = {}
+    batch, table = {}, user_columns.pack(table)  # the user's columns travel as one bytes column, exactly
     for name in table.column_names:
         column = table.column(name)
         if pa.types.is_integer(column.type) and isinstance(defaults.get(name), int):

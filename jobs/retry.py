@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 from jobs.resume import filter_ids
 from jobs.spec import TASK_CPUS
 from stages import columns as C
+from stages.compaction import remove_leftovers
 from stages import output as out
 from stages.output import PATH, list_parts, read_parts
 from stages.storage import open_atomic
@@ -29,8 +30,9 @@ def drop_failed(output: str, storage_options: dict, ids: np.ndarray) -> None:
     """Take the rows `ids` out of the embeddings, then out of the manifest: a kill in between leaves the error
     entries for the next --retry-failed, and no reader ever sees a row's old entry beside its new one."""
     if len(ids):
-        drop_rows(output, "embeddings", storage_options, ids)
-        drop_rows(output, "manifest", storage_options, ids)
+        for folder in ("embeddings", "manifest"):
+            remove_leftovers(output, folder, storage_options)  # else deleting a compacted part would revive them
+            drop_rows(output, folder, storage_options, ids)
 
 
 def _parts(output: str, folder: str, storage_options: dict):

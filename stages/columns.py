@@ -71,8 +71,11 @@ TRANSIENT = (
     IMAGE_FLOAT,
 )
 
+# The prompt table's own columns, packed into one bytes column between reader and writers (stages/user_columns.py).
+USER_VALUES = "user_values"
+
 # Stage-internal columns that are never the user's own (not carried into the embeddings table).
-INTERNAL = TRANSIENT + ("embedding_shape",)
+INTERNAL = TRANSIENT + ("embedding_shape", USER_VALUES)
 
 # Columns the job sets itself: a prompt table holding one is refused (its value would be silently replaced).
 RESERVED = (ROW_ID, SOURCE_ROW, IMAGE_INDEX, CHECKPOINT, PRIOR_CHECKPOINT, INPUT_ROWS, IMAGE_URI, ERROR, SHARD,

@@ -24,11 +24,8 @@ def compact(output: str, name: str, storage_options: dict | None, min_parts: int
     streaming row groups; returns the parts replaced. Each merged part names in its footer the parts it
     replaces and appears whole; the replaced parts are deleted after. A reader (see list_parts) sees each
     row once at every moment, and an interrupted compaction leaves a consistent folder (rerun it)."""
-    fs, files, replaced = listing(output, name, storage_options)
-    leftovers = [f for f in files if f in replaced]  # an interrupted compaction's: readers skip them already
-    if leftovers:
-        fs.rm(leftovers)
-    small = [f for f in files if f not in replaced and not f.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)]
+    fs, files = remove_leftovers(output, name, storage_options)
+    small = [f for f in files if not f.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)]
     if len(small) < min_parts:
         return 0
     groups: dict[bytes, list[tuple[str, int]]] = {}
@@ -48,6 +45,16 @@ def compact(output: str, name: str, storage_options: dict | None, min_parts: int
             merges.append((batch, schema))
     with ThreadPoolExecutor(max_workers=MERGE_THREADS) as pool:  # Parquet reading/writing leaves the GIL
         return sum(pool.map(lambda merge: _merge(fs, *merge), merges))
+
+
+def remove_leftovers(output: str, name: str, storage_options: dict | None) -> tuple[object, list[str]]:
+    """Delete the parts that a compacted part replaces (an interrupted compaction's; readers skip them already,
+    but they would come back if the compacted part went); returns (fs, the live parts)."""
+    fs, files, replaced = listing(output, name, storage_options)
+    leftovers = [f for f in files if f in replaced]
+    if leftovers:
+        fs.rm(leftovers)
+    return fs, [f for f in files if f not in replaced]
 
 
 def _footers(fs, files: list[str]) -> list[tuple[str, bytes, int]]:

@@ -68,6 +68,15 @@ def list_parts(output: str, name: str, storage_options: dict | None) -> tuple[ob
     return fs, [f for f in files if f not in replaced]
 
 
+def first_schema(output: str, name: str, storage_options: dict | None) -> pa.Schema | None:
+    """The Arrow schema of the first live part of <output>/<name> (None without parts): a run's column types."""
+    fs, files = list_parts(output, name, storage_options)
+    if not files:
+        return None
+    with fs.open(files[0], "rb") as f:
+        return pq.read_schema(f)
+
+
 def listing(output: str, name: str, storage_options: dict | None) -> tuple[object, list[str], set[str]]:
     """(fs, every part, the parts a compacted part replaces)."""
     fs, path = folder(output, name, storage_options)

@@ -13,6 +13,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from stages import columns as C
+from stages import user_columns
 from stages.output import EMBEDDINGS, IMAGES, MANIFEST, SHARD_STATS, SHARDS, column_index, folder, list_parts
 from stages.storage import block_name, full_uri, join, sample_uri, write_atomic
 
@@ -57,7 +58,8 @@ def _params_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
     return pa.table(arrays, schema=schema)
 
 
-def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options: dict) -> dict:
+def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options: dict,
+                     user_types: pa.Schema | None = None) -> dict:
     """Persist Stage C output (embeddings, generator state after Stage C, params) of the rows without an error
     under <output>/embeddings/ (a failed row is made afresh on a resume)."""
     ok = np.asarray([not error for error in batch[C.ERROR]], dtype=bool)
@@ -65,7 +67,7 @@ def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options:
         return batch
     stored = {k: v[ok] for k, v in batch.items()}
     fs, root = folder(output, EMBEDDINGS, storage_options)
-    table = _with_user_columns(_params_table(stored, PARAMS_SCHEMA), stored)
+    table = _with_user_columns(_params_table(stored, PARAMS_SCHEMA), stored, user_types)
     embeddings = list(stored[C.IMAGE_EMBEDDINGS])
     value_type = pa.float16() if embeddings[0].dtype == np.float16 else pa.float32()
     table = table.append_column(C.IMAGE_EMBEDDINGS, pa.array([e.ravel() for e in embeddings],
@@ -105,7 +107,8 @@ def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_images(batch: dict[str, np.ndarray], output: str, storage_options: dict, image_format: str) -> pa.Table:
+def write_images(batch: dict[str, np.ndarray], output: str, storage_options: dict, image_format: str,
+                 user_types: pa.Schema | None = None) -> pa.Table:
     """Write each finished image as <output>/images/<row_id[:2]>/<row_id>.<ext>; return its manifest rows."""
     fs, root = folder(output, IMAGES, storage_options)
     uris, finished = [], []
@@ -118,14 +121,18 @@ def write_images(batch: dict[str, np.ndarray], output: str, storage_options: dic
             uris.append(full_uri(fs, path))
         finished.append(time.time())
     batch = {**batch, C.IMAGE_URI: np.asarray(uris, dtype=object), C.FINISHED_AT: np.asarray(finished)}
-    return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch)
+    return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch, user_types)
 
 
-def _with_user_columns(table: pa.Table, batch: dict[str, np.ndarray]) -> pa.Table:
-    """Append the prompt table's own columns, which pass through every stage."""
-    for name, values in batch.items():
+def _with_user_columns(table: pa.Table, batch: dict[str, np.ndarray], types: pa.Schema | None) -> pa.Table:
+    """Append the prompt table's own columns, which pass through every stage, in the table's types (`types`)."""
+    if C.USER_VALUES in batch:
+        for name, values in user_columns.unpack(batch[C.USER_VALUES], types).items():
+            table = table.append_column(name, values)
+    for name, values in batch.items():  # unpacked ones (rows given to a writer directly)
         if name not in table.schema.names and name not in MANIFEST_SCHEMA.names and name not in C.INTERNAL:
-            table = table.append_column(name, pa.array(list(values)))
+            wanted = types.field(name).type if types is not None and name in types.names else None
+            table = table.append_column(name, user_columns.typed(list(values), wanted))
     return table
 
 
@@ -135,7 +142,8 @@ def shard_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in batch.items() if k == C.IMAGE or k not in C.TRANSIENT}
 
 
-def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict, image_format: str) -> pa.Table:
+def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict, image_format: str,
+                user_types: pa.Schema | None = None) -> pa.Table:
     """Write a batch as one WebDataset tar under <output>/shards/ (image, .txt caption, .json params per
     sample) and its stats under <output>/shard_stats/; return manifest rows naming shard and key."""
     from webdataset import TarWriter  # ~1 s to import: only in the tasks that write shards
@@ -164,7 +172,7 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
     batch = {**batch, C.IMAGE_URI: np.asarray(uris, dtype=object), C.FINISHED_AT: np.full(n, time.time()),
              C.SHARD: np.asarray([stats["shard"] if not e else None for e in batch[C.ERROR]], dtype=object),
              C.KEY: np.asarray([r if not e else None for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])], dtype=object)}
-    return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch)
+    return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch, user_types)
 
 
 def drop_unlisted_shards(output: str, storage_options: dict) -> int:

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -14,12 +15,15 @@ from jobs.generate import run
 from jobs.spec import spec_from_dict
 from stages import columns as C
 
+# The user's own columns: `rank` an int64 column with a null, `note` a string column null in most rows (so whole
+# blocks of the run hold only nulls of it).
 PROMPTS = [
-    {C.PROMPT: "a lighthouse at dawn", "topic": "sea"},
-    {C.PROMPT: "a bowl of ramen", C.NEGATIVE_PROMPT: "blurry", C.DECODER_GUIDANCE: 2.0, "topic": "food"},
-    {C.PROMPT: "an astronaut riding a horse", C.HEIGHT: 256, C.SEED: 40, "topic": "space"},
-    {C.PROMPT: "猫 in Tōkyō 🌭", C.WIDTH: 256, C.PRIOR_GUIDANCE: 1.0, "topic": "city"},
-    {C.PROMPT: "a vintage car", C.DECODER_STEPS: 3, C.SEED: 7, "topic": "road"},
+    {C.PROMPT: "a lighthouse at dawn", "topic": "sea", "rank": 3, "note": None},
+    {C.PROMPT: "a bowl of ramen", C.NEGATIVE_PROMPT: "blurry", C.DECODER_GUIDANCE: 2.0, "topic": "food",
+     "rank": None, "note": None},
+    {C.PROMPT: "an astronaut riding a horse", C.HEIGHT: 256, C.SEED: 40, "topic": "space", "rank": 1, "note": None},
+    {C.PROMPT: "猫 in Tōkyō 🌭", C.WIDTH: 256, C.PRIOR_GUIDANCE: 1.0, "topic": "city", "rank": 2, "note": None},
+    {C.PROMPT: "a vintage car", C.DECODER_STEPS: 3, C.SEED: 7, "topic": "road", "rank": 5, "note": "keep"},
 ]
 
 
@@ -52,7 +56,8 @@ def test_every_row_in_the_manifest_exactly_once(first_run):
         rows = sorted(by_prompt[prompt[C.PROMPT]], key=lambda r: r[C.IMAGE_INDEX])
         base_seed = prompt.get(C.SEED, 100)
         assert [r[C.SEED] for r in rows] == [base_seed, base_seed + 1]
-        assert all(r["topic"] == prompt["topic"] for r in rows)  # the user's columns pass through
+        for column in ("topic", "rank", "note"):  # the user's columns pass through
+            assert all(r[column] == prompt[column] for r in rows), column
     for row in manifest:
         assert row[C.ERROR] is None and row[C.PRIOR_STEPS] == 2
         assert row[C.IMAGE_URI].endswith(f"/images/{row[C.ROW_ID][:2]}/{row[C.ROW_ID]}.png")
@@ -131,3 +136,16 @@ def test_manifest_has_the_readme_columns_filled(first_run):
         missing = [c for c in columns if c not in row]
         assert not missing, missing
         assert not [c for c in columns if c not in nullable and row[c] is None], row
+
+
+def test_user_columns_keep_their_types_in_every_part(first_run):
+    """Every manifest and embeddings part holds the user's columns in the prompt table's types, though numpy
+    turns an int column's nulls into NaN between stages and a block of nulls has no type of its own."""
+    tmp_path = first_run[0]
+    parts = sorted((tmp_path / "run1" / "manifest").glob("*.parquet"))
+    parts += sorted((tmp_path / "run1" / "embeddings").glob("*.parquet"))
+    assert len(parts) > 2
+    for part in parts:
+        schema = pq.read_schema(part)
+        assert (schema.field("rank").type, schema.field("note").type, schema.field("topic").type) == (
+            pa.int64(), pa.string(), pa.string()), part.name

@@ -284,6 +284,24 @@ def test_failed_rows_are_taken_out_of_compacted_and_small_parts_exactly(tmp_path
     assert compacted.metadata.num_row_groups == 4 and output.COMPACTED_FROM in compacted.schema_arrow.metadata
 
 
+def test_failed_rows_of_a_compacted_part_whose_sources_are_still_there_stay_out(tmp_path, ray_cluster):
+    """A compaction cut off before deleting the parts it merged, then --retry-failed takes out every row of the
+    compacted part (all failed): the parts it replaced must not come back with their old error entries."""
+    from jobs.retry import drop_failed
+
+    ids = random_ids(640, 9)
+    write_parts(tmp_path, ids, 64, failed=True)
+    folder = tmp_path / output.MANIFEST
+    backup = tmp_path / "backup"
+    shutil.copytree(folder, backup)
+    assert compaction.compact(str(tmp_path), output.MANIFEST, {}) == 64
+    for name in os.listdir(backup):  # the state a compaction cut off before its deletes leaves
+        shutil.copy(backup / name, folder / name)
+    drop_failed(str(tmp_path), {}, np.asarray(sorted(ids)))
+    assert output.list_parts(str(tmp_path), output.MANIFEST, {})[1] == []  # no part left: no old entry back
+    assert output.part_counts(str(tmp_path), output.MANIFEST, {}, nulls_of=C.ERROR) == (0, 0)
+
+
 def test_a_column_is_found_in_footers_by_its_chunks(tmp_path):
     """The footer column lookup the counts use is a leaf-column index (a struct column of two fields comes first:
     the Arrow field index would be one short), and -1 for a missing column."""

@@ -1,0 +1,58 @@
+"""The prompt table's own columns on their way to the manifest: one bytes column while rows travel between stages,
+written back in the table's types.
+
+Ray Data guesses a numpy column's type afresh for every block: an integer column's nulls become NaN, a block
+holding only nulls of a column comes back as float32 NaN, and blocks merged later turn those into the text 'nan'.
+So the reader packs each row's own values (exact Python values, from Arrow) into `C.USER_VALUES`, and the writers
+unpack them with the prompt table's schema. The bytes never leave the run: they are not written anywhere.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pyarrow as pa
+
+from stages import columns as C
+
+JOB_COLUMNS = frozenset((C.PROMPT, *C.OVERRIDABLE, *C.RESERVED, C.USER_VALUES))
+
+
+def user_names(names) -> list[str]:
+    """The names among `names` that are the user's own columns (not set or read by the job)."""
+    return [name for name in names if name not in JOB_COLUMNS]
+
+
+def pack(table: pa.Table) -> pa.Table:
+    """`table` with its user columns replaced by one USER_VALUES column: each row's {name: value}, pickled."""
+    names = user_names(table.column_names)
+    if not names:
+        return table
+    rows = table.select(names).to_pylist()
+    packed = pa.array([pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL) for row in rows], pa.binary())
+    return table.drop_columns(names).append_column(C.USER_VALUES, packed)
+
+
+def unpack(values: np.ndarray, types: pa.Schema | None) -> dict[str, pa.Array]:
+    """{name: array} of the packed rows, every user column of `types` included (null where a row's file lacks it),
+    each in its type where the values allow it."""
+    rows = [pickle.loads(value) for value in values]
+    names = dict.fromkeys(user_names(types.names) if types is not None else [])
+    names.update(dict.fromkeys(name for row in rows for name in row))
+    return {name: typed([row.get(name) for row in rows], _type_of(name, types)) for name in names}
+
+
+def typed(values: list, wanted: pa.DataType | None) -> pa.Array:
+    """`values` as an Arrow array of type `wanted` (NaN read as null); as inferred where they do not fit it."""
+    inferred = pa.array(values, from_pandas=wanted is not None)
+    if wanted is None or inferred.type == wanted:
+        return inferred
+    try:
+        return inferred.cast(wanted)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # kept as found rather than lost
+        return inferred
+
+
+def _type_of(name: str, types: pa.Schema | None) -> pa.DataType | None:
+    return types.field(name).type if types is not None and name in types.names else None
