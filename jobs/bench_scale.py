@@ -79,6 +79,7 @@ def build(work: Path, rows: int, new: int, part_rows: int) -> None:
     from stages.writer import MANIFEST_SCHEMA
 
     spec = spec_from_dict(job_data(work))
+    claim(spec, overwrite=False)  # job.yaml first, as a run writes it (an output of files without one is refused)
     (work / "prompts").mkdir(parents=True, exist_ok=True)
     template = id_template(spec)
     defaults = prompts.defaults_for(spec)
@@ -113,7 +114,6 @@ def build(work: Path, rows: int, new: int, part_rows: int) -> None:
             pq.write_table(table, path)
     pq.write_table(pa.table({C.PROMPT: [f"new prompt {i}" for i in range(new)], C.SEED: np.arange(new)}),
                    work / "prompts" / "b-new.parquet")
-    claim(spec, overwrite=False)  # job.yaml, as a run writes it
     time.sleep(1.1)  # the new prompts are newer than job.yaml on every store: no finished-rerun shortcut
 
 

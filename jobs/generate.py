@@ -150,8 +150,9 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
         ds = ds.map_batches(filter_ids, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ray.put(only)))
     if done_rows:
         ds = output.drop_done(ds, spec.output, spec.storage_options, done_rows)
-    left = prompts.planned_rows(spec, table.rows) - done_rows if only is None else len(only)  # after the join
-    ds = fold_identical(ds, max(left, 1), tally)
+    # Rows after the join, at most: the planned rows (done ids the table no longer plans drop none of them).
+    left = prompts.planned_rows(spec, table.rows) if only is None else len(only)
+    ds = fold_identical(ds, left, tally)
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
     ds = _stage(ds, spec, TextEncoder, "text", tally)

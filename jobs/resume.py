@@ -141,8 +141,12 @@ def check_continuation(spec: JobSpec, overwrite: bool) -> None:
         if fs.exists(root):
             fs.rm(root, recursive=True)
         return
-    if not fs.exists(job_file) or not any(fs.glob(join(root, folder, "*.parquet"))
-                                          for folder in ("manifest", "embeddings")):
+    if not fs.exists(job_file):
+        if fs.isdir(root) and fs.ls(root, detail=False):
+            raise SpecError(f"output {spec.output} holds files but no run (no job.yaml): a run goes into a folder "
+                            f"of its own (a later --overwrite would delete everything in it); choose another output")
+        return
+    if not any(fs.glob(join(root, folder, "*.parquet")) for folder in ("manifest", "embeddings")):
         return
     before = yaml.safe_load(fs.cat_file(job_file))
     now = spec.to_dict()

@@ -168,6 +168,8 @@ def _build(cls, data, prefix: str):
         if dataclasses.is_dataclass(value):
             value = _shallow(value)
         if dataclasses.is_dataclass(hint):
+            if value is not None and not isinstance(value, dict):
+                raise SpecError(f"{name}: expected a mapping, got {value!r}")
             default = f.default if f.default is not dataclasses.MISSING else None
             values[f.name] = _build(hint, {**_shallow(default), **(value or {})}, name + ".")
         else:

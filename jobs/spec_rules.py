@@ -77,7 +77,9 @@ def validate(spec: JobSpec) -> None:
         _validate_stage(f"stages.{name}", getattr(spec.stages, name))
 
 
-_MULTIPLE_OF_128 = (lambda v: (v <= 0) | (v % 128 != 0), "must be a positive multiple of 128")
+MAX_SIDE = 2048  # the reference pipelines' range is 1024 … 2048 in 128-pixel steps (the tiny preset uses less)
+_MULTIPLE_OF_128 = (lambda v: (v <= 0) | (v % 128 != 0) | (v > MAX_SIDE),
+                    f"must be a positive multiple of 128 up to {MAX_SIDE}")
 _NOT_NEGATIVE = (lambda v: v < 0, "must not be negative")
 _AT_LEAST_ONE = (lambda v: v < 1, "must be at least 1")
 # One rule per generation parameter, shared by the spec and the per-row columns: (bad-value mask, message).

@@ -1,6 +1,7 @@
 """Safe by default: --overwrite deletes only a run (or nothing), and credentials are never written or printed."""
 
 import json
+import os
 
 import pytest
 import s3fs
@@ -30,6 +31,18 @@ def test_overwrite_refuses_a_folder_of_the_users_own_files(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(tmp_path / "photos") in err and "no job.yaml" in err
     assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"mine"
+
+
+def test_a_folder_of_other_files_is_not_taken_as_an_output(tmp_path):
+    """A first run into a folder of the user's own files is refused: its job.yaml would make the folder a run,
+    and a later --overwrite would delete the user's files with it."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"mine")
+    with pytest.raises(SpecError, match="holds files but no run"):
+        check_continuation(local_job(tmp_path, tmp_path / "photos"), overwrite=False)
+    assert sorted(os.listdir(tmp_path / "photos")) == ["holiday.jpg"]
+    (tmp_path / "empty").mkdir()
+    check_continuation(local_job(tmp_path, tmp_path / "empty"), overwrite=False)  # an empty folder is fine
 
 
 def test_overwrite_deletes_a_run_or_an_empty_folder(tmp_path):

@@ -56,6 +56,12 @@ def test_spec_is_frozen():
     ({**BASE, "stages": {"decoder": {"concurrency": [3, 1]}}}, "stages.decoder.concurrency"),
     ({**BASE, "stages": {"prior": {"micro_batch": 0}}}, "stages.prior.micro_batch: must be at least 1, got 0"),
     ({**BASE, "stages": {"decoder": {"compile": "yes"}}}, "stages.decoder.compile: expected bool, got 'yes'"),
+    ({**BASE, "generation": {"height": 65536}}, "generation.height: must be a positive multiple of 128 up to 2048, "
+                                                "got 65536"),
+    ({**BASE, "model": "tiny"}, "model: expected a mapping, got 'tiny'"),
+    ({**BASE, "stages": {"prior": 3}}, "stages.prior: expected a mapping, got 3"),
+    ({**BASE, "generation": {"prior_guidance_scale": float("inf")}}, "generation.prior_guidance_scale: must be a "
+                                                                     "finite number, got inf"),
 ])
 def test_bad_specs_name_the_field(data, message):
     with pytest.raises(SpecError) as err:
