@@ -122,7 +122,7 @@ class GroupResult:
     """A group's finished metrics: n, mean clip score, FID (None without a reference) and, for ALL, mean/cov."""
 
     def __init__(self, values=None):
-        values = np.zeros(3) if values is None else np.asarray(values, np.float64)
+        values = np.asarray([0.0, 0.0, np.nan] if values is None else values, np.float64)  # none: no FID
         self.n, self.clip = int(values[0]), float(values[1])
         self.fid = None if np.isnan(values[2]) else float(values[2])
         rest = values[3:]

@@ -206,6 +206,23 @@ def make_run(root, seed: int, rows: int = 6, missing=(), failed=(), clip_dir=Non
     return str(root)
 
 
+def test_a_run_without_one_readable_image_has_no_fid(ray_cluster):
+    """Every row failed (no image): the whole run's group has no CLIP score and no FID, not an FID of 0."""
+    import ray
+
+    from stages import fid_agg as G
+
+    def rows(batch):
+        n = len(batch["id"])
+        return {C.ROW_ID: batch["id"].astype(str), E.FEATURES: np.zeros((n, 4), np.float32),
+                E.CLIP_SCORE: np.zeros(n), E.EVAL_ERROR: np.full(n, "no image", dtype=object)}
+
+    ds = ray.data.range(4).map_batches(rows, batch_size=None).map_batches(G.score_block, batch_format="numpy")
+    reference = {"mu": np.zeros(4), "sigma": np.eye(4)}
+    result = G.merge_groups(ds, reference, partitions=2)[F.ALL]
+    assert (result.n, result.clip_score(), result.fid) == (0, None, None)
+
+
 def test_clip_score_equals_computation_by_hand(clip_dir, tmp_path):
     """Scores of distinctly paired rows after a missing image equal the by-hand ones; a negative cosine gives 0."""
     run = make_run(tmp_path / "run", seed=3, rows=5, missing=(2,), clip_dir=clip_dir)
