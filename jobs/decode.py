@@ -34,6 +34,8 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
     fs, root = url_to_fs(run, storage_options)
     if not fs.exists(join(root, "job.yaml")) or not fs.exists(join(root, "embeddings")):
         raise SpecError(f"decode: {run} is not a run folder (no job.yaml or embeddings/)")
+    if url_to_fs(output, storage_options)[1].rstrip("/") == root.rstrip("/"):
+        raise SpecError(f"decode: the output {output} is the run itself; decode writes a new output")
     data = yaml.safe_load(fs.cat_file(join(root, "job.yaml")))
     # The run's options without its masked credentials: those come from the command line or the environment.
     data["storage_options"] = storage_options if storage_options is not None else usable(data.get("storage_options") or {})

@@ -279,6 +279,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Build the report and print where it is."""
+    """Build the report and print where it is (a folder without a run is one line, and gets no report)."""
+    from jobs.spec import SpecError
+
+    fs, root = url_to_fs(args.run, args.storage_options or {})
+    if not fs.exists(join(root, output_folder.JOB_FILE)):
+        raise SpecError(f"report: {args.run} is not a run folder (no job.yaml)")
     print(f"report written to {build_report(args.run, args.storage_options)}")
     return 0

@@ -71,3 +71,7 @@ def test_stage_c_settings_cannot_change(first_run):
         run_decode(str(tmp_path / "run"), str(tmp_path / "bad"), ["generation.height=256"])
     with pytest.raises(SpecError, match="is not a run folder"):
         run_decode(str(tmp_path / "nothing"), str(tmp_path / "bad"))
+    job = (tmp_path / "run" / "job.yaml").read_bytes()
+    with pytest.raises(SpecError, match="is the run itself; decode writes a new output"):
+        run_decode(str(tmp_path / "run"), str(tmp_path / "run") + "/")
+    assert (tmp_path / "run" / "job.yaml").read_bytes() == job  # the source run is left as it was

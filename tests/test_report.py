@@ -264,6 +264,17 @@ def test_report_command_takes_storage_options_from_job_yaml(local_run, capsys):
     assert args.storage_options == {"anon": True}
 
 
+def test_report_of_a_folder_without_a_run_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from jobs.cli import main
+
+    (tmp_path / "prompts").mkdir()
+    for folder in (tmp_path / "prompts", tmp_path / "nowhere"):
+        assert main(["report", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: report: {folder} is not a run folder (no job.yaml)"
+    assert not (tmp_path / "nowhere").exists() and list((tmp_path / "prompts").iterdir()) == []
+
+
 def test_report_on_s3(s3_server):
     import s3fs
 
