@@ -38,13 +38,14 @@ class Summary:
     retried: int | None = None  # --retry-failed: the failed rows this run made again
     folded: int = 0  # input rows folded into an identical row (made once, counted in its input_rows)
     kept: int = 0  # --retry-failed: failed rows left as they were (the prompt table no longer plans them)
+    images: str = "images"  # the folder the images are in ("shards" for output_format webdataset)
 
     @property
     def images_per_s(self) -> float:
         return self.new / self.seconds if self.seconds else 0.0
 
     def __str__(self) -> str:
-        where = (f"images in {join(self.output, 'images')}, manifest in {join(self.output, 'manifest')}, "
+        where = (f"images in {join(self.output, self.images)}, manifest in {join(self.output, 'manifest')}, "
                  f"report in {join(self.output, 'report', 'index.html')}")
         if self.retried is not None:  # every failed row planned was retried: the failures left are this run's
             again = self.failed - self.kept
@@ -64,7 +65,8 @@ def summarize(spec: JobSpec, seconds: float, before: int = 0, retried: int | Non
     """Count the manifest's rows and failures (from its Parquet footers); `before` rows were there already."""
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
     return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before,
-                   retried=retried, folded=output_folder.folded_rows(spec.output, spec.storage_options), kept=kept)
+                   retried=retried, folded=output_folder.folded_rows(spec.output, spec.storage_options), kept=kept,
+                   images=image_folder(spec))
 
 
 def part_counts(output: str, folder: str, storage_options: dict, nulls_of: str | None = None) -> tuple[int, int]:
@@ -97,7 +99,13 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
     if rows != expected_rows() or part_counts(spec.output, "embeddings", spec.storage_options)[0] > rows:
         return None
-    return Summary(rows=rows, failed=failed, seconds=time.time() - started, output=spec.output, new=0)
+    return Summary(rows=rows, failed=failed, seconds=time.time() - started, output=spec.output, new=0,
+                   images=image_folder(spec))
+
+
+def image_folder(spec: JobSpec) -> str:
+    """Where a run's images are: images/, or shards/ for WebDataset output."""
+    return output_folder.SHARDS if spec.output_format == "webdataset" else output_folder.IMAGES
 
 
 def _prompts_older(spec: JobSpec, out_fs, job_file: str) -> bool:

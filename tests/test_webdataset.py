@@ -30,7 +30,8 @@ def shards_run(tmp_path_factory, ray_cluster):
         "output_format": "webdataset", "shard_size": 3,
         "stages": {"text": {"batch_size": 4}, "prior": {"batch_size": 4}, "decoder": {"batch_size": 4}},
     })
-    assert run(spec).rows == 7
+    summary = run(spec)
+    assert summary.rows == 7 and f"images in {tmp_path / 'out' / 'shards'}," in str(summary)  # where they are
     return tmp_path
 
 
