@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from jobs.bench_stages import diffusers_rate, in_process
-from jobs.spec import JobSpec, apply_overrides, spec_from_dict
+from jobs.spec import JobSpec, SpecError, apply_overrides, spec_from_dict
 from stages import columns as C
 
 _SUBJECTS = ["a red fox", "a lighthouse", "a bowl of ramen", "an astronaut", "a sailboat", "a cathedral",
@@ -33,6 +33,8 @@ def benchmark_prompts(rows: int, source: str | None) -> list[str]:
         texts = table.column(column).to_pylist()
     else:
         texts = [f"{s} {t}" for t in _STYLES for s in _SUBJECTS]
+    if not texts:
+        raise SpecError(f"benchmark: --prompts {source} has no rows")
     return [texts[i % len(texts)] for i in range(rows)]
 
 
@@ -53,10 +55,29 @@ def benchmark_spec(args, work: Path) -> tuple[JobSpec, list[str]]:
     return spec_from_dict(apply_overrides(data, args.overrides)), prompts
 
 
+def check_args(args) -> None:
+    """One line for a mistaken argument, before any model work."""
+    if args.rows < 1:
+        raise SpecError(f"benchmark: --rows must be at least 1, got {args.rows}")
+    if args.model != "tiny" and not (Path(args.model) / "prior").is_dir():
+        raise SpecError(f"benchmark: --model {args.model} is neither 'tiny' nor a folder holding prior/ and decoder/ "
+                        f"(see tiny-model)")
+    if args.prompts:
+        try:
+            benchmark_prompts(1, args.prompts)
+        except (OSError, pa.ArrowInvalid, KeyError) as err:
+            raise SpecError(f"benchmark: --prompts {args.prompts}: not a Parquet/TSV table with a prompt or Prompt "
+                            f"column ({type(err).__name__})") from None
+
+
 def run_benchmark(args) -> dict:
     """Per-stage figures in this process, the Ray pipeline where Ray is installed, diffusers on the same rows."""
+    check_args(args)
     work = Path(tempfile.mkdtemp(prefix="wuerstchen-bench-"))
     spec, prompts = benchmark_spec(args, work)
+    if not args.in_process and len(prompts) <= 2 * spec.stages.text.batch_size:
+        raise SpecError(f"benchmark: --rows must exceed twice the text batch size ({spec.stages.text.batch_size}) "
+                        f"to see the pipeline's steady state (or give --in-process)")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     figures = {"rows": len(prompts), "model": args.model, "height": spec.generation.height,
                "width": spec.generation.width, "dtype": spec.model.dtype, "device": device,

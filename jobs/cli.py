@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from jobs.spec import SpecError
 from stages.credentials import options_arg, redact
@@ -138,6 +139,8 @@ def _dispatch(args) -> int:
     if args.command == "tiny-model":
         from stages.presets import write_tiny_model
 
+        if Path(args.directory).exists() and not Path(args.directory).is_dir():
+            raise SpecError(f"tiny-model: {args.directory} is a file, not a folder to write the model into")
         directory = write_tiny_model(args.directory, full=args.full_size)
         print(f"{'full-size random' if args.full_size else 'tiny'} model written to {directory} (prior/, decoder/)")
         return 0

@@ -108,6 +108,9 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise SpecError(f"job file {path} does not exist") from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as err:
+        why = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else err.strerror.lower()
+        raise SpecError(f"job file {path}: cannot read it ({why})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -96,6 +96,24 @@ def test_benchmark_reports_both_rates_and_their_ratio(ray_cluster, tmp_path, cap
     assert "ratio pipeline / diffusers" in capsys.readouterr().out
 
 
+def test_benchmark_and_file_mistakes_are_one_line_before_any_work(tmp_path, capsys):
+    no_prompt = tmp_path / "np.parquet"
+    pq.write_table(pa.table({"text": ["a"]}), no_prompt)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "latin1.yaml").write_bytes("prompts: caf\xe9\n".encode("latin-1"))
+    cases = [(["benchmark", "--rows", "0"], "benchmark: --rows must be at least 1, got 0"),
+             (["benchmark", "--rows", "8"], "benchmark: --rows must exceed twice the text batch size (64)"),
+             (["benchmark", "--model", str(tmp_path / "none")], "is neither 'tiny' nor a folder holding prior/"),
+             (["benchmark", "--prompts", str(no_prompt)], "not a Parquet/TSV table with a prompt or Prompt column"),
+             (["generate", str(tmp_path)], f"job file {tmp_path}: cannot read it (is a directory)"),
+             (["generate", str(tmp_path / "latin1.yaml")], "cannot read it (not UTF-8 text)"),
+             (["tiny-model", str(tmp_path / "file")], "is a file, not a folder to write the model into")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and "Traceback" not in err, (argv, err)
+
+
 HEAVY = ("torch", "ray", "diffusers", "transformers")
 # Runs the command in-process and prints which heavy libraries it imported, after what it printed itself.
 HARNESS = ("import json, sys\nfrom jobs.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
