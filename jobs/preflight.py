@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 
+import pyarrow as pa
+
 from jobs import prompts
 from jobs.resume import Summary, claim, finished, part_counts
 from jobs.spec import JobSpec, SpecError
 from stages import columns as C
+from stages import output, user_columns
 from stages.refs import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, conditioning, prior_refs
 from stages.storage import reason
 
@@ -52,9 +55,29 @@ def check_shared_conditioning(spec: JobSpec) -> None:
 
 
 def preflight(spec: JobSpec) -> prompts.PromptTable:
-    """Every check that needs no model loaded: models exist, the table is Parquet with valid rows."""
+    """Every check that needs no model loaded: models exist, the table is Parquet with valid rows whose own
+    columns have the types of the rows the output holds."""
     check_models(spec)
-    return prompts.scan(spec)
+    table = prompts.scan(spec)
+    check_user_types(spec, table)
+    return table
+
+
+def check_user_types(spec: JobSpec, table: prompts.PromptTable) -> None:
+    """A user column the output's manifest already holds keeps its type: parts of two types make the manifest
+    unreadable as one table (evaluate, decode, your own reads)."""
+    try:
+        held = output.first_schema(spec.output, output.MANIFEST, spec.storage_options)
+    except Exception:  # noqa: BLE001 - an output that cannot be read yet is claim's to report
+        return
+    if held is None:
+        return
+    for name in user_columns.user_names(table.schema.names):
+        new = table.schema.field(name).type
+        old = held.field(name).type if name in held.names else new
+        if old != new and not pa.types.is_null(old) and not pa.types.is_null(new):
+            raise SpecError(f"prompts: column '{name}' is {new}, but the rows {spec.output} holds have it as "
+                            f"{old}: keep its type, rename the column, or use another output")
 
 
 def answered(spec: JobSpec, started: float) -> Summary | None:

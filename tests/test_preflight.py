@@ -83,6 +83,26 @@ def test_a_table_edited_before_an_attempt_that_died_is_not_answered(tmp_path):
     assert answered(spec, time.time()) is not None
 
 
+def test_a_user_column_keeps_the_type_the_output_holds(tmp_path):
+    """A second table whose own column `tag` has another type than the rows already made is refused in one line
+    (the manifest's parts would no longer read as one table); the same type, or a column of nulls, is fine."""
+    from jobs.preflight import preflight
+
+    spec = spec_at(tmp_path)
+    claim(spec, overwrite=False)
+    (tmp_path / "out" / "manifest").mkdir()
+    held = pa.table({C.ROW_ID: ["id0"], "tag": pa.array([1], pa.int64())})
+    pq.write_table(held, tmp_path / "out" / "manifest" / "a.parquet")
+    for tags, refused in ((["x", "y", "z"], True), ([4, 5, None], False), ([None, None, None], False)):
+        write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"prompt {i}", "tag": t} for i, t in enumerate(tags)])
+        if refused:
+            with pytest.raises(SpecError, match=r"^prompts: column 'tag' is string, but the rows .* holds have it "
+                                                 r"as int64: keep its type"):
+                preflight(spec)
+        else:
+            preflight(spec)
+
+
 def test_job_yaml_of_a_failed_attempt_does_not_refuse_the_corrected_spec(tmp_path):
     spec = spec_at(tmp_path, model={"prior": "tiny"})
     claim(spec, overwrite=False)  # the attempt stopped before any row was made
