@@ -7,7 +7,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.autoscaler.sdk import request_resources
@@ -19,7 +18,7 @@ from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: pa
 from jobs.isolation import isolating, load_error, load_warnings
 from jobs.progress import Progress, Tally, reporting
 from jobs.report import build_report, record_run
-from jobs.resume import Summary, filter_ids, summarize
+from jobs.resume import Summary, summarize
 from jobs.retries import configure_ray_data
 from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec, stage_kwargs
 from stages import columns as C
@@ -56,27 +55,26 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     `retry_failed`, only the failed rows the prompt table still plans, their entries taken out first). Done rows
     are counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
     done = open_output(spec, start, verbose)
-    only, kept = retry.take_out_failed(spec, lambda ids: planned_among(spec, table, ids)) if retry_failed else (
-        None, 0)
+    only, retried, kept = retry.take_out_failed(spec, lambda ids, n: planned_among(spec, table, ids, n)) if (
+        retry_failed) else (None, 0, 0)
     pending = output.in_flight(spec.output, spec.storage_options, done)
     waiting = pending.count() if pending is not None else 0
     if pending is not None:
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
             spec.output, spec.storage_options, pending), tally, waiting, table.schema), DECODE_STAGES, waiting)
     finished_rows = done + waiting  # the rows in flight are done now
-    todo = prompts.planned_rows(spec, table.rows) - finished_rows if only is None else len(only)
-    if only is None or len(only):
-        write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only), ALL_STAGES,
-                       max(todo, 0))
-    return close_output(spec, start, done, retried=None if only is None else len(only), kept=kept)
+    todo = prompts.planned_rows(spec, table.rows) - finished_rows if not retry_failed else retried
+    if not retry_failed or retried:
+        write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
+                       ALL_STAGES, max(todo, 0))
+    return close_output(spec, start, done, retried=retried if retry_failed else None, kept=kept)
 
 
-def planned_among(spec: JobSpec, table: prompts.PromptTable, ids: np.ndarray) -> np.ndarray:
-    """The sorted ids among `ids` (few: failed rows) that the prompt table plans, found by a pass over it in Ray."""
-    ds = expanded(spec, table).map_batches(filter_ids, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                                           fn_kwargs=dict(ids=ray.put(ids))).select_columns([C.ROW_ID])
-    found = [batch[C.ROW_ID] for batch in ds.iter_batches(batch_format="numpy", batch_size=None)]
-    return np.unique(np.concatenate(found).astype("U32")) if found else np.asarray([], dtype="U32")
+def planned_among(spec: JobSpec, table: prompts.PromptTable, ids: ray.data.Dataset, count: int) -> ray.data.Dataset:
+    """The ids of dataset `ids` (`count` of them: failed rows) that the prompt table plans: a semi-join with the
+    planned rows' ids in Ray."""
+    planned = expanded(spec, table).select_columns([C.ROW_ID])
+    return ids.join(planned, join_type="left_semi", num_partitions=output.partitions(count), on=(C.ROW_ID,))
 
 
 def open_output(spec: JobSpec, start: float, verbose: bool = False) -> int:
@@ -141,17 +139,17 @@ def stored_embeddings(output_uri: str, storage_options: dict, keys: ray.data.Dat
 
 
 def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0, tally=None,
-                  only: np.ndarray | None = None) -> ray.data.Dataset:
+                  only: ray.data.Dataset | None = None, only_rows: int = 0) -> ray.data.Dataset:
     """read → expand rows (bounded batches) → drop done rows (an anti-join with the manifest's ids, when
-    `done_rows`; only the ids in `only`, where given) → fold identical rows → text pool → Stage C pool →
-    embeddings → Stage B/A pool → images."""
+    `done_rows`; only the `only_rows` ids of dataset `only`, a semi-join, where given) → fold identical rows →
+    text pool → Stage C pool → embeddings → Stage B/A pool → images."""
     ds = expanded(spec, table)
-    if only is not None:  # a retry of failed rows: few ids
-        ds = ds.map_batches(filter_ids, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ray.put(only)))
+    if only is not None:  # a retry of failed rows
+        ds = ds.join(only, join_type="left_semi", num_partitions=output.partitions(only_rows), on=(C.ROW_ID,))
     if done_rows:
         ds = output.drop_done(ds, spec.output, spec.storage_options, done_rows)
     # Rows after the join, at most: the planned rows (done ids the table no longer plans drop none of them).
-    left = prompts.planned_rows(spec, table.rows) if only is None else len(only)
+    left = prompts.planned_rows(spec, table.rows) if only is None else only_rows
     ds = fold_identical(ds, left, tally)
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)

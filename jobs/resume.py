@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
 import yaml
 
 from jobs.spec import JobSpec, SpecError, StagesSpec
@@ -194,14 +193,3 @@ def skip_mask(row_ids: np.ndarray, skip: np.ndarray) -> np.ndarray:
     if not len(skip):
         return np.zeros(len(row_ids), dtype=bool)
     return np.isin(np.asarray(row_ids, dtype="U32"), skip, assume_unique=False)
-
-
-def filter_ids(table: pa.Table, ids, keep: bool = True) -> pa.Table:
-    """The rows whose id is (keep=True) or is not (keep=False) in `ids` (a sorted array or its ref). Arrow in and
-    out, so an empty result keeps its column types: a numpy batch's empty columns come back as Arrow's null type,
-    which Ray's hash shuffle (a join, a groupby) then fails to concatenate with the typed blocks."""
-    import ray
-
-    mask = skip_mask(table.column(C.ROW_ID).to_numpy(zero_copy_only=False),
-                     ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids)
-    return table.filter(pa.array(mask == keep))

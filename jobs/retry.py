@@ -2,86 +2,90 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.resume import filter_ids
 from jobs.spec import TASK_CPUS
 from stages import columns as C
-from stages.compaction import remove_leftovers
 from stages import output as out
+from stages.compaction import remove_leftovers
 from stages.output import PATH, list_parts, read_parts
 from stages.storage import open_atomic
 
 
-def take_out_failed(spec, planned_among) -> tuple[np.ndarray, int]:
+def take_out_failed(spec, planned_among) -> tuple[object, int, int]:
     """Remove the manifest entries that have an error and whose row the prompt table still plans
-    (`planned_among(ids)`), and those rows' stored Stage C output (they are made whole again). Returns their
-    sorted ids and the count of failed entries kept because the table no longer plans their rows (never lost)."""
+    (`planned_among(failed ids dataset, count)`, a dataset of those ids), and those rows' stored Stage C output
+    (they are made whole again). Returns (their ids as a Ray dataset in the object store, or None; their count;
+    the count of failed entries kept because the table no longer plans their rows: never lost). The ids stay
+    inside Ray: the driver holds counts only."""
     failed = failed_ids(spec.output, spec.storage_options)
-    planned = planned_among(failed) if len(failed) else failed
-    drop_failed(spec.output, spec.storage_options, planned)
-    return planned, len(failed) - len(planned)
+    total = failed.count() if failed is not None else 0
+    if not total:
+        return None, 0, 0
+    planned = planned_among(failed, total).materialize()
+    count = planned.count()
+    drop_failed(spec.output, spec.storage_options, planned, count)
+    return planned, count, total - count
 
 
-def drop_failed(output: str, storage_options: dict, ids: np.ndarray) -> None:
-    """Take the rows `ids` out of the embeddings, then out of the manifest: a kill in between leaves the error
-    entries for the next --retry-failed, and no reader ever sees a row's old entry beside its new one."""
-    if len(ids):
+def drop_failed(output: str, storage_options: dict, ids, count: int) -> None:
+    """Take the rows of the ids dataset `ids` (`count` ids) out of the embeddings, then out of the manifest: a
+    kill in between leaves the error entries for the next --retry-failed, and no reader ever sees a row's old
+    entry beside its new one."""
+    if count:
         for folder in ("embeddings", "manifest"):
             remove_leftovers(output, folder, storage_options)  # else deleting a compacted part would revive them
-            drop_rows(output, folder, storage_options, ids)
+            drop_rows(output, folder, storage_options, ids, count)
 
 
-def _parts(output: str, folder: str, storage_options: dict):
-    """The live parts (a compacted part's replaced leftovers are not rows; its footer is kept on rewrite)."""
-    return list_parts(output, folder, storage_options)
-
-
-def failed_ids(output: str, storage_options: dict) -> np.ndarray:
-    """Sorted ids of the manifest's rows with an error (parts without one are skipped from their footers)."""
-    fs, files = _parts(output, "manifest", storage_options)
-    found = []
-    for path in files:
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            meta = parquet.metadata
-            column = out.column_index(meta, C.ERROR)
-            if column < 0:
-                continue
-            groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
-            if all(g.column(column).statistics is not None and g.column(column).statistics.has_null_count
-                   and g.column(column).statistics.null_count == g.num_rows for g in groups):
-                continue  # no error in this part
-            table = parquet.read(columns=[C.ROW_ID, C.ERROR])
-        found.append(table.filter(pc.is_valid(table[C.ERROR]))[C.ROW_ID].to_numpy(zero_copy_only=False))
-    return np.unique(np.concatenate(found).astype("U32")) if found else np.asarray([], dtype="U32")
-
-
-def drop_rows(output: str, folder: str, storage_options: dict, ids: np.ndarray) -> None:
-    """Rewrite the parts of <output>/<folder> that hold one of `ids` without those rows: the parts found by a read
-    of their row ids in Ray (any number of parts, in parallel), each rewritten by one task, a row group at a time,
-    atomically (a part left empty is deleted)."""
+def failed_ids(output: str, storage_options: dict):
+    """The ids of the manifest's rows with an error, as a Ray dataset in the object store (None without parts
+    that may hold one: parts whose footer says no error are not read)."""
     import ray
 
+    fs, files = list_parts(output, "manifest", storage_options)
+    files = [path for path in files if _may_hold_errors(fs, path)]
+    if not files:
+        return None
+    ds = ray.data.read_parquet(files, filesystem=out.arrow_fs(fs), columns=[C.ROW_ID, C.ERROR], num_cpus=TASK_CPUS)
+    return ds.map_batches(_failed_only, batch_format="pyarrow", num_cpus=TASK_CPUS).materialize()
+
+
+def _failed_only(table: pa.Table) -> pa.Table:
+    return table.filter(pc.is_valid(table.column(C.ERROR))).select([C.ROW_ID])
+
+
+def _may_hold_errors(fs, path: str) -> bool:
+    """False where the part's footer statistics say its error column is all null (or it has none)."""
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+    column = out.column_index(meta, C.ERROR)
+    if column < 0:
+        return False
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    return not all(g.column(column).statistics is not None and g.column(column).statistics.has_null_count
+                   and g.column(column).statistics.null_count == g.num_rows for g in groups)
+
+
+def drop_rows(output: str, folder: str, storage_options: dict, ids, count: int) -> None:
+    """Rewrite the parts of <output>/<folder> that hold one of the ids of dataset `ids` without those rows: the
+    parts found by a semi-join of their row ids with `ids` in Ray (any number of parts, in parallel), each
+    rewritten by one task, a row group at a time, atomically (a part left empty is deleted)."""
     ds = read_parts(output, folder, storage_options, columns=[C.ROW_ID], include_paths=True)
     if ds is None:
         return
     fs = out.folder(output, folder, storage_options)[0]
-    ref = ray.put(ids)
-    hits = ds.map_batches(filter_ids, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(ids=ref))
+    hits = ds.join(ids, join_type="left_semi", num_partitions=out.partitions(count), on=(C.ROW_ID,))
     hits.groupby(PATH).map_groups(_rewrite_without, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                                  fn_kwargs=dict(fs=fs, ids=ref)).materialize()
+                                  fn_kwargs=dict(fs=fs)).materialize()
 
 
-def _rewrite_without(hits: pa.Table, fs, ids) -> pa.Table:
-    """Rewrite the part the rows `hits` (row_id, path) come from without the rows whose id is in `ids`."""
-    import ray
-
+def _rewrite_without(hits: pa.Table, fs) -> pa.Table:
+    """Rewrite the part the rows `hits` (row_id, path) come from without those rows."""
     path = hits.column(PATH)[0].as_py()
-    drop = pa.array(ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids, pa.string())
+    drop = hits.column(C.ROW_ID).combine_chunks()
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
         if hits.num_rows >= parquet.metadata.num_rows:  # every row goes

@@ -15,7 +15,7 @@ from conftest import write_prompts
 from PIL import Image
 
 from jobs.generate import run
-from jobs.resume import check_continuation, filter_ids
+from jobs.resume import check_continuation
 from jobs.spec import SpecError, spec_from_dict
 from stages import columns as C
 from stages import output
@@ -128,17 +128,3 @@ def test_stage_settings_that_change_bits_are_refused(tmp_path, key, value, shown
     with pytest.raises(SpecError, match=f"holds a run of another spec \\({shown}\\)"):
         check_continuation(spec_from_dict(data), overwrite=False)
     check_continuation(spec_from_dict({**data, "stages": {"prior": {"batch_size": 3}}}), overwrite=False)
-
-
-def test_an_id_filter_that_keeps_no_row_keeps_the_column_types(ray_cluster):
-    """A block the id filter empties keeps its types: Ray's hash shuffles after it (the anti-join, --retry-failed's
-    groupby by part) cannot concatenate a null-typed empty block with typed ones (seen failing in a CI run)."""
-    table = pa.table({C.ROW_ID: ["a", "b", "c"], output.PATH: ["p0", "p0", "p1"]})
-    ds = ray_cluster.data.from_arrow(table)
-    ids = np.asarray(["b", "z"], dtype="U32")
-    emptied = ds.map_batches(filter_ids, batch_format="pyarrow", fn_kwargs=dict(ids=np.asarray(["z"], dtype="U32")))
-    assert emptied.count() == 0 and emptied.schema().base_schema == table.schema
-    kept = ds.map_batches(filter_ids, batch_format="pyarrow", fn_kwargs=dict(ids=ids))
-    dropped = ds.map_batches(filter_ids, batch_format="pyarrow", fn_kwargs=dict(ids=ids, keep=False))
-    assert [r[C.ROW_ID] for r in kept.take_all()] == ["b"]
-    assert sorted(r[C.ROW_ID] for r in dropped.take_all()) == ["a", "c"]

@@ -43,6 +43,13 @@ def write_parts(root, ids: list[str], parts: int, name: str = "part", **kwargs) 
         pq.write_table(manifest_table(list(chunk), **kwargs), os.path.join(folder, f"{name}-{k:05d}.parquet"))
 
 
+def id_set(ids: list[str]):
+    """(dataset, count) of row ids, as --retry-failed hands them on inside Ray."""
+    import ray
+
+    return ray.data.from_arrow(pa.table({C.ROW_ID: sorted(set(ids))})), len(set(ids))
+
+
 def live_ids(root) -> list[str]:
     fs, files = output.list_parts(str(root), output.MANIFEST, {})
     return pq.ParquetDataset(files).read(columns=[C.ROW_ID]).column(C.ROW_ID).to_pylist()
@@ -216,7 +223,7 @@ def test_rows_made_again_after_a_compaction_are_listed(tmp_path, ray_cluster):
     blocks = [manifest_table(ids[k:k + 2], failed=k == 10) for k in range(0, 128, 2)]
     ManifestSink(str(tmp_path), {}).write(blocks, None)
     assert compaction.compact(str(tmp_path), output.MANIFEST, {}) == 64
-    drop_failed(str(tmp_path), {}, np.asarray(sorted(ids[10:12])))
+    drop_failed(str(tmp_path), {}, *id_set(ids[10:12]))
     assert sorted(live_ids(tmp_path)) == sorted(ids[:10] + ids[12:])
     ManifestSink(str(tmp_path), {}).write([manifest_table(ids[10:12])], None)  # the retry's pass
     assert sorted(live_ids(tmp_path)) == sorted(ids)
@@ -276,7 +283,7 @@ def test_failed_rows_are_taken_out_of_compacted_and_small_parts_exactly(tmp_path
     assert compaction.compact(str(tmp_path), output.MANIFEST, {}) == 100
     write_parts(tmp_path, ids[200_000:], 50, name="late")  # 2000 rows a part
     failed = ids[5:100_000:1000] + ids[200_000:202_000]  # 100 rows of the compacted part, and all of late-00000
-    drop_failed(str(tmp_path), {}, np.asarray(sorted(failed)))
+    drop_failed(str(tmp_path), {}, *id_set(failed))
     assert sorted(live_ids(tmp_path)) == sorted(set(ids) - set(failed))
     folder = tmp_path / output.MANIFEST
     assert not (folder / "late-00000.parquet").exists() and (folder / "late-00001.parquet").exists()
@@ -297,7 +304,7 @@ def test_failed_rows_of_a_compacted_part_whose_sources_are_still_there_stay_out(
     assert compaction.compact(str(tmp_path), output.MANIFEST, {}) == 64
     for name in os.listdir(backup):  # the state a compaction cut off before its deletes leaves
         shutil.copy(backup / name, folder / name)
-    drop_failed(str(tmp_path), {}, np.asarray(sorted(ids)))
+    drop_failed(str(tmp_path), {}, *id_set(ids))
     assert output.list_parts(str(tmp_path), output.MANIFEST, {})[1] == []  # no part left: no old entry back
     assert output.part_counts(str(tmp_path), output.MANIFEST, {}, nulls_of=C.ERROR) == (0, 0)
 
