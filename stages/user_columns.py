@@ -40,7 +40,7 @@ def unpack(values: np.ndarray, types: pa.Schema | None) -> dict[str, pa.Array]:
     rows = [pickle.loads(value) for value in values]
     names = dict.fromkeys(user_names(types.names) if types is not None else [])
     names.update(dict.fromkeys(name for row in rows for name in row))
-    return {name: typed([row.get(name) for row in rows], _type_of(name, types)) for name in names}
+    return {name: typed([row.get(name) for row in rows], type_of(name, types)) for name in names}
 
 
 def typed(values: list, wanted: pa.DataType | None) -> pa.Array:
@@ -54,5 +54,6 @@ def typed(values: list, wanted: pa.DataType | None) -> pa.Array:
         return inferred
 
 
-def _type_of(name: str, types: pa.Schema | None) -> pa.DataType | None:
+def type_of(name: str, types: pa.Schema | None) -> pa.DataType | None:
+    """Column `name`'s type in `types` (None where unknown)."""
     return types.field(name).type if types is not None and name in types.names else None

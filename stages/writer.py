@@ -131,8 +131,7 @@ def _with_user_columns(table: pa.Table, batch: dict[str, np.ndarray], types: pa.
             table = table.append_column(name, values)
     for name, values in batch.items():  # unpacked ones (rows given to a writer directly)
         if name not in table.schema.names and name not in MANIFEST_SCHEMA.names and name not in C.INTERNAL:
-            wanted = types.field(name).type if types is not None and name in types.names else None
-            table = table.append_column(name, user_columns.typed(list(values), wanted))
+            table = table.append_column(name, user_columns.typed(list(values), user_columns.type_of(name, types)))
     return table
 
 
