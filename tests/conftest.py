@@ -29,10 +29,13 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster(model_cache):
-    """A real local Ray (2 logical CPUs, as on this machine)."""
+    """A real local Ray (2 logical CPUs, as on this machine), set up as the CLI's local Ray is."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    from jobs.console import LOCAL_RAY_CONFIG
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+             _system_config=LOCAL_RAY_CONFIG)
     yield ray
     ray.shutdown()
 
