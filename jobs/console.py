@@ -7,10 +7,17 @@ import logging
 import os
 import sys
 
-# A local Ray keeps an idle worker process for a minute, not Ray's default second: a run's short phases (a
+# A Ray started here keeps an idle worker process for a minute, not Ray's default second: a run's short phases (a
 # join's map and reduce tasks, each kind in its own pool of workers) would otherwise each start new processes,
-# ~2 s apiece on a small machine (a 5-row `--retry-failed`: 66 s → 24 s on 2 cores).
-LOCAL_RAY_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+# ~2 s apiece on a small machine (a 5-row `--retry-failed`: 66 s → 24 s on 2 cores). As environment variables
+# (Ray's RAY_<setting>): a cluster joined instead keeps its own settings.
+LOCAL_RAY_SETTINGS = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
+
+
+def local_ray_settings() -> None:
+    """Set LOCAL_RAY_SETTINGS for a Ray this process starts (where the caller has not set them already)."""
+    for key, value in LOCAL_RAY_SETTINGS.items():
+        os.environ.setdefault(key, value)
 
 
 def start_ray(verbose: bool = False) -> None:
@@ -20,8 +27,9 @@ def start_ray(verbose: bool = False) -> None:
     if verbose:
         os.environ["WUERSTCHEN_BATCH_VERBOSE"] = "1"  # stage actors keep the model libraries' messages
     if not ray.is_initialized():
+        local_ray_settings()
         ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True,
-                 logging_level=logging.INFO if verbose else logging.ERROR, _system_config=LOCAL_RAY_CONFIG)
+                 logging_level=logging.INFO if verbose else logging.ERROR)
         if not verbose:
             absorb_restart_warning()
     quiet_ray_data(verbose)

@@ -19,23 +19,23 @@ ROW_DEFAULTS = {C.NEGATIVE_PROMPT: "", C.SEED: 0, C.HEIGHT: 128, C.WIDTH: 128, C
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
-    """Build the tiny preset once per session, in a cache of its own (Ray workers inherit the variable)."""
+    """Build the tiny preset once per session, in a cache of its own (Ray workers inherit the variable); every Ray
+    the tests start (here, in a CLI subprocess, the multi-node cluster) is set up as the CLI's local Ray."""
     cache = tmp_path_factory.mktemp("model-cache")
     os.environ["WUERSTCHEN_BATCH_CACHE"] = str(cache)
+    from jobs.console import local_ray_settings
     from stages.presets import ensure_tiny_model
 
+    local_ray_settings()
     return ensure_tiny_model(cache)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(model_cache):
-    """A real local Ray (2 logical CPUs, as on this machine), set up as the CLI's local Ray is."""
+    """A real local Ray (2 logical CPUs, as on this machine)."""
     import ray
 
-    from jobs.console import LOCAL_RAY_CONFIG
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-             _system_config=LOCAL_RAY_CONFIG)
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 

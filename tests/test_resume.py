@@ -76,16 +76,25 @@ def test_rerun_makes_only_missing_rows_and_skips_stage_c_where_stored(tmp_path, 
 
 
 def test_changed_spec_is_refused_unless_overwrite(tmp_path, ray_cluster):
-    run(spec_from_dict(job_dict(tmp_path, rows=2)))
-    changed = spec_from_dict({**job_dict(tmp_path, rows=2), "generation": {"height": 256, "width": 128,
-                                                                          "prior_steps": 2, "decoder_steps": 2}})
+    original, changed = (spec_from_dict({**job_dict(tmp_path, rows=2), "generation": {
+        "height": height, "width": 128, "prior_steps": 2, "decoder_steps": 2}}) for height in (128, 256))
+    held_row(tmp_path, original.to_dict())  # an output holding a row of the original spec
     with pytest.raises(SpecError, match=r"holds a run of another spec \(generation.height: 128 → 256\)"):
         run(changed)
     summary = run(changed, overwrite=True)
     assert summary.rows == summary.new == 2 and {r[C.HEIGHT] for r in manifest(tmp_path)} == {256}
+    with pytest.raises(SpecError, match=r"holds a run of another spec \(generation.height: 256 → 128\)"):
+        run(original)  # the job.yaml the run wrote binds it too
     more = spec_from_dict({**job_dict(tmp_path, rows=3), "generation": changed.to_dict()["generation"],
                            "stages": {"decoder": {"batch_size": 1}}})
     assert run(more).new == 1  # more prompt rows and other batch sizes: the output continues
+
+
+def held_row(tmp_path, job: dict) -> None:
+    """Make the output look like a run's that holds a row, with job.yaml `job`."""
+    (tmp_path / "out" / "manifest").mkdir(parents=True)
+    (tmp_path / "out" / "job.yaml").write_text(yaml.safe_dump(job))
+    pq.write_table(pa.table({C.ROW_ID: ["0" * 32]}), tmp_path / "out" / "manifest" / "part.parquet")
 
 
 def test_kill_the_whole_job_then_rerun_completes_it(tmp_path, model_cache):
@@ -117,12 +126,9 @@ def test_kill_the_whole_job_then_rerun_completes_it(tmp_path, model_cache):
                                                ("compile", True, "stages.prior.compile: False → True")])
 def test_stage_settings_that_change_bits_are_refused(tmp_path, key, value, shown):
     data = job_dict(tmp_path, rows=1)
-    (tmp_path / "out").mkdir()
     old = spec_from_dict(data).to_dict()
     del old["stages"]["prior"]["micro_batch"], old["stages"]["prior"]["compile"]  # a job.yaml from before the keys
-    (tmp_path / "out" / "job.yaml").write_text(yaml.safe_dump(old))
-    (tmp_path / "out" / "manifest").mkdir()  # the output holds a row: only then does its spec bind
-    pq.write_table(pa.table({C.ROW_ID: ["0" * 32]}), tmp_path / "out" / "manifest" / "part.parquet")
+    held_row(tmp_path, old)  # the output holds a row: only then does its spec bind
     check_continuation(spec_from_dict(data), overwrite=False)  # the defaults: the same run
     data["stages"]["prior"][key] = value
     with pytest.raises(SpecError, match=f"holds a run of another spec \\({shown}\\)"):
