@@ -64,10 +64,17 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
             spec.output, spec.storage_options, pending), tally, waiting, table.schema), DECODE_STAGES, waiting)
     finished_rows = done + waiting  # the rows in flight are done now
     todo = prompts.planned_rows(spec, table.rows) - finished_rows if not retry_failed else retried
-    if not retry_failed or retried:
+    if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
                        ALL_STAGES, max(todo, 0))
     return close_output(spec, start, done, retried=retried if retry_failed else None, kept=kept)
+
+
+def all_made(spec: JobSpec, table: prompts.PromptTable, done_rows: int) -> bool:
+    """Whether every planned row has a manifest entry, counted in Ray (the planned rows less the done ones); asked
+    only where the counts say no row is left, as after a resume whose rows were all in flight: starting the
+    stages' pools for no row would cost more (~20 s on a small machine)."""
+    return output.drop_done(expanded(spec, table), spec.output, spec.storage_options, done_rows).count() == 0
 
 
 def planned_among(spec: JobSpec, table: prompts.PromptTable, ids: ray.data.Dataset, count: int) -> ray.data.Dataset:

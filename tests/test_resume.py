@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +13,8 @@ import yaml
 from conftest import write_prompts
 from PIL import Image
 
-from jobs.generate import run
+from jobs import prompts
+from jobs.generate import all_made, expanded, run
 from jobs.resume import check_continuation
 from jobs.spec import SpecError, spec_from_dict
 from stages import columns as C
@@ -73,6 +73,20 @@ def test_rerun_makes_only_missing_rows_and_skips_stage_c_where_stored(tmp_path, 
     third = run(spec)
     assert third.new == 0 and len(manifest(tmp_path)) == 8
     assert stamps(tmp_path) == kept  # nothing rewritten, nothing added
+
+
+def test_a_rerun_whose_counts_add_up_still_finds_a_row_edited_in_place(tmp_path, ray_cluster):
+    """A rerun whose manifest holds as many rows as the table plans skips the stages only if every planned row
+    has an entry: a prompt edited in place (same count) is still made."""
+    spec = spec_from_dict(job_dict(tmp_path, rows=3))
+    table = prompts.scan(spec)
+    planned = [r[C.ROW_ID] for r in expanded(spec, table).take_all()]
+    (tmp_path / "out" / "manifest").mkdir(parents=True)
+    part = tmp_path / "out" / "manifest" / "part.parquet"
+    pq.write_table(pa.table({C.ROW_ID: planned}), part)
+    assert all_made(spec, table, 3)
+    pq.write_table(pa.table({C.ROW_ID: planned[:2] + ["0" * 32]}), part)  # one row's prompt since edited
+    assert not all_made(spec, table, 3)
 
 
 def test_changed_spec_is_refused_unless_overwrite(tmp_path, ray_cluster):
