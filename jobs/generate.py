@@ -74,7 +74,7 @@ def all_made(spec: JobSpec, table: prompts.PromptTable, done_rows: int) -> bool:
     """Whether every planned row has a manifest entry, counted in Ray (the planned rows less the done ones); asked
     only where the counts say no row is left, as after a resume whose rows were all in flight: starting the
     stages' pools for no row would cost more (~20 s on a small machine)."""
-    return output.drop_done(expanded(spec, table), spec.output, spec.storage_options, done_rows).count() == 0
+    return left_to_make(spec, table, done_rows).count() == 0
 
 
 def planned_among(spec: JobSpec, table: prompts.PromptTable, ids: ray.data.Dataset, count: int) -> ray.data.Dataset:
@@ -150,11 +150,7 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     """read → expand rows (bounded batches) → drop done rows (an anti-join with the manifest's ids, when
     `done_rows`; only the `only_rows` ids of dataset `only`, a semi-join, where given) → fold identical rows →
     text pool → Stage C pool → embeddings → Stage B/A pool → images."""
-    ds = expanded(spec, table)
-    if only is not None:  # a retry of failed rows
-        ds = ds.join(only, join_type="left_semi", num_partitions=output.partitions(only_rows), on=(C.ROW_ID,))
-    if done_rows:
-        ds = output.drop_done(ds, spec.output, spec.storage_options, done_rows)
+    ds = left_to_make(spec, table, done_rows, only, only_rows)
     # Rows after the join, at most: the planned rows (done ids the table no longer plans drop none of them).
     left = prompts.planned_rows(spec, table.rows) if only is None else only_rows
     ds = fold_identical(ds, left, tally)
@@ -167,6 +163,16 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
                         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options,
                                        user_types=table.schema))
     return _decode_and_write(ds, spec, tally, left, table.schema)
+
+
+def left_to_make(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
+                 only: ray.data.Dataset | None = None, only_rows: int = 0) -> ray.data.Dataset:
+    """The planned rows without a manifest entry (an anti-join with the manifest's ids, when `done_rows`), only
+    the `only_rows` ids of dataset `only` (a semi-join) where given."""
+    ds = expanded(spec, table)
+    if only is not None:  # a retry of failed rows
+        ds = ds.join(only, join_type="left_semi", num_partitions=output.partitions(only_rows), on=(C.ROW_ID,))
+    return output.drop_done(ds, spec.output, spec.storage_options, done_rows)  # ds itself when done_rows is 0
 
 
 def coalesced(ds: ray.data.Dataset, rows: int, most: int, spec: JobSpec) -> ray.data.Dataset:
