@@ -82,7 +82,7 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                                open_output, stored_embeddings, write_manifest)
 
     run = spec.decoded_from
-    done = open_output(spec, started, verbose)
+    done, failed = open_output(spec, started, verbose)
     changed = {key.split(".")[1]: getattr(spec.generation, key.split(".")[1]) for key in DECODER_KEYS[:2]
                if any(item.startswith(key) for item in overrides)}
     model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype)
@@ -106,4 +106,4 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
     stored = output.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
     user_types = output.first_schema(run, output.EMBEDDINGS, spec.storage_options)  # the prompt table's columns
     write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))
-    return close_output(spec, started, done)
+    return close_output(spec, started, done, failed)

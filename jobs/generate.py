@@ -54,7 +54,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     before an interruption are decoded first, then every row without a manifest entry is made (with
     `retry_failed`, only the failed rows the prompt table still plans, their entries taken out first). Done rows
     are counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
-    done = open_output(spec, start, verbose)
+    done, failed = open_output(spec, start, verbose)
     only, retried, kept = retry.take_out_failed(spec, lambda ids, n: planned_among(spec, table, ids, n)) if (
         retry_failed) else (None, 0, 0)
     pending = output.in_flight(spec.output, spec.storage_options, done)
@@ -67,7 +67,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
                        ALL_STAGES, max(todo, 0))
-    return close_output(spec, start, done, retried=retried if retry_failed else None, kept=kept)
+    return close_output(spec, start, done, failed, retried=retried if retry_failed else None, kept=kept)
 
 
 def all_made(spec: JobSpec, table: prompts.PromptTable, done_rows: int) -> bool:
@@ -84,23 +84,24 @@ def planned_among(spec: JobSpec, table: prompts.PromptTable, ids: ray.data.Datas
     return ids.join(planned, join_type="left_semi", num_partitions=output.partitions(count), on=(C.ROW_ID,))
 
 
-def open_output(spec: JobSpec, start: float, verbose: bool = False) -> int:
+def open_output(spec: JobSpec, start: float, verbose: bool = False) -> tuple[int, int]:
     """Record this invocation's start, join Ray (quietly unless `verbose`) with the stages' resources; returns
-    the count of manifest rows already there (from the footers)."""
+    the counts of manifest rows already there and of their failed rows (from the footers)."""
     record_run(spec.output, spec.storage_options, start)
     connect(spec, verbose)
     if spec.output_format == "webdataset":  # a killed run's shards, written again below (reads every part)
         in_task(drop_unlisted_shards, spec.output, spec.storage_options)
-    return output.part_counts(spec.output, output.MANIFEST, spec.storage_options)[0]
+    return output.part_counts(spec.output, output.MANIFEST, spec.storage_options, nulls_of=C.ERROR)
 
 
-def close_output(spec: JobSpec, start: float, done: int, retried: int | None = None, kept: int = 0) -> Summary:
+def close_output(spec: JobSpec, start: float, done: int, failed: int, retried: int | None = None,
+                 kept: int = 0) -> Summary:
     """Compact the manifest's small parts, then the closing summary, the invocation's record (the same
     figures), and the report rebuilt; compaction and report run in a Ray task, off the driver."""
     in_task(compaction.compact, spec.output, output.MANIFEST, spec.storage_options)
     output.mark_closed(spec.output, spec.storage_options)  # every stored Stage C row has its entry now
-    summary = summarize(spec, time.time() - start, before=done, retried=retried, kept=kept)
-    record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.new)
+    summary = summarize(spec, time.time() - start, before=(done, failed), retried=retried, kept=kept)
+    record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.made)
     in_task(build_report, spec.output, spec.storage_options)
     if retried is None:  # every planned row was made (--retry-failed makes only the failed ones)
         output.mark_finished(spec.output, spec.storage_options)  # a rerun may now be answered from the footers

@@ -33,15 +33,23 @@ class Summary:
     failed: int
     seconds: float
     output: str
-    new: int  # rows made by this run (the rest were done before it)
+    new: int  # rows this run recorded (the rest were done before it), failed ones included
     retried: int | None = None  # --retry-failed: the failed rows this run made again
     folded: int = 0  # input rows folded into an identical row (made once, counted in its input_rows)
     kept: int = 0  # --retry-failed: failed rows left as they were (the prompt table no longer plans them)
     images: str = "images"  # the folder the images are in ("shards" for output_format webdataset)
+    new_failed: int = 0  # of the `new` rows, those recorded with an error
+
+    @property
+    def made(self) -> int:
+        """Images this run made: rows it recorded without an error."""
+        if self.retried is not None:
+            return self.retried - (self.failed - self.kept)
+        return self.new - self.new_failed
 
     @property
     def images_per_s(self) -> float:
-        return self.new / self.seconds if self.seconds else 0.0
+        return self.made / self.seconds if self.seconds else 0.0
 
     def __str__(self) -> str:
         where = (f"images in {join(self.output, self.images)}, manifest in {join(self.output, 'manifest')}, "
@@ -56,14 +64,18 @@ class Summary:
             return f"{self.rows} rows ({self.failed} failed), all made earlier: nothing to do; {where}"
         earlier = f", {self.rows - self.new} done earlier" if self.new != self.rows else ""
         earlier += f", {self.folded} identical input rows folded" if self.folded else ""
-        return (f"{self.rows} rows ({self.failed} failed{earlier}); {self.new} made in {self.seconds:.1f} s, "
-                f"{self.images_per_s:.2f} images/s; {where}")
+        failed_now = f", {self.new_failed} failed" if self.new_failed else ""
+        return (f"{self.rows} rows ({self.failed} failed{earlier}); {self.made} made{failed_now} in "
+                f"{self.seconds:.1f} s, {self.images_per_s:.2f} images/s; {where}")
 
 
-def summarize(spec: JobSpec, seconds: float, before: int = 0, retried: int | None = None, kept: int = 0) -> Summary:
-    """Count the manifest's rows and failures (from its Parquet footers); `before` rows were there already."""
+def summarize(spec: JobSpec, seconds: float, before: tuple[int, int] = (0, 0), retried: int | None = None,
+              kept: int = 0) -> Summary:
+    """Count the manifest's rows and failures (from its Parquet footers); `before`: the (rows, failed rows) that
+    were there already."""
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
-    return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before,
+    return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before[0],
+                   new_failed=max(failed - before[1], 0),
                    retried=retried, folded=output_folder.folded_rows(spec.output, spec.storage_options), kept=kept,
                    images=image_folder(spec))
 

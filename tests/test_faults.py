@@ -231,6 +231,7 @@ def test_poison_row_in_a_resumed_run_is_isolated(tmp_path, ray_cluster):
     manifest = pq.read_table(out / "manifest").to_pylist()
     once_each(manifest, 6)
     assert summary.failed == 1
+    assert (summary.new, summary.made) == (6, 5) and "5 made, 1 failed in" in str(summary)  # a failure is not made
     for row in manifest:
         if row[C.ROW_ID] == poison:
             assert row[C.ERROR].startswith("decoder: ") and row[C.IMAGE_URI] is None

@@ -7,8 +7,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from conftest import write_prompts
+from fsspec.implementations.local import LocalFileSystem
 
 from jobs.cli import main
+from jobs.report import read_runs
 from stages import columns as C
 from stages import output
 
@@ -44,6 +46,7 @@ def test_retry_failed_remakes_only_the_failed_rows_and_replaces_their_entries(tm
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0
     out = capsys.readouterr().out
     assert "retried 2 failed rows: 2 succeeded, 0 failed again (5 rows in all)" in out
+    assert read_runs(LocalFileSystem(), str(tmp_path / "out"))[-1]["made"] == 2  # the report's "images made"
     manifest = pq.read_table(tmp_path / "out" / "manifest")
     ids = manifest[C.ROW_ID].to_pylist()
     assert sorted(ids) == sorted(before) and len(set(ids)) == len(ids)  # each row exactly once
