@@ -15,6 +15,7 @@ from stages.denoise import compiled, finish, new_step, to_device, to_host
 from stages.models import DTYPES, load_component, pick_device, prior_refs, resolve
 
 log = logging.getLogger(__name__)
+TRUNCATION_WARNINGS = 5  # per actor: a table of long prompts must not flood the driver's log
 
 
 class _Encoder:
@@ -32,7 +33,6 @@ class _Encoder:
         """Encode each distinct text once → {text: (77, d) last_hidden_state}."""
         todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
         out = {t: self.cache[t] for t in texts if t in self.cache}
-        self._warn_truncated(todo)
         for chunk, n in micro_batches(np.arange(len(todo)), self.micro_batch):
             texts = [todo[i] for i in chunk]
             tokens = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -48,13 +48,6 @@ class _Encoder:
             self.cache[""] = out[""]
         return out
 
-    def _warn_truncated(self, texts: list[str]) -> None:
-        max_len = self.tokenizer.model_max_length
-        lengths = [len(ids) for ids in self.tokenizer(texts).input_ids] if texts else []
-        for text, n in zip(texts, lengths):
-            if n > max_len:
-                log.warning("prompt truncated to %d CLIP tokens (had %d): %.60r…", max_len, n, text)
-
 
 class TextEncoder:
     """Adds the prior's and the decoder's text states (and negatives where guidance > 1) to a batch."""
@@ -69,12 +62,14 @@ class TextEncoder:
         self.prior = _Encoder(prior_root, torch_dtype, self.device, micro_batch, compile)
         self.decoder = _Encoder(resolve(decoder, "decoder", storage_options), torch_dtype, self.device,
                                 micro_batch, compile)
+        self.truncated = 0  # distinct long texts seen by this actor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         prompts = [str(p) for p in batch[C.PROMPT]]
         negatives = [str(n) for n in batch[C.NEGATIVE_PROMPT]]
         columns = {}
+        self._warn_truncated(prompts + negatives)
         for encoder, guidance, pos_col, neg_col in (
             (self.prior, batch[C.PRIOR_GUIDANCE], C.PRIOR_TEXT, C.PRIOR_TEXT_NEG),
             (self.decoder, batch[C.DECODER_GUIDANCE], C.DECODER_TEXT, C.DECODER_TEXT_NEG),
@@ -90,6 +85,21 @@ class TextEncoder:
         batch[C.TEXT_NODE] = np.full(len(prompts), self.node, dtype=object)
         batch[C.TEXT_SECONDS] = np.full(len(prompts), (time.perf_counter() - start) / len(prompts))
         return batch
+
+    def _warn_truncated(self, texts: list[str]) -> None:
+        """Log each distinct text longer than CLIP's positions once (both towers cut at the same length), up to
+        TRUNCATION_WARNINGS per actor, then say that further ones go unlogged."""
+        tokenizer, limit = self.prior.tokenizer, self.prior.tokenizer.model_max_length
+        texts = list(dict.fromkeys(texts))
+        if self.truncated > TRUNCATION_WARNINGS or not texts:
+            return
+        for text, ids in zip(texts, tokenizer(texts).input_ids):
+            if len(ids) > limit and self.truncated <= TRUNCATION_WARNINGS:
+                self.truncated += 1
+                if self.truncated > TRUNCATION_WARNINGS:
+                    log.warning("more prompts truncated to %d CLIP tokens: not logged further", limit)
+                else:
+                    log.warning("prompt truncated to %d CLIP tokens (had %d): %.60r…", limit, len(ids), text)
 
     def blank(self) -> dict:
         """This stage's outputs for a row it did not run (see jobs.isolation)."""

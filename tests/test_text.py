@@ -8,7 +8,7 @@ import torch
 from conftest import make_batch
 
 from stages import columns as C
-from stages.text import TextEncoder
+from stages.text import TRUNCATION_WARNINGS, TextEncoder
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,16 @@ def test_identical_texts_are_encoded_once(encoder):
     assert (out[C.PRIOR_TEXT] == out[C.PRIOR_TEXT][0]).all()
 
 
-def test_long_prompts_are_truncated_with_a_warning(encoder, caplog):
+def test_long_prompts_are_truncated_with_one_warning_each_up_to_a_bound(caplog):
+    encoder = TextEncoder("tiny", "tiny")  # its own: the bound counts per actor
     long_prompt = "a very long prompt " * 40
     with caplog.at_level(logging.WARNING):
-        out = encoder(make_batch([{C.PROMPT: long_prompt}, {C.PROMPT: "猫と東京タワー 🌭"}]))
-    assert "truncated to 77 CLIP tokens" in caplog.text
-    assert np.isfinite(out[C.PRIOR_TEXT]).all() and out[C.PRIOR_TEXT].shape[0] == 2
+        out = encoder(make_batch([{C.PROMPT: long_prompt}, {C.PROMPT: long_prompt, C.SEED: 1},
+                                  {C.PROMPT: "猫と東京タワー 🌭"}]))
+    assert caplog.text.count("truncated to 77 CLIP tokens") == 1  # once, not per row or per text tower
+    assert np.isfinite(out[C.PRIOR_TEXT]).all() and out[C.PRIOR_TEXT].shape[0] == 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        encoder(make_batch([{C.PROMPT: f"{i} {long_prompt}"} for i in range(3 * TRUNCATION_WARNINGS)]))
+    assert caplog.text.count("prompt truncated") == TRUNCATION_WARNINGS - 1
+    assert caplog.text.count("not logged further") == 1
