@@ -20,6 +20,7 @@ from jobs.preflight import preflight
 from jobs.spec import JobSpec
 from stages import columns as C
 from stages.effnet_terms import fill_effnet_terms, split_effnet_linears
+from stages.text_terms import fill_text_terms, split_text_keys_values
 from stages.models import prior_refs, ref_kind, resolve
 from stages.prior import embedding_size
 from stages.storage import join, url_to_fs
@@ -111,6 +112,7 @@ def meta_models(spec: JobSpec) -> dict[str, torch.nn.Module]:
             else:
                 models[name] = cls.from_config(config)
     split_effnet_linears(models["decoder"])  # as DecoderStage runs it: the effnet share once per micro-batch
+    split_text_keys_values(models["prior"])  # as PriorStage runs it: the text's keys and values once
     return models
 
 
@@ -122,13 +124,14 @@ def _flops(fn) -> int:
 
 def bucket_flops(models: dict, bucket: Bucket) -> dict[str, float]:
     """FLOPs per image of each stage for one bucket, as the stages do the work (guidance doubles a stage's batch;
-    Stage B's effnet share is computed once per micro-batch, not at every step)."""
+    Stage C's text keys and values and Stage B's effnet share are computed once per micro-batch, not per step)."""
     prior, decoder = models["prior"], models["decoder"]
     h, w = embedding_size(bucket.height, bucket.width)
     text_dim, dec_dim = prior.config.c_cond, decoder.config.clip_embd
     ids = torch.zeros(1, 77, dtype=torch.long)
     prior_steps = bucket.prior_steps or len(DEFAULT_STAGE_C_TIMESTEPS) - 1
     latent = (1, 4, int(h * 10.67), int(w * 10.67))
+    prior_once = _flops(lambda: fill_text_terms(prior, torch.randn(1, 77, text_dim)))
     prior_fwd = _flops(lambda: prior(torch.randn(1, prior.config.c_in, h, w), torch.rand(1), torch.randn(1, 77, text_dim)))
     effnet = (1, prior.config.c_in, h, w)
     dec_once = _flops(lambda: fill_effnet_terms(decoder, torch.randn(effnet), latent[-2:]))
@@ -136,7 +139,7 @@ def bucket_flops(models: dict, bucket: Bucket) -> dict[str, float]:
     text = _flops(lambda: models["prior_text"](ids)) * (1 + bucket.prior_cfg) + \
         _flops(lambda: models["decoder_text"](ids)) * (1 + bucket.decoder_cfg)
     vq = _flops(lambda: models["vqgan"].decode(torch.randn(latent)))
-    return {"text": text, "prior": prior_fwd * prior_steps * (1 + bucket.prior_cfg),
+    return {"text": text, "prior": (prior_once + prior_fwd * prior_steps) * (1 + bucket.prior_cfg),
             "decoder": (dec_once + dec_fwd * bucket.decoder_steps) * (1 + bucket.decoder_cfg) + vq}
 
 

@@ -46,6 +46,7 @@ from stages.models import (
     prior_weights,
     resolve,
 )
+from stages.text_terms import fill_text_terms, split_text_keys_values
 
 
 def embedding_size(height: int, width: int, resolution_multiple: float = 42.67) -> tuple[int, int]:
@@ -54,7 +55,8 @@ def embedding_size(height: int, width: int, resolution_multiple: float = 42.67) 
 
 
 class PriorStage:
-    """Runs Stage C for every row, grouped by (size, steps, guidance on/off), in fixed-size micro-batches."""
+    """Runs Stage C for every row, grouped by (size, steps, guidance on/off), in fixed-size micro-batches.
+    Its `prior` takes the text's keys and values from buffers: call it only after `fill_text_terms` for that text."""
 
     def __init__(self, prior="tiny", dtype: str = "float32", storage_options: dict | None = None,
                  device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool = False,
@@ -72,6 +74,7 @@ class PriorStage:
         self.loaded, self.weights = prior_id(first), {}
         self._use(self.default_checkpoint)
         prepare_model(self.prior, self.device, channels_last)
+        split_text_keys_values(self.prior)  # the text's keys and values: once per micro-batch, not per step
         self.forward = compiled(self.prior, self.device) if compile else self.prior
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")
         self.schedules: dict[int, Schedule] = {}
@@ -137,6 +140,7 @@ class PriorStage:
         if use_cfg:
             text = torch.cat([text, batch_tensor(batch[C.PRIOR_TEXT_NEG], idx, self.device, self.dtype)])
         guidance = batch_tensor(batch[C.PRIOR_GUIDANCE], idx, self.device, torch.float32).view(-1, 1, 1, 1)
+        fill_text_terms(self.prior, text)  # each AttnBlock's text keys and values, once for every step
 
         # 2. Schedule: each step's ratio for every model row (S, 2B or B) and its DDPM values, float32
         sched = self._schedule(int(steps))
