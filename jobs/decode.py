@@ -13,6 +13,7 @@ from jobs.resume import Summary, claim
 from jobs.spec import TASK_CPUS, JobSpec, SpecError, apply_overrides, spec_from_dict
 from stages import columns as C
 from stages import output
+from stages.output import EMBEDDINGS, JOB_FILE
 from stages.credentials import usable
 from stages.storage import join, url_to_fs
 from stages.writer import PARAMS_SCHEMA, write_embeddings
@@ -32,11 +33,11 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
             raise SpecError(f"decode: {key} cannot change: the stored Stage C embeddings fix it "
                             f"(allowed: {', '.join(DECODER_KEYS)})")
     fs, root = url_to_fs(run, storage_options)
-    if not fs.exists(join(root, "job.yaml")) or not fs.exists(join(root, "embeddings")):
+    if not fs.exists(join(root, JOB_FILE)) or not fs.exists(join(root, EMBEDDINGS)):
         raise SpecError(f"decode: {run} is not a run folder (no job.yaml or embeddings/)")
     if url_to_fs(output, storage_options)[1].rstrip("/") == root.rstrip("/"):
         raise SpecError(f"decode: the output {output} is the run itself; decode writes a new output")
-    data = yaml.safe_load(fs.cat_file(join(root, "job.yaml")))
+    data = yaml.safe_load(fs.cat_file(join(root, JOB_FILE)))
     # The run's options without its masked credentials: those come from the command line or the environment.
     data["storage_options"] = storage_options if storage_options is not None else usable(data.get("storage_options") or {})
     data = apply_overrides(data, overrides)

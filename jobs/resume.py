@@ -99,7 +99,7 @@ def finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) ->
 
 def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -> Summary | None:
     fs, root = url_to_fs(spec.output, spec.storage_options)
-    job_file = join(root, "job.yaml")
+    job_file = join(root, output_folder.JOB_FILE)
     if not fs.exists(job_file):
         return None
     before, now = yaml.safe_load(fs.cat_file(job_file)) or {}, spec.to_dict()
@@ -140,7 +140,7 @@ def claim(spec: JobSpec, overwrite: bool) -> None:
         check_continuation(spec, overwrite)
         output_folder.mark_finished(spec.output, spec.storage_options, False)  # until this invocation ends
         fs, root = url_to_fs(spec.output, spec.storage_options)
-        write_atomic(fs, join(root, "job.yaml"), yaml.safe_dump(spec.public_dict(), sort_keys=False).encode())
+        write_atomic(fs, join(root, output_folder.JOB_FILE), yaml.safe_dump(spec.public_dict(), sort_keys=False).encode())
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - permissions, a file in the way, a missing bucket: one line
@@ -152,7 +152,7 @@ def check_continuation(spec: JobSpec, overwrite: bool) -> None:
     of a different spec, naming the first difference (a job.yaml without rows, left by an attempt that failed
     early, is no reason to refuse)."""
     fs, root = url_to_fs(spec.output, spec.storage_options)
-    job_file = join(root, "job.yaml")
+    job_file = join(root, output_folder.JOB_FILE)
     if overwrite:
         if fs.exists(root) and not fs.exists(job_file) and (not fs.isdir(root) or fs.ls(root, detail=False)):
             raise SpecError(f"output {spec.output} holds files but no run (no job.yaml): --overwrite deletes only "
