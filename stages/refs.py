@@ -12,6 +12,7 @@ from stages.storage import reason, url_to_fs
 
 PRIOR_SUBFOLDERS = ("prior", "text_encoder", "tokenizer", "scheduler")
 DECODER_SUBFOLDERS = ("decoder", "text_encoder", "tokenizer", "vqgan", "scheduler")
+WEIGHT_SUBFOLDERS = ("prior", "text_encoder", "decoder", "vqgan")  # loaded from .safetensors files only
 HUB_TIMEOUT_S = 5.0  # an unreachable hub is reported after this long, not after the actors' retries
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -58,6 +59,7 @@ def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options:
         if not path.is_dir():
             raise ModelRefError(f"model.{role}: directory {ref} does not exist")
         _check_subfolders(ref, role, subfolders, {p.name for p in path.iterdir() if p.is_dir()})
+        _check_local_weights(ref, role, [path / s for s in subfolders if s in WEIGHT_SUBFOLDERS])
     elif kind == "uri":
         _check_uri(ref, role, subfolders, storage_options)
     elif kind == "hub":
@@ -70,17 +72,40 @@ def _check_subfolders(ref: str, role: str, subfolders: tuple[str, ...], present:
         raise ModelRefError(f"model.{role}: {ref} lacks the subfolder(s) {', '.join(missing)}")
 
 
+def _check_local_weights(ref: str, role: str, folders: list[Path]) -> None:
+    """Every weights subfolder holds .safetensors files whose header and size agree (safetensors checks both):
+    a truncated or half-copied file is named here, not in a traceback from each stage actor that loads it."""
+    from safetensors import safe_open
+
+    for folder in folders:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ModelRefError(f"model.{role}: {ref} has no .safetensors weights in {folder.name}/ "
+                                f"(pickle weights are never loaded)")
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as err:  # noqa: BLE001 - SafetensorError or OSError: one line naming the file
+                raise ModelRefError(f"model.{role}: {file} is not a complete safetensors file ({reason(err)}); "
+                                    f"copy it again") from None
+
+
 def _check_uri(ref: str, role: str, subfolders: tuple[str, ...], storage_options: dict) -> None:
     try:
         fs, path = url_to_fs(ref, storage_options)
         if not fs.isdir(path):
             raise ModelRefError(f"model.{role}: {ref} does not exist")
         present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+        _check_subfolders(ref, role, subfolders, present)
+        for folder in (s for s in subfolders if s in WEIGHT_SUBFOLDERS):
+            if not fs.glob(f"{path.rstrip('/')}/{folder}/*.safetensors"):
+                raise ModelRefError(f"model.{role}: {ref} has no .safetensors weights in {folder}/ "
+                                    f"(pickle weights are never loaded)")
     except ModelRefError:
         raise
     except Exception as err:  # noqa: BLE001 - any store failure is one line naming the model
         raise ModelRefError(f"model.{role}: cannot read {ref} ({reason(err)})") from None
-    _check_subfolders(ref, role, subfolders, present)
 
 
 def hub_entries(repo: str, name: str) -> set[str]:

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -149,10 +150,15 @@ def bad_models(s3_server, tmp_path):
     ("warp-ai/wuerstchen-prior", {"HF_HUB_OFFLINE": "1"}, "model.prior: hub model warp-ai/wuerstchen-prior is "
                                                           "not in the local Hugging Face cache"),
     ("{tmp}/no-model", {}, "model.prior: directory {tmp}/no-model does not exist"),
+    ("{tmp}/cut-model", {}, "model.prior: {tmp}/cut-model/prior/diffusion_pytorch_model.safetensors is not a "
+                            "complete safetensors file"),
     ("s3://models-bucket/prior", {}, "model.prior: s3://models-bucket/prior does not exist"),
 ])
-def test_a_missing_model_is_one_line_before_any_work(bad_models, model, env, message):
+def test_a_missing_model_is_one_line_before_any_work(bad_models, model_cache, model, env, message):
     options, tmp_path = bad_models
+    shutil.copytree(model_cache / "prior", tmp_path / "cut-model")  # the tiny prior, its weights cut short
+    weights = tmp_path / "cut-model" / "prior" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
     write_prompts(tmp_path / "p.parquet", [{"prompt": "a cat"}])
     job = {"prompts": str(tmp_path / "p.parquet"), "output": str(tmp_path / "out"), "storage_options": options,
            "model": {"prior": model.format(tmp=tmp_path)}}

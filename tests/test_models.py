@@ -76,6 +76,24 @@ def test_missing_local_model_is_reported(tmp_path):
         check_ref(str(tmp_path / "half"), "prior", PRIOR_SUBFOLDERS, {})
 
 
+def test_unreadable_weights_are_named_before_any_model_work(tiny_dir, tmp_path):
+    import shutil
+
+    model = Path(shutil.copytree(tiny_dir / "prior", tmp_path / "prior"))
+    check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})  # the intact copy passes
+    weights = model / "prior" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+    with pytest.raises(ModelRefError, match=f"model.prior: {weights} is not a complete safetensors file"):
+        check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})
+    weights.rename(weights.with_suffix(".bin"))  # pickle weights only
+    with pytest.raises(ModelRefError, match=r"has no .safetensors weights in prior/ \(pickle weights are never"):
+        check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})
+    fs = fsspec.filesystem("memory")
+    fs.put(str(model), "/unsafe/prior", recursive=True)
+    with pytest.raises(ModelRefError, match="memory://unsafe/prior has no .safetensors weights in prior/"):
+        check_ref("memory://unsafe/prior", "prior", PRIOR_SUBFOLDERS, {})
+
+
 def test_object_store_models_are_copied_once_per_node(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WUERSTCHEN_BATCH_CACHE", str(tmp_path / "cache"))
     fs = fsspec.filesystem("memory")
