@@ -17,12 +17,6 @@ STAGES = ("text", "prior", "decoder")
 GIB = 2.0 ** 30
 
 
-def stage_rows(spec: JobSpec, texts: list[str]) -> dict[str, np.ndarray]:
-    """The rows the stages see for these prompts (prompt i with seed i), expanded as the reader does."""
-    batch = {C.PROMPT: np.asarray(texts, dtype=object), C.SEED: np.arange(len(texts))}
-    model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype)
-    return prompts.expand_rows(batch, prompts.defaults_for(spec), 1, model)
-
 
 def take(batch: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
     """Rows `idx` of a batch, as a new batch."""
@@ -190,7 +184,7 @@ def in_process(spec: JobSpec, texts: list[str], psnr_rows: int) -> dict:
     """Load, warm up and time the stages in this process; MFU against this device's matmul rate; PSNR of
     the first `psnr_rows` rows against float32 when the run is in half precision."""
     device = pick_device()
-    rows = stage_rows(spec, texts)
+    rows = prompts.stage_rows(spec, texts)
     stages, loads = build_stages(spec)
     batch, figures = run_stages(stages, spec, rows)
     del stages

@@ -19,22 +19,27 @@ def check_models(spec: JobSpec) -> None:
     """Every model the job names (priors, sweep checkpoints, decoder) exists: one line naming the first that
     does not (a hub model that is neither cached nor reachable included)."""
     try:
-        for ref in prior_refs(spec.model.prior, *spec.sweep.get(C.PRIOR_CHECKPOINT, [])):
-            check_ref(ref, "prior", PRIOR_SUBFOLDERS, spec.storage_options)
+        for field, prior in prior_fields(spec):
+            for ref in prior_refs(prior):
+                check_ref(ref, "prior", PRIOR_SUBFOLDERS, spec.storage_options, field)
         check_ref(spec.model.decoder, "decoder", DECODER_SUBFOLDERS, spec.storage_options)
     except ModelRefError as err:
         raise SpecError(str(err)) from None
     check_shared_conditioning(spec)
 
 
+def prior_fields(spec: JobSpec) -> list[tuple[str, object]]:
+    """(spec key, prior spec) of model.prior and of each swept checkpoint."""
+    return [("model.prior", spec.model.prior)] + [
+        (f"sweep.prior_checkpoint[{i}]", p) for i, p in enumerate(spec.sweep.get(C.PRIOR_CHECKPOINT, []))]
+
+
 def check_shared_conditioning(spec: JobSpec) -> None:
     """Every prior of the job (an interpolation's B, each swept checkpoint) has model.prior's text encoder,
     tokenizer, scheduler and latent settings, which its rows are made with; else one line naming the first
     that differs."""
-    priors = [("model.prior", spec.model.prior)] + [
-        (f"sweep.prior_checkpoint[{i}]", p) for i, p in enumerate(spec.sweep.get(C.PRIOR_CHECKPOINT, []))]
     base = prior_refs(spec.model.prior)[0]
-    refs = [(name, ref) for name, prior in priors for ref in prior_refs(prior) if ref != base]
+    refs = [(name, ref) for name, prior in prior_fields(spec) for ref in prior_refs(prior) if ref != base]
     if not refs:
         return
     try:

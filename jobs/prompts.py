@@ -221,6 +221,13 @@ def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt:
     return shape_order(out)
 
 
+def stage_rows(spec: JobSpec, texts: list[str]) -> dict[str, np.ndarray]:
+    """The rows the stages see for these prompts (prompt i with seed i, the spec's other settings), expanded as
+    the reader does: a batch to call the stage classes with directly, without Ray."""
+    batch = {C.PROMPT: np.asarray(texts, dtype=object), C.SEED: np.arange(len(texts))}
+    return expand_rows(batch, defaults_for(spec), 1, dict(decoder=spec.model.decoder, dtype=spec.model.dtype))
+
+
 def expansion_batch(rows_per_prompt: int) -> int:
     """Prompt rows per expansion batch: about EXPANDED_ROWS image rows, whatever the input's row groups."""
     return max(1, EXPANDED_ROWS // max(rows_per_prompt, 1))

@@ -51,28 +51,31 @@ def ref_kind(ref: str) -> str:
     return "hub"
 
 
-def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options: dict) -> None:
-    """Fail fast, before any model work, on a reference that cannot be loaded."""
+def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options: dict,
+              field: str | None = None) -> None:
+    """Fail fast, before any model work, on a reference that cannot be loaded; the error names `field` (the spec
+    key that holds the reference, model.<role> unless said)."""
+    name = field or f"model.{role}"
     kind = ref_kind(ref)
     if kind == "local":
         path = Path(ref).expanduser()
         if not path.is_dir():
-            raise ModelRefError(f"model.{role}: directory {ref} does not exist")
-        _check_subfolders(ref, role, subfolders, {p.name for p in path.iterdir() if p.is_dir()})
-        _check_local_weights(ref, role, [path / s for s in subfolders if s in WEIGHT_SUBFOLDERS])
+            raise ModelRefError(f"{name}: directory {ref} does not exist")
+        _check_subfolders(ref, name, subfolders, {p.name for p in path.iterdir() if p.is_dir()})
+        _check_local_weights(ref, name, [path / s for s in subfolders if s in WEIGHT_SUBFOLDERS])
     elif kind == "uri":
-        _check_uri(ref, role, subfolders, storage_options)
+        _check_uri(ref, name, subfolders, storage_options)
     elif kind == "hub":
-        _check_subfolders(ref, role, subfolders, hub_entries(ref, f"model.{role}"))
+        _check_subfolders(ref, name, subfolders, hub_entries(ref, name))
 
 
-def _check_subfolders(ref: str, role: str, subfolders: tuple[str, ...], present: set[str]) -> None:
+def _check_subfolders(ref: str, name: str, subfolders: tuple[str, ...], present: set[str]) -> None:
     missing = [s for s in subfolders if s not in present]
     if missing:
-        raise ModelRefError(f"model.{role}: {ref} lacks the subfolder(s) {', '.join(missing)}")
+        raise ModelRefError(f"{name}: {ref} lacks the subfolder(s) {', '.join(missing)}")
 
 
-def _check_local_weights(ref: str, role: str, folders: list[Path]) -> None:
+def _check_local_weights(ref: str, name: str, folders: list[Path]) -> None:
     """Every weights subfolder holds .safetensors files whose header and size agree (safetensors checks both):
     a truncated or half-copied file is named here, not in a traceback from each stage actor that loads it."""
     from safetensors import safe_open
@@ -80,32 +83,32 @@ def _check_local_weights(ref: str, role: str, folders: list[Path]) -> None:
     for folder in folders:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            raise ModelRefError(f"model.{role}: {ref} has no .safetensors weights in {folder.name}/ "
+            raise ModelRefError(f"{name}: {ref} has no .safetensors weights in {folder.name}/ "
                                 f"(pickle weights are never loaded)")
         for file in files:
             try:
                 with safe_open(str(file), framework="pt"):
                     pass
             except Exception as err:  # noqa: BLE001 - SafetensorError or OSError: one line naming the file
-                raise ModelRefError(f"model.{role}: {file} is not a complete safetensors file ({reason(err)}); "
+                raise ModelRefError(f"{name}: {file} is not a complete safetensors file ({reason(err)}); "
                                     f"copy it again") from None
 
 
-def _check_uri(ref: str, role: str, subfolders: tuple[str, ...], storage_options: dict) -> None:
+def _check_uri(ref: str, name: str, subfolders: tuple[str, ...], storage_options: dict) -> None:
     try:
         fs, path = url_to_fs(ref, storage_options)
         if not fs.isdir(path):
-            raise ModelRefError(f"model.{role}: {ref} does not exist")
+            raise ModelRefError(f"{name}: {ref} does not exist")
         present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-        _check_subfolders(ref, role, subfolders, present)
+        _check_subfolders(ref, name, subfolders, present)
         for folder in (s for s in subfolders if s in WEIGHT_SUBFOLDERS):
             if not fs.glob(f"{path.rstrip('/')}/{folder}/*.safetensors"):
-                raise ModelRefError(f"model.{role}: {ref} has no .safetensors weights in {folder}/ "
+                raise ModelRefError(f"{name}: {ref} has no .safetensors weights in {folder}/ "
                                     f"(pickle weights are never loaded)")
     except ModelRefError:
         raise
     except Exception as err:  # noqa: BLE001 - any store failure is one line naming the model
-        raise ModelRefError(f"model.{role}: cannot read {ref} ({reason(err)})") from None
+        raise ModelRefError(f"{name}: cannot read {ref} ({reason(err)})") from None
 
 
 def hub_entries(repo: str, name: str) -> set[str]:

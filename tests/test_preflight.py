@@ -137,6 +137,10 @@ def test_missing_models_in_an_object_store_are_named(tmp_path, model_cache):
     for model, message in cases:
         with pytest.raises(SpecError, match=f"^{message.replace('(', '.').replace(')', '.')}"):
             check_models(spec_at(tmp_path, model=model))
+    swept = spec_at(tmp_path, sweep={"prior_checkpoint": ["tiny", {"interpolate": ["tiny", "memory://store/nope"],
+                                                                  "alpha": 0.5}]})
+    with pytest.raises(SpecError, match=r"^sweep.prior_checkpoint\[1\]: memory://store/nope does not exist"):
+        check_models(swept)  # the swept checkpoint is named where it is, not as model.prior
 
 
 def test_a_finished_output_on_an_object_store_is_answered(s3_server, tmp_path):
