@@ -10,7 +10,7 @@ import yaml
 from jobs import prompts
 from jobs.preflight import answered_decode, check_models
 from jobs.resume import Summary, claim
-from jobs.spec import TASK_CPUS, JobSpec, SpecError, apply_overrides, spec_from_dict
+from jobs.spec import TASK_CPUS, JobSpec, SpecError, apply_overrides, check_key, spec_from_dict
 from stages import columns as C
 from stages import output
 from stages.output import EMBEDDINGS, JOB_FILE
@@ -30,6 +30,7 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
     for item in overrides:
         key = item.partition("=")[0].strip()
         if not key.startswith(DECODER_KEYS):
+            check_key(key)  # a misspelt key is named as unknown, not as one that cannot change
             raise SpecError(f"decode: {key} cannot change: the stored Stage C embeddings fix it "
                             f"(allowed: {', '.join(DECODER_KEYS)})")
     fs, root = url_to_fs(run, storage_options)

@@ -157,9 +157,7 @@ def _build(cls, data, prefix: str):
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
-            raise SpecError(f"{prefix}{key}: unknown key{hint}")
+            _unknown(key, names, prefix)
     values = {}
     for f in dataclasses.fields(cls):
         name = prefix + f.name
@@ -178,6 +176,25 @@ def _build(cls, data, prefix: str):
         else:
             values[f.name] = check_type(value, hint, name)
     return cls(**values)
+
+
+def _unknown(key, names: list[str], prefix: str):
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+    raise SpecError(f"{prefix}{key}: unknown key{hint}")
+
+
+def check_key(key: str) -> None:
+    """A dotted key (`--set generation.height`) names a spec field, or a place inside a free-form mapping
+    (storage_options, sweep); else the one-line error of an unknown key."""
+    cls, prefix = JobSpec, ""
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            _unknown(part, list(fields), prefix)
+        cls, prefix = typing.get_type_hints(cls)[part], f"{prefix}{part}."
 
 
 def _shallow(obj) -> dict:

@@ -69,6 +69,8 @@ def test_stage_c_settings_cannot_change(first_run):
     tmp_path, _ = first_run
     with pytest.raises(SpecError, match="decode: generation.height cannot change"):
         run_decode(str(tmp_path / "run"), str(tmp_path / "bad"), ["generation.height=256"])
+    with pytest.raises(SpecError, match="^generation.decoder_step: unknown key .did you mean 'decoder_steps'"):
+        run_decode(str(tmp_path / "run"), str(tmp_path / "bad"), ["generation.decoder_step=3"])  # a typo
     with pytest.raises(SpecError, match="is not a run folder"):
         run_decode(str(tmp_path / "nothing"), str(tmp_path / "bad"))
     job = (tmp_path / "run" / "job.yaml").read_bytes()
