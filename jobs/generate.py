@@ -115,7 +115,7 @@ def in_task(fn, *args):
 
 def connect(spec: JobSpec, verbose: bool = False) -> None:
     """Join RAY_ADDRESS (or the caller's Ray) and wait for the stages' resources, else start a local Ray."""
-    joined = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+    joined = ray.is_initialized() or os.environ.get("RAY_ADDRESS", "local") != "local"  # "local": start one
     start_ray(verbose)
     configure_ray_data()
     wait_for_capacity(spec, spec.placement_timeout_s if joined else 0.0)

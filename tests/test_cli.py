@@ -215,3 +215,15 @@ def test_a_rerun_of_a_finished_job_answers_without_ray_or_models(quiet_run):
                        f"manifest in {tmp_path / 'out' / 'manifest'}, report in "
                        f"{tmp_path / 'out' / 'report' / 'index.html'}"]
     assert result.stderr == ""
+
+
+def test_a_local_ray_without_the_asked_resources_fails_at_once(workdir):
+    """RAY_ADDRESS=local is Ray's own way to say "start a local Ray": nothing more can join it, so there is no
+    point waiting placement_timeout_s (300 s by default; 30 s here, so that the wrong answer shows sooner)."""
+    result, seconds = command(["generate", job_file(workdir, BASE), "--set", f"prompts={workdir / 'good.parquet'}",
+                               "--set", f"output={workdir / 'out'}", "--set", "stages.prior.num_gpus=1",
+                               "--set", "placement_timeout_s=30"],
+                              env={"RAY_ADDRESS": "local"})
+    assert result.returncode == 2 and "waiting up to" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: stages.prior: no node")
+    assert seconds < 120, seconds
