@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -67,7 +68,11 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
                        ALL_STAGES, max(todo, 0))
-    return close_output(spec, start, done, failed, retried=retried if retry_failed else None, kept=kept)
+    summary = close_output(spec, start, done, failed, retried=retried if retry_failed else None, kept=kept)
+    if retry_failed:  # rows never made are not failed rows: say so (each planned row is an entry or folded)
+        missing = prompts.planned_rows(spec, table.rows) - (summary.rows - summary.kept) - summary.folded
+        summary = dataclasses.replace(summary, missing=max(missing, 0))
+    return summary
 
 
 def all_made(spec: JobSpec, table: prompts.PromptTable, done_rows: int) -> bool:

@@ -39,6 +39,7 @@ class Summary:
     kept: int = 0  # --retry-failed: failed rows left as they were (the prompt table no longer plans them)
     images: str = "images"  # the folder the images are in ("shards" for output_format webdataset)
     new_failed: int = 0  # of the `new` rows, those recorded with an error
+    missing: int = 0  # --retry-failed: planned rows without an entry at all (at least these many)
 
     @property
     def made(self) -> int:
@@ -58,10 +59,15 @@ class Summary:
             again = self.failed - self.kept
             kept = (f"; {self.kept} failed rows the prompt table no longer plans were left as they are"
                     if self.kept else "")
+            missing = (f"; {self.missing} planned rows have no entry yet: run without --retry-failed to make them"
+                       if self.missing else "")
+            if not self.retried:
+                return f"no failed rows to retry ({self.rows} rows in all{kept}){missing}; {where}"
             return (f"retried {self.retried} failed rows: {self.retried - again} succeeded, {again} "
-                    f"failed again ({self.rows} rows in all{kept}) in {self.seconds:.1f} s; {where}")
+                    f"failed again ({self.rows} rows in all{kept}){missing} in {self.seconds:.1f} s; {where}")
         if not self.new:
-            return f"{self.rows} rows ({self.failed} failed), all made earlier: nothing to do; {where}"
+            retry = f" (--retry-failed makes the {self.failed} failed rows again)" if self.failed else ""
+            return f"{self.rows} rows ({self.failed} failed), all made earlier: nothing to do{retry}; {where}"
         earlier = f", {self.rows - self.new} done earlier" if self.new != self.rows else ""
         earlier += f", {self.folded} identical input rows folded" if self.folded else ""
         failed_now = f", {self.new_failed} failed" if self.new_failed else ""

@@ -77,10 +77,13 @@ def test_retry_keeps_the_failed_rows_an_edited_table_no_longer_plans(tmp_path, r
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0  # the retried row succeeded
     out = capsys.readouterr().out
     assert ("retried 1 failed rows: 1 succeeded, 0 failed again (5 rows in all; 1 failed rows the prompt table "
-            "no longer plans were left as they are)") in out
+            "no longer plans were left as they are); 1 planned rows have no entry yet: run without --retry-failed "
+            "to make them") in out  # the prompt added in its place
     after = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "out" / "manifest").to_pylist()}
     assert sorted(after) == sorted(entries)  # nothing lost, nothing doubled
     assert after[failed[0]][C.ERROR] == entries[failed[0]][C.ERROR] and after[failed[1]][C.ERROR] is None
     # A retry makes only failed rows, so the output is not marked finished: the next plain run is not answered
     # "nothing to do" from the footers (5 rows, 5 planned) and makes the added prompt.
     assert not output.is_finished(str(tmp_path / "out"), {})
+    assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0  # no failed row it plans
+    assert "no failed rows to retry (5 rows in all; 1 failed rows" in capsys.readouterr().out

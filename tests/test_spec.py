@@ -60,6 +60,8 @@ def test_spec_is_frozen():
                                                 "got 65536"),
     ({**BASE, "model": "tiny"}, "model: expected a mapping, got 'tiny'"),
     ({**BASE, "stages": {"prior": 3}}, "stages.prior: expected a mapping, got 3"),
+    ({**BASE, "prompts": "memory://p.parquet"}, "prompts: memory:// lives in one process's memory"),
+    ({**BASE, "output": "memory://out"}, "output: memory:// lives in one process's memory, which the job's Ray"),
     ({**BASE, "generation": {"prior_guidance_scale": float("inf")}}, "generation.prior_guidance_scale: must be a "
                                                                      "finite number, got inf"),
 ])
