@@ -137,8 +137,10 @@ def _dispatch(args) -> int:
         print(plan(load_spec(args.job, args.overrides)))
         return 0
     if args.command == "tiny-model":
+        from stages.models import quiet_libraries
         from stages.presets import write_tiny_model
 
+        quiet_libraries()  # no "Writing model shards" bars: the command prints one line when done
         if Path(args.directory).exists() and not Path(args.directory).is_dir():
             raise SpecError(f"tiny-model: {args.directory} is a file, not a folder to write the model into")
         directory = write_tiny_model(args.directory, full=args.full_size)
