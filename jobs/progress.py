@@ -130,7 +130,8 @@ class Progress:
             done, rate = self.rows[stage], self.speed[stage]
             total = done if self.finished else max(self.total - self.folded, done)
             since = self.changed.get(stage, time.time()) - self.started
-            shown = rate or done / max(since, 1e-9)  # until measured: over the pass so far
+            # until measured, and once done: over the pass (a last burst of batches is no throughput)
+            shown = done / max(since, 1e-9) if done >= total or not rate else rate
             speed = f"{shown:.2f} images/s" if shown else "-- images/s"
             eta = "done" if done >= total else f"ETA {_clock((total - done) / rate)}" if rate else "ETA --"
             out.append(f"{stage:<8} {done}/{total} rows  {speed}  {eta}")

@@ -51,8 +51,9 @@ def test_lines_show_rate_and_eta_and_redraw_in_place_on_a_terminal():
     progress = Progress(None, ["prior"], total=100, stream=screen)
     progress.rows["prior"], progress.speed["prior"] = 40, 2.0
     assert progress.lines() == ["prior    40/100 rows  2.00 images/s  ETA 0:30"]
-    progress.rows["prior"], progress.speed["prior"] = 100, 2.5
-    assert progress.lines() == ["prior    100/100 rows  2.50 images/s  done"]
+    progress.rows["prior"], progress.speed["prior"] = 100, 9.0  # the last batches came in a burst
+    progress.started, progress.changed["prior"] = 1000.0, 1040.0  # done 40 s into the pass
+    assert progress.lines() == ["prior    100/100 rows  2.50 images/s  done"]  # over the pass, not the burst
     progress._draw()
     progress._draw()
     first, second = screen.getvalue().split("\n")[:2]
