@@ -72,10 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     bench_scale.add_parser(sub)
     eval_args.add_parser(sub)
     args = parser.parse_args(argv)
+    joined_before = _in_ray()  # a caller's Ray (the Python API, tests) is the caller's to leave
     try:
         _refuse_credentials_in_uris(args)
         return _dispatch(args)
     except SpecError as err:
+        if not joined_before:
+            _leave_ray()
         print(f"error: {redact(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -86,9 +89,23 @@ def main(argv: list[str] | None = None) -> int:
 
         if (part := vanished_part(err)) is None:
             raise
+        if not joined_before:
+            _leave_ray()
         print(f"error: {part}: deleted while this command read the manifest (a run on the same output compacted "
               f"it meanwhile); run the command again", file=sys.stderr)
         return 2
+
+
+def _in_ray() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _leave_ray() -> None:
+    """Disconnect from the Ray this command joined or started before printing its last line: the stage actors'
+    logs that Ray still forwards would otherwise print after it."""
+    if _in_ray():
+        sys.modules["ray"].shutdown()
 
 
 def _refuse_credentials_in_uris(args) -> None:
