@@ -148,8 +148,14 @@ def report_diffusers(f: dict) -> str:
 
 
 def steady_state_rate(output: str, skip: int) -> float:
-    """Images/s after the first `skip` rows (one streaming block) are written: start-up excluded."""
+    """Images/s after the first `skip` rows (one streaming block) are written: start-up excluded. Rows written in
+    the same burst as the first block's last row are not counted after it (they took no time of their own)."""
     finished = np.sort(pq.read_table(Path(output) / "manifest", columns=[C.FINISHED_AT])[C.FINISHED_AT].to_numpy())
     if len(finished) <= 2 * skip:
         raise SystemExit(f"benchmark: --rows must exceed twice the text batch size ({skip}) to see a steady state")
-    return (len(finished) - skip) / (finished[-1] - finished[skip - 1])
+    start = finished[skip - 1]
+    after = finished[finished > start]
+    if len(after) < skip:  # the rest came with the first block: nothing was measured after start-up
+        raise SystemExit(f"benchmark: the rows after the first {skip} came in one burst with them: give more --rows "
+                         f"to see a steady state")
+    return len(after) / (after[-1] - start)
