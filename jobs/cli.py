@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_credentials_in_uris(args)
         return _dispatch(args)
     except SpecError as err:
-        if not joined_before:
-            _leave_ray()
+        _leave_ray(joined_before)
         print(f"error: {redact(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -89,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if (part := vanished_part(err)) is None:
             raise
-        if not joined_before:
-            _leave_ray()
+        _leave_ray(joined_before)
         print(f"error: {part}: deleted while this command read the manifest (a run on the same output compacted "
               f"it meanwhile); run the command again", file=sys.stderr)
         return 2
@@ -101,10 +99,10 @@ def _in_ray() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def _leave_ray() -> None:
-    """Disconnect from the Ray this command joined or started before printing its last line: the stage actors'
-    logs that Ray still forwards would otherwise print after it."""
-    if _in_ray():
+def _leave_ray(joined_before: bool) -> None:
+    """Disconnect from the Ray this command joined or started (not a caller's) before printing its last line: the
+    stage actors' logs that Ray still forwards would otherwise print after it."""
+    if not joined_before and _in_ray():
         sys.modules["ray"].shutdown()
 
 

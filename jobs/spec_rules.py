@@ -113,13 +113,13 @@ SWEEP_AXES = ("seed", "prior_guidance_scale", "decoder_guidance_scale", "prior_s
 def check_uris(spec: JobSpec) -> None:
     """Refuse credentials written into a URI (user:password@), without showing them: they belong in
     storage_options (masked in job.yaml) or the environment; refuse memory:// where Ray's workers read or write."""
-    named = [("prompts", spec.prompts), ("output", spec.output), ("decoded_from", spec.decoded_from or ""),
-             ("model.decoder", spec.model.decoder)]
+    in_workers = [("prompts", spec.prompts), ("output", spec.output), ("decoded_from", spec.decoded_from or "")]
+    named = in_workers + [("model.decoder", spec.model.decoder)]
     priors = [("model.prior", spec.model.prior)] + [(f"sweep.prior_checkpoint[{i}]", p)
                                                    for i, p in enumerate(spec.sweep.get("prior_checkpoint") or [])]
     named += [(name, ref) for name, prior in priors
               for ref in (prior["interpolate"] if isinstance(prior, dict) else [prior])]
-    for name, uri in named[:3]:  # read or written by Ray's worker processes
+    for name, uri in in_workers:  # read or written by Ray's worker processes
         if str(uri).startswith("memory://"):
             raise SpecError(f"{name}: memory:// lives in one process's memory, which the job's Ray workers cannot "
                             f"see; give a local path or an object store")

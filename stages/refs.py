@@ -83,8 +83,7 @@ def _check_local_weights(ref: str, name: str, folders: list[Path]) -> None:
     for folder in folders:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            raise ModelRefError(f"{name}: {ref} has no .safetensors weights in {folder.name}/ "
-                                f"(pickle weights are never loaded)")
+            raise _no_weights(name, ref, folder.name)
         for file in files:
             try:
                 with safe_open(str(file), framework="pt"):
@@ -92,6 +91,10 @@ def _check_local_weights(ref: str, name: str, folders: list[Path]) -> None:
             except Exception as err:  # noqa: BLE001 - SafetensorError or OSError: one line naming the file
                 raise ModelRefError(f"{name}: {file} is not a complete safetensors file ({reason(err)}); "
                                     f"copy it again") from None
+
+
+def _no_weights(name: str, ref: str, folder: str) -> ModelRefError:
+    return ModelRefError(f"{name}: {ref} has no .safetensors weights in {folder}/ (pickle weights are never loaded)")
 
 
 def _check_uri(ref: str, name: str, subfolders: tuple[str, ...], storage_options: dict) -> None:
@@ -103,8 +106,7 @@ def _check_uri(ref: str, name: str, subfolders: tuple[str, ...], storage_options
         _check_subfolders(ref, name, subfolders, present)
         for folder in (s for s in subfolders if s in WEIGHT_SUBFOLDERS):
             if not fs.glob(f"{path.rstrip('/')}/{folder}/*.safetensors"):
-                raise ModelRefError(f"{name}: {ref} has no .safetensors weights in {folder}/ "
-                                    f"(pickle weights are never loaded)")
+                raise _no_weights(name, ref, folder)
     except ModelRefError:
         raise
     except Exception as err:  # noqa: BLE001 - any store failure is one line naming the model

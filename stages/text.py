@@ -62,7 +62,7 @@ class TextEncoder:
         self.prior = _Encoder(prior_root, torch_dtype, self.device, micro_batch, compile)
         self.decoder = _Encoder(resolve(decoder, "decoder", storage_options), torch_dtype, self.device,
                                 micro_batch, compile)
-        self.truncated = 0  # distinct long texts seen by this actor
+        self.truncated = 0  # truncated texts this actor has warned of (one more: it stopped warning)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -89,17 +89,18 @@ class TextEncoder:
     def _warn_truncated(self, texts: list[str]) -> None:
         """Log each distinct text longer than CLIP's positions once (both towers cut at the same length), up to
         TRUNCATION_WARNINGS per actor, then say that further ones go unlogged."""
-        tokenizer, limit = self.prior.tokenizer, self.prior.tokenizer.model_max_length
         texts = list(dict.fromkeys(texts))
         if self.truncated > TRUNCATION_WARNINGS or not texts:
             return
-        for text, ids in zip(texts, tokenizer(texts).input_ids):
-            if len(ids) > limit and self.truncated <= TRUNCATION_WARNINGS:
-                self.truncated += 1
-                if self.truncated > TRUNCATION_WARNINGS:
-                    log.warning("more prompts truncated to %d CLIP tokens: not logged further", limit)
-                else:
-                    log.warning("prompt truncated to %d CLIP tokens (had %d): %.60r…", limit, len(ids), text)
+        limit = self.prior.tokenizer.model_max_length
+        for text, ids in zip(texts, self.prior.tokenizer(texts).input_ids):
+            if len(ids) <= limit:
+                continue
+            self.truncated += 1
+            if self.truncated > TRUNCATION_WARNINGS:
+                log.warning("more prompts truncated to %d CLIP tokens: not logged further", limit)
+                return
+            log.warning("prompt truncated to %d CLIP tokens (had %d): %.60r…", limit, len(ids), text)
 
     def blank(self) -> dict:
         """This stage's outputs for a row it did not run (see jobs.isolation)."""
