@@ -106,6 +106,6 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
         return decode_dataset(spec, ds, tally, max(stored - done, 0), user_types)
 
     stored = output.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
-    user_types = output.first_schema(run, output.EMBEDDINGS, spec.storage_options)  # the prompt table's columns
+    user_types = output.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
     write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))
     return close_output(spec, started, done, failed)

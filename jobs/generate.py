@@ -64,7 +64,8 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
             spec.output, spec.storage_options, pending), tally, waiting, table.schema), DECODE_STAGES, waiting)
     finished_rows = done + waiting  # the rows in flight are done now
-    todo = prompts.planned_rows(spec, table.rows) - finished_rows if not retry_failed else retried
+    covered = finished_rows + output.folded_rows(spec.output, spec.storage_options)  # planned rows with an entry
+    todo = prompts.planned_rows(spec, table.rows) - covered if not retry_failed else retried
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
                        ALL_STAGES, max(todo, 0))

@@ -71,13 +71,16 @@ def preflight(spec: JobSpec) -> prompts.PromptTable:
 def check_user_types(spec: JobSpec, table: prompts.PromptTable) -> None:
     """A user column the output's manifest already holds keeps its type: parts of two types make the manifest
     unreadable as one table (evaluate, decode, your own reads)."""
+    names = user_columns.user_names(table.schema.names)
+    if not names:
+        return
     try:
-        held = output.first_schema(spec.output, output.MANIFEST, spec.storage_options)
+        held = output.column_types(spec.output, output.MANIFEST, spec.storage_options, wanted=names)
     except Exception:  # noqa: BLE001 - an output that cannot be read yet is claim's to report
         return
     if held is None:
         return
-    for name in user_columns.user_names(table.schema.names):
+    for name in names:
         new = table.schema.field(name).type
         old = held.field(name).type if name in held.names else new
         if old != new and not pa.types.is_null(old) and not pa.types.is_null(new):

@@ -114,10 +114,11 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
             or not _prompts_older(spec, fs, job_file)):
         return None
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
-    if rows != expected_rows() or part_counts(spec.output, "embeddings", spec.storage_options)[0] > rows:
+    folded = output_folder.folded_rows(spec.output, spec.storage_options)  # input rows an entry stands for
+    if rows + folded != expected_rows() or part_counts(spec.output, "embeddings", spec.storage_options)[0] > rows:
         return None
     return Summary(rows=rows, failed=failed, seconds=time.time() - started, output=spec.output, new=0,
-                   images=image_folder(spec))
+                   folded=folded, images=image_folder(spec))
 
 
 def image_folder(spec: JobSpec) -> str:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,6 +39,7 @@ CLOSED = "_closed"  # embeddings/_closed, written as a pass ends: an older part'
 FINISHED = "_finished"  # <output>/_finished, written as an invocation ends; a claim removes it first
 ROWS_PER_PARTITION = 500_000  # done ids per join partition (≈ 40 MB in one aggregator)
 THREADS = 16  # footer readers (object stores answer in parallel)
+NULL_TRIES = 8  # parts read for a column of nulls before it counts as untyped (column_types)
 READ_ATTEMPTS, REREAD_PAUSE_S = 5, 2.0  # a read that lost a listed part to a compaction (see relisted)
 
 
@@ -68,13 +70,36 @@ def list_parts(output: str, name: str, storage_options: dict | None) -> tuple[ob
     return fs, [f for f in files if f not in replaced]
 
 
-def first_schema(output: str, name: str, storage_options: dict | None) -> pa.Schema | None:
-    """The Arrow schema of the first live part of <output>/<name> (None without parts): a run's column types."""
+def column_types(output: str, name: str, storage_options: dict | None, wanted=None) -> pa.Schema | None:
+    """Each column's type over the live parts of <output>/<name> (None without parts): a column takes its type
+    from the first part that holds it with values (parts written before a table gained a column lack it).
+    Footers are scanned by their column paths; only parts that give a column not typed yet are read as Arrow
+    schemas (see column_index). `wanted`: only these columns (None: every column)."""
     fs, files = list_parts(output, name, storage_options)
     if not files:
         return None
-    with fs.open(files[0], "rb") as f:
-        return pq.read_schema(f)
+
+    def names(file: str) -> set[str]:
+        with fs.open(file, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        if not meta.num_row_groups:
+            return set()
+        paths = [meta.row_group(0).column(j).path_in_schema for j in range(meta.num_columns)]
+        if wanted is None:
+            return {path.split(".")[0] for path in paths}
+        return {c for c in wanted if any(path == c or path.startswith(c + ".") for path in paths)}
+
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        held = list(pool.map(names, files))
+    fields, tries = {}, Counter()  # tries: parts read for a column that had only nulls so far
+    for file, columns in zip(files, held):
+        untyped = {c for c in columns if c not in fields and tries[c] < NULL_TRIES}
+        if untyped:
+            with fs.open(file, "rb") as f:
+                typed = [field for field in pq.read_schema(f) if field.name in untyped]
+            tries.update(field.name for field in typed)
+            fields.update((field.name, field) for field in typed if not pa.types.is_null(field.type))
+    return pa.schema(list(fields.values()))
 
 
 def listing(output: str, name: str, storage_options: dict | None) -> tuple[object, list[str], set[str]]:

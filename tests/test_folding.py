@@ -1,5 +1,6 @@
 """Identical input rows are folded: one row id, one manifest entry, one image, its input rows counted."""
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from conftest import write_prompts
 
 from jobs.folding import fold_block
 from jobs.generate import run
+from jobs.preflight import answered
 from jobs.spec import spec_from_dict
 from stages import columns as C
 
@@ -48,6 +50,8 @@ def test_identical_rows_are_made_once_and_counted(tmp_path, ray_cluster):
     assert len(list((out / "images").rglob("*.png"))) == 7
     assert summary.folded == 3 and "3 identical input rows folded" in str(summary)
     assert "identical input rows folded" in (out / "report" / "index.html").read_text()
+    rerun = answered(spec_from_dict(job(prompts, str(out))), time.time())  # from the footers, without Ray
+    assert rerun is not None and rerun.rows == 7 and rerun.folded == 3
 
     rows.append({C.PROMPT: "p4", C.SEED: 4, "caption_id": 14})  # a later copy of a done row: nothing to make
     write_prompts(tmp_path / "p.parquet", rows)

@@ -85,15 +85,19 @@ def test_a_table_edited_before_an_attempt_that_died_is_not_answered(tmp_path):
 
 
 def test_a_user_column_keeps_the_type_the_output_holds(tmp_path):
-    """A second table whose own column `tag` has another type than the rows already made is refused in one line
-    (the manifest's parts would no longer read as one table); the same type, or a column of nulls, is fine."""
+    """A later table whose own column `tag` has another type than the rows already made is refused in one line
+    (the manifest's parts would no longer read as one table); the same type, or a column of nulls, is fine. The
+    type is the one of any part that holds the column with values: parts written by an earlier table without the
+    column, or with only nulls in it, come first in name order here."""
     from jobs.preflight import preflight
 
     spec = spec_at(tmp_path)
     claim(spec, overwrite=False)
     (tmp_path / "out" / "manifest").mkdir()
-    held = pa.table({C.ROW_ID: ["id0"], "tag": pa.array([1], pa.int64())})
-    pq.write_table(held, tmp_path / "out" / "manifest" / "a.parquet")
+    parts = {"00a": pa.table({C.ROW_ID: ["id0"]}), "00b": pa.table({C.ROW_ID: ["id1"], "tag": pa.nulls(1)}),
+             "ff": pa.table({C.ROW_ID: ["id2"], "tag": pa.array([1], pa.int64())})}
+    for name, part in parts.items():
+        pq.write_table(part, tmp_path / "out" / "manifest" / f"{name}.parquet")
     for tags, refused in ((["x", "y", "z"], True), ([4, 5, None], False), ([None, None, None], False)):
         write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"prompt {i}", "tag": t} for i, t in enumerate(tags)])
         if refused:
