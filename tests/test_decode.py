@@ -1,6 +1,9 @@
 """Re-decode: Stage B/A again from a run's stored embeddings, byte for byte with unchanged settings."""
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -77,3 +80,26 @@ def test_stage_c_settings_cannot_change(first_run):
     with pytest.raises(SpecError, match="is the run itself; decode writes a new output"):
         run_decode(str(tmp_path / "run"), str(tmp_path / "run") + "/")
     assert (tmp_path / "run" / "job.yaml").read_bytes() == job  # the source run is left as it was
+
+
+def test_an_interrupted_decode_resumes_with_only_its_missing_rows(first_run):
+    """A decode rerun on its output makes only the rows without an entry (matched by their new ids), each once."""
+    tmp_path, _ = first_run
+    out, settings = tmp_path / "resumed", ["generation.decoder_steps=3"]  # new ids: the anti-join must map them
+    run_decode(str(tmp_path / "run"), str(out), settings)
+    parts = sorted((out / "manifest").glob("*.parquet"))
+    rows = [r for part in parts for r in pq.read_table(part).to_pylist()]
+    lost = rows[0]
+    lost_bytes, kept = read(lost[C.IMAGE_URI]), {r[C.IMAGE_URI]: Path(r[C.IMAGE_URI]).stat().st_mtime_ns
+                                                  for r in rows[1:]}
+    for part in parts:  # as if the run died before writing the entry (and the image) of one row
+        table = pq.read_table(part)
+        pq.write_table(table.filter(pc.not_equal(table[C.ROW_ID], lost[C.ROW_ID])), part)
+    Path(lost[C.IMAGE_URI]).unlink()
+    (out / "_finished").unlink(missing_ok=True)
+
+    summary = run_decode(str(tmp_path / "run"), str(out), settings)
+    again = pq.read_table(out / "manifest").column(C.ROW_ID).to_pylist()
+    assert summary.new == 1 and sorted(again) == sorted(r[C.ROW_ID] for r in rows)
+    assert read(lost[C.IMAGE_URI]) == lost_bytes
+    assert {uri: Path(uri).stat().st_mtime_ns for uri in kept} == kept  # done rows were not made again

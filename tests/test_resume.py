@@ -148,3 +148,19 @@ def test_stage_settings_that_change_bits_are_refused(tmp_path, key, value, shown
     with pytest.raises(SpecError, match=f"holds a run of another spec \\({shown}\\)"):
         check_continuation(spec_from_dict(data), overwrite=False)
     check_continuation(spec_from_dict({**data, "stages": {"prior": {"batch_size": 3}}}), overwrite=False)
+
+
+def test_a_sweep_on_an_existing_output_may_only_gain_values(tmp_path):
+    """Added values (on the same axes) only add rows; a value taken away, or an axis added or taken away, would
+    leave the output holding rows the spec no longer plans: refused, naming the sweep."""
+    data = job_dict(tmp_path, rows=1, sweep={"seed": [1, 2], "decoder_guidance_scale": [0.0]})
+    held_row(tmp_path, spec_from_dict(data).to_dict())
+    for sweep in ({"seed": [1, 2, 3], "decoder_guidance_scale": [0.0]},
+                  {"seed": [3, 2, 1], "decoder_guidance_scale": [0.0, 2.0]}):
+        check_continuation(spec_from_dict({**data, "sweep": sweep}), overwrite=False)
+    for sweep, shown in (({"seed": [1], "decoder_guidance_scale": [0.0]}, r"sweep.seed: \[1, 2\] → \[1\]"),
+                         ({"seed": [1, 2]}, r"sweep.decoder_guidance_scale: \[0.0\] → None"),
+                         ({"seed": [1, 2], "decoder_guidance_scale": [0.0], "prior_steps": [2]},
+                          r"sweep.prior_steps: None → \[2\]")):
+        with pytest.raises(SpecError, match=f"holds a run of another spec \\({shown}\\)"):
+            check_continuation(spec_from_dict({**data, "sweep": sweep}), overwrite=False)

@@ -65,7 +65,8 @@ def test_rows_of_several_checkpoints_in_one_batch(checkpoints):
 def test_sweep_makes_every_combination_once(tmp_path, ray_cluster, checkpoints):
     a, b, _ = checkpoints
     spec = spec_from_dict({
-        "prompts": write_prompts(tmp_path / "p.parquet", [{C.PROMPT: "a cat"}, {C.PROMPT: "a dog"}]),
+        "prompts": write_prompts(tmp_path / "p.parquet", [{C.PROMPT: p, C.SEED: 99, C.DECODER_GUIDANCE: 5.0}
+                                                          for p in ("a cat", "a dog")]),  # the sweep replaces these
         "output": str(tmp_path / "out"),
         "generation": {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2},
         "sweep": {"seed": [1, 2], "decoder_guidance_scale": [0.0, 2.0], "resolution": [[128, 128], [256, 128]],
@@ -77,6 +78,7 @@ def test_sweep_makes_every_combination_once(tmp_path, ray_cluster, checkpoints):
     combos = {(r[C.PROMPT], r[C.SEED], r[C.DECODER_GUIDANCE], r[C.HEIGHT], r[C.WIDTH], r[C.PRIOR_CHECKPOINT])
               for r in rows}
     assert len(combos) == len(rows) == 32 and len({r[C.ROW_ID] for r in rows}) == 32
+    assert {r[C.SEED] for r in rows} == {1, 2} and {r[C.DECODER_GUIDANCE] for r in rows} == {0.0, 2.0}
     assert {r[C.PRIOR_CHECKPOINT] for r in rows} == {prior_id(a), prior_id({"interpolate": [a, b], "alpha": 0.5})}
     for row in rows:
         from PIL import Image
