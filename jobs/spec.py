@@ -12,6 +12,7 @@ import yaml
 
 from jobs.spec_rules import SpecError, check_type, validate  # noqa: F401 - SpecError: part of this module's interface
 from stages import credentials as secrets
+from stages.storage import absolute
 
 TASK_CPUS = 0.25  # reading, expanding and writing are light: never let them wait behind the actors
 ACTOR_CPUS = 0.1  # a stage actor's default CPU reservation: its work is on the GPU, or in torch threads
@@ -147,7 +148,9 @@ def spec_from_dict(data: dict) -> JobSpec:
         secrets.remember(data.get("storage_options"))
     spec = _build(JobSpec, data, "")
     validate(spec)
-    return spec
+    # Ray's workers on other nodes do not share the driver's working directory: local paths travel absolute
+    return dataclasses.replace(spec, prompts=absolute(spec.prompts), output=absolute(spec.output),
+                               decoded_from=spec.decoded_from and absolute(spec.decoded_from))
 
 
 def _build(cls, data, prefix: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from contextlib import contextmanager
 
@@ -53,6 +54,11 @@ def url_to_fs(uri: str, storage_options: dict | None = None):
     if store != uri:
         return fsspec.core.url_to_fs(uri, **({protocol: options} if options else {}))
     return fsspec.core.url_to_fs(uri, **options)
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (against this process's working directory); a URI as it is."""
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def sample_uri(shard_uri: str, member: str) -> str:

@@ -33,6 +33,16 @@ def test_yaml_and_overrides(tmp_path):
     assert spec.generation.negative_prompt == "blurry"
 
 
+def test_local_paths_travel_absolute_and_uris_as_written(tmp_path, monkeypatch):
+    """A worker on another node has its own working directory: a relative path means the driver's."""
+    monkeypatch.chdir(tmp_path)
+    spec = spec_from_dict({"prompts": "prompts/p.parquet", "output": "out/run", "decoded_from": "../runs/a"})
+    assert (spec.prompts, spec.output) == (str(tmp_path / "prompts" / "p.parquet"), str(tmp_path / "out" / "run"))
+    assert spec.decoded_from == str(tmp_path.parent / "runs" / "a")
+    remote = spec_from_dict({"prompts": "s3://bucket/p.parquet", "output": "file:///data/run"})
+    assert (remote.prompts, remote.output, remote.decoded_from) == ("s3://bucket/p.parquet", "file:///data/run", None)
+
+
 def test_spec_is_frozen():
     spec = spec_from_dict(BASE)
     with pytest.raises(AttributeError):
