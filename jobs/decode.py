@@ -10,7 +10,7 @@ import yaml
 from jobs import prompts
 from jobs.preflight import answered_decode, check_models
 from jobs.resume import Summary, claim
-from jobs.spec import TASK_CPUS, JobSpec, SpecError, apply_overrides, check_key, spec_from_dict
+from jobs.spec import TASK_CPUS, JobSpec, ModelSpec, SpecError, apply_overrides, check_key, spec_from_dict
 from stages import columns as C
 from stages import output
 from stages.output import EMBEDDINGS, JOB_FILE
@@ -79,6 +79,17 @@ def stored_keys(batch: dict[str, np.ndarray], decoder_params: dict, model: dict)
     return {C.ROW_ID: batch[C.ROW_ID], output.PATH: batch[output.PATH], NEW_ID: rows[C.ROW_ID]}
 
 
+def stage_c_dtype(run: str, storage_options: dict | None) -> str:
+    """The dtype Stage C ran at for a run's stored embeddings: a decoded output's are its source run's."""
+    job = output.read_job(run, storage_options)
+    for _ in range(16):  # a decode of a decode of ...: follow the sources while they are there
+        source = job.get("decoded_from")
+        if not source or not (before := output.read_job(source, storage_options)):
+            break
+        job = before
+    return (job.get("model") or {}).get("dtype", ModelSpec.dtype)
+
+
 def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) -> Summary:
     from jobs.generate import (DECODE_STAGES, EMBEDDINGS_PART_ROWS, close_output, coalesced, decode_dataset,
                                open_output, stored_embeddings, write_manifest)
@@ -87,7 +98,8 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
     done, failed = open_output(spec, started, verbose)
     changed = {key.split(".")[1]: getattr(spec.generation, key.split(".")[1]) for key in DECODER_KEYS[:2]
                if any(item.startswith(key) for item in overrides)}
-    model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype)
+    model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype,
+                 prior_dtype=stage_c_dtype(run, spec.storage_options))  # the embeddings were made at this one
 
     def make(tally):
         keys = output.read_parts(run, output.EMBEDDINGS, spec.storage_options, include_paths=True,

@@ -249,10 +249,12 @@ ID_COLUMNS = tuple(sorted((C.PROMPT, *C.OVERRIDABLE, C.CHECKPOINT)))  # the keys
 
 
 def identify(rows: dict[str, np.ndarray], model: dict) -> None:
-    """Set each row's checkpoint identity (its prior, the decoder, the dtype) and its row id (`row_id`'s value,
-    formed column-wise: integers printed by Arrow, other values' JSON once per distinct value, the rows' texts
-    joined by Arrow, then one sha256 a row)."""
-    suffix = f" decoder={model['decoder']} dtype={model['dtype']}"
+    """Set each row's checkpoint identity (its prior, the decoder, the dtype; a re-decode at another dtype than
+    Stage C's, `prior_dtype`, names both) and its row id (`row_id`'s value, formed column-wise: integers printed
+    by Arrow, other values' JSON once per distinct value, the rows' texts joined by Arrow, then one sha256 a row)."""
+    dtype, prior_dtype = model["dtype"], model.get("prior_dtype", model["dtype"])
+    suffix = f" decoder={model['decoder']} dtype={prior_dtype}"
+    suffix += f" decoder_dtype={dtype}" if dtype != prior_dtype else ""
     rows[C.CHECKPOINT] = _per_distinct(rows[C.PRIOR_CHECKPOINT], lambda p: f"prior={p}{suffix}").to_numpy(
         zero_copy_only=False).astype(object)
     pieces = []

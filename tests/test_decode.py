@@ -10,6 +10,7 @@ import yaml
 from conftest import reference_image, write_prompts
 from PIL import Image
 
+from jobs import prompts
 from jobs.cli import main
 from jobs.decode import run_decode
 from jobs.generate import run
@@ -103,3 +104,21 @@ def test_an_interrupted_decode_resumes_with_only_its_missing_rows(first_run):
     assert summary.new == 1 and sorted(again) == sorted(r[C.ROW_ID] for r in rows)
     assert read(lost[C.IMAGE_URI]) == lost_bytes
     assert {uri: Path(uri).stat().st_mtime_ns for uri in kept} == kept  # done rows were not made again
+
+
+def test_a_decode_at_another_dtype_names_both_dtypes_in_its_ids(first_run):
+    """Stage C ran at float32: a bfloat16 re-decode's rows are neither the run's nor a bfloat16 run's (whose
+    Stage C ran at bfloat16), and decoding those back at float32 gives the run's own ids and bytes again."""
+    tmp_path, original = first_run
+    run_decode(str(tmp_path / "run"), str(tmp_path / "bf16"), ["model.dtype=bfloat16"])
+    rows = pq.read_table(tmp_path / "bf16" / "manifest").to_pylist()
+    assert {r[C.CHECKPOINT] for r in rows} == {'prior="tiny" decoder=tiny dtype=float32 decoder_dtype=bfloat16'}
+    as_generated = {k: np.asarray([r[k] for r in rows], dtype=object) for k in (*prompts.ID_COLUMNS, C.PRIOR_CHECKPOINT)}
+    prompts.identify(as_generated, dict(decoder="tiny", dtype="bfloat16"))
+    ids = {r[C.ROW_ID] for r in rows}
+    assert len(ids) == 4 and not ids & original.keys() and not ids & set(as_generated[C.ROW_ID])
+
+    run_decode(str(tmp_path / "bf16"), str(tmp_path / "back"), ["model.dtype=float32"])
+    back = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "back" / "manifest").to_pylist()}
+    assert back.keys() == original.keys()
+    assert all(read(row[C.IMAGE_URI]) == read(original[i][C.IMAGE_URI]) for i, row in back.items())
