@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 
 import numpy as np
@@ -143,9 +144,27 @@ def float32_images(spec: JobSpec, rows: dict[str, np.ndarray]) -> np.ndarray:
         for name in STAGES:
             batch = stages[name](batch)
     del stages
+    release()
+    return np.stack(list(batch[C.IMAGE]))
+
+
+def compile_counts() -> dict[str, int]:
+    """What Dynamo and Inductor did so far: graphs compiled (one per shape, more means recompiles), graph breaks,
+    and CUDA graphs skipped (a silent fallback to launching every kernel)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
+def release() -> None:
+    """Free deleted stages' models and compiled graphs: their models sit in reference cycles (the float32 timestep
+    embedding wraps a bound method), and Dynamo's caches are per code object, so diffusers' forward compiled after
+    ours would start from our shapes (batch marked dynamic) and our CUDA-graph step marks."""
+    gc.collect()
+    torch._dynamo.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return np.stack(list(batch[C.IMAGE]))
 
 
 def diffusers_rate(spec: JobSpec, texts: list[str], compile_models: bool = False) -> tuple[float, float]:
@@ -155,6 +174,7 @@ def diffusers_rate(spec: JobSpec, texts: list[str], compile_models: bool = False
 
     from stages.models import reference_pipeline
 
+    release()  # a clean start: nothing compiled or held by the stages timed before
     pipe = reference_pipeline(spec.model.prior, spec.model.decoder, spec.model.dtype, spec.storage_options)
     if compile_models:  # the docs set pipeline.prior_prior / .decoder; the sub-pipelines hold the models they call
         pipe.prior_pipe.prior = torch.compile(pipe.prior_pipe.prior, mode="reduce-overhead", fullgraph=True)
@@ -187,7 +207,9 @@ def in_process(spec: JobSpec, texts: list[str], psnr_rows: int) -> dict:
     rows = prompts.stage_rows(spec, texts)
     stages, loads = build_stages(spec)
     batch, figures = run_stages(stages, spec, rows)
+    compiled = compile_counts() if spec.stages.prior.compile or spec.stages.decoder.compile else None
     del stages
+    release()
     flops, peak = stage_flops(spec), matmul_peak(DTYPES[spec.model.dtype])
     for name in STAGES:
         load_s, weights = loads[name]
@@ -203,6 +225,8 @@ def in_process(spec: JobSpec, texts: list[str], psnr_rows: int) -> dict:
               "in_process_mfu": sum(flops.values()) * len(texts) / steady / peak,
               "in_process_warmup_s": warmup,
               "failed_rows": int(sum(bool(e) for e in batch[C.ERROR]))}
+    if compiled:
+        result["compile"] = compiled
     if psnr_rows and spec.model.dtype != "float32":
         keep = np.arange(min(psnr_rows, len(texts)))
         values = psnr(np.stack(list(batch[C.IMAGE][keep])), float32_images(spec, take(rows, keep)))

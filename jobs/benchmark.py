@@ -134,6 +134,10 @@ def report_pipeline(f: dict) -> str:
     if "psnr_vs_float32_db" in f:
         p = f["psnr_vs_float32_db"]
         lines.append(f"PSNR {f['dtype']} vs float32, {p['rows']} rows: mean {p['mean']:.2f} dB, min {p['min']:.2f} dB")
+    if "compile" in f:
+        c = f["compile"]
+        lines.append(f"compiled: {c['graphs']} graphs, {c['graph_breaks']} graph breaks, {c['cudagraph_skips']} "
+                     f"CUDA graphs skipped")
     if f["failed_rows"]:
         lines.append(f"warning: {f['failed_rows']} rows failed (non-finite output)")
     return "\n".join(lines)

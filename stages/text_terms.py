@@ -10,9 +10,13 @@ once per micro-batch; each step projects only the image tokens. Diffusers' modul
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from stages.denoise import shape_buffers
 
 
 class TextKeysValues(nn.Sequential):
@@ -22,7 +26,7 @@ class TextKeysValues(nn.Sequential):
 
     def __init__(self, mapper: nn.Sequential):
         super().__init__(*mapper)
-        self.shapes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # buffers per shape, filled in place
+        self.shapes: OrderedDict = OrderedDict()  # (keys, values) buffers per shape, filled in place
         self.register_buffer("keys", None, persistent=False)
         self.register_buffer("values", None, persistent=False)
 
@@ -33,13 +37,8 @@ class TextKeysValues(nn.Sequential):
         """Map the text (B, 77, c) as the block does, project it to keys and values (B, 77, c), into buffers that
         keep their address for every micro-batch of the shape (a CUDA graph reads them there)."""
         mapped = super().forward(c_embed)  # SiLU, Linear
-        if mapped.shape not in self.shapes:
-            pair = tuple(torch.empty_like(mapped, memory_format=torch.contiguous_format) for _ in range(2))
-            if mapped.device.type == "cuda":
-                for buffer in pair:
-                    torch._dynamo.mark_static_address(buffer)
-            self.shapes[mapped.shape] = pair
-        self.keys, self.values = self.shapes[mapped.shape]
+        self.keys, self.values = shape_buffers(self.shapes, tuple(mapped.shape), lambda: tuple(
+            torch.empty_like(mapped, memory_format=torch.contiguous_format) for _ in range(2)))
         self.keys.copy_(attention.to_k(mapped))
         self.values.copy_(attention.to_v(mapped))
 

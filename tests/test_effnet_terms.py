@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt
 
+from stages.denoise import TERM_SHAPES
 from stages.effnet_terms import EffnetSplitLinear, fill_effnet_terms, split_effnet_linears
 
 
@@ -52,3 +53,23 @@ def test_split_model_equals_the_models_own_forward(model, latent_hw):
                               rtol=1e-5)
         stale = split(x, r, effnet, clip)  # terms of the flipped rows: clearly wrong for these
         assert (stale - expected).abs().max() > 100 * 1e-5
+
+
+def test_the_steps_do_no_effnet_work_and_an_actor_keeps_terms_of_few_shapes(model):
+    """After the split the forward never reads the embedding (no per-step mapping, resizing or concatenation), and
+    each split Linear keeps the buffers of the TERM_SHAPES latest micro-batch shapes: a shape that comes back
+    after its buffers were dropped gets its terms afresh."""
+    split = copy.deepcopy(model)
+    split_effnet_linears(split)
+    assert all(mapper is None for mapper in split.effnet_mappers)
+    linear = next(m for m in split.modules() if isinstance(m, EffnetSplitLinear))
+    sizes = [(32, 32), (32, 64), (48, 16), (16, 16)]
+    with torch.no_grad():
+        for latent_hw in sizes:
+            x, r, effnet, clip = inputs(2, latent_hw)
+            fill_effnet_terms(split, effnet, latent_hw)
+            assert torch.allclose(split(x, r, None, clip), model(x, r, effnet, clip), atol=1e-5, rtol=1e-5)
+        assert len(linear.terms) == TERM_SHAPES < len(sizes)
+        x, r, effnet, clip = inputs(2, sizes[0])  # dropped: made again
+        fill_effnet_terms(split, effnet, sizes[0])
+        assert torch.allclose(split(x, r, None, clip), model(x, r, effnet, clip), atol=1e-5, rtol=1e-5)
