@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.console import LOCAL_RAY_SETTINGS
 from jobs.generate import placement
 from jobs.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("text", "prior", "decoder")
 LABEL = "wuerstchen-batch/stage"
+IDLE_WORKERS = "RAY_idle_worker_killing_time_threshold_ms"
 INSTANCES = {"g6.xlarge": (1, 4), "g6.2xlarge": (1, 8), "p4d.24xlarge": (8, 96), "p5.48xlarge": (8, 192)}  # GPUs, vCPUs
 JOB = load_spec(ROOT / "jobs/examples/cluster.yaml")
 
@@ -136,6 +138,7 @@ def test_kuberay_workers_cache_models_on_a_host_volume(spec):
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
         volume = next(m for p, m in mounts.items() if env["WUERSTCHEN_BATCH_CACHE"].startswith(p.rstrip("/") + "/"))
         assert "hostPath" in next(v for v in pod["volumes"] if v["name"] == volume)
+        assert env[IDLE_WORKERS] == LOCAL_RAY_SETTINGS[IDLE_WORKERS]  # as a local Ray keeps them
 
 
 def test_launcher_resources_match_the_instance_types():
@@ -145,8 +148,9 @@ def test_launcher_resources_match_the_instance_types():
         gpus, vcpus = INSTANCES[node["node_config"]["InstanceType"]]
         assert node["resources"]["GPU"] == gpus and node["resources"]["CPU"] <= vcpus, name
     assert LAUNCHER["max_workers"] >= sum(g["max"] for g in GROUPS["launcher"].values())
-    assert all("WUERSTCHEN_BATCH_CACHE=" in " ".join(LAUNCHER[k]) for k in ("head_start_ray_commands",
-                                                                           "worker_start_ray_commands"))
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert "WUERSTCHEN_BATCH_CACHE=" in " ".join(LAUNCHER[key])
+        assert f"{IDLE_WORKERS}={LOCAL_RAY_SETTINGS[IDLE_WORKERS]}" in " ".join(LAUNCHER[key])
 
 
 def test_ray_reads_the_configs_as_intended():
