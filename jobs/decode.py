@@ -12,7 +12,7 @@ from jobs.preflight import answered_decode, check_models
 from jobs.resume import Summary, claim
 from jobs.spec import TASK_CPUS, JobSpec, ModelSpec, SpecError, apply_overrides, check_key, spec_from_dict
 from stages import columns as C
-from stages import output
+from stages import footers, output
 from stages.output import EMBEDDINGS, JOB_FILE
 from stages.credentials import usable
 from stages.storage import join, url_to_fs
@@ -117,7 +117,7 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                                            user_types=user_types))
         return decode_dataset(spec, ds, tally, max(stored - done, 0), user_types)
 
-    stored = output.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
-    user_types = output.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
+    stored = footers.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
+    user_types = footers.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
     write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))
     return close_output(spec, started, done, failed)

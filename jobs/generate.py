@@ -25,7 +25,7 @@ from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec, stag
 from stages import columns as C
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
-from stages import compaction, output, user_columns
+from stages import compaction, footers, output, user_columns
 from stages.sink import ManifestSink
 from stages.text import TextEncoder
 from stages.writer import (drop_unlisted_shards, read_back_embeddings, shard_columns, write_embeddings,
@@ -64,7 +64,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
             spec.output, spec.storage_options, pending), tally, waiting, table.schema), DECODE_STAGES, waiting)
     finished_rows = done + waiting  # the rows in flight are done now
-    covered = finished_rows + output.folded_rows(spec.output, spec.storage_options)  # planned rows with an entry
+    covered = finished_rows + footers.folded_rows(spec.output, spec.storage_options)  # planned rows with an entry
     todo = prompts.planned_rows(spec, table.rows) - covered if not retry_failed else retried
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
@@ -97,7 +97,7 @@ def open_output(spec: JobSpec, start: float, verbose: bool = False) -> tuple[int
     connect(spec, verbose)
     if spec.output_format == "webdataset":  # a killed run's shards, written again below (reads every part)
         in_task(drop_unlisted_shards, spec.output, spec.storage_options)
-    return output.part_counts(spec.output, output.MANIFEST, spec.storage_options, nulls_of=C.ERROR)
+    return footers.part_counts(spec.output, output.MANIFEST, spec.storage_options, nulls_of=C.ERROR)
 
 
 def close_output(spec: JobSpec, start: float, done: int, failed: int, retried: int | None = None,

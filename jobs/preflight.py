@@ -10,7 +10,7 @@ from jobs import prompts
 from jobs.resume import Summary, claim, finished, part_counts
 from jobs.spec import JobSpec, SpecError
 from stages import columns as C
-from stages import output, user_columns
+from stages import footers, output, user_columns
 from stages.refs import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, conditioning, prior_refs
 from stages.storage import reason
 
@@ -75,7 +75,7 @@ def check_user_types(spec: JobSpec, table: prompts.PromptTable) -> None:
     if not names:
         return
     try:
-        held = output.column_types(spec.output, output.MANIFEST, spec.storage_options, wanted=names)
+        held = footers.column_types(spec.output, output.MANIFEST, spec.storage_options, wanted=names)
     except Exception:  # noqa: BLE001 - an output that cannot be read yet is claim's to report
         return
     if held is None:

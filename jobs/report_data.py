@@ -13,7 +13,7 @@ import pyarrow.dataset as pads
 from pyarrow import acero
 
 from stages import columns as C
-from stages import output
+from stages import footers, output
 from stages.writer import MANIFEST_SCHEMA
 
 MAX_SHEET = 200  # thumbnails on the contact sheet
@@ -99,7 +99,7 @@ def count_rows(dataset: pads.Dataset, view: ManifestView) -> np.ndarray:
     columns = [C.ROW_ID, C.ERROR, C.INPUT_ROWS, *(c for _, seconds, node in STAGES for c in (seconds, node))]
     for batch in batches(dataset, columns):
         keys = id_keys(batch.column(C.ROW_ID))
-        view.folded += output.folded_in(batch.column(C.INPUT_ROWS))
+        view.folded += footers.folded_in(batch.column(C.INPUT_ROWS))
         every.append(keys)
         ok.append(keys[pc.is_null(batch.column(C.ERROR)).to_numpy(zero_copy_only=False)])
         for name, seconds, node in STAGES:

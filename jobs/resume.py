@@ -12,6 +12,7 @@ import yaml
 
 from jobs.spec import JobSpec, SpecError, StagesSpec
 from stages import columns as C
+from stages import footers
 from stages import output as output_folder
 from stages.storage import join, reason, url_to_fs, write_atomic
 
@@ -82,13 +83,13 @@ def summarize(spec: JobSpec, seconds: float, before: tuple[int, int] = (0, 0), r
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
     return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before[0],
                    new_failed=max(failed - before[1], 0),
-                   retried=retried, folded=output_folder.folded_rows(spec.output, spec.storage_options), kept=kept,
+                   retried=retried, folded=footers.folded_rows(spec.output, spec.storage_options), kept=kept,
                    images=image_folder(spec))
 
 
 def part_counts(output: str, folder: str, storage_options: dict, nulls_of: str | None = None) -> tuple[int, int]:
     """(rows, rows with a value in column `nulls_of`) over <output>/<folder>'s live parts, from the footers alone."""
-    return output_folder.part_counts(output, folder, storage_options, nulls_of)
+    return footers.part_counts(output, folder, storage_options, nulls_of)
 
 
 def finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -> Summary | None:
@@ -114,7 +115,7 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
             or not _prompts_older(spec, fs, job_file)):
         return None
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
-    folded = output_folder.folded_rows(spec.output, spec.storage_options)  # input rows an entry stands for
+    folded = footers.folded_rows(spec.output, spec.storage_options)  # input rows an entry stands for
     if rows + folded != expected_rows() or part_counts(spec.output, "embeddings", spec.storage_options)[0] > rows:
         return None
     return Summary(rows=rows, failed=failed, seconds=time.time() - started, output=spec.output, new=0,

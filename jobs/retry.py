@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 
 from jobs.spec import TASK_CPUS
 from stages import columns as C
+from stages import footers
 from stages import output as out
 from stages.compaction import remove_leftovers
 from stages.output import PATH, list_parts, read_parts
@@ -61,7 +62,7 @@ def _may_hold_errors(fs, path: str) -> bool:
     """False where the part's footer statistics say its error column is all null (or it has none)."""
     with fs.open(path, "rb") as f:
         meta = pq.ParquetFile(f).metadata
-    column = out.column_index(meta, C.ERROR)
+    column = footers.column_index(meta, C.ERROR)
     if column < 0:
         return False
     groups = [meta.row_group(i) for i in range(meta.num_row_groups)]

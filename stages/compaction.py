@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.output import COMPACTED_FROM, COMPACTED_PREFIX, THREADS, listing
+from stages.footers import THREADS
+from stages.output import COMPACTED_FROM, COMPACTED_PREFIX, listing
 from stages.storage import join, open_atomic
 
 ROW_GROUP = 65536  # rows per row group of a compacted part

@@ -1,5 +1,5 @@
-"""The run folder, one owner: its layout, job.yaml, manifest parts (listing, counting, compaction), the done
-row ids and the stored Stage C rows, read inside Ray so that nothing on the driver grows with the rows."""
+"""The run folder, one owner: its layout, job.yaml, manifest parts (listing; counting in stages/footers.py), the
+done row ids and the stored Stage C rows, read inside Ray so that nothing on the driver grows with the rows."""
 
 from __future__ import annotations
 
@@ -8,12 +8,9 @@ import hashlib
 import json
 import re
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -38,8 +35,6 @@ PATH = "path"  # the column Ray Data's include_paths adds
 CLOSED = "_closed"  # embeddings/_closed, written as a pass ends: an older part's rows all have manifest entries
 FINISHED = "_finished"  # <output>/_finished, written as an invocation ends; a claim removes it first
 ROWS_PER_PARTITION = 500_000  # done ids per join partition (≈ 40 MB in one aggregator)
-THREADS = 16  # footer readers (object stores answer in parallel)
-NULL_TRIES = 8  # parts read for a column of nulls before it counts as untyped (column_types)
 READ_ATTEMPTS, REREAD_PAUSE_S = 5, 2.0  # a read that lost a listed part to a compaction (see relisted)
 
 
@@ -68,38 +63,6 @@ def list_parts(output: str, name: str, storage_options: dict | None) -> tuple[ob
     compacted part)."""
     fs, files, replaced = listing(output, name, storage_options)
     return fs, [f for f in files if f not in replaced]
-
-
-def column_types(output: str, name: str, storage_options: dict | None, wanted=None) -> pa.Schema | None:
-    """Each column's type over the live parts of <output>/<name> (None without parts): a column takes its type
-    from the first part that holds it with values (parts written before a table gained a column lack it).
-    Footers are scanned by their column paths; only parts that give a column not typed yet are read as Arrow
-    schemas (see column_index). `wanted`: only these columns (None: every column)."""
-    fs, files = list_parts(output, name, storage_options)
-    if not files:
-        return None
-
-    def names(file: str) -> set[str]:
-        with fs.open(file, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-        if not meta.num_row_groups:
-            return set()
-        paths = [meta.row_group(0).column(j).path_in_schema for j in range(meta.num_columns)]
-        if wanted is None:
-            return {path.split(".")[0] for path in paths}
-        return {c for c in wanted if any(path == c or path.startswith(c + ".") for path in paths)}
-
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        held = list(pool.map(names, files))
-    fields, tries = {}, Counter()  # tries: parts read for a column that had only nulls so far
-    for file, columns in zip(files, held):
-        untyped = {c for c in columns if c not in fields and tries[c] < NULL_TRIES}
-        if untyped:
-            with fs.open(file, "rb") as f:
-                typed = [field for field in pq.read_schema(f) if field.name in untyped]
-            tries.update(field.name for field in typed)
-            fields.update((field.name, field) for field in typed if not pa.types.is_null(field.type))
-    return pa.schema(list(fields.values()))
 
 
 def listing(output: str, name: str, storage_options: dict | None) -> tuple[object, list[str], set[str]]:
@@ -146,60 +109,6 @@ def relisted(read):
                     raise
                 time.sleep(REREAD_PAUSE_S)  # the compaction may still be deleting
     return again
-
-
-@relisted
-def part_counts(output: str, name: str, storage_options: dict | None, nulls_of: str | None = None) -> tuple[int, int]:
-    """(rows, rows with a value in column `nulls_of`) over the live parts of <output>/<name>, from footers."""
-    fs, files = list_parts(output, name, storage_options)
-
-    def count(file: str) -> tuple[int, int]:
-        with fs.open(file, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            meta = parquet.metadata
-            column = column_index(meta, nulls_of) if nulls_of else -1
-            if column < 0:
-                return meta.num_rows, 0
-            stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
-            if all(s is not None and s.has_null_count for s in stats):
-                return meta.num_rows, meta.num_rows - sum(s.null_count for s in stats)
-            return meta.num_rows, meta.num_rows - parquet.read(columns=[nulls_of]).column(0).null_count
-
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        counts = list(pool.map(count, files))
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
-
-
-def column_index(meta, name: str) -> int:
-    """The index of column `name`'s chunks in a Parquet footer's row groups, -1 without one (or without row
-    groups). Read from the first row group's chunks: building the footer's schema (`meta.schema`, or the Arrow
-    one) churns ~47 KB a file that the C allocator keeps: +470 MiB on the driver over 10k manifest parts."""
-    if not meta.num_row_groups:
-        return -1
-    group = meta.row_group(0)
-    paths = [group.column(j).path_in_schema for j in range(meta.num_columns)]
-    return paths.index(name) if name in paths else -1
-
-
-@relisted
-def folded_rows(output: str, storage_options: dict | None) -> int:
-    """Input rows folded into an identical row (Σ input_rows - 1) over the live manifest parts, one column read."""
-    fs, files = list_parts(output, MANIFEST, storage_options)
-
-    def folded(file: str) -> int:
-        with fs.open(file, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            if column_index(parquet.metadata, C.INPUT_ROWS) < 0:
-                return 0
-            return folded_in(parquet.read(columns=[C.INPUT_ROWS]).column(0))
-
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        return sum(pool.map(folded, files))
-
-
-def folded_in(input_rows) -> int:
-    """Σ (input_rows - 1) of an Arrow column (null: an entry made without folding, one input row)."""
-    return (pc.sum(input_rows).as_py() or 0) - (len(input_rows) - input_rows.null_count)
 
 
 def read_parts(output: str, name: str, storage_options: dict | None, columns=None, include_paths: bool = False,

@@ -14,7 +14,8 @@ from PIL import Image
 
 from stages import columns as C
 from stages import user_columns
-from stages.output import EMBEDDINGS, IMAGES, MANIFEST, SHARD_STATS, SHARDS, column_index, folder, list_parts
+from stages.footers import column_index
+from stages.output import EMBEDDINGS, IMAGES, MANIFEST, SHARD_STATS, SHARDS, folder, list_parts
 from stages.storage import block_name, full_uri, join, sample_uri, write_atomic
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}

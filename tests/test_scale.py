@@ -15,7 +15,7 @@ import pytest
 from jobs.report import build_report
 from jobs.report_data import read_view
 from stages import columns as C
-from stages import compaction, output
+from stages import compaction, footers, output
 from stages.writer import MANIFEST_SCHEMA
 
 ROWS = 300_000
@@ -140,7 +140,7 @@ def test_compaction_keeps_every_row_once_at_every_step(tmp_path):
     for name in os.listdir(backup):  # the state a compaction cut off before its deletes leaves
         shutil.copy(backup / name, folder / name)
     assert sorted(live_ids(tmp_path)) == sorted(ids)
-    assert output.part_counts(str(tmp_path), output.MANIFEST, {}) == (ROWS, 0)
+    assert footers.part_counts(str(tmp_path), output.MANIFEST, {}) == (ROWS, 0)
     assert compaction.compact(str(tmp_path), output.MANIFEST, {}) == 0 and sorted(os.listdir(folder)) == compacted
 
 
@@ -306,7 +306,7 @@ def test_failed_rows_of_a_compacted_part_whose_sources_are_still_there_stay_out(
         shutil.copy(backup / name, folder / name)
     drop_failed(str(tmp_path), {}, *id_set(ids))
     assert output.list_parts(str(tmp_path), output.MANIFEST, {})[1] == []  # no part left: no old entry back
-    assert output.part_counts(str(tmp_path), output.MANIFEST, {}, nulls_of=C.ERROR) == (0, 0)
+    assert footers.part_counts(str(tmp_path), output.MANIFEST, {}, nulls_of=C.ERROR) == (0, 0)
 
 
 def test_a_column_is_found_in_footers_by_its_chunks(tmp_path):
@@ -315,6 +315,6 @@ def test_a_column_is_found_in_footers_by_its_chunks(tmp_path):
     table = pa.table({"size": [{"h": 1, "w": 2}, {"h": 3, "w": 4}], C.ROW_ID: ["a", "b"], C.ERROR: [None, "boom"]})
     pq.write_table(table, tmp_path / "nested.parquet")
     meta = pq.ParquetFile(tmp_path / "nested.parquet").metadata
-    assert output.column_index(meta, C.ERROR) == 3 and output.column_index(meta, "missing") == -1
+    assert footers.column_index(meta, C.ERROR) == 3 and footers.column_index(meta, "missing") == -1
     assert meta.row_group(0).column(3).statistics.null_count == 1
-    assert output.part_counts(str(tmp_path), ".", {}, nulls_of=C.ERROR) == (2, 1)
+    assert footers.part_counts(str(tmp_path), ".", {}, nulls_of=C.ERROR) == (2, 1)
