@@ -24,7 +24,7 @@ from stages import columns as C
 from stages import evaluate as E
 from stages import fid as F
 from stages import fid_agg as G
-from stages import output
+from stages import footers, output
 from stages.refs import ModelRefError, hub_entries, ref_kind
 from stages.storage import full_uri, join, url_to_fs
 
@@ -60,6 +60,7 @@ class Manifest:
     fs: object
     files: tuple[str, ...]
     names: tuple[str, ...]
+    integer_axes: tuple[str, ...] = ()  # --by axes the manifest holds as integers
 
     def pyarrow_fs(self) -> PyFileSystem:
         return PyFileSystem(FSSpecHandler(self.fs))
@@ -75,12 +76,15 @@ def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
     missing = [c for c in REQUIRED if c not in schema.names]
     if missing:
         raise SpecError(f"{run}: the manifest lacks the column(s) {', '.join(missing)}")
-    for axis in by:
-        if axis not in schema.names:
+    typed = footers.column_types(run, output.MANIFEST, storage_options, wanted=by) if by else pa.schema([])
+    for axis in by:  # a table's own column may be missing from the parts of an earlier table
+        field = typed.field(axis) if axis in typed.names else schema.field(axis) if axis in schema.names else None
+        if field is None:
             raise SpecError(f"--by {axis}: not a manifest column (columns: {', '.join(schema.names)})")
-        if pa.types.is_nested(schema.field(axis).type):
-            raise SpecError(f"--by {axis}: a {schema.field(axis).type} column; an axis needs scalar values")
-    return Manifest(fs, tuple(files), tuple(schema.names))
+        if pa.types.is_nested(field.type):
+            raise SpecError(f"--by {axis}: a {field.type} column; an axis needs scalar values")
+    integer = tuple(a for a in by if a in typed.names and pa.types.is_integer(typed.field(a).type))
+    return Manifest(fs, tuple(files), tuple(schema.names), integer)
 
 
 def check_clip(model: str, storage_options: dict) -> dict:
@@ -123,6 +127,7 @@ class Reference:
     uri: str
     kind: str
     images: tuple[str, ...] = ()
+    fingerprint: str = ""  # what its statistics were made from (manifest part names, or image names and sizes)
 
 
 def check_reference(ref: str | None, storage_options: dict) -> Reference | None:
@@ -134,12 +139,19 @@ def check_reference(ref: str | None, storage_options: dict) -> Reference | None:
         load_npz(ref, storage_options)  # validates now
         return Reference(ref, "npz")
     if fs.isdir(path) and fs.glob(join(path, "manifest", "*.parquet")):
-        return Reference(ref, "run")
+        parts = output.list_parts(ref, output.MANIFEST, storage_options)[1]
+        return Reference(ref, "run", fingerprint=_digest(p.rsplit("/", 1)[-1] for p in parts))
     if fs.isdir(path):
-        found = [p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTENSIONS) and "/eval/" not in p[len(path):]]
+        found = {p: info for p, info in fs.find(path, detail=True).items()
+                 if p.lower().endswith(IMAGE_EXTENSIONS) and "/eval/" not in p[len(path):]}
         if found:
-            return Reference(ref, "images", tuple(full_uri(fs, p) for p in sorted(found)))
+            return Reference(ref, "images", tuple(full_uri(fs, p) for p in sorted(found)),
+                             _digest(f"{p} {found[p].get('size')}" for p in sorted(found)))
     raise SpecError(f"--fid-reference {ref}: not a run folder, an image folder or a .npz with mu and sigma")
+
+
+def _digest(lines) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def load_npz(uri: str, storage_options: dict) -> dict:
@@ -162,10 +174,15 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
     so = opts.storage_options
     if ref.kind == "npz":
         stats = load_npz(ref.uri, so)
-        if str(stats.get("inception_sha256", inception["sha256"])) != inception["sha256"]:
+        if "inception_sha256" not in stats:
+            warn(f"--fid-reference {ref.uri} does not say how it was made (no inception_sha256: another tool's?); "
+                 f"this FID compares with it only if it used these Inception weights and clean-fid's resize",
+                 warnings)
+        elif str(stats["inception_sha256"]) != inception["sha256"]:
             warn(f"--fid-reference {ref.uri} was computed with another Inception (sha256 "
                  f"{stats['inception_sha256']}); the FID compares different features", warnings)
         return {**stats, "source": ref.uri, "n": int(stats["n"]) if "n" in stats else None}
+    meta = {"inception_sha256": inception["sha256"], "resize": E.RESIZE, "reference_sha256": ref.fingerprint}
     cache = join(ref.uri, "eval", "fid_stats.npz")
     fs, cache_path = url_to_fs(cache, so)
     if fs.isfile(cache_path):
@@ -173,7 +190,7 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
             stats = load_npz(cache, so)
         except SpecError:  # a broken cache is recomputed
             stats = {}
-        if str(stats.get("inception_sha256", "")) == inception["sha256"] and str(stats.get("resize", "")) == E.RESIZE:
+        if all(str(stats.get(key, "")) == value for key, value in meta.items()):  # same weights, resize and images
             return {**stats, "source": cache, "n": int(stats["n"])}
     if ref.kind == "run":
         ds = _read_manifest(check_run(ref.uri, (), so), (C.ROW_ID, C.IMAGE_URI, C.ERROR))
@@ -182,9 +199,16 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
     moments = merge(_inception_stage(ds, opts), (), None, opts, None)[F.ALL]
     if moments.n < 2:
         raise SpecError(f"--fid-reference {ref.uri}: fewer than 2 readable images")
+    images = len(ref.images)
+    if ref.kind == "run":  # its rows that were made (a failed row has no image)
+        rows, failed = footers.part_counts(ref.uri, output.MANIFEST, so, nulls_of=C.ERROR)
+        images = rows - failed
+    if moments.n < images:
+        warn(f"{images - moments.n} of the {images} images of the reference {ref.uri} could not be read: "
+             f"its statistics are of the other {moments.n}", warnings)
     warn_if_few(moments.n, f"the reference {ref.uri}", warnings)
     try:
-        F.save_stats(cache, moments, {"inception_sha256": inception["sha256"], "resize": E.RESIZE}, so)
+        F.save_stats(cache, moments, meta, so)
     except OSError as err:
         warn(f"could not cache the reference statistics at {cache}: {err}", warnings)
         cache = ref.uri
@@ -213,10 +237,11 @@ def _inception_stage(ds: ray.data.Dataset, opts: EvalOptions) -> ray.data.Datase
 
 
 def merge(ds: ray.data.Dataset, by: tuple[str, ...], parts: str | None, opts: EvalOptions,
-          ref_stats: dict | None) -> dict[str, G.GroupResult]:
+          ref_stats: dict | None, integer: tuple[str, ...] = ()) -> dict[str, G.GroupResult]:
     """Each group's n, clip score and FID against `ref_stats`, merged inside Ray (see stages/fid_agg.py)."""
     rows = ds.map_batches(G.score_block, batch_size=opts.pools.stats_batch_size, batch_format="numpy",
-                          num_cpus=TASK_CPUS, fn_kwargs=dict(by=by, parts=parts, storage_options=opts.storage_options))
+                          num_cpus=TASK_CPUS, fn_kwargs=dict(by=by, parts=parts, storage_options=opts.storage_options,
+                                                             integer=integer))
     return G.merge_groups(rows, ref_stats, opts.pools.stats_partitions)
 
 
@@ -232,4 +257,4 @@ def run_pass(opts: EvalOptions, manifest: Manifest, inception: dict | None,
         model=opts.clip_model, storage_options=opts.storage_options), **pool_args(opts.pools))
     if inception:
         ds = _inception_stage(ds, opts)
-    return merge(ds, opts.by, parts, opts, ref_stats)
+    return merge(ds, opts.by, parts, opts, ref_stats, manifest.integer_axes)

@@ -81,7 +81,7 @@ class ClipScorer:
         root = resolve(model, "clip", storage_options)
         self.device = pick_device(device)
         self.processor = CLIPProcessor.from_pretrained(root)
-        self.model = CLIPModel.from_pretrained(root, use_safetensors=True).to(self.device).eval()
+        self.model = CLIPModel.from_pretrained(root, use_safetensors=True, dtype=torch.float32).to(self.device).eval()
         self.max_length = self.model.config.text_config.max_position_embeddings
         self.storage_options = storage_options
 

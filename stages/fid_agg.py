@@ -40,17 +40,24 @@ COMPACT_AT = 8  # shards of a partition an aggregator queues before merging them
 HEAD = 4  # accumulator: [n, Σclip, D, keep] then payload: n raw rows (n ≤ RAW_MAX) or Σx and Σxxᵀ
 
 
-def explode(batch: dict[str, np.ndarray], by: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """One row per (usable row, group): its group key (ALL and one per `by` axis), clip score and features."""
+def explode(batch: dict[str, np.ndarray], by: tuple[str, ...] = (), integer: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """One row per (usable row, group): its group key (ALL and one per `by` axis), clip score and features.
+    `integer`: the axes the manifest holds as integers (a block with a null there reads them as floats)."""
     ok = np.flatnonzero([not e for e in batch[EVAL_ERROR]])
     keys = [np.full(len(ok), ALL, dtype=object)]
-    keys += [np.asarray([json.dumps([axis, plain(batch[axis][i])]) for i in ok], dtype=object) for axis in by]
+    keys += [np.asarray([json.dumps([axis, _key(batch[axis][i], axis in integer)]) for i in ok], dtype=object)
+             for axis in by]
     out = {GROUP: np.concatenate(keys).astype(str) if len(ok) else np.zeros(0, "<U2")}
     clip = np.asarray(batch[CLIP_SCORE], np.float64)[ok] if CLIP_SCORE in batch else np.zeros(len(ok))
     out[CLIP_SCORE] = np.tile(clip, 1 + len(by))
     if FEATURES in batch:
         out[FEATURES] = np.tile(np.asarray(batch[FEATURES], np.float32)[ok], (1 + len(by), 1))
     return out
+
+
+def _key(value, integer: bool):
+    value = plain(value)
+    return int(value) if integer and isinstance(value, float) else value
 
 
 def _pack(n: int, clip: float, d: int, keep: bool, payload: np.ndarray) -> np.ndarray:
@@ -138,11 +145,11 @@ class GroupResult:
 
 
 def score_block(batch: dict[str, np.ndarray], by: tuple[str, ...] = (), parts: str | None = None,
-                storage_options: dict | None = None) -> dict[str, np.ndarray]:
+                storage_options: dict | None = None, integer: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The pipeline's last task: write the block's per-row scores under `parts` (if given), then `explode`."""
     if parts:
         write_scores_part(batch, parts, storage_options)
-    return explode(batch, by)
+    return explode(batch, by, integer)
 
 
 def merge_groups(ds: "ray.data.Dataset", reference: dict | None = None, partitions: int = 16,

@@ -197,7 +197,7 @@ def make_run(root, seed: int, rows: int = 6, missing=(), failed=(), clip_dir=Non
                         C.HEIGHT: 48, C.WIDTH: 64, C.PRIOR_STEPS: None, C.PRIOR_GUIDANCE: 4.0, C.DECODER_STEPS: 12,
                         C.DECODER_GUIDANCE: GUIDANCES[i % 3], C.IMAGE_URI: None if i in failed else str(path),
                         C.ERROR: "non-finite output" if i in failed else None, "style": "ab"[i % 2],
-                        C.FINISHED_AT: 1.0})
+                        "batch": None if i == 0 else i % 2, C.FINISHED_AT: 1.0})
     (root / "manifest").mkdir(parents=True)
     table = pa.Table.from_pylist(records)
     for name, kind in ((C.PRIOR_STEPS, pa.int64()), (C.ERROR, pa.string()), (C.IMAGE_URI, pa.string())):
@@ -266,6 +266,24 @@ def test_user_mistakes_are_one_line(clip_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "eval").exists()
 
 
+def test_an_axis_is_found_in_any_part_with_its_type(tmp_path):
+    """A column that a later table brought is missing from the earlier parts (here first in name order)."""
+    run = make_run(tmp_path / "run", seed=3, rows=2)
+    earlier = pq.read_table(tmp_path / "run" / "manifest" / "part-0.parquet").drop_columns(["batch"])
+    pq.write_table(earlier.set_column(0, C.ROW_ID, pa.array(["e0", "e1"])), tmp_path / "run" / "manifest" / "a.parquet")
+    manifest = J.check_run(run, ("batch", "style"), {})
+    assert manifest.files[0].endswith("a.parquet") and manifest.integer_axes == ("batch",)
+
+
+def test_statistics_from_another_tool_are_used_with_a_warning(tmp_path):
+    """A .npz without this project's metadata may come from pytorch-fid or torchmetrics (another resize): said."""
+    np.savez(tmp_path / "other.npz", mu=np.zeros(E.FEATURE_DIM), sigma=np.eye(E.FEATURE_DIM))
+    warnings = []
+    stats = J.reference_stats(J.check_reference(str(tmp_path / "other.npz"), {}), {"sha256": "x"},
+                              J.EvalOptions(str(tmp_path), "unused"), warnings)
+    assert stats["n"] is None and len(warnings) == 1 and "does not say how it was made" in warnings[0]
+
+
 def test_command_line_arguments(capsys):
     import argparse
 
@@ -291,7 +309,7 @@ def test_evaluate_end_to_end(ray_cluster, clip_dir, tmp_path):
     run = make_run(tmp_path / "run", seed=5, rows=9, missing=(4,), failed=(5,), clip_dir=clip_dir)
     ref = make_run(tmp_path / "ref", seed=7, rows=5) if HAS_INCEPTION else None
     metrics = J.evaluate(J.EvalOptions(run=run, clip_model=clip_dir, fid_reference=ref,
-                                       by=(C.DECODER_GUIDANCE, "style"), pools=J.PoolOptions(batch_size=4)))
+                                       by=(C.DECODER_GUIDANCE, "style", "batch"), pools=J.PoolOptions(batch_size=4)))
     assert metrics == read_metrics(run)
     scores = pq.read_table(f"{run}/eval/scores.parquet").to_pandas()
     assert list(scores.columns[:3]) == [C.ROW_ID, E.CLIP_SCORE, E.EVAL_ERROR]
@@ -313,6 +331,11 @@ def test_evaluate_end_to_end(ray_cluster, clip_dir, tmp_path):
         for row in metrics["by"][axis]:
             mask = (good[axis] == row["value"]).to_numpy()
             assert row["count"] == mask.sum() and row["clip_score"] == pytest.approx(by_hand[mask].mean(), rel=1e-5)
+    # an integer column with a null: blocks holding the null read it as floats, yet each value is one slice
+    batches = metrics["by"]["batch"]
+    assert [r["value"] for r in batches] == [0, 1, None] and [type(r["value"]) for r in batches[:2]] == [int, int]
+    assert [r["count"] for r in batches] == [good["batch"].eq(0).sum(), good["batch"].eq(1).sum(),
+                                             good["batch"].isna().sum()]
     eval_dir = tmp_path / "run" / "eval"
     assert (eval_dir / f"clip_score_by_{C.DECODER_GUIDANCE}.png").stat().st_size > 1000
     assert not list(eval_dir.glob("*style*.png")) and not (eval_dir / "scores.parts").exists()  # style: not numeric
@@ -355,3 +378,13 @@ def check_fid(metrics: dict, tmp_path, ref: str, good) -> None:
     assert again["source"].endswith("ref/eval/fid_stats.npz") and int(again["n"]) == 5
     np.testing.assert_allclose(again["mu"], ref_feats.mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(again["sigma"], np.cov(ref_feats, rowvar=False), rtol=1e-3, atol=1e-5)
+    # the reference gains a row whose image cannot be read: its statistics are made afresh (not the cached ones),
+    # and the unread image is counted
+    table = pq.read_table(tmp_path / "ref" / "manifest" / "part-0.parquet")
+    extra = table.slice(0, 1).set_column(0, C.ROW_ID, pa.array(["r7-extra"]))
+    pq.write_table(extra.set_column(extra.schema.get_field_index(C.IMAGE_URI), C.IMAGE_URI,
+                                    pa.array([str(tmp_path / "ref" / "images" / "gone.png")])),
+                   tmp_path / "ref" / "manifest" / "part-1.parquet")
+    warnings = []
+    fresh = J.reference_stats(J.check_reference(ref, {}), metrics["inception"], J.EvalOptions(ref, "unused"), warnings)
+    assert int(fresh["n"]) == 5 and any("1 of the 6 images of the reference" in w for w in warnings)
