@@ -8,7 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-TERM_SHAPES = 3  # micro-batch shapes whose once-per-micro-batch terms an actor keeps (at 1024², B=8: 3.6 GiB each)
+# Micro-batch shapes whose once-per-micro-batch terms an actor keeps (at 1024², B=8: 3.6 GiB each): as many as
+# Dynamo compiles a model for (its recompile_limit), since a dropped buffer comes back at another address and the
+# CUDA graph of its shape is recorded again (an actor whose blocks cycle through more shapes than it keeps would
+# re-record at every switch).
+TERM_SHAPES = 8
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def test_the_steps_do_no_effnet_work_and_an_actor_keeps_terms_of_few_shapes(mode
     split_effnet_linears(split)
     assert all(mapper is None for mapper in split.effnet_mappers)
     linear = next(m for m in split.modules() if isinstance(m, EffnetSplitLinear))
-    sizes = [(32, 32), (32, 64), (48, 16), (16, 16)]
+    sizes = [(16 * (1 + i % 4), 16 * (1 + i // 4)) for i in range(TERM_SHAPES + 1)]
     with torch.no_grad():
         for latent_hw in sizes:
             x, r, effnet, clip = inputs(2, latent_hw)
