@@ -120,4 +120,4 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
     stored = footers.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
     user_types = footers.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
     write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))
-    return close_output(spec, started, done, failed)
+    return close_output(spec, started, done, failed, planned=stored)

@@ -69,7 +69,8 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
                        ALL_STAGES, max(todo, 0))
-    summary = close_output(spec, start, done, failed, retried=retried if retry_failed else None, kept=kept)
+    summary = close_output(spec, start, done, failed, retried=retried if retry_failed else None, kept=kept,
+                           planned=prompts.planned_rows(spec, table.rows))
     if retry_failed:  # rows never made are not failed rows: say so (each planned row is an entry or folded)
         missing = prompts.planned_rows(spec, table.rows) - (summary.rows - summary.kept) - summary.folded
         summary = dataclasses.replace(summary, missing=max(missing, 0))
@@ -101,16 +102,19 @@ def open_output(spec: JobSpec, start: float, verbose: bool = False) -> tuple[int
 
 
 def close_output(spec: JobSpec, start: float, done: int, failed: int, retried: int | None = None,
-                 kept: int = 0) -> Summary:
+                 kept: int = 0, planned: int | None = None) -> Summary:
     """Compact the manifest's small parts, then the closing summary, the invocation's record (the same
-    figures), and the report rebuilt; compaction and report run in a Ray task, off the driver."""
+    figures), and the report rebuilt; compaction and report run in a Ray task, off the driver. `planned`: the
+    rows this invocation planned; when its pass over them found none to make, <output>/_finished keeps that count
+    and the entries' (a table that adds a copy of a made row plans more rows than entries + folded copies)."""
     in_task(compaction.compact, spec.output, output.MANIFEST, spec.storage_options)
     output.mark_closed(spec.output, spec.storage_options)  # every stored Stage C row has its entry now
     summary = summarize(spec, time.time() - start, before=(done, failed), retried=retried, kept=kept)
     record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.made)
     in_task(build_report, spec.output, spec.storage_options)
     if retried is None:  # every planned row was made (--retry-failed makes only the failed ones)
-        output.mark_finished(spec.output, spec.storage_options)  # a rerun may now be answered from the footers
+        verified = dict(planned=planned, entries=summary.rows) if summary.new == 0 else {}
+        output.mark_finished(spec.output, spec.storage_options, **verified)  # a rerun may be answered from footers
     return summary
 
 

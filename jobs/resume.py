@@ -110,13 +110,15 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
     if not fs.exists(job_file):
         return None
     before, now = yaml.safe_load(fs.cat_file(job_file)) or {}, spec.to_dict()
+    record = output_folder.finished_record(spec.output, spec.storage_options)
     if (any(before.get(key) != now.get(key) for key in ROW_KEYS) or _stage_bits(before) != _stage_bits(now)
-            or not output_folder.is_finished(spec.output, spec.storage_options)
-            or not _prompts_older(spec, fs, job_file)):
+            or record is None or not _prompts_older(spec, fs, job_file)):
         return None
     rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
     folded = footers.folded_rows(spec.output, spec.storage_options)  # input rows an entry stands for
-    if rows + folded != expected_rows() or part_counts(spec.output, "embeddings", spec.storage_options)[0] > rows:
+    planned = expected_rows()  # each an entry or folded into one, or as the last invocation found nothing to make
+    complete = rows + folded == planned or (record.get("planned"), record.get("entries")) == (planned, rows)
+    if not complete or part_counts(spec.output, "embeddings", spec.storage_options)[0] > rows:
         return None
     return Summary(rows=rows, failed=failed, seconds=time.time() - started, output=spec.output, new=0,
                    folded=folded, images=image_folder(spec))

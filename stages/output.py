@@ -166,22 +166,33 @@ def mark_closed(output: str, storage_options: dict | None) -> None:
         write_atomic(fs, join(root, CLOSED), b"")
 
 
-def mark_finished(output: str, storage_options: dict | None, finished: bool = True) -> None:
-    """Record that the invocation which last claimed the output ended with every planned row made (or take
-    the record away, as a claim does first): only then may a rerun be answered from the footers alone."""
+def mark_finished(output: str, storage_options: dict | None, finished: bool = True, planned: int | None = None,
+                  entries: int | None = None) -> None:
+    """Record that the invocation which last claimed the output ended with every planned row made, with the
+    counts of rows it planned and of entries where given (or take the record away, as a claim does first): only
+    then may a rerun be answered from the footers alone."""
     from stages.storage import write_atomic
 
     fs, path = url_to_fs(join(output, FINISHED), storage_options)
     if finished:
-        write_atomic(fs, path, b"")
+        write_atomic(fs, path, json.dumps({"planned": planned, "entries": entries}).encode())
     elif fs.exists(path):
         fs.rm(path)
 
 
+def finished_record(output: str, storage_options: dict | None) -> dict | None:
+    """The counts the last invocation that claimed the output ended with (see mark_finished); None when it did
+    not end, {} from a version that wrote no counts."""
+    fs, path = url_to_fs(join(output, FINISHED), storage_options)
+    if not fs.exists(path):
+        return None
+    data = fs.cat_file(path)
+    return {k: v for k, v in json.loads(data).items() if v is not None} if data.strip() else {}
+
+
 def is_finished(output: str, storage_options: dict | None) -> bool:
     """Whether the last invocation that claimed the output ended (see mark_finished)."""
-    fs, path = url_to_fs(join(output, FINISHED), storage_options)
-    return fs.exists(path)
+    return finished_record(output, storage_options) is not None
 
 
 def _since_closed(fs, root: str, files: list[str]) -> list[str]:
