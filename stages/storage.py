@@ -17,7 +17,10 @@ LOCAL_PROTOCOLS = ("file", "local", "memory")
 # ~55 s on average (at most ~111 s) before the error reaches Ray Data, which retries the task (RETRIED_ERRORS).
 # The job's own storage_options win, key by key. S3 requests also send their body without waiting for a
 # `100 Continue` (stages/s3_session.py), so that a store that stops answering mid-request meets the read timeout.
-S3_DEFAULTS = {"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 10}}}
+# Listings are not cached either: a process (a reused Ray worker above all) that listed a folder would otherwise
+# answer "no such file" for an object written there since, from its s3fs instance's cached listing.
+S3_DEFAULTS = {"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 10}},
+               "use_listings_cache": False}
 S3_PROTOCOLS = ("s3", "s3a")
 REMOTE_DEFAULTS = {protocol: S3_DEFAULTS for protocol in S3_PROTOCOLS}
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from jobs.generate import run
 from jobs.spec import SpecError, spec_from_dict
 from stages import columns as C
+from stages import output
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
 from stages.text import TextEncoder
@@ -92,3 +93,16 @@ def test_missing_s3_prompts_and_models_are_named(bucket):
     with pytest.raises(SpecError, match="model.decoder: s3://wuerstchen/models/nope does not exist"):
         preflight(spec_from_dict({**base, "prompts": "s3://wuerstchen/prompts/",
                                   "model": {"decoder": "s3://wuerstchen/models/nope"}}))
+
+
+def test_a_process_that_listed_a_folder_still_reads_what_is_written_there_later(bucket):
+    """A reused Ray worker lists manifest/ (a WebDataset resume's shard cleanup), another process writes a part,
+    then a read task in the first worker opens it: found, not answered from the listing it made before."""
+    fs, options, _ = bucket
+    out = "s3://wuerstchen/listing-run"
+    writer = s3fs.S3FileSystem(skip_instance_cache=True, **options)  # another process
+    writer.pipe("wuerstchen/listing-run/manifest/a.parquet", b"x")
+    worker_fs, parts = output.list_parts(out, output.MANIFEST, options)
+    assert [p.rsplit("/", 1)[-1] for p in parts] == ["a.parquet"]
+    writer.pipe("wuerstchen/listing-run/manifest/b.parquet", b"y")
+    assert worker_fs.cat_file("wuerstchen/listing-run/manifest/b.parquet") == b"y"
