@@ -10,6 +10,7 @@ import yaml
 from jobs import prompts
 from jobs.preflight import answered_decode, check_models
 from jobs.resume import Summary, claim
+from jobs.retries import run_folder_read
 from jobs.spec import TASK_CPUS, JobSpec, ModelSpec, SpecError, apply_overrides, check_key, spec_from_dict
 from stages import columns as C
 from stages import footers, output
@@ -34,11 +35,12 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
             raise SpecError(f"decode: {key} cannot change: the stored Stage C embeddings fix it "
                             f"(allowed: {', '.join(DECODER_KEYS)})")
     fs, root = url_to_fs(run, storage_options)
-    if not fs.exists(join(root, JOB_FILE)) or not fs.exists(join(root, EMBEDDINGS)):
-        raise SpecError(f"decode: {run} is not a run folder (no job.yaml or embeddings/)")
+    with run_folder_read("decode", run):
+        if not fs.exists(join(root, JOB_FILE)) or not fs.exists(join(root, EMBEDDINGS)):
+            raise SpecError(f"decode: {run} is not a run folder (no job.yaml or embeddings/)")
+        data = yaml.safe_load(fs.cat_file(join(root, JOB_FILE)))
     if url_to_fs(output, storage_options)[1].rstrip("/") == root.rstrip("/"):
         raise SpecError(f"decode: the output {output} is the run itself; decode writes a new output")
-    data = yaml.safe_load(fs.cat_file(join(root, JOB_FILE)))
     # The run's options without its masked credentials: those come from the command line or the environment.
     data["storage_options"] = storage_options if storage_options is not None else usable(data.get("storage_options") or {})
     data = apply_overrides(data, overrides)

@@ -282,8 +282,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Build the report and print where it is (a folder without a run is one line, and gets no report)."""
     from jobs.spec import SpecError
 
+    from jobs.retries import run_folder_read
+
     fs, root = url_to_fs(args.run, args.storage_options or {})
-    if not fs.exists(join(root, output_folder.JOB_FILE)):
-        raise SpecError(f"report: {args.run} is not a run folder (no job.yaml)")
+    with run_folder_read("report", args.run):
+        if not fs.exists(join(root, output_folder.JOB_FILE)):
+            raise SpecError(f"report: {args.run} is not a run folder (no job.yaml)")
     print(f"report written to {build_report(args.run, args.storage_options)}")
     return 0

@@ -54,3 +54,15 @@ def storage_errors_named(output: str):
         if message is None:
             raise
         raise SpecError(message) from None
+
+
+@contextlib.contextmanager
+def run_folder_read(command: str, run: str):
+    """A run folder that cannot be read (a store not reached, refused credentials) is one line naming it."""
+    try:
+        yield
+    except SpecError:
+        raise
+    except Exception as err:  # noqa: BLE001 - only reads of the run folder happen inside
+        raise SpecError(f"{command}: cannot read {run} ({reason(err)}); an object store's endpoint and credentials "
+                        f"come from --storage-options or the environment") from None

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -113,6 +114,24 @@ def test_benchmark_and_file_mistakes_are_one_line_before_any_work(tmp_path, caps
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err and "Traceback" not in err, (argv, err)
+
+
+def test_a_run_folder_on_a_store_out_of_reach_is_one_line(tmp_path, capsys):
+    """decode and report of a run whose store does not answer (here: nothing listens, one attempt)."""
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))  # held, never listened on: connections are refused
+    options = json.dumps({"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port.getsockname()[1]}"},
+                          "config_kwargs": {"retries": {"total_max_attempts": 1}}, "key": "k", "secret": "s"})
+    try:
+        for argv in (["decode", "s3://bucket/run", str(tmp_path / "new"), "--storage-options", options],
+                     ["report", "s3://bucket/run", "--storage-options", options]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert f"{argv[0]}: cannot read s3://bucket/run (" in err and "--storage-options" in err, err
+            assert "\n" not in err and "Traceback" not in err
+    finally:
+        port.close()
+    assert not (tmp_path / "new").exists()
 
 
 HEAVY = ("torch", "ray", "diffusers", "transformers")
