@@ -93,7 +93,10 @@ def reason(err: BaseException) -> str:
     """An exception in a few words, for a one-line error: the OS's reason where there is one, else the
     first line of its message, else its type."""
     text = getattr(err, "strerror", None) or str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    text = text.splitlines()[0] if text else type(err).__name__
+    if isinstance(err, PermissionError) and err.errno is None:  # a store's 403 (s3fs), not a local file's mode
+        text += ": the store refused these credentials, or they lack the permission"
+    return text
 
 
 def join(uri: str, *parts: str) -> str:

@@ -106,3 +106,15 @@ def test_a_process_that_listed_a_folder_still_reads_what_is_written_there_later(
     assert [p.rsplit("/", 1)[-1] for p in parts] == ["a.parquet"]
     writer.pipe("wuerstchen/listing-run/manifest/b.parquet", b"y")
     assert worker_fs.cat_file("wuerstchen/listing-run/manifest/b.parquet") == b"y"
+
+
+def test_a_refused_request_names_the_credentials():
+    """S3 answers a HEAD with 403 and no body: s3fs's PermissionError says only "Forbidden"."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from stages.storage import reason
+
+    refused = translate_boto_error(ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadObject"))
+    assert reason(refused) == "Forbidden: the store refused these credentials, or they lack the permission"
+    assert reason(PermissionError(13, "Permission denied")) == "Permission denied"  # a local file: its mode
