@@ -64,15 +64,18 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
             spec.output, spec.storage_options, pending), tally, waiting, table.schema), DECODE_STAGES, waiting)
     finished_rows = done + waiting  # the rows in flight are done now
-    covered = finished_rows + footers.folded_rows(spec.output, spec.storage_options)  # planned rows with an entry
-    todo = prompts.planned_rows(spec, table.rows) - covered if not retry_failed else retried
+    planned = prompts.planned_rows(spec, table.rows)
+    if retry_failed:
+        todo = retried
+    else:  # the planned rows less the entries and the identical rows folded into them
+        todo = planned - finished_rows - footers.folded_rows(spec.output, spec.storage_options)
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
                        ALL_STAGES, max(todo, 0))
     summary = close_output(spec, start, done, failed, retried=retried if retry_failed else None, kept=kept,
-                           planned=prompts.planned_rows(spec, table.rows))
+                           planned=planned)
     if retry_failed:  # rows never made are not failed rows: say so (each planned row is an entry or folded)
-        missing = prompts.planned_rows(spec, table.rows) - (summary.rows - summary.kept) - summary.folded
+        missing = planned - (summary.rows - summary.kept) - summary.folded
         summary = dataclasses.replace(summary, missing=max(missing, 0))
     return summary
 

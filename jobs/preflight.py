@@ -7,7 +7,7 @@ import time
 import pyarrow as pa
 
 from jobs import prompts
-from jobs.resume import Summary, claim, finished, part_counts
+from jobs.resume import Summary, claim, finished
 from jobs.spec import JobSpec, SpecError
 from stages import columns as C
 from stages import footers, output, user_columns
@@ -95,7 +95,7 @@ def answered(spec: JobSpec, started: float) -> Summary | None:
 
 def answered_decode(spec: JobSpec, started: float) -> Summary | None:
     """The same for a re-decode: done when the output holds as many rows as the run stored embeddings."""
-    return finished(spec, lambda: part_counts(spec.decoded_from, "embeddings", spec.storage_options)[0], started)
+    return finished(spec, lambda: footers.part_counts(spec.decoded_from, "embeddings", spec.storage_options)[0], started)
 
 
 def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, retry_failed: bool = False) -> Summary:

@@ -280,9 +280,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Build the report and print where it is (a folder without a run is one line, and gets no report)."""
-    from jobs.spec import SpecError
-
     from jobs.retries import run_folder_read
+    from jobs.spec import SpecError
 
     fs, root = url_to_fs(args.run, args.storage_options or {})
     with run_folder_read("report", args.run):

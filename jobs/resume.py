@@ -80,16 +80,11 @@ def summarize(spec: JobSpec, seconds: float, before: tuple[int, int] = (0, 0), r
               kept: int = 0) -> Summary:
     """Count the manifest's rows and failures (from its Parquet footers); `before`: the (rows, failed rows) that
     were there already."""
-    rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
+    rows, failed = footers.part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
     return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before[0],
                    new_failed=max(failed - before[1], 0),
                    retried=retried, folded=footers.folded_rows(spec.output, spec.storage_options), kept=kept,
                    images=image_folder(spec))
-
-
-def part_counts(output: str, folder: str, storage_options: dict, nulls_of: str | None = None) -> tuple[int, int]:
-    """(rows, rows with a value in column `nulls_of`) over <output>/<folder>'s live parts, from the footers alone."""
-    return footers.part_counts(output, folder, storage_options, nulls_of)
 
 
 def finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -> Summary | None:
@@ -114,11 +109,11 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
     if (any(before.get(key) != now.get(key) for key in ROW_KEYS) or _stage_bits(before) != _stage_bits(now)
             or record is None or not _prompts_older(spec, fs, job_file)):
         return None
-    rows, failed = part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
+    rows, failed = footers.part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
     folded = footers.folded_rows(spec.output, spec.storage_options)  # input rows an entry stands for
     planned = expected_rows()  # each an entry or folded into one, or as the last invocation found nothing to make
     complete = rows + folded == planned or (record.get("planned"), record.get("entries")) == (planned, rows)
-    if not complete or part_counts(spec.output, "embeddings", spec.storage_options)[0] > rows:
+    if not complete or footers.part_counts(spec.output, "embeddings", spec.storage_options)[0] > rows:
         return None
     return Summary(rows=rows, failed=failed, seconds=time.time() - started, output=spec.output, new=0,
                    folded=folded, images=image_folder(spec))

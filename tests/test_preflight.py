@@ -11,10 +11,10 @@ import yaml
 from conftest import write_prompts
 
 from jobs.preflight import answered, check_models
-from jobs.resume import claim, part_counts
+from jobs.resume import claim
 from jobs.spec import SpecError, spec_from_dict
 from stages import columns as C
-from stages import output
+from stages import footers, output
 
 
 def spec_at(tmp_path, rows=3, **extra):
@@ -48,7 +48,7 @@ def test_a_finished_output_is_answered_from_its_footers(tmp_path):
     assert (summary.rows, summary.failed, summary.new) == (6, 1, 0)
     assert "all made earlier: nothing to do (--retry-failed makes the 1 failed rows again)" in str(summary)
     assert "images/s" not in str(summary)
-    assert part_counts(spec.output, "manifest", {}, nulls_of=C.ERROR) == (6, 1)
+    assert footers.part_counts(spec.output, "manifest", {}, nulls_of=C.ERROR) == (6, 1)
     batch_sizes = spec_from_dict({**spec.to_dict(), "stages": {"prior": {"batch_size": 1}}})
     assert answered(batch_sizes, time.time()) is not None  # placement does not decide which rows there are
 
