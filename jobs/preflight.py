@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from jobs import prompts
 from jobs.resume import Summary, claim, finished
+from jobs.retries import check_reachable
 from jobs.spec import JobSpec, SpecError
 from stages import columns as C
 from stages import footers, output, user_columns
@@ -98,11 +99,19 @@ def answered_decode(spec: JobSpec, started: float) -> Summary | None:
     return finished(spec, lambda: footers.part_counts(spec.decoded_from, "embeddings", spec.storage_options)[0], started)
 
 
+def stores(spec: JobSpec) -> dict[str, str | None]:
+    """Every location the job reads or writes, by spec key: its tables, its output and its models."""
+    models = {f"{name}[{i}]": ref for name, prior in prior_fields(spec) for i, ref in enumerate(prior_refs(prior))}
+    return {"output": spec.output, "prompts": spec.prompts, "decoded_from": spec.decoded_from, **models,
+            "model.decoder": spec.model.decoder}
+
+
 def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, retry_failed: bool = False) -> Summary:
     """A whole `generate`: a finished rerun is answered from its manifest; otherwise every check runs and the
     output is claimed before Ray, torch or a model is imported, then the pipeline runs. `retry_failed`: only the
     rows whose manifest entry has an error are made again, their entries replaced."""
     started = time.time()
+    check_reachable(stores(spec), spec.storage_options)
     summary = None if overwrite or retry_failed else answered(spec, started)
     if summary is not None:
         return summary

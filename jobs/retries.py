@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 
 from jobs.spec import SpecError
-from stages.storage import TRANSIENT_ERRORS, causes, reason, transient
+from stages.storage import S3_PROTOCOLS, TRANSIENT_ERRORS, causes, reason, transient, unreachable
 
 MAP_RETRIES = 3  # a task failing with a transient store error runs again up to this often (backoff ≤ 32 s)
 ACTOR_INIT_DEATHS = 3  # consecutive stage actors that may die loading their models before the run fails
@@ -54,6 +54,20 @@ def storage_errors_named(output: str):
         if message is None:
             raise
         raise SpecError(message) from None
+
+
+def check_reachable(uris: dict[str, str | None], storage_options: dict | None) -> None:
+    """One quick request to each object store the command names (the first URI of each): a store that cannot be
+    connected to (a mistyped endpoint_url, a store not started) is one line in seconds, before anything else."""
+    probed = set()
+    for name, uri in uris.items():
+        protocol = (uri or "").split("://")[0]
+        if protocol not in S3_PROTOCOLS or protocol in probed:
+            continue
+        probed.add(protocol)
+        if (why := unreachable(uri, storage_options)) is not None:
+            raise SpecError(f"{name} {uri}: cannot connect to the object store ({why}); check the endpoint_url in "
+                            f"the storage options (client_kwargs) and that the store is up")
 
 
 @contextlib.contextmanager

@@ -33,6 +33,10 @@ TRANSIENT_ERRORS = [
     "InternalError", "We encountered an internal error", "reached max retries",
     "ServiceRequestError", "ServiceResponseError",  # azure-core (adlfs): a request not sent / no response
 ]
+# A store's first request is tried this briefly: a mistyped endpoint or a store not started is named in seconds,
+# not after botocore's ~75 s of retries (the run's own requests keep the retries above).
+PROBE_OPTIONS = {"config_kwargs": {"retries": {"total_max_attempts": 3}, "connect_timeout": 10}}
+CONNECT_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError")
 
 
 def merged(defaults: dict, options: dict) -> dict:
@@ -57,6 +61,20 @@ def url_to_fs(uri: str, storage_options: dict | None = None):
     if store != uri:
         return fsspec.core.url_to_fs(uri, **({protocol: options} if options else {}))
     return fsspec.core.url_to_fs(uri, **options)
+
+
+def unreachable(uri: str, storage_options: dict | None) -> str | None:
+    """Why an S3 URI's store cannot be connected to at all (one quick request), or None: one that answers, even
+    'no such key' or 'forbidden', is reachable; other stores are not probed."""
+    if uri.split("://")[0] not in S3_PROTOCOLS or "://" not in uri:
+        return None
+    fs, path = url_to_fs(uri, merged(storage_options or {}, PROBE_OPTIONS))
+    try:
+        fs.info(path)
+    except Exception as err:  # noqa: BLE001 - only a failed connection is an answer here
+        failed = [e for e in causes(err) if any(name in f"{type(e).__name__}: {e}" for name in CONNECT_ERRORS)]
+        return reason(failed[0]) if failed else None
+    return None
 
 
 def absolute(uri: str) -> str:
