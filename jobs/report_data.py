@@ -208,6 +208,8 @@ def find_sweeps(dataset: pads.Dataset, axes: list[str]) -> tuple[list, int]:
     swept = groups.filter(varies).column(C.PROMPT)
     shown = pc.sort_indices(swept)[:MAX_PROMPTS]
     prompts = swept.take(shown).to_pylist()
+    if not prompts:  # no prompt varies on a declared axis (a one-value sweep): no grid
+        return [], 0
     rows = _latest(dataset.to_table(columns=SHOWN, filter=pc.field(C.PROMPT).isin(prompts)).to_pylist())
     by_prompt = defaultdict(list)
     for row in rows:

@@ -252,6 +252,17 @@ def test_no_grids_without_a_declared_axis(tmp_path):
     assert len(page.find("div", "sheet")[0].find("figure")) == 8  # every image still on the contact sheet
 
 
+def test_a_declared_axis_no_prompt_varies_on_is_no_sweep(tmp_path):
+    """A one-value sweep (allowed: a sweep may only gain values later) makes no grid, and the report is written."""
+    output = str(tmp_path / "run")
+    make_run(output, {})
+    fs, root = url_to_fs(output, {})
+    write_atomic(fs, join(root, "job.yaml"), yaml.safe_dump({"sweep": {"prior_guidance_scale": [4.0]}}).encode())
+    page = parse(build_report(output))
+    assert page.find("section", "sweep") == [] and "No sweep" in page.text()
+    assert len(page.find("div", "sheet")[0].find("figure")) == 8
+
+
 def test_report_command_takes_storage_options_from_job_yaml(local_run, capsys):
     output, _ = local_run
     parser = argparse.ArgumentParser()
