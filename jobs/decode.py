@@ -111,7 +111,7 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
         if done:  # resumable like generate: rows whose new id the output holds are not read at all
             keys = keys.map_batches(stored_keys, batch_format="numpy", num_cpus=TASK_CPUS,
                                     fn_kwargs=dict(decoder_params=changed, model=model))
-            keys = output.drop_done(keys, spec.output, spec.storage_options, done, on=NEW_ID)
+            keys = output.drop_done(keys, spec.output, spec.storage_options, done, on=NEW_ID, rows=stored)
         ds = stored_embeddings(run, spec.storage_options, keys.select_columns([C.ROW_ID, output.PATH]))
         ds = ds.map_batches(redecode_rows, batch_format="numpy", num_cpus=TASK_CPUS,
                             fn_kwargs=dict(decoder_params=changed, model=model))

@@ -56,7 +56,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     `retry_failed`, only the failed rows the prompt table still plans, their entries taken out first). Done rows
     are counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
     done, failed = open_output(spec, start, verbose)
-    only, retried, kept = retry.take_out_failed(spec, lambda ids, n: planned_among(spec, table, ids, n)) if (
+    only, retried, kept = retry.take_out_failed(spec, lambda ids, n: planned_among(spec, table, ids, n), done) if (
         retry_failed) else (None, 0, 0)
     pending = output.in_flight(spec.output, spec.storage_options, done)
     waiting = pending.count() if pending is not None else 0
@@ -91,7 +91,8 @@ def planned_among(spec: JobSpec, table: prompts.PromptTable, ids: ray.data.Datas
     """The ids of dataset `ids` (`count` of them: failed rows) that the prompt table plans: a semi-join with the
     planned rows' ids in Ray."""
     planned = expanded(spec, table).select_columns([C.ROW_ID])
-    return ids.join(planned, join_type="left_semi", num_partitions=output.partitions(count), on=(C.ROW_ID,))
+    return ids.join(planned, join_type="left_semi", num_partitions=output.partitions(
+        count, prompts.planned_rows(spec, table.rows)), on=(C.ROW_ID,))
 
 
 def open_output(spec: JobSpec, start: float, verbose: bool = False) -> tuple[int, int]:
@@ -183,10 +184,11 @@ def left_to_make(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
                  only: ray.data.Dataset | None = None, only_rows: int = 0) -> ray.data.Dataset:
     """The planned rows without a manifest entry (an anti-join with the manifest's ids, when `done_rows`), only
     the `only_rows` ids of dataset `only` (a semi-join) where given."""
-    ds = expanded(spec, table)
+    ds, planned = expanded(spec, table), prompts.planned_rows(spec, table.rows)
     if only is not None:  # a retry of failed rows
-        ds = ds.join(only, join_type="left_semi", num_partitions=output.partitions(only_rows), on=(C.ROW_ID,))
-    return output.drop_done(ds, spec.output, spec.storage_options, done_rows)  # ds itself when done_rows is 0
+        ds = ds.join(only, join_type="left_semi", num_partitions=output.partitions(only_rows, planned),
+                     on=(C.ROW_ID,))
+    return output.drop_done(ds, spec.output, spec.storage_options, done_rows, rows=planned)  # ds when none done
 
 
 def coalesced(ds: ray.data.Dataset, rows: int, most: int, spec: JobSpec) -> ray.data.Dataset:

@@ -15,30 +15,30 @@ from stages.output import PATH, list_parts, read_parts
 from stages.storage import open_atomic
 
 
-def take_out_failed(spec, planned_among) -> tuple[object, int, int]:
+def take_out_failed(spec, planned_among, entries: int) -> tuple[object, int, int]:
     """Remove the manifest entries that have an error and whose row the prompt table still plans
     (`planned_among(failed ids dataset, count)`, a dataset of those ids), and those rows' stored Stage C output
     (they are made whole again). Returns (their ids as a Ray dataset in the object store, or None; their count;
     the count of failed entries kept because the table no longer plans their rows: never lost). The ids stay
-    inside Ray: the driver holds counts only."""
+    inside Ray: the driver holds counts only. `entries`: the manifest's rows (the joins' size)."""
     failed = failed_ids(spec.output, spec.storage_options)
     total = failed.count() if failed is not None else 0
     if not total:
         return None, 0, 0
     planned = planned_among(failed, total).materialize()
     count = planned.count()
-    drop_failed(spec.output, spec.storage_options, planned, count)
+    drop_failed(spec.output, spec.storage_options, planned, count, entries)
     return planned, count, total - count
 
 
-def drop_failed(output: str, storage_options: dict, ids, count: int) -> None:
-    """Take the rows of the ids dataset `ids` (`count` ids) out of the embeddings, then out of the manifest: a
-    kill in between leaves the error entries for the next --retry-failed, and no reader ever sees a row's old
-    entry beside its new one."""
+def drop_failed(output: str, storage_options: dict, ids, count: int, entries: int = 0) -> None:
+    """Take the rows of the ids dataset `ids` (`count` ids; of `entries` rows) out of the embeddings, then out of
+    the manifest: a kill in between leaves the error entries for the next --retry-failed, and no reader ever sees
+    a row's old entry beside its new one."""
     if count:
         for folder in ("embeddings", "manifest"):
             remove_leftovers(output, folder, storage_options)  # else deleting a compacted part would revive them
-            drop_rows(output, folder, storage_options, ids, count)
+            drop_rows(output, folder, storage_options, ids, count, entries)
 
 
 def failed_ids(output: str, storage_options: dict):
@@ -70,7 +70,7 @@ def _may_hold_errors(fs, path: str) -> bool:
                    and g.column(column).statistics.null_count == g.num_rows for g in groups)
 
 
-def drop_rows(output: str, folder: str, storage_options: dict, ids, count: int) -> None:
+def drop_rows(output: str, folder: str, storage_options: dict, ids, count: int, rows: int = 0) -> None:
     """Rewrite the parts of <output>/<folder> that hold one of the ids of dataset `ids` without those rows: the
     parts found by a semi-join of their row ids with `ids` in Ray (any number of parts, in parallel), each
     rewritten by one task, a row group at a time, atomically (a part left empty is deleted)."""
@@ -78,7 +78,7 @@ def drop_rows(output: str, folder: str, storage_options: dict, ids, count: int) 
     if ds is None:
         return
     fs = out.folder(output, folder, storage_options)[0]
-    hits = ds.join(ids, join_type="left_semi", num_partitions=out.partitions(count), on=(C.ROW_ID,))
+    hits = ds.join(ids, join_type="left_semi", num_partitions=out.partitions(count, rows), on=(C.ROW_ID,))
     hits.groupby(PATH).map_groups(_rewrite_without, batch_format="pyarrow", num_cpus=TASK_CPUS,
                                   fn_kwargs=dict(fs=fs)).materialize()
 

@@ -61,7 +61,7 @@ def folded_rows(output: str, storage_options: dict | None) -> int:
     fs, files = layout.list_parts(output, layout.MANIFEST, storage_options)
 
     def folded(file: str) -> int:
-        with fs.open(file, "rb") as f:
+        with fs.open(file, "rb", cache_type="none") as f:  # one column of the part, not its bytes after it
             parquet = pq.ParquetFile(f)
             if column_index(parquet.metadata, C.INPUT_ROWS) < 0:
                 return 0

@@ -16,7 +16,7 @@ import yaml
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from stages import columns as C
-from stages.storage import causes, join, url_to_fs
+from stages.storage import causes, join, uncached, url_to_fs
 
 # Layout of an output: <output>/<folder>/...
 JOB_FILE = "job.yaml"
@@ -44,8 +44,9 @@ def folder(output: str, name: str, storage_options: dict | None) -> tuple[object
 
 
 def arrow_fs(fs) -> PyFileSystem:
-    """A pyarrow filesystem over an fsspec one (for pyarrow.dataset and Ray's readers)."""
-    return PyFileSystem(FSSpecHandler(fs))
+    """A pyarrow filesystem over an fsspec one (for pyarrow.dataset and Ray's readers), reading only what
+    pyarrow asks for (the columns wanted; see uncached)."""
+    return PyFileSystem(FSSpecHandler(uncached(fs)))
 
 
 def read_job(output: str, storage_options: dict | None) -> dict:
@@ -128,21 +129,22 @@ def read_parts(output: str, name: str, storage_options: dict | None, columns=Non
                                  include_paths=include_paths, num_cpus=TASK_CPUS)
 
 
-def drop_done(ds, output: str, storage_options: dict | None, done_rows: int, on: str = C.ROW_ID):
-    """The rows of `ds` whose `on` id has no manifest entry in `output`: a hash-partitioned anti-join inside Ray
-    (each partition holds ~ROWS_PER_PARTITION done ids); `ds` itself when the output holds none."""
+def drop_done(ds, output: str, storage_options: dict | None, done_rows: int, on: str = C.ROW_ID, rows: int = 0):
+    """The rows of `ds` (`rows` of them, where known) whose `on` id has no manifest entry in `output`: a
+    hash-partitioned anti-join inside Ray; `ds` itself when the output holds none."""
     ids = read_parts(output, MANIFEST, storage_options, columns=[C.ROW_ID]) if done_rows else None
     if ids is None:
         return ds
     if on != C.ROW_ID:
-        return ds.join(ids, join_type="left_anti", num_partitions=partitions(done_rows), on=(on,),
+        return ds.join(ids, join_type="left_anti", num_partitions=partitions(done_rows, rows), on=(on,),
                        right_on=(C.ROW_ID,))
-    return ds.join(ids, join_type="left_anti", num_partitions=partitions(done_rows), on=(C.ROW_ID,))
+    return ds.join(ids, join_type="left_anti", num_partitions=partitions(done_rows, rows), on=(C.ROW_ID,))
 
 
-def partitions(done_rows: int) -> int:
-    """Join partitions for `done_rows` done ids."""
-    return max(2, -(-done_rows // ROWS_PER_PARTITION))
+def partitions(*rows: int) -> int:
+    """Join partitions for sides of `rows` rows: a partition's task holds both sides' share, so the larger side
+    sets the count (~ROWS_PER_PARTITION of its rows each; a resume at 1% done joins all planned rows)."""
+    return max(2, -(-max(rows) // ROWS_PER_PARTITION))
 
 
 def in_flight(output: str, storage_options: dict | None, done_rows: int):

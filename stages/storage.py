@@ -63,6 +63,15 @@ def url_to_fs(uri: str, storage_options: dict | None = None):
     return fsspec.core.url_to_fs(uri, **options)
 
 
+def uncached(fs):
+    """The same store with its files read exactly as asked (S3: no readahead), for Parquet readers, which ask
+    for the column chunks they need: s3fs's default 50 MiB readahead fetches a whole part to read one column."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if not set(protocols) & set(S3_PROTOCOLS):
+        return fs
+    return type(fs)(**{**fs.storage_options, "default_cache_type": "none"})
+
+
 def unreachable(uri: str, storage_options: dict | None) -> str | None:
     """Why an S3 URI's store cannot be connected to at all (one quick request), or None: one that answers, even
     'no such key' or 'forbidden', is reachable; other stores are not probed."""
