@@ -20,6 +20,7 @@ from jobs.report_data import (AXES, MAX_FAILED, RESOLUTION, STAGES, ManifestView
 from stages import columns as C
 from stages import output as output_folder
 from stages.credentials import options_arg, usable
+from stages.samples import read_image_bytes
 from stages.storage import full_uri, join, outer_uri, url_to_fs, write_atomic
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,7 @@ def make_thumbs(fs, folder: str, rows, storage_options: dict) -> set[str]:
 def make_thumb(fs, folder: str, row: dict, storage_options: dict) -> bool:
     """Thumbnail one image; False (logged) when its image cannot be read."""
     try:
-        source_fs, source = url_to_fs(row[C.IMAGE_URI], storage_options)
-        with source_fs.open(source, "rb") as f:
-            image = Image.open(f)
+        with Image.open(io.BytesIO(read_image_bytes(row[C.IMAGE_URI], storage_options))) as image:
             image.thumbnail((THUMB_PX, THUMB_PX))
             image = image.convert("RGB")
     except Exception as err:  # noqa: BLE001 — one unreadable image must not sink the report

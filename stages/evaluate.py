@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from stages import columns as C
+from stages.samples import read_image_bytes
 from stages.storage import url_to_fs, write_atomic
 
 # stages.models is imported where needed: it pulls in diffusers (~3 s), which the Inception actors and the
@@ -34,8 +35,7 @@ INCEPTION_HINT = ("pass --inception PATH: a TorchScript FID Inception, e.g. fid_
 
 def load_image(uri: str, storage_options: dict | None) -> Image.Image:
     """Read and decode one image object as RGB."""
-    fs, path = url_to_fs(uri, storage_options)
-    with Image.open(io.BytesIO(fs.cat_file(path))) as img:
+    with Image.open(io.BytesIO(read_image_bytes(uri, storage_options))) as img:
         return img.convert("RGB")
 
 

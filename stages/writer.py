@@ -16,6 +16,7 @@ from stages import columns as C
 from stages import user_columns
 from stages.footers import column_index
 from stages.output import EMBEDDINGS, IMAGES, MANIFEST, SHARD_STATS, SHARDS, folder, list_parts
+from stages.samples import MEMBERS, member_ranges
 from stages.storage import block_name, full_uri, join, sample_uri, write_atomic
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -159,10 +160,12 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
             image = encode_image(batch[C.IMAGE][i], image_format)
             tar.write({"__key__": batch[C.ROW_ID][i], EXTENSIONS[image_format]: image,
                        "txt": params[i][C.PROMPT], "json": json.dumps(params[i], ensure_ascii=False)})
+    buffer.seek(0)
+    ranges = member_ranges(buffer, f".{EXTENSIONS[image_format]}")  # a reader's one range read of an image
     local = isinstance(fs, LocalFileSystem)  # local files take the tar's bytes without a copy of them
     write_atomic(fs, shard, buffer.getbuffer() if local else buffer.getvalue())
     stats = {"shard": full_uri(fs, shard), "samples": len(ok), "failed": len(params) - len(ok),
-             "bytes": buffer.getbuffer().nbytes, "image_format": image_format}
+             "bytes": buffer.getbuffer().nbytes, "image_format": image_format, MEMBERS: ranges}
     stats_fs, stats_root = folder(output, SHARD_STATS, storage_options)  # beside, so readers of
     write_atomic(stats_fs, join(stats_root, f"{name}.json"), json.dumps(stats).encode())  # shards/ see tars only
     n = len(params)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 
 import fsspec
 import numpy as np
@@ -17,6 +18,7 @@ from jobs.decode import run_decode
 from jobs.generate import run
 from jobs.spec import spec_from_dict
 from stages import columns as C
+from stages.samples import read_image_bytes
 
 ROWS = [{C.PROMPT: f"a painting of number {i}", C.SEED: i} for i in range(7)]
 
@@ -61,6 +63,37 @@ def test_shards_are_readable_by_webdataset_and_ray(shards_run, ray_cluster, refe
     stats = [json.loads(p.read_text()) for p in (tmp_path / "out" / "shard_stats").glob("*.json")]
     assert sum(s["samples"] for s in stats) == 7 and all(s["samples"] <= 3 for s in stats)
     assert ray_cluster.data.read_webdataset(str(tmp_path / "out" / "shards")).count() == 7
+
+
+def test_a_sample_is_read_by_its_byte_range_not_through_its_shard(shards_run, tmp_path):
+    """report and evaluate read a sample's image with one range read (shard_stats/ gives its range): fsspec's
+    tar:// reads every header of the shard first, which on an object store downloads the whole tar per image."""
+    out = tmp_path / "out"
+    shutil.copytree(shards_run / "out", out)
+    row = pq.read_table(out / "manifest").to_pylist()[0]
+    member, shard = row[C.IMAGE_URI].removeprefix("tar://").split("::")
+    tar = out / "shards" / shard.rsplit("/", 1)[1]
+    expected = samples_of(out)[row[C.ROW_ID]]["png"]
+    start, size = json.loads((out / "shard_stats" / f"{tar.stem}.json").read_text())["members"][member]
+    length = tar.stat().st_size
+    tar.write_bytes(bytes(start) + expected + bytes(length - start - size))  # every other byte zeroed: no headers
+    uri = f"tar://{member}::{tar}"
+    assert read_image_bytes(uri, {}) == expected
+    with pytest.raises(Exception):  # what tar:// would have made of it
+        with fsspec.open(uri, "rb") as f:
+            f.read()
+
+
+def test_a_shard_without_recorded_ranges_is_read_through_tar(shards_run, tmp_path):
+    """Shards written before their stats recorded the images' ranges are read as before (fsspec's tar://)."""
+    out = tmp_path / "out"
+    shutil.copytree(shards_run / "out", out)
+    for stats in (out / "shard_stats").glob("*.json"):
+        stats.write_text(json.dumps({k: v for k, v in json.loads(stats.read_text()).items() if k != "members"}))
+    samples = samples_of(out)
+    for row in pq.read_table(out / "manifest").to_pylist():
+        uri = row[C.IMAGE_URI].replace(str(shards_run / "out"), str(out))
+        assert read_image_bytes(uri, {}) == samples[row[C.ROW_ID]]["png"]
 
 
 def test_report_evaluate_and_decode_read_the_samples(shards_run, clip_dir):  # noqa: F811 - the fixture

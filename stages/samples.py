@@ -1,0 +1,56 @@
+"""Read one image of a run by its manifest image_uri: an image object, or a WebDataset sample by its byte range."""
+
+from __future__ import annotations
+
+import functools
+import json
+import tarfile
+
+from stages.output import SHARD_STATS, SHARDS
+from stages.storage import url_to_fs
+
+MEMBERS = "members"  # in shard_stats/<name>.json: {image member: [offset of its data, size]} (see write_shard)
+CACHED_SHARDS = 64  # shard indexes one process keeps (about 60 B a sample)
+
+
+def member_ranges(tar, suffix: str) -> dict[str, list[int]]:
+    """{member name: [offset of its data, size]} of the members of an open tar file whose names end in
+    `suffix` (headers only are read)."""
+    with tarfile.open(fileobj=tar, mode="r:") as archive:
+        return {m.name: [m.offset_data, m.size] for m in archive.getmembers() if m.name.endswith(suffix)}
+
+
+def read_image_bytes(uri: str, storage_options: dict | None) -> bytes:
+    """The bytes of the image at a manifest's image_uri. A WebDataset sample (tar://<member>::<shard>) is one
+    range read of its shard where the shard's stats give its range; else fsspec's tar:// reads it, which indexes
+    the whole shard first (every header: the whole tar, on an object store, for each image)."""
+    if uri.startswith("tar://") and "::" in uri:
+        member, shard = uri.removeprefix("tar://").split("::", 1)
+        where = _shard_index(shard, json.dumps(storage_options or {}, sort_keys=True, default=str)).get(member)
+        if where is not None:
+            fs, path = url_to_fs(shard, storage_options)
+            return fs.cat_file(path, start=where[0], end=where[0] + where[1])
+    fs, path = url_to_fs(uri, storage_options)
+    return fs.cat_file(path)
+
+
+def stats_uri(shard: str) -> str | None:
+    """<output>/shard_stats/<name>.json of <output>/shards/<name>.tar; None for a tar elsewhere."""
+    parts = shard.rsplit("/", 2)
+    if len(parts) != 3 or parts[1] != SHARDS or not parts[2].endswith(".tar"):
+        return None
+    return f"{parts[0]}/{SHARD_STATS}/{parts[2].removesuffix('.tar')}.json"
+
+
+@functools.lru_cache(maxsize=CACHED_SHARDS)
+def _shard_index(shard: str, options: str) -> dict[str, list[int]]:
+    """The shard's image ranges from its stats ({} for a shard written before they were recorded, or whose
+    stats cannot be read: its samples are then read through tar://)."""
+    uri = stats_uri(shard)
+    if uri is None:
+        return {}
+    try:
+        fs, path = url_to_fs(uri, json.loads(options))
+        return json.loads(fs.cat_file(path)).get(MEMBERS) or {}
+    except (OSError, ValueError):
+        return {}
