@@ -244,8 +244,9 @@ def test_shard_written_before_a_kill_is_not_left_beside_its_rewrite(tmp_path, ra
     job = {**small_job(prompts, str(tmp_path / "out")), "output_format": "webdataset", "shard_size": 3}
     run(spec_from_dict(job))
     out = tmp_path / "out"
-    for part in (out / "manifest").glob("*.parquet"):
-        part.unlink()  # killed after the shards were written, before their manifest entries
+    parts = sorted((out / "manifest").glob("*.parquet"))
+    kept = pq.read_table(parts[1:]).column(C.SHARD).to_pylist() if len(parts) > 1 else []
+    parts[0].unlink()  # killed after a shard was written, before its manifest entries
     (out / output.EMBEDDINGS / output.CLOSED).unlink()  # a killed pass never marks its end
     (out / "shards" / ".leftover.tar.tmp-0123").write_bytes(b"partial")  # and a temporary file left behind
     (out / "manifest" / ".leftover.parquet.tmp-0123").write_bytes(b"partial")
@@ -256,6 +257,7 @@ def test_shard_written_before_a_kill_is_not_left_beside_its_rewrite(tmp_path, ra
     keys = [s["__key__"] for s in wds.WebDataset(sorted(map(str, (out / "shards").glob("*"))), shardshuffle=False)]
     assert sorted(keys) == sorted(r[C.ROW_ID] for r in manifest)  # each sample once, in a shard the manifest names
     assert {str(p) for p in (out / "shards").iterdir()} == {r[C.SHARD] for r in manifest}
+    assert set(kept) <= {r[C.SHARD] for r in manifest}  # the shards of rows with entries stay as they were
 
 
 def test_actor_pools_use_the_current_ray_api_without_deprecation_warnings(tmp_path, ray_cluster):
