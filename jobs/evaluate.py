@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
@@ -30,6 +32,7 @@ from stages.storage import full_uri, join, url_to_fs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 REQUIRED = (C.ROW_ID, C.PROMPT, C.IMAGE_URI, C.ERROR)
+AXIS_VALUES = 1000  # most values of one --by axis: each is a group of FID statistics (~32 MiB) and a result row
 
 
 def evaluate(opts: EvalOptions) -> dict:
@@ -83,8 +86,35 @@ def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
             raise SpecError(f"--by {axis}: not a manifest column (columns: {', '.join(schema.names)})")
         if pa.types.is_nested(field.type):
             raise SpecError(f"--by {axis}: a {field.type} column; an axis needs scalar values")
+    for axis in by:
+        check_axis_values(fs, files, axis)
     integer = tuple(a for a in by if a in typed.names and pa.types.is_integer(typed.field(a).type))
     return Manifest(fs, tuple(files), tuple(schema.names), integer)
+
+
+def check_axis_values(fs, files: list[str], axis: str) -> None:
+    """An axis has at most AXIS_VALUES values (a per-row column would make a group of every row): its column is
+    read part by part, in parallel, each read stopping once past the limit."""
+    def values(file: str) -> set:
+        seen = set()
+        with fs.open(file, "rb", cache_type="none") as f:
+            parquet = pq.ParquetFile(f)
+            if footers.column_index(parquet.metadata, axis) < 0:
+                return seen
+            for batch in parquet.iter_batches(columns=[axis], batch_size=65_536):
+                seen.update(pc.unique(batch.column(0)).to_pylist())
+                if len(seen) > AXIS_VALUES:
+                    break
+        return seen
+
+    seen = set()
+    with ThreadPoolExecutor(max_workers=footers.THREADS) as pool:
+        for found in pool.map(values, files):
+            seen |= found
+            if len(seen) > AXIS_VALUES:
+                raise SpecError(f"--by {axis}: more than {AXIS_VALUES} distinct values; an axis groups the "
+                                f"images by a setting (a sweep's decoder_guidance_scale, a style column), and "
+                                f"each value gets its own metrics")
 
 
 def check_clip(model: str, storage_options: dict) -> dict:

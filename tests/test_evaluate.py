@@ -275,6 +275,15 @@ def test_an_axis_is_found_in_any_part_with_its_type(tmp_path):
     assert manifest.files[0].endswith("a.parquet") and manifest.integer_axes == ("batch",)
 
 
+def test_an_axis_with_a_value_per_row_is_refused(tmp_path, monkeypatch):
+    """--by on a per-row column (seed, a caption id) would make a group of FID statistics for every row."""
+    monkeypatch.setattr(J, "AXIS_VALUES", 3)
+    run = make_run(tmp_path / "run", seed=3, rows=5)
+    J.check_run(run, ("style", C.DECODER_GUIDANCE), {})  # 2 and 3 values
+    with pytest.raises(SpecError, match=f"^--by {C.SEED}: more than 3 distinct values; an axis groups"):
+        J.check_run(run, ("style", C.SEED), {})
+
+
 def test_statistics_from_another_tool_are_used_with_a_warning(tmp_path):
     """A .npz without this project's metadata may come from pytorch-fid or torchmetrics (another resize): said."""
     np.savez(tmp_path / "other.npz", mu=np.zeros(E.FEATURE_DIM), sigma=np.eye(E.FEATURE_DIM))
