@@ -1,8 +1,8 @@
 """The fast path on CPU: the step without host syncs, float32 numerics in bf16 runs, micro-batch sizes, compile.
 
-Stated tolerances: the float32 step equals diffusers' scheduler bitwise; bf16 images are within PSNR 40 dB of
-float32 images of the same rows (tiny model); compiled stages match eager ones within 1e-4 of the embeddings'
-scale and one grey level (1/255) per pixel.
+Stated tolerances: the float32 step equals diffusers' scheduler bitwise; bf16 images are at least 20 dB PSNR
+from float32 images of the same rows and 8 dB closer than another row's image (tiny model: ~25 dB); compiled
+stages match eager ones within 1e-4 of the embeddings' scale and one grey level (1/255) per pixel.
 """
 
 import numpy as np

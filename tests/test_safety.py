@@ -98,7 +98,7 @@ def test_mistyped_options_are_never_echoed(tmp_path, capsys, monkeypatch, argv):
     except SystemExit as exit:
         code = exit.code
     out = capsys.readouterr()
-    assert code == 2 and SECRET not in out.err + out.out and "storage" in (out.err + " ".join(argv))
+    assert code == 2 and SECRET not in out.err + out.out and "storage" in out.err  # pointed to the options
 
 
 @pytest.fixture(scope="module")

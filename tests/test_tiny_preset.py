@@ -49,12 +49,13 @@ def test_images_are_informative_and_read_stage_c(stages, setting):
     images = decode(stages, batch)
     assert images.reshape(len(images), -1).std(axis=1).min() >= 20 / 255
     pairs = [apart(images[i:i + 1], images[j:j + 1])[0] for i, j in itertools.combinations(range(len(images)), 2)]
-    assert np.mean(pairs) >= 8 / 255 and min(pairs) > 1 / 255
+    assert np.mean(pairs) >= 8 / 255 and min(pairs) >= 4 / 255  # measured: mean ≥ 15, closest pair ≥ 6
 
+    # The README's figures (measured: ≥ 22.9 and ≥ 14.0 over the settings)
     zeroed = {**batch, C.IMAGE_EMBEDDINGS: np.zeros_like(batch[C.IMAGE_EMBEDDINGS])}
-    assert apart(decode(stages, zeroed), images).min() >= 8 / 255
+    assert apart(decode(stages, zeroed), images).min() >= 20 / 255
     swapped = {**batch, C.IMAGE_EMBEDDINGS: np.roll(batch[C.IMAGE_EMBEDDINGS], 2, axis=0)}  # another prompt's
-    assert apart(decode(stages, swapped), images).min() >= 4 / 255
+    assert apart(decode(stages, swapped), images).min() >= 10 / 255
 
     unguided = decode(stages, embed(stages, rows(*setting, **{C.PRIOR_GUIDANCE: 1.0})))
     assert apart(unguided, images).mean() >= 8 / 255  # rows differing only in prior guidance
