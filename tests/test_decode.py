@@ -47,6 +47,34 @@ def test_unchanged_settings_reproduce_the_images_byte_for_byte(first_run):
     assert "key" not in resolved["storage_options"]  # the run's masked key is never used as a credential
 
 
+def test_the_images_come_from_the_stored_embeddings(first_run, tmp_path):
+    """decode reads Stage C's output from embeddings/ (it does not make it again): a stored row whose
+    embeddings are zeroed decodes to another image, every other row to the same bytes."""
+    import shutil
+
+    import pyarrow as pa
+
+    source, original = first_run
+    shutil.copytree(source / "run", tmp_path / "run")
+    part = sorted((tmp_path / "run" / "embeddings").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    changed = table.column(C.ROW_ID)[0].as_py()
+    column = table.column(C.IMAGE_EMBEDDINGS).to_pylist()
+    column[0] = [0.0] * len(column[0])
+    table = table.set_column(table.schema.get_field_index(C.IMAGE_EMBEDDINGS), C.IMAGE_EMBEDDINGS,
+                             pa.array(column, table.schema.field(C.IMAGE_EMBEDDINGS).type))
+    pq.write_table(table, part)
+    run_decode(str(tmp_path / "run"), str(tmp_path / "out"))
+    rows = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "out" / "manifest").to_pylist()}
+    assert rows.keys() == original.keys()
+    for row_id, row in rows.items():
+        image, before = (np.asarray(Image.open(r[C.IMAGE_URI]), dtype=float) / 255 for r in (row, original[row_id]))
+        if row_id == changed:
+            assert np.abs(image - before).mean() >= 8 / 255
+        else:
+            assert read(row[C.IMAGE_URI]) == read(original[row_id][C.IMAGE_URI])
+
+
 def test_new_decoder_settings_make_new_rows(first_run, capsys, reference_pipe):
     tmp_path, original = first_run
     code = main(["decode", str(tmp_path / "run"), str(tmp_path / "more"), "--set", "generation.decoder_steps=3",
