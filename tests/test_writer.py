@@ -57,3 +57,12 @@ def test_embeddings_round_trip(tmp_path):
     stored = np.asarray(row[C.IMAGE_EMBEDDINGS], dtype=np.float16).reshape(row["embedding_shape"])
     assert np.array_equal(stored, data[C.IMAGE_EMBEDDINGS][0])
     assert row[C.GENERATOR_STATE] == data[C.GENERATOR_STATE][0].tobytes()
+
+
+def test_failed_rows_are_not_stored_in_embeddings(tmp_path):
+    """A failed row is made afresh on a resume or a --retry-failed, never decoded from a bad Stage C output."""
+    data = batch(errors=("", "Stage C produced NaN"))
+    write_embeddings(data, str(tmp_path), {})
+    assert pq.read_table(tmp_path / "embeddings").column(C.ROW_ID).to_pylist() == [data[C.ROW_ID][0]]
+    write_embeddings(batch(errors=("NaN", "NaN")), str(tmp_path / "none"), {})
+    assert not (tmp_path / "none").exists()
