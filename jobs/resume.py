@@ -113,10 +113,18 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
     folded = footers.folded_rows(spec.output, spec.storage_options)  # input rows an entry stands for
     planned = expected_rows()  # each an entry or folded into one, or as the last invocation found nothing to make
     complete = rows + folded == planned or (record.get("planned"), record.get("entries")) == (planned, rows)
-    if not complete or footers.part_counts(spec.output, "embeddings", spec.storage_options)[0] > rows:
+    if not complete or _rows_in_flight(spec, rows):
         return None
     return Summary(rows=rows, failed=failed, seconds=time.time() - started, output=spec.output, new=0,
                    folded=folded, images=image_folder(spec))
+
+
+def _rows_in_flight(spec: JobSpec, entries: int) -> bool:
+    """Whether embeddings/ holds more rows than the manifest's `entries` (Stage C rows stored, not yet decoded):
+    only parts written since the last pass ended can (their footers are counted then: 39k parts at 10M rows)."""
+    if not output_folder.written_since_closed(spec.output, spec.storage_options):
+        return False
+    return footers.part_counts(spec.output, output_folder.EMBEDDINGS, spec.storage_options)[0] > entries
 
 
 def image_folder(spec: JobSpec) -> str:

@@ -197,6 +197,13 @@ def is_finished(output: str, storage_options: dict | None) -> bool:
     return finished_record(output, storage_options) is not None
 
 
+def written_since_closed(output: str, storage_options: dict | None) -> list[str]:
+    """The embeddings parts written since the last pass ended (see mark_closed): the only ones that may hold
+    rows without a manifest entry. Two listings, no footer read."""
+    fs, files = list_parts(output, EMBEDDINGS, storage_options)
+    return _since_closed(fs, folder(output, EMBEDDINGS, storage_options)[1], files) if files else []
+
+
 def _since_closed(fs, root: str, files: list[str]) -> list[str]:
     """The parts among `files` modified at or after embeddings/_closed (all of them without one, or where the
     store gives no modification times)."""

@@ -38,13 +38,19 @@ def finished_output(tmp_path, spec, rows):
     write_part(tmp_path / "out" / "manifest", "a", ids[:2], ["nan in stage C", None])
     write_part(tmp_path / "out" / "manifest", "b", ids[2:])
     write_part(tmp_path / "out" / "embeddings", "a", ids)
+    time.sleep(0.01)
+    output.mark_closed(spec.output, {})  # the pass ended: every stored row has its entry
     output.mark_finished(spec.output, {})  # the invocation ended
 
 
-def test_a_finished_output_is_answered_from_its_footers(tmp_path):
+def test_a_finished_output_is_answered_from_its_footers(tmp_path, monkeypatch):
     spec = spec_at(tmp_path, rows=3, generation={"images_per_prompt": 2})
     finished_output(tmp_path, spec, rows=6)
+    counted, part_counts = [], footers.part_counts
+    monkeypatch.setattr(footers, "part_counts", lambda out, name, *a, **k: counted.append(name) or part_counts(
+        out, name, *a, **k))
     summary = answered(spec, time.time())
+    assert counted == ["manifest"]  # not embeddings/ (39k parts at 10M rows): no part written since the pass ended
     assert (summary.rows, summary.failed, summary.new) == (6, 1, 0)
     assert "all made earlier: nothing to do (--retry-failed makes the 1 failed rows again)" in str(summary)
     assert "images/s" not in str(summary)
