@@ -14,7 +14,7 @@ from jobs.spec import JobSpec, SpecError, StagesSpec
 from stages import columns as C
 from stages import footers
 from stages import output as output_folder
-from stages.storage import join, reason, url_to_fs, write_atomic
+from stages.storage import join, reason, remove_tree, url_to_fs, write_atomic
 
 # Spec sections that change images: an output holds the rows of one setting of these.
 IMAGE_KEYS = ("model", "generation", "image_format", "output_format")
@@ -171,7 +171,7 @@ def check_continuation(spec: JobSpec, overwrite: bool) -> None:
             raise SpecError(f"output {spec.output} holds files but no run (no job.yaml): --overwrite deletes only "
                             f"a run folder or an empty one; choose another output")
         if fs.exists(root):
-            fs.rm(root, recursive=True)
+            remove_tree(fs, root)
         return
     if not fs.exists(job_file):
         if fs.isdir(root) and fs.ls(root, detail=False):

@@ -148,3 +148,24 @@ def test_a_refused_request_names_the_credentials():
     refused = translate_boto_error(ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadObject"))
     assert reason(refused) == "Forbidden: the store refused these credentials, or they lack the permission"
     assert reason(PermissionError(13, "Permission denied")) == "Permission denied"  # a local file: its mode
+
+
+def test_overwrite_deletes_a_run_one_folder_at_a_time(bucket, monkeypatch):
+    """--overwrite on S3 deletes every object of the run, listing one folder at a time: s3fs's recursive rm
+    would list every key of the run first (10M image paths on the driver)."""
+    from jobs.resume import claim
+
+    fs, options, _ = bucket
+    keys = ["job.yaml", "manifest/a.parquet", "images/ab/ab1.png", "images/ab/ab2.png", "images/cd/cd1.png",
+            "embeddings/_closed"]
+    for key in keys:
+        fs.pipe(f"wuerstchen/overwritten/{key}", b"x")
+    fs.pipe("wuerstchen/overwritten-not/job.yaml", b"x")  # a sibling sharing the prefix stays
+    monkeypatch.setattr(s3fs.S3FileSystem, "_find", lambda *a, **k: pytest.fail("listed every key at once"))
+    claim(spec_from_dict({"prompts": "p.parquet", "output": "s3://wuerstchen/overwritten", "storage_options": options}),
+          overwrite=True)
+    monkeypatch.undo()
+    fs.invalidate_cache()
+    assert fs.find("wuerstchen/overwritten/") == ["wuerstchen/overwritten/job.yaml"]  # the new run's claim
+    assert fs.cat("wuerstchen/overwritten/job.yaml") != b"x"
+    assert fs.exists("wuerstchen/overwritten-not/job.yaml")
