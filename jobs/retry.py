@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -47,7 +49,8 @@ def failed_ids(output: str, storage_options: dict):
     import ray
 
     fs, files = list_parts(output, "manifest", storage_options)
-    files = [path for path in files if _may_hold_errors(fs, path)]
+    with ThreadPoolExecutor(max_workers=footers.THREADS) as pool:  # footers only, read in parallel
+        files = [path for path, may in zip(files, pool.map(lambda path: _may_hold_errors(fs, path), files)) if may]
     if not files:
         return None
     ds = ray.data.read_parquet(files, filesystem=out.arrow_fs(fs), columns=[C.ROW_ID, C.ERROR], num_cpus=TASK_CPUS)
