@@ -7,7 +7,7 @@ import time
 import numpy as np
 import yaml
 
-from jobs import prompts
+from jobs import lease, prompts
 from jobs.preflight import answered_decode, check_models
 from jobs.resume import Summary, claim
 from jobs.retries import check_reachable, run_folder_read
@@ -68,11 +68,12 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     if summary is not None:
         return summary
     check_models(spec)
-    claim(spec, overwrite)
-    from jobs.retries import storage_errors_named
+    with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
+        claim(spec, overwrite)
+        from jobs.retries import storage_errors_named
 
-    with storage_errors_named(spec.output):
-        return _decode(spec, list(overrides), started, verbose)
+        with storage_errors_named(spec.output):
+            return _decode(spec, list(overrides), started, verbose)
 
 
 def stored_keys(batch: dict[str, np.ndarray], decoder_params: dict, model: dict) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ import time
 
 import pyarrow as pa
 
-from jobs import prompts
+from jobs import lease, prompts
 from jobs.resume import Summary, claim, finished
 from jobs.retries import check_reachable
 from jobs.spec import JobSpec, SpecError
@@ -116,9 +116,10 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, 
     if summary is not None:
         return summary
     table = preflight(spec)
-    claim(spec, overwrite)
-    from jobs.generate import generate
-    from jobs.retries import storage_errors_named
+    with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
+        claim(spec, overwrite)
+        from jobs.generate import generate
+        from jobs.retries import storage_errors_named
 
-    with storage_errors_named(spec.output):
-        return generate(spec, table, started, verbose, retry_failed=retry_failed)
+        with storage_errors_named(spec.output):
+            return generate(spec, table, started, verbose, retry_failed=retry_failed)

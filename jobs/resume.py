@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
+from jobs.lease import LEASE
 from jobs.spec import JobSpec, SpecError, StagesSpec
 from stages import columns as C
 from stages import footers
@@ -165,16 +166,16 @@ def check_continuation(spec: JobSpec, overwrite: bool) -> None:
     of a different spec, naming the first difference (a job.yaml without rows, left by an attempt that failed
     early, is no reason to refuse)."""
     fs, root = url_to_fs(spec.output, spec.storage_options)
-    job_file = join(root, output_folder.JOB_FILE)
+    job_file, lease = join(root, output_folder.JOB_FILE), join(root, LEASE)  # the lease: this invocation's
     if overwrite:
-        if fs.exists(root) and not fs.exists(job_file) and (not fs.isdir(root) or fs.ls(root, detail=False)):
+        if fs.exists(root) and not fs.exists(job_file) and (not fs.isdir(root) or _holds_files(fs, root, lease)):
             raise SpecError(f"output {spec.output} holds files but no run (no job.yaml): --overwrite deletes only "
                             f"a run folder or an empty one; choose another output")
         if fs.exists(root):
-            remove_tree(fs, root)
+            remove_tree(fs, root, keep=lease)
         return
     if not fs.exists(job_file):
-        if fs.isdir(root) and fs.ls(root, detail=False):
+        if fs.isdir(root) and _holds_files(fs, root, lease):
             raise SpecError(f"output {spec.output} holds files but no run (no job.yaml): a run goes into a folder "
                             f"of its own (a later --overwrite would delete everything in it); choose another output")
         return
@@ -189,6 +190,11 @@ def check_continuation(spec: JobSpec, overwrite: bool) -> None:
     for diff in filter(None, diffs):
         raise SpecError(f"output {spec.output} holds a run of another spec ({diff}); "
                         f"use --overwrite to start afresh, or another output")
+
+
+def _holds_files(fs, root: str, lease: str) -> bool:
+    """Whether a folder holds anything but this invocation's lease."""
+    return any(fs._strip_protocol(path).rstrip("/") != fs._strip_protocol(lease) for path in fs.ls(root, detail=False))
 
 
 def _stage_bits(data: dict) -> dict:

@@ -136,16 +136,17 @@ def full_uri(fs, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
-def remove_tree(fs, root: str) -> None:
-    """Delete a folder and everything under it, one folder's listing at a time on object stores (s3fs's recursive
-    rm lists every key first: 10M image paths, ~1.5 GB, on the caller)."""
-    if isinstance(fs, LocalFileSystem):
-        fs.rm(root, recursive=True)
-        return
+def remove_tree(fs, root: str, keep: str | None = None) -> None:
+    """Delete everything under a folder but the file `keep`, one folder's listing at a time (s3fs's recursive
+    rm lists every key first: 10M image paths, ~1.5 GB, on the caller); the folder too when `keep` is not there."""
+    keep = fs._strip_protocol(keep) if keep else None
     for folder, _, names in fs.walk(root, topdown=False):
-        if names:
-            fs.rm([join(folder, name) for name in names])
-    if fs.exists(root):  # an object named like the folder, or a store that keeps folder markers
+        files = [join(folder, name) for name in names if join(folder, name) != keep]
+        if files:
+            fs.rm(files)
+        if isinstance(fs, LocalFileSystem) and folder != fs._strip_protocol(root):
+            fs.rmdir(folder)  # empty now (object stores have no folders)
+    if (keep is None or not fs.exists(keep)) and fs.exists(root):  # the folder, an object named like it, a marker
         fs.rm(root, recursive=True)
 
 

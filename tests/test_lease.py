@@ -1,0 +1,107 @@
+"""One invocation at a time on an output: a second one is refused in one line before it writes anything."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import write_prompts
+
+from jobs import lease
+from jobs.preflight import generate_job
+from jobs.spec import SpecError, spec_from_dict
+from stages import columns as C
+
+
+def spec_at(tmp_path, **extra):
+    prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: "a"}, {C.PROMPT: "b"}])
+    return spec_from_dict({"prompts": prompts, "output": str(tmp_path / "out"),
+                           "generation": {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2}, **extra})
+
+
+def write_lease(tmp_path, **record):
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / lease.LEASE).write_text(json.dumps({"token": "other", **record}))
+
+
+def test_an_output_being_written_is_refused_before_any_write(tmp_path):
+    """Two runs at once on one output (a job submitted twice) would each make every row: the manifest would hold
+    each row twice, for good."""
+    spec = spec_at(tmp_path)
+    with lease.held(spec.output, {}):  # another invocation, in this (running) process
+        with pytest.raises(SpecError, match=r"^output .* is being written by another invocation \(host "):
+            generate_job(spec)
+        with pytest.raises(SpecError, match="being written by another invocation"):
+            generate_job(spec, overwrite=True)
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [lease.LEASE]  # no job.yaml: untouched
+    assert not (tmp_path / "out" / lease.LEASE).exists()  # given back
+
+
+def test_the_lease_of_an_invocation_that_died_is_taken_over(tmp_path):
+    """A killed run's lease does not block its resume: this host's dead process at once, another host's once
+    it has not been renewed for EXPIRES_S."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    spec = spec_at(tmp_path)
+    write_lease(tmp_path, host=socket.gethostname(), pid=int(dead.stdout), renewed_at=time.time())
+    with lease.held(spec.output, {}):
+        pass
+    write_lease(tmp_path, host="elsewhere", pid=1, renewed_at=time.time() - lease.EXPIRES_S - 1)
+    with lease.held(spec.output, {}):
+        pass
+    write_lease(tmp_path, host="elsewhere", pid=1, renewed_at=time.time() - 5)
+    with pytest.raises(SpecError, match=r"host elsewhere, pid 1, lease renewed 5 s ago"):
+        with lease.held(spec.output, {}):
+            pass
+
+
+def test_of_two_invocations_starting_together_one_goes_on(tmp_path, monkeypatch):
+    """Both find no lease and write theirs: the one written last holds it, the other stops."""
+    seen, outcomes = threading.Barrier(2), []
+    read = lease.Lease.read
+
+    def read_together(self):  # both read "no lease" before either writes
+        record = read(self)
+        if record is None:
+            seen.wait(timeout=10)
+        return record
+    monkeypatch.setattr(lease.Lease, "read", read_together)
+
+    def start():
+        try:
+            with lease.held(str(tmp_path / "out"), {}):
+                outcomes.append("held")
+                time.sleep(2 * lease.SETTLE_S)
+        except SpecError as err:
+            outcomes.append(str(err))
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes, key=len)[0] == "held" and "another invocation" in sorted(outcomes, key=len)[1], outcomes
+
+
+def test_a_lease_is_renewed_while_held(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    with lease.held(str(tmp_path / "out"), {}):
+        first = json.loads((tmp_path / "out" / lease.LEASE).read_text())["renewed_at"]
+        time.sleep(0.3)
+        assert json.loads((tmp_path / "out" / lease.LEASE).read_text())["renewed_at"] > first
+
+
+def test_overwrite_keeps_the_lease_while_it_deletes(tmp_path):
+    """--overwrite deletes the old run under its own lease: another invocation starting meanwhile is refused."""
+    from jobs.resume import check_continuation
+
+    spec = spec_at(tmp_path)
+    (tmp_path / "out" / "images" / "ab").mkdir(parents=True)
+    (tmp_path / "out" / "images" / "ab" / "ab1.png").write_bytes(b"x")
+    (tmp_path / "out" / "job.yaml").write_text("prompts: x\n")
+    with lease.held(spec.output, {}):
+        check_continuation(spec, overwrite=True)
+        assert [p.name for p in (tmp_path / "out").iterdir()] == [lease.LEASE]
+        with pytest.raises(SpecError, match="being written by another invocation"):
+            generate_job(spec)
