@@ -72,6 +72,8 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
                        ALL_STAGES, max(todo, 0))
+    if not retry_failed:  # failed entries of rows the table no longer plans (edited since) are no failure
+        kept = retry.unplanned_failed(spec, lambda ids, n: planned_among(spec, table, ids, n))
     summary = close_output(spec, start, done, failed, retried=retried if retry_failed else None, kept=kept,
                            planned=planned)
     if retry_failed:  # rows never made are not failed rows: say so (each planned row is an entry or folded)
@@ -118,7 +120,8 @@ def close_output(spec: JobSpec, start: float, done: int, failed: int, retried: i
     in_task(build_report, spec.output, spec.storage_options)
     if retried is None:  # every planned row was made (--retry-failed makes only the failed ones)
         verified = dict(planned=planned, entries=summary.rows) if summary.new == 0 else {}
-        output.mark_finished(spec.output, spec.storage_options, **verified)  # a rerun may be answered from footers
+        output.mark_finished(spec.output, spec.storage_options, kept=kept, **verified)  # a rerun may be answered
+        # from the footers, and says how many failed entries are of rows no longer planned
     return summary
 
 

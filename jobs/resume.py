@@ -38,7 +38,7 @@ class Summary:
     new: int  # rows this run recorded (the rest were done before it), failed ones included
     retried: int | None = None  # --retry-failed: the failed rows this run made again
     folded: int = 0  # input rows folded into an identical row (made once, counted in its input_rows)
-    kept: int = 0  # --retry-failed: failed rows left as they were (the prompt table no longer plans them)
+    kept: int = 0  # failed entries whose rows the prompt table no longer plans (left as they are; not a failure)
     images: str = "images"  # the folder the images are in ("shards" for output_format webdataset)
     new_failed: int = 0  # of the `new` rows, those recorded with an error
     missing: int = 0  # --retry-failed: planned rows without an entry at all (at least these many)
@@ -67,13 +67,16 @@ class Summary:
                 return f"no failed rows to retry ({self.rows} rows in all{kept}){missing}; {where}"
             return (f"retried {self.retried} failed rows: {self.retried - again} succeeded, {again} "
                     f"failed again ({self.rows} rows in all{kept}){missing} in {self.seconds:.1f} s; {where}")
+        failed = f"{self.failed} failed" + (f", {self.kept} of them rows the prompt table no longer plans"
+                                            if self.kept else "")
         if not self.new:
-            retry = f" (--retry-failed makes the {self.failed} failed rows again)" if self.failed else ""
-            return f"{self.rows} rows ({self.failed} failed), all made earlier: nothing to do{retry}; {where}"
+            again = self.failed - self.kept
+            retry = f" (--retry-failed makes the {again} failed rows again)" if again else ""
+            return f"{self.rows} rows ({failed}), all made earlier: nothing to do{retry}; {where}"
         earlier = f", {self.rows - self.new} done earlier" if self.new != self.rows else ""
         earlier += f", {self.folded} identical input rows folded" if self.folded else ""
         failed_now = f", {self.new_failed} failed" if self.new_failed else ""
-        return (f"{self.rows} rows ({self.failed} failed{earlier}); {self.made} made{failed_now} in "
+        return (f"{self.rows} rows ({failed}{earlier}); {self.made} made{failed_now} in "
                 f"{self.seconds:.1f} s, {self.images_per_s:.2f} images/s; {where}")
 
 
@@ -117,7 +120,7 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
     if not complete or _rows_in_flight(spec, rows):
         return None
     return Summary(rows=rows, failed=failed, seconds=time.time() - started, output=spec.output, new=0,
-                   folded=folded, images=image_folder(spec))
+                   folded=folded, images=image_folder(spec), kept=record.get("kept", 0))
 
 
 def _rows_in_flight(spec: JobSpec, entries: int) -> bool:

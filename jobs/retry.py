@@ -33,6 +33,14 @@ def take_out_failed(spec, planned_among, entries: int) -> tuple[object, int, int
     return planned, count, total - count
 
 
+def unplanned_failed(spec, planned_among) -> int:
+    """How many of the manifest's failed entries are of rows the prompt table no longer plans (`planned_among`
+    as for take_out_failed): read only when there are failed entries."""
+    failed = failed_ids(spec.output, spec.storage_options)
+    total = failed.count() if failed is not None else 0
+    return total - planned_among(failed, total).count() if total else 0
+
+
 def drop_failed(output: str, storage_options: dict, ids, count: int, entries: int = 0) -> None:
     """Take the rows of the ids dataset `ids` (`count` ids; of `entries` rows) out of the embeddings, then out of
     the manifest: a kill in between leaves the error entries for the next --retry-failed, and no reader ever sees

@@ -85,6 +85,12 @@ def flag_rows(errors: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], me
     return errors
 
 
+def nonfinite(stage: str, dtype: torch.dtype) -> str:
+    """The error of a row whose output holds NaN or inf; half precision may be the cause, float32 is not."""
+    return f"{stage} produced NaN or inf" + (" (try dtype float32)" if dtype != torch.float32 else
+                                             " (check the row's guidance scale)")
+
+
 def flag_nonfinite(errors: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], message: str) -> np.ndarray:
     """Set `message` on rows whose output holds NaN or inf; earlier errors are kept."""
     return flag_rows(errors, [(idx, np.isfinite(v.reshape(len(v), -1)).all(axis=1)) for idx, v in parts], message)

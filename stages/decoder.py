@@ -17,6 +17,7 @@ from stages.batching import (
     flag_rows,
     group_rows,
     micro_batches,
+    nonfinite,
     restored_generators,
     scatter,
 )
@@ -75,7 +76,7 @@ class DecoderStage:
         if self.keep_float:
             batch[C.IMAGE_FLOAT] = scatter(n, [(idx, floats.numpy()) for idx, _, _, floats in pending])
         batch[C.ERROR] = flag_rows(batch[C.ERROR], [(idx, finite.numpy()) for idx, _, finite, _ in pending],
-                                   "Stage B/A produced NaN or inf (try dtype float32)")
+                                   nonfinite("Stage B/A", self.dtype))
         batch[C.DECODER_NODE] = np.full(n, self.node, dtype=object)
         batch[C.DECODER_SECONDS] = np.full(n, (time.perf_counter() - start) / n)
         return batch

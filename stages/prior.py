@@ -21,6 +21,7 @@ from stages.batching import (
     generator_states,
     group_rows,
     micro_batches,
+    nonfinite,
     scatter,
     seeded_generators,
     transport_dtype,
@@ -99,7 +100,7 @@ class PriorStage:
         embeddings = [(idx, emb.numpy()) for idx, emb, _ in pending]
         batch[C.IMAGE_EMBEDDINGS] = scatter(n, embeddings)
         batch[C.GENERATOR_STATE] = scatter(n, [(idx, states) for idx, _, states in pending])
-        batch[C.ERROR] = flag_nonfinite(batch[C.ERROR], embeddings, "Stage C produced NaN or inf (try dtype float32)")
+        batch[C.ERROR] = flag_nonfinite(batch[C.ERROR], embeddings, nonfinite("Stage C", self.dtype))
         batch[C.PRIOR_NODE] = np.full(n, self.node, dtype=object)
         batch[C.PRIOR_SECONDS] = np.full(n, (time.perf_counter() - start) / n)
         for column in (C.PRIOR_TEXT, C.PRIOR_TEXT_NEG):  # the prior's text states stop here

@@ -87,3 +87,12 @@ def test_retry_keeps_the_failed_rows_an_edited_table_no_longer_plans(tmp_path, r
     assert not output.is_finished(str(tmp_path / "out"), {})
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0  # no failed row it plans
     assert "no failed rows to retry (5 rows in all; 1 failed rows" in capsys.readouterr().out
+    # A plain run makes the added prompt; the failed entry of the edited-out row is no failure of this table:
+    # exit 0, and no hint to --retry-failed it (which would not touch it), then and on every rerun.
+    assert main(["generate", str(tmp_path / "job.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "6 rows (1 failed, 1 of them rows the prompt table no longer plans, 5 done earlier); 1 made" in out
+    assert main(["generate", str(tmp_path / "job.yaml")]) == 0  # answered from the footers
+    out = capsys.readouterr().out
+    assert "6 rows (1 failed, 1 of them rows the prompt table no longer plans), all made earlier" in out
+    assert "--retry-failed" not in out
