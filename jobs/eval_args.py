@@ -69,6 +69,6 @@ def run_from_args(args) -> int:
                                    verbose=args.verbose))
     fid = "n/a" if metrics["fid"] is None else f"{metrics['fid']:.3f}"
     clip = "n/a" if metrics["clip_score"] is None else f"{metrics['clip_score']:.3f}"
-    print(f"{metrics['images']} images ({len(metrics['failures'])} failed): CLIP score {clip}, FID {fid}; "
+    print(f"{metrics['images']} images ({metrics['failed']} failed): CLIP score {clip}, FID {fid}; "
           f"results in {join(args.run, 'eval')}")
-    return 0
+    return 0 if metrics["images"] else 1  # not one image could be read: no metric

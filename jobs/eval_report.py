@@ -65,7 +65,7 @@ def summarize(opts, groups: dict, ref_stats: dict | None, models: dict, referenc
             "uri": reference.uri, "kind": reference.kind, "stats": ref_stats["source"], "images": ref_stats["n"]},
         "resize": E.RESIZE if models["inception"] else None, "definitions": DEFINITIONS,
         "by": {axis: by_axis(axis, groups) for axis in opts.by},
-        "failures": failures, "warnings": warnings,
+        "failures": failures, "failed": failed, "warnings": warnings,
     }
 
 

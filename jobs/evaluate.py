@@ -28,6 +28,7 @@ from stages import fid as F
 from stages import fid_agg as G
 from stages import footers, output
 from stages.refs import ModelRefError, hub_entries, ref_kind
+from stages.samples import relocated, relocation
 from stages.storage import full_uri, join, url_to_fs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -64,6 +65,7 @@ class Manifest:
     files: tuple[str, ...]
     names: tuple[str, ...]
     integer_axes: tuple[str, ...] = ()  # --by axes the manifest holds as integers
+    moved: tuple[str, str] | None = None  # the run was moved or copied: (written to, read from), see relocation
 
     def pyarrow_fs(self) -> PyFileSystem:
         return PyFileSystem(FSSpecHandler(self.fs))
@@ -89,7 +91,8 @@ def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
     for axis in by:
         check_axis_values(fs, files, axis)
     integer = tuple(a for a in by if a in typed.names and pa.types.is_integer(typed.field(a).type))
-    return Manifest(fs, tuple(files), tuple(schema.names), integer)
+    moved = relocation(output.read_job(run, storage_options) or {}, run)
+    return Manifest(fs, tuple(files), tuple(schema.names), integer, moved)
 
 
 def check_axis_values(fs, files: list[str], axis: str) -> None:
@@ -248,7 +251,16 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
 
 def _read_manifest(manifest: Manifest, columns) -> ray.data.Dataset:
     ds = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS)
-    return ds.select_columns(list(dict.fromkeys(columns)))
+    ds = ds.select_columns(list(dict.fromkeys(columns)))
+    if manifest.moved is None:
+        return ds
+    return ds.map_batches(_relocate, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(moved=manifest.moved))
+
+
+def _relocate(table: pa.Table, moved: tuple[str, str]) -> pa.Table:
+    """The rows' image_uri where the moved or copied run holds the images now."""
+    uris = pa.array([relocated(u, moved) for u in table.column(C.IMAGE_URI).to_pylist()], pa.string())
+    return table.set_column(table.schema.get_field_index(C.IMAGE_URI), C.IMAGE_URI, uris)
 
 
 def pool_args(pools: PoolOptions) -> dict:

@@ -20,7 +20,7 @@ from jobs.report_data import (AXES, MAX_FAILED, RESOLUTION, STAGES, ManifestView
 from stages import columns as C
 from stages import output as output_folder
 from stages.credentials import options_arg, usable
-from stages.samples import read_image_bytes
+from stages.samples import read_image_bytes, relocated, relocation
 from stages.storage import full_uri, join, outer_uri, url_to_fs, write_atomic
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ def build_report(output: str, storage_options: dict | None = None) -> str:
     fs, root = url_to_fs(output, options)
     view = read_view(output, options, declared_axes(job))
     shown = view.sheet + [r for _, _, group, _ in view.sweeps for r in group]
+    moved = relocation(job, output)  # a run moved or copied since: its own images, where they are now
+    for row in shown:
+        row[C.IMAGE_URI] = relocated(row[C.IMAGE_URI], moved)
     thumbs = make_thumbs(fs, join(root, "report", "thumbs"), {r[C.ROW_ID]: r for r in shown}.values(), options)
     page = render(output, job, view, lambda row: thumb_html(row, thumbs, full_uri(fs, root)), read_runs(fs, root))
     path = join(root, "report", "index.html")

@@ -7,7 +7,7 @@ import json
 import tarfile
 
 from stages.output import SHARD_STATS, SHARDS
-from stages.storage import url_to_fs
+from stages.storage import absolute, url_to_fs
 
 MEMBERS = "members"  # in shard_stats/<name>.json: {image member: [offset of its data, size]} (see write_shard)
 CACHED_SHARDS = 64  # shard indexes one process keeps (about 60 B a sample)
@@ -32,6 +32,24 @@ def read_image_bytes(uri: str, storage_options: dict | None) -> bytes:
             return fs.cat_file(path, start=where[0], end=where[0] + where[1])
     fs, path = url_to_fs(uri, storage_options)
     return fs.cat_file(path)
+
+
+def relocation(job: dict, run: str) -> tuple[str, str] | None:
+    """(the folder a run was written to, the folder it is read from) when they differ (the run was moved or
+    copied: its image_uri values name the first), else None. `job`: the run's job.yaml."""
+    written, here = absolute(job.get("output") or run).rstrip("/"), absolute(run).rstrip("/")
+    return (written, here) if written != here else None
+
+
+def relocated(uri: str | None, moved: tuple[str, str] | None) -> str | None:
+    """An image_uri of a run read where it is now (see relocation): the object under the folder the run was
+    written to is read under the folder it is in now (a WebDataset sample: its shard)."""
+    if not uri or moved is None:
+        return uri
+    inner, sep, outer = uri.rpartition("::")
+    if outer.startswith(moved[0] + "/"):
+        outer = moved[1] + outer[len(moved[0]):]
+    return inner + sep + outer
 
 
 def stats_uri(shard: str) -> str | None:

@@ -240,6 +240,21 @@ def test_clip_score_equals_computation_by_hand(clip_dir, tmp_path):
     assert (scorer({k: v.copy() for k, v in batch.items()})[E.CLIP_SCORE][ok] == 0).all()
 
 
+def test_a_moved_run_is_evaluated_on_its_own_images(clip_dir, tmp_path, ray_cluster):
+    """A run folder moved since it was written (its job.yaml names the old place, as do its image_uri values):
+    its images are read where it is now, not reported missing (or read from the old place, were it copied)."""
+    import shutil
+
+    import yaml
+
+    run = make_run(tmp_path / "run", seed=6, rows=4)
+    (tmp_path / "run" / "job.yaml").write_text(yaml.safe_dump({"output": run}))
+    shutil.move(run, tmp_path / "moved")
+    metrics = J.evaluate(J.EvalOptions(run=str(tmp_path / "moved"), clip_model=clip_dir,
+                                       pools=J.PoolOptions(batch_size=2)))
+    assert metrics["images"] == 4 and metrics["failed"] == 0, metrics["failures"]
+
+
 def test_user_mistakes_are_one_line(clip_dir, tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", seed=4, rows=3)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")

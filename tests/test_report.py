@@ -252,6 +252,23 @@ def test_no_grids_without_a_declared_axis(tmp_path):
     assert len(page.find("div", "sheet")[0].find("figure")) == 8  # every image still on the contact sheet
 
 
+def test_a_moved_run_shows_its_own_images(tmp_path):
+    """A run folder moved (or copied) since it was written: its manifest names the old place; the report reads
+    and links the images where the run is now."""
+    import shutil
+
+    rows = make_run(str(tmp_path / "run"), {})
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    page = parse(build_report(str(tmp_path / "moved")))
+    assert "unreadable" not in page.text()
+    by_id = {r[C.ROW_ID]: r for r in rows}
+    for link in page.find("a"):
+        row = by_id[link.find("img")[0].attrs["alt"]]
+        assert link.attrs["href"] == f"../images/{row[C.ROW_ID][:2]}/{row[C.ROW_ID]}.png"
+        assert np.array_equal(decode((tmp_path / "moved" / "report" / link.attrs["href"]).read_bytes()),
+                              row_pixels(row))
+
+
 def test_a_declared_axis_no_prompt_varies_on_is_no_sweep(tmp_path):
     """A one-value sweep (allowed: a sweep may only gain values later) makes no grid, and the report is written."""
     output = str(tmp_path / "run")
