@@ -90,7 +90,23 @@ def _unified(schema: pa.Schema, more: pa.Schema, name: str) -> pa.Schema:
                         f"{schema.field(clash.name).type}") from None
 
 
+# Per-row settings under other names (diffusers' combined pipeline's arguments): without a check they would
+# pass through as the table's own columns while every row takes the job's value.
+SETTING_ALIASES = {"num_inference_steps": C.DECODER_STEPS, "prior_num_inference_steps": C.PRIOR_STEPS,
+                   "guidance_scale": f"{C.PRIOR_GUIDANCE} or {C.DECODER_GUIDANCE}"}
+
+
 def _check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
+    twice = sorted({c for c in schema.names if schema.names.count(c) > 1})
+    if twice:
+        raise SpecError(f"prompts: column '{twice[0]}' appears twice in {name}; rename one")
+    settings = (C.PROMPT, *C.OVERRIDABLE)
+    for col in schema.names:
+        meant = SETTING_ALIASES.get(col) or next((s for s in settings if col != s and col.strip().lower() == s), None)
+        if meant:
+            raise SpecError(f"prompts: column '{col}' in {name} is not a per-row setting (did you mean '{meant}'? "
+                            f"names are exact); rename it to set the rows' value, or to another name to keep it "
+                            f"as your own column")
     if C.PROMPT not in schema.names:
         raise SpecError(f"prompts: {name} has no '{C.PROMPT}' column (columns: {', '.join(schema.names)})")
     for col in C.RESERVED:

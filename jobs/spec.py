@@ -106,7 +106,7 @@ def stage_kwargs(spec: JobSpec, name: str) -> dict:
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     """Read a YAML job file, apply `key.sub=value` overrides, validate."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(), Loader=_UniqueKeys)
     except FileNotFoundError:
         raise SpecError(f"job file {path} does not exist") from None
     except (IsADirectoryError, UnicodeDecodeError, PermissionError) as err:
@@ -116,9 +116,31 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise SpecError(f"job file {path}{where}: YAML syntax error: {getattr(err, 'problem', err)}") from None
+    except _TwiceError as err:
+        raise SpecError(f"job file {path} line {err.line}: key '{err.key}' appears twice in one mapping (YAML "
+                        f"would keep the last silently); merge them") from None
     if not isinstance(data, dict):
         raise SpecError(f"job file {path}: expected a mapping of keys, got {type(data).__name__}")
     return spec_from_dict(apply_overrides(data, overrides))
+
+
+class _TwiceError(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (a second `generation:` block)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _TwiceError(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -149,8 +171,13 @@ def spec_from_dict(data: dict) -> JobSpec:
     spec = _build(JobSpec, data, "")
     validate(spec)
     # Ray's workers on other nodes do not share the driver's working directory: local paths travel absolute
-    return dataclasses.replace(spec, prompts=absolute(spec.prompts), output=absolute(spec.output),
+    spec = dataclasses.replace(spec, prompts=absolute(spec.prompts), output=absolute(spec.output),
                                decoded_from=spec.decoded_from and absolute(spec.decoded_from))
+    if (spec.output.rstrip("/") + "/").startswith(spec.prompts.rstrip("/") + "/"):
+        raise SpecError(f"output {spec.output}: inside the prompts folder {spec.prompts}, whose Parquet files are "
+                        f"all read as prompt tables (the run's own parts would be next time); choose an output "
+                        f"outside it")
+    return spec
 
 
 def _build(cls, data, prefix: str):

@@ -51,12 +51,23 @@ def test_scan_counts_rows_across_files(tmp_path):
     ({"prompt": ["a", "b"], "decoder_steps": pa.array([2, 2**64 - 1], pa.uint64())},
      "row 1: decoder_steps must fit a signed 64-bit integer"),
     ({"prompt": ["a"], "negative_prompt": [3]}, "column 'negative_prompt' in"),
+    ({"prompt": ["a"], "Height": [512]}, "column 'Height' in"),  # would pass through, every row at the default
+    ({"prompt": ["a"], "num_inference_steps": [30]}, "is not a per-row setting (did you mean 'decoder_steps'?"),
+    ({"prompt": ["a"], "guidance_scale": [7.5]}, "(did you mean 'prior_guidance_scale or decoder_guidance_scale'?"),
 ])
 def test_bad_rows_are_named(tmp_path, cols, message):
     path = table_at(tmp_path, **cols)
     with pytest.raises(SpecError) as err:
         scan(spec_for(path))
     assert message in str(err.value) and "p.parquet" in str(err.value)
+
+
+def test_a_column_given_twice_is_named(tmp_path):
+    for names in (["prompt", "prompt"], ["prompt", "height", "height"], ["prompt", "tag", "tag"]):
+        table = pa.Table.from_arrays([pa.array(["a"]) if n != "height" else pa.array([256]) for n in names], names)
+        pq.write_table(table, tmp_path / "p.parquet")
+        with pytest.raises(SpecError, match=f"^prompts: column '{names[-1]}' appears twice in .*p.parquet; rename"):
+            scan(spec_for(str(tmp_path / "p.parquet")))
 
 
 def test_missing_and_non_parquet_inputs(tmp_path):

@@ -88,6 +88,22 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
         load_spec(path)
 
 
+def test_a_key_given_twice_is_refused_naming_it(tmp_path):
+    """YAML keeps the last of two `generation:` blocks without a word: the first block's settings would vanish."""
+    path = write(tmp_path, "prompts: a.parquet\noutput: out\ngeneration:\n  height: 256\nmodel: {}\n"
+                           "generation:\n  width: 256\n")
+    with pytest.raises(SpecError, match=r"job.yaml line 6: key 'generation' appears twice in one mapping"):
+        load_spec(path)
+
+
+def test_an_output_inside_the_prompts_folder_is_refused():
+    """Every Parquet file under the prompts folder is read as prompts: the run's own parts would be, next time."""
+    for prompts, out in (("s3://b/prompts/", "s3://b/prompts/run"), ("s3://b/prompts", "s3://b/prompts")):
+        with pytest.raises(SpecError, match=f"^output {out}: inside the prompts folder"):
+            spec_from_dict({"prompts": prompts, "output": out})
+    spec_from_dict({"prompts": "s3://b/prompts", "output": "s3://b/prompts-run"})  # a sibling is fine
+
+
 def test_bad_override_is_reported(tmp_path):
     path = write(tmp_path, "prompts: a.parquet\noutput: out\n")
     with pytest.raises(SpecError, match="generation.hieght: unknown key"):
