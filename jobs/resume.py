@@ -186,7 +186,7 @@ def check_continuation(spec: JobSpec, overwrite: bool) -> None:
         return
     before = yaml.safe_load(fs.cat_file(job_file))
     now = spec.to_dict()
-    diffs = [_first_difference(before.get(key), now.get(key), key) for key in IMAGE_KEYS]
+    diffs = [_first_difference(before.get(key), now.get(key), key) for key in ("decoded_from", *IMAGE_KEYS)]
     diffs.append(_first_difference(_stage_bits(before), _stage_bits(now), "stages"))
     if not _only_adds(before.get("sweep") or {}, now.get("sweep") or {}):
         diffs.append(_first_difference(before.get("sweep"), now.get("sweep"), "sweep"))

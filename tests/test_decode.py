@@ -111,6 +111,18 @@ def test_stage_c_settings_cannot_change(first_run):
     assert (tmp_path / "run" / "job.yaml").read_bytes() == job  # the source run is left as it was
 
 
+def test_a_decode_into_another_run_is_refused(first_run, tmp_path):
+    """An output holding a generate run of the same settings (or another run's decode) is not merged into."""
+    import shutil
+
+    source, _ = first_run
+    shutil.copytree(source / "run", tmp_path / "other")  # a run of its own, made from a prompt table
+    job = (tmp_path / "other" / "job.yaml").read_bytes()
+    with pytest.raises(SpecError, match=r"holds a run of another spec \(decoded_from: None → "):
+        run_decode(str(source / "run"), str(tmp_path / "other"))
+    assert (tmp_path / "other" / "job.yaml").read_bytes() == job
+
+
 def test_an_interrupted_decode_resumes_with_only_its_missing_rows(first_run):
     """A decode rerun on its output makes only the rows without an entry (matched by their new ids), each once."""
     tmp_path, _ = first_run
