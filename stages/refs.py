@@ -13,6 +13,7 @@ from stages.storage import reason, url_to_fs
 PRIOR_SUBFOLDERS = ("prior", "text_encoder", "tokenizer", "scheduler")
 DECODER_SUBFOLDERS = ("decoder", "text_encoder", "tokenizer", "vqgan", "scheduler")
 WEIGHT_SUBFOLDERS = ("prior", "text_encoder", "decoder", "vqgan")  # loaded from .safetensors files only
+CONFIGS = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}  # else config.json
 HUB_TIMEOUT_S = 5.0  # an unreachable hub is reported after this long, not after the actors' retries
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -62,6 +63,8 @@ def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options:
         if not path.is_dir():
             raise ModelRefError(f"{name}: directory {ref} does not exist")
         _check_subfolders(ref, name, subfolders, {p.name for p in path.iterdir() if p.is_dir()})
+        for folder in subfolders:
+            _check_config(ref, name, path / folder / CONFIGS.get(folder, "config.json"))
         _check_local_weights(ref, name, [path / s for s in subfolders if s in WEIGHT_SUBFOLDERS])
     elif kind == "uri":
         _check_uri(ref, name, subfolders, storage_options)
@@ -73,6 +76,16 @@ def _check_subfolders(ref: str, name: str, subfolders: tuple[str, ...], present:
     missing = [s for s in subfolders if s not in present]
     if missing:
         raise ModelRefError(f"{name}: {ref} lacks the subfolder(s) {', '.join(missing)}")
+
+
+def _check_config(ref: str, name: str, config: Path) -> None:
+    """A component's config exists and is JSON: else each stage actor fails to load it, in a flood of tracebacks."""
+    try:
+        json.loads(config.read_text())
+    except FileNotFoundError:
+        raise ModelRefError(f"{name}: {ref} lacks {config.parent.name}/{config.name}") from None
+    except (ValueError, OSError) as err:
+        raise ModelRefError(f"{name}: {config} is not a readable JSON file ({reason(err)})") from None
 
 
 def _check_local_weights(ref: str, name: str, folders: list[Path]) -> None:

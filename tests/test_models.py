@@ -76,6 +76,20 @@ def test_missing_local_model_is_reported(tmp_path):
         check_ref(str(tmp_path / "half"), "prior", PRIOR_SUBFOLDERS, {})
 
 
+def test_missing_or_broken_configs_are_named_before_any_model_work(tiny_dir, tmp_path):
+    import shutil
+
+    model = Path(shutil.copytree(tiny_dir / "decoder", tmp_path / "decoder"))
+    check_ref(str(model), "decoder", DECODER_SUBFOLDERS, {})  # the intact copy passes
+    (model / "vqgan" / "config.json").write_text("{bad")
+    with pytest.raises(ModelRefError, match=r"model.decoder: .*vqgan/config.json is not a readable JSON file \(Exp"):
+        check_ref(str(model), "decoder", DECODER_SUBFOLDERS, {})
+    shutil.copy(tiny_dir / "decoder" / "vqgan" / "config.json", model / "vqgan" / "config.json")
+    (model / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(ModelRefError, match=r"model.decoder: .*decoder lacks scheduler/scheduler_config.json$"):
+        check_ref(str(model), "decoder", DECODER_SUBFOLDERS, {})
+
+
 def test_unreadable_weights_are_named_before_any_model_work(tiny_dir, tmp_path):
     import shutil
 
