@@ -33,6 +33,8 @@ from stages.storage import full_uri, join, url_to_fs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 REQUIRED = (C.ROW_ID, C.PROMPT, C.IMAGE_URI, C.ERROR)
+# What CLIPModel and CLIPProcessor load (the image processor's config under its older or its newer name).
+CLIP_FILES = (("config.json",), ("preprocessor_config.json", "processor_config.json"), ("tokenizer_config.json",))
 AXIS_VALUES = 1000  # most values of one --by axis: each is a group of FID statistics (~32 MiB) and a result row
 
 
@@ -128,16 +130,29 @@ def check_clip(model: str, storage_options: dict) -> dict:
         raise SpecError(f"--clip-model tiny: not a CLIP model; pass {hint}")
     if kind in ("local", "uri"):
         fs, path = url_to_fs(model, storage_options)
-        if not fs.isfile(join(path, "config.json")):
-            raise SpecError(f"--clip-model {model}: no config.json there; pass {hint}")
-        return {"ref": model, "config_sha256": hashlib.sha256(fs.cat_file(join(path, "config.json"))).hexdigest()}
+        _check_clip_files(model, [names[0] for names in CLIP_FILES
+                                  if not any(fs.isfile(join(path, name)) for name in names)], hint)
+        config = fs.cat_file(join(path, "config.json"))
+        try:
+            model_type = json.loads(config).get("model_type")
+        except ValueError:
+            model_type = "unreadable"
+        if model_type != "clip":
+            raise SpecError(f"--clip-model {model}: its config.json is a {model_type!r} model's, not CLIP's "
+                            f"(model_type 'clip'); pass {hint}")
+        return {"ref": model, "config_sha256": hashlib.sha256(config).hexdigest()}
     try:
         entries = hub_entries(model, f"--clip-model {model}")
     except ModelRefError as err:
         raise SpecError(str(err)) from None
-    if "config.json" not in entries:
-        raise SpecError(f"--clip-model {model}: no config.json there; pass {hint}")
+    _check_clip_files(model, [names[0] for names in CLIP_FILES if not set(names) & entries], hint)
     return {"ref": model}
+
+
+def _check_clip_files(model: str, missing: list[str], hint: str) -> None:
+    """CLIPModel and CLIPProcessor both load: a folder of the model alone fails in every actor, after a minute."""
+    if missing:
+        raise SpecError(f"--clip-model {model}: no {', '.join(missing)} there; pass {hint}")
 
 
 def check_inception(opts: EvalOptions) -> dict:

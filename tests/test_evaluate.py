@@ -262,7 +262,9 @@ def test_user_mistakes_are_one_line(clip_dir, tmp_path, monkeypatch):
         (dict(run=str(tmp_path / "nope")), "not a run folder"),
         (dict(by=("guidance",)), "--by guidance: not a manifest column"),
         (dict(clip_model="tiny"), "--clip-model tiny: not a CLIP model"),
-        (dict(clip_model=str(tmp_path)), "no config.json"),
+        (dict(clip_model=str(tmp_path)), "no config.json, preprocessor_config.json, tokenizer_config.json there"),
+        (dict(clip_model=str(tmp_path / "model_only")), "no preprocessor_config.json, tokenizer_config.json there"),
+        (dict(clip_model=str(tmp_path / "text_only")), "its config.json is a 'clip_text_model' model's, not CLIP's"),
         (dict(fid_reference=str(tmp_path / "empty")), f"--fid-reference {tmp_path / 'empty'}: not a run folder"),
         (dict(fid_reference=str(tmp_path / "junk.npz")), "not a .npz with mu"),
         (dict(fid_reference=run, inception=str(tmp_path / "x.pt")), "x.pt: no such file"),
@@ -271,6 +273,13 @@ def test_user_mistakes_are_one_line(clip_dir, tmp_path, monkeypatch):
     ]
     torch.jit.script(torch.nn.Conv2d(3, 4, 3)).save(str(tmp_path / "conv.pt"))
     (tmp_path / "empty").mkdir()
+    import shutil
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(clip_dir)
+    model.save_pretrained(tmp_path / "model_only")  # the weights without the processor
+    shutil.copytree(clip_dir, tmp_path / "text_only")
+    model.text_model.config.save_pretrained(tmp_path / "text_only")  # a text encoder's config
     for change, message in cases:
         opts = J.EvalOptions(**{"run": run, "clip_model": clip_dir, **change})
         with pytest.raises(SpecError, match="^[^\n]*" + message.replace(".", r"\.")):
