@@ -68,6 +68,8 @@ def check_args(args) -> None:
         except (OSError, pa.ArrowInvalid, KeyError) as err:
             raise SpecError(f"benchmark: --prompts {args.prompts}: not a Parquet/TSV table with a prompt or Prompt "
                             f"column ({type(err).__name__})") from None
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # found out after the run, the figures lost
+        raise SpecError(f"benchmark: --json {args.json}: its folder does not exist")
 
 
 def run_benchmark(args) -> dict:

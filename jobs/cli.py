@@ -158,7 +158,13 @@ def _dispatch(args) -> int:
         quiet_libraries()  # no "Writing model shards" bars: the command prints one line when done
         if Path(args.directory).exists() and not Path(args.directory).is_dir():
             raise SpecError(f"tiny-model: {args.directory} is a file, not a folder to write the model into")
-        directory = write_tiny_model(args.directory, full=args.full_size)
+        held = [role for role in ("prior", "decoder") if (Path(args.directory) / role).exists()]
+        if held:  # a real model's weights would be replaced by random ones
+            raise SpecError(f"tiny-model: {args.directory} already holds {held[0]}/; choose a new folder")
+        try:
+            directory = write_tiny_model(args.directory, full=args.full_size)
+        except OSError as err:
+            raise SpecError(f"tiny-model: cannot write {args.directory} ({err.strerror or err})") from None
         print(f"{'full-size random' if args.full_size else 'tiny'} model written to {directory} (prior/, decoder/)")
         return 0
     from jobs.benchmark import run_benchmark

@@ -109,7 +109,12 @@ def test_benchmark_and_file_mistakes_are_one_line_before_any_work(tmp_path, caps
              (["benchmark", "--prompts", str(no_prompt)], "not a Parquet/TSV table with a prompt or Prompt column"),
              (["generate", str(tmp_path)], f"job file {tmp_path}: cannot read it (is a directory)"),
              (["generate", str(tmp_path / "latin1.yaml")], "cannot read it (not UTF-8 text)"),
-             (["tiny-model", str(tmp_path / "file")], "is a file, not a folder to write the model into")]
+             (["tiny-model", str(tmp_path / "file")], "is a file, not a folder to write the model into"),
+             (["tiny-model", str(tmp_path / "model")], "model already holds prior/; choose a new folder"),
+             (["benchmark", "--json", str(tmp_path / "none" / "b.json")], "--json " + str(tmp_path / "none" / "b.json")
+              + ": its folder does not exist"),
+             (["evaluate", "run", "--clip-model", "m", "--num-gpus", "-1"], "--num-gpus must not be negative, got -1.0")]
+    (tmp_path / "model" / "prior").mkdir(parents=True)
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
