@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     joined_before = _in_ray()  # a caller's Ray (the Python API, tests) is the caller's to leave
     try:
         _refuse_credentials_in_uris(args)
+        if getattr(args, "overwrite", False) and getattr(args, "retry_failed", False):
+            raise SpecError("--overwrite and --retry-failed: choose one (--overwrite deletes the failed rows too)")
         return _dispatch(args)
     except SpecError as err:
         _leave_ray(joined_before)

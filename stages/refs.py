@@ -69,7 +69,11 @@ def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options:
     elif kind == "uri":
         _check_uri(ref, name, subfolders, storage_options)
     elif kind == "hub":
-        _check_subfolders(ref, name, subfolders, hub_entries(ref, name))
+        try:
+            entries = hub_entries(ref, name)
+        except ModelRefError as err:  # `models/decoder` may have been meant as a folder here
+            raise ModelRefError(f"{err}; nor is there a local folder {os.path.abspath(ref)}") from None
+        _check_subfolders(ref, name, subfolders, entries)
 
 
 def _check_subfolders(ref: str, name: str, subfolders: tuple[str, ...], present: set[str]) -> None:

@@ -113,7 +113,8 @@ def test_benchmark_and_file_mistakes_are_one_line_before_any_work(tmp_path, caps
              (["tiny-model", str(tmp_path / "model")], "model already holds prior/; choose a new folder"),
              (["benchmark", "--json", str(tmp_path / "none" / "b.json")], "--json " + str(tmp_path / "none" / "b.json")
               + ": its folder does not exist"),
-             (["evaluate", "run", "--clip-model", "m", "--num-gpus", "-1"], "--num-gpus must not be negative, got -1.0")]
+             (["evaluate", "run", "--clip-model", "m", "--num-gpus", "-1"], "--num-gpus must not be negative, got -1.0"),
+             (["generate", "job.yaml", "--overwrite", "--retry-failed"], "--overwrite and --retry-failed: choose one")]
     (tmp_path / "model" / "prior").mkdir(parents=True)
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -42,7 +42,8 @@ def test_offline_without_the_model_in_the_cache_is_one_line(hf_home):
     home, _ = hf_home
     answer, _ = check_in({"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}, "warp-ai/wuerstchen-prior")
     assert answer == (f"model.prior: hub model warp-ai/wuerstchen-prior is not in the local Hugging Face cache "
-                      f"({home / 'hub'}) and HF_HUB_OFFLINE is set")
+                      f"({home / 'hub'}) and HF_HUB_OFFLINE is set; nor is there a local folder "
+                      f"{ROOT / 'warp-ai' / 'wuerstchen-prior'}")  # a relative folder path reads like a hub id
 
 
 def test_a_cached_snapshot_is_checked_offline_with_its_subfolders(hf_home):
