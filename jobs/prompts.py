@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.prompt_checks import check_rows, check_schema, unified_schema
 from jobs.resume import skip_mask
 from jobs.spec import JobSpec
-from jobs.spec_rules import GENERATION_RULES, MAX_SEED, SpecError
+from jobs.spec_rules import SpecError
 from stages import columns as C
 from stages import user_columns
 from stages.refs import prior_id
@@ -23,7 +24,6 @@ from stages.storage import full_uri, reason, url_to_fs
 
 
 EXPANDED_ROWS = 4096  # image rows one expansion batch makes (bounded task memory for any sweep size)
-FLOAT_EXACT = 2 ** 53  # above this a float64 cannot hold every integer
 
 
 @dataclass(frozen=True)
@@ -66,99 +66,17 @@ def scan(spec: JobSpec) -> PromptTable:
         except (pa.ArrowInvalid, OSError) as err:
             raise SpecError(f"prompts: {name} is not a readable Parquet file ({err})") from None
         schema = parquet.schema_arrow
-        present = _check_schema(schema, name)
-        unified = _unified(unified, schema, name)
+        present = check_schema(schema, name)
+        unified = unified_schema(unified, schema, name)
         columns = columns or present
         offset = 0
         for batch in parquet.iter_batches(batch_size=65536, columns=list(present), use_threads=False):
-            _check_rows(batch, name, offset, spec.generation.images_per_prompt)
+            check_rows(batch, name, offset, spec.generation.images_per_prompt)
             offset += batch.num_rows
         rows += offset
     if rows == 0:
         raise SpecError(f"prompts: {spec.prompts} has no rows")
     return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns), schema=unified)
-
-
-def _unified(schema: pa.Schema, more: pa.Schema, name: str) -> pa.Schema:
-    """The schemas of the files so far and of file `name`, as one (int64 and double become double); a column of
-    two incompatible types is one line naming it."""
-    try:
-        return pa.unify_schemas([schema, more.remove_metadata()], promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        clash = next(f for f in more if f.name in schema.names and schema.field(f.name).type != f.type)
-        raise SpecError(f"prompts: column '{clash.name}' in {name} is {clash.type}, in the files before it "
-                        f"{schema.field(clash.name).type}") from None
-
-
-# Per-row settings under other names (diffusers' combined pipeline's arguments): without a check they would
-# pass through as the table's own columns while every row takes the job's value.
-SETTING_ALIASES = {"num_inference_steps": C.DECODER_STEPS, "prior_num_inference_steps": C.PRIOR_STEPS,
-                   "guidance_scale": f"{C.PRIOR_GUIDANCE} or {C.DECODER_GUIDANCE}"}
-
-
-def _check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
-    twice = sorted({c for c in schema.names if schema.names.count(c) > 1})
-    if twice:
-        raise SpecError(f"prompts: column '{twice[0]}' appears twice in {name}; rename one")
-    settings = (C.PROMPT, *C.OVERRIDABLE)
-    for col in schema.names:
-        meant = SETTING_ALIASES.get(col) or next((s for s in settings if col != s and col.strip().lower() == s), None)
-        if meant:
-            raise SpecError(f"prompts: column '{col}' in {name} is not a per-row setting (did you mean '{meant}'? "
-                            f"names are exact); rename it to set the rows' value, or to another name to keep it "
-                            f"as your own column")
-    if C.PROMPT not in schema.names:
-        raise SpecError(f"prompts: {name} has no '{C.PROMPT}' column (columns: {', '.join(schema.names)})")
-    for col in C.RESERVED:
-        if col in schema.names:
-            hint = " (per-row checkpoints: use sweep: {prior_checkpoint: [...]})" if col == C.PRIOR_CHECKPOINT else ""
-            raise SpecError(f"prompts: column '{col}' in {name} is set by the job itself, so its values would be "
-                            f"replaced: rename the column{hint}")
-    for col in (C.PROMPT, C.NEGATIVE_PROMPT):
-        if col in schema.names and not pa.types.is_string(schema.field(col).type) \
-                and not pa.types.is_large_string(schema.field(col).type):
-            raise SpecError(f"prompts: column '{col}' in {name} is {schema.field(col).type}, not string")
-    for col in C.INT_PARAMS + C.FLOAT_PARAMS:
-        if col in schema.names:
-            kind = schema.field(col).type
-            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
-                raise SpecError(f"prompts: column '{col}' in {name} is {kind}, not a number")
-    return tuple(c for c in (C.PROMPT, *C.OVERRIDABLE) if c in schema.names)
-
-
-def _check_rows(batch: pa.RecordBatch, name: str, offset: int, images_per_prompt: int = 1) -> None:
-    def fail(mask, message, values=None):
-        where = np.flatnonzero(np.asarray(mask))
-        if len(where):
-            got = f", got {values[where[0]]}" if values is not None else ""
-            raise SpecError(f"prompts: {name} row {offset + where[0]}: {message}{got}")
-
-    fail(pc.is_null(batch.column(C.PROMPT)).to_numpy(zero_copy_only=False), "prompt is null")
-    for col in batch.schema.names:
-        if col in (C.PROMPT, C.NEGATIVE_PROMPT):
-            continue
-        column = batch.column(col)
-        present = pc.is_valid(column).to_numpy(zero_copy_only=False)
-        if pa.types.is_integer(column.type):  # checked as integers: 2^53 + 1 must not become 2^53
-            if col == C.SEED and column.type.bit_width == 64:
-                top = pa.scalar(MAX_SEED - (images_per_prompt - 1), column.type)
-                fail(pc.fill_null(pc.greater(column, top), False).to_numpy(zero_copy_only=False),
-                     f"seed must be at most 2^63 - {images_per_prompt} (seed + image index is a signed 64-bit "
-                     f"integer)", column)
-            elif column.type.bit_width == 64:  # a uint64 column: its values must fit the int64 the rows carry
-                fail(pc.fill_null(pc.greater(column, pa.scalar(MAX_SEED, column.type)), False).to_numpy(
-                    zero_copy_only=False), f"{col} must fit a signed 64-bit integer", column)
-            values = pc.fill_null(column, 1).to_numpy(zero_copy_only=False)
-        else:
-            values = column.to_numpy(zero_copy_only=False).astype(np.float64)  # null → nan
-            fail(present & ~np.isfinite(values), f"{col} must be a finite number", values)
-            if col in C.INT_PARAMS:
-                fail(present & (values != np.round(values)), f"{col} must be a whole number", values)
-                fail(present & (np.abs(values) > FLOAT_EXACT), f"{col} is a floating-point column and its value "
-                     f"is above 2^53, where floats skip integers: store {col} as int64", values)
-            values = np.nan_to_num(values)
-        is_bad, message = GENERATION_RULES[col]
-        fail(present & is_bad(values), f"{col} {message}", values)
 
 
 def planned_rows(spec: JobSpec, prompt_rows: int) -> int:
