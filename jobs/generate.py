@@ -10,18 +10,18 @@ import time
 
 import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
-from ray.autoscaler.sdk import request_resources
 
 from jobs import prompts, retry
 from jobs.console import start_ray
 from jobs.folding import fold_identical
 from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: part of this module's interface
 from jobs.isolation import isolating, load_error, load_warnings
+from jobs.placement import placement, wait_for_capacity
 from jobs.progress import Progress, Tally, reporting
 from jobs.report import build_report, record_run
 from jobs.resume import Summary, summarize
 from jobs.retries import configure_ray_data
-from jobs.spec import ACTOR_CPUS, TASK_CPUS, JobSpec, SpecError, StageSpec, stage_kwargs
+from jobs.spec import TASK_CPUS, JobSpec, stage_kwargs
 from stages import columns as C
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
@@ -32,7 +32,6 @@ from stages.writer import (drop_unlisted_shards, read_back_embeddings, shard_col
                            write_images, write_shard)
 
 log = logging.getLogger(__name__)
-LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always asks for a whole CPU
 ALL_STAGES = ("text", "prior", "decoder")
 DECODE_STAGES = ("text", "decoder")
 READ_ROWS = 65536  # prompt rows a read yields at once: expansion starts at once, whatever the file's size
@@ -240,85 +239,3 @@ def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, tally) -> ray.da
     placed = placement(getattr(spec.stages, name), name, ray.cluster_resources().get("GPU", 0))
     stage = reporting(isolating(cls, tally, name), tally, name) if tally is not None else isolating(cls)
     return ds.map_batches(stage, fn_constructor_kwargs=stage_kwargs(spec, name), **placed)
-
-
-# GPU shares when a stage's num_gpus is not set: one GPU shared by all three pools, or whole GPUs
-# for Stage C and Stage B/A (text encoding is ~0.1% of the FLOPs) when the cluster has several.
-_GPU_SHARES = {"text": (0.1, 0.25), "prior": (0.45, 1.0), "decoder": (0.45, 1.0)}
-
-
-def placement(stage: StageSpec, name: str, cluster_gpus: float) -> dict:
-    """map_batches keyword arguments for a stage's actor pool, from its spec and the cluster."""
-    if stage.num_gpus is not None:
-        num_gpus = stage.num_gpus
-    elif cluster_gpus:
-        num_gpus = _GPU_SHARES[name][0 if cluster_gpus < 3 else 1]
-    else:
-        num_gpus = 0
-    low, high = pool_size(stage)
-    args = dict(
-        batch_size=stage.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=low),
-        num_gpus=num_gpus,
-        num_cpus=stage.num_cpus if stage.num_cpus is not None else ACTOR_CPUS,
-    )
-    for key in ("resources", "accelerator_type", "label_selector"):
-        if getattr(stage, key):
-            args[key] = getattr(stage, key)
-    return args
-
-
-def pool_size(stage: StageSpec) -> tuple[int, int]:
-    """(min, max) actors of a stage's pool: its concurrency n (a fixed pool) or [min, max]; 1 by default."""
-    concurrency = stage.concurrency or 1
-    return tuple(concurrency) if isinstance(concurrency, list) else (concurrency, concurrency)
-
-
-def wait_for_capacity(spec: JobSpec, timeout: float) -> None:
-    """Ask the autoscaler for the stages' minimum pools and wait up to `timeout` s; then a clear error."""
-    deadline, announced = time.time() + timeout, False
-    while True:
-        try:
-            return check_capacity(spec, ray.cluster_resources())
-        except SpecError as err:
-            if time.time() >= deadline:
-                raise SpecError(f"{err} (after waiting {timeout:g} s)" if timeout else str(err)) from None
-            if not announced:
-                print(f"waiting up to {timeout:g} s for the Ray cluster to offer: {err}", file=sys.stderr)
-                request_resources(bundles=minimum_bundles(spec))
-                announced = True
-            time.sleep(min(2.0, max(deadline - time.time(), 0)))
-
-
-def minimum_pools(spec: JobSpec, cluster: dict) -> list[tuple[str, int, dict]]:
-    """(stage, minimum actor count, one actor's resource ask) for each stage."""
-    pools = []
-    for name in ("text", "prior", "decoder"):
-        stage = getattr(spec.stages, name)
-        args = placement(stage, name, cluster.get("GPU", 0))
-        ask = {"CPU": args["num_cpus"], "GPU": args["num_gpus"], **args.get("resources", {})}
-        pools.append((name, pool_size(stage)[0], {k: v for k, v in ask.items() if v}))
-    return pools
-
-
-def minimum_bundles(spec: JobSpec) -> list[dict]:
-    """One resource bundle per actor of the minimum pools (what the autoscaler is asked for)."""
-    return [ask for _, count, ask in minimum_pools(spec, ray.cluster_resources()) for _ in range(count)]
-
-
-def check_capacity(spec: JobSpec, cluster: dict) -> None:
-    """Refuse a job whose minimum actor pools cannot all be placed: Ray would otherwise wait forever."""
-    need: dict[str, float] = {"CPU": LISTING_CPUS}
-    for name, count, ask in minimum_pools(spec, cluster):
-        for resource, amount in ask.items():
-            if resource not in cluster:
-                offered = sorted(k for k in cluster if not k.startswith("node:") and "memory" not in k)
-                raise SpecError(f"stages.{name}: no node of the Ray cluster offers {resource} "
-                                f"(the cluster offers {', '.join(offered)})")
-            need[resource] = need.get(resource, 0) + count * amount
-    for resource, amount in need.items():
-        have = cluster.get(resource, 0)
-        if amount > have + 1e-9:
-            raise SpecError(f"stages: the minimum actor pools and Ray Data's file listing need {amount:g} {resource}, "
-                            f"the Ray cluster has {have:g}; lower a stage's concurrency or its {resource} ask")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from jobs.console import LOCAL_RAY_SETTINGS
-from jobs.generate import placement
+from jobs.placement import placement
 from jobs.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]

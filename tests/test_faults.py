@@ -21,7 +21,8 @@ import webdataset as wds
 from conftest import make_batch, write_prompts
 from faults import FlakyProxy
 
-from jobs.generate import _stage, placement, run
+from jobs.generate import _stage, run
+from jobs.placement import placement
 from jobs.isolation import MAX_DEATHS, isolating
 from jobs.progress import Tally
 from jobs.spec import SpecError, spec_from_dict
