@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
@@ -19,6 +17,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from jobs.console import start_ray
 from jobs.retries import configure_ray_data
 from jobs.eval_args import EvalOptions, PoolOptions, add_parser, run_from_args  # noqa: F401 - this module's interface
+from jobs.eval_checks import check_axis_values, check_clip
 from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
 from jobs.eval_scores import parts_uri, write_scores
 from jobs.spec import TASK_CPUS, SpecError
@@ -27,15 +26,12 @@ from stages import evaluate as E
 from stages import fid as F
 from stages import fid_agg as G
 from stages import footers, output
-from stages.refs import ModelRefError, hub_entries, ref_kind
+from stages.refs import ModelRefError
 from stages.samples import relocated, relocation
 from stages.storage import full_uri, join, url_to_fs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 REQUIRED = (C.ROW_ID, C.PROMPT, C.IMAGE_URI, C.ERROR)
-# What CLIPModel and CLIPProcessor load (the image processor's config under its older or its newer name).
-CLIP_FILES = (("config.json",), ("preprocessor_config.json", "processor_config.json"), ("tokenizer_config.json",))
-AXIS_VALUES = 1000  # most values of one --by axis: each is a group of FID statistics (~32 MiB) and a result row
 
 
 def evaluate(opts: EvalOptions) -> dict:
@@ -95,64 +91,6 @@ def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
     integer = tuple(a for a in by if a in typed.names and pa.types.is_integer(typed.field(a).type))
     moved = relocation(output.read_job(run, storage_options) or {}, run)
     return Manifest(fs, tuple(files), tuple(schema.names), integer, moved)
-
-
-def check_axis_values(fs, files: list[str], axis: str) -> None:
-    """An axis has at most AXIS_VALUES values (a per-row column would make a group of every row): its column is
-    read part by part, in parallel, each read stopping once past the limit."""
-    def values(file: str) -> set:
-        seen = set()
-        with fs.open(file, "rb", cache_type="none") as f:
-            parquet = pq.ParquetFile(f)
-            if footers.column_index(parquet.metadata, axis) < 0:
-                return seen
-            for batch in parquet.iter_batches(columns=[axis], batch_size=65_536):
-                seen.update(pc.unique(batch.column(0)).to_pylist())
-                if len(seen) > AXIS_VALUES:
-                    break
-        return seen
-
-    seen = set()
-    with ThreadPoolExecutor(max_workers=footers.THREADS) as pool:
-        for found in pool.map(values, files):
-            seen |= found
-            if len(seen) > AXIS_VALUES:
-                raise SpecError(f"--by {axis}: more than {AXIS_VALUES} distinct values; an axis groups the "
-                                f"images by a setting (a sweep's decoder_guidance_scale, a style column), and "
-                                f"each value gets its own metrics")
-
-
-def check_clip(model: str, storage_options: dict) -> dict:
-    """Fail before any work on a CLIP reference that cannot load; returns its identity."""
-    kind = ref_kind(model)
-    hint = "a hub id, a directory saved by CLIPModel/CLIPProcessor.save_pretrained, or an object-store URI"
-    if kind == "tiny":
-        raise SpecError(f"--clip-model tiny: not a CLIP model; pass {hint}")
-    if kind in ("local", "uri"):
-        fs, path = url_to_fs(model, storage_options)
-        _check_clip_files(model, [names[0] for names in CLIP_FILES
-                                  if not any(fs.isfile(join(path, name)) for name in names)], hint)
-        config = fs.cat_file(join(path, "config.json"))
-        try:
-            model_type = json.loads(config).get("model_type")
-        except ValueError:
-            model_type = "unreadable"
-        if model_type != "clip":
-            raise SpecError(f"--clip-model {model}: its config.json is a {model_type!r} model's, not CLIP's "
-                            f"(model_type 'clip'); pass {hint}")
-        return {"ref": model, "config_sha256": hashlib.sha256(config).hexdigest()}
-    try:
-        entries = hub_entries(model, f"--clip-model {model}")
-    except ModelRefError as err:
-        raise SpecError(str(err)) from None
-    _check_clip_files(model, [names[0] for names in CLIP_FILES if not set(names) & entries], hint)
-    return {"ref": model}
-
-
-def _check_clip_files(model: str, missing: list[str], hint: str) -> None:
-    """CLIPModel and CLIPProcessor both load: a folder of the model alone fails in every actor, after a minute."""
-    if missing:
-        raise SpecError(f"--clip-model {model}: no {', '.join(missing)} there; pass {hint}")
 
 
 def check_inception(opts: EvalOptions) -> dict:

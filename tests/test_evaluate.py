@@ -301,7 +301,9 @@ def test_an_axis_is_found_in_any_part_with_its_type(tmp_path):
 
 def test_an_axis_with_a_value_per_row_is_refused(tmp_path, monkeypatch):
     """--by on a per-row column (seed, a caption id) would make a group of FID statistics for every row."""
-    monkeypatch.setattr(J, "AXIS_VALUES", 3)
+    from jobs import eval_checks
+
+    monkeypatch.setattr(eval_checks, "AXIS_VALUES", 3)
     run = make_run(tmp_path / "run", seed=3, rows=5)
     J.check_run(run, ("style", C.DECODER_GUIDANCE), {})  # 2 and 3 values
     with pytest.raises(SpecError, match=f"^--by {C.SEED}: more than 3 distinct values; an axis groups"):
