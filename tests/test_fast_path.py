@@ -12,6 +12,8 @@ from conftest import make_batch
 from diffusers import DDPMWuerstchenScheduler
 from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from jobs.bench_stages import psnr
 from stages import columns as C
 from stages.decoder import DecoderStage
@@ -52,6 +54,36 @@ def test_no_host_sync_and_no_scheduler_step_in_the_loops(monkeypatch):
         monkeypatch.setattr(cls, name, forbidden)
     out = decoder(prior(batch))
     assert all(e == "" for e in out[C.ERROR])
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device: a tensor read as a Python number or bool (`.item()`,
+    `if t.any():`, `float(t)`), a data-dependent shape (`nonzero`)."""
+
+    SYNCS = (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero, torch.ops.aten.nonzero)
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in self.SYNCS
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_syncs_do_not_grow_with_the_steps():
+    """No host sync per denoising step, of any kind (an `if torch.isnan(x).any():` in a loop included): a run of
+    5 steps per stage syncs as often as a run of 2."""
+    counts = []
+    for steps in (2, 5):
+        rows = [{**r, C.PRIOR_STEPS: steps, C.DECODER_STEPS: steps} for r in ROWS]
+        batch = TextEncoder("tiny", "tiny")(make_batch(rows))
+        prior, decoder = PriorStage("tiny"), DecoderStage("tiny")
+        with HostSyncs() as syncs:
+            out = decoder(prior(batch))
+        assert all(e == "" for e in out[C.ERROR])
+        counts.append(syncs.count)
+    assert counts[0] == counts[1], counts
 
 
 def test_prior_text_states_stop_after_stage_c():

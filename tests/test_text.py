@@ -37,15 +37,20 @@ def test_negatives_only_where_guidance_is_on(encoder):
 
 
 def test_identical_texts_are_encoded_once(encoder):
-    seen = []
-    hook = encoder.prior.model.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    seen = {"prior": [], "decoder": []}
+    hooks = [getattr(encoder, tower).model.register_forward_hook(
+        lambda m, args, out, tower=tower: seen[tower].append(args[0].shape[0])) for tower in seen]
     try:
-        rows = [{C.PROMPT: "same prompt", C.SEED: s, C.PRIOR_GUIDANCE: 4.0} for s in range(12)]
+        rows = [{C.PROMPT: "same prompt", C.SEED: s, C.PRIOR_GUIDANCE: 4.0, C.DECODER_GUIDANCE: 2.0}
+                for s in range(12)]
         out = encoder(make_batch(rows))
     finally:
-        hook.remove()
-    assert len(seen) == 1  # 12 rows, 2 distinct texts ("same prompt" and the cached-or-not ""): one call
-    assert (out[C.PRIOR_TEXT] == out[C.PRIOR_TEXT][0]).all()
+        for hook in hooks:
+            hook.remove()
+    # 12 rows, 2 distinct texts ("same prompt" and the cached-or-not ""): one micro-batch (8) of each tower, where
+    # encoding every row would take two
+    assert [len(calls) for calls in seen.values()] == [1, 1], seen
+    assert (out[C.PRIOR_TEXT] == out[C.PRIOR_TEXT][0]).all() and (out[C.DECODER_TEXT] == out[C.DECODER_TEXT][0]).all()
 
 
 def test_long_prompts_are_truncated_with_one_warning_each_up_to_a_bound(caplog):
