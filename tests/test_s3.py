@@ -169,3 +169,17 @@ def test_overwrite_deletes_a_run_one_folder_at_a_time(bucket, monkeypatch):
     assert fs.find("wuerstchen/overwritten/") == ["wuerstchen/overwritten/job.yaml"]  # the new run's claim
     assert fs.cat("wuerstchen/overwritten/job.yaml") != b"x"
     assert fs.exists("wuerstchen/overwritten-not/job.yaml")
+
+
+def test_the_store_defaults_merge_under_the_jobs_own_options():
+    """botocore's standard retries (10 attempts) and uncached listings unless the job says otherwise, key by key:
+    a job that sets only the attempts keeps the retry mode, and its other client settings stay."""
+    from stages.storage import url_to_fs
+
+    fs = url_to_fs("s3://b/k", {"key": "k", "secret": "s"})[0]
+    assert fs.config_kwargs["retries"] == {"mode": "standard", "total_max_attempts": 10}
+    assert fs.dircache.use_listings_cache is False
+    fs = url_to_fs("s3://b/k", {"key": "k", "secret": "s", "use_listings_cache": True,
+                                "config_kwargs": {"retries": {"total_max_attempts": 2}, "read_timeout": 5}})[0]
+    assert fs.config_kwargs["retries"] == {"mode": "standard", "total_max_attempts": 2}
+    assert fs.config_kwargs["read_timeout"] == 5 and fs.dircache.use_listings_cache is True
