@@ -2,6 +2,7 @@
 after each, every row is in the manifest exactly once."""
 
 import faulthandler
+import io
 import logging
 import os
 import signal
@@ -20,10 +21,11 @@ import s3fs
 import webdataset as wds
 from conftest import make_batch, write_prompts
 from faults import FlakyProxy
+from PIL import Image
 
 from jobs.generate import _stage, run
-from jobs.placement import placement
 from jobs.isolation import MAX_DEATHS, isolating
+from jobs.placement import placement
 from jobs.progress import Tally
 from jobs.spec import SpecError, spec_from_dict
 from stages import columns as C
@@ -83,7 +85,11 @@ def test_object_store_outage_mid_run_loses_no_row(tmp_path, ray_cluster, flaky):
     prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"p{i}", C.SEED: i} for i in range(40)])
     spec = spec_from_dict({**small_job(prompts, "s3://faults/outage"), "storage_options": options})
 
+    landed = []
+
     def outages():
+        direct.invalidate_cache()
+        landed.append(pq.read_table("faults/outage/manifest", filesystem=direct).num_rows)
         proxy.outage(OUTAGE_S)  # refused and reset connections (WUERSTCHEN_TEST_OUTAGE=60: for a minute) …
         time.sleep(OUTAGE_S + 0.5)
         proxy.slow_down(3)  # … then 503 SlowDown
@@ -95,8 +101,12 @@ def test_object_store_outage_mid_run_loses_no_row(tmp_path, ray_cluster, flaky):
         faulthandler.cancel_dump_traceback_later()
     watcher.join()
     assert summary.rows == 40 and summary.failed == 0
+    assert landed and landed[0] < 40, landed  # the outage came mid-run
     direct.invalidate_cache()
-    once_each(pq.read_table("faults/outage/manifest", filesystem=direct).to_pylist(), 40)
+    rows = pq.read_table("faults/outage/manifest", filesystem=direct).to_pylist()
+    once_each(rows, 40)
+    for row in rows:  # every image whole
+        assert Image.open(io.BytesIO(direct.cat_file(row[C.IMAGE_URI]))).size == (128, 128)
 
 
 def test_store_down_for_good_ends_in_one_line_naming_the_output(tmp_path, ray_cluster, flaky):
