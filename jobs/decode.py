@@ -36,6 +36,8 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
                             f"(allowed: {', '.join(DECODER_KEYS)})")
     fs, root = url_to_fs(run, storage_options)
     with run_folder_read("decode", run):
+        if not fs.exists(root):
+            raise SpecError(f"decode: {run} does not exist")
         if not fs.exists(join(root, JOB_FILE)) or not fs.exists(join(root, EMBEDDINGS)):
             raise SpecError(f"decode: {run} is not a run folder (no job.yaml or embeddings/)")
         data = yaml.safe_load(fs.cat_file(join(root, JOB_FILE)))

@@ -130,6 +130,8 @@ def check_reference(ref: str | None, storage_options: dict) -> Reference | None:
     if fs.isdir(path):
         found = {p: info for p, info in fs.find(path, detail=True).items()
                  if p.lower().endswith(IMAGE_EXTENSIONS) and "/eval/" not in p[len(path):]}
+        if len(found) == 1:  # a covariance needs two: said before the Inception pass, not after it
+            raise SpecError(f"--fid-reference {ref}: one image; FID statistics need at least 2")
         if found:
             return Reference(ref, "images", tuple(full_uri(fs, p) for p in sorted(found)),
                              _digest(f"{p} {found[p].get('size')}" for p in sorted(found)))

@@ -103,8 +103,11 @@ def test_stage_c_settings_cannot_change(first_run):
         run_decode(str(tmp_path / "run"), str(tmp_path / "bad"), ["generation.height=256"])
     with pytest.raises(SpecError, match="^generation.decoder_step: unknown key .did you mean 'decoder_steps'"):
         run_decode(str(tmp_path / "run"), str(tmp_path / "bad"), ["generation.decoder_step=3"])  # a typo
-    with pytest.raises(SpecError, match="is not a run folder"):
+    with pytest.raises(SpecError, match="nothing does not exist"):
         run_decode(str(tmp_path / "nothing"), str(tmp_path / "bad"))
+    (tmp_path / "empty").mkdir(exist_ok=True)
+    with pytest.raises(SpecError, match="empty is not a run folder"):
+        run_decode(str(tmp_path / "empty"), str(tmp_path / "bad"))
     job = (tmp_path / "run" / "job.yaml").read_bytes()
     with pytest.raises(SpecError, match="is the run itself; decode writes a new output"):
         run_decode(str(tmp_path / "run"), str(tmp_path / "run") + "/")

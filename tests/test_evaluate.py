@@ -267,12 +267,15 @@ def test_user_mistakes_are_one_line(clip_dir, tmp_path, monkeypatch):
         (dict(clip_model=str(tmp_path / "text_only")), "its config.json is a 'clip_text_model' model's, not CLIP's"),
         (dict(fid_reference=str(tmp_path / "empty")), f"--fid-reference {tmp_path / 'empty'}: not a run folder"),
         (dict(fid_reference=str(tmp_path / "junk.npz")), "not a .npz with mu"),
+        (dict(fid_reference=str(tmp_path / "one")), "one image; FID statistics need at least 2"),
         (dict(fid_reference=run, inception=str(tmp_path / "x.pt")), "x.pt: no such file"),
         (dict(fid_reference=run, inception=str(tmp_path / "junk.npz")), "not a loadable TorchScript file"),
         (dict(fid_reference=run, inception=str(tmp_path / "conv.pt")), "conv.pt: not a usable FID Inception"),
     ]
     torch.jit.script(torch.nn.Conv2d(3, 4, 3)).save(str(tmp_path / "conv.pt"))
     (tmp_path / "empty").mkdir()
+    (tmp_path / "one").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
     import shutil
     from transformers import CLIPModel
 
