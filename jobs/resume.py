@@ -12,7 +12,6 @@ import yaml
 
 from jobs.lease import LEASE
 from jobs.spec import JobSpec, SpecError, StagesSpec
-from stages import columns as C
 from stages import footers
 from stages import output as output_folder
 from stages.storage import join, reason, remove_tree, url_to_fs, write_atomic
@@ -84,10 +83,9 @@ def summarize(spec: JobSpec, seconds: float, before: tuple[int, int] = (0, 0), r
               kept: int = 0) -> Summary:
     """Count the manifest's rows and failures (from its Parquet footers); `before`: the (rows, failed rows) that
     were there already."""
-    rows, failed = footers.part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
+    rows, failed, folded = footers.manifest_counts(spec.output, spec.storage_options)
     return Summary(rows=rows, failed=failed, seconds=seconds, output=spec.output, new=rows - before[0],
-                   new_failed=max(failed - before[1], 0),
-                   retried=retried, folded=footers.folded_rows(spec.output, spec.storage_options), kept=kept,
+                   new_failed=max(failed - before[1], 0), retried=retried, folded=folded, kept=kept,
                    images=image_folder(spec))
 
 
@@ -113,8 +111,8 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
     if (any(before.get(key) != now.get(key) for key in ROW_KEYS) or _stage_bits(before) != _stage_bits(now)
             or record is None or not _prompts_older(spec, fs, job_file)):
         return None
-    rows, failed = footers.part_counts(spec.output, "manifest", spec.storage_options, nulls_of=C.ERROR)
-    folded = footers.folded_rows(spec.output, spec.storage_options)  # input rows an entry stands for
+    rows, failed, folded = footers.manifest_counts(spec.output, spec.storage_options)  # folded: input rows an
+    # entry stands for beside itself
     planned = expected_rows()  # each an entry or folded into one, or as the last invocation found nothing to make
     complete = rows + folded == planned or (record.get("planned"), record.get("entries")) == (planned, rows)
     if not complete or _rows_in_flight(spec, rows):

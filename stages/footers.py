@@ -25,19 +25,39 @@ def part_counts(output: str, name: str, storage_options: dict | None, nulls_of: 
 
     def count(file: str) -> tuple[int, int]:
         with fs.open(file, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            meta = parquet.metadata
-            column = column_index(meta, nulls_of) if nulls_of else -1
-            if column < 0:
-                return meta.num_rows, 0
-            stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
-            if all(s is not None and s.has_null_count for s in stats):
-                return meta.num_rows, meta.num_rows - sum(s.null_count for s in stats)
-            return meta.num_rows, meta.num_rows - parquet.read(columns=[nulls_of]).column(0).null_count
+            return _counts(pq.ParquetFile(f), nulls_of)
 
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
         counts = list(pool.map(count, files))
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+@layout.relisted
+def manifest_counts(output: str, storage_options: dict | None) -> tuple[int, int, int]:
+    """(rows, failed rows, folded input rows) over the live manifest parts: part_counts and folded_rows in one
+    pass over the parts."""
+    fs, files = layout.list_parts(output, layout.MANIFEST, storage_options)
+
+    def count(file: str) -> tuple[int, int, int]:
+        with fs.open(file, "rb", cache_type="none") as f:
+            parquet = pq.ParquetFile(f)
+            return (*_counts(parquet, C.ERROR), _folded(parquet))
+
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        counts = list(pool.map(count, files))
+    return tuple(sum(c[i] for c in counts) for i in range(3))
+
+
+def _counts(parquet: pq.ParquetFile, nulls_of: str | None) -> tuple[int, int]:
+    """(rows, rows with a value in column `nulls_of`) of one part: from its footer's statistics where they say."""
+    meta = parquet.metadata
+    column = column_index(meta, nulls_of) if nulls_of else -1
+    if column < 0:
+        return meta.num_rows, 0
+    stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
+    if all(s is not None and s.has_null_count for s in stats):
+        return meta.num_rows, meta.num_rows - sum(s.null_count for s in stats)
+    return meta.num_rows, meta.num_rows - parquet.read(columns=[nulls_of]).column(0).null_count
 
 
 def column_index(meta, name: str) -> int:
@@ -62,13 +82,25 @@ def folded_rows(output: str, storage_options: dict | None) -> int:
 
     def folded(file: str) -> int:
         with fs.open(file, "rb", cache_type="none") as f:  # one column of the part, not its bytes after it
-            parquet = pq.ParquetFile(f)
-            if column_index(parquet.metadata, C.INPUT_ROWS) < 0:
-                return 0
-            return folded_in(parquet.read(columns=[C.INPUT_ROWS]).column(0))
+            return _folded(pq.ParquetFile(f))
 
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
         return sum(pool.map(folded, files))
+
+
+def _folded(parquet: pq.ParquetFile) -> int:
+    """Input rows folded into the entries of one part: 0 from the footer where no entry stands for more than one
+    input row (the statistics' max is 1, or the column is all null), else its input_rows column read."""
+    meta = parquet.metadata
+    column = column_index(meta, C.INPUT_ROWS)
+    if column < 0:
+        return 0
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    stats = [g.column(column).statistics for g in groups]
+    if all(s is not None and ((s.has_min_max and s.max <= 1) or (s.has_null_count and s.null_count == g.num_rows))
+           for s, g in zip(stats, groups)):
+        return 0
+    return folded_in(parquet.read(columns=[C.INPUT_ROWS]).column(0))
 
 
 def folded_in(input_rows) -> int:

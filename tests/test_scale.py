@@ -330,3 +330,18 @@ def test_a_column_is_found_in_footers_by_its_chunks(tmp_path):
     assert footers.column_index(meta, C.ERROR) == 3 and footers.column_index(meta, "missing") == -1
     assert meta.row_group(0).column(3).statistics.null_count == 1
     assert footers.part_counts(str(tmp_path), ".", {}, nulls_of=C.ERROR) == (2, 1)
+
+
+def test_manifest_counts_read_in_one_pass_equal_the_separate_counts(tmp_path):
+    """Rows, failed rows and folded input rows (Σ input_rows - 1): from the footers where their statistics say
+    (no entry stands for more than one input row), else from the input_rows column."""
+    folder = tmp_path / output.MANIFEST
+    write_parts(tmp_path, random_ids(10, 5), 1, name="plain")  # no input_rows column
+    for name, values in (("ones", [1, 1, 1]), ("nulls", [None, None, None]), ("folded", [1, 3, None])):
+        table = manifest_table(random_ids(3, hash(name) % 1000), failed=name == "folded")
+        table = table.set_column(table.schema.get_field_index(C.INPUT_ROWS), C.INPUT_ROWS,
+                                 pa.array(values, table.schema.field(C.INPUT_ROWS).type))
+        pq.write_table(table, folder / f"{name}.parquet")
+    counts = footers.manifest_counts(str(tmp_path), {})
+    assert counts == (*footers.part_counts(str(tmp_path), output.MANIFEST, {}, nulls_of=C.ERROR),
+                      footers.folded_rows(str(tmp_path), {})) == (19, 3, 2)
