@@ -14,7 +14,7 @@ from jobs.lease import LEASE
 from jobs.spec import JobSpec, SpecError, StagesSpec
 from stages import footers
 from stages import output as output_folder
-from stages.storage import join, reason, remove_tree, url_to_fs, write_atomic
+from stages.storage import canonical, join, reason, remove_tree, url_to_fs, write_atomic
 
 # Spec sections that change images: an output holds the rows of one setting of these.
 IMAGE_KEYS = ("model", "generation", "image_format", "output_format")
@@ -183,6 +183,8 @@ def check_continuation(spec: JobSpec, overwrite: bool) -> None:
     if not any(fs.glob(join(root, folder, "*.parquet")) for folder in ("manifest", "embeddings")):
         return
     before = yaml.safe_load(fs.cat_file(job_file))
+    if before.get("decoded_from"):  # as written before it was spelled one way (s3a://, a trailing slash)
+        before["decoded_from"] = canonical(before["decoded_from"])
     now = spec.to_dict()
     diffs = [_first_difference(before.get(key), now.get(key), key) for key in ("decoded_from", *IMAGE_KEYS)]
     diffs.append(_first_difference(_stage_bits(before), _stage_bits(now), "stages"))

@@ -12,7 +12,7 @@ import yaml
 
 from jobs.spec_rules import SpecError, check_type, validate  # noqa: F401 - SpecError: part of this module's interface
 from stages import credentials as secrets
-from stages.storage import absolute
+from stages.storage import absolute, canonical
 
 TASK_CPUS = 0.25  # reading, expanding and writing are light: never let them wait behind the actors
 ACTOR_CPUS = 0.1  # a stage actor's default CPU reservation: its work is on the GPU, or in torch threads
@@ -136,10 +136,15 @@ class _UniqueKeys(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged below, its keys may repeat
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise _TwiceError(key, key_node.start_mark.line + 1)
-            seen.add(key)
+            try:
+                if key in seen:
+                    raise _TwiceError(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            except TypeError:  # an unhashable key: yaml's own error says so below
+                continue
         return super().construct_mapping(node, deep=deep)
 
 
@@ -172,7 +177,7 @@ def spec_from_dict(data: dict) -> JobSpec:
     validate(spec)
     # Ray's workers on other nodes do not share the driver's working directory: local paths travel absolute
     spec = dataclasses.replace(spec, prompts=absolute(spec.prompts), output=absolute(spec.output),
-                               decoded_from=spec.decoded_from and absolute(spec.decoded_from))
+                               decoded_from=spec.decoded_from and canonical(spec.decoded_from))
     if (spec.output.rstrip("/") + "/").startswith(spec.prompts.rstrip("/") + "/"):
         raise SpecError(f"output {spec.output}: inside the prompts folder {spec.prompts}, whose Parquet files are "
                         f"all read as prompt tables (the run's own parts would be next time); choose an output "

@@ -7,7 +7,7 @@ import json
 import tarfile
 
 from stages.output import SHARD_STATS, SHARDS
-from stages.storage import absolute, url_to_fs
+from stages.storage import canonical, url_to_fs
 
 MEMBERS = "members"  # in shard_stats/<name>.json: {image member: [offset of its data, size]} (see write_shard)
 CACHED_SHARDS = 64  # shard indexes one process keeps (about 60 B a sample)
@@ -37,7 +37,7 @@ def read_image_bytes(uri: str, storage_options: dict | None) -> bytes:
 def relocation(job: dict, run: str) -> tuple[str, str] | None:
     """(the folder a run was written to, the folder it is read from) when they differ (the run was moved or
     copied: its image_uri values name the first), else None. `job`: the run's job.yaml."""
-    written, here = absolute(job.get("output") or run).rstrip("/"), absolute(run).rstrip("/")
+    written, here = canonical(job.get("output") or run), canonical(run)
     return (written, here) if written != here else None
 
 

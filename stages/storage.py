@@ -91,6 +91,16 @@ def absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
+def canonical(uri: str) -> str:
+    """One spelling of a location, as image_uri values are written (full_uri): file:// URIs and local paths as
+    absolute paths, s3a:// as s3://, no trailing slash."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    elif uri.startswith("s3a://"):
+        uri = "s3://" + uri[len("s3a://"):]
+    return absolute(uri).rstrip("/") or "/"
+
+
 def sample_uri(shard_uri: str, member: str) -> str:
     """The fsspec URI of one member of a tar (a WebDataset sample's image): `fsspec.open` reads it."""
     return f"tar://{member}::{shard_uri}"

@@ -94,6 +94,12 @@ def test_a_key_given_twice_is_refused_naming_it(tmp_path):
                            "generation:\n  width: 256\n")
     with pytest.raises(SpecError, match=r"job.yaml line 6: key 'generation' appears twice in one mapping"):
         load_spec(path)
+    path = write(tmp_path, "prompts: a.parquet\noutput: out\nstages:\n  prior: &stage {num_cpus: 2, batch_size: 8}\n"
+                           "  decoder:\n    <<: *stage\n    batch_size: 4\n")  # a merge key's keys may be set again
+    spec = load_spec(path)
+    assert (spec.stages.decoder.num_cpus, spec.stages.decoder.batch_size, spec.stages.prior.batch_size) == (2, 4, 8)
+    with pytest.raises(SpecError, match=r"job.yaml line \d+: YAML syntax error"):
+        load_spec(write(tmp_path, "prompts: a.parquet\n? [a, b]\n: 1\n"))  # an unhashable key
 
 
 def test_an_output_inside_the_prompts_folder_is_refused():
@@ -126,3 +132,17 @@ def test_micro_batch_and_compile_per_stage_reach_the_stage_classes(tmp_path):
     assert stage_kwargs(spec, "prior")["micro_batch"] == 4 and not stage_kwargs(spec, "prior")["compile"]
     assert stage_kwargs(spec, "decoder")["compile"] is True
     assert set(stage_kwargs(spec, "text")) == {"prior", "decoder", "dtype", "storage_options", "micro_batch", "compile"}
+
+
+def test_a_run_is_named_one_way_whatever_its_spelling():
+    """decode's source run and a moved run's old place compare as image_uri values are written: a rerun of
+    `decode s3://b/run/ OUT` continues `decode s3://b/run OUT`; a run written to s3a:// or file:// is found."""
+    from stages.samples import relocated, relocation
+
+    spec = spec_from_dict({"prompts": "s3://b/p", "output": "s3://b/out", "decoded_from": "s3a://b/run/"})
+    assert spec.decoded_from == "s3://b/run"
+    moved = relocation({"output": "s3a://b/run"}, "s3://b/copy/")
+    assert relocated("s3://b/run/images/ab/ab1.png", moved) == "s3://b/copy/images/ab/ab1.png"
+    moved = relocation({"output": "file:///data/run"}, "/data/copy")
+    assert relocated("tar://k.png::/data/run/shards/s.tar", moved) == "tar://k.png::/data/copy/shards/s.tar"
+    assert relocation({"output": "s3://b/run/"}, "s3a://b/run") is None  # not moved
