@@ -23,8 +23,9 @@ def unified_schema(schema: pa.Schema, more: pa.Schema, name: str) -> pa.Schema:
                         f"{schema.field(clash.name).type}") from None
 
 
-# Per-row settings under other names (diffusers' combined pipeline's arguments): without a check they would
-# pass through as the table's own columns while every row takes the job's value.
+# Per-row settings under other names (diffusers' combined pipeline's arguments, or with spaces around): without
+# a check they would pass through as the table's own columns while every row takes the job's value. Other
+# spellings (LAION's WIDTH and HEIGHT: the source image's size) are the table's own columns.
 SETTING_ALIASES = {"num_inference_steps": C.DECODER_STEPS, "prior_num_inference_steps": C.PRIOR_STEPS,
                    "guidance_scale": f"{C.PRIOR_GUIDANCE} or {C.DECODER_GUIDANCE}"}
 
@@ -35,13 +36,13 @@ def check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
         raise SpecError(f"prompts: column '{twice[0]}' appears twice in {name}; rename one")
     settings = (C.PROMPT, *C.OVERRIDABLE)
     for col in schema.names:
-        meant = SETTING_ALIASES.get(col) or next((s for s in settings if col != s and col.strip().lower() == s), None)
+        meant = SETTING_ALIASES.get(col) or next((s for s in settings if col != s and col.strip() == s), None)
         if meant:
             raise SpecError(f"prompts: column '{col}' in {name} is not a per-row setting (did you mean '{meant}'? "
                             f"names are exact); rename it to set the rows' value, or to another name to keep it "
                             f"as your own column")
     if C.PROMPT not in schema.names:
-        raise SpecError(f"prompts: {name} has no '{C.PROMPT}' column (columns: {', '.join(schema.names)})")
+        raise SpecError(f"prompts: {name} has no '{C.PROMPT}' column (columns: {', '.join(map(repr, schema.names))})")
     for col in C.RESERVED:
         if col in schema.names:
             hint = " (per-row checkpoints: use sweep: {prior_checkpoint: [...]})" if col == C.PRIOR_CHECKPOINT else ""

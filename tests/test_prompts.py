@@ -51,7 +51,7 @@ def test_scan_counts_rows_across_files(tmp_path):
     ({"prompt": ["a", "b"], "decoder_steps": pa.array([2, 2**64 - 1], pa.uint64())},
      "row 1: decoder_steps must fit a signed 64-bit integer"),
     ({"prompt": ["a"], "negative_prompt": [3]}, "column 'negative_prompt' in"),
-    ({"prompt": ["a"], "Height": [512]}, "column 'Height' in"),  # would pass through, every row at the default
+    ({"prompt": ["a"], "height ": [512]}, "column 'height ' in"),  # would pass through, every row at the default
     ({"prompt": ["a"], "num_inference_steps": [30]}, "is not a per-row setting (did you mean 'decoder_steps'?"),
     ({"prompt": ["a"], "guidance_scale": [7.5]}, "(did you mean 'prior_guidance_scale or decoder_guidance_scale'?"),
 ])
