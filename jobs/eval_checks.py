@@ -29,19 +29,21 @@ def check_axis_values(fs, files: list[str], axis: str) -> None:
             if footers.column_index(parquet.metadata, axis) < 0:
                 return seen
             for batch in parquet.iter_batches(columns=[axis], batch_size=65_536):
-                seen.update(pc.unique(batch.column(0)).to_pylist())
-                if len(seen) > AXIS_VALUES:
+                seen.update(v for v in pc.unique(batch.column(0)).to_pylist() if v == v)  # NaN: one group, not a
+                if len(seen) > AXIS_VALUES:                                            # new one each batch
                     break
         return seen
 
-    seen = set()
-    with ThreadPoolExecutor(max_workers=footers.THREADS) as pool:
+    seen, pool = set(), ThreadPoolExecutor(max_workers=footers.THREADS)
+    try:
         for found in pool.map(values, files):
             seen |= found
             if len(seen) > AXIS_VALUES:
                 raise SpecError(f"--by {axis}: more than {AXIS_VALUES} distinct values; an axis groups the "
                                 f"images by a setting (a sweep's decoder_guidance_scale, a style column), and "
                                 f"each value gets its own metrics")
+    finally:
+        pool.shutdown(cancel_futures=True)  # past the limit: the parts not read yet are not read
 
 
 def check_clip(model: str, storage_options: dict) -> dict:

@@ -26,7 +26,7 @@ def read_image_bytes(uri: str, storage_options: dict | None) -> bytes:
     the whole shard first (every header: the whole tar, on an object store, for each image)."""
     if uri.startswith("tar://") and "::" in uri:
         member, shard = uri.removeprefix("tar://").split("::", 1)
-        where = _shard_index(shard, json.dumps(storage_options or {}, sort_keys=True, default=str)).get(member)
+        where = shard_index(shard, storage_options).get(member)
         if where is not None:
             fs, path = url_to_fs(shard, storage_options)
             return fs.cat_file(path, start=where[0], end=where[0] + where[1])
@@ -60,15 +60,29 @@ def stats_uri(shard: str) -> str | None:
     return f"{parts[0]}/{SHARD_STATS}/{parts[2].removesuffix('.tar')}.json"
 
 
-@functools.lru_cache(maxsize=CACHED_SHARDS)
-def _shard_index(shard: str, options: str) -> dict[str, list[int]]:
+def shard_index(shard: str, storage_options: dict | None) -> dict[str, list[int]]:
     """The shard's image ranges from its stats ({} for a shard written before they were recorded, or whose
-    stats cannot be read: its samples are then read through tar://)."""
+    stats cannot be read now: its samples are then read through tar://)."""
     uri = stats_uri(shard)
     if uri is None:
         return {}
     try:
-        fs, path = url_to_fs(uri, json.loads(options))
-        return json.loads(fs.cat_file(path)).get(MEMBERS) or {}
-    except (OSError, ValueError):
+        return _read_index(uri, _Options(storage_options or {}))
+    except Exception:  # noqa: BLE001 - a store blip, no stats: tar:// reads the sample (not cached: tried again)
         return {}
+
+
+class _Options(dict):
+    """Storage options as a cache key (by their JSON; the options themselves are passed on)."""
+
+    def __hash__(self):
+        return hash(json.dumps(self, sort_keys=True, default=repr))
+
+    def __eq__(self, other):
+        return json.dumps(self, sort_keys=True, default=repr) == json.dumps(other, sort_keys=True, default=repr)
+
+
+@functools.lru_cache(maxsize=CACHED_SHARDS)
+def _read_index(uri: str, storage_options: _Options) -> dict[str, list[int]]:
+    fs, path = url_to_fs(uri, dict(storage_options))
+    return json.loads(fs.cat_file(path)).get(MEMBERS) or {}

@@ -35,8 +35,9 @@ TRANSIENT_ERRORS = [
 ]
 # A store's first request is tried this briefly: a mistyped endpoint or a store not started is named in seconds,
 # not after botocore's ~75 s of retries (the run's own requests keep the retries above).
-PROBE_OPTIONS = {"config_kwargs": {"retries": {"total_max_attempts": 3}, "connect_timeout": 10}}
-CONNECT_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError")
+PROBE_OPTIONS = {"config_kwargs": {"retries": {"total_max_attempts": 3}, "connect_timeout": 10, "read_timeout": 10}}
+CONNECT_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
+                  "ReadTimeoutError")  # the last: a store that takes the connection and never answers
 
 
 def merged(defaults: dict, options: dict) -> dict:
