@@ -54,8 +54,11 @@ class Lease:
 
     def create(self) -> bool:
         """Write the lease where there is none; False on a store that cannot create exclusively (then written)."""
-        if isinstance(self.fs, LocalFileSystem):
+        if isinstance(self.fs, LocalFileSystem):  # fsspec's local "create" is exists-then-write: not exclusive
             self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+            with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "wb") as f:
+                f.write(self.record())
+            return True
         try:
             self.fs.pipe_file(self.path, self.record(), mode="create")
             return True

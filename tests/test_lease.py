@@ -59,23 +59,27 @@ def test_the_lease_of_an_invocation_that_died_is_taken_over(tmp_path):
 
 def test_of_two_invocations_starting_together_one_goes_on(tmp_path, monkeypatch):
     """Both find no lease and create theirs: the store lets one create it (exclusively), the other stops."""
-    seen, outcomes = threading.Barrier(2), []
+    seen, outcomes, first = threading.Barrier(2), [], set()
     read = lease.Lease.read
 
     def read_together(self):  # both read "no lease" before either writes
         record = read(self)
-        if record is None:
+        if self.token not in first:
+            first.add(self.token)
             seen.wait(timeout=10)
         return record
     monkeypatch.setattr(lease.Lease, "read", read_together)
+
+    refused = threading.Event()
 
     def start():
         try:
             with lease.held(str(tmp_path / "out"), {}):
                 outcomes.append("held")
-                time.sleep(2 * lease.SETTLE_S)
+                refused.wait(timeout=10)  # held until the other has tried, however slow its thread
         except SpecError as err:
             outcomes.append(str(err))
+            refused.set()
     threads = [threading.Thread(target=start) for _ in range(2)]
     for thread in threads:
         thread.start()
@@ -146,3 +150,20 @@ def test_the_lease_on_an_object_store(s3_server):
                                              "renewed_at": time.time() - lease.EXPIRES_S - 1}).encode())
     with lease.held(out, s3_server) as taken:
         assert json.loads(fs.cat("leases/run/_lease"))["token"] == taken.token
+
+
+def test_a_lease_is_created_exclusively(tmp_path, s3_server, monkeypatch):
+    """Two invocations that both found no lease: the store lets only the first create it (on S3, the store itself
+    refuses the second PUT; locally O_EXCL: fsspec's own local "create" checks, then writes, which the
+    threaded test above catches about one time in eight)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    if not fs.exists("leases"):
+        fs.mkdir("leases")
+    monkeypatch.setattr(lease.Lease, "read", lambda self: None)  # each finds no lease
+    for out, options in ((str(tmp_path / "out"), {}), ("s3://leases/exclusive", s3_server)):
+        with lease.held(out, options):
+            with pytest.raises(SpecError, match="being written by another invocation"):
+                with lease.held(out, options):
+                    pass
