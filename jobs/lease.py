@@ -37,13 +37,18 @@ class Lease:
         self.stopped = threading.Event()
         self.keeper: threading.Thread | None = None
         self.lost: dict | None = None  # the record found in place of ours at a renewal
+
     def read(self) -> dict | None:
+        """The lease's record; None without one. A file that is not a record (a creation cut short) counts as
+        renewed when it was last written: it expires like any other."""
         try:
             return json.loads(self.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
-        except ValueError:  # a torn or foreign file: nobody's lease
-            return None
+        except ValueError:
+            info = self.fs.info(self.path)
+            written = info.get("mtime", info.get("LastModified"))
+            return {"host": "?", "renewed_at": written.timestamp() if hasattr(written, "timestamp") else written}
 
     def record(self) -> bytes:
         return json.dumps({"token": self.token, "host": socket.gethostname(), "pids": pid_namespace(),

@@ -1,6 +1,7 @@
 """One invocation at a time on an output: a second one is refused in one line before it writes anything."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -49,6 +50,10 @@ def test_the_lease_of_an_invocation_that_died_is_taken_over(tmp_path):
     with lease.held(spec.output, {}):
         pass
     write_lease(tmp_path, host="elsewhere", pid=1, renewed_at=time.time() - lease.EXPIRES_S - 1)
+    with lease.held(spec.output, {}):
+        pass
+    (tmp_path / "out" / lease.LEASE).write_text("")  # a creation cut short, long ago: expired
+    os.utime(tmp_path / "out" / lease.LEASE, (time.time() - lease.EXPIRES_S - 1,) * 2)
     with lease.held(spec.output, {}):
         pass
     write_lease(tmp_path, host="elsewhere", pid=1, renewed_at=time.time() - 5)
