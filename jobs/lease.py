@@ -14,6 +14,7 @@ import uuid
 from fsspec.implementations.local import LocalFileSystem
 
 from jobs.spec import SpecError
+from stages.output import modified_at
 from stages.storage import join, reason, url_to_fs, write_atomic
 
 LEASE = "_lease"  # <output>/_lease: {token, host, pids, pid, renewed_at} of the invocation writing the output
@@ -46,9 +47,7 @@ class Lease:
         except FileNotFoundError:
             return None
         except ValueError:
-            info = self.fs.info(self.path)
-            written = info.get("mtime", info.get("LastModified"))
-            return {"host": "?", "renewed_at": written.timestamp() if hasattr(written, "timestamp") else written}
+            return {"host": "?", "renewed_at": modified_at(self.fs.info(self.path))}
 
     def record(self) -> bytes:
         return json.dumps({"token": self.token, "host": socket.gethostname(), "pids": pid_namespace(),

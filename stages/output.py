@@ -208,14 +208,14 @@ def _since_closed(fs, root: str, files: list[str]) -> list[str]:
     """The parts among `files` modified at or after embeddings/_closed (all of them without one, or where the
     store gives no modification times)."""
     try:
-        closed = _modified(fs.info(join(root, CLOSED)))
+        closed = modified_at(fs.info(join(root, CLOSED)))
     except FileNotFoundError:
         return files
-    times = {entry["name"]: _modified(entry) for entry in fs.ls(root, detail=True, refresh=True)}
+    times = {entry["name"]: modified_at(entry) for entry in fs.ls(root, detail=True, refresh=True)}
     return [f for f in files if closed is None or times.get(f) is None or times[f] >= closed]
 
 
-def _modified(entry: dict) -> float | None:
+def modified_at(entry: dict) -> float | None:
     """A listing entry's modification time in seconds (local mtime, S3 LastModified), else None."""
     value = entry.get("mtime", entry.get("LastModified"))
     return value.timestamp() if hasattr(value, "timestamp") else float(value) if value is not None else None
