@@ -1,16 +1,15 @@
 """What the report shows, read from the manifest with Arrow, streaming: counts over compact ids, per-stage
-sums, nodes, the swept prompts (one grouped pass), and only the rows the page shows as Python rows."""
+sums, nodes, the swept prompts (jobs/report_sweeps.py), and only the rows the page shows as Python rows."""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-from pyarrow import acero
 
 from stages import columns as C
 from stages import footers, output
@@ -73,6 +72,8 @@ def read_view(output_uri: str, storage_options: dict, axes: list[str]) -> Manife
     view.failed_rows = failed_rows(dataset, ok)
     view.sheet = first_images(dataset)
     if axes:
+        from jobs.report_sweeps import find_sweeps  # it reads this module's helpers
+
         view.sweeps, view.swept_prompts = find_sweeps(dataset, axes)
     return view
 
@@ -185,41 +186,6 @@ def _top(table: pa.Table, keys, n: int) -> pa.Table:
 def _distinct(rows: list[dict]) -> list[dict]:
     """One row per id, keeping the order of first appearance."""
     return list({r[C.ROW_ID]: r for r in reversed(rows)}.values())[::-1]
-
-
-def find_sweeps(dataset: pads.Dataset, axes: list[str]) -> tuple[list, int]:
-    """(prompt, varying axes, rows in grid order, rows in all) of the first MAX_PROMPTS swept prompts, and the
-    number of swept prompts: one grouped pass (min, max and nulls per declared axis and prompt: memory grows
-    with the prompts, not the rows), then only the shown prompts' rows."""
-    columns = [c for a in axes for c in ((C.HEIGHT, C.WIDTH) if a == RESOLUTION else (a,))]
-    aggregates = [(c, f"hash_{f}", None, f"{c}_{f}") for c in columns for f in ("min", "max")]
-    aggregates += [(c, "hash_count", pc.CountOptions("only_null"), f"{c}_nulls") for c in columns]
-    aggregates += [(C.ROW_ID, "hash_count", pc.CountOptions("all"), "rows")]
-    plan = acero.Declaration.from_sequence([
-        acero.Declaration("scan", acero.ScanNodeOptions(dataset, columns=[C.PROMPT, C.ROW_ID, *columns])),
-        acero.Declaration("aggregate", acero.AggregateNodeOptions(aggregates, keys=[C.PROMPT]))])
-    groups = plan.to_table()
-    varies = None
-    for c in columns:
-        nulls = groups.column(f"{c}_nulls")
-        differs = pc.or_(pc.fill_null(pc.not_equal(groups.column(f"{c}_min"), groups.column(f"{c}_max")), False),
-                         pc.and_(pc.greater(nulls, 0), pc.less(nulls, groups.column("rows"))))
-        varies = differs if varies is None else pc.or_(varies, differs)
-    swept = groups.filter(varies).column(C.PROMPT)
-    shown = pc.sort_indices(swept)[:MAX_PROMPTS]
-    prompts = swept.take(shown).to_pylist()
-    if not prompts:  # no prompt varies on a declared axis (a one-value sweep): no grid
-        return [], 0
-    rows = _latest(dataset.to_table(columns=SHOWN, filter=pc.field(C.PROMPT).isin(prompts)).to_pylist())
-    by_prompt = defaultdict(list)
-    for row in rows:
-        by_prompt[row[C.PROMPT]].append(row)
-    sweeps = []
-    for prompt in prompts:
-        group = sorted(by_prompt[prompt], key=row_order)
-        axes_here = [a for a in axes if len({axis_value(r, a) for r in group}) > 1]
-        sweeps.append((prompt, axes_here, group[:MAX_GRID], len(group)))
-    return sweeps, len(swept)
 
 
 def _latest(rows: list[dict]) -> list[dict]:
