@@ -19,7 +19,7 @@ def test_defaults_match_the_reference_pipelines():
     gen = spec.generation
     assert (gen.height, gen.width, gen.prior_steps, gen.prior_guidance_scale) == (1024, 1024, None, 4.0)
     assert (gen.decoder_steps, gen.decoder_guidance_scale, gen.negative_prompt) == (12, 0.0, "")
-    assert (spec.stages.text.batch_size, spec.stages.prior.batch_size, spec.stages.decoder.batch_size) == (64, 16, 8)
+    assert (spec.stages.text.batch_size, spec.stages.prior.batch_size, spec.stages.decoder.batch_size) == (64, 16, 32)
     assert spec.model.prior == "tiny" and spec.model.dtype == "float32" and spec.image_format == "png"
 
 
