@@ -112,7 +112,8 @@ def meta_models(spec: JobSpec) -> dict[str, torch.nn.Module]:
             else:
                 models[name] = cls.from_config(config)
     split_effnet_linears(models["decoder"])  # as DecoderStage runs it: the effnet share once per micro-batch
-    split_text_keys_values(models["prior"])  # as PriorStage runs it: the text's keys and values once
+    for name in ("prior", "decoder"):  # as the stages run them: the text's keys and values once per micro-batch
+        split_text_keys_values(models[name])
     return models
 
 
@@ -124,7 +125,7 @@ def _flops(fn) -> int:
 
 def bucket_flops(models: dict, bucket: Bucket) -> dict[str, float]:
     """FLOPs per image of each stage for one bucket, as the stages do the work (guidance doubles a stage's batch;
-    Stage C's text keys and values and Stage B's effnet share are computed once per micro-batch, not per step)."""
+    the text's keys and values and Stage B's effnet share are computed once per micro-batch, not per step)."""
     prior, decoder = models["prior"], models["decoder"]
     h, w = embedding_size(bucket.height, bucket.width)
     text_dim, dec_dim = prior.config.c_cond, decoder.config.clip_embd
@@ -134,7 +135,8 @@ def bucket_flops(models: dict, bucket: Bucket) -> dict[str, float]:
     prior_once = _flops(lambda: fill_text_terms(prior, torch.randn(1, 77, text_dim)))
     prior_fwd = _flops(lambda: prior(torch.randn(1, prior.config.c_in, h, w), torch.rand(1), torch.randn(1, 77, text_dim)))
     effnet = (1, prior.config.c_in, h, w)
-    dec_once = _flops(lambda: fill_effnet_terms(decoder, torch.randn(effnet), latent[-2:]))
+    dec_once = _flops(lambda: fill_effnet_terms(decoder, torch.randn(effnet), latent[-2:])) + \
+        _flops(lambda: fill_text_terms(decoder, torch.randn(1, 77, dec_dim)))
     dec_fwd = _flops(lambda: decoder(torch.randn(latent), torch.rand(1), torch.randn(effnet), torch.randn(1, 77, dec_dim)))
     text = _flops(lambda: models["prior_text"](ids)) * (1 + bucket.prior_cfg) + \
         _flops(lambda: models["decoder_text"](ids)) * (1 + bucket.decoder_cfg)

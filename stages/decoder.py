@@ -34,11 +34,13 @@ from stages.denoise import (
 )
 from stages.effnet_terms import fill_effnet_terms, split_effnet_linears
 from stages.models import DTYPES, load_component, pick_device, pipeline_config, resolve
+from stages.text_terms import fill_text_terms, split_text_keys_values
 
 
 class DecoderStage:
     """Decodes every row to (H, W, 3) uint8, grouped by (size, steps, guidance on/off), in fixed micro-batches.
-    Its `decoder` has split effnet Linears: call it only after `fill_effnet_terms` for the same embeddings."""
+    Its `decoder` has split effnet Linears and text keys and values: call it only after `fill_effnet_terms` and
+    `fill_text_terms` for the same embeddings and text."""
 
     def __init__(self, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
                  device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool = False,
@@ -51,6 +53,7 @@ class DecoderStage:
         self.decoder = prepare_model(load_component(WuerstchenDiffNeXt, root, "decoder", self.dtype, self.device),
                                      self.device, channels_last)
         split_effnet_linears(self.decoder)  # the effnet share of its Linears: once per micro-batch, not per step
+        split_text_keys_values(self.decoder)  # the text's keys and values: once per micro-batch, not per step
         self.vqgan = prepare_model(load_component(PaellaVQModel, root, "vqgan", self.dtype, self.device),
                                    self.device, channels_last)
         self.forward = compiled(self.decoder, self.device) if compile else self.decoder
@@ -119,8 +122,10 @@ class DecoderStage:
         noise = noise_stream(gens, (4, *latent_hw), self.device)
         latents = next(noise) * self.scheduler.init_noise_sigma
 
-        # 4. The step-invariant share of the effnet-injecting blocks, once for all steps (stages/effnet_terms.py)
+        # 4. The step-invariant work, once for all steps: the effnet share of the effnet-injecting blocks
+        #    (stages/effnet_terms.py) and each AttnBlock's text keys and values (stages/text_terms.py)
         fill_effnet_terms(self.decoder, effnet, latent_hw)
+        fill_text_terms(self.decoder, text)
 
         # 5. Denoise: latents, guidance and the step in float32, the model in its dtype; guidance doubles its batch
         for i in range(sched.steps):

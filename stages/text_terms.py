@@ -1,8 +1,9 @@
-"""Stage C's step-invariant work, done once per micro-batch instead of at every denoising step.
+"""The text's step-invariant work in Stage C and Stage B, done once per micro-batch instead of at every step.
 
-Each of WuerstchenPrior's AttnBlocks (32 in the official prior) attends from the image tokens to themselves and to
-the 77 text tokens: it maps the text (`kv_mapper`: SiLU, Linear) and projects the mapped tokens to keys and
-values, at every step, although the text does not change across the steps: ~3% of Stage C's FLOPs per step.
+Each AttnBlock of WuerstchenPrior (32 in the official prior) and of WuerstchenDiffNeXt (Stage B's levels 2-3)
+attends from the image tokens to themselves and to the 77 text tokens: it maps the text (`kv_mapper`: SiLU,
+Linear) and projects the mapped tokens to keys and values, at every step, although the text does not change
+across the steps: ~3% of Stage C's FLOPs per step, ~2% of Stage B's at 1024².
 `split_text_keys_values` makes each block take those keys and values from buffers that `fill_text_terms` computes
 once per micro-batch; each step projects only the image tokens. Diffusers' modules and weights are unchanged
 (the state dict keeps its keys, so another checkpoint's weights still load).
@@ -30,8 +31,8 @@ class TextKeysValues(nn.Sequential):
         self.register_buffer("keys", None, persistent=False)
         self.register_buffer("values", None, persistent=False)
 
-    def forward(self, kv: torch.Tensor) -> torch.Tensor:  # (B, 77, c) → (B, 0, c): no text tokens in the concat
-        return kv[:, :0]
+    def forward(self, kv: torch.Tensor) -> torch.Tensor:  # (B, 77, c_cond) → (B, 0, c): no text tokens to concat
+        return super().forward(kv[:, :0])  # mapped as zero tokens: the block's width, no work
 
     def fill(self, c_embed: torch.Tensor, attention: nn.Module) -> None:
         """Map the text (B, 77, c) as the block does, project it to keys and values (B, 77, c), into buffers that
@@ -64,8 +65,8 @@ class TextTermsProcessor:
 
 
 def split_text_keys_values(model: nn.Module) -> bool:
-    """Make every AttnBlock of a WuerstchenPrior take its text keys and values from `fill_text_terms` (in place,
-    after any other processor was set); returns whether the model has any."""
+    """Make every AttnBlock of a WuerstchenPrior or WuerstchenDiffNeXt take its text keys and values from
+    `fill_text_terms` (in place, after any other processor was set); returns whether the model has any."""
     found = False
     for block in _attn_blocks(model):
         attention = block.attention
@@ -80,9 +81,9 @@ def split_text_keys_values(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def fill_text_terms(model: nn.Module, text: torch.Tensor) -> None:
-    """Set every AttnBlock's text keys and values for a micro-batch: `text` (B, 77, c_cond) is what the model is
-    called with (its cond_mapper maps it as WuerstchenPrior's forward does)."""
-    c_embed = model.cond_mapper(text)  # (B, 77, c)
+    """Set every AttnBlock's text keys and values for a micro-batch: `text` (B, 77, d) is what the model is
+    called with, mapped as its forward maps it (WuerstchenDiffNeXt: clip_mapper, seq_norm; the prior: cond_mapper)."""
+    c_embed = model.gen_c_embeddings(text) if hasattr(model, "gen_c_embeddings") else model.cond_mapper(text)
     for block in _attn_blocks(model):
         block.kv_mapper.fill(c_embed, block.attention)
 
@@ -90,4 +91,4 @@ def fill_text_terms(model: nn.Module, text: torch.Tensor) -> None:
 def _attn_blocks(model: nn.Module):
     from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import AttnBlock
 
-    return [block for block in model.blocks if isinstance(block, AttnBlock)]
+    return [block for block in model.modules() if isinstance(block, AttnBlock)]

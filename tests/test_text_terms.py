@@ -1,4 +1,5 @@
-"""Stage C's text keys and values computed once per micro-batch: the split prior equals WuerstchenPrior's forward.
+"""The text's keys and values computed once per micro-batch: the split prior equals WuerstchenPrior's forward, the
+split Stage B (its blocks narrower than the text) WuerstchenDiffNeXt's.
 
 Every weight is random (diffusers' init would leave parts of the prior near zero and hide a difference)."""
 
@@ -6,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
+from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt, WuerstchenPrior
 
 from stages.denoise import prepare_model
 from stages.text_terms import TextKeysValues, fill_text_terms, split_text_keys_values
@@ -74,3 +75,27 @@ def test_split_prior_compiles(model):
         fill_text_terms(split, text)
         compiled = torch.compile(split, fullgraph=True, dynamic=False)
         assert torch.allclose(compiled(x, r, text), model(x, r, text), atol=1e-5, rtol=1e-5)
+
+
+def test_split_decoder_equals_the_models_own_forward():
+    torch.manual_seed(0)
+    net = WuerstchenDiffNeXt(c_cond=24, clip_embd=20, c_hidden=[8, 16, 16], nhead=[-1, 2, 2], blocks=[1, 2, 1],
+                             level_config=["CT", "CTA", "CTA"], inject_effnet=[False, True, True], dropout=0.0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    model = prepare_model(net.eval(), torch.device("cpu"))
+    split = copy.deepcopy(model)
+    assert split_text_keys_values(split)
+    assert sum(isinstance(m, TextKeysValues) for m in split.modules()) == 6  # levels 2-3, down and up: 16 wide
+    g = torch.Generator().manual_seed(1)
+    x, r = torch.randn(2, 4, 16, 16, generator=g), torch.rand(2, generator=g)
+    effnet = torch.randn(2, 16, 4, 4, generator=g)
+    text, other = torch.randn(2, 77, 20, generator=g), torch.randn(2, 77, 20, generator=g)
+    with torch.no_grad():
+        fill_text_terms(split, text)
+        for step in range(2):  # the terms serve every step
+            expected = model(x, r * step, effnet, text)
+            assert torch.allclose(split(x, r * step, effnet, text), expected, atol=1e-5, rtol=1e-5)
+        stale = split(x, r, effnet, other)  # the last text's terms: clearly wrong for another text
+        assert (stale - model(x, r, effnet, other)).abs().max() > 100 * 1e-5

@@ -12,6 +12,7 @@ from stages.decoder import DecoderStage
 from stages.effnet_terms import fill_effnet_terms
 from stages.prior import PriorStage
 from stages.text import TextEncoder
+from stages.text_terms import fill_text_terms
 
 PROMPTS = ["a red fox", "a lighthouse at dawn", "a bowl of ramen", "an astronaut"]
 # (size, prior steps, decoder steps): the quick start (default 30-value Stage C schedule, 12 decoder
@@ -103,6 +104,7 @@ def test_heads_follow_the_noise_level(stages):
     x, effnet = torch.randn(2, 4, 32, 32, generator=gen), torch.randn(2, 16, 3, 3, generator=gen) * 30
     clip = torch.randn(2, 77, 32, generator=gen)
     fill_effnet_terms(decoder, effnet, x.shape[-2:])  # the stage's model reads these once per micro-batch
+    fill_text_terms(decoder, clip)
     divisors = []
     with torch.no_grad():
         for r in (0.9, 0.5, 0.2, 0.05):
