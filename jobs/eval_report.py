@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -59,25 +60,38 @@ def summarize(opts, groups: dict, ref_stats: dict | None, models: dict, referenc
             f"the first {len(failures)} in metrics.json 'failures', all in scores.parquet's eval_error"
         warn(f"{failed} image(s) not evaluated, e.g. row {failures[0]['row_id']}: {failures[0]['error']} "
              f"({where})", warnings)
+    by = {axis: by_axis(axis, groups, failed)
+          for axis, failed in zip(opts.by, failures_by(opts.run, opts.storage_options, opts.by))}
+    for axis, rows in by.items():
+        few = [r for r in rows if r["fid"] is not None and r["count"] < MIN_FID_IMAGES]
+        if few:
+            warn(f"FID by {axis}: {len(few)} of {len(rows)} values from fewer than {MIN_FID_IMAGES} images (e.g. "
+                 f"{few[0]['value']!r}: {few[0]['count']}): biased upward by their count, compare values of "
+                 f"equal counts", warnings)
     return {
         "run": opts.run, "images": overall.n, "clip_score": overall.clip_score(), "fid": overall.fid, **models,
         "fid_reference": None if reference is None else {
             "uri": reference.uri, "kind": reference.kind, "stats": ref_stats["source"], "images": ref_stats["n"]},
         "resize": E.RESIZE if models["inception"] else None, "definitions": DEFINITIONS,
-        "by": {axis: by_axis(axis, groups) for axis in opts.by},
+        "by": by,
         "failures": failures, "failed": failed, "warnings": warnings,
     }
 
 
-def by_axis(axis: str, groups: dict) -> list[dict]:
-    """One row of metrics per value of an axis, sorted by value (nulls last)."""
-    rows = []
+def by_axis(axis: str, groups: dict, failed: Counter) -> list[dict]:
+    """One row of metrics per value of an axis, sorted by value (nulls last): its images and its rows not
+    evaluated (a value whose every row failed has a row of count 0)."""
+    rows = {}
     for key, moments in groups.items():
         name, *value = json.loads(key) or [None]
         if name == axis:
-            rows.append({"value": value[0], "clip_score": moments.clip_score(), "fid": moments.fid,
-                         "count": moments.n})
-    return sorted(rows, key=lambda r: (r["value"] is None, type(r["value"]).__name__,
+            rows[value[0]] = {"value": value[0], "clip_score": moments.clip_score(), "fid": moments.fid,
+                              "count": moments.n}
+    for value in failed.keys() - rows.keys():
+        rows[value] = {"value": value, "clip_score": None, "fid": None, "count": 0}
+    for value, row in rows.items():
+        row["failed"] = failed[value]
+    return sorted(rows.values(), key=lambda r: (r["value"] is None, type(r["value"]).__name__,
                                        0 if r["value"] is None else r["value"]))
 
 
@@ -96,6 +110,21 @@ def read_failures(run: str, storage_options: dict, most: int = MAX_FAILURES_LIST
     return listed, count
 
 
+def failures_by(run: str, storage_options: dict, axes: tuple[str, ...]) -> list[Counter]:
+    """Per axis, the rows not evaluated of each value, from scores.parquet, streamed (values: at most AXIS_VALUES)."""
+    counts = [Counter() for _ in axes]
+    fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)
+    with fs.open(path) as f:
+        parquet = pq.ParquetFile(f)
+        held = [a for a in axes if a in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(columns=[E.EVAL_ERROR, *held], batch_size=65536):
+            failed = pa.Table.from_batches([batch]).filter(pc.is_valid(batch.column(E.EVAL_ERROR)))
+            for axis, count in zip(axes, counts):
+                if axis in held:
+                    count.update(v for v in failed.column(axis).to_pylist() if v == v)  # NaN: no value
+    return counts
+
+
 def numeric(rows: list[dict]) -> bool:
     """Whether every non-null value of an axis is a number."""
     values = [r["value"] for r in rows if r["value"] is not None]
@@ -112,11 +141,14 @@ def write_plots(run: str, metrics: dict, storage_options: dict) -> list[str]:
     written = []
     for axis, rows in metrics["by"].items():
         for metric in ("clip_score", "fid") if numeric(rows) else ():
-            xy = [(r["value"], r[metric]) for r in rows if r["value"] is not None and r[metric] is not None]
-            if not xy:
+            shown = [r for r in rows if r["value"] is not None and r[metric] is not None]
+            if not shown:
                 continue
             fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-            ax.plot(*zip(*xy), marker="o")
+            ax.plot([r["value"] for r in shown], [r[metric] for r in shown], marker="o")
+            for r in shown if metric == "fid" else ():  # an FID's bias falls with its image count: show it
+                ax.annotate(f"n={r['count']}", (r["value"], r[metric]), textcoords="offset points", xytext=(0, 6),
+                            ha="center", fontsize=7)
             ax.set(xlabel=axis, ylabel=metric, title=f"{metric} by {axis} ({sum(r['count'] for r in rows)} images)")
             ax.grid(alpha=0.3)
             buffer = io.BytesIO()

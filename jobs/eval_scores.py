@@ -52,11 +52,12 @@ def write_scores(run: str, manifest, storage_options: dict) -> None:
 def aligned(params: Iterable[pa.Table], scores: Iterable[pa.Table], run: str) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Each batch of `params` with its rows' SCORES, row for row; both sides sorted by row_id. A row scored twice
     (a retried task) counts once; a manifest row without a score, or a score of no manifest row, is an error."""
-    scores, pending = iter(scores), None
+    scores, pending, before = iter(scores), None, None
     for batch in params:
         if not batch.num_rows:
             continue
-        last = batch.column(C.ROW_ID)[-1]
+        _check_once(batch.column(C.ROW_ID), before, run)
+        last = before = batch.column(C.ROW_ID)[-1]
         while pending is None or not pending.num_rows or pc.less_equal(pending.column(C.ROW_ID)[-1], last).as_py():
             more = next(scores, None)
             if more is None:
@@ -71,6 +72,17 @@ def aligned(params: Iterable[pa.Table], scores: Iterable[pa.Table], run: str) ->
     rest = next((t for t in itertools.chain([pending], scores) if t is not None and t.num_rows), None)
     if rest is not None:
         raise SpecError(_mismatch(run, pa.array([], pa.string()), rest.column(C.ROW_ID)))
+
+
+def _check_once(ids, before, run: str) -> None:
+    """Sorted manifest ids (after the id `before`) hold each row once; else the one-line error: the metrics
+    would count that row's image twice (two invocations wrote the output, which the second one said)."""
+    ids = pa.chunked_array([[before.as_py()], ids.combine_chunks()]) if before is not None else ids
+    repeated = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)) if len(ids) > 1 else pa.array([], pa.bool_())
+    if pc.any(repeated).as_py():
+        row = ids[pc.index(repeated, True).as_py()]
+        raise SpecError(f"{run}: the manifest holds row {row} more than once (two invocations wrote this output), "
+                        f"so the metrics would count its image twice; run generate with --overwrite, then evaluate")
 
 
 def _first_of_each(table: pa.Table) -> pa.Table:

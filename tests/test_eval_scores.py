@@ -76,6 +76,10 @@ def test_aligned_pairs_rows_whatever_the_batches(params_sizes, scores_sizes):
     with pytest.raises(SpecError, match="a score for id020, a row not in the manifest"):
         list(S.aligned([params], [scores, pa.table({C.ROW_ID: ["id020"], E.CLIP_SCORE: [1.0],
                                                     E.EVAL_ERROR: pa.nulls(1, pa.string())})], "RUN"))
+    twice = pa.concat_tables([params.slice(0, 8), params.slice(7, 13)])  # id007 in the manifest twice
+    for sizes in ([8, 13], [7, 14], [21]):  # across a batch boundary, or within a batch
+        with pytest.raises(SpecError, match="RUN: the manifest holds row id007 more than once"):
+            list(S.aligned(batches(twice, sizes), batches(scores, scores_sizes), "RUN"))
 
 
 def test_failures_are_counted_streaming_and_listed_up_to_a_cap(tmp_path):
@@ -92,3 +96,13 @@ def test_failures_are_counted_streaming_and_listed_up_to_a_cap(tmp_path):
     listed, count = read_failures(str(tmp_path), {}, most=3)
     assert count == 5
     assert listed == [{"row_id": f"r{i}", "error": f"unreadable {i}"} for i in (3, 70_000, 70_001)]
+
+
+def test_a_manifest_row_written_twice_is_named_and_no_file_is_left(ray_cluster, tmp_path):
+    """A row in two manifest parts (two invocations wrote the output): its image would count twice; one line."""
+    run, expected = make_run(tmp_path / "run", 3000)
+    twice = pq.read_table(f"{run}/manifest/part-1.parquet").slice(40, 1)
+    pq.write_table(twice, f"{run}/manifest/part-9.parquet")
+    with pytest.raises(SpecError, match=f"the manifest holds row {twice.column(C.ROW_ID)[0]} more than once"):
+        S.write_scores(run, J.check_run(run, (), {}), {})
+    assert not list((tmp_path / "run" / "eval").glob("*scores.parquet*"))

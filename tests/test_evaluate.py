@@ -344,7 +344,7 @@ def read_metrics(run) -> dict:
 
 def test_evaluate_end_to_end(ray_cluster, clip_dir, tmp_path):
     """CLIP scores per row and slice equal by-hand ones, FIDs too (with an Inception); failures, scores and plots."""
-    run = make_run(tmp_path / "run", seed=5, rows=9, missing=(4,), failed=(5,), clip_dir=clip_dir)
+    run = make_run(tmp_path / "run", seed=5, rows=9, missing=(0, 4), failed=(5,), clip_dir=clip_dir)
     ref = make_run(tmp_path / "ref", seed=7, rows=5) if HAS_INCEPTION else None
     metrics = J.evaluate(J.EvalOptions(run=run, clip_model=clip_dir, fid_reference=ref,
                                        by=(C.DECODER_GUIDANCE, "style", "batch"), pools=J.PoolOptions(batch_size=4)))
@@ -353,27 +353,29 @@ def test_evaluate_end_to_end(ray_cluster, clip_dir, tmp_path):
     assert list(scores.columns[:3]) == [C.ROW_ID, E.CLIP_SCORE, E.EVAL_ERROR]
     assert {C.DECODER_GUIDANCE, "style", C.SEED, C.IMAGE_URI} <= set(scores.columns)
     assert list(scores[C.ROW_ID]) == [f"r5-{i}" for i in range(9)]
-    assert {f["row_id"] for f in metrics["failures"]} == {"r5-4", "r5-5"}
-    assert any("r5-4" in w for w in metrics["warnings"])
+    assert {f["row_id"] for f in metrics["failures"]} == {"r5-0", "r5-4", "r5-5"}
+    assert any("r5-0" in w for w in metrics["warnings"])
     table = pq.read_table(f"{run}/manifest").to_pandas().set_index(C.ROW_ID)  # the input, not the pipeline's copy
-    good = table[[i not in (4, 5) for i in range(9)]]
+    good = table[[i not in (0, 4, 5) for i in range(9)]]
     images = [Image.open(tmp_path / "run" / "images" / f"{r}.png").convert("RGB") for r in good.index]
     by_hand = 100 * np.diag(raw_cosines(clip_dir, images, list(good[C.PROMPT])))
     assert by_hand.min() > 5  # no score clamps to 0
     got = scores.set_index(C.ROW_ID)[E.CLIP_SCORE]
     np.testing.assert_allclose(got[good.index], by_hand, rtol=1e-4)  # each row scored with its own prompt
-    assert got[["r5-4", "r5-5"]].isna().all() and metrics["images"] == 7
+    assert got[["r5-0", "r5-4", "r5-5"]].isna().all() and metrics["images"] == 6
     assert metrics["clip_score"] == pytest.approx(by_hand.mean(), rel=1e-5)
     for axis, values in ((C.DECODER_GUIDANCE, list(GUIDANCES)), ("style", ["a", "b"])):
         assert [r["value"] for r in metrics["by"][axis]] == values
         for row in metrics["by"][axis]:
             mask = (good[axis] == row["value"]).to_numpy()
             assert row["count"] == mask.sum() and row["clip_score"] == pytest.approx(by_hand[mask].mean(), rel=1e-5)
-    # an integer column with a null: blocks holding the null read it as floats, yet each value is one slice
+            assert row["failed"] == sum(table[axis][f"r5-{i}"] == row["value"] for i in (0, 4, 5))
+    # an integer column with a null: blocks holding the null read it as floats, yet each value is one slice; the
+    # null's one row failed: a row of no image, not no row
     batches = metrics["by"]["batch"]
     assert [r["value"] for r in batches] == [0, 1, None] and [type(r["value"]) for r in batches[:2]] == [int, int]
-    assert [r["count"] for r in batches] == [good["batch"].eq(0).sum(), good["batch"].eq(1).sum(),
-                                             good["batch"].isna().sum()]
+    assert [(r["count"], r["failed"]) for r in batches] == [(3, 1), (3, 1), (0, 1)]
+    assert (batches[2]["clip_score"], batches[2]["fid"]) == (None, None)
     eval_dir = tmp_path / "run" / "eval"
     assert (eval_dir / f"clip_score_by_{C.DECODER_GUIDANCE}.png").stat().st_size > 1000
     assert not list(eval_dir.glob("*style*.png")) and not (eval_dir / "scores.parts").exists()  # style: not numeric
