@@ -80,8 +80,11 @@ class Lease:
         started = time.monotonic()
         try:
             exclusive = self.create()
-        except FileExistsError:  # another invocation created it since it was read
-            raise SpecError(busy(self.output, self.read() or {})) from None
+        except FileExistsError:  # another invocation created it since it was read, or this one did: the store
+            now = self.read() or {}  # saved the create but its answer was lost, and the retried create met it
+            if now.get("token") != self.token:
+                raise SpecError(busy(self.output, now)) from None
+            exclusive = True
         if other is not None or not exclusive:  # another taker may have deleted and created in between
             time.sleep(max(SETTLE_S, 3 * (time.monotonic() - started)))
             now = self.read()

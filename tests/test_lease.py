@@ -181,3 +181,27 @@ def test_a_lease_is_created_exclusively(tmp_path, s3_server, monkeypatch):
             with pytest.raises(SpecError, match="being written by another invocation"):
                 with lease.held(out, options):
                     pass
+
+
+def test_a_create_whose_answer_was_lost_holds_the_lease(s3_server, monkeypatch):
+    """The store saved the lease but its answer was lost, and the client's retried create met the lease: this
+    invocation's own, so it goes on (it was refused as "written by another invocation": itself)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    if not fs.exists("leases"):
+        fs.mkdir("leases")
+    create = lease.Lease.create
+
+    def saved_then_refused(self):
+        create(self)
+        raise FileExistsError(self.path)  # what the retried PUT's 412 becomes
+    monkeypatch.setattr(lease.Lease, "create", saved_then_refused)
+    with lease.held("s3://leases/lost-answer", s3_server) as taken:
+        fs.invalidate_cache()
+        assert json.loads(fs.cat("leases/lost-answer/_lease"))["token"] == taken.token
+    with pytest.raises(SpecError, match="being written by another invocation"):  # another's lease: still refused
+        fs.pipe("leases/lost-answer/_lease", json.dumps({"token": "t", "host": socket.gethostname(), "pid": os.getpid(),
+                                                         "renewed_at": time.time()}).encode())
+        with lease.held("s3://leases/lost-answer", s3_server):
+            pass
