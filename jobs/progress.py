@@ -15,10 +15,11 @@ LOG_EVERY_S = 30.0  # not a terminal (a log file, CI): one block of lines this o
 FOLDED = "folded"  # the tally's count of input rows folded into an identical row (made once)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class Tally:
     """Rows finished per stage, as the stage actors report them (one number per stage), and the tries of the
-    rows in flight (nothing per finished row): a batch tried again after its actor died is seen."""
+    rows in flight (nothing per finished row): a batch tried again after its actor died is seen. Restarted when
+    its process dies (the run goes on; its progress counts start again)."""
 
     def __init__(self):
         self.rows: dict[str, int] = {}

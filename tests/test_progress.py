@@ -77,3 +77,13 @@ def test_a_log_gets_the_closing_state_once(ray_cluster):
         progress._poll()
         progress._draw()  # as the loop does every LOG_EVERY_S, just before the pass ends
     assert log.getvalue().count("text     2/2 rows") == 1
+
+
+def test_a_tally_whose_process_died_is_restarted(ray_cluster):
+    """The one Tally of a pass dies (an OOM kill): the stages' calls go to a new one instead of ending the run."""
+    tally = Tally.remote()
+    ray_cluster.get(tally.add.remote("text", 5))
+    ray_cluster.kill(tally, no_restart=False)  # as its process dying does
+    assert ray_cluster.get(tally.begin.remote("prior", ["a", "b"]), timeout=60) == [1, 1]  # no history: first tries
+    ray_cluster.get(tally.add.remote("text", 2))
+    assert ray_cluster.get(tally.counts.remote()) == {"text": 2}
