@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 
 # A Ray started here keeps an idle worker process for a minute, not Ray's default second: a run's short phases (a
 # join's map and reduce tasks, each kind in its own pool of workers) would otherwise each start new processes,
@@ -32,7 +34,18 @@ def start_ray(verbose: bool = False) -> None:
                  logging_level=logging.INFO if verbose else logging.ERROR)
         if not verbose:
             absorb_restart_warning()
+        interrupt_on_sigterm()
     quiet_ray_data(verbose)
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (what Kubernetes and Slurm send) interrupts as Ctrl-C does: the lease is given back and the command
+    says how to go on. ray.init puts in its own handler (sys.exit after a native stack dump); this replaces it."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 @functools.cache
