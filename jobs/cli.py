@@ -134,7 +134,7 @@ def _dispatch(args) -> int:
         summary = run_decode(args.run, args.output, args.overrides, args.storage_options, args.overwrite,
                              verbose=args.verbose)
         print(redact(summary))
-        return 1 if summary.failed else 0
+        return 1 if summary.failed or summary.unstored else 0
     if args.command == "evaluate":
         from jobs.eval_args import run_from_args as evaluate_from_args
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -66,16 +67,24 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     check_reachable({"run": run}, storage_options)
     spec = decode_spec(run, output, list(overrides), storage_options)
     check_reachable({"output": output}, spec.storage_options)
+    unstored = made_unstored(run, spec.storage_options)
     summary = None if overwrite else answered_decode(spec, started)
-    if summary is not None:
-        return summary
-    check_models(spec)
-    with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
-        claim(spec, overwrite)
-        from jobs.retries import storage_errors_named
+    if summary is None:
+        check_models(spec)
+        with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
+            claim(spec, overwrite)
+            from jobs.retries import storage_errors_named
 
-        with storage_errors_named(spec.output):
-            return _decode(spec, list(overrides), started, verbose)
+            with storage_errors_named(spec.output):
+                summary = _decode(spec, list(overrides), started, verbose)
+    return dataclasses.replace(summary, unstored=unstored, source=run)
+
+
+def made_unstored(run: str, storage_options: dict | None) -> int:
+    """How many of the run's made rows have no stored Stage C embeddings (an embeddings part deleted): decode
+    cannot make them. Every made row stored its embeddings (so did rows that failed in Stage B/A), from footers."""
+    rows, failed, _ = footers.manifest_counts(run, storage_options)
+    return max(rows - failed - footers.part_counts(run, output.EMBEDDINGS, storage_options)[0], 0)
 
 
 def stored_keys(batch: dict[str, np.ndarray], decoder_params: dict, model: dict) -> dict[str, np.ndarray]:
@@ -126,5 +135,6 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
 
     stored = footers.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
     user_types = footers.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
-    write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))
+    if stored:  # a run whose every embeddings part was deleted has none to decode
+        write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))
     return close_output(spec, started, done, failed, planned=stored)

@@ -41,6 +41,8 @@ class Summary:
     images: str = "images"  # the folder the images are in ("shards" for output_format webdataset)
     new_failed: int = 0  # of the `new` rows, those recorded with an error
     missing: int = 0  # --retry-failed: planned rows without an entry at all (at least these many)
+    unstored: int = 0  # decode: made rows of the source run without stored Stage C embeddings (not decoded)
+    source: str = ""  # decode: the source run
 
     @property
     def made(self) -> int:
@@ -68,6 +70,9 @@ class Summary:
                     f"failed again ({self.rows} rows in all{kept}){missing} in {self.seconds:.1f} s; {where}")
         failed = f"{self.failed} failed" + (f", {self.kept} of them rows the prompt table no longer plans"
                                             if self.kept else "")
+        if self.unstored:
+            failed += (f"; {self.unstored} made rows of {self.source} have no stored Stage C embeddings (a deleted "
+                       f"embeddings part?) and could not be decoded")
         if not self.new:
             again = self.failed - self.kept
             retry = f" (--retry-failed makes the {again} failed rows again)" if again else ""

@@ -165,3 +165,24 @@ def test_a_decode_at_another_dtype_names_both_dtypes_in_its_ids(first_run):
     back = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "back" / "manifest").to_pylist()}
     assert back.keys() == original.keys()
     assert all(read(row[C.IMAGE_URI]) == read(original[i][C.IMAGE_URI]) for i, row in back.items())
+
+
+def test_made_rows_without_stored_embeddings_are_said_and_exit_1(first_run, tmp_path, capsys):
+    """An embeddings part deleted from the run: its made rows cannot be decoded; the decode says how many and exits 1
+    (it said "made" for the rest and exited 0), the rest decoded as before."""
+    import shutil
+
+    source, original = first_run
+    shutil.copytree(source / "run", tmp_path / "run")
+    part = sorted((tmp_path / "run" / "embeddings").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    pq.write_table(table.slice(1), part.with_name("other.parquet"))  # the run's rows in two parts: one is lost
+    pq.write_table(table.slice(0, 1), part)
+    lost = 1
+    part.unlink()
+    assert main(["decode", str(tmp_path / "run"), str(tmp_path / "out")]) == 1
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"{lost} made rows of {tmp_path / 'run'} have no stored Stage C embeddings" in line
+    assert len(pq.read_table(tmp_path / "out" / "manifest").column(C.ROW_ID)) == len(original) - lost
+    assert main(["decode", str(tmp_path / "run"), str(tmp_path / "out")]) == 1  # a finished one says it again
+    assert "have no stored Stage C embeddings" in capsys.readouterr().out
