@@ -86,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
     except Exception as err:
-        from stages.output import vanished_part
+        from stages.output import unreadable_part, vanished_part
 
+        if (unreadable := unreadable_part(err)) is not None:
+            _leave_ray(joined_before)
+            print(f"error: {unreadable}", file=sys.stderr)
+            return 2
         if (part := vanished_part(err)) is None:
             raise
         _leave_ray(joined_before)

@@ -71,8 +71,8 @@ def _failed_only(table: pa.Table) -> pa.Table:
 
 def _may_hold_errors(fs, path: str) -> bool:
     """False where the part's footer statistics say its error column is all null (or it has none)."""
-    with fs.open(path, "rb") as f:
-        meta = pq.ParquetFile(f).metadata
+    with out.parquet_part(fs, path) as parquet:
+        meta = parquet.metadata
     column = footers.column_index(meta, C.ERROR)
     if column < 0:
         return False
@@ -98,8 +98,7 @@ def _rewrite_without(hits: pa.Table, fs) -> pa.Table:
     """Rewrite the part the rows `hits` (row_id, path) come from without those rows."""
     path = hits.column(PATH)[0].as_py()
     drop = hits.column(C.ROW_ID).combine_chunks()
-    with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
+    with out.parquet_part(fs, path) as parquet:
         if hits.num_rows >= parquet.metadata.num_rows:  # every row goes
             fs.rm(path)
             return hits.slice(0, 0)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.footers import THREADS
-from stages.output import COMPACTED_FROM, COMPACTED_PREFIX, listing
+from stages.output import COMPACTED_FROM, COMPACTED_PREFIX, listing, parquet_part
 from stages.storage import join, open_atomic
 
 ROW_GROUP = 65536  # rows per row group of a compacted part
@@ -63,8 +63,8 @@ def _footers(fs, files: list[str]) -> list[tuple[str, bytes, int]]:
     footer (`ARROW:schema`), read as bytes: building each footer's schema churned ~57 KB a part that the C
     allocator kept (+470 MiB in this task over 10k parts). Parts without one get a key from their schema."""
     def read(file):
-        with fs.open(file, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
+        with parquet_part(fs, file) as parquet:
+            meta = parquet.metadata
         stored = (meta.metadata or {}).get(b"ARROW:schema")
         if stored is None:
             stored = meta.schema.to_arrow_schema().remove_metadata().serialize().to_pybytes()
@@ -76,8 +76,8 @@ def _footers(fs, files: list[str]) -> list[tuple[str, bytes, int]]:
 
 def _schema(fs, file: str) -> pa.Schema:
     """A part's Arrow schema, without metadata: the schema its group's merged parts are written with."""
-    with fs.open(file, "rb") as f:
-        return pq.ParquetFile(f).schema_arrow.remove_metadata()
+    with parquet_part(fs, file) as parquet:
+        return parquet.schema_arrow.remove_metadata()
 
 
 def _merge(fs, files: list[str], schema: pa.Schema) -> int:
@@ -88,8 +88,8 @@ def _merge(fs, files: list[str], schema: pa.Schema) -> int:
     with open_atomic(fs, target) as sink, pq.ParquetWriter(sink, schema) as writer:
         pending = schema.empty_table()
         for file in files:  # row groups of exactly ROW_GROUP rows, whatever the parts' sizes (small footers)
-            with fs.open(file, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP):
+            with parquet_part(fs, file) as parquet:
+                for batch in parquet.iter_batches(batch_size=ROW_GROUP):
                     pending = pa.concat_tables([pending, pa.Table.from_batches([batch]).cast(schema)])
                     if pending.num_rows >= ROW_GROUP:
                         writer.write_table(pending.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)

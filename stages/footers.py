@@ -24,8 +24,8 @@ def part_counts(output: str, name: str, storage_options: dict | None, nulls_of: 
     fs, files = layout.list_parts(output, name, storage_options)
 
     def count(file: str) -> tuple[int, int]:
-        with fs.open(file, "rb") as f:
-            return _counts(pq.ParquetFile(f), nulls_of)
+        with layout.parquet_part(fs, file) as parquet:
+            return _counts(parquet, nulls_of)
 
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
         counts = list(pool.map(count, files))
@@ -39,8 +39,7 @@ def manifest_counts(output: str, storage_options: dict | None) -> tuple[int, int
     fs, files = layout.list_parts(output, layout.MANIFEST, storage_options)
 
     def count(file: str) -> tuple[int, int, int]:
-        with fs.open(file, "rb", cache_type="none") as f:
-            parquet = pq.ParquetFile(f)
+        with layout.parquet_part(fs, file, cache_type="none") as parquet:
             return (*_counts(parquet, C.ERROR), _folded(parquet))
 
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
@@ -81,8 +80,8 @@ def folded_rows(output: str, storage_options: dict | None) -> int:
     fs, files = layout.list_parts(output, layout.MANIFEST, storage_options)
 
     def folded(file: str) -> int:
-        with fs.open(file, "rb", cache_type="none") as f:  # one column of the part, not its bytes after it
-            return _folded(pq.ParquetFile(f))
+        with layout.parquet_part(fs, file, cache_type="none") as parquet:  # one column, not the bytes after it
+            return _folded(parquet)
 
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
         return sum(pool.map(folded, files))
@@ -119,8 +118,8 @@ def column_types(output: str, name: str, storage_options: dict | None, wanted=No
         return None
 
     def names(file: str) -> set[str]:
-        with fs.open(file, "rb") as f:
-            paths = chunk_paths(pq.ParquetFile(f).metadata)
+        with layout.parquet_part(fs, file) as parquet:
+            paths = chunk_paths(parquet.metadata)
         if wanted is None:
             return {path.split(".")[0] for path in paths}
         return {c for c in wanted if any(path == c or path.startswith(c + ".") for path in paths)}

@@ -3,6 +3,7 @@ done row ids and the stored Stage C rows, read inside Ray so that nothing on the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -16,7 +17,7 @@ import yaml
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from stages import columns as C
-from stages.storage import causes, join, uncached, url_to_fs
+from stages.storage import causes, full_uri, join, uncached, url_to_fs
 
 # Layout of an output: <output>/<folder>/...
 JOB_FILE = "job.yaml"
@@ -81,9 +82,40 @@ def listing(output: str, name: str, storage_options: dict | None) -> tuple[objec
 
 
 def _replaces(fs, part: str) -> list[str]:
-    with fs.open(part, "rb") as f:
-        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    with parquet_part(fs, part) as parquet:
+        meta = parquet.schema_arrow.metadata or {}
     return json.loads(meta.get(COMPACTED_FROM, b"[]"))
+
+
+class UnreadablePart(ValueError):
+    """A part of a run folder that is no Parquet file (cut short: a crash between a local write and its disk)."""
+
+    def __init__(self, uri: str, err: Exception):
+        super().__init__(f"{uri}: not a readable Parquet part ({str(err).splitlines()[0]}); delete it and run the "
+                         f"job again: its rows are made again")
+
+
+@contextlib.contextmanager
+def parquet_part(fs, path: str, **open_options):
+    """A part's pq.ParquetFile, open while in the block; one that is no Parquet file is an UnreadablePart."""
+    with fs.open(path, "rb", **open_options) as f:
+        try:
+            parquet = pq.ParquetFile(f)
+        except pa.ArrowInvalid as err:  # not an OSError: a store's failure is no reason to delete the part
+            raise UnreadablePart(full_uri(fs, path), err) from None
+        yield parquet
+
+
+def unreadable_part(err: BaseException) -> UnreadablePart | None:
+    """The UnreadablePart `err` was raised from (in this process or a Ray task), or the one a Parquet dataset
+    (Ray Data's reads) names, if any."""
+    for e in causes(err):
+        if isinstance(e, UnreadablePart):
+            return e
+        found = re.search(r"Parquet input source '([^']+\.parquet)': ([^\n]+)", str(e))
+        if isinstance(e, pa.ArrowInvalid) and found:
+            return UnreadablePart(found.group(1), ValueError(found.group(2)))
+    return None
 
 
 def vanished_part(err: BaseException) -> str | None:
@@ -125,8 +157,14 @@ def read_parts(output: str, name: str, storage_options: dict | None, columns=Non
         files = _since_closed(fs, folder(output, name, storage_options)[1], files)
     if not files:
         return None
-    return ray.data.read_parquet(files, filesystem=arrow_fs(fs), columns=list(columns) if columns else None,
-                                 include_paths=include_paths, num_cpus=TASK_CPUS)
+    try:
+        return ray.data.read_parquet(files, filesystem=arrow_fs(fs), columns=list(columns) if columns else None,
+                                     include_paths=include_paths, num_cpus=TASK_CPUS)
+    except pa.ArrowInvalid:  # a footer Ray Data read for the schema: name the part
+        for path in files:
+            with parquet_part(fs, path):
+                pass
+        raise
 
 
 def drop_done(ds, output: str, storage_options: dict | None, done_rows: int, on: str = C.ROW_ID, rows: int = 0):

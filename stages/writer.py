@@ -16,7 +16,7 @@ from PIL import Image
 from stages import columns as C
 from stages import user_columns
 from stages.footers import THREADS, column_index
-from stages.output import EMBEDDINGS, IMAGES, MANIFEST, SHARD_STATS, SHARDS, folder, list_parts
+from stages.output import EMBEDDINGS, IMAGES, MANIFEST, SHARD_STATS, SHARDS, folder, list_parts, parquet_part
 from stages.samples import MEMBERS, member_ranges
 from stages.storage import block_name, full_uri, join, sample_uri, write_atomic
 
@@ -183,8 +183,7 @@ def _shards_named(fs, part: str) -> list[str]:
     """The shards one manifest part names (one column of it read)."""
     import pyarrow.compute as pc
 
-    with fs.open(part, "rb", cache_type="none") as f:
-        table = pq.ParquetFile(f)
+    with parquet_part(fs, part, cache_type="none") as table:
         if column_index(table.metadata, C.SHARD) < 0:
             return []
         return pc.unique(table.read(columns=[C.SHARD]).column(C.SHARD)).drop_null().to_pylist()

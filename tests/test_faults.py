@@ -317,3 +317,35 @@ def test_a_row_that_kills_its_actor_every_time_fails_after_bounded_tries(ray_clu
     assert out["r5"][C.ERROR] == f"decoder: the stage's actor died {MAX_DEATHS} times running this row alone " \
                                  "(out of memory?)"
     assert all(not out[f"r{i}"][C.ERROR] and out[f"r{i}"]["made"] for i in range(8) if i != 5)
+
+
+def truncated(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # what a crash between a local write and its disk can leave
+
+
+def test_a_part_cut_short_is_one_line_naming_it(tmp_path, ray_cluster, capsys, monkeypatch):
+    """A manifest part whose footer is gone (counted from footers on the driver) and an embeddings part read by
+    Ray Data: each is one line naming the part and the way on (a 47-line ArrowInvalid traceback before)."""
+    from jobs import cli
+    from stages import footers
+
+    folder = tmp_path / "out" / output.MANIFEST
+    folder.mkdir(parents=True)
+    for name in ("a", "b"):
+        pq.write_table(pa.table({C.ROW_ID: [f"{name}1", f"{name}2"], C.ERROR: pa.nulls(2, pa.string())}),
+                       folder / f"{name}.parquet")
+    truncated(folder / "b.parquet")
+    with pytest.raises(output.UnreadablePart, match=rf"^{folder / 'b.parquet'}: not a readable Parquet part"):
+        footers.part_counts(str(tmp_path / "out"), output.MANIFEST, {}, nulls_of=C.ERROR)
+    with pytest.raises(Exception) as err:  # the same part read by Ray Data (as in-flight embeddings are)
+        output.read_parts(str(tmp_path / "out"), output.MANIFEST, {}).take_all()
+    assert str(output.unreadable_part(err.value)).startswith(f"{folder / 'b.parquet'}: not a readable Parquet part")
+
+    def failing(args):
+        raise err.value
+    monkeypatch.setattr(cli, "_dispatch", failing)
+    assert cli.main(["report", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and message.startswith(f"error: {folder / 'b.parquet'}: not a readable Parquet")
+    assert message.endswith("delete it and run the job again: its rows are made again")
