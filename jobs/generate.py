@@ -158,7 +158,8 @@ def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> 
         for line in load_warnings(ray.get(tally.failed_loads.remote())):
             print(line, file=sys.stderr)
     finally:
-        tally.__ray_terminate__.remote()  # after its queued counts (killing a pending actor makes the GCS log)
+        tally.__ray_terminate__.options(max_task_retries=0).remote()  # after its queued counts (a kill of a pending
+        # actor makes the GCS log); not retried: the exit it asks for is no failure
 
 
 def stored_embeddings(output_uri: str, storage_options: dict, keys: ray.data.Dataset) -> ray.data.Dataset:
