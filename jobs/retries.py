@@ -4,12 +4,15 @@ store stays down."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import re
 
 from jobs.spec import SpecError
 from stages.storage import S3_PROTOCOLS, TRANSIENT_ERRORS, causes, reason, transient, unreachable
 
 MAP_RETRIES = 3  # a task failing with a transient store error runs again up to this often (backoff ≤ 32 s)
 ACTOR_INIT_DEATHS = 3  # consecutive stage actors that may die loading their models before the run fails
+REFUSED_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # no retry fixes these
 
 
 def configure_ray_data() -> None:
@@ -28,13 +31,31 @@ def configure_ray_data() -> None:
 
 
 def storage_failure(err: BaseException, output: str) -> str | None:
-    """A one-line error for a run that ended on a store that stayed unreachable through every retry; None when
-    `err` is something else."""
+    """A one-line error for a run that ended on a store that stayed unreachable through every retry, or on a write
+    that no retry fixes (a full disk, a refused permission); None when `err` is something else."""
+    if (refused := write_refused(err)) is not None:
+        return (f"output {output}: cannot write ({refused}); the rows finished so far are kept: free space or fix "
+                f"the permission, then run the same command again")
     if not transient(err):
         return None
     cause = next((e for e in causes(err) if any(p in f"{type(e).__name__}: {e}" for p in TRANSIENT_ERRORS)), err)
     return (f"output {output}: the object store stayed unreachable through every retry ({_last_line(cause)}); "
             f"the rows finished so far are kept: run the same command again to continue")
+
+
+def write_refused(err: BaseException) -> str | None:
+    """Why a write failed for good, where it did: a full disk or quota, a read-only or refused path (an OSError
+    in this process, or its text in a Ray task's error), or a store's 403; else None."""
+    for e in causes(err):
+        if isinstance(e, OSError) and e.errno in REFUSED_ERRNOS:
+            return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        text = f"{type(e).__name__}: {e}"
+        found = re.search(r"\[Errno (\d+)\] ([^:\n]+)(?:: '([^'\n]+)')?", text)
+        if found and int(found.group(1)) in REFUSED_ERRNOS:
+            return f"{found.group(2)}: {found.group(3)}" if found.group(3) else found.group(2)
+        if isinstance(e, PermissionError) and e.errno is None or "PermissionError: Access Denied" in text:
+            return "the store refused the write (403 Access Denied): the credentials lack the permission"
+    return None
 
 
 def _last_line(err: BaseException) -> str:
