@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        if getattr(args, "retry_failed", False):  # the failed entries it took out are rows without an entry now
+            print("interrupted: run the same command without --retry-failed to make the failed rows it took out "
+                  "(then with it again, for any failed rows left)", file=sys.stderr)
+        else:
+            print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
     except Exception as err:
         from stages.output import unreadable_part, vanished_part

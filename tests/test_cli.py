@@ -284,3 +284,16 @@ def test_sigterm_interrupts_a_run_as_ctrl_c_does(workdir):
     assert run.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("interrupted: run the same command again")
     assert not (workdir / "out" / "_lease").exists()
+
+
+def test_an_interrupted_retry_says_how_to_make_the_rows_it_took_out(monkeypatch, capsys):
+    """--retry-failed takes the failed entries out first: "the same command" would find no failed row to retry."""
+    import jobs.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    assert main(["generate", "job.yaml", "--retry-failed"]) == 130
+    assert "run the same command without --retry-failed to make the failed rows" in capsys.readouterr().err
+    assert main(["generate", "job.yaml"]) == 130
+    assert "run the same command again to continue" in capsys.readouterr().err
