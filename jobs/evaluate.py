@@ -14,6 +14,7 @@ import ray
 from PIL import Image
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from jobs import lease
 from jobs.console import start_ray
 from jobs.retries import configure_ray_data
 from jobs.eval_args import EvalOptions, PoolOptions, add_parser, run_from_args  # noqa: F401 - this module's interface
@@ -32,6 +33,7 @@ from stages.storage import full_uri, join, url_to_fs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 REQUIRED = (C.ROW_ID, C.PROMPT, C.IMAGE_URI, C.ERROR)
+REF_CACHE = "fid_stats.npz"  # RUN/eval/: the run's FID statistics, also read as a reference's (fingerprinted)
 
 
 def evaluate(opts: EvalOptions) -> dict:
@@ -40,6 +42,12 @@ def evaluate(opts: EvalOptions) -> dict:
     clip = check_clip(opts.clip_model, opts.storage_options)
     reference = check_reference(opts.fid_reference, opts.storage_options)
     inception = check_inception(opts) if reference else None
+    with lease.held(join(opts.run, "eval"), opts.storage_options, why="two at once would mix their scores"):
+        clear_results(opts.run, opts.storage_options)  # a killed one's are no results of this one
+        return _evaluate(opts, manifest, clip, reference, inception)
+
+
+def _evaluate(opts: EvalOptions, manifest, clip: dict, reference, inception: dict | None) -> dict:
     start_ray(opts.verbose)  # joins RAY_ADDRESS when set, else starts a local Ray
     configure_ray_data()  # the run's reader and store retries
     warnings: list[str] = []
@@ -48,7 +56,7 @@ def evaluate(opts: EvalOptions) -> dict:
     write_scores(opts.run, manifest, opts.storage_options)
     metrics = summarize(opts, groups, ref_stats, {"clip_model": clip, "inception": inception}, reference, warnings)
     if inception and groups[F.ALL].mean_cov() is not None:
-        F.save_stats(join(opts.run, "eval", "fid_stats.npz"), groups[F.ALL],
+        F.save_stats(join(opts.run, "eval", REF_CACHE), groups[F.ALL],
                      {"inception_sha256": inception["sha256"], "resize": E.RESIZE}, opts.storage_options)
     metrics["plots"] = write_plots(opts.run, metrics, opts.storage_options)
     write_eval(opts.run, "metrics.json", json.dumps(metrics, indent=2).encode(), opts.storage_options)
@@ -171,7 +179,7 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
                  f"{stats['inception_sha256']}); the FID compares different features", warnings)
         return {**stats, "source": ref.uri, "n": int(stats["n"]) if "n" in stats else None}
     meta = {"inception_sha256": inception["sha256"], "resize": E.RESIZE, "reference_sha256": ref.fingerprint}
-    cache = join(ref.uri, "eval", "fid_stats.npz")
+    cache = join(ref.uri, "eval", REF_CACHE)
     fs, cache_path = url_to_fs(cache, so)
     if fs.isfile(cache_path):
         try:
@@ -240,6 +248,16 @@ def merge(ds: ray.data.Dataset, by: tuple[str, ...], parts: str | None, opts: Ev
                           num_cpus=TASK_CPUS, fn_kwargs=dict(by=by, parts=parts, storage_options=opts.storage_options,
                                                              integer=integer))
     return G.merge_groups(rows, ref_stats, opts.pools.stats_partitions)
+
+
+def clear_results(run: str, storage_options: dict) -> None:
+    """Delete RUN/eval/'s results but its FID statistics (checked by fingerprint where read): metrics.json (written
+    last: its presence says the rest is whole), plots, scores and the parts of an interrupted evaluation."""
+    fs, folder = url_to_fs(join(run, "eval"), storage_options)
+    if fs.exists(folder):
+        stale = [p for p in fs.ls(folder, detail=False) if p.rsplit("/", 1)[-1] not in (lease.LEASE, REF_CACHE)]
+        if stale:
+            fs.rm(stale, recursive=True)
 
 
 def run_pass(opts: EvalOptions, manifest: Manifest, inception: dict | None,

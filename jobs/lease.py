@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 class Lease:
     """The lease of one invocation on `output` (see held)."""
 
-    def __init__(self, output: str, storage_options: dict | None):
-        self.output = output
+    def __init__(self, output: str, storage_options: dict | None, why: str = "two at once would make every row twice"):
+        self.output, self.why = output, why  # why: what two invocations at once would do, for the refusal
         self.fs, self.path = url_to_fs(join(output, LEASE), storage_options)
         self.token = uuid.uuid4().hex
         self.stopped = threading.Event()
@@ -74,7 +74,7 @@ class Lease:
         """Hold the lease, or raise a one-line SpecError naming the invocation that holds it."""
         other = self.read()
         if other is not None and alive(other):
-            raise SpecError(busy(self.output, other))
+            raise SpecError(busy(self.output, other, self.why))
         if other is not None and (self.read() or {}).get("token") == other.get("token"):
             self.fs.rm(self.path)  # a dead invocation's
         started = time.monotonic()
@@ -83,13 +83,13 @@ class Lease:
         except FileExistsError:  # another invocation created it since it was read, or this one did: the store
             now = self.read() or {}  # saved the create but its answer was lost, and the retried create met it
             if now.get("token") != self.token:
-                raise SpecError(busy(self.output, now)) from None
+                raise SpecError(busy(self.output, now, self.why)) from None
             exclusive = True
         if other is not None or not exclusive:  # another taker may have deleted and created in between
             time.sleep(max(SETTLE_S, 3 * (time.monotonic() - started)))
             now = self.read()
             if now is None or now.get("token") != self.token:
-                raise SpecError(busy(self.output, now or {}))
+                raise SpecError(busy(self.output, now or {}, self.why))
         self.keeper = threading.Thread(target=self._keep, daemon=True, name="lease")
         self.keeper.start()
 
@@ -136,11 +136,11 @@ def pid_namespace() -> int | None:
         return None
 
 
-def busy(output: str, record: dict) -> str:
+def busy(output: str, record: dict, why: str) -> str:
     """The one-line refusal for an output another invocation holds."""
     age = time.time() - float(record.get("renewed_at") or time.time())
     return (f"output {output} is being written by another invocation (host {record.get('host', '?')}, pid "
-            f"{record.get('pid', '?')}, lease renewed {age:.0f} s ago): two at once would make every row twice; wait for "
+            f"{record.get('pid', '?')}, lease renewed {age:.0f} s ago): {why}; wait for "
             f"it to end (if it was killed on another host, its lease expires {EXPIRES_S:.0f} s after)")
 
 
@@ -152,9 +152,9 @@ def taken(output: str, record: dict) -> str:
 
 
 @contextlib.contextmanager
-def held(output: str, storage_options: dict | None):
+def held(output: str, storage_options: dict | None, **why):
     """Hold the output's lease while the block runs (the block's writes are this invocation's alone)."""
-    lease = Lease(output, storage_options)
+    lease = Lease(output, storage_options, **why)
     try:
         lease.take()
     except SpecError:

@@ -255,6 +255,28 @@ def test_a_moved_run_is_evaluated_on_its_own_images(clip_dir, tmp_path, ray_clus
     assert metrics["images"] == 4 and metrics["failed"] == 0, metrics["failures"]
 
 
+def test_one_evaluation_of_a_run_at_a_time_and_none_of_an_earlier_ones_results_left(clip_dir, tmp_path, ray_cluster):
+    """A second evaluate of a run being evaluated is refused in one line (it deleted the first one's score parts,
+    which then died in a traceback); an evaluation clears a killed one's results (its metrics.json beside a newer
+    scores.parquet) but keeps the FID statistics, fingerprinted where read as a reference's."""
+    from jobs import lease
+
+    run = make_run(tmp_path / "run", seed=8, rows=3)
+    eval_dir = tmp_path / "run" / "eval"
+    eval_dir.mkdir()
+    for name in ("metrics.json", "clip_score_by_seed.png", "scores.parquet", J.REF_CACHE):
+        (eval_dir / name).write_text("an earlier evaluation's")
+    options = J.EvalOptions(run=run, clip_model=clip_dir, pools=J.PoolOptions(batch_size=2))
+    with lease.held(str(eval_dir), {}):  # another evaluation is running
+        with pytest.raises(SpecError, match=rf"output {eval_dir} is being written by another invocation .* mix"):
+            J.evaluate(options)
+    assert (eval_dir / "metrics.json").read_text() == "an earlier evaluation's"  # refused before any change
+    metrics = J.evaluate(options)
+    assert metrics == read_metrics(run) and metrics["images"] == 3
+    assert not (eval_dir / "clip_score_by_seed.png").exists() and (eval_dir / J.REF_CACHE).exists()
+    assert not (eval_dir / lease.LEASE).exists()
+
+
 def test_user_mistakes_are_one_line(clip_dir, tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", seed=4, rows=3)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
