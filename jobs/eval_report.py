@@ -29,6 +29,11 @@ DEFINITIONS = {
 }
 
 
+# What an FID of this tool can be set beside: the same features and resize (stages/evaluate.py), checked equal.
+COMPARABLE = ("clean-fid mode='clean' (PIL bicubic resize to 299x299, TF-FID Inception): not pytorch-fid or "
+              "torchmetrics, whose bilinear resize gives other FIDs of the same images")
+
+
 def write_eval(run: str, name: str, data: bytes, storage_options: dict) -> None:
     """Write RUN/eval/<name> in one piece."""
     fs, path = url_to_fs(join(run, "eval", name), storage_options)
@@ -73,6 +78,7 @@ def summarize(opts, groups: dict, ref_stats: dict | None, models: dict, referenc
         "fid_reference": None if reference is None else {
             "uri": reference.uri, "kind": reference.kind, "stats": ref_stats["source"], "images": ref_stats["n"]},
         "resize": E.RESIZE if models["inception"] else None, "definitions": DEFINITIONS,
+        "fid_comparable_with": COMPARABLE if models["inception"] else None,
         "by": by,
         "failures": failures, "failed": failed, "warnings": warnings,
     }

@@ -404,7 +404,7 @@ def test_evaluate_end_to_end(ray_cluster, clip_dir, tmp_path):
     if HAS_INCEPTION:
         check_fid(metrics, tmp_path, ref, good)
     else:
-        assert metrics["fid"] is None and metrics["inception"] is None
+        assert metrics["fid"] is None and metrics["inception"] is None and metrics["fid_comparable_with"] is None
 
 
 def inception_by_hand(paths) -> np.ndarray:
@@ -431,6 +431,7 @@ def check_fid(metrics: dict, tmp_path, ref: str, good) -> None:
     fids = sorted([metrics["fid"], *(r["fid"] for r in metrics["by"]["style"])])
     assert min(np.diff(fids)) > 0.05 * fids[-1], fids  # slices of other images: other FIDs
     assert metrics["fid_reference"]["images"] == 5 and any("unreliable" in w for w in metrics["warnings"])
+    assert metrics["fid_comparable_with"].startswith("clean-fid mode='clean'")  # what a user may set it beside
     assert (tmp_path / "run" / "eval" / f"fid_by_{C.DECODER_GUIDANCE}.png").exists()
     own = np.load(tmp_path / "run" / "eval" / "fid_stats.npz")
     np.testing.assert_allclose(own["mu"], run_feats.mean(0), rtol=1e-4, atol=1e-5)
