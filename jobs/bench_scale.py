@@ -24,7 +24,7 @@ from stages import columns as C
 from stages import output
 
 SIZE = 128  # the tiny model's smallest comfortable image
-STEPS = ("rerun", "rerun-again", "report", "evaluate-bookkeeping")
+STEPS = ("rerun", "rerun-again", "report", "report-sweeps", "evaluate-bookkeeping")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -140,6 +140,18 @@ def step(name: str, work: Path) -> dict:
         from jobs.report import build_report
 
         detail = build_report(str(work / "out"))
+    elif name == "report-sweeps":  # the seed declared an axis: the sweep search groups every row's prompt
+        from jobs.report import build_report
+
+        import yaml
+
+        job = work / "out" / output.JOB_FILE
+        plain = job.read_text()
+        job.write_text(yaml.safe_dump({**yaml.safe_load(plain), "sweep": {"seed": [0, 1]}}))  # the report's axes
+        try:
+            detail = build_report(str(work / "out"))
+        finally:
+            job.write_text(plain)
     else:
         from jobs.eval_scores import write_scores
         from jobs.evaluate import check_run

@@ -8,9 +8,11 @@ from collections import defaultdict
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from jobs import report_data
 from jobs.report_data import (MAX_GRID, MAX_PROMPTS, RESOLUTION, SHOWN, _latest, _member, axis_value, batches,
                               row_order)
 from stages import columns as C
@@ -46,8 +48,7 @@ def swept_keys(dataset: pads.Dataset, columns: list[str]) -> np.ndarray:
     of its rows' axis values, merged as batches come in BUCKETS by hash, so that a merge's temporaries are one
     bucket's (a 64-bit hash: two prompts or two settings share one with probability ~n²/2^65)."""
     merged, pending = [None] * BUCKETS, [[] for _ in range(BUCKETS)]
-    for batch in batches(dataset, [C.PROMPT, *columns]):
-        frame = pl.from_arrow(batch)
+    for frame in gathered(batches(dataset, [C.PROMPT, *columns])):
         part = pl.DataFrame({"p": frame[C.PROMPT].hash(SEED), "a": frame.select(columns).hash_rows(SEED)})
         part = part.group_by("p").agg(lo=pl.col("a").min(), hi=pl.col("a").max(), b=pl.col("p").first() // BUCKET_SPAN)
         for (bucket,), piece in part.partition_by("b", as_dict=True, include_key=False).items():
@@ -60,6 +61,20 @@ def swept_keys(dataset: pads.Dataset, columns: list[str]) -> np.ndarray:
         if done is not None:
             swept.append(done.filter(pl.col("lo") != pl.col("hi"))["p"].to_numpy())
     return np.sort(np.concatenate(swept)) if swept else np.zeros(0, np.uint64)
+
+
+def gathered(record_batches) -> pl.DataFrame:
+    """The batches as frames of at least report_data.BATCH_ROWS rows (small parts, one polars call each, took most
+    of the time)."""
+    held, rows = [], 0
+    for batch in record_batches:
+        held.append(batch)
+        rows += batch.num_rows
+        if rows >= report_data.BATCH_ROWS:
+            yield pl.from_arrow(pa.Table.from_batches(held))
+            held, rows = [], 0
+    if held:
+        yield pl.from_arrow(pa.Table.from_batches(held))
 
 
 def _merge(parts: list) -> pl.DataFrame | None:
@@ -78,8 +93,8 @@ def first_prompts(dataset: pads.Dataset, swept: np.ndarray, n: int) -> list[str]
     if not len(swept):
         return []
     best = pl.Series(C.PROMPT, [], pl.String)
-    for batch in batches(dataset, [C.PROMPT]):
-        prompts = pl.from_arrow(batch)[C.PROMPT]
+    for frame in gathered(batches(dataset, [C.PROMPT])):
+        prompts = frame[C.PROMPT]
         chosen = prompts.filter(_member(prompts.hash(SEED).to_numpy(), swept))
         best = pl.concat([best, chosen]).unique().sort().head(n)
     return best.to_list()
