@@ -82,9 +82,27 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
 
 def made_unstored(run: str, storage_options: dict | None) -> int:
     """How many of the run's made rows have no stored Stage C embeddings (an embeddings part deleted): decode
-    cannot make them. Every made row stored its embeddings (so did rows that failed in Stage B/A), from footers."""
+    cannot make them. Rows that failed in Stage B/A stored theirs, rows that failed in Stage C did not, so the
+    footers can only clear it (as many stored rows as entries); else a Ray anti-join of the ids counts them."""
     rows, failed, _ = footers.manifest_counts(run, storage_options)
-    return max(rows - failed - footers.part_counts(run, output.EMBEDDINGS, storage_options)[0], 0)
+    if footers.part_counts(run, output.EMBEDDINGS, storage_options)[0] >= rows:
+        return 0
+    from jobs.console import start_ray
+
+    start_ray()
+    made = output.read_parts(run, output.MANIFEST, storage_options, columns=[C.ROW_ID, C.ERROR]).map_batches(
+        _made_ids, batch_format="pyarrow", num_cpus=TASK_CPUS)
+    stored = output.read_parts(run, output.EMBEDDINGS, storage_options, columns=[C.ROW_ID])
+    if stored is None:
+        return rows - failed
+    return made.join(stored, join_type="left_anti", num_partitions=output.partitions(rows), on=(C.ROW_ID,)).count()
+
+
+def _made_ids(table):
+    """The ids of the rows made without an error."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.is_null(table.column(C.ERROR))).select([C.ROW_ID])
 
 
 def stored_keys(batch: dict[str, np.ndarray], decoder_params: dict, model: dict) -> dict[str, np.ndarray]:

@@ -77,7 +77,7 @@ def aligned(params: Iterable[pa.Table], scores: Iterable[pa.Table], run: str) ->
 def _check_once(ids, before, run: str) -> None:
     """Sorted manifest ids (after the id `before`) hold each row once; else the one-line error: the metrics
     would count that row's image twice (two invocations wrote the output, which the second one said)."""
-    ids = pa.chunked_array([[before.as_py()], ids.combine_chunks()]) if before is not None else ids
+    ids = pa.chunked_array([pa.array([before.as_py()], ids.type), ids.combine_chunks()]) if before is not None else ids
     repeated = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)) if len(ids) > 1 else pa.array([], pa.bool_())
     if pc.any(repeated).as_py():
         row = ids[pc.index(repeated, True).as_py()]

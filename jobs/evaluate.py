@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +43,8 @@ def evaluate(opts: EvalOptions) -> dict:
     clip = check_clip(opts.clip_model, opts.storage_options)
     reference = check_reference(opts.fid_reference, opts.storage_options)
     inception = check_inception(opts) if reference else None
-    with lease.held(join(opts.run, "eval"), opts.storage_options, why="two at once would mix their scores"):
+    with lease.held(join(opts.run, "eval"), opts.storage_options, why="two at once would mix their scores",
+                    lost="its scores may be mixed with that one's: once it ends, run evaluate again"):
         clear_results(opts.run, opts.storage_options)  # a killed one's are no results of this one
         return _evaluate(opts, manifest, clip, reference, inception)
 
@@ -251,13 +253,16 @@ def merge(ds: ray.data.Dataset, by: tuple[str, ...], parts: str | None, opts: Ev
 
 
 def clear_results(run: str, storage_options: dict) -> None:
-    """Delete RUN/eval/'s results but its FID statistics (checked by fingerprint where read): metrics.json (written
-    last: its presence says the rest is whole), plots, scores and the parts of an interrupted evaluation."""
+    """Delete what an earlier evaluation of the run wrote but its FID statistics (fingerprinted where read):
+    metrics.json (written last: its presence says the rest is whole), scores, their parts, the plots. Nothing
+    else in RUN/eval/ is touched (a user's own files, the lease)."""
     fs, folder = url_to_fs(join(run, "eval"), storage_options)
-    if fs.exists(folder):
-        stale = [p for p in fs.ls(folder, detail=False) if p.rsplit("/", 1)[-1] not in (lease.LEASE, REF_CACHE)]
-        if stale:
-            fs.rm(stale, recursive=True)
+    if not fs.exists(folder):
+        return
+    ours = re.compile(r"(metrics\.json|scores\.parquet|scores\.parts|(clip_score|fid)_by_.+\.png)")
+    stale = [p for p in fs.ls(folder, detail=False) if ours.fullmatch(p.rstrip("/").rsplit("/", 1)[-1])]
+    if stale:
+        fs.rm(stale, recursive=True)
 
 
 def run_pass(opts: EvalOptions, manifest: Manifest, inception: dict | None,

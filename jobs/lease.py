@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 class Lease:
     """The lease of one invocation on `output` (see held)."""
 
-    def __init__(self, output: str, storage_options: dict | None, why: str = "two at once would make every row twice"):
-        self.output, self.why = output, why  # why: what two invocations at once would do, for the refusal
+    def __init__(self, output: str, storage_options: dict | None, why: str = "two at once would make every row twice",
+                 lost: str = "its manifest may hold rows twice: once that one ends, run with --overwrite"):
+        self.output, self.why, self.lost_why = output, why, lost  # for the refusal, and for a lease lost
         self.fs, self.path = url_to_fs(join(output, LEASE), storage_options)
         self.token = uuid.uuid4().hex
         self.stopped = threading.Event()
@@ -99,7 +100,7 @@ class Lease:
                 now = self.read()
                 if now is not None and now.get("token") != self.token:  # taken while renewals failed
                     self.lost = now
-                    log.error(taken(self.output, now))
+                    log.error(taken(self.output, now, self.lost_why))
                     return
                 self.renew()
             except Exception as err:  # noqa: BLE001 - a store blip: the next renewal may pass (expiry is 4 renewals)
@@ -144,11 +145,11 @@ def busy(output: str, record: dict, why: str) -> str:
             f"it to end (if it was killed on another host, its lease expires {EXPIRES_S:.0f} s after)")
 
 
-def taken(output: str, record: dict) -> str:
+def taken(output: str, record: dict, lost: str) -> str:
     """The one-line error of an invocation whose lease another one took (its renewals failed past EXPIRES_S)."""
     return (f"output {output}: another invocation (host {record.get('host', '?')}, pid {record.get('pid', '?')}) "
             f"took this invocation's lease after its renewals failed for {EXPIRES_S:.0f} s; both wrote the output, "
-            f"so its manifest may hold rows twice: once that one ends, run with --overwrite")
+            f"so {lost}")
 
 
 @contextlib.contextmanager
@@ -166,4 +167,4 @@ def held(output: str, storage_options: dict | None, **why):
     finally:
         lease.give_back()
     if lease.lost is not None:  # the block's writes may have mixed with another invocation's
-        raise SpecError(taken(output, lease.lost))
+        raise SpecError(taken(output, lease.lost, lease.lost_why))

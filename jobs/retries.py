@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import re
+import ssl
 
 from jobs.spec import SpecError
 from stages.storage import S3_PROTOCOLS, TRANSIENT_ERRORS, causes, reason, transient, unreachable
@@ -31,22 +32,25 @@ def configure_ray_data() -> None:
 
 
 def storage_failure(err: BaseException, output: str) -> str | None:
-    """A one-line error for a run that ended on a store that stayed unreachable through every retry, or on a write
-    that no retry fixes (a full disk, a refused permission); None when `err` is something else."""
-    if (refused := write_refused(err)) is not None:
-        return (f"output {output}: cannot write ({refused}); the rows finished so far are kept: free space or fix "
-                f"the permission, then run the same command again")
+    """A one-line error for a run that ended on a store that stayed unreachable through every retry, or on an error
+    no retry fixes (a full disk, a refused permission or credentials); None when `err` is something else."""
     if not transient(err):
-        return None
+        if (refused := refused_for_good(err)) is None:
+            return None
+        return (f"output {output}: stopped on an error no retry fixes ({refused}); the rows finished so far are "
+                f"kept: fix it (space, permissions, credentials), then run the same command again")
     cause = next((e for e in causes(err) if any(p in f"{type(e).__name__}: {e}" for p in TRANSIENT_ERRORS)), err)
     return (f"output {output}: the object store stayed unreachable through every retry ({_last_line(cause)}); "
             f"the rows finished so far are kept: run the same command again to continue")
 
 
-def write_refused(err: BaseException) -> str | None:
-    """Why a write failed for good, where it did: a full disk or quota, a read-only or refused path (an OSError
-    in this process, or its text in a Ray task's error), or a store's 403; else None."""
+def refused_for_good(err: BaseException) -> str | None:
+    """Why a read or write failed for good, where it did: a full disk or quota, a read-only or refused path (an
+    OSError in this process, or its text in a Ray task's error), or a store's 403; else None. Asked only of
+    errors that are not transient (an SSL error is an OSError of errno 1, EPERM: not this)."""
     for e in causes(err):
+        if isinstance(e, ssl.SSLError):
+            return None
         if isinstance(e, OSError) and e.errno in REFUSED_ERRNOS:
             return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
         text = f"{type(e).__name__}: {e}"
@@ -54,7 +58,7 @@ def write_refused(err: BaseException) -> str | None:
         if found and int(found.group(1)) in REFUSED_ERRNOS:
             return f"{found.group(2)}: {found.group(3)}" if found.group(3) else found.group(2)
         if isinstance(e, PermissionError) and e.errno is None or "PermissionError: Access Denied" in text:
-            return "the store refused the write (403 Access Denied): the credentials lack the permission"
+            return "the store refused a request (403: credentials expired, wrong, or without the permission)"
     return None
 
 

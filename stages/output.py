@@ -91,8 +91,11 @@ class UnreadablePart(ValueError):
     """A part of a run folder that is no Parquet file (cut short: a crash between a local write and its disk)."""
 
     def __init__(self, uri: str, err: Exception):
+        folder = uri.rstrip("/").rsplit("/", 2)[-2]
+        way = ("its rows without a manifest entry are made again (those with one keep their images, but decode "
+               "cannot make them again)" if folder == EMBEDDINGS else "its rows are made again")
         super().__init__(f"{uri}: not a readable Parquet part ({str(err).splitlines()[0]}); delete it and run the "
-                         f"job again: its rows are made again")
+                         f"job again: {way}")
 
 
 @contextlib.contextmanager
@@ -107,15 +110,8 @@ def parquet_part(fs, path: str, **open_options):
 
 
 def unreadable_part(err: BaseException) -> UnreadablePart | None:
-    """The UnreadablePart `err` was raised from (in this process or a Ray task), or the one a Parquet dataset
-    (Ray Data's reads) names, if any."""
-    for e in causes(err):
-        if isinstance(e, UnreadablePart):
-            return e
-        found = re.search(r"Parquet input source '([^']+\.parquet)': ([^\n]+)", str(e))
-        if isinstance(e, pa.ArrowInvalid) and found:
-            return UnreadablePart(found.group(1), ValueError(found.group(2)))
-    return None
+    """The UnreadablePart `err` was raised from (in this process or a Ray task), if any."""
+    return next((e for e in causes(err) if isinstance(e, UnreadablePart)), None)
 
 
 def vanished_part(err: BaseException) -> str | None:

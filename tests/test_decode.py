@@ -172,17 +172,24 @@ def test_made_rows_without_stored_embeddings_are_said_and_exit_1(first_run, tmp_
     (it said "made" for the rest and exited 0), the rest decoded as before."""
     import shutil
 
+    import pyarrow as pa
+
     source, original = first_run
     shutil.copytree(source / "run", tmp_path / "run")
     part = sorted((tmp_path / "run" / "embeddings").glob("*.parquet"))[0]
     table = pq.read_table(part)
     pq.write_table(table.slice(1), part.with_name("other.parquet"))  # the run's rows in two parts: one is lost
-    pq.write_table(table.slice(0, 1), part)
-    lost = 1
     part.unlink()
+    lost = 1
+    manifest = sorted((tmp_path / "run" / "manifest").glob("*.parquet"))[0]  # a row that failed in Stage B/A
+    entries = pq.read_table(manifest)  # (its embeddings stored: "made − failed − stored" counted no row lost)
+    failed = entries.column(C.ROW_ID).to_pylist().index(table.column(C.ROW_ID)[1].as_py())
+    errors = [("Stage B/A: non-finite output" if i == failed else None) for i in range(entries.num_rows)]
+    pq.write_table(entries.set_column(entries.schema.get_field_index(C.ERROR), C.ERROR, pa.array(errors, pa.string())),
+                   manifest)
     assert main(["decode", str(tmp_path / "run"), str(tmp_path / "out")]) == 1
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"{lost} made rows of {tmp_path / 'run'} have no stored Stage C embeddings" in line
-    assert len(pq.read_table(tmp_path / "out" / "manifest").column(C.ROW_ID)) == len(original) - lost
+    assert len(pq.read_table(tmp_path / "out" / "manifest").column(C.ROW_ID)) == len(original) - lost  # failed: made
     assert main(["decode", str(tmp_path / "run"), str(tmp_path / "out")]) == 1  # a finished one says it again
     assert "have no stored Stage C embeddings" in capsys.readouterr().out

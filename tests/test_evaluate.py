@@ -258,13 +258,13 @@ def test_a_moved_run_is_evaluated_on_its_own_images(clip_dir, tmp_path, ray_clus
 def test_one_evaluation_of_a_run_at_a_time_and_none_of_an_earlier_ones_results_left(clip_dir, tmp_path, ray_cluster):
     """A second evaluate of a run being evaluated is refused in one line (it deleted the first one's score parts,
     which then died in a traceback); an evaluation clears a killed one's results (its metrics.json beside a newer
-    scores.parquet) but keeps the FID statistics, fingerprinted where read as a reference's."""
+    scores.parquet) but keeps the FID statistics (fingerprinted where read as a reference's) and a user's files."""
     from jobs import lease
 
     run = make_run(tmp_path / "run", seed=8, rows=3)
     eval_dir = tmp_path / "run" / "eval"
     eval_dir.mkdir()
-    for name in ("metrics.json", "clip_score_by_seed.png", "scores.parquet", J.REF_CACHE):
+    for name in ("metrics.json", "clip_score_by_seed.png", "scores.parquet", J.REF_CACHE, "users_ref.npz"):
         (eval_dir / name).write_text("an earlier evaluation's")
     options = J.EvalOptions(run=run, clip_model=clip_dir, pools=J.PoolOptions(batch_size=2))
     with lease.held(str(eval_dir), {}):  # another evaluation is running
@@ -274,6 +274,7 @@ def test_one_evaluation_of_a_run_at_a_time_and_none_of_an_earlier_ones_results_l
     metrics = J.evaluate(options)
     assert metrics == read_metrics(run) and metrics["images"] == 3
     assert not (eval_dir / "clip_score_by_seed.png").exists() and (eval_dir / J.REF_CACHE).exists()
+    assert (eval_dir / "users_ref.npz").exists()  # only what evaluate writes is cleared
     assert not (eval_dir / lease.LEASE).exists()
 
 

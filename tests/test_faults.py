@@ -351,7 +351,7 @@ def test_a_part_cut_short_is_one_line_naming_it(tmp_path, ray_cluster, capsys, m
     assert message.endswith("delete it and run the job again: its rows are made again")
 
 
-def test_a_write_no_retry_fixes_is_one_line_naming_why(ray_cluster):
+def test_an_error_no_retry_fixes_is_one_line_naming_why(ray_cluster):
     """A full disk or a refused permission inside a Ray write task (and a store's 403): one line naming the cause
     and the way on, where a 52- to 330-line Ray traceback ended the run; other errors are left as they are."""
     from jobs.retries import storage_failure
@@ -365,10 +365,14 @@ def test_a_write_no_retry_fixes_is_one_line_naming_why(ray_cluster):
         return caught.value
 
     full = storage_failure(failing(OSError(28, "No space left on device", "/data/out/manifest/p.parquet")), "OUT")
-    assert full == ("output OUT: cannot write (No space left on device: /data/out/manifest/p.parquet); the rows "
-                    "finished so far are kept: free space or fix the permission, then run the same command again")
-    assert "cannot write (Permission denied: /data/x)" in storage_failure(
+    assert full == ("output OUT: stopped on an error no retry fixes (No space left on device: /data/out/manifest/"
+                    "p.parquet); the rows finished so far are kept: fix it (space, permissions, credentials), then "
+                    "run the same command again")
+    assert "no retry fixes (Permission denied: /data/x)" in storage_failure(
         failing(PermissionError(13, "Permission denied", "/data/x")), "OUT")
-    assert "403 Access Denied" in storage_failure(failing(PermissionError("Access Denied")), "OUT")
+    assert "refused a request (403" in storage_failure(failing(PermissionError("Access Denied")), "OUT")
     assert storage_failure(failing(ValueError("a bug")), "OUT") is None
     assert storage_failure(failing(OSError(5, "Input/output error")), "OUT") is None
+    import ssl  # an SSL error is an OSError of errno 1 (EPERM): a blip, not a refusal
+    blip = ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad mac")
+    assert storage_failure(failing(blip), "OUT") is None
