@@ -64,11 +64,13 @@ def build_stages(spec: JobSpec, **overrides) -> tuple[dict, dict]:
 
 
 def run_stages(stages: dict, spec: JobSpec, rows: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    """Warm up on two micro-batches (compilation and CUDA-graph recording happen here), then time each stage
-    over every row in blocks of its batch size, one stage after another; returns (final batch, {stage: figures})."""
+    """Warm up on two micro-batches, and on a whole batch of each stage (compilation, CUDA-graph recording and the
+    pinned host buffers of a batch's size happen there), then time each stage over every row in blocks of its
+    batch size, one stage after another; returns (final batch, {stage: figures})."""
     device = pick_device()
     figures, n = {name: {} for name in STAGES}, len(rows[C.ROW_ID])
-    warm_rows = 2 * max(getattr(spec.stages, name).micro_batch for name in STAGES)
+    warm_rows = max(max(2 * stage.micro_batch, stage.batch_size) for stage in (getattr(spec.stages, name)
+                                                                                for name in STAGES))
     warm = take(rows, np.arange(min(warm_rows, n)))
     memory = {}  # stage: (peak during warm-up, memory it kept: CUDA-graph pools, caches), above what was there
     for name in STAGES:
