@@ -79,6 +79,20 @@ def reference_pipe(model_cache):
     return reference_pipeline("tiny", "tiny")
 
 
+def random_decoder(clip_embd: int = 24):
+    """A small WuerstchenDiffNeXt (attention at levels 2-3, 16 wide; text 24 wide) whose every weight is random:
+    diffusers' init would leave parts of it near zero and hide a difference."""
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt
+
+    torch.manual_seed(0)
+    net = WuerstchenDiffNeXt(c_cond=24, clip_embd=clip_embd, c_hidden=[8, 16, 16], nhead=[-1, 2, 2], blocks=[1, 2, 1],
+                             level_config=["CT", "CTA", "CTA"], inject_effnet=[False, True, True], dropout=0.0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return net.eval()
+
+
 def write_prompts(path, rows: list[dict]) -> str:
     """Write a prompt table (columns from the rows' keys) and return its path."""
     keys = list(dict.fromkeys(k for r in rows for k in r))

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt
+from conftest import random_decoder
 
 from stages.denoise import TERM_SHAPES
 from stages.effnet_terms import EffnetSplitLinear, fill_effnet_terms, split_effnet_linears
@@ -17,13 +17,7 @@ from stages.effnet_terms import EffnetSplitLinear, fill_effnet_terms, split_effn
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    net = WuerstchenDiffNeXt(c_cond=24, clip_embd=24, c_hidden=[8, 16, 16], nhead=[-1, 2, 2], blocks=[1, 2, 1],
-                             level_config=["CT", "CTA", "CTA"], inject_effnet=[False, True, True], dropout=0.0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    return net.eval()
+    return random_decoder()
 
 
 def inputs(rows: int, latent_hw: tuple[int, int]):

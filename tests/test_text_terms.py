@@ -7,7 +7,8 @@ import copy
 
 import pytest
 import torch
-from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt, WuerstchenPrior
+from conftest import random_decoder
+from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 
 from stages.denoise import prepare_model
 from stages.text_terms import TextKeysValues, fill_text_terms, split_text_keys_values
@@ -78,13 +79,7 @@ def test_split_prior_compiles(model):
 
 
 def test_split_decoder_equals_the_models_own_forward():
-    torch.manual_seed(0)
-    net = WuerstchenDiffNeXt(c_cond=24, clip_embd=20, c_hidden=[8, 16, 16], nhead=[-1, 2, 2], blocks=[1, 2, 1],
-                             level_config=["CT", "CTA", "CTA"], inject_effnet=[False, True, True], dropout=0.0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    model = prepare_model(net.eval(), torch.device("cpu"))
+    model = prepare_model(random_decoder(clip_embd=20), torch.device("cpu"))  # text 20 wide, its blocks 16
     split = copy.deepcopy(model)
     assert split_text_keys_values(split)
     assert sum(isinstance(m, TextKeysValues) for m in split.modules()) == 6  # levels 2-3, down and up: 16 wide
