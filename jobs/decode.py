@@ -67,17 +67,16 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     check_reachable({"run": run}, storage_options)
     spec = decode_spec(run, output, list(overrides), storage_options)
     check_reachable({"output": output}, spec.storage_options)
-    unstored = made_unstored(run, spec.storage_options)
     summary = None if overwrite else answered_decode(spec, started)
-    if summary is None:
-        check_models(spec)
-        with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
-            claim(spec, overwrite)
-            from jobs.retries import storage_errors_named
+    if summary is not None:  # its made rows without stored embeddings are said again
+        return dataclasses.replace(summary, unstored=made_unstored(run, spec.storage_options), source=run)
+    check_models(spec)
+    with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
+        claim(spec, overwrite)
+        from jobs.retries import storage_errors_named
 
-            with storage_errors_named(spec.output):
-                summary = _decode(spec, list(overrides), started, verbose)
-    return dataclasses.replace(summary, unstored=unstored, source=run)
+        with storage_errors_named(spec.output):
+            return _decode(spec, list(overrides), started, verbose)
 
 
 def made_unstored(run: str, storage_options: dict | None) -> int:
@@ -89,7 +88,7 @@ def made_unstored(run: str, storage_options: dict | None) -> int:
         return 0
     from jobs.console import start_ray
 
-    start_ray()
+    start_ray()  # a finished decode's answer has not joined Ray yet
     made = output.read_parts(run, output.MANIFEST, storage_options, columns=[C.ROW_ID, C.ERROR]).map_batches(
         _made_ids, batch_format="pyarrow", num_cpus=TASK_CPUS)
     stored = output.read_parts(run, output.EMBEDDINGS, storage_options, columns=[C.ROW_ID])
@@ -155,4 +154,5 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
     user_types = footers.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
     if stored:  # a run whose every embeddings part was deleted has none to decode
         write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))
-    return close_output(spec, started, done, failed, planned=stored)
+    summary = close_output(spec, started, done, failed, planned=stored)
+    return dataclasses.replace(summary, unstored=made_unstored(run, spec.storage_options), source=run)
