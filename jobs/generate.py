@@ -10,6 +10,7 @@ import time
 
 import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jobs import prompts, retry
 from jobs.console import start_ray
@@ -146,7 +147,8 @@ def connect(spec: JobSpec, verbose: bool = False) -> None:
 def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> None:
     """Run one pass, `make(tally)` → its dataset, with a progress line per stage; each finished block of rows
     becomes one manifest object."""
-    tally = Tally.remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    tally = Tally.options(scheduling_strategy=here).remote()  # on the driver's node: it dies with no worker node
     try:
         ds = make(tally)
         with Progress(tally, list(stages), total):

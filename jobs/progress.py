@@ -81,8 +81,8 @@ class _Rate:
         self.first: tuple[float, int] | None = None
 
     def __call__(self, now: float, rows: int) -> float | None:
-        if self.first is None and rows:
-            self.first = (now, rows)
+        if self.first is None and rows or self.first is not None and rows < self.first[1]:
+            self.first = (now, rows)  # the first rows, or the counts restarted with a restarted Tally
         if self.first is None or rows == self.first[1] or now <= self.first[0]:
             return None
         return (rows - self.first[1]) / (now - self.first[0])

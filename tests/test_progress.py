@@ -67,6 +67,8 @@ def test_rate_is_measured_from_the_first_finished_rows():
     assert rate(12.0, 8) is None  # the first batch: start-up, not throughput
     assert rate(16.0, 16) == 2.0
     assert rate(20.0, 40) == 4.0
+    assert rate(24.0, 4) is None  # a restarted Tally's counts start again: no negative rate, measured anew
+    assert rate(26.0, 12) == 4.0
 
 
 def test_a_log_gets_the_closing_state_once(ray_cluster):
