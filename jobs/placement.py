@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import time
 
 import ray
@@ -77,15 +80,60 @@ def minimum_bundles(spec: JobSpec) -> list[dict]:
     return [ask for _, count, ask in minimum_pools(spec, ray.cluster_resources()) for _ in range(count)]
 
 
+def missing_resource(spec: JobSpec, cluster: dict) -> str | None:
+    """The first stage resource that no node of the cluster offers (the one-line error's start), else None."""
+    for name, _, ask in minimum_pools(spec, cluster):
+        for resource in ask:
+            if resource not in cluster:
+                offered = sorted(k for k in cluster if not k.startswith("node:") and "memory" not in k)
+                return (f"stages.{name}: no node of the Ray cluster offers {resource} (the cluster offers "
+                        f"{', '.join(offered)})")
+    return None
+
+
+class CapacityWatch:
+    """While a pass runs: a stage resource that no node offers any more (its only node died) for `timeout` s
+    interrupts the pass, which then ends in one line instead of waiting for an actor that cannot be placed."""
+
+    def __init__(self, spec: JobSpec, timeout: float, poll_s: float = 2.0):
+        self.spec, self.timeout, self.poll_s = spec, timeout, poll_s
+        self.error: str | None = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="capacity")
+
+    def __enter__(self) -> CapacityWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        self.stopped.set()
+        self.thread.join()
+        if kind is KeyboardInterrupt and self.error is not None:
+            raise SpecError(self.error) from None
+
+    def _watch(self) -> None:
+        since = None
+        while not self.stopped.wait(self.poll_s):
+            try:
+                missing = missing_resource(self.spec, ray.cluster_resources())
+            except Exception:  # noqa: BLE001 - the GCS busy or gone: the pass itself will say so
+                continue
+            since = None if missing is None else since or time.time()
+            if since is not None and time.time() - since >= self.timeout:
+                request_resources(bundles=minimum_bundles(self.spec))  # an autoscaler may bring one back
+                self.error = (f"{missing}, any more: a node left mid-run (waited {self.timeout:g} s); the rows "
+                              f"finished so far are kept: add a node that offers it and run the same command again")
+                os.kill(os.getpid(), signal.SIGINT)  # the pass waits in Ray Data's loop: a signal ends the wait
+                return
+
+
 def check_capacity(spec: JobSpec, cluster: dict) -> None:
     """Refuse a job whose minimum actor pools cannot all be placed: Ray would otherwise wait forever."""
     need: dict[str, float] = {"CPU": LISTING_CPUS}
+    if (missing := missing_resource(spec, cluster)) is not None:
+        raise SpecError(missing)
     for name, count, ask in minimum_pools(spec, cluster):
         for resource, amount in ask.items():
-            if resource not in cluster:
-                offered = sorted(k for k in cluster if not k.startswith("node:") and "memory" not in k)
-                raise SpecError(f"stages.{name}: no node of the Ray cluster offers {resource} "
-                                f"(the cluster offers {', '.join(offered)})")
             need[resource] = need.get(resource, 0) + count * amount
     for resource, amount in need.items():
         have = cluster.get(resource, 0)

@@ -1,5 +1,6 @@
 """A real multi-node Ray on this machine, joined via RAY_ADDRESS: each stage runs only on its own group's node;
-a node whose disk is broken (no model can be cached there) is passed over while other nodes serve."""
+a node whose disk is broken (no model can be cached there) is passed over while other nodes serve; a group whose
+only node dies mid-run ends the run in one line."""
 
 import os
 import subprocess
@@ -92,3 +93,42 @@ def test_a_stage_no_node_can_load_is_a_clear_error(cluster, tmp_path):
     assert "jobs/cli.py" not in result.stderr  # no traceback of the driver
     manifest = tmp_path / "out" / "manifest"
     assert not manifest.exists() or pq.read_table(manifest).num_rows == 0
+
+
+def test_a_stage_whose_only_node_died_mid_run_ends_in_one_line(model_cache, tmp_path):
+    """The prior group's one node dies mid-run (a spot node reclaimed) and none comes back: the run ends within
+    placement_timeout_s in one line naming the group (it waited for ever, its progress frozen), rows kept once."""
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    cluster, run = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1}), None
+    try:
+        for g in ("text", "decoder"):
+            cluster.add_node(num_cpus=1, resources={f"{g}_group": 1})
+        prior = cluster.add_node(num_cpus=1, resources={"prior_group": 1})
+        cluster.wait_for_nodes()
+        rows = [{C.PROMPT: f"prompt {i}", C.SEED: i} for i in range(80)]
+        stages = {g: {"batch_size": 2, "resources": {f"{g}_group": 0.5}} for g in GROUPS}
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(dict(base_job(tmp_path), prompts=write_prompts(tmp_path / "p.parquet", rows),
+                                            stages=stages, placement_timeout_s=5)))
+        run = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(path)], text=True,
+                               env={**os.environ, "RAY_ADDRESS": cluster.address}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        deadline = time.time() + 300
+        while not list((tmp_path / "out" / "embeddings").glob("*.parquet")) and time.time() < deadline:
+            time.sleep(0.2)
+        cluster.remove_node(prior, allow_graceful=False)
+        _, err = run.communicate(timeout=240)
+        assert run.returncode == 2, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: stages.prior: no node of the Ray cluster offers prior_group"), last
+        assert "a node left mid-run (waited 5 s)" in last
+        ids = pq.read_table(tmp_path / "out" / "manifest").column(C.ROW_ID).to_pylist() if list(
+            (tmp_path / "out" / "manifest").glob("*.parquet")) else []
+        assert len(ids) == len(set(ids)) < 80
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()  # it hung (the old behaviour): not left running
+        cluster.shutdown()
