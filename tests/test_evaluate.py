@@ -433,6 +433,8 @@ def check_fid(metrics: dict, tmp_path, ref: str, good) -> None:
     assert min(np.diff(fids)) > 0.05 * fids[-1], fids  # slices of other images: other FIDs
     assert metrics["fid_reference"]["images"] == 5 and any("unreliable" in w for w in metrics["warnings"])
     assert metrics["fid_comparable_with"].startswith("clean-fid mode='clean'")  # what a user may set it beside
+    few = [w for w in metrics["warnings"] if w.startswith("FID by style: 2 of 2 values from fewer than 2048 images")]
+    assert len(few) == 1 and "biased upward by their count" in few[0]  # per-slice FIDs of a few images each
     assert (tmp_path / "run" / "eval" / f"fid_by_{C.DECODER_GUIDANCE}.png").exists()
     own = np.load(tmp_path / "run" / "eval" / "fid_stats.npz")
     np.testing.assert_allclose(own["mu"], run_feats.mean(0), rtol=1e-4, atol=1e-5)
