@@ -69,8 +69,8 @@ def run_stages(stages: dict, spec: JobSpec, rows: dict[str, np.ndarray]) -> tupl
     batch size, one stage after another; returns (final batch, {stage: figures})."""
     device = pick_device()
     figures, n = {name: {} for name in STAGES}, len(rows[C.ROW_ID])
-    warm_rows = max(max(2 * stage.micro_batch, stage.batch_size) for stage in (getattr(spec.stages, name)
-                                                                                for name in STAGES))
+    specs = [getattr(spec.stages, name) for name in STAGES]
+    warm_rows = max(max(2 * stage.micro_batch, stage.batch_size) for stage in specs)
     warm = take(rows, np.arange(min(warm_rows, n)))
     memory = {}  # stage: (peak during warm-up, memory it kept: CUDA-graph pools, caches), above what was there
     for name in STAGES:

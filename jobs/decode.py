@@ -79,22 +79,25 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
             return _decode(spec, list(overrides), started, verbose)
 
 
-def made_unstored(run: str, storage_options: dict | None) -> int:
+def made_unstored(run: str, storage_options: dict | None, stored: int | None = None) -> int:
     """How many of the run's made rows have no stored Stage C embeddings (an embeddings part deleted): decode
     cannot make them. Rows that failed in Stage B/A stored theirs, rows that failed in Stage C did not, so the
-    footers can only clear it (as many stored rows as entries); else a Ray anti-join of the ids counts them."""
+    footers can only clear it (as many `stored` rows as entries); else a Ray anti-join of the ids counts them."""
     rows, failed, _ = footers.manifest_counts(run, storage_options)
-    if footers.part_counts(run, output.EMBEDDINGS, storage_options)[0] >= rows:
+    if stored is None:
+        stored = footers.part_counts(run, output.EMBEDDINGS, storage_options)[0]
+    if stored >= rows:
         return 0
     from jobs.console import start_ray
 
     start_ray()  # a finished decode's answer has not joined Ray yet
     made = output.read_parts(run, output.MANIFEST, storage_options, columns=[C.ROW_ID, C.ERROR]).map_batches(
         _made_ids, batch_format="pyarrow", num_cpus=TASK_CPUS)
-    stored = output.read_parts(run, output.EMBEDDINGS, storage_options, columns=[C.ROW_ID])
-    if stored is None:
+    stored_ids = output.read_parts(run, output.EMBEDDINGS, storage_options, columns=[C.ROW_ID])
+    if stored_ids is None:
         return rows - failed
-    return made.join(stored, join_type="left_anti", num_partitions=output.partitions(rows), on=(C.ROW_ID,)).count()
+    return made.join(stored_ids, join_type="left_anti", num_partitions=output.partitions(rows),
+                     on=(C.ROW_ID,)).count()
 
 
 def _made_ids(table):
@@ -155,4 +158,4 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
     if stored:  # a run whose every embeddings part was deleted has none to decode
         write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))
     summary = close_output(spec, started, done, failed, planned=stored)
-    return dataclasses.replace(summary, unstored=made_unstored(run, spec.storage_options), source=run)
+    return dataclasses.replace(summary, unstored=made_unstored(run, spec.storage_options, stored), source=run)

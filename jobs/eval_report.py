@@ -59,14 +59,13 @@ def summarize(opts, groups: dict, ref_stats: dict | None, models: dict, referenc
     overall = groups[F.ALL]
     if ref_stats is not None:
         warn_if_few(overall.n, opts.run, warnings)
-    failures, failed = read_failures(opts.run, opts.storage_options)
+    failures, failed, failed_by = read_failures(opts.run, opts.storage_options, axes=opts.by)
     if failures:
         where = "metrics.json 'failures'" if failed == len(failures) else \
             f"the first {len(failures)} in metrics.json 'failures', all in scores.parquet's eval_error"
         warn(f"{failed} image(s) not evaluated, e.g. row {failures[0]['row_id']}: {failures[0]['error']} "
              f"({where})", warnings)
-    by = {axis: by_axis(axis, groups, failed)
-          for axis, failed in zip(opts.by, failures_by(opts.run, opts.storage_options, opts.by))}
+    by = {axis: by_axis(axis, groups, values) for axis, values in zip(opts.by, failed_by)}
     for axis, rows in by.items():
         few = [r for r in rows if r["fid"] is not None and r["count"] < MIN_FID_IMAGES]
         if few:
@@ -101,34 +100,26 @@ def by_axis(axis: str, groups: dict, failed: Counter) -> list[dict]:
                                        0 if r["value"] is None else r["value"]))
 
 
-def read_failures(run: str, storage_options: dict, most: int = MAX_FAILURES_LISTED) -> tuple[list[dict], int]:
-    """The first `most` rows not evaluated (row_id, error) and their count, from scores.parquet, streamed: only
-    the failed rows are kept."""
+def read_failures(run: str, storage_options: dict, most: int = MAX_FAILURES_LISTED,
+                  axes: tuple[str, ...] = ()) -> tuple[list[dict], int, list[Counter]]:
+    """The first `most` rows not evaluated (row_id, error), their count, and per axis of `axes` their count of
+    each value, from scores.parquet in one streamed pass: only the failed rows are kept (an axis: at most
+    AXIS_VALUES values)."""
     fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)
-    listed, count = [], 0
+    listed, count, by = [], 0, [Counter() for _ in axes]
     with fs.open(path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(columns=[C.ROW_ID, E.EVAL_ERROR], batch_size=65536):
+        parquet = pq.ParquetFile(f)
+        held = [a for a in axes if a in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(columns=[C.ROW_ID, E.EVAL_ERROR, *held], batch_size=65536):
             failed = pa.Table.from_batches([batch]).filter(pc.is_valid(batch.column(E.EVAL_ERROR)))
             count += failed.num_rows
             for row_id, error in zip(*(failed.column(c).to_pylist() for c in (C.ROW_ID, E.EVAL_ERROR))):
                 if len(listed) < most:
                     listed.append({"row_id": row_id, "error": error})
-    return listed, count
-
-
-def failures_by(run: str, storage_options: dict, axes: tuple[str, ...]) -> list[Counter]:
-    """Per axis, the rows not evaluated of each value, from scores.parquet, streamed (values: at most AXIS_VALUES)."""
-    counts = [Counter() for _ in axes]
-    fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)
-    with fs.open(path) as f:
-        parquet = pq.ParquetFile(f)
-        held = [a for a in axes if a in parquet.schema_arrow.names]
-        for batch in parquet.iter_batches(columns=[E.EVAL_ERROR, *held], batch_size=65536):
-            failed = pa.Table.from_batches([batch]).filter(pc.is_valid(batch.column(E.EVAL_ERROR)))
-            for axis, count in zip(axes, counts):
+            for axis, values in zip(axes, by):
                 if axis in held:
-                    count.update(v for v in failed.column(axis).to_pylist() if v == v)  # NaN: no value
-    return counts
+                    values.update(v for v in failed.column(axis).to_pylist() if v == v)  # NaN: no value
+    return listed, count, by
 
 
 def numeric(rows: list[dict]) -> bool:

@@ -268,10 +268,7 @@ def clear_results(run: str, storage_options: dict) -> None:
 def run_pass(opts: EvalOptions, manifest: Manifest, inception: dict | None,
              ref_stats: dict | None) -> dict[str, G.GroupResult]:
     """read manifest → CLIP pool → Inception pool (with a reference) → per-block sums and score parts."""
-    parts = parts_uri(opts.run)
-    fs, path = url_to_fs(parts, opts.storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)  # left by an interrupted evaluation
+    parts = parts_uri(opts.run)  # an interrupted evaluation's were cleared (clear_results)
     ds = _read_manifest(manifest, (*REQUIRED, *opts.by))
     ds = ds.map_batches(E.ClipScorer, fn_constructor_kwargs=dict(
         model=opts.clip_model, storage_options=opts.storage_options), **pool_args(opts.pools))

@@ -93,7 +93,7 @@ def test_failures_are_counted_streaming_and_listed_up_to_a_cap(tmp_path):
     (tmp_path / "eval").mkdir()
     pq.write_table(pa.table({C.ROW_ID: [f"r{i}" for i in range(n)], E.EVAL_ERROR: errors}),
                    tmp_path / "eval" / "scores.parquet")
-    listed, count = read_failures(str(tmp_path), {}, most=3)
+    listed, count, _ = read_failures(str(tmp_path), {}, most=3)
     assert count == 5
     assert listed == [{"row_id": f"r{i}", "error": f"unreadable {i}"} for i in (3, 70_000, 70_001)]
 
