@@ -51,7 +51,7 @@ def benchmark_spec(args, work: Path) -> tuple[JobSpec, list[str]]:
         "generation": {"height": args.height or (256 if tiny else 1024), "width": args.width or (256 if tiny else 1024)},
     }
     if args.compile:
-        data["stages"] = {name: {"compile": True} for name in ("text", "prior", "decoder")}
+        data["stages"] = {name: {"compile": args.compile} for name in ("text", "prior", "decoder")}
     return spec_from_dict(apply_overrides(data, args.overrides)), prompts
 
 
@@ -93,7 +93,7 @@ def run_benchmark(args) -> dict:
     _save(args.json, figures)
     if args.skip_diffusers:
         return figures
-    figures["diffusers_compiled"] = any(getattr(spec.stages, name).compile for name in ("text", "prior", "decoder"))
+    figures["diffusers_compiled"] = any(bool(getattr(spec.stages, name).compile) for name in ("text", "prior", "decoder"))
     figures["diffusers_images_per_s"], figures["diffusers_warmup_s"] = diffusers_rate(
         spec, prompts, figures["diffusers_compiled"])
     figures["ratio"] = figures["pipeline_images_per_s"] / figures["diffusers_images_per_s"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from jobs.spec import SpecError
 from stages.credentials import options_arg, redact
+from stages.dtypes import COMPILE_MODES
 
 # Heavy libraries (Ray, torch, diffusers, transformers) are imported by the commands that use them, never
 # here: --help, a spec error and a finished rerun answer in about a second.
@@ -58,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", help="write the figures to this JSON file")
     bench.add_argument("--psnr-rows", type=int, default=8,
                        help="rows whose half-precision images are compared with float32 ones (0: none)")
-    bench.add_argument("--compile", action="store_true",
-                       help="compile every stage (stages.<name>.compile) and diffusers' prior and decoder")
+    bench.add_argument("--compile", nargs="?", const=True, default=False, choices=COMPILE_MODES, metavar="MODE",
+                       help="compile every stage (stages.<name>.compile: true, or MODE: max-autotune) and diffusers' "
+                            "prior and decoder (as its docs say)")
     bench.add_argument("--skip-diffusers", action="store_true", help="time only this project's stages")
     bench.add_argument("--in-process", action="store_true",
                        help="time the stages in this process only, without the Ray pipeline (also when Ray is missing)")

@@ -48,7 +48,8 @@ class StageSpec:
 
     batch_size: int = 8
     micro_batch: int = 8  # rows per model call: fixes the bits of the output (so the run's identity); less memory
-    compile: bool = False  # torch.compile the stage's models (CUDA graphs on GPUs); changes bits: run identity too
+    compile: typing.Union[bool, str] = False  # torch.compile the stage's models (CUDA graphs on GPUs), or
+    # "max-autotune" (Inductor also times its GEMM/conv templates at warm-up); changes bits: run identity too
     concurrency: typing.Union[int, list, None] = None  # n, or [min, max]
     num_gpus: typing.Optional[float] = None  # None → a default that depends on the cluster's GPUs
     num_cpus: typing.Optional[float] = None

@@ -8,7 +8,7 @@ import math
 import typing
 
 from stages import credentials as secrets
-from stages.dtypes import DTYPE_NAMES
+from stages.dtypes import COMPILE_MODES, DTYPE_NAMES
 
 if typing.TYPE_CHECKING:
     from jobs.spec import JobSpec, StageSpec
@@ -175,6 +175,8 @@ def _validate_stage(name: str, stage: StageSpec) -> None:
     for key in ("batch_size", "micro_batch"):
         if getattr(stage, key) < 1:
             raise SpecError(f"{name}.{key}: must be at least 1, got {getattr(stage, key)}")
+    if isinstance(stage.compile, str) and stage.compile not in COMPILE_MODES:
+        raise SpecError(f"{name}.compile: expected true, false or {' | '.join(COMPILE_MODES)}, got {stage.compile!r}")
     conc = stage.concurrency
     if isinstance(conc, int) and conc < 1:
         raise SpecError(f"{name}.concurrency: must be at least 1, got {conc}")

@@ -43,7 +43,7 @@ class DecoderStage:
     `fill_text_terms` for the same embeddings and text."""
 
     def __init__(self, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
-                 device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool = False,
+                 device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool | str = False,
                  channels_last: bool | None = None, keep_float: bool = False):
         root = resolve(decoder, "decoder", storage_options)
         self.dtype = DTYPES[dtype]
@@ -56,8 +56,8 @@ class DecoderStage:
         split_text_keys_values(self.decoder)  # the text's keys and values: once per micro-batch, not per step
         self.vqgan = prepare_model(load_component(PaellaVQModel, root, "vqgan", self.dtype, self.device),
                                    self.device, channels_last)
-        self.forward = compiled(self.decoder, self.device) if compile else self.decoder
-        self.pixels = compiled(self._pixels, self.device) if compile else self._pixels
+        self.forward = compiled(self.decoder, self.device, compile) if compile else self.decoder
+        self.pixels = compiled(self._pixels, self.device, compile) if compile else self._pixels
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")
         self.schedules: dict[int, Schedule] = {}
         self.latent_dim_scale = pipeline_config(root).get("latent_dim_scale", 10.67)

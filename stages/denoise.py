@@ -88,8 +88,11 @@ def shape_buffers(cache: OrderedDict, key: tuple, make) -> tuple[torch.Tensor, .
     return buffers
 
 
-def compiled(fn, device: torch.device, fullgraph: bool = True):
-    """torch.compile for the fixed micro-batch shapes: CUDA graphs on a GPU (reduce-overhead), Inductor on a CPU."""
+def compiled(fn, device: torch.device, mode: bool | str = True, fullgraph: bool = True):
+    """torch.compile for the fixed micro-batch shapes: CUDA graphs on a GPU (reduce-overhead), Inductor on a CPU;
+    mode "max-autotune" also lets Inductor time Triton GEMM/conv templates (CUDA graphs too) at warm-up."""
+    if mode == "max-autotune":
+        return torch.compile(fn, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
     return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=fullgraph,
                          dynamic=False)
 

@@ -21,10 +21,10 @@ TRUNCATION_WARNINGS = 5  # per actor: a table of long prompts must not flood the
 class _Encoder:
     """One tokenizer + CLIPTextModel, encoding as diffusers' Würstchen pipelines do, in fixed micro-batches."""
 
-    def __init__(self, root: str, dtype: torch.dtype, device: torch.device, micro_batch: int, compile: bool):
+    def __init__(self, root: str, dtype: torch.dtype, device: torch.device, micro_batch: int, compile: bool | str):
         self.tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
         self.model = load_component(CLIPTextModel, root, "text_encoder", dtype, device)
-        self.forward = compiled(self.model, device, fullgraph=False) if compile else self.model
+        self.forward = compiled(self.model, device, compile, fullgraph=False) if compile else self.model
         self.device, self.micro_batch, self.compiled = device, micro_batch, compile
         self.cache: dict[str, torch.Tensor] = {}  # the empty negative prompt, encoded once per actor
 
@@ -53,7 +53,7 @@ class TextEncoder:
     """Adds the prior's and the decoder's text states (and negatives where guidance > 1) to a batch."""
 
     def __init__(self, prior, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
-                 device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool = False):
+                 device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool | str = False):
         torch_dtype = DTYPES[dtype]
         self.device = pick_device(device)
         self.node = current_node()

@@ -65,7 +65,8 @@ def test_spec_is_frozen():
     ({**BASE, "image_format": "gif"}, "image_format: 'gif' is not one of png | jpeg | webp"),
     ({**BASE, "stages": {"decoder": {"concurrency": [3, 1]}}}, "stages.decoder.concurrency"),
     ({**BASE, "stages": {"prior": {"micro_batch": 0}}}, "stages.prior.micro_batch: must be at least 1, got 0"),
-    ({**BASE, "stages": {"decoder": {"compile": "yes"}}}, "stages.decoder.compile: expected bool, got 'yes'"),
+    ({**BASE, "stages": {"decoder": {"compile": "yes"}}}, "stages.decoder.compile: expected true, false or max-autotune, got 'yes'"),
+    ({**BASE, "stages": {"decoder": {"compile": 1}}}, "stages.decoder.compile: expected bool or str, got 1"),
     ({**BASE, "generation": {"height": 65536}}, "generation.height: must be a positive multiple of 128 up to 2048, "
                                                 "got 65536"),
     ({**BASE, "model": "tiny"}, "model: expected a mapping, got 'tiny'"),
@@ -127,10 +128,10 @@ def test_example_jobs_are_valid():
 
 def test_micro_batch_and_compile_per_stage_reach_the_stage_classes(tmp_path):
     spec = load_spec(write(tmp_path, "prompts: a.parquet\noutput: out\n"),
-                     ["stages.prior.micro_batch=4", "stages.decoder.compile=true"])
+                     ["stages.prior.micro_batch=4", "stages.decoder.compile=true", "stages.text.compile=max-autotune"])
     assert (spec.stages.text.micro_batch, spec.stages.prior.micro_batch, spec.stages.decoder.micro_batch) == (8, 4, 8)
     assert stage_kwargs(spec, "prior")["micro_batch"] == 4 and not stage_kwargs(spec, "prior")["compile"]
-    assert stage_kwargs(spec, "decoder")["compile"] is True
+    assert stage_kwargs(spec, "decoder")["compile"] is True and stage_kwargs(spec, "text")["compile"] == "max-autotune"
     assert set(stage_kwargs(spec, "text")) == {"prior", "decoder", "dtype", "storage_options", "micro_batch", "compile"}
 
 
