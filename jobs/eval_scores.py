@@ -32,8 +32,9 @@ def write_scores(run: str, manifest, storage_options: dict) -> None:
     size); the driver walks both in step, BATCH_ROWS rows of each at a time, and holds nothing per row."""
     fs, parts = url_to_fs(parts_uri(run), storage_options)
     keep = [n for n in manifest.names if n not in DROPPED and n != C.ROW_ID]
-    scores = ray.data.read_parquet(parts, filesystem=output.arrow_fs(fs), num_cpus=TASK_CPUS)
-    params = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS)
+    scores = ray.data.read_parquet(parts, filesystem=output.arrow_fs(fs), num_cpus=TASK_CPUS, partitioning=None)
+    params = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS,
+                                    partitioning=None)
     sides = [ds.select_columns(columns).sort(C.ROW_ID).iter_batches(batch_size=BATCH_ROWS, batch_format="pyarrow")
              for ds, columns in ((params, [C.ROW_ID, *keep]), (scores, [C.ROW_ID, *SCORES]))]
     out_fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)

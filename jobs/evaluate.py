@@ -215,7 +215,8 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
 
 
 def _read_manifest(manifest: Manifest, columns) -> ray.data.Dataset:
-    ds = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS)
+    ds = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS,
+                               partitioning=None)
     ds = ds.select_columns(list(dict.fromkeys(columns)))
     if manifest.moved is None:
         return ds

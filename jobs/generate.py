@@ -212,7 +212,8 @@ def coalesced(ds: ray.data.Dataset, rows: int, most: int, spec: JobSpec) -> ray.
 def expanded(spec: JobSpec, table: prompts.PromptTable) -> ray.data.Dataset:
     """The planned rows: each prompt row × sweep combination × image, with its row id (bounded batches)."""
     ds = ray.data.read_parquet(list(table.files), filesystem=PyFileSystem(FSSpecHandler(table.fs)),
-                               num_cpus=TASK_CPUS, batch_size=READ_ROWS)
+                               num_cpus=TASK_CPUS, batch_size=READ_ROWS, schema=table.schema,  # as preflight read
+                               partitioning=None, file_extensions=None)  # no key=value folder adds a column
     combos = prompts.sweep_combinations(spec.sweep)
     per_prompt = spec.generation.images_per_prompt
     return ds.map_batches(prompts.expand_table, batch_format="pyarrow", num_cpus=TASK_CPUS,

@@ -13,14 +13,23 @@ FLOAT_EXACT = 2 ** 53  # above this a float64 cannot hold every integer
 
 
 def unified_schema(schema: pa.Schema, more: pa.Schema, name: str) -> pa.Schema:
-    """The schemas of the files so far and of file `name`, as one (int64 and double become double); a column of
-    two incompatible types is one line naming it."""
+    """The schemas of the files so far and of file `name`, as one, which the job reads every file in: dictionary
+    columns (pandas' categoricals) as their values, a per-row integer setting as int64 also where a file holds it as
+    floats (whole numbers up to 2^53, checked: pandas stores an integer column with gaps so), other int64 and
+    double columns as double; a column of two incompatible types is one line naming it."""
+    more = pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in more])
     try:
-        return pa.unify_schemas([schema, more.remove_metadata()], promote_options="permissive")
+        unified = pa.unify_schemas([schema, more], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         clash = next(f for f in more if f.name in schema.names and schema.field(f.name).type != f.type)
         raise SpecError(f"prompts: column '{clash.name}' in {name} is {clash.type}, in the files before it "
                         f"{schema.field(clash.name).type}") from None
+    return pa.schema([f.with_type(pa.int64()) if f.name in C.INT_PARAMS and pa.types.is_floating(f.type)
+                      and _integer_somewhere(f.name, schema, more) else f for f in unified])
+
+
+def _integer_somewhere(column: str, *schemas: pa.Schema) -> bool:
+    return any(column in s.names and pa.types.is_integer(s.field(column).type) for s in schemas)
 
 
 # Per-row settings under other names (diffusers' combined pipeline's arguments, or with spaces around): without
@@ -49,9 +58,10 @@ def check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
             raise SpecError(f"prompts: column '{col}' in {name} is set by the job itself, so its values would be "
                             f"replaced: rename the column{hint}")
     for col in (C.PROMPT, C.NEGATIVE_PROMPT):
-        if col in schema.names and not pa.types.is_string(schema.field(col).type) \
-                and not pa.types.is_large_string(schema.field(col).type):
-            raise SpecError(f"prompts: column '{col}' in {name} is {schema.field(col).type}, not string")
+        kind = schema.field(col).type if col in schema.names else pa.string()
+        values = kind.value_type if pa.types.is_dictionary(kind) else kind  # a pandas categorical: its values
+        if not (pa.types.is_string(values) or pa.types.is_large_string(values) or pa.types.is_null(values)):
+            raise SpecError(f"prompts: column '{col}' in {name} is {kind}, not string")
     for col in C.INT_PARAMS + C.FLOAT_PARAMS:
         if col in schema.names:
             kind = schema.field(col).type
@@ -70,6 +80,7 @@ def check_rows(batch: pa.RecordBatch, name: str, offset: int, images_per_prompt:
     fail(pc.is_null(batch.column(C.PROMPT)).to_numpy(zero_copy_only=False), "prompt is null")
     for col in batch.schema.names:
         if col in (C.PROMPT, C.NEGATIVE_PROMPT):
+            check_utf8(batch.column(col), col, name, offset)
             continue
         column = batch.column(col)
         present = pc.is_valid(column).to_numpy(zero_copy_only=False)
@@ -93,3 +104,23 @@ def check_rows(batch: pa.RecordBatch, name: str, offset: int, images_per_prompt:
             values = np.nan_to_num(values)
         is_bad, message = GENERATION_RULES[col]
         fail(present & is_bad(values), f"{col} {message}", values)
+
+
+def check_utf8(column: pa.Array, col: str, name: str, offset: int) -> None:
+    """A string column's bytes must be UTF-8 (a writer can store others), or Ray's reader fails on the file."""
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid:
+        values = column.dictionary if pa.types.is_dictionary(column.type) else column
+        raw = values.view(pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary()).to_pylist()
+        bad = next(i for i, v in enumerate(raw) if v is not None and not _utf8(v))
+        where = f"row {offset + bad}" if values is column else "a value of its dictionary"
+        raise SpecError(f"prompts: {name} {where}: {col} is not UTF-8 text, got {raw[bad][:40]!r}") from None
+
+
+def _utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

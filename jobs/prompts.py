@@ -37,21 +37,32 @@ class PromptTable:
     schema: pa.Schema  # the files' schemas unified: the writers keep the user's columns in these types
 
 
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")  # in any case; a folder's other files (_SUCCESS, .crc) are not read
+
+
 def list_files(uri: str, storage_options: dict) -> tuple[object, list[str]]:
-    """The Parquet files of a file or directory URI, or a one-line error naming it."""
+    """The Parquet files of a file or directory URI, or a one-line error naming it. In a folder, as Spark, Arrow and
+    Ray read one, names and subfolders starting with "." or "_" are skipped (Spark's _temporary/, hidden files)."""
     try:
         fs, path = url_to_fs(uri, storage_options)
         if not fs.exists(path):
-            raise SpecError(f"prompts: {uri} does not exist")
+            glob = " (glob patterns are not expanded: give the folder)" if any(c in uri for c in "*?[") else ""
+            raise SpecError(f"prompts: {uri} does not exist{glob}")
         if not fs.isdir(path):
-            return fs, [path]
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+            files = [path]
+        else:
+            root = path.rstrip("/") + "/"
+            files = sorted(p for p in fs.find(path) if p.lower().endswith(PARQUET_SUFFIXES)
+                           and not any(part.startswith((".", "_")) for part in p[len(root):].split("/")))
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - credentials, a missing bucket, no network: one line naming it
         raise SpecError(f"prompts: cannot read {uri} ({reason(err)})") from None
     if not files:
-        raise SpecError(f"prompts: no .parquet files under {uri}")
+        raise SpecError(f"prompts: no Parquet files ({' / '.join(PARQUET_SUFFIXES)}) under {uri}")
+    query = next((f for f in files if "?" in f), None)
+    if query:  # Ray's reader takes what follows a "?" for a URL query, and reads no row of the file
+        raise SpecError(f"prompts: {full_uri(fs, query)}: a '?' in a path cannot be read; rename it")
     return fs, files
 
 
@@ -70,9 +81,12 @@ def scan(spec: JobSpec) -> PromptTable:
         unified = unified_schema(unified, schema, name)
         columns = columns or present
         offset = 0
-        for batch in parquet.iter_batches(batch_size=65536, columns=list(present), use_threads=False):
-            check_rows(batch, name, offset, spec.generation.images_per_prompt)
-            offset += batch.num_rows
+        try:
+            for batch in parquet.iter_batches(batch_size=65536, columns=list(present), use_threads=False):
+                check_rows(batch, name, offset, spec.generation.images_per_prompt)
+                offset += batch.num_rows
+        except (pa.ArrowInvalid, OSError) as err:  # a corrupt page behind an intact footer
+            raise SpecError(f"prompts: {name} is not a readable Parquet file (after row {offset}: {err})") from None
         rows += offset
     if rows == 0:
         raise SpecError(f"prompts: {spec.prompts} has no rows")

@@ -150,7 +150,13 @@ def _prompts_older(spec: JobSpec, out_fs, job_file: str) -> bool:
         cached.invalidate_cache()  # fsspec keeps listings per filesystem instance: ask the store afresh
     fs, files = list_files(spec.prompts, spec.storage_options)
     written = out_fs.modified(job_file).timestamp()  # NotImplementedError where a store keeps no times
-    return all(fs.modified(f).timestamp() <= written for f in files)
+    return all(_changed(fs, f) <= written for f in files)
+
+
+def _changed(fs, path: str) -> float:
+    """When a file last changed here: its modification time, or on a local disk its inode's change time where later
+    (`mv`, `cp -p` and `rsync -a` keep an older table's modification time; an object store's is its upload's)."""
+    return max(fs.modified(path).timestamp(), fs.info(path).get("created") or 0.0)
 
 
 def claim(spec: JobSpec, overwrite: bool) -> None:

@@ -61,7 +61,8 @@ def failed_ids(output: str, storage_options: dict):
         files = [path for path, may in zip(files, pool.map(lambda path: _may_hold_errors(fs, path), files)) if may]
     if not files:
         return None
-    ds = ray.data.read_parquet(files, filesystem=out.arrow_fs(fs), columns=[C.ROW_ID, C.ERROR], num_cpus=TASK_CPUS)
+    ds = ray.data.read_parquet(files, filesystem=out.arrow_fs(fs), columns=[C.ROW_ID, C.ERROR], num_cpus=TASK_CPUS,
+                               partitioning=None)
     return ds.map_batches(_failed_only, batch_format="pyarrow", num_cpus=TASK_CPUS).materialize()
 
 

@@ -179,7 +179,7 @@ def spec_from_dict(data: dict) -> JobSpec:
     # Ray's workers on other nodes do not share the driver's working directory: local paths travel absolute
     spec = dataclasses.replace(spec, prompts=absolute(spec.prompts), output=absolute(spec.output),
                                decoded_from=spec.decoded_from and canonical(spec.decoded_from))
-    if (spec.output.rstrip("/") + "/").startswith(spec.prompts.rstrip("/") + "/"):
+    if (canonical(spec.output) + "/").startswith(canonical(spec.prompts) + "/"):  # s3a:// is s3://
         raise SpecError(f"output {spec.output}: inside the prompts folder {spec.prompts}, whose Parquet files are "
                         f"all read as prompt tables (the run's own parts would be next time); choose an output "
                         f"outside it")

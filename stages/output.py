@@ -155,7 +155,8 @@ def read_parts(output: str, name: str, storage_options: dict | None, columns=Non
         return None
     try:
         return ray.data.read_parquet(files, filesystem=arrow_fs(fs), columns=list(columns) if columns else None,
-                                     include_paths=include_paths, num_cpus=TASK_CPUS)
+                                     include_paths=include_paths, num_cpus=TASK_CPUS,
+                                     partitioning=None)  # a key=value folder in the output's path adds no column
     except pa.ArrowInvalid:  # a footer Ray Data read for the schema: name the part
         for path in files:
             with parquet_part(fs, path):

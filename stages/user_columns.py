@@ -44,14 +44,16 @@ def unpack(values: np.ndarray, types: pa.Schema | None) -> dict[str, pa.Array]:
 
 
 def typed(values: list, wanted: pa.DataType | None) -> pa.Array:
-    """`values` as an Arrow array of type `wanted` (NaN read as null); as inferred where they do not fit it."""
-    inferred = pa.array(values, from_pandas=wanted is not None)
-    if wanted is None or inferred.type == wanted:
-        return inferred
-    try:
-        return inferred.cast(wanted)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # kept as found rather than lost
-        return inferred
+    """`values` as an Arrow array of type `wanted`, exactly (NaN stays NaN, nanoseconds and 2^64 - 1 are kept);
+    as inferred where they do not fit it, or as text where Arrow cannot infer one type: kept rather than lost."""
+    cuts = wanted is not None and pa.types.is_integer(wanted) and any(  # pa.array would drop a float's fraction
+        isinstance(v, float) and not v.is_integer() for v in values)
+    for kind in ([wanted] if wanted is not None and not cuts else []) + [None]:
+        try:
+            return pa.array(values, kind)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError):
+            continue
+    return pa.array([None if v is None else str(v) for v in values], pa.string())
 
 
 def type_of(name: str, types: pa.Schema | None) -> pa.DataType | None:

@@ -93,10 +93,10 @@ def random_decoder(clip_embd: int = 24):
     return net.eval()
 
 
-def write_prompts(path, rows: list[dict]) -> str:
-    """Write a prompt table (columns from the rows' keys) and return its path."""
+def write_prompts(path, rows: list[dict], types: dict | None = None) -> str:
+    """Write a prompt table (columns from the rows' keys, in `types` where given) and return its path."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    pq.write_table(pa.table({k: [r.get(k) for r in rows] for k in keys}), path)
+    pq.write_table(pa.table({k: pa.array([r.get(k) for r in rows], (types or {}).get(k)) for k in keys}), path)
     return str(path)
 
 

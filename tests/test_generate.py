@@ -1,5 +1,6 @@
 """End to end through a real local Ray: a prompt table in, images + embeddings + manifest out."""
 
+import math
 import re
 from pathlib import Path
 
@@ -16,20 +17,23 @@ from jobs.spec import spec_from_dict
 from stages import columns as C
 
 # The user's own columns: `rank` an int64 column with a null, `note` a string column null in most rows (so whole
-# blocks of the run hold only nulls of it).
+# blocks of the run hold only nulls of it); values Python objects or pandas would change: a NaN that is not a null,
+# a uint64 above 2^63, nanoseconds.
 PROMPTS = [
-    {C.PROMPT: "a lighthouse at dawn", "topic": "sea", "rank": 3, "note": None},
+    {C.PROMPT: "a lighthouse at dawn", "topic": "sea", "rank": 3, "note": None, "score": float("nan"),
+     "hash": 2 ** 64 - 1, "at": 1_700_000_000_123_456_789},
     {C.PROMPT: "a bowl of ramen", C.NEGATIVE_PROMPT: "blurry", C.DECODER_GUIDANCE: 2.0, "topic": "food",
-     "rank": None, "note": None},
+     "rank": None, "note": None, "score": None, "hash": 5, "at": 5},
     {C.PROMPT: "an astronaut riding a horse", C.HEIGHT: 256, C.SEED: 40, "topic": "space", "rank": 1, "note": None},
     {C.PROMPT: "猫 in Tōkyō 🌭", C.WIDTH: 256, C.PRIOR_GUIDANCE: 1.0, "topic": "city", "rank": 2, "note": None},
     {C.PROMPT: "a vintage car", C.DECODER_STEPS: 3, C.SEED: 7, "topic": "road", "rank": 5, "note": "keep"},
 ]
+TYPES = {"hash": pa.uint64(), "at": pa.timestamp("ns")}
 
 
 def job(tmp_path, name, **stages):
     return spec_from_dict({
-        "prompts": write_prompts(tmp_path / "prompts.parquet", PROMPTS),
+        "prompts": write_prompts(tmp_path / "prompts.parquet", PROMPTS, TYPES),
         "output": str(tmp_path / name),
         "generation": {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2, "seed": 100,
                        "images_per_prompt": 2},
@@ -58,6 +62,12 @@ def test_every_row_in_the_manifest_exactly_once(first_run):
         assert [r[C.SEED] for r in rows] == [base_seed, base_seed + 1]
         for column in ("topic", "rank", "note"):  # the user's columns pass through
             assert all(r[column] == prompt[column] for r in rows), column
+    exact = pq.read_table(first_run[0] / "run1" / "manifest", columns=[C.PROMPT, "score", "hash", "at"])
+    exact = {row[C.PROMPT]: row for row in exact.cast(pa.schema([
+        (C.PROMPT, pa.string()), ("score", pa.float64()), ("hash", pa.uint64()), ("at", pa.int64())])).to_pylist()}
+    assert math.isnan(exact["a lighthouse at dawn"]["score"]) and exact["a bowl of ramen"]["score"] is None
+    assert [exact[p[C.PROMPT]]["hash"] for p in PROMPTS] == [p.get("hash") for p in PROMPTS]
+    assert [exact[p[C.PROMPT]]["at"] for p in PROMPTS] == [p.get("at") for p in PROMPTS]
     for row in manifest:
         assert row[C.ERROR] is None and row[C.PRIOR_STEPS] == 2
         assert row[C.IMAGE_URI].endswith(f"/images/{row[C.ROW_ID][:2]}/{row[C.ROW_ID]}.png")

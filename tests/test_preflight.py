@@ -76,6 +76,21 @@ def test_work_left_is_not_answered(tmp_path):
     assert answered(spec_at(tmp_path / "new"), time.time()) is None  # no output yet
 
 
+def test_a_table_moved_into_place_is_not_answered(tmp_path):
+    """`mv`, `cp -p`, `rsync -a` keep an older file's modification time: the table's rows may still differ."""
+    spec = spec_at(tmp_path, rows=3)
+    (tmp_path / "next").mkdir()
+    pq.write_table(pa.table({C.PROMPT: ["other", "prompts", "here"]}), tmp_path / "next" / "p.parquet")
+    earlier = time.time() - 60
+    os.utime(tmp_path / "next" / "p.parquet", (earlier, earlier))  # written before the run below
+    finished_output(tmp_path, spec, rows=3)
+    assert answered(spec, time.time()) is not None
+    time.sleep(0.01)
+    os.replace(tmp_path / "next" / "p.parquet", tmp_path / "p.parquet")
+    assert os.stat(tmp_path / "p.parquet").st_mtime == earlier
+    assert answered(spec, time.time()) is None
+
+
 def test_a_table_edited_before_an_attempt_that_died_is_not_answered(tmp_path):
     """A prompt edited in place (same row count), then a run that claimed the output and died before making the
     new row: its job.yaml is newer than the table, yet the new row is still to make."""

@@ -77,7 +77,7 @@ def test_missing_and_non_parquet_inputs(tmp_path):
     with pytest.raises(SpecError, match="notes.parquet is not a readable Parquet file"):
         scan(spec_for(tmp_path / "notes.parquet"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SpecError, match="no .parquet files under"):
+    with pytest.raises(SpecError, match="no Parquet files .* under"):
         scan(spec_for(tmp_path / "empty"))
 
 
@@ -194,3 +194,69 @@ def test_row_ids_of_all_changes_are_distinct():
     for spec_route, other_route in same_value:  # one value given by the spec, a column or a sweep: one id
         assert ids[spec_route] == ids[other_route]
     assert len(set(ids.values())) == len(ids) - len(same_value)  # e.g. prompt and negative prompt don't hash alike
+
+
+def test_a_folder_is_read_as_spark_arrow_and_ray_read_one(tmp_path):
+    table_at(tmp_path, "part-0.parquet", prompt=["a", "b"])
+    (tmp_path / "sub").mkdir()
+    table_at(tmp_path / "sub", "x.PARQUET", prompt=["c"])
+    table_at(tmp_path, "y.pq", prompt=["d"])
+    (tmp_path / "_temporary" / "0").mkdir(parents=True)
+    table_at(tmp_path / "_temporary" / "0", "part-0.parquet", prompt=["a", "b"])  # a Spark task's attempt
+    table_at(tmp_path, ".hidden.parquet", prompt=["e"])
+    for stray in ("_SUCCESS", ".part-0.parquet.crc", "README.txt"):
+        (tmp_path / stray).write_text("not a table")
+    result = scan(spec_for(tmp_path))
+    assert result.rows == 4 and sorted(p.rsplit("/", 1)[-1] for p in result.files) == ["part-0.parquet", "x.PARQUET",
+                                                                                      "y.pq"]
+
+
+def test_path_mistakes_are_one_line(tmp_path):
+    table_at(tmp_path, "q?x.parquet", prompt=["lost"])  # Ray's reader would read it as 0 rows
+    with pytest.raises(SpecError, match=r"q\?x.parquet: a '\?' in a path cannot be read; rename it"):
+        scan(spec_for(tmp_path))
+    with pytest.raises(SpecError, match="does not exist .glob patterns are not expanded: give the folder"):
+        scan(spec_for(tmp_path / "*.parquet"))
+
+
+def test_a_corrupt_page_behind_an_intact_footer_is_named(tmp_path):
+    path = table_at(tmp_path, prompt=[f"prompt number {i} " * 20 for i in range(2000)])
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+    with pytest.raises(SpecError, match=r"p.parquet is not a readable Parquet file \(after row 0: "):
+        scan(spec_for(path))
+
+
+def test_a_prompt_that_is_not_utf8_names_its_row(tmp_path):
+    prompts = pa.array([b"fine", b"\xff\xfe bad"], pa.binary()).view(pa.string())  # a writer that did not check
+    path = table_at(tmp_path, prompt=prompts)
+    with pytest.raises(SpecError, match=r"p.parquet row 1: prompt is not UTF-8 text, got b'\\xff\\xfe bad'"):
+        scan(spec_for(path))
+
+
+def test_categorical_prompts_and_a_null_typed_empty_file_are_read(tmp_path):
+    table_at(tmp_path, "a.parquet", prompt=pa.array(["x", "y", "x"]).dictionary_encode())  # a pandas categorical
+    table_at(tmp_path, "b.parquet", prompt=pa.array([], pa.null()))  # pandas: a column of None, all dropped
+    result = scan(spec_for(tmp_path))
+    assert result.rows == 3 and result.schema.field(C.PROMPT).type == pa.string()
+
+
+def test_a_setting_stored_as_floats_in_one_file_is_read_as_integers(tmp_path):
+    table_at(tmp_path, "a.parquet", prompt=["x"], seed=pa.array([2 ** 60 + 1], pa.int64()))
+    table_at(tmp_path, "b.parquet", prompt=["y", "z"], seed=[1.0, None])  # pandas: an int column with a gap
+    assert scan(spec_for(tmp_path)).schema.field(C.SEED).type == pa.int64()  # a double would make 2^60 + 1 2^60
+
+
+def test_rays_reader_sees_the_rows_preflight_checked(tmp_path, ray_cluster):
+    from jobs.generate import expanded
+
+    folder = tmp_path / "height=500"  # a hive-style folder name: not a column, so not a height
+    folder.mkdir()
+    table_at(folder, "a.parquet", prompt=pa.array(["x"]).dictionary_encode(), seed=pa.array([2 ** 60 + 1]))
+    table_at(folder, "b.parquet", prompt=["y", "z"], seed=[1.0, None], tag=["t1", "t2"])
+    spec = spec_for(tmp_path, height=256, seed=7)
+    rows = sorted(expanded(spec, scan(spec)).take_all(), key=lambda r: r[C.PROMPT])
+    assert [(r[C.PROMPT], r[C.SEED], r[C.HEIGHT]) for r in rows] == [("x", 2 ** 60 + 1, 256), ("y", 1, 256),
+                                                                      ("z", 7, 256)]

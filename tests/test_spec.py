@@ -65,7 +65,8 @@ def test_spec_is_frozen():
     ({**BASE, "image_format": "gif"}, "image_format: 'gif' is not one of png | jpeg | webp"),
     ({**BASE, "stages": {"decoder": {"concurrency": [3, 1]}}}, "stages.decoder.concurrency"),
     ({**BASE, "stages": {"prior": {"micro_batch": 0}}}, "stages.prior.micro_batch: must be at least 1, got 0"),
-    ({**BASE, "stages": {"decoder": {"compile": "yes"}}}, "stages.decoder.compile: expected true, false or max-autotune, got 'yes'"),
+    ({**BASE, "stages": {"decoder": {"compile": "yes"}}},
+     "stages.decoder.compile: expected true, false or max-autotune, got 'yes'"),
     ({**BASE, "stages": {"decoder": {"compile": 1}}}, "stages.decoder.compile: expected bool or str, got 1"),
     ({**BASE, "generation": {"height": 65536}}, "generation.height: must be a positive multiple of 128 up to 2048, "
                                                 "got 65536"),
@@ -105,7 +106,8 @@ def test_a_key_given_twice_is_refused_naming_it(tmp_path):
 
 def test_an_output_inside_the_prompts_folder_is_refused():
     """Every Parquet file under the prompts folder is read as prompts: the run's own parts would be, next time."""
-    for prompts, out in (("s3://b/prompts/", "s3://b/prompts/run"), ("s3://b/prompts", "s3://b/prompts")):
+    for prompts, out in (("s3://b/prompts/", "s3://b/prompts/run"), ("s3://b/prompts", "s3://b/prompts"),
+                         ("s3a://b/prompts", "s3://b/prompts/run")):
         with pytest.raises(SpecError, match=f"^output {out}: inside the prompts folder"):
             spec_from_dict({"prompts": prompts, "output": out})
     spec_from_dict({"prompts": "s3://b/prompts", "output": "s3://b/prompts-run"})  # a sibling is fine
