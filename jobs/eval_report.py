@@ -138,15 +138,19 @@ def write_plots(run: str, metrics: dict, storage_options: dict) -> list[str]:
     written = []
     for axis, rows in metrics["by"].items():
         for metric in ("clip_score", "fid") if numeric(rows) else ():
-            shown = [r for r in rows if r["value"] is not None and r[metric] is not None]
-            if not shown:
+            plot = plot_spec(axis, rows, metric)
+            if plot is None:
                 continue
             fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-            ax.plot([r["value"] for r in shown], [r[metric] for r in shown], marker="o")
-            for r in shown if metric == "fid" else ():  # an FID's bias falls with its image count: show it
-                ax.annotate(f"n={r['count']}", (r["value"], r[metric]), textcoords="offset points", xytext=(0, 6),
-                            ha="center", fontsize=7)
-            ax.set(xlabel=axis, ylabel=metric, title=f"{metric} by {axis} ({sum(r['count'] for r in rows)} images)")
+            if plot["points"]:
+                ax.plot(*zip(*[(x, y) for x, y, _ in plot["points"]]), marker="o")
+            for x, y, n in plot["points"] if metric == "fid" else ():  # an FID's bias falls with its image count
+                ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+            for y, label in plot["lines"]:
+                ax.axhline(y, linestyle="--", color="gray", label=label)
+            if plot["lines"]:
+                ax.legend(fontsize=7)
+            ax.set(xlabel=axis, ylabel=metric, title=plot["title"])
             ax.grid(alpha=0.3)
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png", bbox_inches="tight")
@@ -154,3 +158,16 @@ def write_plots(run: str, metrics: dict, storage_options: dict) -> list[str]:
             written.append(f"{metric}_by_{axis}.png")
             write_eval(run, written[-1], buffer.getvalue(), storage_options)
     return written
+
+
+def plot_spec(axis: str, rows: list[dict], metric: str) -> dict | None:
+    """What a plot of `metric` by a numeric `axis` shows: a point per value, a dashed line for the null value (the
+    default schedule of prior_steps, or rows without the column), and the count of the images it shows."""
+    points = [(r["value"], r[metric], r["count"]) for r in rows if r["value"] is not None and r[metric] is not None]
+    nulls = [r for r in rows if r["value"] is None and r[metric] is not None]
+    name = "default" if axis == "prior_steps" else "null"
+    lines = [(r[metric], f"{axis} {name} (n={r['count']})") for r in nulls]
+    if not points and not lines:
+        return None
+    images = sum(n for _, _, n in points) + sum(r["count"] for r in nulls)
+    return dict(points=points, lines=lines, title=f"{metric} by {axis} ({images} images)")

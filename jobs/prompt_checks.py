@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from jobs.spec_rules import GENERATION_RULES, MAX_SEED, SpecError
 from stages import columns as C
+from stages.storage import full_uri
 
 FLOAT_EXACT = 2 ** 53  # above this a float64 cannot hold every integer
 
@@ -26,6 +28,25 @@ def unified_schema(schema: pa.Schema, more: pa.Schema, name: str) -> pa.Schema:
                         f"{schema.field(clash.name).type}") from None
     return pa.schema([f.with_type(pa.int64()) if f.name in C.INT_PARAMS and pa.types.is_floating(f.type)
                       and _integer_somewhere(f.name, schema, more) else f for f in unified])
+
+
+def check_casts(fs, paths: list[str], schema: pa.Schema, unified: pa.Schema) -> None:
+    """The files of one `schema` hold values their columns keep in the `unified` types the job reads them in (an
+    int64 column beside a uint64 one is int64; beside a double one, double: 2^64 - 1 or 2^60 + 1 would not fit)."""
+    numbers = lambda kind: pa.types.is_integer(kind) or pa.types.is_floating(kind)  # noqa: E731
+    columns = [f.name for f in schema if numbers(f.type) and numbers(unified.field(f.name).type)
+               and f.type != unified.field(f.name).type]
+    for path in paths if columns else ():
+        name = full_uri(fs, path)
+        with fs.open(path, "rb") as file:
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=65536, columns=columns, use_threads=False):
+                for col in columns:
+                    try:
+                        batch.column(col).cast(unified.field(col).type)
+                    except pa.ArrowInvalid as err:
+                        raise SpecError(f"prompts: column '{col}' in {name} is {schema.field(col).type}, read as "
+                                        f"{unified.field(col).type} as in the other files, which cannot hold its "
+                                        f"values ({err}): store it as one type in every file") from None
 
 
 def _integer_somewhere(column: str, *schemas: pa.Schema) -> bool:

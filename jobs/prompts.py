@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.prompt_checks import check_rows, check_schema, unified_schema
+from jobs.prompt_checks import check_casts, check_rows, check_schema, unified_schema
 from jobs.resume import skip_mask
 from jobs.spec import JobSpec
 from jobs.spec_rules import SpecError
@@ -69,7 +69,7 @@ def list_files(uri: str, storage_options: dict) -> tuple[object, list[str]]:
 def scan(spec: JobSpec) -> PromptTable:
     """Check schema and values of every row, streaming the files (nothing is collected)."""
     fs, files = list_files(spec.prompts, spec.storage_options)
-    rows, columns, unified = 0, None, pa.schema([])
+    rows, columns, unified, by_schema = 0, None, pa.schema([]), {}
     for path in files:
         name = full_uri(fs, path)
         try:
@@ -77,6 +77,7 @@ def scan(spec: JobSpec) -> PromptTable:
         except (pa.ArrowInvalid, OSError) as err:
             raise SpecError(f"prompts: {name} is not a readable Parquet file ({err})") from None
         schema = parquet.schema_arrow
+        by_schema.setdefault(schema.remove_metadata(), []).append(path)  # the distinct schemas: a few, any table size
         present = check_schema(schema, name)
         unified = unified_schema(unified, schema, name)
         columns = columns or present
@@ -90,6 +91,8 @@ def scan(spec: JobSpec) -> PromptTable:
         rows += offset
     if rows == 0:
         raise SpecError(f"prompts: {spec.prompts} has no rows")
+    for schema, paths in by_schema.items():
+        check_casts(fs, paths, schema, unified)
     return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns), schema=unified)
 
 

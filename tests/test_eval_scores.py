@@ -106,3 +106,15 @@ def test_a_manifest_row_written_twice_is_named_and_no_file_is_left(ray_cluster, 
     with pytest.raises(SpecError, match=f"the manifest holds row {twice.column(C.ROW_ID)[0]} more than once"):
         S.write_scores(run, J.check_run(run, (), {}), {})
     assert not list((tmp_path / "run" / "eval").glob("*scores.parquet*"))
+
+
+def test_a_plot_by_prior_steps_shows_the_default_schedule_and_counts_what_it_shows():
+    from jobs.eval_report import plot_spec
+
+    rows = [{"value": None, "count": 8, "clip_score": 0.31, "fid": None},  # sweep: {prior_steps: [null, 2, 4]}
+            {"value": 2, "count": 8, "clip_score": 0.25, "fid": None},
+            {"value": 4, "count": 3, "clip_score": None, "fid": None}]  # no score: not shown, not counted
+    plot = plot_spec("prior_steps", rows, "clip_score")
+    assert plot == dict(points=[(2, 0.25, 8)], lines=[(0.31, "prior_steps default (n=8)")],
+                        title="clip_score by prior_steps (16 images)")
+    assert plot_spec("prior_steps", rows, "fid") is None

@@ -260,3 +260,12 @@ def test_rays_reader_sees_the_rows_preflight_checked(tmp_path, ray_cluster):
     rows = sorted(expanded(spec, scan(spec)).take_all(), key=lambda r: r[C.PROMPT])
     assert [(r[C.PROMPT], r[C.SEED], r[C.HEIGHT]) for r in rows] == [("x", 2 ** 60 + 1, 256), ("y", 1, 256),
                                                                       ("z", 7, 256)]
+
+
+@pytest.mark.parametrize("other", [pa.array([2 ** 64 - 1], pa.uint64()), pa.array([0.5])])
+def test_a_column_whose_values_its_type_in_other_files_cannot_hold_is_named(tmp_path, other):
+    table_at(tmp_path, "a.parquet", prompt=["x"], rank=pa.array([2 ** 60 + 1], pa.int64()))
+    table_at(tmp_path, "b.parquet", prompt=["y"], rank=other)
+    with pytest.raises(SpecError, match=r"prompts: column 'rank' in \S+.parquet is (uint64, read as int64|int64, read "
+                                        r"as double) as in the other files, which cannot hold its values"):
+        scan(spec_for(tmp_path))
