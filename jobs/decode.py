@@ -51,8 +51,10 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
 
 
 def redecode_rows(batch: dict[str, np.ndarray], decoder_params: dict, model: dict) -> dict[str, np.ndarray]:
-    """Give stored rows the new decoder settings (where overridden) and the row ids that follow from them."""
+    """Give stored rows the new decoder settings (where overridden) and the row ids that follow from them; each
+    keeps its id in the run as SOURCE_ROW_ID (a manifest column of decoded outputs only)."""
     n = len(batch[C.ROW_ID])
+    batch[C.SOURCE_ROW_ID] = batch[C.ROW_ID].copy()
     for col, value in decoder_params.items():
         batch[col] = np.full(n, value)
     prompts.identify(batch, model)

@@ -27,6 +27,7 @@ FLOAT_PARAMS = (PRIOR_GUIDANCE, DECODER_GUIDANCE)
 # Identity of a row and of the models that make it.
 ROW_ID = "row_id"
 SOURCE_ROW = "source_row"  # "<file>:<index>" of the prompt row, k-th image appended as "#k"
+SOURCE_ROW_ID = "source_row_id"  # `decode` only: the row id, in the decoded run, of the row whose Stage C it decodes
 IMAGE_INDEX = "image_index"
 CHECKPOINT = "checkpoint"  # prior, decoder and dtype: the model identity in the row id
 PRIOR_CHECKPOINT = "prior_checkpoint"  # the row's Stage C weights (JSON of a reference or an interpolation)
@@ -78,6 +79,6 @@ USER_VALUES = "user_values"
 INTERNAL = TRANSIENT + ("embedding_shape", USER_VALUES)
 
 # Columns the job sets itself: a prompt table holding one is refused (its value would be silently replaced).
-RESERVED = (ROW_ID, SOURCE_ROW, IMAGE_INDEX, CHECKPOINT, PRIOR_CHECKPOINT, INPUT_ROWS, IMAGE_URI, ERROR, SHARD,
+RESERVED = (ROW_ID, SOURCE_ROW, SOURCE_ROW_ID, IMAGE_INDEX, CHECKPOINT, PRIOR_CHECKPOINT, INPUT_ROWS, IMAGE_URI, ERROR, SHARD,
             KEY, TEXT_SECONDS, PRIOR_SECONDS, DECODER_SECONDS, FINISHED_AT, TEXT_NODE, PRIOR_NODE, DECODER_NODE,
             *INTERNAL)

@@ -87,6 +87,7 @@ def test_new_decoder_settings_make_new_rows(first_run, capsys, reference_pipe):
     old = {(r[C.PROMPT], r[C.SEED]): r for r in original.values()}
     for row in rows:  # the images diffusers makes with the new settings, not the old ones renamed
         before = old[row[C.PROMPT], row[C.SEED]]
+        assert row[C.SOURCE_ROW_ID] == before[C.ROW_ID] and C.SOURCE_ROW_ID not in before
         want = {k: before[k] for k in (C.PROMPT, C.NEGATIVE_PROMPT, C.SEED, C.HEIGHT, C.WIDTH, C.PRIOR_GUIDANCE,
                                        C.PRIOR_STEPS)}
         expected = reference_image(reference_pipe, {**want, C.DECODER_STEPS: 3, C.DECODER_GUIDANCE: 1.5})
