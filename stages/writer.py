@@ -146,21 +146,22 @@ def shard_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict, image_format: str,
                 user_types: pa.Schema | None = None) -> pa.Table:
-    """Write a batch as one WebDataset tar under <output>/shards/ (image, .txt caption, .json params per
-    sample) and its stats under <output>/shard_stats/; return manifest rows naming shard and key."""
+    """Write a batch as one WebDataset tar under <output>/shards/ (image, .txt caption, .json params and the
+    table's own columns per sample; a value JSON lacks, e.g. a timestamp, as text) and its stats under
+    <output>/shard_stats/; return manifest rows naming shard and key."""
     from webdataset import TarWriter  # ~1 s to import: only in the tasks that write shards
 
     fs, root = folder(output, SHARDS, storage_options)
     name = block_name(batch[C.ROW_ID])
     shard = join(root, f"{name}.tar")
-    params = _params_table(batch, PARAMS_SCHEMA).to_pylist()
+    params = _with_user_columns(_params_table(batch, PARAMS_SCHEMA), batch, user_types).to_pylist()  # + the user's
     ok = [i for i, error in enumerate(batch[C.ERROR]) if not error]
     buffer = io.BytesIO()
     with TarWriter(buffer) as tar:
         for i in ok:
             image = encode_image(batch[C.IMAGE][i], image_format)
             tar.write({"__key__": batch[C.ROW_ID][i], EXTENSIONS[image_format]: image,
-                       "txt": params[i][C.PROMPT], "json": json.dumps(params[i], ensure_ascii=False)})
+                       "txt": params[i][C.PROMPT], "json": json.dumps(params[i], ensure_ascii=False, default=str)})
     buffer.seek(0)
     ranges = member_ranges(buffer, f".{EXTENSIONS[image_format]}")  # a reader's one range read of an image
     local = isinstance(fs, LocalFileSystem)  # local files take the tar's bytes without a copy of them

@@ -20,7 +20,7 @@ from jobs.spec import spec_from_dict
 from stages import columns as C
 from stages.samples import read_image_bytes
 
-ROWS = [{C.PROMPT: f"a painting of number {i}", C.SEED: i} for i in range(7)]
+ROWS = [{C.PROMPT: f"a painting of number {i}", C.SEED: i, "label": i % 3} for i in range(7)]  # label: the user's
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,9 @@ def test_shards_are_readable_by_webdataset_and_ray(shards_run, ray_cluster, refe
     for sample in samples:
         row = manifest[sample["__key__"]]
         assert sample["txt"].decode() == row[C.PROMPT] and json.loads(sample["json"])[C.SEED] == row[C.SEED]
-        image = np.asarray(Image.open(io.BytesIO(sample["png"]))) / 255.0
         i = int(row[C.PROMPT].rsplit(" ", 1)[1])  # the input row this sample must come from
+        assert json.loads(sample["json"])["label"] == rows[i]["label"]  # a loader needs no join for the user's columns
+        image = np.asarray(Image.open(io.BytesIO(sample["png"]))) / 255.0
         expected = reference_image(reference_pipe, rows[i])  # settings from the input, not the sample
         assert np.abs(image - expected).max() <= 1 / 255 + 1e-6, sample["__key__"]
         assert row[C.SHARD].endswith(".tar")
