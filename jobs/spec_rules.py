@@ -81,15 +81,16 @@ MAX_SIDE = 2048  # the reference pipelines' range is 1024 … 2048 in 128-pixel 
 _MULTIPLE_OF_128 = (lambda v: (v <= 0) | (v % 128 != 0) | (v > MAX_SIDE),
                     f"must be a positive multiple of 128 up to {MAX_SIDE}")
 _NOT_NEGATIVE = (lambda v: v < 0, "must not be negative")
-_AT_LEAST_ONE = (lambda v: v < 1, "must be at least 1")
+MAX_STEPS = 1000  # the schedules are made per step count: a mistyped 10^12 would fill memory, not run for ages
+_STEPS = (lambda v: (v < 1) | (v > MAX_STEPS), f"must be at least 1 and at most {MAX_STEPS}")
 # One rule per generation parameter, shared by the spec and the per-row columns: (bad-value mask, message).
 GENERATION_RULES = {
     "height": _MULTIPLE_OF_128,
     "width": _MULTIPLE_OF_128,
     "prior_guidance_scale": _NOT_NEGATIVE,
     "decoder_guidance_scale": _NOT_NEGATIVE,
-    "prior_steps": _AT_LEAST_ONE,
-    "decoder_steps": _AT_LEAST_ONE,
+    "prior_steps": _STEPS,
+    "decoder_steps": _STEPS,
     "seed": _NOT_NEGATIVE,
 }
 

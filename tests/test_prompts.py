@@ -38,6 +38,8 @@ def test_scan_counts_rows_across_files(tmp_path):
     ({"prompt": ["a", "b", "c"], "prior_guidance_scale": [1.0, None, -2.0]}, "row 2: prior_guidance_scale must not be negative"),
     ({"prompt": ["a"], "decoder_steps": [0]}, "row 0: decoder_steps must be at least 1"),
     ({"prompt": ["a"], "prior_steps": [0]}, "row 0: prior_steps must be at least 1"),
+    ({"prompt": ["a", "b"], "decoder_steps": [12, 10 ** 12]}, "row 1: decoder_steps must be at least 1 and at most "
+                                                              "1000, got 1000000000000"),
     ({"prompt": ["a"], "seed": [-1]}, "row 0: seed must not be negative"),
     ({"prompt": ["a"], "seed": [1.5]}, "row 0: seed must be a whole number"),
     ({"prompt": ["a"], "seed": ["one"]}, "column 'seed' in"),
