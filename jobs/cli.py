@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from jobs.console import interrupt_on_sigterm
 from jobs.spec import SpecError
 from stages.credentials import options_arg, redact
 from stages.dtypes import COMPILE_MODES
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_args.add_parser(sub)
     args = parser.parse_args(argv)
     joined_before = _in_ray()  # a caller's Ray (the Python API, tests) is the caller's to leave
+    if not joined_before:
+        interrupt_on_sigterm()  # from the first check on, not only once Ray runs (its start sets it again)
     try:
         _refuse_credentials_in_uris(args)
         if getattr(args, "overwrite", False) and getattr(args, "retry_failed", False):

@@ -286,6 +286,28 @@ def test_sigterm_interrupts_a_run_as_ctrl_c_does(workdir):
     assert not (workdir / "out" / "_lease").exists()
 
 
+def test_sigterm_before_ray_starts_interrupts_too(workdir):
+    """SIGTERM while the command still reads the prompt table (a FIFO here: the read waits for a writer)."""
+    fifo = workdir / "slow.parquet"
+    os.mkfifo(fifo)
+    path = job_file(workdir, "prompts: slow.parquet\noutput: out\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", path], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**env, "PYTHONPATH": str(ROOT)}, cwd=workdir)
+    deadline, writer = time.time() + 120, None
+    while writer is None and run.poll() is None and time.time() < deadline:
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # succeeds once the command opened it to read
+        except OSError:
+            time.sleep(0.1)
+    run.terminate()
+    _, err = run.communicate(timeout=60)
+    if writer is not None:
+        os.close(writer)
+    assert run.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: run the same command again")
+
+
 def test_an_interrupted_retry_says_how_to_make_the_rows_it_took_out(monkeypatch, capsys):
     """--retry-failed takes the failed entries out first: "the same command" would find no failed row to retry."""
     import jobs.cli as cli
