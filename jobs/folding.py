@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs import prompts
-from jobs.progress import FOLDED
+from jobs.progress import FOLDED, FOLDED_OTHER_VALUES
 from jobs.spec import TASK_CPUS
 from stages import columns as C
 
@@ -35,4 +35,9 @@ def fold_block(block: pa.Table, tally=None) -> pa.Table:
     kept = block.take(groups.column("position_min")).append_column(C.INPUT_ROWS, groups.column("position_count"))
     if tally is not None and kept.num_rows < block.num_rows:
         tally.add.remote(FOLDED, block.num_rows - kept.num_rows)
+        if C.USER_VALUES in block.column_names:  # copies whose own columns (an id, a label) the manifest loses
+            distinct = block.select([C.ROW_ID, C.USER_VALUES]).group_by([C.ROW_ID, C.USER_VALUES],
+                                                                        use_threads=False).aggregate([])
+            if distinct.num_rows > kept.num_rows:
+                tally.add.remote(FOLDED_OTHER_VALUES, distinct.num_rows - kept.num_rows)
     return kept.sort_by([(column, "ascending") for column in prompts.SHAPE_KEYS])

@@ -18,7 +18,7 @@ from jobs.folding import fold_identical
 from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: part of this module's interface
 from jobs.isolation import isolating, load_error, load_warnings
 from jobs.placement import CapacityWatch, placement, wait_for_capacity
-from jobs.progress import Progress, Tally, reporting
+from jobs.progress import FOLDED_OTHER_VALUES, Progress, Tally, reporting
 from jobs.report import build_report, record_run
 from jobs.resume import Summary, summarize
 from jobs.retries import configure_ray_data
@@ -159,6 +159,9 @@ def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> 
                 raise load_error(err, ray.get(tally.failed_loads.remote())) or err
         for line in load_warnings(ray.get(tally.failed_loads.remote())):
             print(line, file=sys.stderr)
+        if other := ray.get(tally.counts.remote()).get(FOLDED_OTHER_VALUES):
+            print(f"warning: {other} input rows folded into an identical row (same prompt and settings) hold other "
+                  f"values in your own columns than the row the manifest keeps", file=sys.stderr)
     finally:
         tally.__ray_terminate__.options(max_task_retries=0).remote()  # after its queued counts (a kill of a pending
         # actor makes the GCS log); not retried: the exit it asks for is no failure

@@ -13,6 +13,7 @@ from stages import columns as C
 POLL_S = 1.0  # how often the driver asks for the counts
 LOG_EVERY_S = 30.0  # not a terminal (a log file, CI): one block of lines this often, and one at the end
 FOLDED = "folded"  # the tally's count of input rows folded into an identical row (made once)
+FOLDED_OTHER_VALUES = "folded_other_values"  # … of them whose own columns hold other values than the row kept
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)

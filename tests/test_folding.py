@@ -31,7 +31,7 @@ def test_a_block_keeps_the_first_copy_of_each_id_and_counts_the_copies():
                                                                                    ("c", 3, 1)]
 
 
-def test_identical_rows_are_made_once_and_counted(tmp_path, ray_cluster):
+def test_identical_rows_are_made_once_and_counted(tmp_path, ray_cluster, capsys):
     rows = [{C.PROMPT: f"p{i}", C.SEED: i, "caption_id": i} for i in range(6)]
     rows += [{C.PROMPT: "p1", C.SEED: 1, "caption_id": 10}, {C.PROMPT: "p1", C.SEED: 1, "caption_id": 11},
              {C.PROMPT: "p4", C.SEED: 4, "caption_id": 12}]
@@ -49,6 +49,8 @@ def test_identical_rows_are_made_once_and_counted(tmp_path, ray_cluster):
     assert {r["caption_id"] for r in manifest if r[C.PROMPT] == "p1"} <= {1, 10, 11}
     assert len(list((out / "images").rglob("*.png"))) == 7
     assert summary.folded == 3 and "3 identical input rows folded" in str(summary)
+    assert "warning: 3 input rows folded into an identical row (same prompt and settings) hold other values in " \
+           "your own columns" in capsys.readouterr().err  # their caption ids are not in the manifest
     assert "identical input rows folded" in (out / "report" / "index.html").read_text()
     rerun = answered(spec_from_dict(job(prompts, str(out))), time.time())  # from the footers, without Ray
     assert rerun is not None and rerun.rows == 7 and rerun.folded == 3
