@@ -189,7 +189,7 @@ def fake_scores(out: Path) -> None:
     one row in 100 unreadable; then a running Ray (started before the clock, as evaluate's pipeline has it)."""
     from jobs.console import start_ray
     from jobs.retries import configure_ray_data
-    from stages.evaluate import CLIP_SCORE, EVAL_ERROR
+    from stages.evaluate import CLIP_SCORE, CLIP_TRUNCATED, EVAL_ERROR
 
     parts = out / "eval" / "scores.parts"
     parts.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,8 @@ def fake_scores(out: Path) -> None:
         ids = pq.read_table(path, columns=[C.ROW_ID]).column(C.ROW_ID).take(rng.permutation(pq.read_metadata(
             path).num_rows))
         pq.write_table(pa.table({C.ROW_ID: ids, CLIP_SCORE: rng.random(len(ids)) * 30, EVAL_ERROR: pa.array(
-            [None if i % 100 else "cannot read" for i in range(len(ids))], pa.string())}), parts / f"{k:08d}.parquet")
+            [None if i % 100 else "cannot read" for i in range(len(ids))], pa.string()),
+            CLIP_TRUNCATED: pa.nulls(len(ids), pa.bool_())}), parts / f"{k:08d}.parquet")
     start_ray()
     configure_ray_data()
 

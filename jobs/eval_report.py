@@ -65,6 +65,10 @@ def summarize(opts, groups: dict, ref_stats: dict | None, models: dict, referenc
             f"the first {len(failures)} in metrics.json 'failures', all in scores.parquet's eval_error"
         warn(f"{failed} image(s) not evaluated, e.g. row {failures[0]['row_id']}: {failures[0]['error']} "
              f"({where})", warnings)
+    truncated = truncated_prompts(opts.run, opts.storage_options)
+    if truncated:
+        warn(f"CLIP score of {truncated} image(s) read only the first tokens of a prompt longer than the CLIP text "
+             f"model's positions (scores.parquet's clip_truncated)", warnings)
     by = {axis: by_axis(axis, groups, values) for axis, values in zip(opts.by, failed_by)}
     for axis, rows in by.items():
         few = [r for r in rows if r["fid"] is not None and r["count"] < MIN_FID_IMAGES]
@@ -79,7 +83,7 @@ def summarize(opts, groups: dict, ref_stats: dict | None, models: dict, referenc
         "resize": E.RESIZE if models["inception"] else None, "definitions": DEFINITIONS,
         "fid_comparable_with": COMPARABLE if models["inception"] else None,
         "by": by,
-        "failures": failures, "failed": failed, "warnings": warnings,
+        "failures": failures, "failed": failed, "clip_truncated": truncated, "warnings": warnings,
     }
 
 
@@ -98,6 +102,18 @@ def by_axis(axis: str, groups: dict, failed: Counter) -> list[dict]:
         row["failed"] = failed[value]
     return sorted(rows.values(), key=lambda r: (r["value"] is None, type(r["value"]).__name__,
                                        0 if r["value"] is None else r["value"]))
+
+
+def truncated_prompts(run: str, storage_options: dict) -> int:
+    """The evaluated images whose CLIP score read a truncated prompt, from scores.parquet (streamed)."""
+    fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)
+    count = 0
+    with fs.open(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(columns=[E.EVAL_ERROR, E.CLIP_TRUNCATED], batch_size=65536):
+            truncated = pc.fill_null(batch.column(E.CLIP_TRUNCATED), False)
+            scored = pc.and_(pc.is_null(batch.column(E.EVAL_ERROR)), truncated)
+            count += pc.sum(scored.cast(pa.int64())).as_py() or 0
+    return count
 
 
 def read_failures(run: str, storage_options: dict, most: int = MAX_FAILURES_LISTED,

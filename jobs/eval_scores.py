@@ -17,7 +17,7 @@ from stages import output
 from stages.storage import join, open_atomic, url_to_fs
 
 DROPPED = (C.ERROR, C.TEXT_SECONDS, C.PRIOR_SECONDS, C.DECODER_SECONDS, C.FINISHED_AT)  # not in scores.parquet
-SCORES = (E.CLIP_SCORE, E.EVAL_ERROR)
+SCORES = (E.CLIP_SCORE, E.EVAL_ERROR, E.CLIP_TRUNCATED)
 BATCH_ROWS = 4096  # rows the driver holds of each side at once
 
 
@@ -27,14 +27,15 @@ def parts_uri(run: str) -> str:
 
 
 def write_scores(run: str, manifest, storage_options: dict) -> None:
-    """RUN/eval/scores.parquet: row_id, clip_score, eval_error and the manifest's params, in row_id order, one
+    """RUN/eval/scores.parquet: row_id, clip_score, eval_error, clip_truncated and the manifest's params, in row_id order, one
     file written whole or not at all. Ray sorts the score parts and the manifest by row_id (tasks of bounded
     size); the driver walks both in step, BATCH_ROWS rows of each at a time, and holds nothing per row."""
     fs, parts = url_to_fs(parts_uri(run), storage_options)
     keep = [n for n in manifest.names if n not in DROPPED and n != C.ROW_ID]
-    scores = ray.data.read_parquet(parts, filesystem=output.arrow_fs(fs), num_cpus=TASK_CPUS, partitioning=None)
+    scores = ray.data.read_parquet(parts, filesystem=output.arrow_fs(fs), num_cpus=TASK_CPUS,
+                                   partitioning=None)
     params = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS,
-                                    partitioning=None)
+                                   partitioning=None)
     sides = [ds.select_columns(columns).sort(C.ROW_ID).iter_batches(batch_size=BATCH_ROWS, batch_format="pyarrow")
              for ds, columns in ((params, [C.ROW_ID, *keep]), (scores, [C.ROW_ID, *SCORES]))]
     out_fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)

@@ -24,6 +24,7 @@ from stages.storage import url_to_fs, write_atomic
 
 CLIP_SCORE = "clip_score"
 EVAL_ERROR = "eval_error"  # "" while a row is fine inside the pipeline, null in scores.parquet
+CLIP_TRUNCATED = "clip_truncated"  # the prompt had more tokens than the CLIP text model's positions: scored cut
 FEATURES = "features"
 FEATURE_DIM = 2048
 FID_SIZE = 299
@@ -93,7 +94,13 @@ class ClipScorer:
             scores[ok] = self.score([images[i] for i in ok], [str(batch[C.PROMPT][i]) for i in ok])
         batch[CLIP_SCORE] = scores
         batch[EVAL_ERROR] = np.asarray(errors, dtype=object)
+        batch[CLIP_TRUNCATED] = self.truncated([str(p) for p in batch[C.PROMPT]])
         return batch
+
+    def truncated(self, prompts: list[str]) -> np.ndarray:
+        """Whether each prompt is longer than the text model's positions (its score reads the first ones only)."""
+        ids = self.processor.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+        return np.asarray([len(i) > self.max_length for i in ids], dtype=bool)
 
     @torch.no_grad()
     def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
@@ -215,12 +222,14 @@ def file_sha256(path: str) -> str:
 
 
 def write_scores_part(batch: dict[str, np.ndarray], parts: str, storage_options: dict | None) -> None:
-    """row_id, clip_score and eval_error of a block as one Parquet object under `parts`."""
+    """row_id, clip_score, eval_error and clip_truncated of a block as one Parquet object under `parts`."""
     table = pa.table({
         C.ROW_ID: pa.array([str(r) for r in batch[C.ROW_ID]], pa.string()),
         CLIP_SCORE: pa.array(np.asarray(batch[CLIP_SCORE], dtype=np.float64), pa.float64(),
                              from_pandas=True),  # NaN → null
         EVAL_ERROR: pa.array([str(e) or None for e in batch[EVAL_ERROR]], pa.string()),
+        CLIP_TRUNCATED: pa.array(batch[CLIP_TRUNCATED] if CLIP_TRUNCATED in batch else [None] * len(batch[C.ROW_ID]),
+                                 pa.bool_()),
     })
     buffer = io.BytesIO()
     pq.write_table(table, buffer)

@@ -25,7 +25,8 @@ def make_run(root, n: int, parts: int = 3) -> tuple[str, pa.Table]:
     for k, cut in enumerate(np.array_split(np.arange(n), parts)):
         pq.write_table(manifest.take(cut), root / "manifest" / f"part-{k}.parquet")
     scores = pa.table({C.ROW_ID: ids, E.CLIP_SCORE: rng.random(n) * 30,
-                       E.EVAL_ERROR: pa.array([None if i % 50 else "cannot read" for i in range(n)], pa.string())})
+                       E.EVAL_ERROR: pa.array([None if i % 50 else "cannot read" for i in range(n)], pa.string()),
+                       E.CLIP_TRUNCATED: pa.array([i % 7 == 0 for i in range(n)])})
     (root / "eval" / "scores.parts").mkdir(parents=True)
     for k, cut in enumerate(np.array_split(rng.permutation(n), 7)):
         pq.write_table(scores.take(cut), root / "eval" / "scores.parts" / f"{k}.parquet")
@@ -38,7 +39,8 @@ def test_scores_file_holds_each_manifest_row_once_in_row_id_order(ray_cluster, t
     pq.write_table(pq.read_table(f"{run}/eval/scores.parts/3.parquet"), f"{run}/eval/scores.parts/3-again.parquet")
     S.write_scores(run, J.check_run(run, (), {}), {})
     got = pq.read_table(f"{run}/eval/scores.parquet")
-    assert got.column_names == [C.ROW_ID, E.CLIP_SCORE, E.EVAL_ERROR, C.PROMPT, C.IMAGE_URI, C.SEED, "style"]
+    assert got.column_names == [C.ROW_ID, E.CLIP_SCORE, E.EVAL_ERROR, E.CLIP_TRUNCATED, C.PROMPT, C.IMAGE_URI,
+                                C.SEED, "style"]
     assert got.column(C.ROW_ID).to_pylist() == sorted(expected.column(C.ROW_ID).to_pylist())
     assert got.equals(expected.sort_by(C.ROW_ID).select(got.column_names))
     assert not (tmp_path / "run" / "eval" / "scores.parts").exists()
@@ -65,7 +67,8 @@ def batches(table: pa.Table, sizes) -> list[pa.Table]:
 def test_aligned_pairs_rows_whatever_the_batches(params_sizes, scores_sizes):
     ids = pa.array([f"id{i:03d}" for i in range(20)])
     params = pa.table({C.ROW_ID: ids, "p": np.arange(20)})
-    scores = pa.table({C.ROW_ID: ids, E.CLIP_SCORE: np.arange(20) * 1.5, E.EVAL_ERROR: pa.nulls(20, pa.string())})
+    scores = pa.table({C.ROW_ID: ids, E.CLIP_SCORE: np.arange(20) * 1.5, E.EVAL_ERROR: pa.nulls(20, pa.string()),
+                       E.CLIP_TRUNCATED: pa.nulls(20, pa.bool_())})
     pairs = list(S.aligned(batches(params, params_sizes), batches(scores, scores_sizes), "RUN"))
     assert pa.concat_tables([b for b, _ in pairs]).equals(params)
     assert pa.concat_tables([s for _, s in pairs]).equals(scores.select(list(S.SCORES)))
@@ -75,7 +78,8 @@ def test_aligned_pairs_rows_whatever_the_batches(params_sizes, scores_sizes):
         list(S.aligned(batches(params, params_sizes), [scores.slice(0, 19)], "RUN"))
     with pytest.raises(SpecError, match="a score for id020, a row not in the manifest"):
         list(S.aligned([params], [scores, pa.table({C.ROW_ID: ["id020"], E.CLIP_SCORE: [1.0],
-                                                    E.EVAL_ERROR: pa.nulls(1, pa.string())})], "RUN"))
+                                                    E.EVAL_ERROR: pa.nulls(1, pa.string()),
+                                                    E.CLIP_TRUNCATED: pa.nulls(1, pa.bool_())})], "RUN"))
     twice = pa.concat_tables([params.slice(0, 8), params.slice(7, 13)])  # id007 in the manifest twice
     for sizes in ([8, 13], [7, 14], [21]):  # across a batch boundary, or within a batch
         with pytest.raises(SpecError, match="RUN: the manifest holds row id007 more than once"):
@@ -118,3 +122,12 @@ def test_a_plot_by_prior_steps_shows_the_default_schedule_and_counts_what_it_sho
     assert plot == dict(points=[(2, 0.25, 8)], lines=[(0.31, "prior_steps default (n=8)")],
                         title="clip_score by prior_steps (16 images)")
     assert plot_spec("prior_steps", rows, "fid") is None
+
+
+def test_truncated_prompts_are_counted_over_the_scored_images(tmp_path):
+    from jobs.eval_report import truncated_prompts
+
+    (tmp_path / "eval").mkdir()
+    pq.write_table(pa.table({E.EVAL_ERROR: [None, None, "cannot read", None],
+                             E.CLIP_TRUNCATED: [True, False, True, None]}), tmp_path / "eval" / "scores.parquet")
+    assert truncated_prompts(str(tmp_path), {}) == 1  # the unread image's prompt is not a score read cut short

@@ -238,6 +238,9 @@ def test_clip_score_equals_computation_by_hand(clip_dir, tmp_path):
     with torch.no_grad():
         scorer.model.text_projection.weight.neg_()  # every cosine now negative: max(cos, 0) = 0
     assert (scorer({k: v.copy() for k, v in batch.items()})[E.CLIP_SCORE][ok] == 0).all()
+    assert not out[E.CLIP_TRUNCATED].any()
+    batch[C.PROMPT][3] = "a red fox in the snow " * 20  # 121 words: past the text model's positions
+    assert list(scorer({k: v.copy() for k, v in batch.items()})[E.CLIP_TRUNCATED]) == [False] * 3 + [True, False]
 
 
 def test_a_moved_run_is_evaluated_on_its_own_images(clip_dir, tmp_path, ray_cluster):
@@ -386,6 +389,7 @@ def test_evaluate_end_to_end(ray_cluster, clip_dir, tmp_path):
     got = scores.set_index(C.ROW_ID)[E.CLIP_SCORE]
     np.testing.assert_allclose(got[good.index], by_hand, rtol=1e-4)  # each row scored with its own prompt
     assert got[["r5-0", "r5-4", "r5-5"]].isna().all() and metrics["images"] == 6
+    assert not scores[E.CLIP_TRUNCATED].any() and metrics["clip_truncated"] == 0
     assert metrics["clip_score"] == pytest.approx(by_hand.mean(), rel=1e-5)
     for axis, values in ((C.DECODER_GUIDANCE, list(GUIDANCES)), ("style", ["a", "b"])):
         assert [r["value"] for r in metrics["by"][axis]] == values
