@@ -123,7 +123,9 @@ def check_images_tied_to_rows(page: "Node", rows: list[dict], read) -> None:
     assert sorted(f.find("img")[0].attrs["alt"] for f in sheet) == sorted(by_id)  # every image once on the sheet
     for figure in sheet:
         row = by_id[figure.find("img")[0].attrs["alt"]]
-        assert figure.find("figcaption")[0].text() == f"{row[C.PROMPT]} · seed {row[C.SEED]}"
+        assert figure.find("figcaption")[0].text() == (  # the swept values tell a sweep's images apart
+            f"{row[C.PROMPT]} · seed {row[C.SEED]} · decoder_guidance_scale {row[C.DECODER_GUIDANCE]:g} · "
+            f"resolution {row[C.HEIGHT]}x{row[C.WIDTH]}")
     links = page.find("a")
     assert len(links) == len(page.find("img")) == len(sheet) + 8  # the sheet, 6 + 2 grid cells
     for link in links:
