@@ -62,7 +62,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     waiting = pending.count() if pending is not None else 0
     if pending is not None:
         write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
-            spec.output, spec.storage_options, pending), tally, waiting, table.schema), DECODE_STAGES, waiting)
+            spec.output, spec.storage_options, pending), tally, waiting, table.user_types), DECODE_STAGES, waiting)
     finished_rows = done + waiting  # the rows in flight are done now
     planned = prompts.planned_rows(spec, table.rows)
     if retry_failed:
@@ -190,8 +190,8 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     ds = coalesced(ds, left, EMBEDDINGS_PART_ROWS, spec)
     ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options,
-                                       user_types=table.schema))
-    return _decode_and_write(ds, spec, tally, left, table.schema)
+                                       user_types=table.user_types))
+    return _decode_and_write(ds, spec, tally, left, table.user_types)
 
 
 def left_to_make(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pyarrow as pa
@@ -64,29 +65,33 @@ def preflight(spec: JobSpec) -> prompts.PromptTable:
     """Every check that needs no model loaded: models exist, the table is Parquet with valid rows whose own
     columns have the types of the rows the output holds."""
     check_models(spec)
-    table = prompts.scan(spec)
-    check_user_types(spec, table)
-    return table
+    return check_user_types(spec, prompts.scan(spec))
 
 
-def check_user_types(spec: JobSpec, table: prompts.PromptTable) -> None:
+def check_user_types(spec: JobSpec, table: prompts.PromptTable) -> prompts.PromptTable:
     """A user column the output's manifest already holds keeps its type: parts of two types make the manifest
-    unreadable as one table (evaluate, decode, your own reads)."""
+    unreadable as one table (evaluate, decode, your own reads). A column held as a dictionary of the table's type
+    (the pandas categoricals an earlier version wrote so) is written so again."""
     names = user_columns.user_names(table.schema.names)
     if not names:
-        return
+        return table
     try:
         held = footers.column_types(spec.output, output.MANIFEST, spec.storage_options, wanted=names)
     except Exception:  # noqa: BLE001 - an output that cannot be read yet is claim's to report
-        return
+        return table
     if held is None:
-        return
+        return table
+    kept = {}
     for name in names:
         new = table.schema.field(name).type
         old = held.field(name).type if name in held.names else new
-        if old != new and not pa.types.is_null(old) and not pa.types.is_null(new):
+        if pa.types.is_dictionary(old) and old.value_type == new:
+            kept[name] = old
+        elif old != new and not pa.types.is_null(old) and not pa.types.is_null(new):
             raise SpecError(f"prompts: column '{name}' is {new}, but the rows {spec.output} holds have it as "
                             f"{old}: keep its type, rename the column, or use another output")
+    written = pa.schema([f.with_type(kept.get(f.name, f.type)) for f in table.schema])
+    return dataclasses.replace(table, written=written) if kept else table
 
 
 def answered(spec: JobSpec, started: float) -> Summary | None:

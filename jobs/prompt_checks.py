@@ -32,21 +32,45 @@ def unified_schema(schema: pa.Schema, more: pa.Schema, name: str) -> pa.Schema:
 
 def check_casts(fs, paths: list[str], schema: pa.Schema, unified: pa.Schema) -> None:
     """The files of one `schema` hold values their columns keep in the `unified` types the job reads them in (an
-    int64 column beside a uint64 one is int64; beside a double one, double: 2^64 - 1 or 2^60 + 1 would not fit)."""
-    numbers = lambda kind: pa.types.is_integer(kind) or pa.types.is_floating(kind)  # noqa: E731
-    columns = [f.name for f in schema if numbers(f.type) and numbers(unified.field(f.name).type)
-               and f.type != unified.field(f.name).type]
+    int64 column beside a uint64 one is int64, beside a double one double: 2^64 - 1 or 2^60 + 1 would not fit;
+    timestamp[us] beside [ns] is ns: the year 9999 would not). A file's footer statistics answer where they can;
+    the per-row settings' values are checked already."""
+    columns = [f.name for f in schema if f.name not in C.INT_PARAMS and _differs(f.type, unified.field(f.name).type)]
     for path in paths if columns else ():
         name = full_uri(fs, path)
         with fs.open(path, "rb") as file:
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=65536, columns=columns, use_threads=False):
-                for col in columns:
+            parquet = pq.ParquetFile(file)
+            unsure = [c for c in columns if not _fits_by_statistics(parquet.metadata, c, schema.field(c).type,
+                                                                    unified.field(c).type)]
+            for batch in parquet.iter_batches(batch_size=65536, columns=unsure, use_threads=False) if unsure else ():
+                for col in unsure:
                     try:
                         batch.column(col).cast(unified.field(col).type)
-                    except pa.ArrowInvalid as err:
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
                         raise SpecError(f"prompts: column '{col}' in {name} is {schema.field(col).type}, read as "
                                         f"{unified.field(col).type} as in the other files, which cannot hold its "
                                         f"values ({err}): store it as one type in every file") from None
+
+
+def _differs(kind: pa.DataType, unified: pa.DataType) -> bool:
+    values = kind.value_type if pa.types.is_dictionary(kind) else kind
+    return values != unified and not pa.types.is_null(kind)
+
+
+def _fits_by_statistics(metadata, column: str, kind: pa.DataType, unified: pa.DataType) -> bool:
+    """Whether every row group's min and max of a flat column cast to `unified` (so do the values between)."""
+    leaf = next((i for i in range(metadata.num_columns) if metadata.schema.column(i).path == column), None)
+    if leaf is None or not metadata.num_row_groups:
+        return False
+    for group in range(metadata.num_row_groups):
+        stats = metadata.row_group(group).column(leaf).statistics
+        if stats is None or not stats.has_min_max:
+            return False
+        try:
+            pa.array([stats.min, stats.max], kind).cast(unified)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError):
+            return False
+    return True
 
 
 def _integer_somewhere(column: str, *schemas: pa.Schema) -> bool:
@@ -137,6 +161,12 @@ def check_utf8(column: pa.Array, col: str, name: str, offset: int) -> None:
         bad = next(i for i, v in enumerate(raw) if v is not None and not _utf8(v))
         where = f"row {offset + bad}" if values is column else "a value of its dictionary"
         raise SpecError(f"prompts: {name} {where}: {col} is not UTF-8 text, got {raw[bad][:40]!r}") from None
+
+
+def is_text(kind: pa.DataType) -> bool:
+    """A string column (or a dictionary of strings)."""
+    kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _utf8(value: bytes) -> bool:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.prompt_checks import check_casts, check_rows, check_schema, unified_schema
+from jobs.prompt_checks import check_casts, check_rows, check_schema, check_utf8, is_text, unified_schema
 from jobs.resume import skip_mask
 from jobs.spec import JobSpec
 from jobs.spec_rules import SpecError
@@ -34,7 +34,14 @@ class PromptTable:
     files: tuple[str, ...]
     rows: int
     columns: tuple[str, ...]
-    schema: pa.Schema  # the files' schemas unified: the writers keep the user's columns in these types
+    schema: pa.Schema  # the files' schemas unified: the reader's types, and the writers' for the user's columns …
+    written: pa.Schema | None = None  # … but where the output holds a column as a dictionary of that type (an
+    # earlier version kept pandas categoricals so): the writers' types then
+
+    @property
+    def user_types(self) -> pa.Schema:
+        """The types the writers give the user's columns."""
+        return self.written or self.schema
 
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")  # in any case; a folder's other files (_SUCCESS, .crc) are not read
@@ -81,10 +88,13 @@ def scan(spec: JobSpec) -> PromptTable:
         present = check_schema(schema, name)
         unified = unified_schema(unified, schema, name)
         columns = columns or present
+        texts = [f.name for f in schema if f.name in user_columns.user_names([f.name]) and is_text(f.type)]
         offset = 0
-        try:
-            for batch in parquet.iter_batches(batch_size=65536, columns=list(present), use_threads=False):
-                check_rows(batch, name, offset, spec.generation.images_per_prompt)
+        try:  # the user's text columns too: bytes that are not UTF-8 would end the run in Ray's reader
+            for batch in parquet.iter_batches(batch_size=65536, columns=[*present, *texts], use_threads=False):
+                check_rows(batch.select(list(present)), name, offset, spec.generation.images_per_prompt)
+                for col in texts:
+                    check_utf8(batch.column(col), col, name, offset)
                 offset += batch.num_rows
         except (pa.ArrowInvalid, OSError) as err:  # a corrupt page behind an intact footer
             raise SpecError(f"prompts: {name} is not a readable Parquet file (after row {offset}: {err})") from None

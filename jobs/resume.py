@@ -3,12 +3,14 @@ continue it; the closing summary."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 
 from jobs.lease import LEASE
 from jobs.spec import JobSpec, SpecError, StagesSpec
@@ -156,7 +158,10 @@ def _prompts_older(spec: JobSpec, out_fs, job_file: str) -> bool:
 def _changed(fs, path: str) -> float:
     """When a file last changed here: its modification time, or on a local disk its inode's change time where later
     (`mv`, `cp -p` and `rsync -a` keep an older table's modification time; an object store's is its upload's)."""
-    return max(fs.modified(path).timestamp(), fs.info(path).get("created") or 0.0)
+    if isinstance(fs, LocalFileSystem):  # fsspec's "created" is the birth time where the OS keeps one
+        stat = os.stat(path)
+        return max(stat.st_mtime, stat.st_ctime)
+    return fs.modified(path).timestamp()
 
 
 def claim(spec: JobSpec, overwrite: bool) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -161,7 +163,8 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
         for i in ok:
             image = encode_image(batch[C.IMAGE][i], image_format)
             tar.write({"__key__": batch[C.ROW_ID][i], EXTENSIONS[image_format]: image,
-                       "txt": params[i][C.PROMPT], "json": json.dumps(params[i], ensure_ascii=False, default=str)})
+                       "txt": params[i][C.PROMPT], "json": json.dumps(json_safe(params[i]), ensure_ascii=False,
+                                                                       allow_nan=False, default=str)})
     buffer.seek(0)
     ranges = member_ranges(buffer, f".{EXTENSIONS[image_format]}")  # a reader's one range read of an image
     local = isinstance(fs, LocalFileSystem)  # local files take the tar's bytes without a copy of them
@@ -178,6 +181,19 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
              C.SHARD: np.asarray([stats["shard"] if not e else None for e in batch[C.ERROR]], dtype=object),
              C.KEY: np.asarray([r if not e else None for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])], dtype=object)}
     return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch, user_types)
+
+
+def json_safe(value):
+    """A value strict JSON parsers read: NaN and ±inf as null, bytes as base64 text (nested values too)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _shards_named(fs, part: str) -> list[str]:

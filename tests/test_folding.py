@@ -2,6 +2,7 @@
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +30,22 @@ def test_a_block_keeps_the_first_copy_of_each_id_and_counts_the_copies():
     folded = fold_block(block).to_pydict()
     assert sorted(zip(folded[C.ROW_ID], folded["tag"], folded[C.INPUT_ROWS])) == [("a", 1, 2), ("b", 0, 3),
                                                                                    ("c", 3, 1)]
+
+
+def test_the_warning_counts_each_folded_row_whose_own_columns_differ():
+    class Counts(dict):
+        """What fold_block asks of the Tally actor (`tally.add.remote(key, n)`), kept in this dict."""
+
+        @property
+        def add(self):
+            return SimpleNamespace(remote=lambda key, n: self.__setitem__(key, self.get(key, 0) + n))
+
+    block = pa.table({C.ROW_ID: ["a", "a", "a", "b", "b"], C.USER_VALUES: [b"A", b"B", b"B", b"C", b"C"],
+                      **{key: [1] * 5 for key in (C.HEIGHT, C.WIDTH, C.PRIOR_STEPS, C.DECODER_STEPS)},
+                      C.PRIOR_CHECKPOINT: ["p"] * 5})
+    counts = Counts()
+    fold_block(block, counts)
+    assert counts == {"folded": 3, "folded_other_values": 2}  # a's two B rows; b's copy holds the same C
 
 
 def test_identical_rows_are_made_once_and_counted(tmp_path, ray_cluster, capsys):

@@ -127,6 +127,12 @@ def test_a_user_column_keeps_the_type_the_output_holds(tmp_path):
                 preflight(spec)
         else:
             preflight(spec)
+    categorical = pa.dictionary(pa.int32(), pa.string())  # how an earlier version wrote a pandas categorical
+    pq.write_table(pa.table({C.ROW_ID: ["id3"], "style": pa.array(["a"], categorical)}),
+                   tmp_path / "out" / "manifest" / "fe.parquet")
+    write_prompts(tmp_path / "p.parquet", [{C.PROMPT: "p", "tag": 1, "style": "b"}])  # read as string now
+    table = preflight(spec)
+    assert table.user_types.field("style").type == categorical and table.schema.field("style").type == pa.string()
 
 
 def test_job_yaml_of_a_failed_attempt_does_not_refuse_the_corrected_spec(tmp_path):

@@ -236,6 +236,9 @@ def test_a_prompt_that_is_not_utf8_names_its_row(tmp_path):
     path = table_at(tmp_path, prompt=prompts)
     with pytest.raises(SpecError, match=r"p.parquet row 1: prompt is not UTF-8 text, got b'\\xff\\xfe bad'"):
         scan(spec_for(path))
+    path = table_at(tmp_path, prompt=["a", "b"], url=pa.array([b"ok", b"caf\xe9"], pa.binary()).view(pa.string()))
+    with pytest.raises(SpecError, match=r"p.parquet row 1: url is not UTF-8 text, got b'caf\\xe9'"):
+        scan(spec_for(path))  # a column of the user's own: packing it for the stages would fail mid-run
 
 
 def test_categorical_prompts_and_a_null_typed_empty_file_are_read(tmp_path):
@@ -270,4 +273,12 @@ def test_a_column_whose_values_its_type_in_other_files_cannot_hold_is_named(tmp_
     table_at(tmp_path, "b.parquet", prompt=["y"], rank=other)
     with pytest.raises(SpecError, match=r"prompts: column 'rank' in \S+.parquet is (uint64, read as int64|int64, read "
                                         r"as double) as in the other files, which cannot hold its values"):
+        scan(spec_for(tmp_path))
+
+
+def test_a_timestamp_column_that_no_unit_holds_for_every_file_is_named(tmp_path):
+    table_at(tmp_path, "a.parquet", prompt=["x"], valid_to=pa.array([253402214400_000_000], pa.timestamp("us")))
+    table_at(tmp_path, "b.parquet", prompt=["y"], valid_to=pa.array([0], pa.timestamp("ns")))  # year 9999 vs ns
+    with pytest.raises(SpecError, match=r"column 'valid_to' in \S+a.parquet is timestamp\[us\], read as "
+                                        r"timestamp\[ns\] as in the other files, which cannot hold its values"):
         scan(spec_for(tmp_path))

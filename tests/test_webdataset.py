@@ -20,7 +20,8 @@ from jobs.spec import spec_from_dict
 from stages import columns as C
 from stages.samples import read_image_bytes
 
-ROWS = [{C.PROMPT: f"a painting of number {i}", C.SEED: i, "label": i % 3} for i in range(7)]  # label: the user's
+ROWS = [{C.PROMPT: f"a painting of number {i}", C.SEED: i, "label": i % 3,  # the user's own columns
+         "weight": float("nan") if i == 2 else i / 2} for i in range(7)]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def test_shards_are_readable_by_webdataset_and_ray(shards_run, ray_cluster, refe
         row = manifest[sample["__key__"]]
         assert sample["txt"].decode() == row[C.PROMPT] and json.loads(sample["json"])[C.SEED] == row[C.SEED]
         i = int(row[C.PROMPT].rsplit(" ", 1)[1])  # the input row this sample must come from
-        assert json.loads(sample["json"])["label"] == rows[i]["label"]  # a loader needs no join for the user's columns
+        meta = json.loads(sample["json"], parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+        assert meta["label"] == rows[i]["label"]  # a loader needs no join for the user's columns
+        assert meta["weight"] == (None if i == 2 else rows[i]["weight"])  # NaN: null, as strict parsers need
         image = np.asarray(Image.open(io.BytesIO(sample["png"]))) / 255.0
         expected = reference_image(reference_pipe, rows[i])  # settings from the input, not the sample
         assert np.abs(image - expected).max() <= 1 / 255 + 1e-6, sample["__key__"]
