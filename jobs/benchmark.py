@@ -93,7 +93,8 @@ def run_benchmark(args) -> dict:
     _save(args.json, figures)
     if args.skip_diffusers:
         return figures
-    figures["diffusers_compiled"] = any(bool(getattr(spec.stages, name).compile) for name in ("text", "prior", "decoder"))
+    figures["diffusers_compiled"] = any(bool(getattr(spec.stages, name).compile)
+                                        for name in ("text", "prior", "decoder"))
     figures["diffusers_images_per_s"], figures["diffusers_warmup_s"] = diffusers_rate(
         spec, prompts, figures["diffusers_compiled"])
     figures["ratio"] = figures["pipeline_images_per_s"] / figures["diffusers_images_per_s"]

@@ -27,8 +27,8 @@ def parts_uri(run: str) -> str:
 
 
 def write_scores(run: str, manifest, storage_options: dict) -> None:
-    """RUN/eval/scores.parquet: row_id, clip_score, eval_error, clip_truncated and the manifest's params, in row_id order, one
-    file written whole or not at all. Ray sorts the score parts and the manifest by row_id (tasks of bounded
+    """RUN/eval/scores.parquet: row_id, clip_score, eval_error, clip_truncated and the manifest's params, in row_id
+    order, one file written whole or not at all. Ray sorts the score parts and the manifest by row_id (tasks of bounded
     size); the driver walks both in step, BATCH_ROWS rows of each at a time, and holds nothing per row."""
     fs, parts = url_to_fs(parts_uri(run), storage_options)
     keep = [n for n in manifest.names if n not in DROPPED and n != C.ROW_ID]
