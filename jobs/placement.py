@@ -15,24 +15,47 @@ from jobs.spec import ACTOR_CPUS, JobSpec, SpecError, StageSpec
 
 LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always asks for a whole CPU
 
-# GPU shares when a stage's num_gpus is not set: one GPU shared by all three pools, or whole GPUs
-# for Stage C and Stage B/A (text encoding is ~0.1% of the FLOPs) when the cluster has several.
-_GPU_SHARES = {"text": (0.1, 0.25), "prior": (0.45, 1.0), "decoder": (0.45, 1.0)}
+# GPU shares when a stage's num_gpus is not set: one GPU shared by all three pools; on several GPUs whole GPUs
+# for Stage C and Stage B/A but the text encoder's share (~0.1% of the FLOPs) beside a Stage B/A actor.
+_GPU_SHARES = {"text": (0.1, 0.1), "prior": (0.45, 1.0), "decoder": (0.45, 0.9)}
+# Work per 1024² image (`plan`, TFLOP): Stage C per step and guidance branch, Stage B per step, Stage A once.
+_PRIOR_STEP, _DECODER_STEP, _VQGAN, _DEFAULT_PRIOR_STEPS = 1.12, 2.39, 2.0, 30
 
 
-def placement(stage: StageSpec, name: str, cluster_gpus: float) -> dict:
-    """map_batches keyword arguments for a stage's actor pool, from its spec and the cluster."""
+def stage_placement(spec: JobSpec, name: str, cluster_gpus: float) -> dict:
+    """map_batches keyword arguments for stage `name` of a job on a cluster with `cluster_gpus` GPUs."""
+    return placement(getattr(spec.stages, name), name, cluster_gpus, default_pools(spec, cluster_gpus).get(name))
+
+
+def default_pools(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
+    """Actors of Stage C's and Stage B/A's pools where neither sets num_gpus or concurrency, on 2 or more GPUs:
+    the GPUs split in the ratio of the two stages' work per image at the spec's settings, so no GPU idles (8
+    GPUs at the defaults: 5 for Stage C, 3 for Stage B/A beside the text encoder). Elsewhere a pool of 1."""
+    stages = (spec.stages.prior, spec.stages.decoder)
+    gpus = int(cluster_gpus)
+    if gpus < 2 or any(s.num_gpus is not None or s.concurrency is not None for s in stages):
+        return {}
+    gen = spec.generation
+    prior = (gen.prior_steps or _DEFAULT_PRIOR_STEPS) * (2 if gen.prior_guidance_scale > 1 else 1) * _PRIOR_STEP
+    decoder = gen.decoder_steps * (2 if gen.decoder_guidance_scale > 1 else 1) * _DECODER_STEP + _VQGAN
+    priors = max(range(1, gpus), key=lambda p: min(p / prior, (gpus - p) / decoder))
+    return {"prior": priors, "decoder": gpus - priors}
+
+
+def placement(stage: StageSpec, name: str, cluster_gpus: float, default_pool: int | None = None) -> dict:
+    """map_batches keyword arguments for a stage's actor pool, from its spec and the cluster (and a pool size
+    where the spec sets none). Every actor of the pool is asked for at once: none waits for the first to load."""
     if stage.num_gpus is not None:
         num_gpus = stage.num_gpus
     elif cluster_gpus:
-        num_gpus = _GPU_SHARES[name][0 if cluster_gpus < 3 else 1]
+        num_gpus = _GPU_SHARES[name][0 if cluster_gpus < 2 else 1]
     else:
         num_gpus = 0
-    low, high = pool_size(stage)
+    low, high = pool_size(stage) if default_pool is None else (default_pool, default_pool)
     args = dict(
         batch_size=stage.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=low),
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=high),
         num_gpus=num_gpus,
         num_cpus=stage.num_cpus if stage.num_cpus is not None else ACTOR_CPUS,
     )
@@ -68,10 +91,9 @@ def minimum_pools(spec: JobSpec, cluster: dict) -> list[tuple[str, int, dict]]:
     """(stage, minimum actor count, one actor's resource ask) for each stage."""
     pools = []
     for name in ("text", "prior", "decoder"):
-        stage = getattr(spec.stages, name)
-        args = placement(stage, name, cluster.get("GPU", 0))
+        args = stage_placement(spec, name, cluster.get("GPU", 0))
         ask = {"CPU": args["num_cpus"], "GPU": args["num_gpus"], **args.get("resources", {})}
-        pools.append((name, pool_size(stage)[0], {k: v for k, v in ask.items() if v}))
+        pools.append((name, args["compute"].min_size, {k: v for k, v in ask.items() if v}))
     return pools
 
 

@@ -1,0 +1,57 @@
+"""Where the stage pools run: default GPU shares and pool sizes that keep every GPU of a node busy."""
+
+import pytest
+
+from jobs.placement import default_pools, stage_placement
+from jobs.spec import spec_from_dict
+
+
+def job(**changes) -> dict:
+    return {"prompts": "p.parquet", "output": "out", **changes}
+
+
+def pools(spec, gpus) -> dict[str, tuple[float, int, int]]:
+    """stage → (GPU share, min actors, max actors)."""
+    out = {}
+    for name in ("text", "prior", "decoder"):
+        args = stage_placement(spec, name, gpus)
+        out[name] = (args["num_gpus"], args["compute"].min_size, args["compute"].max_size)
+    return out
+
+
+def packs(placed: dict, gpus: int) -> bool:
+    """Whether every actor fits on `gpus` GPUs of 1.0 each (first fit, largest asks first), as Ray places them."""
+    free = [1.0] * gpus
+    for share in sorted((s for s, n, _ in placed.values() for _ in range(n) if s), reverse=True):
+        slot = next((i for i, f in enumerate(free) if f + 1e-9 >= share), None)
+        if slot is None:
+            return False
+        free[slot] -= share
+    return True
+
+
+def test_eight_gpus_split_between_stage_c_and_b_in_the_ratio_of_their_work():
+    spec = spec_from_dict(job())  # 1024², 30 Stage C steps with guidance, 12 Stage B steps: 65 : 31 TFLOP
+    placed = pools(spec, 8)
+    assert placed == {"text": (0.1, 1, 1), "prior": (1.0, 5, 5), "decoder": (0.9, 3, 3)}
+    assert packs(placed, 8) and not packs({**placed, "prior": (1.0, 6, 6)}, 8)  # every GPU busy, none asked twice
+    unguided = spec_from_dict(job(generation={"prior_guidance_scale": 1.0}))  # Stage C's work halves
+    assert default_pools(unguided, 8) == {"prior": 4, "decoder": 4}
+
+
+@pytest.mark.parametrize("gpus, expected", [
+    (2, {"text": (0.1, 1, 1), "prior": (1.0, 1, 1), "decoder": (0.9, 1, 1)}),  # one GPU each, text beside B/A
+    (1, {"text": (0.1, 1, 1), "prior": (0.45, 1, 1), "decoder": (0.45, 1, 1)}),  # all three share it
+    (0, {"text": (0, 1, 1), "prior": (0, 1, 1), "decoder": (0, 1, 1)}),
+])
+def test_smaller_clusters(gpus, expected):
+    placed = pools(spec_from_dict(job()), gpus)
+    assert placed == expected and packs(placed, gpus)
+
+
+def test_a_pool_the_spec_sizes_is_kept_and_asked_for_whole():
+    spec = spec_from_dict(job(stages={"prior": {"concurrency": [1, 4], "num_gpus": 1}}))
+    assert default_pools(spec, 8) == {}  # the spec places Stage C: Stage B/A keeps its pool of one
+    placed = pools(spec, 8)
+    assert placed["prior"] == (1, 1, 4) and placed["decoder"] == (0.9, 1, 1)
+    assert stage_placement(spec, "prior", 8)["compute"].initial_size == 4  # all at once: none waits for another's load
