@@ -15,25 +15,32 @@ from jobs.spec import ACTOR_CPUS, JobSpec, SpecError, StageSpec
 
 LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always asks for a whole CPU
 
-# GPU shares when a stage's num_gpus is not set: one GPU shared by all three pools; on several GPUs whole GPUs
-# for Stage C and Stage B/A but the text encoder's share (~0.1% of the FLOPs) beside a Stage B/A actor.
-_GPU_SHARES = {"text": (0.1, 0.1), "prior": (0.45, 1.0), "decoder": (0.45, 0.9)}
+# GPU shares when a stage's num_gpus is not set (and no split below applies): one GPU shared by all three pools,
+# or whole GPUs for Stage C and Stage B/A (text encoding is ~0.1% of the FLOPs) when the cluster has several.
+_GPU_SHARES = {"text": (0.1, 0.25), "prior": (0.45, 1.0), "decoder": (0.45, 1.0)}
+# The split of 2 or more GPUs: whole GPUs for Stage C, 0.9 for Stage B/A, the text encoder's 0.1 beside one.
+_SPLIT_SHARES = {"text": 0.1, "prior": 1.0, "decoder": 0.9}
+_PLACING = ("num_gpus", "resources", "accelerator_type", "label_selector")  # a spec that places a stage itself
 # Work per 1024² image (`plan`, TFLOP): Stage C per step and guidance branch, Stage B per step, Stage A once.
 _PRIOR_STEP, _DECODER_STEP, _VQGAN, _DEFAULT_PRIOR_STEPS = 1.12, 2.39, 2.0, 30
 
 
 def stage_placement(spec: JobSpec, name: str, cluster_gpus: float) -> dict:
     """map_batches keyword arguments for stage `name` of a job on a cluster with `cluster_gpus` GPUs."""
-    return placement(getattr(spec.stages, name), name, cluster_gpus, default_pools(spec, cluster_gpus).get(name))
+    split = split_gpus(spec, cluster_gpus)
+    return placement(getattr(spec.stages, name), name, cluster_gpus,
+                     (_SPLIT_SHARES[name], split.get(name)) if split else None)
 
 
-def default_pools(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
-    """Actors of Stage C's and Stage B/A's pools where neither sets num_gpus or concurrency, on 2 or more GPUs:
-    the GPUs split in the ratio of the two stages' work per image at the spec's settings, so no GPU idles (8
-    GPUs at the defaults: 5 for Stage C, 3 for Stage B/A beside the text encoder). Elsewhere a pool of 1."""
-    stages = (spec.stages.prior, spec.stages.decoder)
+def split_gpus(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
+    """Actors of Stage C's and Stage B/A's pools where the spec places none of the three stages (no num_gpus,
+    resources, accelerator_type or label_selector; no concurrency for Stage C and B/A), on 2 or more GPUs: the
+    GPUs split in the ratio of the two stages' work per image at the spec's settings, so no GPU idles (8 GPUs at
+    the defaults: 5 for Stage C, 3 for Stage B/A beside the text encoder). Else {}: the spec's pools."""
     gpus = int(cluster_gpus)
-    if gpus < 2 or any(s.num_gpus is not None or s.concurrency is not None for s in stages):
+    stages = [spec.stages.text, spec.stages.prior, spec.stages.decoder]
+    if gpus < 2 or any(getattr(s, key) for s in stages for key in _PLACING) or any(
+            s.concurrency is not None for s in stages[1:]):
         return {}
     gen = spec.generation
     prior = (gen.prior_steps or _DEFAULT_PRIOR_STEPS) * (2 if gen.prior_guidance_scale > 1 else 1) * _PRIOR_STEP
@@ -42,16 +49,19 @@ def default_pools(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
     return {"prior": priors, "decoder": gpus - priors}
 
 
-def placement(stage: StageSpec, name: str, cluster_gpus: float, default_pool: int | None = None) -> dict:
-    """map_batches keyword arguments for a stage's actor pool, from its spec and the cluster (and a pool size
-    where the spec sets none). Every actor of the pool is asked for at once: none waits for the first to load."""
-    if stage.num_gpus is not None:
+def placement(stage: StageSpec, name: str, cluster_gpus: float, split: tuple[float, int | None] | None = None) -> dict:
+    """map_batches keyword arguments for a stage's actor pool, from its spec and the cluster, or from `split`
+    (GPU share, pool size or None for the spec's). Every actor of a pool is asked for at once: none waits for
+    the first to load its models."""
+    if split is not None:
+        num_gpus = split[0]
+    elif stage.num_gpus is not None:
         num_gpus = stage.num_gpus
     elif cluster_gpus:
-        num_gpus = _GPU_SHARES[name][0 if cluster_gpus < 2 else 1]
+        num_gpus = _GPU_SHARES[name][0 if cluster_gpus < 3 else 1]
     else:
         num_gpus = 0
-    low, high = pool_size(stage) if default_pool is None else (default_pool, default_pool)
+    low, high = (split[1], split[1]) if split is not None and split[1] else pool_size(stage)
     args = dict(
         batch_size=stage.batch_size,
         batch_format="numpy",
@@ -97,14 +107,15 @@ def minimum_pools(spec: JobSpec, cluster: dict) -> list[tuple[str, int, dict]]:
     return pools
 
 
-def minimum_bundles(spec: JobSpec) -> list[dict]:
+def minimum_bundles(spec: JobSpec, pools: list | None = None) -> list[dict]:
     """One resource bundle per actor of the minimum pools (what the autoscaler is asked for)."""
-    return [ask for _, count, ask in minimum_pools(spec, ray.cluster_resources()) for _ in range(count)]
+    return [ask for _, count, ask in pools or minimum_pools(spec, ray.cluster_resources()) for _ in range(count)]
 
 
-def missing_resource(spec: JobSpec, cluster: dict) -> str | None:
-    """The first stage resource that no node of the cluster offers (the one-line error's start), else None."""
-    for name, _, ask in minimum_pools(spec, cluster):
+def missing_resource(spec: JobSpec, cluster: dict, pools: list | None = None) -> str | None:
+    """The first stage resource that no node of the cluster offers (the one-line error's start), else None;
+    `pools`: the minimum pools' asks as placed (else placed on `cluster`)."""
+    for name, _, ask in pools or minimum_pools(spec, cluster):
         for resource in ask:
             if resource not in cluster:
                 offered = sorted(k for k in cluster if not k.startswith("node:") and "memory" not in k)
@@ -119,6 +130,8 @@ class CapacityWatch:
 
     def __init__(self, spec: JobSpec, timeout: float, poll_s: float = 2.0):
         self.spec, self.timeout, self.poll_s = spec, timeout, poll_s
+        self.pools = minimum_pools(spec, ray.cluster_resources())  # as the pass placed them: a cluster that lost
+        # its GPUs would place them without one, and miss nothing
         self.error: str | None = None
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True, name="capacity")
@@ -137,12 +150,12 @@ class CapacityWatch:
         since = None
         while not self.stopped.wait(self.poll_s):
             try:
-                missing = missing_resource(self.spec, ray.cluster_resources())
+                missing = missing_resource(self.spec, ray.cluster_resources(), self.pools)
             except Exception:  # noqa: BLE001 - the GCS busy or gone: the pass itself will say so
                 continue
             since = None if missing is None else since or time.time()
             if since is not None and time.time() - since >= self.timeout:
-                request_resources(bundles=minimum_bundles(self.spec))  # an autoscaler may bring one back
+                request_resources(bundles=minimum_bundles(self.spec, self.pools))  # an autoscaler may bring one
                 self.error = (f"{missing}, any more: a node left mid-run (waited {self.timeout:g} s); the rows "
                               f"finished so far are kept: add a node that offers it and run the same command again")
                 os.kill(os.getpid(), signal.SIGINT)  # the pass waits in Ray Data's loop: a signal ends the wait

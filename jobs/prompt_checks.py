@@ -68,7 +68,8 @@ def _fits_by_statistics(metadata, column: str, kind: pa.DataType, unified: pa.Da
             return False
         try:
             pa.array([stats.min, stats.max], kind).cast(unified)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError,
+                UnicodeDecodeError):
             return False
     return True
 
@@ -152,21 +153,45 @@ def check_rows(batch: pa.RecordBatch, name: str, offset: int, images_per_prompt:
 
 
 def check_utf8(column: pa.Array, col: str, name: str, offset: int) -> None:
-    """A string column's bytes must be UTF-8 (a writer can store others), or Ray's reader fails on the file."""
+    """A column's strings (at any depth) must be UTF-8 (a writer can store others), or the run fails mid-way."""
     try:
         column.validate(full=True)
+        return
     except pa.ArrowInvalid:
-        values = column.dictionary if pa.types.is_dictionary(column.type) else column
+        pass
+    values, where = (column.dictionary, "a value of its dictionary") if pa.types.is_dictionary(column.type) else (
+        column, None)
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
         raw = values.view(pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary()).to_pylist()
         bad = next(i for i, v in enumerate(raw) if v is not None and not _utf8(v))
-        where = f"row {offset + bad}" if values is column else "a value of its dictionary"
-        raise SpecError(f"prompts: {name} {where}: {col} is not UTF-8 text, got {raw[bad][:40]!r}") from None
+        got = f", got {raw[bad][:40]!r}"
+    else:  # a list or struct of strings: the row is named
+        bad, got = next(i for i in range(len(values)) if not _valid(values.take([i]))), ""
+    where = where or f"row {offset + bad}"
+    raise SpecError(f"prompts: {name} {where}: {col} is not UTF-8 text{got}") from None
+
+
+def _valid(array: pa.Array) -> bool:
+    try:
+        array.validate(full=True)
+        return True
+    except pa.ArrowInvalid:
+        return False
 
 
 def is_text(kind: pa.DataType) -> bool:
-    """A string column (or a dictionary of strings)."""
-    kind = kind.value_type if pa.types.is_dictionary(kind) else kind
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    """A type holding strings at any depth (a string, or a dictionary, list, struct or map of them)."""
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return True
+    if pa.types.is_dictionary(kind):
+        return is_text(kind.value_type)
+    if pa.types.is_map(kind):
+        return is_text(kind.key_type) or is_text(kind.item_type)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return is_text(kind.value_type)
+    if pa.types.is_struct(kind):
+        return any(is_text(kind.field(i).type) for i in range(kind.num_fields))
+    return False
 
 
 def _utf8(value: bytes) -> bool:

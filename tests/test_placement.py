@@ -2,7 +2,7 @@
 
 import pytest
 
-from jobs.placement import default_pools, stage_placement
+from jobs.placement import split_gpus, stage_placement
 from jobs.spec import spec_from_dict
 
 
@@ -36,7 +36,7 @@ def test_eight_gpus_split_between_stage_c_and_b_in_the_ratio_of_their_work():
     assert placed == {"text": (0.1, 1, 1), "prior": (1.0, 5, 5), "decoder": (0.9, 3, 3)}
     assert packs(placed, 8) and not packs({**placed, "prior": (1.0, 6, 6)}, 8)  # every GPU busy, none asked twice
     unguided = spec_from_dict(job(generation={"prior_guidance_scale": 1.0}))  # Stage C's work halves
-    assert default_pools(unguided, 8) == {"prior": 4, "decoder": 4}
+    assert split_gpus(unguided, 8) == {"prior": 4, "decoder": 4}
 
 
 @pytest.mark.parametrize("gpus, expected", [
@@ -49,9 +49,22 @@ def test_smaller_clusters(gpus, expected):
     assert placed == expected and packs(placed, gpus)
 
 
+@pytest.mark.parametrize("stages", [
+    {"decoder": {"num_gpus": 1}},  # the old shares: 0.1 + 0.45 + 1 fit 2 GPUs (0.1 + 1 + 1 would not)
+    {"prior": {"resources": {"prior_group": 1}}, "decoder": {"resources": {"decoder_group": 1}}},  # node groups
+    {"text": {"label_selector": {"group": "text"}}},
+])
+def test_a_spec_that_places_a_stage_gets_no_split(stages):
+    spec = spec_from_dict(job(stages=stages))
+    assert split_gpus(spec, 2) == split_gpus(spec, 8) == {}
+    placed = pools(spec, 2)
+    assert [n for _, n, _ in placed.values()] == [1, 1, 1] and placed["text"][0] == 0.1
+    assert placed["prior"][0] == stages.get("prior", {}).get("num_gpus", 0.45)
+
+
 def test_a_pool_the_spec_sizes_is_kept_and_asked_for_whole():
     spec = spec_from_dict(job(stages={"prior": {"concurrency": [1, 4], "num_gpus": 1}}))
-    assert default_pools(spec, 8) == {}  # the spec places Stage C: Stage B/A keeps its pool of one
+    assert split_gpus(spec, 8) == {}  # the spec places Stage C: Stage B/A keeps its pool of one
     placed = pools(spec, 8)
-    assert placed["prior"] == (1, 1, 4) and placed["decoder"] == (0.9, 1, 1)
+    assert placed["prior"] == (1, 1, 4) and placed["decoder"] == (1.0, 1, 1)
     assert stage_placement(spec, "prior", 8)["compute"].initial_size == 4  # all at once: none waits for another's load

@@ -239,6 +239,11 @@ def test_a_prompt_that_is_not_utf8_names_its_row(tmp_path):
     path = table_at(tmp_path, prompt=["a", "b"], url=pa.array([b"ok", b"caf\xe9"], pa.binary()).view(pa.string()))
     with pytest.raises(SpecError, match=r"p.parquet row 1: url is not UTF-8 text, got b'caf\\xe9'"):
         scan(spec_for(path))  # a column of the user's own: packing it for the stages would fail mid-run
+    tags = pa.ListArray.from_arrays(pa.array([0, 1, 3, 4], pa.int32()),
+                                    pa.array([b"a", b"b", b"c", b"\xff"], pa.binary()).view(pa.string()))
+    path = table_at(tmp_path, prompt=["a", "b", "c"], tags=tags)
+    with pytest.raises(SpecError, match=r"p.parquet row 2: tags is not UTF-8 text$"):
+        scan(spec_for(path))  # strings inside a list
 
 
 def test_categorical_prompts_and_a_null_typed_empty_file_are_read(tmp_path):
