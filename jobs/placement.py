@@ -28,8 +28,9 @@ _PRIOR_STEP, _DECODER_STEP, _VQGAN, _DEFAULT_PRIOR_STEPS = 1.12, 2.39, 2.0, 30
 def stage_placement(spec: JobSpec, name: str, cluster_gpus: float) -> dict:
     """map_batches keyword arguments for stage `name` of a job on a cluster with `cluster_gpus` GPUs."""
     split = split_gpus(spec, cluster_gpus)
-    return placement(getattr(spec.stages, name), name, cluster_gpus,
-                     (_SPLIT_SHARES[name], split.get(name)) if split else None)
+    if not split:
+        return placement(getattr(spec.stages, name), name, cluster_gpus)
+    return placement(getattr(spec.stages, name), name, cluster_gpus, share=_SPLIT_SHARES[name], pool=split.get(name))
 
 
 def split_gpus(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
@@ -49,19 +50,20 @@ def split_gpus(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
     return {"prior": priors, "decoder": gpus - priors}
 
 
-def placement(stage: StageSpec, name: str, cluster_gpus: float, split: tuple[float, int | None] | None = None) -> dict:
-    """map_batches keyword arguments for a stage's actor pool, from its spec and the cluster, or from `split`
-    (GPU share, pool size or None for the spec's). Every actor of a pool is asked for at once: none waits for
-    the first to load its models."""
-    if split is not None:
-        num_gpus = split[0]
+def placement(stage: StageSpec, name: str, cluster_gpus: float, share: float | None = None,
+              pool: int | None = None) -> dict:
+    """map_batches keyword arguments for a stage's actor pool, from its spec and the cluster, or from a split of
+    the GPUs (its GPU `share`, its `pool` size where it sets one). Every actor of a pool is asked for at once: none
+    waits for the first to load its models."""
+    if share is not None:
+        num_gpus = share
     elif stage.num_gpus is not None:
         num_gpus = stage.num_gpus
     elif cluster_gpus:
         num_gpus = _GPU_SHARES[name][0 if cluster_gpus < 3 else 1]
     else:
         num_gpus = 0
-    low, high = (split[1], split[1]) if split is not None and split[1] else pool_size(stage)
+    low, high = (pool, pool) if pool else pool_size(stage)
     args = dict(
         batch_size=stage.batch_size,
         batch_format="numpy",

@@ -19,7 +19,7 @@ def unified_schema(schema: pa.Schema, more: pa.Schema, name: str) -> pa.Schema:
     columns (pandas' categoricals) as their values, a per-row integer setting as int64 also where a file holds it as
     floats (whole numbers up to 2^53, checked: pandas stores an integer column with gaps so), other int64 and
     double columns as double; a column of two incompatible types is one line naming it."""
-    more = pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in more])
+    more = pa.schema([f.with_type(value_type(f.type)) for f in more])
     try:
         unified = pa.unify_schemas([schema, more], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
@@ -53,8 +53,7 @@ def check_casts(fs, paths: list[str], schema: pa.Schema, unified: pa.Schema) -> 
 
 
 def _differs(kind: pa.DataType, unified: pa.DataType) -> bool:
-    values = kind.value_type if pa.types.is_dictionary(kind) else kind
-    return values != unified and not pa.types.is_null(kind)
+    return value_type(kind) != unified and not pa.types.is_null(kind)
 
 
 def _fits_by_statistics(metadata, column: str, kind: pa.DataType, unified: pa.DataType) -> bool:
@@ -105,8 +104,8 @@ def check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
                             f"replaced: rename the column{hint}")
     for col in (C.PROMPT, C.NEGATIVE_PROMPT):
         kind = schema.field(col).type if col in schema.names else pa.string()
-        values = kind.value_type if pa.types.is_dictionary(kind) else kind  # a pandas categorical: its values
-        if not (pa.types.is_string(values) or pa.types.is_large_string(values) or pa.types.is_null(values)):
+        values = value_type(kind)  # a pandas categorical: its values
+        if not (_is_string(values) or pa.types.is_null(values)):
             raise SpecError(f"prompts: column '{col}' in {name} is {kind}, not string")
     for col in C.INT_PARAMS + C.FLOAT_PARAMS:
         if col in schema.names:
@@ -161,7 +160,7 @@ def check_utf8(column: pa.Array, col: str, name: str, offset: int) -> None:
         pass
     values, where = (column.dictionary, "a value of its dictionary") if pa.types.is_dictionary(column.type) else (
         column, None)
-    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+    if _is_string(values.type):
         raw = values.view(pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary()).to_pylist()
         bad = next(i for i, v in enumerate(raw) if v is not None and not _utf8(v))
         got = f", got {raw[bad][:40]!r}"
@@ -179,9 +178,18 @@ def _valid(array: pa.Array) -> bool:
         return False
 
 
+def value_type(kind: pa.DataType) -> pa.DataType:
+    """A dictionary column's values' type (pandas' categoricals), else the type itself."""
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
+
+
+def _is_string(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
 def is_text(kind: pa.DataType) -> bool:
     """A type holding strings at any depth (a string, or a dictionary, list, struct or map of them)."""
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    if _is_string(kind):
         return True
     if pa.types.is_dictionary(kind):
         return is_text(kind.value_type)

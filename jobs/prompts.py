@@ -88,7 +88,7 @@ def scan(spec: JobSpec) -> PromptTable:
         present = check_schema(schema, name)
         unified = unified_schema(unified, schema, name)
         columns = columns or present
-        texts = [f.name for f in schema if f.name in user_columns.user_names([f.name]) and is_text(f.type)]
+        texts = [c for c in user_columns.user_names(schema.names) if is_text(schema.field(c).type)]
         offset = 0
         try:  # the user's text columns too: bytes that are not UTF-8 would end the run in Ray's reader
             for batch in parquet.iter_batches(batch_size=65536, columns=[*present, *texts], use_threads=False):

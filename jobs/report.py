@@ -252,8 +252,8 @@ def sheet_html(view: ManifestView, thumb, axes: list[str] = ()) -> str:
     def caption(row: dict) -> str:
         swept = "".join(f" · {a} {fmt(a, axis_value(row, a))}" for a in axes if a != C.SEED)
         return escape(f"{row[C.PROMPT]} · seed {row[C.SEED]}{swept}")
-    figures = "".join(f"<figure>{thumb(r)}<figcaption title=\"{caption(r)}\">{caption(r)}</figcaption></figure>"
-                      for r in view.sheet)
+    figures = "".join(f"<figure>{thumb(r)}<figcaption title=\"{text}\">{text}</figcaption></figure>"
+                      for r, text in ((r, caption(r)) for r in view.sheet))
     images = view.succeeded if view.sheet else 0
     capped = f'<p class="note">Showing {len(view.sheet)} of {images} images.</p>' if images > len(view.sheet) else ""
     return capped + f'<div class="sheet">{figures}</div>'
@@ -269,7 +269,8 @@ def render(output: str, job: dict, view: ManifestView, thumb, runs: list[dict] =
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Run report: {escape(output)}</title>'
             f"<style>{CSS}</style></head><body><h1>Run report</h1>{summary_html(output, job, view, runs)}"
             f"<h2>Stages</h2>{stages_html(view, wall)}<h2>Failed rows</h2>{failed_html(view)}"
-            f"<h2>Per-prompt grids</h2>{grids}<h2>Contact sheet</h2>{sheet_html(view, thumb, declared_axes(job))}</body></html>\n"
+            f"<h2>Per-prompt grids</h2>{grids}<h2>Contact sheet</h2>{sheet_html(view, thumb, declared_axes(job))}"
+            "</body></html>\n"
             )
 
 

@@ -91,10 +91,9 @@ def shape_buffers(cache: OrderedDict, key: tuple, make) -> tuple[torch.Tensor, .
 def compiled(fn, device: torch.device, mode: bool | str = True, fullgraph: bool = True):
     """torch.compile for the fixed micro-batch shapes: CUDA graphs on a GPU (reduce-overhead), Inductor on a CPU;
     mode "max-autotune" also lets Inductor time Triton GEMM/conv templates (CUDA graphs too) at warm-up."""
-    if mode == "max-autotune":
-        return torch.compile(fn, mode="max-autotune", fullgraph=fullgraph, dynamic=False)
-    return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=fullgraph,
-                         dynamic=False)
+    if mode != "max-autotune":
+        mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(fn, mode=mode, fullgraph=fullgraph, dynamic=False)
 
 
 def new_step() -> None:
