@@ -1,6 +1,7 @@
 """Progress: stage actors report finished rows to a tally; the driver prints one line per stage."""
 
 import io
+import time
 
 import numpy as np
 
@@ -86,6 +87,10 @@ def test_a_tally_whose_process_died_is_restarted(ray_cluster):
     tally = Tally.remote()
     ray_cluster.get(tally.add.remote("text", 5))
     ray_cluster.kill(tally, no_restart=False)  # as its process dying does
+    deadline = time.time() + 60
+    while ray_cluster.get(tally.counts.remote(), timeout=60) and time.time() < deadline:
+        time.sleep(0.1)  # the kill is asynchronous: the old process may answer a call or two before it is gone
+    assert ray_cluster.get(tally.counts.remote(), timeout=60) == {}  # a new Tally
     assert ray_cluster.get(tally.begin.remote("prior", ["a", "b"]), timeout=60) == [1, 1]  # no history: first tries
     ray_cluster.get(tally.add.remote("text", 2))
     assert ray_cluster.get(tally.counts.remote()) == {"text": 2}
