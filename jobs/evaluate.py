@@ -22,6 +22,7 @@ from jobs.eval_args import EvalOptions, PoolOptions, add_parser, run_from_args  
 from jobs.eval_checks import check_axis_values, check_clip
 from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
 from jobs.eval_scores import parts_uri, write_scores
+from jobs.placement import placing_gpus
 from jobs.spec import TASK_CPUS, SpecError
 from stages import columns as C
 from stages import evaluate as E
@@ -233,7 +234,7 @@ def pool_args(pools: PoolOptions) -> dict:
     """map_batches keyword arguments for one evaluation actor pool."""
     num_gpus = pools.num_gpus
     if num_gpus is None:
-        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = placing_gpus(ray.cluster_resources())
         num_gpus = 0 if not gpus else (0.5 if gpus < 2 else 1)
     return dict(batch_size=pools.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
         size=pools.concurrency), num_gpus=num_gpus, num_cpus=pools.num_cpus)

@@ -17,7 +17,7 @@ from jobs.console import start_ray
 from jobs.folding import fold_identical
 from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: part of this module's interface
 from jobs.isolation import isolating, load_error, load_warnings
-from jobs.placement import CapacityWatch, stage_placement, wait_for_capacity
+from jobs.placement import CapacityWatch, cpu_warning, placing_gpus, stage_placement, wait_for_capacity
 from jobs.progress import FOLDED_OTHER_VALUES, Progress, Tally, reporting
 from jobs.report import build_report, record_run
 from jobs.resume import Summary, summarize
@@ -142,6 +142,8 @@ def connect(spec: JobSpec, verbose: bool = False) -> None:
     start_ray(verbose)
     configure_ray_data()
     wait_for_capacity(spec, spec.placement_timeout_s if joined else 0.0)
+    if warning := cpu_warning(spec, ray.cluster_resources()):
+        print(warning, file=sys.stderr)
 
 
 def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> None:
@@ -249,6 +251,6 @@ def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int, use
 
 def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, tally) -> ray.data.Dataset:
     """One stage's actor pool, placed from its spec, reporting its finished rows to `tally` (if given)."""
-    placed = stage_placement(spec, name, ray.cluster_resources().get("GPU", 0))
+    placed = stage_placement(spec, name, placing_gpus(ray.cluster_resources()))
     stage = reporting(isolating(cls, tally, name), tally, name) if tally is not None else isolating(cls)
     return ds.map_batches(stage, fn_constructor_kwargs=stage_kwargs(spec, name), **placed)

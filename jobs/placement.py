@@ -25,6 +25,28 @@ _PLACING = ("num_gpus", "resources", "accelerator_type", "label_selector")  # a 
 _PRIOR_STEP, _DECODER_STEP, _VQGAN, _DEFAULT_PRIOR_STEPS = 1.12, 2.39, 2.0, 30
 
 
+def placing_gpus(cluster: dict) -> float:
+    """The GPUs the stages are placed for: the cluster's, or where it has none now, the GPUs of one node of the
+    largest GPU node group its autoscaler publishes (a cluster whose GPU nodes start from zero: the pools ask for
+    GPUs and the autoscaler adds the node); 0 where neither."""
+    if cluster.get("GPU", 0):
+        return cluster["GPU"]
+    config = ray._private.state.state.get_cluster_config()  # as Ray Data's own autoscaler reads it; None where the
+    # autoscaler publishes no node groups
+    groups = config.node_group_configs if config is not None else []
+    return max((g.resources.get("GPU", 0) for g in groups if g.max_count != 0), default=0)
+
+
+def cpu_warning(spec: JobSpec, cluster: dict) -> str | None:
+    """The warning for a job of real models whose stages will run on CPUs (no GPU to place them on), else None."""
+    if placing_gpus(cluster) or all(m == "tiny" for m in (spec.model.prior, spec.model.decoder)) or any(
+            getattr(spec.stages, name).num_gpus for name in ("prior", "decoder")):
+        return None
+    return ("warning: the Ray cluster has no GPU (nor an autoscaler node group with one): Stage C and B/A run on "
+            "CPUs, minutes per image at full size; on a cluster whose GPU nodes start from zero, set "
+            "stages.prior.num_gpus and stages.decoder.num_gpus (the job then waits placement_timeout_s for them)")
+
+
 def stage_placement(spec: JobSpec, name: str, cluster_gpus: float) -> dict:
     """map_batches keyword arguments for stage `name` of a job on a cluster with `cluster_gpus` GPUs."""
     split = split_gpus(spec, cluster_gpus)
@@ -103,7 +125,7 @@ def minimum_pools(spec: JobSpec, cluster: dict) -> list[tuple[str, int, dict]]:
     """(stage, minimum actor count, one actor's resource ask) for each stage."""
     pools = []
     for name in ("text", "prior", "decoder"):
-        args = stage_placement(spec, name, cluster.get("GPU", 0))
+        args = stage_placement(spec, name, placing_gpus(cluster))
         ask = {"CPU": args["num_cpus"], "GPU": args["num_gpus"], **args.get("resources", {})}
         pools.append((name, args["compute"].min_size, {k: v for k, v in ask.items() if v}))
     return pools

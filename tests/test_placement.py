@@ -68,3 +68,33 @@ def test_a_pool_the_spec_sizes_is_kept_and_asked_for_whole():
     placed = pools(spec, 8)
     assert placed["prior"] == (1, 1, 4) and placed["decoder"] == (1.0, 1, 1)
     assert stage_placement(spec, "prior", 8)["compute"].initial_size == 4  # all at once: none waits for another's load
+
+
+def test_a_cluster_whose_gpu_nodes_start_from_zero_asks_for_gpus(ray_cluster):
+    """No GPU node up yet, but the autoscaler publishes a node group of 8 GPUs: the pools are placed for that node
+    (the job waits for it) instead of running full-size models on CPUs."""
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY as KEY, GCS_AUTOSCALER_STATE_NAMESPACE as NAMESPACE
+    from ray.core.generated.autoscaler_pb2 import ClusterConfig
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    from jobs.placement import check_capacity, cpu_warning, placing_gpus
+    from jobs.spec import SpecError
+
+    spec = spec_from_dict(job(model={"prior": "warp-ai/wuerstchen-prior", "decoder": "warp-ai/wuerstchen"}))
+    cluster = ray_cluster.cluster_resources()
+    assert placing_gpus(cluster) == 0 and "run on CPUs" in cpu_warning(spec, cluster)
+    assert cpu_warning(spec_from_dict(job()), cluster) is None  # the tiny preset is meant for CPUs
+    config = ClusterConfig()
+    group = config.node_group_configs.add(name="h100", min_count=0, max_count=4)
+    group.resources.update({"CPU": 180, "GPU": 8})
+    config.node_group_configs.add(name="cpu", min_count=0, max_count=2).resources.update({"CPU": 16})
+    _internal_kv_put(KEY, config.SerializeToString(), namespace=NAMESPACE)
+    try:
+        assert placing_gpus(cluster) == 8
+        assert pools(spec, placing_gpus(cluster)) == pools(spec, 8)  # Stage C 5 GPUs, Stage B/A 3, as on one node
+        assert cpu_warning(spec, cluster) is None
+        with pytest.raises(SpecError, match="no node of the Ray cluster offers GPU"):
+            check_capacity(spec, cluster)  # what wait_for_capacity waits on, asking the autoscaler for the node
+    finally:
+        _internal_kv_del(KEY, namespace=NAMESPACE)
+    assert placing_gpus(cluster) == 0
