@@ -1,8 +1,9 @@
 """The fast path on CPU: the step without host syncs, float32 numerics in bf16 runs, micro-batch sizes, compile.
 
-Stated tolerances: the float32 step equals diffusers' scheduler bitwise; bf16 images are at least 20 dB PSNR
-from float32 images of the same rows and 8 dB closer than another row's image (tiny model: ~25 dB); compiled
-stages match eager ones within 1e-4 of the embeddings' scale and one grey level (1/255) per pixel.
+Stated tolerances: the float32 step equals diffusers' scheduler bitwise; bf16 images are as close to float32
+images of the same rows as diffusers' own pipeline in bf16 is (within 2 dB PSNR per row; 15-31 dB on the tiny
+preset, lowest where guidance is high) and closer than another row's image; compiled stages match eager ones
+within 1e-4 of the embeddings' scale and one grey level (1/255) per pixel.
 """
 
 import numpy as np
@@ -102,14 +103,25 @@ def test_bfloat16_embeds_the_timestep_ratio_in_float32():
     assert (quantised - exact).abs().max() > 0.5  # what a bf16 ratio would have given
 
 
-def test_bfloat16_images_are_close_to_float32():
-    half, full = images(ROWS, "bfloat16"), images(ROWS)
+# bf16 keeps ~3 significant digits through 2 guided stages, which guidance amplifies: how far a row's bf16 image is
+# from its float32 image depends on the row (15-31 dB on the tiny preset), so it is compared with diffusers' own
+# bf16 pipeline on the same rows, two of them with decoder guidance that loses the most.
+BF16_ROWS = ROWS + [{C.PROMPT: "a red fox in the snow", C.SEED: 2, C.DECODER_GUIDANCE: 3.0, C.NEGATIVE_PROMPT: "blurry"},
+                    {C.PROMPT: "a kite over the dunes", C.SEED: 5, C.DECODER_GUIDANCE: 4.0}]
+
+
+def test_bfloat16_images_are_as_close_to_float32_as_diffusers_own():
+    from conftest import reference_image
+
+    from stages.models import reference_pipeline
+
+    half, full = images(BF16_ROWS, "bfloat16"), images(BF16_ROWS)
     assert all(e == "" for e in half[C.ERROR])
     half, full = np.stack(list(half[C.IMAGE])), np.stack(list(full[C.IMAGE]))
-    wrong = psnr(np.roll(full, 1, axis=0), full)  # another row's image: what a mix-up would give
-    # bf16 carries ~3 significant digits through 2 guided stages: ~25 dB on the tiny preset's images,
-    # against ~10 dB for another row's image. The benchmark prints the same figure on real shapes.
-    assert psnr(half, full).min() >= 20 and psnr(half, full).min() >= wrong.max() + 8, (psnr(half, full), wrong)
+    reference = reference_pipeline("tiny", "tiny", "bfloat16")
+    theirs = np.stack([np.round(reference_image(reference, row) * 255).astype(np.uint8) for row in BF16_ROWS])
+    ours, diffusers, wrong = psnr(half, full), psnr(theirs, full), psnr(np.roll(full, 1, axis=0), full)
+    assert (ours >= diffusers - 2).all() and ours.min() > wrong.max() + 3, (ours, diffusers, wrong)
 
 
 @pytest.mark.parametrize("micro_batch", [1, 2])
