@@ -6,6 +6,7 @@ import dataclasses
 import time
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from jobs import lease, prompts
 from jobs.resume import Summary, claim, finished
@@ -14,7 +15,7 @@ from jobs.spec import JobSpec, SpecError
 from stages import columns as C
 from stages import footers, output, user_columns
 from stages.refs import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, conditioning, prior_refs
-from stages.storage import reason
+from stages.storage import full_uri, reason
 
 
 def check_models(spec: JobSpec) -> None:
@@ -85,13 +86,57 @@ def check_user_types(spec: JobSpec, table: prompts.PromptTable) -> prompts.Promp
     for name in names:
         new = table.schema.field(name).type
         old = held.field(name).type if name in held.names else new
-        if pa.types.is_dictionary(old) and old.value_type == new:
-            kept[name] = old
+        if old != new and plain(old) == plain(new):
+            kept[name] = old  # the same values in another layout (a dictionary; pandas writes large_string)
+        elif old != new and _numbers(old, new) and (unfit := _unfit_value(table, name, old)) is None:
+            kept[name] = old  # pandas reads an int64 column with nulls as float64 and writes it back so
         elif old != new and not pa.types.is_null(old) and not pa.types.is_null(new):
+            why = f" ({unfit})" if _numbers(old, new) else ""
             raise SpecError(f"prompts: column '{name}' is {new}, but the rows {spec.output} holds have it as "
-                            f"{old}: keep its type, rename the column, or use another output")
+                            f"{old}{why}: keep its type, rename the column, or use another output")
     written = pa.schema([f.with_type(kept.get(f.name, f.type)) for f in table.schema])
     return dataclasses.replace(table, written=written) if kept else table
+
+
+def _numbers(*kinds: pa.DataType) -> bool:
+    return all(pa.types.is_integer(k) or pa.types.is_floating(k) for k in kinds)
+
+
+def _unfit_value(table: prompts.PromptTable, name: str, kind: pa.DataType) -> str | None:
+    """Why column `name` of the table's files cannot be written as `kind` without changing a value (a fraction, a
+    number out of range), read file by file in bounded batches; None where every value fits."""
+    for path in table.files:
+        with table.fs.open(path, "rb") as file:
+            parquet = pq.ParquetFile(file)
+            if name not in parquet.schema_arrow.names:
+                continue
+            for batch in parquet.iter_batches(batch_size=65536, columns=[name], use_threads=False):
+                try:
+                    batch.column(0).cast(kind)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                    return f"{full_uri(table.fs, path)} holds a value {kind} cannot: {err}"
+    return None
+
+
+def plain(kind: pa.DataType) -> pa.DataType:
+    """`kind` with its large and view layouts (large_string, string_view, large_list…) as the plain ones, at any
+    depth: two types equal so hold the same values."""
+    if pa.types.is_dictionary(kind):
+        return plain(kind.value_type)
+    if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return pa.string()
+    if pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+        return pa.binary()
+    if any(is_(kind) for is_ in (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view,
+                                 pa.types.is_large_list_view)):
+        return pa.list_(plain(kind.value_type))
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(plain(kind.value_type), kind.list_size)
+    if pa.types.is_struct(kind):
+        return pa.struct([kind.field(i).with_type(plain(kind.field(i).type)) for i in range(kind.num_fields)])
+    if pa.types.is_map(kind):
+        return pa.map_(plain(kind.key_type), plain(kind.item_type))
+    return kind
 
 
 def answered(spec: JobSpec, started: float) -> Summary | None:

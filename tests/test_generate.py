@@ -159,3 +159,35 @@ def test_user_columns_keep_their_types_in_every_part(first_run):
         schema = pq.read_schema(part)
         assert (schema.field("rank").type, schema.field("note").type, schema.field("topic").type) == (
             pa.int64(), pa.string(), pa.string()), part.name
+
+
+def test_rows_added_through_pandas_join_the_run(first_run):
+    """pandas 3 writes text columns as large_string, and an int64 column with nulls as float64: a table read,
+    extended and written back by pandas adds its new rows to the run made from the original table, each column
+    written in the run's type, so every part still reads as one table; a value pandas changed on the way is
+    refused naming it (uint64 2^64 - 1 became the double 2^64)."""
+    import dataclasses
+    import shutil
+
+    from jobs.spec import SpecError
+
+    tmp_path, spec = first_run[0], first_run[1]
+    shutil.copytree(tmp_path / "run1", tmp_path / "run_pandas")
+    frame = pq.read_table(spec.prompts).to_pandas()
+    frame.loc[len(frame)] = {**frame.iloc[-1].to_dict(), C.PROMPT: "a red kite", "topic": "sky", "rank": 4, "note": "new"}
+    frame.to_parquet(tmp_path / "pandas.parquet", index=False)
+    written = pq.read_schema(tmp_path / "pandas.parquet")
+    assert (written.field("topic").type, written.field("rank").type) == (pa.large_string(), pa.float64())
+    added = dataclasses.replace(spec, prompts=str(tmp_path / "pandas.parquet"), output=str(tmp_path / "run_pandas"))
+    with pytest.raises(SpecError, match=r"^prompts: column 'hash' is double, but .* as uint64 \(.*pandas.parquet "
+                                        r"holds a value uint64 cannot"):
+        run(added)
+    frame.drop(columns=["hash"]).to_parquet(tmp_path / "pandas.parquet", index=False)
+    summary = run(added)
+    manifest = pq.read_table(tmp_path / "run_pandas" / "manifest")
+    assert summary.new == 2 and manifest.num_rows == 2 * len(PROMPTS) + 2
+    for part in (tmp_path / "run_pandas" / "manifest").glob("*.parquet"):
+        assert (pq.read_schema(part).field("topic").type, pq.read_schema(part).field("rank").type) == (
+            pa.string(), pa.int64()), part.name
+    kites = manifest.filter(pa.compute.equal(manifest[C.PROMPT], "a red kite")).to_pylist()
+    assert [(r["topic"], r["rank"], r["note"]) for r in kites] == [("sky", 4, "new")] * 2
