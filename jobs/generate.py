@@ -73,10 +73,11 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
                        ALL_STAGES, max(todo, 0))
 
-    def unplanned(summary: Summary) -> int:  # failed entries of rows the table no longer plans are no failure
-        if not summary.failed or summary.rows + summary.folded <= planned:
-            return 0  # every entry is a planned row's: no join
-        return retry.unplanned_failed(spec, lambda ids, n: planned_among(spec, table, ids, n))
+    def unplanned(summary: Summary) -> tuple[int, int]:  # entries of rows the table no longer plans (failed ones
+        # among them are no failure)
+        if summary.rows + summary.folded <= planned:
+            return 0, 0  # every entry is a planned row's: no join
+        return retry.unplanned_entries(spec, lambda ids, n: planned_among(spec, table, ids, n), summary.rows)
     summary = close_output(spec, start, done, failed, retried=retried if retry_failed else None, kept=kept,
                            planned=planned, unplanned=None if retry_failed else unplanned)
     if retry_failed:  # rows never made are not failed rows: say so (each planned row is an entry or folded)
@@ -116,17 +117,19 @@ def close_output(spec: JobSpec, start: float, done: int, failed: int, retried: i
     figures), and the report rebuilt; compaction and report run in a Ray task, off the driver. `planned`: the
     rows this invocation planned; when its pass over them found none to make, <output>/_finished keeps that count
     and the entries' (a table that adds a copy of a made row plans more rows than entries + folded copies).
-    `unplanned(summary)`: the failed entries of rows not planned (kept), where not given."""
+    `unplanned(summary)`: the entries of rows not planned and the failed ones among them (stale, kept), where not
+    given."""
     in_task(compaction.compact, spec.output, output.MANIFEST, spec.storage_options)
     output.mark_closed(spec.output, spec.storage_options)  # every stored Stage C row has its entry now
     summary = summarize(spec, time.time() - start, before=(done, failed), retried=retried, kept=kept)
     if unplanned is not None:
-        summary = dataclasses.replace(summary, kept=unplanned(summary))
+        stale, kept = unplanned(summary)
+        summary = dataclasses.replace(summary, stale=stale, kept=kept)
     record_run(spec.output, spec.storage_options, start, ended_at=start + summary.seconds, made=summary.made)
     in_task(build_report, spec.output, spec.storage_options)
     if retried is None:  # every planned row was made (--retry-failed makes only the failed ones)
         verified = dict(planned=planned, entries=summary.rows) if summary.new == 0 else {}
-        output.mark_finished(spec.output, spec.storage_options, kept=summary.kept, **verified)  # a rerun may be answered
+        output.mark_finished(spec.output, spec.storage_options, kept=summary.kept, stale=summary.stale, **verified)  # a rerun may be answered
         # from the footers, and says how many failed entries are of rows no longer planned
     return summary
 

@@ -40,6 +40,7 @@ class Summary:
     retried: int | None = None  # --retry-failed: the failed rows this run made again
     folded: int = 0  # input rows folded into an identical row (made once, counted in its input_rows)
     kept: int = 0  # failed entries whose rows the prompt table no longer plans (left as they are; not a failure)
+    stale: int = 0  # entries whose rows the prompt table no longer plans, failed or not (an earlier table's)
     images: str = "images"  # the folder the images are in ("shards" for output_format webdataset)
     new_failed: int = 0  # of the `new` rows, those recorded with an error
     missing: int = 0  # --retry-failed: planned rows without an entry at all (at least these many)
@@ -71,19 +72,22 @@ class Summary:
             return (f"retried {self.retried} failed rows: {self.retried - again} succeeded, {again} "
                     f"failed again ({self.rows} rows in all{kept}){missing} in {self.seconds:.1f} s; {where}")
         failed = f"{self.failed} failed" + (f", {self.kept} of them rows the prompt table no longer plans"
-                                            if self.kept else "")
+                                            if self.kept and not self.stale else "")
+        stale = (f"; {self.stale} of the {self.rows} rows are an earlier table's that this one no longer plans"
+                 + (f" ({self.kept} of the failed ones)" if self.kept else "")
+                 + ", kept as they are: report and evaluate include them") if self.stale else ""
         if self.unstored:
             failed += (f"; {self.unstored} made rows of {self.source} have no stored Stage C embeddings (a deleted "
                        f"embeddings part?) and could not be decoded")
         if not self.new:
             again = self.failed - self.kept
             retry = f" (--retry-failed makes the {again} failed rows again)" if again else ""
-            return f"{self.rows} rows ({failed}), all made earlier: nothing to do{retry}; {where}"
+            return f"{self.rows} rows ({failed}), all made earlier: nothing to do{retry}{stale}; {where}"
         earlier = f", {self.rows - self.new} done earlier" if self.new != self.rows else ""
         earlier += f", {self.folded} identical input rows folded" if self.folded else ""
         failed_now = f", {self.new_failed} failed" if self.new_failed else ""
         return (f"{self.rows} rows ({failed}{earlier}); {self.made} made{failed_now} in "
-                f"{self.seconds:.1f} s, {self.images_per_s:.2f} images/s; {where}")
+                f"{self.seconds:.1f} s, {self.images_per_s:.2f} images/s{stale}; {where}")
 
 
 def summarize(spec: JobSpec, seconds: float, before: tuple[int, int] = (0, 0), retried: int | None = None,
@@ -125,7 +129,7 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
     if not complete or _rows_in_flight(spec, rows):
         return None
     return Summary(rows=rows, failed=failed, seconds=time.time() - started, output=spec.output, new=0,
-                   folded=folded, images=image_folder(spec), kept=record.get("kept", 0))
+                   folded=folded, images=image_folder(spec), kept=record.get("kept", 0), stale=record.get("stale", 0))
 
 
 def _rows_in_flight(spec: JobSpec, entries: int) -> bool:

@@ -204,15 +204,15 @@ def mark_closed(output: str, storage_options: dict | None) -> None:
 
 
 def mark_finished(output: str, storage_options: dict | None, finished: bool = True, planned: int | None = None,
-                  entries: int | None = None, kept: int = 0) -> None:
+                  entries: int | None = None, kept: int = 0, stale: int = 0) -> None:
     """Record that the invocation which last claimed the output ended with every planned row made, with the
-    counts of rows it planned and of entries where given, and of failed entries of rows it did not plan (or
+    counts of rows it planned and of entries where given, and of entries (failed ones) of rows it did not plan (or
     take the record away, as a claim does first): only then may a rerun be answered from the footers alone."""
     from stages.storage import write_atomic
 
     fs, path = url_to_fs(join(output, FINISHED), storage_options)
     if finished:
-        write_atomic(fs, path, json.dumps({"planned": planned, "entries": entries, "kept": kept}).encode())
+        write_atomic(fs, path, json.dumps({"planned": planned, "entries": entries, "kept": kept, "stale": stale}).encode())
     elif fs.exists(path):
         fs.rm(path)
 

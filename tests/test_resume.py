@@ -74,6 +74,12 @@ def test_rerun_makes_only_missing_rows_and_skips_stage_c_where_stored(tmp_path, 
     assert third.new == 0 and len(manifest(tmp_path)) == 8
     assert stamps(tmp_path) == kept  # nothing rewritten, nothing added
 
+    # The user drops two prompts: their entries stay, and the summary says so, then and when answered from footers.
+    write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"prompt {i}", C.SEED: i} for i in range(6)])
+    for fourth in (run(spec), run(spec)):
+        assert (fourth.rows, fourth.new, fourth.stale, fourth.kept) == (8, 0, 2, 0)
+        assert "nothing to do; 2 of the 8 rows are an earlier table's that this one no longer plans, kept" in str(fourth)
+
 
 def test_a_rerun_whose_counts_add_up_still_finds_a_row_edited_in_place(tmp_path, ray_cluster):
     """A rerun whose manifest holds as many rows as the table plans skips the stages only if every planned row
