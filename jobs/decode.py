@@ -11,7 +11,7 @@ import yaml
 from jobs import lease, prompts
 from jobs.preflight import answered_decode, check_models
 from jobs.resume import Summary, claim
-from jobs.retries import check_reachable, run_folder_read
+from jobs.retries import RUN_OPTIONS, check_reachable, run_folder_read
 from jobs.spec import TASK_CPUS, JobSpec, ModelSpec, SpecError, apply_overrides, check_key, spec_from_dict
 from stages import columns as C
 from stages import footers, output
@@ -66,7 +66,7 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     """Decode every stored Stage C row of `run` into `output` (resumable like generate; a finished one is
     answered from its manifest without Ray or a model)."""
     started = time.time()
-    check_reachable({"run": run}, storage_options)
+    check_reachable({"run": run}, storage_options, RUN_OPTIONS)
     spec = decode_spec(run, output, list(overrides), storage_options)
     check_reachable({"output": output}, spec.storage_options)
     summary = None if overwrite else answered_decode(spec, started)

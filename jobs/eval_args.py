@@ -59,10 +59,10 @@ def run_from_args(args) -> int:
     if args.batch_size < 1 or args.concurrency < 1:
         raise SpecError("--batch-size and --concurrency must be at least 1")
     pools = PoolOptions(batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus)
-    from jobs.retries import check_reachable
+    from jobs.retries import RUN_OPTIONS, check_reachable
 
     check_reachable({"run": args.run, "--fid-reference": args.fid_reference, "--clip-model": args.clip_model,
-                     "--inception": args.inception}, storage_options)
+                     "--inception": args.inception}, storage_options, RUN_OPTIONS)
     from jobs.evaluate import evaluate  # Ray, torch and the models: only once the arguments are checked
 
     metrics = evaluate(EvalOptions(run=args.run, clip_model=args.clip_model, fid_reference=args.fid_reference,

@@ -286,10 +286,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Build the report and print where it is (a folder without a run is one line, and gets no report)."""
-    from jobs.retries import check_reachable, run_folder_read
+    from jobs.retries import RUN_OPTIONS, check_reachable, run_folder_read
     from jobs.spec import SpecError
 
-    check_reachable({"run": args.run}, args.storage_options)
+    check_reachable({"run": args.run}, args.storage_options, RUN_OPTIONS)
     fs, root = url_to_fs(args.run, args.storage_options or {})
     with run_folder_read("report", args.run):
         if not fs.exists(join(root, output_folder.JOB_FILE)):

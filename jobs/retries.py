@@ -81,9 +81,14 @@ def storage_errors_named(output: str):
         raise SpecError(message) from None
 
 
-def check_reachable(uris: dict[str, str | None], storage_options: dict | None) -> None:
+RUN_OPTIONS = "--storage-options (the run's own job.yaml is read through them)"  # report, evaluate, decode
+
+
+def check_reachable(uris: dict[str, str | None], storage_options: dict | None,
+                    given_in: str = "the storage options") -> None:
     """One quick request to each object store the command names (the first URI of each): a store that cannot be
-    connected to (a mistyped endpoint_url, a store not started) is one line in seconds, before anything else."""
+    connected to (a mistyped endpoint_url, a store not started) is one line in seconds, before anything else;
+    `given_in`: where the user gives the options (a run's own job.yaml is read through them)."""
     probed = set()
     for name, uri in uris.items():
         protocol = (uri or "").split("://")[0]
@@ -92,7 +97,7 @@ def check_reachable(uris: dict[str, str | None], storage_options: dict | None) -
         probed.add(protocol)
         if (why := unreachable(uri, storage_options)) is not None:
             raise SpecError(f"{name} {uri}: cannot connect to the object store ({why}); check the endpoint_url in "
-                            f"the storage options (client_kwargs) and that the store is up")
+                            f"{given_in} (client_kwargs) and that the store is up")
 
 
 @contextlib.contextmanager

@@ -146,6 +146,7 @@ def test_a_store_out_of_reach_is_one_line_in_seconds(tmp_path, capsys):
             err = capsys.readouterr().err.strip()
             assert err.startswith(f"error: {named}: cannot connect to the object store (Could not connect"), err
             assert "endpoint_url" in err and "\n" not in err and time.time() - started < 30, (argv, err)
+            assert ("--storage-options" in err) == (argv[0] != "generate"), err  # where a run's options come from
     finally:
         port.close()
     assert not (tmp_path / "new").exists()
