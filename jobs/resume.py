@@ -206,6 +206,7 @@ def check_continuation(spec: JobSpec, overwrite: bool) -> None:
     if before.get("decoded_from"):  # as written before it was spelled one way (s3a://, a trailing slash)
         before["decoded_from"] = canonical(before["decoded_from"])
     now = spec.to_dict()
+    before, now = _more_images_alike(before, now)
     diffs = [_first_difference(before.get(key), now.get(key), key) for key in ("decoded_from", *IMAGE_KEYS)]
     diffs.append(_first_difference(_stage_bits(before), _stage_bits(now), "stages"))
     if not _only_adds(before.get("sweep") or {}, now.get("sweep") or {}):
@@ -213,6 +214,17 @@ def check_continuation(spec: JobSpec, overwrite: bool) -> None:
     for diff in filter(None, diffs):
         raise SpecError(f"output {spec.output} holds a run of another spec ({diff}); "
                         f"use --overwrite to start afresh, or another output")
+
+
+def _more_images_alike(before: dict, now: dict) -> tuple[dict, dict]:
+    """The two specs with `generation.images_per_prompt` left out where it grows: image k of a prompt keeps its
+    seed (seed + k), so its row id, and a larger count only adds rows, as a sweep may gain values; a smaller one
+    would leave rows the spec no longer plans, and stays a difference."""
+    old, new = (data.get("generation") or {} for data in (before, now))
+    if new.get("images_per_prompt", 1) < old.get("images_per_prompt", 1):
+        return before, now
+    return tuple({**data, "generation": {k: v for k, v in gen.items() if k != "images_per_prompt"}}
+                 for data, gen in ((before, old), (now, new)))
 
 
 def _holds_files(fs, root: str, lease: str) -> bool:

@@ -170,3 +170,17 @@ def test_a_sweep_on_an_existing_output_may_only_gain_values(tmp_path):
                           r"sweep.prior_steps: None → \[2\]")):
         with pytest.raises(SpecError, match=f"holds a run of another spec \\({shown}\\)"):
             check_continuation(spec_from_dict({**data, "sweep": sweep}), overwrite=False)
+
+
+def test_images_per_prompt_on_an_existing_output_may_only_grow(tmp_path):
+    """Image k of a prompt has seed + k whatever the count, so a larger images_per_prompt only adds rows; a smaller
+    one would leave rows the spec no longer plans: refused, naming the key."""
+    data = job_dict(tmp_path, rows=1, generation={**job_dict(tmp_path)["generation"], "images_per_prompt": 2})
+    held_row(tmp_path, spec_from_dict(data).to_dict())
+    check_continuation(spec_from_dict({**data, "generation": {**data["generation"], "images_per_prompt": 3}}), False)
+    with pytest.raises(SpecError, match=r"holds a run of another spec \(generation.images_per_prompt: 2 → 1\)"):
+        check_continuation(spec_from_dict({**data, "generation": {**data["generation"], "images_per_prompt": 1}}),
+                           overwrite=False)
+    with pytest.raises(SpecError, match=r"holds a run of another spec \(generation.seed: 0 → 5\)"):
+        check_continuation(spec_from_dict({**data, "generation": {**data["generation"], "images_per_prompt": 3,
+                                                                   "seed": 5}}), overwrite=False)
