@@ -150,7 +150,9 @@ def plan(spec: JobSpec) -> str:
     table = preflight(spec)
     buckets, models = count_buckets(spec, table), meta_models(spec)
     totals = {"text": 0.0, "prior": 0.0, "decoder": 0.0}
-    lines = [f"{table.rows} prompt rows → {sum(b.images for b in buckets)} images in {len(buckets)} bucket(s)",
+    lines = [f"{table.rows} prompt rows → {sum(b.images for b in buckets)} images in {len(buckets)} bucket(s) "
+             f"(at most: identical rows, a repeated prompt or overlapping seeds, are made once)",
+             *filter(None, [table.blank_warning()]),
              "  size       prior steps/cfg  decoder steps/cfg  images   TFLOP per image: text / prior / decoder"]
     for b in buckets:
         flops = bucket_flops(models, b)

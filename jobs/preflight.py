@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import pyarrow as pa
@@ -166,6 +167,8 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, 
     if summary is not None:
         return summary
     table = preflight(spec)
+    if warning := table.blank_warning():
+        print(warning, file=sys.stderr)
     with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
         claim(spec, overwrite)
         from jobs.generate import generate

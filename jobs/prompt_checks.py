@@ -151,6 +151,13 @@ def check_rows(batch: pa.RecordBatch, name: str, offset: int, images_per_prompt:
         fail(present & is_bad(values), f"{col} {message}", values)
 
 
+def blank_prompts(batch: pa.RecordBatch) -> np.ndarray:
+    """Indices of the batch's rows whose prompt is empty or only whitespace (an unconditional image)."""
+    prompts = batch.column(C.PROMPT)
+    trimmed = pc.utf8_trim_whitespace(prompts.dictionary_decode() if pa.types.is_dictionary(prompts.type) else prompts)
+    return np.flatnonzero(pc.fill_null(pc.equal(trimmed, ""), False).to_numpy(zero_copy_only=False))
+
+
 def check_utf8(column: pa.Array, col: str, name: str, offset: int) -> None:
     """A column's strings (at any depth) must be UTF-8 (a writer can store others), or the run fails mid-way."""
     try:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.prompt_checks import check_casts, check_rows, check_schema, check_utf8, is_text, unified_schema
+from jobs.prompt_checks import blank_prompts, check_casts, check_rows, check_schema, check_utf8, is_text, unified_schema
 from jobs.resume import skip_mask
 from jobs.spec import JobSpec
 from jobs.spec_rules import SpecError
@@ -37,6 +37,15 @@ class PromptTable:
     schema: pa.Schema  # the files' schemas unified: the reader's types, and the writers' for the user's columns …
     written: pa.Schema | None = None  # … but where the output holds a column as a dictionary of that type (an
     # earlier version kept pandas categoricals so): the writers' types then
+    blank: int = 0  # rows whose prompt is empty or whitespace: made, as unconditional images
+    first_blank: str = ""  # the first of them, as "<file> row <n>"
+
+    def blank_warning(self) -> str | None:
+        """The warning for rows with an empty or whitespace prompt, else None."""
+        if not self.blank:
+            return None
+        return (f"warning: {self.blank} prompt rows are empty or only whitespace (first: {self.first_blank}): "
+                f"they make unconditional images")
 
     @property
     def user_types(self) -> pa.Schema:
@@ -76,7 +85,7 @@ def list_files(uri: str, storage_options: dict) -> tuple[object, list[str]]:
 def scan(spec: JobSpec) -> PromptTable:
     """Check schema and values of every row, streaming the files (nothing is collected)."""
     fs, files = list_files(spec.prompts, spec.storage_options)
-    rows, columns, unified, by_schema = 0, None, pa.schema([]), {}
+    rows, columns, unified, by_schema, blank, first_blank = 0, None, pa.schema([]), {}, 0, ""
     for path in files:
         name = full_uri(fs, path)
         try:
@@ -93,6 +102,9 @@ def scan(spec: JobSpec) -> PromptTable:
         try:  # the user's text columns too: bytes that are not UTF-8 would end the run in Ray's reader
             for batch in parquet.iter_batches(batch_size=65536, columns=[*present, *texts], use_threads=False):
                 check_rows(batch.select(list(present)), name, offset, spec.generation.images_per_prompt)
+                if len(empty := blank_prompts(batch)):
+                    first_blank = first_blank or f"{name} row {offset + empty[0]}"
+                    blank += len(empty)
                 for col in texts:
                     check_utf8(batch.column(col), col, name, offset)
                 offset += batch.num_rows
@@ -103,7 +115,8 @@ def scan(spec: JobSpec) -> PromptTable:
         raise SpecError(f"prompts: {spec.prompts} has no rows")
     for schema, paths in by_schema.items():
         check_casts(fs, paths, schema, unified)
-    return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns), schema=unified)
+    return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns), schema=unified, blank=blank,
+                       first_blank=first_blank)
 
 
 def planned_rows(spec: JobSpec, prompt_rows: int) -> int:

@@ -47,5 +47,6 @@ def test_official_shapes_cost_about_104_tflop_at_1024(tmp_path, monkeypatch):
 
 def test_plan_report(tmp_path):
     report = plan(job(tmp_path, [{C.PROMPT: "a"}, {C.PROMPT: "b", C.WIDTH: 256}], prior_steps=2, decoder_steps=2))
-    assert "2 prompt rows → 2 images in 2 bucket(s)" in report
+    assert "2 prompt rows → 2 images in 2 bucket(s) (at most: identical rows" in report
+    assert "unconditional" not in report
     assert "suggested GPUs per stage group" in report and "prior" in report

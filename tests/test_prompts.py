@@ -25,7 +25,19 @@ def test_scan_counts_rows_across_files(tmp_path):
     table_at(tmp_path / "d", "a.parquet", prompt=["x", "y"])
     table_at(tmp_path / "d", "b.parquet", prompt=["z"], seed=[3])
     result = scan(spec_for(tmp_path / "d"))
-    assert result.rows == 3 and len(result.files) == 2
+    assert result.rows == 3 and len(result.files) == 2 and result.blank_warning() is None
+
+
+def test_empty_and_whitespace_prompts_are_counted_for_a_warning(tmp_path):
+    """An empty or whitespace prompt makes an unconditional image: allowed (a null prompt is not), but said, with
+    the first such row named."""
+    (tmp_path / "d").mkdir()
+    table_at(tmp_path / "d", "a.parquet", prompt=["x", "y"])
+    table_at(tmp_path / "d", "b.parquet", prompt=["z", " \t", "", "a cat"])
+    table = scan(spec_for(tmp_path / "d"))
+    assert table.blank == 2 and table.blank_warning() == (
+        f"warning: 2 prompt rows are empty or only whitespace (first: {tmp_path / 'd' / 'b.parquet'} row 1): they "
+        f"make unconditional images")
 
 
 @pytest.mark.parametrize("cols, message", [
