@@ -37,16 +37,19 @@ def fold_block(block: pa.Table, tally=None) -> pa.Table:
     if tally is not None and kept.num_rows < block.num_rows:
         tally.add.remote(FOLDED, block.num_rows - kept.num_rows)
         if C.USER_VALUES in block.column_names:  # copies whose own columns (an id, a label) the manifest loses
-            other = block.num_rows - _rows_like_the_kept(block, position, groups.column("position_min"))
+            other, first = _unlike_the_kept(block, position, groups.column("position_min"))
             if other:
                 tally.add.remote(FOLDED_OTHER_VALUES, other)
+                tally.example.remote(FOLDED_OTHER_VALUES, block.column(C.PROMPT)[first].as_py())
     return kept.sort_by([(column, "ascending") for column in prompts.SHAPE_KEYS])
 
 
-def _rows_like_the_kept(block: pa.Table, position: pa.Array, kept: pa.Array) -> int:
-    """The rows whose (row id, own columns) are those of the row kept for their id (at a `kept` position)."""
+def _unlike_the_kept(block: pa.Table, position: pa.Array, kept: pa.Array) -> tuple[int, int | None]:
+    """(the rows whose own columns differ from those of the row kept for their id (at a `kept` position), the
+    position of the first of them)."""
     pairs = (pa.table({C.ROW_ID: block.column(C.ROW_ID), C.USER_VALUES: block.column(C.USER_VALUES),
                        "position": position}).group_by([C.ROW_ID, C.USER_VALUES], use_threads=False)
              .aggregate([("position", "min"), ("position", "count")]))
     same = pc.is_in(pairs.column("position_min"), value_set=kept)
-    return pc.sum(pc.if_else(same, pairs.column("position_count"), 0)).as_py() or 0
+    like = pc.sum(pc.if_else(same, pairs.column("position_count"), 0)).as_py() or 0
+    return block.num_rows - like, pc.min(pc.filter(pairs.column("position_min"), pc.invert(same))).as_py()

@@ -165,8 +165,12 @@ def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> 
         for line in load_warnings(ray.get(tally.failed_loads.remote())):
             print(line, file=sys.stderr)
         if other := ray.get(tally.counts.remote()).get(FOLDED_OTHER_VALUES):
-            print(f"warning: {other} input rows folded into an identical row (same prompt and settings) hold other "
-                  f"values in your own columns than the row the manifest keeps", file=sys.stderr)
+            first = ray.get(tally.examples.remote()).get(FOLDED_OTHER_VALUES, "")
+            shown = first if len(first) <= 60 else first[:57] + "..."
+            print(f"warning: {other} input rows made in this run were folded into an identical row (same prompt "
+                  f"and settings) but hold other values in your own columns than the row the manifest keeps (first: "
+                  f"prompt {shown!r}); the manifest's input_rows counts them: give such rows distinct seeds to make "
+                  f"each its own image", file=sys.stderr)
     finally:
         tally.__ray_terminate__.options(max_task_retries=0).remote()  # after its queued counts (a kill of a pending
         # actor makes the GCS log); not retried: the exit it asks for is no failure

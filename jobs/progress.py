@@ -27,6 +27,7 @@ class Tally:
         self.tries: dict[tuple[str, str], int] = {}  # (stage, row id) → tries of the batch holding it
         self.alone_tries: dict[tuple[str, str], int] = {}  # … → tries of the row run alone
         self.loads: dict[str, dict] = {}  # stage → its class name and {node: why} where its models failed to load
+        self.first: dict[str, str] = {}  # a count's first example (a prompt), for its warning
 
     def begin(self, stage: str, ids: list[str]) -> list[int]:
         """Count a try of a batch; the tries so far of each of its rows."""
@@ -61,6 +62,13 @@ class Tally:
 
     def counts(self) -> dict[str, int]:
         return self.rows
+
+    def example(self, kind: str, text: str) -> None:
+        """Keep the first example reported for count `kind`."""
+        self.first.setdefault(kind, text)
+
+    def examples(self) -> dict[str, str]:
+        return self.first
 
 
 def reporting(cls, tally, stage: str):

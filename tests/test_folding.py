@@ -1,5 +1,6 @@
 """Identical input rows are folded: one row id, one manifest entry, one image, its input rows counted."""
 
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,12 +41,18 @@ def test_the_warning_counts_each_folded_row_whose_own_columns_differ():
         def add(self):
             return SimpleNamespace(remote=lambda key, n: self.__setitem__(key, self.get(key, 0) + n))
 
-    block = pa.table({C.ROW_ID: ["a", "a", "a", "b", "b"], C.USER_VALUES: [b"A", b"B", b"B", b"C", b"C"],
+        @property
+        def example(self):
+            return SimpleNamespace(remote=lambda key, text: self.setdefault(f"{key} example", text))
+
+    block = pa.table({C.ROW_ID: ["b", "a", "a", "a", "b"], C.USER_VALUES: [b"C", b"A", b"B", b"B", b"C"],
+                      C.PROMPT: ["pb", "pa", "pa", "pa", "pb"],
                       **{key: [1] * 5 for key in (C.HEIGHT, C.WIDTH, C.PRIOR_STEPS, C.DECODER_STEPS)},
                       C.PRIOR_CHECKPOINT: ["p"] * 5})
     counts = Counts()
     fold_block(block, counts)
-    assert counts == {"folded": 3, "folded_other_values": 2}  # a's two B rows; b's copy holds the same C
+    assert counts == {"folded": 3, "folded_other_values": 2,  # a's two B rows; b's copy holds the same C
+                      "folded_other_values example": "pa"}
 
 
 def test_identical_rows_are_made_once_and_counted(tmp_path, ray_cluster, capsys):
@@ -66,8 +73,9 @@ def test_identical_rows_are_made_once_and_counted(tmp_path, ray_cluster, capsys)
     assert {r["caption_id"] for r in manifest if r[C.PROMPT] == "p1"} <= {1, 10, 11}
     assert len(list((out / "images").rglob("*.png"))) == 7
     assert summary.folded == 3 and "3 identical input rows folded" in str(summary)
-    assert "warning: 3 input rows folded into an identical row (same prompt and settings) hold other values in " \
-           "your own columns" in capsys.readouterr().err  # their caption ids are not in the manifest
+    assert re.search(r"warning: 3 input rows made in this run were folded into an identical row \(same prompt and "
+                     r"settings\) but hold other values in your own columns than the row the manifest keeps \(first: "
+                     r"prompt '(p1|p4)'\)", capsys.readouterr().err)  # their caption ids are not in the manifest
     assert "identical input rows folded" in (out / "report" / "index.html").read_text()
     rerun = answered(spec_from_dict(job(prompts, str(out))), time.time())  # from the footers, without Ray
     assert rerun is not None and rerun.rows == 7 and rerun.folded == 3
