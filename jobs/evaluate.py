@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from jobs.eval_checks import check_axis_values, check_clip
 from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
 from jobs.eval_scores import parts_uri, write_scores
 from jobs.placement import placing_gpus
+from jobs.report import build_report
 from jobs.spec import TASK_CPUS, SpecError
 from stages import columns as C
 from stages import evaluate as E
@@ -31,8 +33,9 @@ from stages import fid_agg as G
 from stages import footers, output
 from stages.refs import ModelRefError
 from stages.samples import relocated, relocation
-from stages.storage import full_uri, join, url_to_fs
+from stages.storage import full_uri, join, reason, url_to_fs
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 REQUIRED = (C.ROW_ID, C.PROMPT, C.IMAGE_URI, C.ERROR)
 REF_CACHE = "fid_stats.npz"  # RUN/eval/: the run's FID statistics, also read as a reference's (fingerprinted)
@@ -63,6 +66,11 @@ def _evaluate(opts: EvalOptions, manifest, clip: dict, reference, inception: dic
                      {"inception_sha256": inception["sha256"], "resize": E.RESIZE}, opts.storage_options)
     metrics["plots"] = write_plots(opts.run, metrics, opts.storage_options)
     write_eval(opts.run, "metrics.json", json.dumps(metrics, indent=2).encode(), opts.storage_options)
+    try:  # the run report shows them too
+        ray.get(ray.remote(num_cpus=TASK_CPUS)(build_report).remote(opts.run, opts.storage_options))
+    except Exception as err:  # noqa: BLE001 - the metrics are written: a report not rebuilt is no failure
+        log.warning("the run report was not rebuilt (%s): wuerstchen-batch report %s rebuilds it", reason(err),
+                    opts.run)
     return metrics
 
 

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
+from jobs.eval_report import eval_html
 from jobs.report_data import (AXES, MAX_FAILED, RESOLUTION, STAGES, ManifestView, _order, axis_value,  # noqa: F401
                               read_view, row_order)
 from stages import columns as C
@@ -47,7 +48,8 @@ def build_report(output: str, storage_options: dict | None = None) -> str:
     for row in shown:
         row[C.IMAGE_URI] = relocated(row[C.IMAGE_URI], moved)
     thumbs = make_thumbs(fs, join(root, "report", "thumbs"), {r[C.ROW_ID]: r for r in shown}.values(), options)
-    page = render(output, job, view, lambda row: thumb_html(row, thumbs, full_uri(fs, root)), read_runs(fs, root))
+    page = render(output, job, view, lambda row: thumb_html(row, thumbs, full_uri(fs, root)), read_runs(fs, root),
+                  eval_html(fs, root))
     path = join(root, "report", "index.html")
     write_atomic(fs, path, page.encode())
     return full_uri(fs, path)
@@ -259,7 +261,7 @@ def sheet_html(view: ManifestView, thumb, axes: list[str] = ()) -> str:
     return capped + f'<div class="sheet">{figures}</div>'
 
 
-def render(output: str, job: dict, view: ManifestView, thumb, runs: list[dict] = ()) -> str:
+def render(output: str, job: dict, view: ManifestView, thumb, runs: list[dict] = (), evaluation: str = "") -> str:
     """The whole page."""
     wall = wall_seconds(runs)
     grids = "".join(grid_html(p, axes, shown, total, thumb) for p, axes, shown, total in view.sweeps)
@@ -269,6 +271,7 @@ def render(output: str, job: dict, view: ManifestView, thumb, runs: list[dict] =
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Run report: {escape(output)}</title>'
             f"<style>{CSS}</style></head><body><h1>Run report</h1>{summary_html(output, job, view, runs)}"
             f"<h2>Stages</h2>{stages_html(view, wall)}<h2>Failed rows</h2>{failed_html(view)}"
+            f"<h2>Evaluation</h2>{evaluation}"
             f"<h2>Per-prompt grids</h2>{grids}<h2>Contact sheet</h2>{sheet_html(view, thumb, declared_axes(job))}"
             "</body></html>\n"
             )

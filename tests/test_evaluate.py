@@ -406,6 +406,9 @@ def test_evaluate_end_to_end(ray_cluster, clip_dir, tmp_path):
     eval_dir = tmp_path / "run" / "eval"
     assert (eval_dir / f"clip_score_by_{C.DECODER_GUIDANCE}.png").stat().st_size > 1000
     assert not list(eval_dir.glob("*style*.png")) and not (eval_dir / "scores.parts").exists()  # style: not numeric
+    report = (tmp_path / "run" / "report" / "index.html").read_text()  # rebuilt: the run's report shows them too
+    assert f"<td>all</td><td>6</td><td>{metrics['clip_score']:.3f}</td>" in report
+    assert f'<img src="../eval/clip_score_by_{C.DECODER_GUIDANCE}.png"' in report
     if HAS_INCEPTION:
         check_fid(metrics, tmp_path, ref, good)
     else:

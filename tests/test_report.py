@@ -9,6 +9,7 @@ import posixpath
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -200,6 +201,7 @@ def test_report_counts_failures_sweeps_and_thumbnails(local_run):
     summary = {tr.find("th")[0].text(): tr.find("td")[0].text() for tr in page.find("table", "summary")[0].find("tr")}
     assert (summary["rows"], summary["succeeded"], summary["failed"]) == ("9", "8", "1")  # the repeated row counts once
     assert summary["invocations"] == "2 (1 did not finish)"
+    assert "Not evaluated: <code>wuerstchen-batch evaluate" in Path(uri).read_text()  # says how to fill it
     assert (summary["wall time of finished invocations"], summary["images made / wall time"]) == (
         "10.0 s", "0.50 images/s")  # the whole span of the invocation, not the last images' spacing
     runs = [[td.text() for td in tr.find("td")] for tr in page.find("table", "runs")[0].find("tr")[1:]]
