@@ -177,6 +177,7 @@ def write_plots(run: str, metrics: dict, storage_options: dict) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     for axis, rows in metrics["by"].items():
@@ -194,6 +195,8 @@ def write_plots(run: str, metrics: dict, storage_options: dict) -> list[str]:
             if plot["lines"]:
                 ax.legend(fontsize=7)
             ax.set(xlabel=axis, ylabel=metric, title=plot["title"])
+            if all(isinstance(x, int) for x, _, _ in plot["points"]):  # steps, seeds: no tick at 2.5
+                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png", bbox_inches="tight")
