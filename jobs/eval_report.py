@@ -141,28 +141,32 @@ def read_failures(run: str, storage_options: dict, most: int = MAX_FAILURES_LIST
 def eval_html(fs, root: str) -> str:
     """The run report's Evaluation section, from RUN/eval/metrics.json where `evaluate` wrote one."""
     from html import escape
+    from urllib.parse import quote
 
     path = join(root, "eval", "metrics.json")
     if not fs.exists(path):
         return ('<p class="note">Not evaluated: <code>wuerstchen-batch evaluate RUN_URI --clip-model MODEL '
                 '[--fid-reference REF]</code> writes CLIP score and FID here.</p>')
-    metrics = json.loads(fs.cat_file(path))
-
-    def num(value) -> str:
-        return "" if value is None else f"{value:.3f}"
-
+    try:  # the run's own report must not fail on it (an edited or older metrics.json)
+        metrics = json.loads(fs.cat_file(path))
+        rows = [["all", str(metrics["images"]), _num(metrics["clip_score"]), _num(metrics["fid"])]]
+        for axis, values in metrics.get("by", {}).items():
+            rows += [[escape(f"{axis} = {v['value']}"), str(v["count"]), _num(v["clip_score"]), _num(v["fid"])]
+                     for v in values]
+    except Exception as err:  # noqa: BLE001 - said on the page instead
+        return f'<p class="note">eval/metrics.json could not be shown ({escape(str(err))}).</p>'
     ref = metrics.get("fid_reference") or {}
-    rows = [["all", str(metrics["images"]), num(metrics["clip_score"]), num(metrics["fid"])]]
-    for axis, values in metrics.get("by", {}).items():
-        rows += [[escape(f"{axis} = {v['value']}"), str(v["count"]), num(v["clip_score"]), num(v["fid"])]
-                 for v in values]
     head = "".join(f"<th>{h}</th>" for h in ("images", "evaluated", "CLIP score", "FID"))
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
     against = (f" FID against {escape(str(ref.get('uri')))} ({ref.get('images')} images)." if ref else "")
-    plots = "".join(f'<img src="../eval/{escape(name)}" alt="{escape(name)}">' for name in metrics.get("plots", []))
-    warned = "".join(f'<p class="note">{escape(w)}</p>' for w in metrics.get("warnings", []))
-    return (f'<p>From <code>eval/metrics.json</code> (its definitions and models are there).{against}</p>'
-            f"<table><tr>{head}</tr>{body}</table>{warned}{plots}")
+    plots = "".join(f'<img src="../eval/{quote(name)}" alt="{escape(name)}">' for name in metrics.get("plots", []))
+    warned = "".join(f'<p class="note">{escape(str(w))}</p>' for w in metrics.get("warnings", []))
+    return (f"<p>From <code>eval/metrics.json</code> (its definitions and models are there), as evaluated then: "
+            f"rows made since are not in it.{against}</p><table><tr>{head}</tr>{body}</table>{warned}{plots}")
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def numeric(rows: list[dict]) -> bool:

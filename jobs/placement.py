@@ -38,13 +38,18 @@ def placing_gpus(cluster: dict) -> float:
 
 
 def cpu_warning(spec: JobSpec, cluster: dict) -> str | None:
-    """The warning for a job of real models whose stages will run on CPUs (no GPU to place them on), else None."""
-    if placing_gpus(cluster) or all(m == "tiny" for m in (spec.model.prior, spec.model.decoder)) or any(
-            getattr(spec.stages, name).num_gpus for name in ("prior", "decoder")):
+    """The warning for a job of real models whose Stage C or B/A will run on CPUs (no GPU to place it on and no
+    num_gpus of its own), else None."""
+    if placing_gpus(cluster) or all(m == "tiny" for m in (spec.model.prior, spec.model.decoder)):
         return None
-    return ("warning: the Ray cluster has no GPU (nor an autoscaler node group with one): Stage C and B/A run on "
-            "CPUs, minutes per image at full size; on a cluster whose GPU nodes start from zero, set "
-            "stages.prior.num_gpus and stages.decoder.num_gpus (the job then waits placement_timeout_s for them)")
+    unplaced = [label for name, label in (("prior", "Stage C"), ("decoder", "Stage B/A"))
+                if not getattr(spec.stages, name).num_gpus]
+    if not unplaced:
+        return None
+    return (f"warning: the Ray cluster has no GPU (nor an autoscaler node group with one): {' and '.join(unplaced)} "
+            f"{'runs' if len(unplaced) == 1 else 'run'} on CPUs, minutes per image at full size; on a cluster whose "
+            f"GPU nodes start from zero, set stages.prior.num_gpus and stages.decoder.num_gpus (the job then waits "
+            f"placement_timeout_s for them)")
 
 
 def stage_placement(spec: JobSpec, name: str, cluster_gpus: float) -> dict:

@@ -7,10 +7,12 @@ import sys
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs import lease, prompts
 from jobs.resume import Summary, claim, finished
+from jobs.prompt_checks import FLOAT_EXACT
 from jobs.retries import check_reachable
 from jobs.spec import JobSpec, SpecError
 from stages import columns as C
@@ -105,18 +107,34 @@ def _numbers(*kinds: pa.DataType) -> bool:
 
 def _unfit_value(table: prompts.PromptTable, name: str, kind: pa.DataType) -> str | None:
     """Why column `name` of the table's files cannot be written as `kind` without changing a value (a fraction, a
-    number out of range), read file by file in bounded batches; None where every value fits."""
+    number out of range or rounded, a float above 2^53 that may have been an integer pandas rounded), read file by
+    file in bounded batches; None where every value fits."""
     for path in table.files:
         with table.fs.open(path, "rb") as file:
             parquet = pq.ParquetFile(file)
             if name not in parquet.schema_arrow.names:
                 continue
             for batch in parquet.iter_batches(batch_size=65536, columns=[name], use_threads=False):
-                try:
-                    batch.column(0).cast(kind)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-                    return f"{full_uri(table.fs, path)} holds a value {kind} cannot: {err}"
+                if (why := _changed_by_cast(batch.column(0), kind)) is not None:
+                    return f"{full_uri(table.fs, path)} holds {why}"
     return None
+
+
+def _changed_by_cast(values: pa.Array, kind: pa.DataType) -> str | None:
+    """Which of the numbers `values` would not be the same written as `kind` (None where all would)."""
+    try:
+        back = values.cast(kind).cast(values.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        return f"a value {kind} would not keep ({err})"
+    same = pc.equal(values, back)
+    if pa.types.is_floating(values.type):
+        same = pc.or_(same, pc.and_(pc.is_nan(values), pc.is_nan(back)))
+        if pa.types.is_integer(kind):
+            same = pc.and_(same, pc.less_equal(pc.abs(values), FLOAT_EXACT))
+    changed = pc.invert(pc.fill_null(same, True))
+    if not pc.any(changed).as_py():
+        return None
+    return f"{pc.filter(values, changed)[0]}, a value {kind} would not keep"
 
 
 def plain(kind: pa.DataType) -> pa.DataType:
@@ -129,14 +147,14 @@ def plain(kind: pa.DataType) -> pa.DataType:
     if pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
         return pa.binary()
     if any(is_(kind) for is_ in (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view,
-                                 pa.types.is_large_list_view)):
-        return pa.list_(plain(kind.value_type))
-    if pa.types.is_fixed_size_list(kind):
-        return pa.list_(plain(kind.value_type), kind.list_size)
+                                 pa.types.is_large_list_view, pa.types.is_fixed_size_list)):
+        item = pa.field("item", plain(kind.value_type), nullable=kind.value_field.nullable)  # a non-null item
+        # type refuses a null at write time: kept apart
+        return pa.list_(item, kind.list_size) if pa.types.is_fixed_size_list(kind) else pa.list_(item)
     if pa.types.is_struct(kind):
         return pa.struct([kind.field(i).with_type(plain(kind.field(i).type)) for i in range(kind.num_fields)])
     if pa.types.is_map(kind):
-        return pa.map_(plain(kind.key_type), plain(kind.item_type))
+        return pa.map_(plain(kind.key_type), kind.item_field.with_type(plain(kind.item_type)))
     return kind
 
 

@@ -16,7 +16,7 @@ ROWS = [
     {C.PROMPT: "über den Wolken, 東京", C.SEED: 3, C.DECODER_GUIDANCE: 3.0, C.DECODER_STEPS: 3},
     {C.PROMPT: "a vintage car", C.SEED: 4, C.HEIGHT: 128, C.WIDTH: 256, C.PRIOR_GUIDANCE: 0.0},
     # Guidance between 0 and 1 is not classifier-free (as diffusers' `> 1` says), and each stage's own scale
-    # decides its negatives: a row without Stage C guidance but with Stage B guidance, and the reverse.
+    # decides its negatives: rows without Stage C guidance but with Stage B guidance (ROWS[2] has both).
     {C.PROMPT: "a lighthouse at dusk", C.SEED: 5, C.PRIOR_GUIDANCE: 0.5, C.DECODER_GUIDANCE: 0.5,
      C.NEGATIVE_PROMPT: "blurry"},
     {C.PROMPT: "a bowl of ramen", C.SEED: 6, C.PRIOR_GUIDANCE: 0.0, C.DECODER_GUIDANCE: 4.0,

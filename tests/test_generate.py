@@ -180,7 +180,7 @@ def test_rows_added_through_pandas_join_the_run(first_run):
     assert (written.field("topic").type, written.field("rank").type) == (pa.large_string(), pa.float64())
     added = dataclasses.replace(spec, prompts=str(tmp_path / "pandas.parquet"), output=str(tmp_path / "run_pandas"))
     with pytest.raises(SpecError, match=r"^prompts: column 'hash' is double, but .* as uint64 \(.*pandas.parquet "
-                                        r"holds a value uint64 cannot"):
+                                        r"holds a value uint64 would not keep"):
         run(added)
     frame.drop(columns=["hash"]).to_parquet(tmp_path / "pandas.parquet", index=False)
     summary = run(added)

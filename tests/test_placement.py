@@ -81,9 +81,11 @@ def test_a_cluster_whose_gpu_nodes_start_from_zero_asks_for_gpus(ray_cluster):
     from jobs.spec import SpecError
 
     spec = spec_from_dict(job(model={"prior": "warp-ai/wuerstchen-prior", "decoder": "warp-ai/wuerstchen"}))
-    cluster = ray_cluster.cluster_resources()
+    cluster = {"CPU": 2.0}  # a head node without GPUs (the local Ray serves the autoscaler's config only)
     assert placing_gpus(cluster) == 0 and "run on CPUs" in cpu_warning(spec, cluster)
     assert cpu_warning(spec_from_dict(job()), cluster) is None  # the tiny preset is meant for CPUs
+    one_placed = spec_from_dict(job(model=spec.to_dict()["model"], stages={"prior": {"num_gpus": 1}}))
+    assert "Stage B/A runs on CPUs" in cpu_warning(one_placed, cluster)
     config = ClusterConfig()
     group = config.node_group_configs.add(name="h100", min_count=0, max_count=4)
     group.resources.update({"CPU": 180, "GPU": 8})

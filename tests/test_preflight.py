@@ -135,6 +135,33 @@ def test_a_user_column_keeps_the_type_the_output_holds(tmp_path):
     assert table.user_types.field("style").type == categorical and table.schema.field("style").type == pa.string()
 
 
+@pytest.mark.parametrize("held, values, new, refused", [
+    (pa.int64(), [3.0, None, 2.0 ** 52], pa.float64(), None),  # pandas' floats for an int column with gaps
+    (pa.int64(), [1234567890123456789.0], pa.float64(), "1234567890123456768"),  # pandas rounded it: not the id
+    (pa.int64(), [2.5], pa.float64(), "truncated"),
+    (pa.float32(), [0.5, float("nan"), None], pa.float64(), None),
+    (pa.float32(), [0.1], pa.float64(), "0.1, a value float would not keep"),
+    (pa.string(), ["a"], pa.large_string(), None),
+    (pa.list_(pa.field("element", pa.string(), nullable=False)), [["a"]], pa.large_list(pa.large_string()),
+     "as list<element: string not null>"),  # a nullable list's null item would fail the write of the held non-null list type
+])
+def test_a_later_table_is_written_in_the_held_type_only_where_no_value_changes(tmp_path, held, values, new, refused):
+    from jobs.preflight import preflight
+
+    spec = spec_at(tmp_path)
+    claim(spec, overwrite=False)
+    (tmp_path / "out" / "manifest").mkdir()
+    pq.write_table(pa.table({C.ROW_ID: ["id0"], "tag": pa.array([values[0]], held)}),
+                   tmp_path / "out" / "manifest" / "part.parquet")
+    pq.write_table(pa.table({C.PROMPT: [f"p{i}" for i in range(len(values))], "tag": pa.array(values, new)}),
+                   tmp_path / "p.parquet")
+    if refused:
+        with pytest.raises(SpecError, match=f"^prompts: column 'tag' is .*{refused}"):
+            preflight(spec)
+    else:
+        assert preflight(spec).user_types.field("tag").type == held
+
+
 def test_job_yaml_of_a_failed_attempt_does_not_refuse_the_corrected_spec(tmp_path):
     spec = spec_at(tmp_path, model={"prior": "tiny"})
     claim(spec, overwrite=False)  # the attempt stopped before any row was made

@@ -347,3 +347,12 @@ def test_page_renders_in_headless_chromium(local_run, tmp_path):
     for row in rows:  # each quadrant's colour covers at least a thumbnail quadrant's worth of pixels
         for colour in quadrant_colours(row).reshape(4, 3) if row[C.IMAGE_URI] else ():
             assert (np.abs(pixels - colour).max(-1) <= 8).sum() >= 1500, (row[C.ROW_ID], colour)
+
+
+def test_an_unreadable_evaluation_is_said_on_the_page_not_raised(local_run):
+    """The report is built at the end of every generate: an edited or older eval/metrics.json must not fail it."""
+    output, _ = local_run
+    (Path(output) / "eval").mkdir()
+    (Path(output) / "eval" / "metrics.json").write_text('{"images": 3}')
+    page = Path(build_report(output)).read_text()
+    assert "eval/metrics.json could not be shown (&#x27;clip_score&#x27;)" in page and "Contact sheet" in page
