@@ -15,7 +15,6 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from jobs.eval_report import eval_html
 from jobs.report_data import (AXES, MAX_FAILED, RESOLUTION, STAGES, ManifestView, _order, axis_value,  # noqa: F401
                               read_view, row_order)
 from stages import columns as C
@@ -48,6 +47,8 @@ def build_report(output: str, storage_options: dict | None = None) -> str:
     for row in shown:
         row[C.IMAGE_URI] = relocated(row[C.IMAGE_URI], moved)
     thumbs = make_thumbs(fs, join(root, "report", "thumbs"), {r[C.ROW_ID]: r for r in shown}.values(), options)
+    from jobs.eval_report import eval_html  # its module imports torch: not for `report --help`
+
     page = render(output, job, view, lambda row: thumb_html(row, thumbs, full_uri(fs, root)), read_runs(fs, root),
                   eval_html(fs, root))
     path = join(root, "report", "index.html")
