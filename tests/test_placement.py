@@ -80,6 +80,8 @@ def test_a_cluster_whose_gpu_nodes_start_from_zero_asks_for_gpus(ray_cluster):
     from jobs.placement import check_capacity, cpu_warning, placing_gpus
     from jobs.spec import SpecError
 
+    ray_cluster.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)  # an
+    # earlier test's CLI run may have shut the session's Ray down
     spec = spec_from_dict(job(model={"prior": "warp-ai/wuerstchen-prior", "decoder": "warp-ai/wuerstchen"}))
     cluster = {"CPU": 2.0}  # a head node without GPUs (the local Ray serves the autoscaler's config only)
     assert placing_gpus(cluster) == 0 and "run on CPUs" in cpu_warning(spec, cluster)
