@@ -170,39 +170,6 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def diffusers_rate(spec: JobSpec, texts: list[str], compile_models: bool = False) -> tuple[float, float]:
-    """diffusers' combined pipeline, one row per call with the row's seeded generator; (images/s, warm-up s).
-    With `compile_models`, its prior and decoder are compiled as diffusers' Würstchen docs say."""
-    from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
-
-    from stages.models import reference_pipeline
-
-    release()  # a clean start: nothing compiled or held by the stages timed before
-    pipe = reference_pipeline(spec.model.prior, spec.model.decoder, spec.model.dtype, spec.storage_options)
-    if compile_models:  # the docs set pipeline.prior_prior / .decoder; the sub-pipelines hold the models they call
-        pipe.prior_pipe.prior = torch.compile(pipe.prior_pipe.prior, mode="reduce-overhead", fullgraph=True)
-        pipe.decoder_pipe.decoder = torch.compile(pipe.decoder_pipe.decoder, mode="reduce-overhead", fullgraph=True)
-    gen = spec.generation
-    kwargs = dict(height=gen.height, width=gen.width, prior_guidance_scale=gen.prior_guidance_scale,
-                  num_inference_steps=gen.decoder_steps, decoder_guidance_scale=gen.decoder_guidance_scale,
-                  negative_prompt=gen.negative_prompt, output_type="np")
-    if gen.prior_steps:
-        kwargs["prior_num_inference_steps"] = gen.prior_steps
-    else:
-        kwargs["prior_timesteps"] = DEFAULT_STAGE_C_TIMESTEPS
-    device = pick_device()
-    start = time.perf_counter()
-    for _ in range(2 if compile_models else 1):  # compiled: the second call records the CUDA graphs
-        pipe(prompt=texts[0], generator=torch.Generator().manual_seed(0), **kwargs)
-    sync(device)
-    warmup = time.perf_counter() - start
-    start = time.perf_counter()
-    for seed, prompt in enumerate(texts):
-        pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
-    sync(device)
-    return len(texts) / (time.perf_counter() - start), warmup
-
-
 def in_process(spec: JobSpec, texts: list[str], psnr_rows: int) -> dict:
     """Load, warm up and time the stages in this process; MFU against this device's matmul rate; PSNR of
     the first `psnr_rows` rows against float32 when the run is in half precision."""
