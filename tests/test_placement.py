@@ -75,7 +75,6 @@ def test_a_cluster_whose_gpu_nodes_start_from_zero_asks_for_gpus(ray_cluster):
     (the job waits for it) instead of running full-size models on CPUs."""
     from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY as KEY, GCS_AUTOSCALER_STATE_NAMESPACE as NAMESPACE
     from ray.core.generated.autoscaler_pb2 import ClusterConfig
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
     from jobs.placement import check_capacity, cpu_warning, placing_gpus
     from jobs.spec import SpecError
@@ -92,7 +91,9 @@ def test_a_cluster_whose_gpu_nodes_start_from_zero_asks_for_gpus(ray_cluster):
     group = config.node_group_configs.add(name="h100", min_count=0, max_count=4)
     group.resources.update({"CPU": 180, "GPU": 8})
     config.node_group_configs.add(name="cpu", min_count=0, max_count=2).resources.update({"CPU": 16})
-    _internal_kv_put(KEY, config.SerializeToString(), namespace=NAMESPACE)
+    gcs = ray_cluster._private.worker.global_worker.gcs_client  # the driver's own (ray.experimental.internal_kv's
+    # module-wide client is unset after an earlier test's interrupted shutdown)
+    gcs.internal_kv_put(KEY.encode(), config.SerializeToString(), True, NAMESPACE.encode())
     try:
         assert placing_gpus(cluster) == 8
         assert pools(spec, placing_gpus(cluster)) == pools(spec, 8)  # Stage C 5 GPUs, Stage B/A 3, as on one node
@@ -100,5 +101,5 @@ def test_a_cluster_whose_gpu_nodes_start_from_zero_asks_for_gpus(ray_cluster):
         with pytest.raises(SpecError, match="no node of the Ray cluster offers GPU"):
             check_capacity(spec, cluster)  # what wait_for_capacity waits on, asking the autoscaler for the node
     finally:
-        _internal_kv_del(KEY, namespace=NAMESPACE)
+        gcs.internal_kv_del(KEY.encode(), False, NAMESPACE.encode())
     assert placing_gpus(cluster) == 0
