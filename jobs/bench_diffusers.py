@@ -10,9 +10,12 @@ import torch
 from jobs.spec import JobSpec
 from stages.models import pick_device
 
-# How the baseline runs, as printed and kept in the benchmark's JSON.
-MODE = ("prior pipeline batched (micro_batch rows, a seeded generator each, SDPA attention), decoder pipeline one "
-        "row per call (diffusers' decoder repeats a batch's text states: distinct prompts cannot share a call)")
+# How each baseline runs, as printed and kept in the benchmark's JSON; both on SDPA attention.
+MODES = {
+    "combined": "combined pipeline, one row per call (a loop by hand: it cannot take distinct prompts at once)",
+    "batched": "prior pipeline on micro_batch rows per call (a seeded generator each), decoder pipeline one row "
+               "per call (diffusers' decoder repeats a batch's text states: distinct prompts cannot share a call)",
+}
 
 
 def baseline(spec: JobSpec, compile_models: bool = False):
@@ -30,15 +33,22 @@ def baseline(spec: JobSpec, compile_models: bool = False):
     return pipe
 
 
-def make_images(pipe, spec: JobSpec, texts: list[str], seeds: list[int]) -> list[np.ndarray]:
-    """Each row's image: Stage C for `micro_batch` rows per call, each row drawing from its own generator, which
-    then goes on to that row's Stage B/A call, as the combined pipeline's single generator does."""
+def make_images(pipe, spec: JobSpec, texts: list[str], seeds: list[int], mode: str = "batched") -> list[np.ndarray]:
+    """Each row's image, in one of MODES. Batched: Stage C for `micro_batch` rows per call, each row drawing from
+    its own generator, which then goes on to that row's Stage B/A call, as the combined pipeline's single
+    generator does."""
     from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
 
-    gen, batch = spec.generation, spec.stages.prior.micro_batch
+    gen = spec.generation
     steps = (dict(num_inference_steps=gen.prior_steps) if gen.prior_steps
              else dict(timesteps=DEFAULT_STAGE_C_TIMESTEPS))
-    images = []
+    if mode == "combined":
+        prior_steps = {f"prior_{key}": value for key, value in steps.items()}
+        return [pipe(prompt=text, negative_prompt=gen.negative_prompt, height=gen.height, width=gen.width,
+                     prior_guidance_scale=gen.prior_guidance_scale, num_inference_steps=gen.decoder_steps,
+                     decoder_guidance_scale=gen.decoder_guidance_scale, generator=torch.Generator().manual_seed(seed),
+                     output_type="np", **prior_steps).images[0] for text, seed in zip(texts, seeds)]
+    images, batch = [], spec.stages.prior.micro_batch
     for start in range(0, len(texts), batch):
         chunk = texts[start:start + batch]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds[start:start + batch]]
@@ -53,22 +63,25 @@ def make_images(pipe, spec: JobSpec, texts: list[str], seeds: list[int]) -> list
     return images
 
 
-def diffusers_rate(spec: JobSpec, texts: list[str], compile_models: bool = False) -> tuple[float, float]:
-    """(images/s, warm-up s) of the baseline on the rows (row k seeded k); warm-up: a call of each batch shape the
-    rows make, twice when compiled (the second call records the CUDA graphs)."""
+def diffusers_rates(spec: JobSpec, texts: list[str], compile_models: bool = False,
+                    modes=tuple(MODES)) -> dict[str, tuple[float, float]]:
+    """{mode: (images/s, warm-up s)} of the baselines on the rows (row k seeded k), one pipeline loaded for all;
+    warm-up: a call of each batch shape the rows make, twice when compiled (the second records the CUDA graphs)."""
     from jobs.bench_stages import release, sync
 
     release()  # a clean start: nothing compiled or held by the stages timed before
-    pipe, device = baseline(spec, compile_models), pick_device()
-    batch = spec.stages.prior.micro_batch
-    shapes = [texts[:batch]] + ([texts[:len(texts) % batch]] if len(texts) % batch else [])  # the last call's too
-    start = time.perf_counter()
-    for _ in range(2 if compile_models else 1):
-        for rows in shapes:
-            make_images(pipe, spec, rows, list(range(len(rows))))
-    sync(device)
-    warmup = time.perf_counter() - start
-    start = time.perf_counter()
-    make_images(pipe, spec, texts, list(range(len(texts))))
-    sync(device)
-    return len(texts) / (time.perf_counter() - start), warmup
+    pipe, device, rates = baseline(spec, compile_models), pick_device(), {}
+    for mode in modes:
+        batch = spec.stages.prior.micro_batch if mode == "batched" else 1
+        shapes = [texts[:batch]] + ([texts[:len(texts) % batch]] if len(texts) % batch else [])  # the last call's
+        start = time.perf_counter()
+        for _ in range(2 if compile_models else 1):
+            for rows in shapes:
+                make_images(pipe, spec, rows, list(range(len(rows))), mode)
+        sync(device)
+        warmup = time.perf_counter() - start
+        start = time.perf_counter()
+        make_images(pipe, spec, texts, list(range(len(texts))), mode)
+        sync(device)
+        rates[mode] = (len(texts) / (time.perf_counter() - start), warmup)
+    return rates

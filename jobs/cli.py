@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="compile every stage (stages.<name>.compile: true, or MODE: max-autotune) and diffusers' "
                             "prior and decoder (as its docs say)")
     bench.add_argument("--skip-diffusers", action="store_true", help="time only this project's stages")
+    bench.add_argument("--diffusers", nargs="+", choices=["combined", "batched"], default=["combined", "batched"],
+                       help="diffusers baselines to time: its combined pipeline one row per call, and/or its prior "
+                            "pipeline batched (default both; the ratios use the faster)")
     bench.add_argument("--in-process", action="store_true",
                        help="time the stages in this process only, without the Ray pipeline (also when Ray is missing)")
 

@@ -95,7 +95,9 @@ def test_benchmark_reports_both_rates_and_their_ratio(ray_cluster, tmp_path, cap
     figures = json.loads(out.read_text())
     assert figures["pipeline_images_per_s"] > 0 and figures["diffusers_images_per_s"] > 0
     assert figures["ratio"] == pytest.approx(figures["pipeline_images_per_s"] / figures["diffusers_images_per_s"])
-    assert "ratio pipeline / diffusers" in capsys.readouterr().out
+    rates = {mode: d["images_per_s"] for mode, d in figures["diffusers"].items()}
+    assert set(rates) == {"combined", "batched"} and figures["diffusers_images_per_s"] == max(rates.values())
+    assert f"ratio pipeline / diffusers ({figures['diffusers_mode']}, the faster)" in capsys.readouterr().out
 
 
 def test_benchmark_and_file_mistakes_are_one_line_before_any_work(tmp_path, capsys):
