@@ -7,6 +7,7 @@ import time
 import numpy as np
 import torch
 
+from jobs.bench_stages import release, sync
 from jobs.spec import JobSpec
 from stages.models import pick_device
 
@@ -67,8 +68,6 @@ def diffusers_rates(spec: JobSpec, texts: list[str], compile_models: bool = Fals
                     modes=tuple(MODES)) -> dict[str, tuple[float, float]]:
     """{mode: (images/s, warm-up s)} of the baselines on the rows (row k seeded k), one pipeline loaded for all;
     warm-up: a call of each batch shape the rows make, twice when compiled (the second records the CUDA graphs)."""
-    from jobs.bench_stages import release, sync
-
     release()  # a clean start: nothing compiled or held by the stages timed before
     pipe, device, rates = baseline(spec, compile_models), pick_device(), {}
     for mode in modes:

@@ -77,7 +77,8 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
         # among them are no failure)
         if summary.rows + summary.folded <= planned:
             return 0, 0  # every entry is a planned row's: no join
-        return retry.unplanned_entries(spec, lambda ids, n: planned_among(spec, table, ids, n), summary.rows)
+        return retry.unplanned_entries(spec, lambda ids, n: planned_among(spec, table, ids, n), summary.rows,
+                                       summary.failed)
     summary = close_output(spec, start, done, failed, retried=retried if retry_failed else None, kept=kept,
                            planned=planned, unplanned=None if retry_failed else unplanned)
     if retry_failed:  # rows never made are not failed rows: say so (each planned row is an entry or folded)
@@ -129,8 +130,9 @@ def close_output(spec: JobSpec, start: float, done: int, failed: int, retried: i
     in_task(build_report, spec.output, spec.storage_options)
     if retried is None:  # every planned row was made (--retry-failed makes only the failed ones)
         verified = dict(planned=planned, entries=summary.rows) if summary.new == 0 else {}
-        output.mark_finished(spec.output, spec.storage_options, kept=summary.kept, stale=summary.stale, **verified)  # a rerun may be answered
-        # from the footers, and says how many failed entries are of rows no longer planned
+        output.mark_finished(spec.output, spec.storage_options, kept=summary.kept, stale=summary.stale,
+                             **verified)  # a rerun may be answered from the footers, and says how many entries
+        # (failed ones) are of rows no longer planned
     return summary
 
 

@@ -33,16 +33,15 @@ def take_out_failed(spec, planned_among, entries: int) -> tuple[object, int, int
     return planned, count, total - count
 
 
-def unplanned_entries(spec, planned_among, entries: int) -> tuple[int, int]:
+def unplanned_entries(spec, planned_among, entries: int, failed: int) -> tuple[int, int]:
     """(entries, failed entries) of the manifest whose rows the prompt table no longer plans (an earlier table's:
     kept as they are): one semi-join of every entry's id with the planned ids (`planned_among` as for
-    take_out_failed) in Ray; the driver holds counts only. `entries`: the manifest's rows."""
+    take_out_failed) in Ray; the driver holds counts only. `entries`, `failed`: the manifest's rows and failed rows
+    (from its footers)."""
     ids = read_parts(spec.output, "manifest", spec.storage_options, columns=[C.ROW_ID, C.ERROR])
     if ids is None:
         return 0, 0
-    ids = ids.materialize()
-    failed = ids.map_batches(_failed_only, batch_format="pyarrow", num_cpus=TASK_CPUS).count()
-    planned = planned_among(ids, entries).materialize()
+    planned = planned_among(ids, entries).materialize()  # counted twice below
     planned_failed = planned.map_batches(_failed_only, batch_format="pyarrow", num_cpus=TASK_CPUS).count()
     return entries - planned.count(), failed - planned_failed
 

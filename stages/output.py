@@ -212,7 +212,8 @@ def mark_finished(output: str, storage_options: dict | None, finished: bool = Tr
 
     fs, path = url_to_fs(join(output, FINISHED), storage_options)
     if finished:
-        write_atomic(fs, path, json.dumps({"planned": planned, "entries": entries, "kept": kept, "stale": stale}).encode())
+        record = {"planned": planned, "entries": entries, "kept": kept, "stale": stale}
+        write_atomic(fs, path, json.dumps(record).encode())
     elif fs.exists(path):
         fs.rm(path)
 
