@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import posixpath
 import time
 
 import numpy as np
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 
 from jobs import lease, prompts
+from jobs.folding import fold_keys
 from jobs.preflight import answered_decode, check_models
 from jobs.resume import Summary, claim
 from jobs.retries import RUN_OPTIONS, check_reachable, run_folder_read
@@ -24,13 +28,15 @@ NEW_ID = "new_row_id"  # a stored row's id once re-decoded
 
 # What a re-decode may change: everything downstream of the stored embeddings.
 DECODER_KEYS = ("generation.decoder_steps", "generation.decoder_guidance_scale", "model.decoder", "model.dtype",
-                "image_format", "stages.", "placement_timeout_s", "storage_options")
+                "image_format", "output_format", "shard_size", "stages.", "placement_timeout_s", "storage_options")
 
 
 def decode_spec(run: str, output: str, overrides: list[str], storage_options: dict | None) -> JobSpec:
     """The run's own spec, pointed at `output`, with decoder-side overrides only."""
     for item in overrides:
         key = item.partition("=")[0].strip()
+        if key == "output":
+            raise SpecError("decode: output is decode's second argument, not a --set key")
         if not key.startswith(DECODER_KEYS):
             check_key(key)  # a misspelt key is named as unknown, not as one that cannot change
             raise SpecError(f"decode: {key} cannot change: the stored Stage C embeddings fix it "
@@ -39,15 +45,32 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
     with run_folder_read("decode", run):
         if not fs.exists(root):
             raise SpecError(f"decode: {run} does not exist")
-        if not fs.exists(join(root, JOB_FILE)) or not fs.exists(join(root, EMBEDDINGS)):
-            raise SpecError(f"decode: {run} is not a run folder (no job.yaml or embeddings/)")
+        for needed in (JOB_FILE, EMBEDDINGS):
+            if not fs.exists(join(root, needed)):
+                raise SpecError(f"decode: {run} is not a run folder (no {needed}: give the folder generate wrote)")
         data = yaml.safe_load(fs.cat_file(join(root, JOB_FILE)))
-    if url_to_fs(output, storage_options)[1].rstrip("/") == root.rstrip("/"):
+    out_fs, out_root = url_to_fs(output, storage_options)
+    if type(out_fs) is type(fs) and same_place(fs, out_root, root):
         raise SpecError(f"decode: the output {output} is the run itself; decode writes a new output")
     # The run's options without its masked credentials: those come from the command line or the environment.
     data["storage_options"] = storage_options if storage_options is not None else usable(data.get("storage_options") or {})
     data = apply_overrides(data, overrides)
     return spec_from_dict({**data, "output": output, "decoded_from": run})
+
+
+def same_place(fs, one: str, other: str) -> bool:
+    """Whether two paths of one store name the same folder (`a/./b`, `a/x/../b`; locally a link to it too)."""
+    if isinstance(fs, LocalFileSystem):
+        return os.path.realpath(one) == os.path.realpath(other)
+    return posixpath.normpath(one.rstrip("/")) == posixpath.normpath(other.rstrip("/"))
+
+
+def read_options(overrides: list[str], storage_options: dict | None) -> dict | None:
+    """The storage options to read the run with: --storage-options, under any `--set storage_options…`."""
+    given = [item for item in overrides if item.partition("=")[0].strip().startswith("storage_options")]
+    if not given:
+        return storage_options
+    return apply_overrides({"storage_options": dict(storage_options or {})}, given)["storage_options"]
 
 
 def redecode_rows(batch: dict[str, np.ndarray], decoder_params: dict, model: dict) -> dict[str, np.ndarray]:
@@ -66,13 +89,14 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     """Decode every stored Stage C row of `run` into `output` (resumable like generate; a finished one is
     answered from its manifest without Ray or a model)."""
     started = time.time()
+    storage_options = read_options(list(overrides), storage_options)
     check_reachable({"run": run}, storage_options, RUN_OPTIONS)
     spec = decode_spec(run, output, list(overrides), storage_options)
     check_reachable({"output": output}, spec.storage_options)
     summary = None if overwrite else answered_decode(spec, started)
     if summary is not None:  # its made rows without stored embeddings are said again
         return dataclasses.replace(summary, unstored=made_unstored(run, spec.storage_options), source=run)
-    check_models(spec)
+    check_models(spec, priors=False)  # Stage C ran: its embeddings and the decoder are all a decode reads
     with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
         claim(spec, overwrite)
         from jobs.retries import storage_errors_named
@@ -114,18 +138,20 @@ def stored_keys(batch: dict[str, np.ndarray], decoder_params: dict, model: dict)
     rows = {k: v for k, v in batch.items() if k != output.PATH}
     rows[C.PRIOR_STEPS] = np.nan_to_num(np.asarray(rows[C.PRIOR_STEPS], dtype=np.float64)).astype(np.int64)
     rows = redecode_rows(rows, decoder_params, model)
-    return {C.ROW_ID: batch[C.ROW_ID], output.PATH: batch[output.PATH], NEW_ID: rows[C.ROW_ID]}
+    return {C.ROW_ID: batch[C.ROW_ID], output.PATH: batch[output.PATH], NEW_ID: rows[C.ROW_ID],
+            C.INPUT_ROWS: np.nan_to_num(np.asarray(batch[C.INPUT_ROWS], dtype=np.float64), nan=1).astype(np.int64)}
 
 
 def stage_c_dtype(run: str, storage_options: dict | None) -> str:
-    """The dtype Stage C ran at for a run's stored embeddings: a decoded output's are its source run's."""
-    job = output.read_job(run, storage_options)
-    for _ in range(16):  # a decode of a decode of ...: follow the sources while they are there
-        source = job.get("decoded_from")
-        if not source or not (before := output.read_job(source, storage_options)):
-            break
-        job = before
-    return (job.get("model") or {}).get("dtype", ModelSpec.dtype)
+    """The dtype Stage C ran at for a run's stored embeddings, as a stored row's checkpoint names it (`dtype=`;
+    a decoded output's rows keep their source's: the source may have moved since)."""
+    fs, parts = output.list_parts(run, output.EMBEDDINGS, storage_options)
+    for path in parts:
+        with output.parquet_part(fs, path) as parquet:
+            column = parquet.read_row_group(0, columns=[C.CHECKPOINT]).column(0) if parquet.num_row_groups else []
+        if len(column):
+            return column[0].as_py().rpartition(" dtype=")[2].split(" ")[0]
+    return output.read_job(run, storage_options).get("model", {}).get("dtype", ModelSpec.dtype)
 
 
 def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) -> Summary:
@@ -138,26 +164,57 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                if any(item.startswith(key) for item in overrides)}
     model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype,
                  prior_dtype=stage_c_dtype(run, spec.storage_options))  # the embeddings were made at this one
+    stored = footers.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
+    user_types = footers.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
+    finished = done + _decode_in_flight(spec, done, user_types)
+    left = max(stored - finished, 0)
+    keys = _keys_left(spec, changed, model, finished, stored) if stored else None  # none: every part deleted
 
     def make(tally):
-        keys = output.read_parts(run, output.EMBEDDINGS, spec.storage_options, include_paths=True,
-                                 columns=[f.name for f in PARAMS_SCHEMA])
-        if done:  # resumable like generate: rows whose new id the output holds are not read at all
-            keys = keys.map_batches(stored_keys, batch_format="numpy", num_cpus=TASK_CPUS,
-                                    fn_kwargs=dict(decoder_params=changed, model=model))
-            keys = output.drop_done(keys, spec.output, spec.storage_options, done, on=NEW_ID, rows=stored)
-        ds = stored_embeddings(run, spec.storage_options, keys.select_columns([C.ROW_ID, output.PATH]))
+        ds = stored_embeddings(run, spec.storage_options, keys)
         ds = ds.map_batches(redecode_rows, batch_format="numpy", num_cpus=TASK_CPUS,
                             fn_kwargs=dict(decoder_params=changed, model=model))
-        ds = coalesced(ds, max(stored - done, 0), EMBEDDINGS_PART_ROWS, spec)
+        ds = coalesced(ds, left, EMBEDDINGS_PART_ROWS, spec)
         ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                             fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options,
                                            user_types=user_types))
-        return decode_dataset(spec, ds, tally, max(stored - done, 0), user_types)
+        return decode_dataset(spec, ds, tally, left, user_types)
 
-    stored = footers.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
-    user_types = footers.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
-    if stored:  # a run whose every embeddings part was deleted has none to decode
-        write_manifest(spec, make, DECODE_STAGES, max(stored - done, 0))
+    if keys is not None:
+        write_manifest(spec, make, DECODE_STAGES, left)
     summary = close_output(spec, started, done, failed, planned=stored)
     return dataclasses.replace(summary, unstored=made_unstored(run, spec.storage_options, stored), source=run)
+
+
+def _keys_left(spec: JobSpec, changed: dict, model: dict, finished: int, stored: int):
+    """(row_id, path[, input_rows]) of the run's stored rows to decode: those whose new id the output has no
+    entry for (resumable like generate), one per new id where overridden settings make rows identical (made once,
+    input_rows counting them). A resume's are materialized (a few dozen bytes a row): None when none is left."""
+    keys = output.read_parts(spec.decoded_from, output.EMBEDDINGS, spec.storage_options, include_paths=True,
+                             columns=[f.name for f in PARAMS_SCHEMA])
+    keys = keys.map_batches(stored_keys, batch_format="numpy", num_cpus=TASK_CPUS,
+                            fn_kwargs=dict(decoder_params=changed, model=model))
+    if finished:
+        keys = output.drop_done(keys, spec.output, spec.storage_options, finished, on=NEW_ID, rows=stored)
+    if changed:
+        keys = fold_keys(keys, NEW_ID, max(stored - finished, 0))
+    keys = keys.select_columns([C.ROW_ID, output.PATH] + [C.INPUT_ROWS] * bool(changed))
+    if not finished:
+        return keys
+    keys = keys.materialize()
+    return keys if keys.count() else None
+
+
+def _decode_in_flight(spec: JobSpec, done: int, user_types) -> int:
+    """Decode the rows this output stored before an interruption (re-decoded rows whose entries were not
+    written), from its own embeddings as generate does: read from the run again, they would be stored twice.
+    Returns how many."""
+    from jobs.generate import DECODE_STAGES, decode_dataset, stored_embeddings, write_manifest
+
+    pending = output.in_flight(spec.output, spec.storage_options, done)
+    if pending is None:
+        return 0
+    waiting = pending.count()
+    write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
+        spec.output, spec.storage_options, pending), tally, waiting, user_types), DECODE_STAGES, waiting)
+    return waiting

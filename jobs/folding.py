@@ -27,6 +27,26 @@ def fold_identical(ds, planned_rows: int, tally=None):
                           fn_kwargs=dict(tally=tally))
 
 
+def fold_keys(ds, key: str, rows: int, tally=None):
+    """`ds` (a few columns a row, `input_rows` among them) with one row per `key` value, whose input_rows is the
+    sum of its copies' (a re-decode whose new settings make stored rows identical); shuffled as fold_identical."""
+    partitions = min(MAX_PARTITIONS, -(-rows // ROWS_PER_PARTITION))
+    ds = ds.repartition(partitions, keys=[key]) if partitions > 1 else ds.repartition(1)
+    return ds.map_batches(_first_of_each, batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS,
+                          fn_kwargs=dict(key=key, tally=tally))
+
+
+def _first_of_each(block: pa.Table, key: str, tally=None) -> pa.Table:
+    weight = pc.fill_null(block.column(C.INPUT_ROWS), 1)  # null: a row made without folding
+    position = pa.array(np.arange(block.num_rows, dtype=np.int64))
+    groups = (pa.table({key: block.column(key), "position": position, "weight": weight})
+              .group_by(key, use_threads=False).aggregate([("position", "min"), ("weight", "sum")]))
+    kept = block.take(groups.column("position_min")).drop_columns([C.INPUT_ROWS])
+    if tally is not None and kept.num_rows < block.num_rows:
+        tally.add.remote(FOLDED, block.num_rows - kept.num_rows)
+    return kept.append_column(C.INPUT_ROWS, groups.column("weight_sum"))
+
+
 def fold_block(block: pa.Table, tally=None) -> pa.Table:
     """The block's first row of each row id, with `input_rows` its copies in the block; in shape order."""
     position = pa.array(np.arange(block.num_rows, dtype=np.int64))

@@ -242,7 +242,8 @@ def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None, rows: in
     """Stored Stage C rows (about `rows`) → text pool (for the decoder's text states) → Stage B/A pool →
     images (the prompt table's own columns written in `user_types`, a pyarrow schema, where given)."""
     stored = stored.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    return _decode_and_write(_stage(stored, spec, TextEncoder, "text", tally), spec, tally, rows, user_types)
+    text = _stage(stored, spec, TextEncoder, "text", tally, prior=None)  # the decoder's tower only
+    return _decode_and_write(text, spec, tally, rows, user_types)
 
 
 def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int, user_types) -> ray.data.Dataset:
@@ -258,8 +259,9 @@ def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int, use
     return coalesced(ds, rows, MANIFEST_PART_ROWS, spec)
 
 
-def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, tally) -> ray.data.Dataset:
-    """One stage's actor pool, placed from its spec, reporting its finished rows to `tally` (if given)."""
+def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, tally, **models) -> ray.data.Dataset:
+    """One stage's actor pool, placed from its spec (its `models` where given), reporting its finished rows to
+    `tally` (if given)."""
     placed = stage_placement(spec, name, placing_gpus(ray.cluster_resources()))
     stage = reporting(isolating(cls, tally, name), tally, name) if tally is not None else isolating(cls)
-    return ds.map_batches(stage, fn_constructor_kwargs=stage_kwargs(spec, name), **placed)
+    return ds.map_batches(stage, fn_constructor_kwargs={**stage_kwargs(spec, name), **models}, **placed)

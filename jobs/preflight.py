@@ -21,17 +21,18 @@ from stages.refs import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, che
 from stages.storage import full_uri, reason
 
 
-def check_models(spec: JobSpec) -> None:
-    """Every model the job names (priors, sweep checkpoints, decoder) exists: one line naming the first that
-    does not (a hub model that is neither cached nor reachable included)."""
+def check_models(spec: JobSpec, priors: bool = True) -> None:
+    """Every model the job names (priors, sweep checkpoints, decoder; the decoder only where not `priors`: a
+    re-decode) exists: one line naming the first that does not (a hub model neither cached nor reachable too)."""
     try:
-        for field, prior in prior_fields(spec):
+        for field, prior in prior_fields(spec) if priors else ():
             for ref in prior_refs(prior):
                 check_ref(ref, "prior", PRIOR_SUBFOLDERS, spec.storage_options, field)
         check_ref(spec.model.decoder, "decoder", DECODER_SUBFOLDERS, spec.storage_options)
     except ModelRefError as err:
         raise SpecError(str(err)) from None
-    check_shared_conditioning(spec)
+    if priors:
+        check_shared_conditioning(spec)
 
 
 def prior_fields(spec: JobSpec) -> list[tuple[str, object]]:

@@ -258,8 +258,8 @@ def modified_at(entry: dict) -> float | None:
 
 
 def stored_rows(keys, output: str, storage_options: dict | None):
-    """The stored Stage C rows named by `keys` (row_id, path): each part holding one is read once, with only
-    its named rows kept."""
+    """The stored Stage C rows named by `keys` (row_id, path, and any column whose value they set): each part
+    holding one is read once, with only its named rows kept."""
     from jobs.spec import TASK_CPUS
 
     fs, _ = folder(output, EMBEDDINGS, storage_options)
@@ -271,7 +271,16 @@ def _read_named_rows(group: pa.Table, fs) -> pa.Table:
     path = group.column(PATH)[0].as_py()
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
-    return table.filter(pa.compute.is_in(table.column(C.ROW_ID), value_set=group.column(C.ROW_ID)))
+    table = table.filter(pa.compute.is_in(table.column(C.ROW_ID), value_set=group.column(C.ROW_ID)))
+    carried = [c for c in group.column_names if c not in (PATH, C.ROW_ID)]
+    if not carried:
+        return table
+    at = pa.compute.index_in(table.column(C.ROW_ID), value_set=group.column(C.ROW_ID))  # each row's key
+    for column in carried:
+        values = group.column(column).take(at)
+        table = (table.set_column(table.schema.get_field_index(column), column, values)
+                 if column in table.column_names else table.append_column(column, values))
+    return table
 
 
 _HEX = np.full(256, 255, dtype=np.uint8)

@@ -50,7 +50,8 @@ class _Encoder:
 
 
 class TextEncoder:
-    """Adds the prior's and the decoder's text states (and negatives where guidance > 1) to a batch."""
+    """Adds the prior's and the decoder's text states (and negatives where guidance > 1) to a batch; only the
+    decoder's where `prior` is None (rows whose Stage C embeddings are stored)."""
 
     def __init__(self, prior, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
                  device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool | str = False):
@@ -58,8 +59,10 @@ class TextEncoder:
         self.device = pick_device(device)
         self.node = current_node()
         self.out_dtype = transport_dtype(torch_dtype)
-        prior_root = resolve(prior_refs(prior)[0], "prior", storage_options)  # an interpolation: A's text tower
-        self.prior = _Encoder(prior_root, torch_dtype, self.device, micro_batch, compile)
+        self.prior = None
+        if prior is not None:
+            prior_root = resolve(prior_refs(prior)[0], "prior", storage_options)  # an interpolation: A's text tower
+            self.prior = _Encoder(prior_root, torch_dtype, self.device, micro_batch, compile)
         self.decoder = _Encoder(resolve(decoder, "decoder", storage_options), torch_dtype, self.device,
                                 micro_batch, compile)
         self.truncated = 0  # truncated texts this actor has warned of (one more: it stopped warning)
@@ -70,10 +73,7 @@ class TextEncoder:
         negatives = [str(n) for n in batch[C.NEGATIVE_PROMPT]]
         columns = {}
         self._warn_truncated(prompts + negatives)
-        for encoder, guidance, pos_col, neg_col in (
-            (self.prior, batch[C.PRIOR_GUIDANCE], C.PRIOR_TEXT, C.PRIOR_TEXT_NEG),
-            (self.decoder, batch[C.DECODER_GUIDANCE], C.DECODER_TEXT, C.DECODER_TEXT_NEG),
-        ):
+        for encoder, guidance, pos_col, neg_col in self._towers(batch):
             cfg = np.asarray(guidance, dtype=np.float64) > 1.0
             needed = prompts + [n for n, use in zip(negatives, cfg) if use]
             states = encoder.encode(needed)
@@ -86,14 +86,22 @@ class TextEncoder:
         batch[C.TEXT_SECONDS] = np.full(len(prompts), (time.perf_counter() - start) / len(prompts))
         return batch
 
+    def _towers(self, batch: dict[str, np.ndarray]) -> list[tuple]:
+        """(encoder, guidance, column, negative column) of each text tower the batch needs."""
+        towers = [(self.decoder, batch[C.DECODER_GUIDANCE], C.DECODER_TEXT, C.DECODER_TEXT_NEG)]
+        if self.prior is not None:
+            towers.insert(0, (self.prior, batch[C.PRIOR_GUIDANCE], C.PRIOR_TEXT, C.PRIOR_TEXT_NEG))
+        return towers
+
     def _warn_truncated(self, texts: list[str]) -> None:
         """Log each distinct text longer than CLIP's positions once (both towers cut at the same length), up to
         TRUNCATION_WARNINGS per actor, then say that further ones go unlogged."""
         texts = list(dict.fromkeys(texts))
         if self.truncated > TRUNCATION_WARNINGS or not texts:
             return
-        limit = self.prior.tokenizer.model_max_length
-        for text, ids in zip(texts, self.prior.tokenizer(texts).input_ids):
+        tokenizer = (self.prior or self.decoder).tokenizer
+        limit = tokenizer.model_max_length
+        for text, ids in zip(texts, tokenizer(texts).input_ids):
             if len(ids) <= limit:
                 continue
             self.truncated += 1
@@ -105,8 +113,8 @@ class TextEncoder:
     def blank(self) -> dict:
         """This stage's outputs for a row it did not run (see jobs.isolation)."""
         empty = torch.empty((0, 0), dtype=self.out_dtype).numpy()
-        return {C.PRIOR_TEXT: empty, C.PRIOR_TEXT_NEG: empty, C.DECODER_TEXT: empty, C.DECODER_TEXT_NEG: empty,
-                C.TEXT_NODE: self.node, C.TEXT_SECONDS: 0.0}
+        towers = (C.PRIOR_TEXT, C.PRIOR_TEXT_NEG) * (self.prior is not None) + (C.DECODER_TEXT, C.DECODER_TEXT_NEG)
+        return {**dict.fromkeys(towers, empty), C.TEXT_NODE: self.node, C.TEXT_SECONDS: 0.0}
 
     def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """(B, 77, d) in the transport dtype, on its way to pinned host memory (read after `finish`)."""

@@ -315,7 +315,7 @@ def test_an_interrupted_retry_says_how_to_make_the_rows_it_took_out(monkeypatch,
     """--retry-failed takes the failed entries out first: "the same command" would find no failed row to retry."""
     import jobs.cli as cli
 
-    def interrupted(args):
+    def interrupted(args, leave):
         raise KeyboardInterrupt
     monkeypatch.setattr(cli, "_dispatch", interrupted)
     assert main(["generate", "job.yaml", "--retry-failed"]) == 130

@@ -110,9 +110,23 @@ def test_stage_c_settings_cannot_change(first_run):
     with pytest.raises(SpecError, match="empty is not a run folder"):
         run_decode(str(tmp_path / "empty"), str(tmp_path / "bad"))
     job = (tmp_path / "run" / "job.yaml").read_bytes()
-    with pytest.raises(SpecError, match="is the run itself; decode writes a new output"):
-        run_decode(str(tmp_path / "run"), str(tmp_path / "run") + "/")
+    (tmp_path / "link").unlink(missing_ok=True)
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    for same in (str(tmp_path / "run") + "/", f"{tmp_path}/x/../run", f"{tmp_path}/./run", str(tmp_path / "link")):
+        with pytest.raises(SpecError, match="is the run itself; decode writes a new output"):
+            run_decode(str(tmp_path / "run"), same, overwrite=True)  # --overwrite would delete the run
     assert (tmp_path / "run" / "job.yaml").read_bytes() == job  # the source run is left as it was
+    assert len(list((tmp_path / "run" / "embeddings").glob("*.parquet")))
+    with pytest.raises(SpecError, match="output is decode's second argument"):
+        run_decode(str(tmp_path / "run"), str(tmp_path / "bad"), [f"output={tmp_path / 'run'}"])
+
+
+def test_storage_options_set_on_the_command_line_read_the_run_too():
+    from jobs.decode import read_options
+
+    assert read_options([], {"anon": True}) == {"anon": True}
+    assert read_options(["storage_options.endpoint_url=http://x", "generation.decoder_steps=3"],
+                        {"anon": True}) == {"anon": True, "endpoint_url": "http://x"}
 
 
 def test_a_decode_into_another_run_is_refused(first_run, tmp_path):
@@ -142,10 +156,13 @@ def test_an_interrupted_decode_resumes_with_only_its_missing_rows(first_run):
         pq.write_table(table.filter(pc.not_equal(table[C.ROW_ID], lost[C.ROW_ID])), part)
     Path(lost[C.IMAGE_URI]).unlink()
     (out / "_finished").unlink(missing_ok=True)
+    (out / "embeddings" / "_closed").unlink()  # killed: the pass never ended; the row's embeddings are stored
 
     summary = run_decode(str(tmp_path / "run"), str(out), settings)
     again = pq.read_table(out / "manifest").column(C.ROW_ID).to_pylist()
     assert summary.new == 1 and sorted(again) == sorted(r[C.ROW_ID] for r in rows)
+    stored = pq.read_table(out / "embeddings").column(C.ROW_ID).to_pylist()
+    assert sorted(stored) == sorted(again)  # the row in flight was decoded from there, not stored twice
     assert read(lost[C.IMAGE_URI]) == lost_bytes
     assert {uri: Path(uri).stat().st_mtime_ns for uri in kept} == kept  # done rows were not made again
 
@@ -162,7 +179,13 @@ def test_a_decode_at_another_dtype_names_both_dtypes_in_its_ids(first_run):
     ids = {r[C.ROW_ID] for r in rows}
     assert len(ids) == 4 and not ids & original.keys() and not ids & set(as_generated[C.ROW_ID])
 
-    run_decode(str(tmp_path / "bf16"), str(tmp_path / "back"), ["model.dtype=float32"])
+    import shutil
+
+    shutil.copytree(tmp_path / "bf16", tmp_path / "moved")  # its source run gone, its Stage C model too: a decode
+    job = yaml.safe_load((tmp_path / "moved" / "job.yaml").read_text())  # needs neither
+    job.update(decoded_from=str(tmp_path / "gone"), model={**job["model"], "prior": str(tmp_path / "no-prior")})
+    (tmp_path / "moved" / "job.yaml").write_text(yaml.safe_dump(job))
+    run_decode(str(tmp_path / "moved"), str(tmp_path / "back"), ["model.dtype=float32"])
     back = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "back" / "manifest").to_pylist()}
     assert back.keys() == original.keys()
     assert all(read(row[C.IMAGE_URI]) == read(original[i][C.IMAGE_URI]) for i, row in back.items())
@@ -194,3 +217,27 @@ def test_made_rows_without_stored_embeddings_are_said_and_exit_1(first_run, tmp_
     assert len(pq.read_table(tmp_path / "out" / "manifest").column(C.ROW_ID)) == len(original) - lost  # failed: made
     assert main(["decode", str(tmp_path / "run"), str(tmp_path / "out")]) == 1  # a finished one says it again
     assert "have no stored Stage C embeddings" in capsys.readouterr().out
+
+
+def test_rows_made_identical_by_new_settings_are_decoded_once(first_run, tmp_path):
+    """A run whose rows differ only in a decoder setting (a sweep) re-decoded with one value for it: its rows
+    become one row each, made once, its input_rows counting them (the manifest held each id twice)."""
+    import shutil
+
+    import pyarrow as pa
+
+    source, original = first_run
+    shutil.copytree(source / "run", tmp_path / "run")
+    part = sorted((tmp_path / "run" / "embeddings").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    twin = table.slice(0, 1)  # the same Stage C row at another decoder guidance, as a sweep stores it
+    twin = twin.set_column(twin.schema.get_field_index(C.ROW_ID), C.ROW_ID, pa.array(["f" * 32]))
+    twin = twin.set_column(twin.schema.get_field_index(C.DECODER_GUIDANCE), C.DECODER_GUIDANCE, pa.array([5.0]))
+    pq.write_table(twin, part.with_name("twin.parquet"))
+    summary = run_decode(str(tmp_path / "run"), str(tmp_path / "out"), ["generation.decoder_guidance_scale=2.0"])
+    rows = pq.read_table(tmp_path / "out" / "manifest").to_pylist()
+    assert len({r[C.ROW_ID] for r in rows}) == len(rows) == len(original)
+    assert sorted(r[C.INPUT_ROWS] for r in rows) == [1] * (len(original) - 1) + [2]
+    assert summary.folded == 1
+    stored = pq.read_table(tmp_path / "out" / "embeddings").column(C.ROW_ID).to_pylist()
+    assert sorted(stored) == sorted(r[C.ROW_ID] for r in rows)
