@@ -62,8 +62,9 @@ def _evaluate(opts: EvalOptions, manifest, clip: dict, reference, inception: dic
     write_scores(opts.run, manifest, opts.storage_options)
     metrics = summarize(opts, groups, ref_stats, {"clip_model": clip, "inception": inception}, reference, warnings)
     if inception and groups[F.ALL].mean_cov() is not None:
-        F.save_stats(join(opts.run, "eval", REF_CACHE), groups[F.ALL],
-                     {"inception_sha256": inception["sha256"], "resize": E.RESIZE}, opts.storage_options)
+        F.save_stats(join(opts.run, "eval", REF_CACHE), groups[F.ALL],  # fingerprinted as a reference reads it
+                     {"inception_sha256": inception["sha256"], "resize": E.RESIZE,
+                      "reference_sha256": run_fingerprint(manifest.files)}, opts.storage_options)
     metrics["plots"] = write_plots(opts.run, metrics, opts.storage_options)
     write_eval(opts.run, "metrics.json", json.dumps(metrics, indent=2).encode(), opts.storage_options)
     try:  # the run report shows them too
@@ -103,8 +104,9 @@ def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
         field = typed.field(axis) if axis in typed.names else schema.field(axis) if axis in schema.names else None
         if field is None:
             raise SpecError(f"--by {axis}: not a manifest column (columns: {', '.join(schema.names)})")
-        if pa.types.is_nested(field.type):
-            raise SpecError(f"--by {axis}: a {field.type} column; an axis needs scalar values")
+        if not _axis_type(field.type):
+            raise SpecError(f"--by {axis}: a {field.type} column; an axis needs numbers, text or true/false "
+                            f"(store dates and times as text)")
     for axis in by:
         check_axis_values(fs, files, axis)
     integer = tuple(a for a in by if a in typed.names and pa.types.is_integer(typed.field(a).type))
@@ -135,6 +137,19 @@ class Reference:
     fingerprint: str = ""  # what its statistics were made from (manifest part names, or image names and sizes)
 
 
+def _axis_type(kind: pa.DataType) -> bool:
+    """Whether a column's values can be --by axis values (written as JSON in metrics.json and the plots)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return any(test(kind) for test in (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
+                                       pa.types.is_string, pa.types.is_large_string, pa.types.is_null))
+
+
+def run_fingerprint(parts) -> str:
+    """What a run's FID statistics are made from: its live manifest parts' names."""
+    return _digest(p.rsplit("/", 1)[-1] for p in parts)
+
+
 def check_reference(ref: str | None, storage_options: dict) -> Reference | None:
     """Classify --fid-reference: a .npz with mu and sigma, a run folder, or a folder of images."""
     if ref is None:
@@ -145,7 +160,7 @@ def check_reference(ref: str | None, storage_options: dict) -> Reference | None:
         return Reference(ref, "npz")
     if fs.isdir(path) and fs.glob(join(path, "manifest", "*.parquet")):
         parts = output.list_parts(ref, output.MANIFEST, storage_options)[1]
-        return Reference(ref, "run", fingerprint=_digest(p.rsplit("/", 1)[-1] for p in parts))
+        return Reference(ref, "run", fingerprint=run_fingerprint(parts))
     if fs.isdir(path):
         found = {p: info for p, info in fs.find(path, detail=True).items()
                  if p.lower().endswith(IMAGE_EXTENSIONS) and "/eval/" not in p[len(path):]}

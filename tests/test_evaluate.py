@@ -328,6 +328,18 @@ def test_an_axis_is_found_in_any_part_with_its_type(tmp_path):
     assert manifest.files[0].endswith("a.parquet") and manifest.integer_axes == ("batch",)
 
 
+def test_an_axis_of_dates_is_refused_before_any_work(tmp_path):
+    """metrics.json writes axis values as JSON: a date column failed after the whole CLIP pass (a traceback)."""
+    import datetime
+
+    run = make_run(tmp_path / "run", seed=3, rows=2)
+    part = tmp_path / "run" / "manifest" / "part-0.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.append_column("day", pa.array([datetime.date(2026, 12, 6)] * table.num_rows)), part)
+    with pytest.raises(SpecError, match="^--by day: a date32.day. column; an axis needs numbers, text or true/false"):
+        J.check_run(run, ("day",), {})
+
+
 def test_an_axis_with_a_value_per_row_is_refused(tmp_path, monkeypatch):
     """--by on a per-row column (seed, a caption id) would make a group of FID statistics for every row."""
     from jobs import eval_checks
@@ -446,6 +458,10 @@ def check_fid(metrics: dict, tmp_path, ref: str, good) -> None:
     own = np.load(tmp_path / "run" / "eval" / "fid_stats.npz")
     np.testing.assert_allclose(own["mu"], run_feats.mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(own["sigma"], np.cov(run_feats, rowvar=False), rtol=1e-3, atol=1e-5)
+    # the run as another run's reference: its own statistics, no second Inception pass (they lacked the fingerprint)
+    itself = J.reference_stats(J.check_reference(str(tmp_path / "run"), {}), metrics["inception"],
+                               J.EvalOptions(ref, "unused"), [])
+    assert itself["source"].endswith("run/eval/fid_stats.npz") and int(itself["n"]) == 6
     # a second evaluation reuses the cached reference statistics
     again = J.reference_stats(J.check_reference(ref, {}), metrics["inception"], J.EvalOptions(ref, "unused"), [])
     assert again["source"].endswith("ref/eval/fid_stats.npz") and int(again["n"]) == 5

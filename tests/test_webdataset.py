@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 import shutil
 
 import fsspec
@@ -120,4 +121,7 @@ def test_report_evaluate_and_decode_read_the_samples(shards_run, clip_dir):  # n
     assert run_decode(str(out), str(shards_run / "again")).rows == 7  # same settings: the same samples, bit for bit
     again = samples_of(shards_run / "again")
     assert again.keys() == samples.keys() and all(again[k]["png"] == samples[k]["png"] for k in samples)
+    assert run_decode(str(out), str(shards_run / "files"), ["output_format=files"]).rows == 7  # shards → files
+    files = pq.read_table(shards_run / "files" / "manifest").to_pylist()
+    assert {r[C.ROW_ID]: Path(r[C.IMAGE_URI]).read_bytes() for r in files} == {k: s["png"] for k, s in samples.items()}
 
