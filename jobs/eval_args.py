@@ -56,6 +56,8 @@ def run_from_args(args, leave=lambda: None) -> int:
     storage_options = args.storage_options
     if args.num_gpus is not None and args.num_gpus < 0:
         raise SpecError(f"--num-gpus must not be negative, got {args.num_gpus}")
+    if args.inception and not args.fid_reference:
+        raise SpecError("--inception is the FID's network: give --fid-reference too (no FID is computed without one)")
     if args.batch_size < 1 or args.concurrency < 1:
         raise SpecError("--batch-size and --concurrency must be at least 1")
     pools = PoolOptions(batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus)

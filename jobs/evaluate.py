@@ -169,6 +169,11 @@ def check_reference(ref: str | None, storage_options: dict) -> Reference | None:
         if found:
             return Reference(ref, "images", tuple(full_uri(fs, p) for p in sorted(found)),
                              _digest(f"{p} {found[p].get('size')}" for p in sorted(found)))
+    if not fs.exists(path):
+        raise SpecError(f"--fid-reference {ref}: does not exist")
+    if fs.isdir(path):
+        raise SpecError(f"--fid-reference {ref}: a folder with no run (manifest/) and no image "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
     raise SpecError(f"--fid-reference {ref}: not a run folder, an image folder or a .npz with mu and sigma")
 
 

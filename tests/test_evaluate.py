@@ -284,6 +284,7 @@ def test_one_evaluation_of_a_run_at_a_time_and_none_of_an_earlier_ones_results_l
 def test_user_mistakes_are_one_line(clip_dir, tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", seed=4, rows=3)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    (tmp_path / "junk.txt").write_text("not statistics")
     cases = [
         (dict(run=str(tmp_path / "nope")), "not a run folder"),
         (dict(by=("guidance",)), "--by guidance: not a manifest column"),
@@ -291,7 +292,9 @@ def test_user_mistakes_are_one_line(clip_dir, tmp_path, monkeypatch):
         (dict(clip_model=str(tmp_path)), "no config.json, preprocessor_config.json, tokenizer_config.json there"),
         (dict(clip_model=str(tmp_path / "model_only")), "no preprocessor_config.json, tokenizer_config.json there"),
         (dict(clip_model=str(tmp_path / "text_only")), "its config.json is a 'clip_text_model' model's, not CLIP's"),
-        (dict(fid_reference=str(tmp_path / "empty")), f"--fid-reference {tmp_path / 'empty'}: not a run folder"),
+        (dict(fid_reference=str(tmp_path / "empty")), f"--fid-reference {tmp_path / 'empty'}: a folder with no run"),
+        (dict(fid_reference=str(tmp_path / "gone")), f"--fid-reference {tmp_path / 'gone'}: does not exist"),
+        (dict(fid_reference=str(tmp_path / "junk.txt")), "junk.txt: not a run folder, an image folder or a .npz"),
         (dict(fid_reference=str(tmp_path / "junk.npz")), "not a .npz with mu"),
         (dict(fid_reference=str(tmp_path / "one")), "one image; FID statistics need at least 2"),
         (dict(fid_reference=run, inception=str(tmp_path / "x.pt")), "x.pt: no such file"),
@@ -373,6 +376,10 @@ def test_command_line_arguments(capsys):
         parser.parse_args(["evaluate", "s3://b/run", "--clip-model", "m", "--storage-options", "secret=abc123"])
     err = capsys.readouterr().err
     assert "--storage-options: not valid JSON" in err and "abc123" not in err
+    from jobs.eval_args import run_from_args
+
+    with pytest.raises(SpecError, match="^--inception is the FID's network: give --fid-reference too"):
+        run_from_args(parser.parse_args(["evaluate", "s3://b/run", "--clip-model", "m", "--inception", "i.pt"]))
 
 
 def read_metrics(run) -> dict:
