@@ -168,7 +168,7 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
     user_types = footers.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
     finished = done + _decode_in_flight(spec, done, user_types)
     left = max(stored - finished, 0)
-    keys = _keys_left(spec, changed, model, finished, stored) if stored else None  # none: every part deleted
+    keys = _keys_left(spec, changed, model, finished, stored) if stored else False
 
     def make(tally):
         ds = stored_embeddings(run, spec.storage_options, keys)
@@ -180,7 +180,7 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                                            user_types=user_types))
         return decode_dataset(spec, ds, tally, left, user_types)
 
-    if keys is not None:
+    if keys is not False:  # False: none left, or none stored (every embeddings part deleted)
         write_manifest(spec, make, DECODE_STAGES, left)
     summary = close_output(spec, started, done, failed, planned=stored)
     return dataclasses.replace(summary, unstored=made_unstored(run, spec.storage_options, stored), source=run)
@@ -189,7 +189,10 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
 def _keys_left(spec: JobSpec, changed: dict, model: dict, finished: int, stored: int):
     """(row_id, path[, input_rows]) of the run's stored rows to decode: those whose new id the output has no
     entry for (resumable like generate), one per new id where overridden settings make rows identical (made once,
-    input_rows counting them). A resume's are materialized (a few dozen bytes a row): None when none is left."""
+    input_rows counting them). None: every row (each part read once); a resume's are materialized (a few dozen
+    bytes a row): False when none is left."""
+    if not finished and not changed:
+        return None
     keys = output.read_parts(spec.decoded_from, output.EMBEDDINGS, spec.storage_options, include_paths=True,
                              columns=[f.name for f in PARAMS_SCHEMA])
     keys = keys.map_batches(stored_keys, batch_format="numpy", num_cpus=TASK_CPUS,
@@ -202,7 +205,7 @@ def _keys_left(spec: JobSpec, changed: dict, model: dict, finished: int, stored:
     if not finished:
         return keys
     keys = keys.materialize()
-    return keys if keys.count() else None
+    return keys if keys.count() else False
 
 
 def _decode_in_flight(spec: JobSpec, done: int, user_types) -> int:

@@ -178,9 +178,13 @@ def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> 
         # actor makes the GCS log); not retried: the exit it asks for is no failure
 
 
-def stored_embeddings(output_uri: str, storage_options: dict, keys: ray.data.Dataset) -> ray.data.Dataset:
-    """The stored Stage C rows of `output_uri` named by `keys` (row_id, path), as Stage B/A input."""
-    ds = output.stored_rows(keys, output_uri, storage_options)
+def stored_embeddings(output_uri: str, storage_options: dict, keys: ray.data.Dataset | None) -> ray.data.Dataset:
+    """The stored Stage C rows of `output_uri` named by `keys` (row_id, path), or every one (keys None: each part
+    read once, no shuffle), as Stage B/A input."""
+    if keys is None:
+        ds = output.read_parts(output_uri, output.EMBEDDINGS, storage_options)
+    else:
+        ds = output.stored_rows(keys, output_uri, storage_options)
     ds = ds.map_batches(user_columns.pack, batch_format="pyarrow", num_cpus=TASK_CPUS)  # as the reader does
     return ds.map_batches(read_back_embeddings, batch_format="numpy", num_cpus=TASK_CPUS)
 
