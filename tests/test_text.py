@@ -27,6 +27,16 @@ def test_matches_diffusers_encode_prompt(encoder, reference_pipe):
     assert torch.equal(torch.from_numpy(out[C.DECODER_TEXT_NEG]), dneg)
 
 
+def test_rows_with_stored_stage_c_get_the_decoders_tower_only(encoder):
+    """A re-decode (or rows in flight at a kill) needs no Stage C model: prior None encodes with the decoder's
+    tower alone, the same states as the full stage's."""
+    rows = [{C.PROMPT: "a red fox", C.NEGATIVE_PROMPT: "blurry", C.PRIOR_GUIDANCE: 4.0, C.DECODER_GUIDANCE: 2.0}]
+    full, decoder_only = encoder(make_batch(rows)), TextEncoder(None, "tiny")(make_batch(rows))
+    assert C.PRIOR_TEXT not in decoder_only and C.PRIOR_TEXT_NEG not in decoder_only
+    for column in (C.DECODER_TEXT, C.DECODER_TEXT_NEG):
+        assert np.array_equal(decoder_only[column], full[column])
+
+
 def test_negatives_only_where_guidance_is_on(encoder):
     rows = [{C.PROMPT: "a", C.PRIOR_GUIDANCE: 1.0, C.DECODER_GUIDANCE: 0.0},
             {C.PROMPT: "b", C.NEGATIVE_PROMPT: "dark", C.PRIOR_GUIDANCE: 4.0, C.DECODER_GUIDANCE: 0.0}]
