@@ -41,7 +41,8 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
             check_key(key)  # a misspelt key is named as unknown, not as one that cannot change
             raise SpecError(f"decode: {key} cannot change: the stored Stage C embeddings fix it "
                             f"(allowed: {', '.join(DECODER_KEYS)})")
-    fs, root = url_to_fs(run, storage_options)
+    reading = read_options(overrides, storage_options)
+    fs, root = url_to_fs(run, reading)
     with run_folder_read("decode", run):
         if not fs.exists(root):
             raise SpecError(f"decode: {run} does not exist")
@@ -49,9 +50,12 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
             if not fs.exists(join(root, needed)):
                 raise SpecError(f"decode: {run} is not a run folder (no {needed}: give the folder generate wrote)")
         data = yaml.safe_load(fs.cat_file(join(root, JOB_FILE)))
-    out_fs, out_root = url_to_fs(output, storage_options)
+    out_fs, out_root = url_to_fs(output, reading)
     if type(out_fs) is type(fs) and same_place(fs, out_root, root):
         raise SpecError(f"decode: the output {output} is the run itself; decode writes a new output")
+    if type(out_fs) is type(fs) and inside(fs, out_root, root):
+        raise SpecError(f"decode: the output {output} is inside the run {run} (its --overwrite would delete it); "
+                        f"choose a folder beside it")
     # The run's options without its masked credentials: those come from the command line or the environment.
     data["storage_options"] = storage_options if storage_options is not None else usable(data.get("storage_options") or {})
     data = apply_overrides(data, overrides)
@@ -65,8 +69,18 @@ def same_place(fs, one: str, other: str) -> bool:
     return posixpath.normpath(one.rstrip("/")) == posixpath.normpath(other.rstrip("/"))
 
 
+def inside(fs, path: str, folder: str) -> bool:
+    """Whether `path` lies under `folder` on one store."""
+    if isinstance(fs, LocalFileSystem):
+        path, folder = os.path.realpath(path), os.path.realpath(folder)
+    else:
+        path, folder = posixpath.normpath(path.rstrip("/")), posixpath.normpath(folder.rstrip("/"))
+    return path.startswith(folder.rstrip("/") + "/")
+
+
 def read_options(overrides: list[str], storage_options: dict | None) -> dict | None:
-    """The storage options to read the run with: --storage-options, under any `--set storage_options…`."""
+    """The storage options to read the run with (its job.yaml's are not known yet): --storage-options, under
+    any `--set storage_options…`."""
     given = [item for item in overrides if item.partition("=")[0].strip().startswith("storage_options")]
     if not given:
         return storage_options
@@ -89,8 +103,7 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     """Decode every stored Stage C row of `run` into `output` (resumable like generate; a finished one is
     answered from its manifest without Ray or a model)."""
     started = time.time()
-    storage_options = read_options(list(overrides), storage_options)
-    check_reachable({"run": run}, storage_options, RUN_OPTIONS)
+    check_reachable({"run": run}, read_options(list(overrides), storage_options), RUN_OPTIONS)
     spec = decode_spec(run, output, list(overrides), storage_options)
     check_reachable({"output": output}, spec.storage_options)
     summary = None if overwrite else answered_decode(spec, started)
@@ -168,9 +181,11 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
     user_types = footers.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
     finished = done + _decode_in_flight(spec, done, user_types)
     left = max(stored - finished, 0)
-    keys = _keys_left(spec, changed, model, finished, stored) if stored else False
+    every = not finished and not changed  # every stored row as it is: each part read once, no keys
+    none_left = not stored or finished and not _keys_left(spec, changed, model, finished, stored).count()
 
     def make(tally):
+        keys = None if every else _keys_left(spec, changed, model, finished, stored, tally)
         ds = stored_embeddings(run, spec.storage_options, keys)
         ds = ds.map_batches(redecode_rows, batch_format="numpy", num_cpus=TASK_CPUS,
                             fn_kwargs=dict(decoder_params=changed, model=model))
@@ -180,19 +195,16 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                                            user_types=user_types))
         return decode_dataset(spec, ds, tally, left, user_types)
 
-    if keys is not False:  # False: none left, or none stored (every embeddings part deleted)
+    if not none_left:  # none stored: every embeddings part was deleted
         write_manifest(spec, make, DECODE_STAGES, left)
     summary = close_output(spec, started, done, failed, planned=stored)
     return dataclasses.replace(summary, unstored=made_unstored(run, spec.storage_options, stored), source=run)
 
 
-def _keys_left(spec: JobSpec, changed: dict, model: dict, finished: int, stored: int):
+def _keys_left(spec: JobSpec, changed: dict, model: dict, finished: int, stored: int, tally=None):
     """(row_id, path[, input_rows]) of the run's stored rows to decode: those whose new id the output has no
     entry for (resumable like generate), one per new id where overridden settings make rows identical (made once,
-    input_rows counting them). None: every row (each part read once); a resume's are materialized (a few dozen
-    bytes a row): False when none is left."""
-    if not finished and not changed:
-        return None
+    input_rows counting them, the folded copies counted in `tally`)."""
     keys = output.read_parts(spec.decoded_from, output.EMBEDDINGS, spec.storage_options, include_paths=True,
                              columns=[f.name for f in PARAMS_SCHEMA])
     keys = keys.map_batches(stored_keys, batch_format="numpy", num_cpus=TASK_CPUS,
@@ -200,12 +212,8 @@ def _keys_left(spec: JobSpec, changed: dict, model: dict, finished: int, stored:
     if finished:
         keys = output.drop_done(keys, spec.output, spec.storage_options, finished, on=NEW_ID, rows=stored)
     if changed:
-        keys = fold_keys(keys, NEW_ID, max(stored - finished, 0))
-    keys = keys.select_columns([C.ROW_ID, output.PATH] + [C.INPUT_ROWS] * bool(changed))
-    if not finished:
-        return keys
-    keys = keys.materialize()
-    return keys if keys.count() else False
+        keys = fold_keys(keys, NEW_ID, max(stored - finished, 0), tally)
+    return keys.select_columns([C.ROW_ID, output.PATH] + [C.INPUT_ROWS] * bool(changed))
 
 
 def _decode_in_flight(spec: JobSpec, done: int, user_types) -> int:

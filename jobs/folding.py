@@ -37,6 +37,7 @@ def fold_keys(ds, key: str, rows: int, tally=None):
 
 
 def _first_of_each(block: pa.Table, key: str, tally=None) -> pa.Table:
+    block = block.sort_by(C.ROW_ID)  # the row kept is the same however the shuffle ordered the block
     weight = pc.fill_null(block.column(C.INPUT_ROWS), 1)  # null: a row made without folding
     position = pa.array(np.arange(block.num_rows, dtype=np.int64))
     groups = (pa.table({key: block.column(key), "position": position, "weight": weight})

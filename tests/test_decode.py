@@ -117,16 +117,26 @@ def test_stage_c_settings_cannot_change(first_run):
             run_decode(str(tmp_path / "run"), same, overwrite=True)  # --overwrite would delete the run
     assert (tmp_path / "run" / "job.yaml").read_bytes() == job  # the source run is left as it was
     assert len(list((tmp_path / "run" / "embeddings").glob("*.parquet")))
+    with pytest.raises(SpecError, match="is inside the run .* choose a folder beside it"):
+        run_decode(str(tmp_path / "run"), str(tmp_path / "link" / "new"))  # a later --overwrite of the run
     with pytest.raises(SpecError, match="output is decode's second argument"):
         run_decode(str(tmp_path / "run"), str(tmp_path / "bad"), [f"output={tmp_path / 'run'}"])
 
 
-def test_storage_options_set_on_the_command_line_read_the_run_too():
+def test_storage_options_set_on_the_command_line_read_the_run_too(tmp_path, ray_cluster):
+    """`--set storage_options.k=v` reads the run with it, and adds it to the run's own options (not instead)."""
     from jobs.decode import read_options
 
     assert read_options([], {"anon": True}) == {"anon": True}
     assert read_options(["storage_options.endpoint_url=http://x", "generation.decoder_steps=3"],
                         {"anon": True}) == {"anon": True, "endpoint_url": "http://x"}
+    (tmp_path / "run" / "embeddings").mkdir(parents=True)
+    (tmp_path / "run" / "job.yaml").write_text(yaml.safe_dump({
+        "prompts": str(tmp_path / "p.parquet"), "output": str(tmp_path / "run"),
+        "storage_options": {"auto_mkdir": True, "key": "***"}}))  # a masked credential is never used
+    run_decode(str(tmp_path / "run"), str(tmp_path / "out"), ["storage_options.use_listings_cache=false"])
+    written = yaml.safe_load((tmp_path / "out" / "job.yaml").read_text())  # a run with no stored row: none made
+    assert written["storage_options"] == {"auto_mkdir": True, "use_listings_cache": False}
 
 
 def test_a_decode_into_another_run_is_refused(first_run, tmp_path):

@@ -465,10 +465,13 @@ def check_fid(metrics: dict, tmp_path, ref: str, good) -> None:
     own = np.load(tmp_path / "run" / "eval" / "fid_stats.npz")
     np.testing.assert_allclose(own["mu"], run_feats.mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(own["sigma"], np.cov(run_feats, rowvar=False), rtol=1e-3, atol=1e-5)
-    # the run as another run's reference: its own statistics, no second Inception pass (they lacked the fingerprint)
+    # the run as another run's reference: its own statistics, no second Inception pass (they lacked the fingerprint:
+    # the pass ran again and wrote them anew)
+    saved = (tmp_path / "run" / "eval" / "fid_stats.npz").stat().st_mtime_ns
     itself = J.reference_stats(J.check_reference(str(tmp_path / "run"), {}), metrics["inception"],
                                J.EvalOptions(ref, "unused"), [])
     assert itself["source"].endswith("run/eval/fid_stats.npz") and int(itself["n"]) == 6
+    assert (tmp_path / "run" / "eval" / "fid_stats.npz").stat().st_mtime_ns == saved
     # a second evaluation reuses the cached reference statistics
     again = J.reference_stats(J.check_reference(ref, {}), metrics["inception"], J.EvalOptions(ref, "unused"), [])
     assert again["source"].endswith("ref/eval/fid_stats.npz") and int(again["n"]) == 5
