@@ -1,6 +1,6 @@
 """A real multi-node Ray on this machine, joined via RAY_ADDRESS: each stage runs only on its own group's node;
-a node whose disk is broken (no model can be cached there) is passed over while other nodes serve; a group whose
-only node dies mid-run ends the run in one line."""
+a node whose disk is broken (no model can be cached there) is passed over while other nodes serve; a node lost
+while another of its group serves loses no row; a group whose only node dies mid-run ends the run in one line."""
 
 import os
 import subprocess
@@ -132,3 +132,57 @@ def test_a_stage_whose_only_node_died_mid_run_ends_in_one_line(model_cache, tmp_
         if run is not None and run.poll() is None:
             run.kill()  # it hung (the old behaviour): not left running
         cluster.shutdown()
+
+
+def test_a_node_lost_while_another_of_its_group_serves_loses_and_doubles_no_row(model_cache, tmp_path,
+                                                                                 reference_pipe):
+    """Spot preemption as it usually comes: one of two nodes serving Stage C and B/A is lost mid-run. The run
+    finishes on the other: every row once in the manifest and among the stored embeddings, each image the row's
+    own (diffusers' for that row), and the summary is the last line (Ray's node-death logs come before it)."""
+    import time
+
+    import numpy as np
+    from conftest import reference_image
+    from PIL import Image
+
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 2, "resources": {"text_group": 1}})
+    run = None
+    try:
+        workers = [cluster.add_node(num_cpus=1, resources={"prior_group": 1, "decoder_group": 1}) for _ in range(2)]
+        cluster.wait_for_nodes()
+        rows = [{C.PROMPT: f"a photo of thing {i}", C.SEED: i} for i in range(16)]
+        stages = {"text": {"batch_size": 2, "resources": {"text_group": 0.5}},
+                  **{g: {"batch_size": 2, "concurrency": 2, "resources": {f"{g}_group": 0.6}}  # one a node
+                     for g in ("prior", "decoder")}}
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(dict(base_job(tmp_path), prompts=write_prompts(tmp_path / "p.parquet", rows),
+                                            stages=stages, placement_timeout_s=20)))
+        run = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(path)], text=True,
+                               env={**os.environ, "RAY_ADDRESS": cluster.address}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        deadline = time.time() + 300
+        while not list((tmp_path / "out" / "manifest").glob("*.parquet")) and time.time() < deadline:
+            time.sleep(0.2)
+        cluster.remove_node(workers[0], allow_graceful=False)
+        landed = sum(pq.read_metadata(p).num_rows for p in (tmp_path / "out" / "manifest").glob("*.parquet"))
+        assert landed < 16  # lost mid-run
+        out, err = run.communicate(timeout=400)
+        assert run.returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1].startswith("16 rows (0 failed)"), out[-2000:]
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+        cluster.shutdown()
+    manifest = pq.read_table(tmp_path / "out" / "manifest").to_pylist()
+    ids = [r[C.ROW_ID] for r in manifest]
+    assert len(ids) == len(set(ids)) == 16
+    stored = pq.read_table(tmp_path / "out" / "embeddings").column(C.ROW_ID).to_pylist()
+    assert sorted(stored) == sorted(ids)  # a resume would decode a row stored twice twice
+    for row in manifest:
+        expected = reference_image(reference_pipe, {k: row[k] for k in (C.PROMPT, C.SEED, C.HEIGHT, C.WIDTH,
+                                                                        C.PRIOR_STEPS, C.DECODER_STEPS)})
+        image = np.asarray(Image.open(row[C.IMAGE_URI])) / 255.0
+        assert np.abs(image - expected).max() <= 1 / 255 + 1e-6, row[C.PROMPT]
