@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_credentials_in_uris(args)
         if getattr(args, "overwrite", False) and getattr(args, "retry_failed", False):
             raise SpecError("--overwrite and --retry-failed: choose one (--overwrite deletes the failed rows too)")
-        return _dispatch(args, leave=lambda: _leave_ray(joined_before))
+        return _dispatch(args)
     except SpecError as err:
         _leave_ray(joined_before)
         print(f"error: {redact(err)}", file=sys.stderr)
@@ -135,15 +135,13 @@ def _refuse_credentials_in_uris(args) -> None:
                             f"give them in --storage-options or the environment")
 
 
-def _dispatch(args, leave=lambda: None) -> int:
-    """Run the command; `leave` disconnects from Ray before a command that ran in it prints its last line."""
+def _dispatch(args) -> int:
     if args.command == "generate":
         from jobs.preflight import generate_job
         from jobs.spec import load_spec
 
         summary = generate_job(load_spec(args.job, args.overrides), overwrite=args.overwrite, verbose=args.verbose,
                                retry_failed=args.retry_failed)
-        leave()
         print(redact(summary))
         return 1 if summary.failed - summary.kept else 0  # a retry: its own rows only
     if args.command == "decode":
@@ -151,17 +149,16 @@ def _dispatch(args, leave=lambda: None) -> int:
 
         summary = run_decode(args.run, args.output, args.overrides, args.storage_options, args.overwrite,
                              verbose=args.verbose)
-        leave()
         print(redact(summary))
         return 1 if summary.failed or summary.unstored else 0
     if args.command == "evaluate":
         from jobs.eval_args import run_from_args as evaluate_from_args
 
-        return evaluate_from_args(args, leave)
+        return evaluate_from_args(args)
     if args.command == "report":
         from jobs.report import run_from_args
 
-        return run_from_args(args, leave)
+        return run_from_args(args)
     if args.command == "bench-scale":
         from jobs.bench_scale import run_from_args as bench_scale_from_args
 

@@ -51,8 +51,8 @@ def add_parser(subparsers) -> None:
     ev.add_argument("--verbose", action="store_true", help="show Ray's own progress and logs")
 
 
-def run_from_args(args, leave=lambda: None) -> int:
-    """Run `evaluate` from parsed arguments and print where the results are (after `leave`: out of Ray)."""
+def run_from_args(args) -> int:
+    """Run `evaluate` from parsed arguments and print where the results are."""
     storage_options = args.storage_options
     if args.num_gpus is not None and args.num_gpus < 0:
         raise SpecError(f"--num-gpus must not be negative, got {args.num_gpus}")
@@ -73,7 +73,6 @@ def run_from_args(args, leave=lambda: None) -> int:
                                    verbose=args.verbose))
     fid = "n/a" if metrics["fid"] is None else f"{metrics['fid']:.3f}"
     clip = "n/a" if metrics["clip_score"] is None else f"{metrics['clip_score']:.3f}"
-    leave()
     print(f"{metrics['images']} images ({metrics['failed']} failed): CLIP score {clip}, FID {fid}; "
           f"results in {join(args.run, 'eval')}")
     return 0 if metrics["images"] else 1  # not one image could be read: no metric

@@ -288,8 +288,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run_from_args(args: argparse.Namespace, leave=lambda: None) -> int:
-    """Build the report and print where it is, after `leave` (out of Ray); a folder without a run is one line."""
+def run_from_args(args: argparse.Namespace) -> int:
+    """Build the report and print where it is (a folder without a run is one line, and gets no report)."""
     from jobs.retries import RUN_OPTIONS, check_reachable, run_folder_read
     from jobs.spec import SpecError
 
@@ -298,7 +298,5 @@ def run_from_args(args: argparse.Namespace, leave=lambda: None) -> int:
     with run_folder_read("report", args.run):
         if not fs.exists(join(root, output_folder.JOB_FILE)):
             raise SpecError(f"report: {args.run} is not a run folder (no job.yaml)")
-    written = build_report(args.run, args.storage_options)
-    leave()
-    print(f"report written to {written}")
+    print(f"report written to {build_report(args.run, args.storage_options)}")
     return 0

@@ -315,27 +315,10 @@ def test_an_interrupted_retry_says_how_to_make_the_rows_it_took_out(monkeypatch,
     """--retry-failed takes the failed entries out first: "the same command" would find no failed row to retry."""
     import jobs.cli as cli
 
-    def interrupted(args, leave):
+    def interrupted(args):
         raise KeyboardInterrupt
     monkeypatch.setattr(cli, "_dispatch", interrupted)
     assert main(["generate", "job.yaml", "--retry-failed"]) == 130
     assert "run the same command without --retry-failed to make the failed rows" in capsys.readouterr().err
     assert main(["generate", "job.yaml"]) == 130
     assert "run the same command again to continue" in capsys.readouterr().err
-
-
-def test_a_command_leaves_ray_before_its_last_line(monkeypatch, capsys):
-    """Ray forwards its actors' and raylets' logs until the driver leaves it (a lost node's messages came after the
-    summary): generate leaves before printing the summary, the last line."""
-    import jobs.cli as cli
-    import jobs.preflight
-
-    from jobs.resume import Summary
-
-    summary = Summary(rows=24, failed=0, seconds=8.0, output="out", new=24)
-    printed_when_left = []
-    monkeypatch.setattr(cli, "_leave_ray", lambda joined: printed_when_left.append(capsys.readouterr().out))
-    monkeypatch.setattr(jobs.preflight, "generate_job", lambda *a, **k: summary)
-    monkeypatch.setattr(jobs.spec, "load_spec", lambda *a: None)
-    assert main(["generate", "job.yaml"]) == 0
-    assert printed_when_left == [""] and capsys.readouterr().out == f"{summary}\n"

@@ -1,6 +1,6 @@
 """A real multi-node Ray on this machine, joined via RAY_ADDRESS: each stage runs only on its own group's node;
-a node whose disk is broken (no model can be cached there) is passed over while other nodes serve; a node lost
-while another of its group serves loses no row; a group whose only node dies mid-run ends the run in one line."""
+a node whose disk is broken (no model can be cached there) is passed over while other nodes serve; a group whose
+only node dies mid-run ends the run in one line."""
 
 import os
 import subprocess
@@ -37,25 +37,6 @@ def submit(tmp_path, address, **job):
     env = {**os.environ, "RAY_ADDRESS": address}
     return subprocess.run([sys.executable, "-m", "jobs.cli", "generate", str(path)], env=env,
                           capture_output=True, text=True, timeout=600)
-
-
-def start(tmp_path, address, job: dict) -> subprocess.Popen:
-    """`generate` of base_job with `job`'s rows and keys, in a CLI subprocess joined to the cluster at `address`."""
-    path = tmp_path / "job.yaml"
-    rows = job.pop("rows")
-    path.write_text(yaml.safe_dump(dict(base_job(tmp_path), prompts=write_prompts(tmp_path / "p.parquet", rows), **job)))
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(path)], text=True,
-                            env={**os.environ, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def lose_once_written(cluster, node, folder, timeout_s: float = 300) -> None:
-    """Remove `node` from the cluster (no graceful exit: a spot node reclaimed) once `folder` holds a part."""
-    import time
-
-    deadline = time.time() + timeout_s
-    while not list(folder.glob("*.parquet")) and time.time() < deadline:
-        time.sleep(0.2)
-    cluster.remove_node(node, allow_graceful=False)
 
 
 def base_job(tmp_path):
@@ -117,6 +98,8 @@ def test_a_stage_no_node_can_load_is_a_clear_error(cluster, tmp_path):
 def test_a_stage_whose_only_node_died_mid_run_ends_in_one_line(model_cache, tmp_path):
     """The prior group's one node dies mid-run (a spot node reclaimed) and none comes back: the run ends within
     placement_timeout_s in one line naming the group (it waited for ever, its progress frozen), rows kept once."""
+    import time
+
     from ray.cluster_utils import Cluster
 
     cluster, run = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1}), None
@@ -127,8 +110,16 @@ def test_a_stage_whose_only_node_died_mid_run_ends_in_one_line(model_cache, tmp_
         cluster.wait_for_nodes()
         rows = [{C.PROMPT: f"prompt {i}", C.SEED: i} for i in range(80)]
         stages = {g: {"batch_size": 2, "resources": {f"{g}_group": 0.5}} for g in GROUPS}
-        run = start(tmp_path, cluster.address, dict(rows=rows, stages=stages, placement_timeout_s=5))
-        lose_once_written(cluster, prior, tmp_path / "out" / "embeddings")
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(dict(base_job(tmp_path), prompts=write_prompts(tmp_path / "p.parquet", rows),
+                                            stages=stages, placement_timeout_s=5)))
+        run = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(path)], text=True,
+                               env={**os.environ, "RAY_ADDRESS": cluster.address}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        deadline = time.time() + 300
+        while not list((tmp_path / "out" / "embeddings").glob("*.parquet")) and time.time() < deadline:
+            time.sleep(0.2)
+        cluster.remove_node(prior, allow_graceful=False)
         _, err = run.communicate(timeout=240)
         assert run.returncode == 2, err[-3000:]
         last = err.strip().splitlines()[-1]
@@ -141,47 +132,3 @@ def test_a_stage_whose_only_node_died_mid_run_ends_in_one_line(model_cache, tmp_
         if run is not None and run.poll() is None:
             run.kill()  # it hung (the old behaviour): not left running
         cluster.shutdown()
-
-
-def test_a_node_lost_while_another_of_its_group_serves_loses_and_doubles_no_row(model_cache, tmp_path,
-                                                                                 reference_pipe):
-    """Spot preemption as it usually comes: one of two nodes serving Stage C and B/A is lost mid-run. The run
-    finishes on the other: every row once in the manifest and among the stored embeddings, each image the row's
-    own (diffusers' for that row), and the summary is the last line (Ray's node-death logs come before it)."""
-    import numpy as np
-    from conftest import reference_image
-    from PIL import Image
-
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 2, "resources": {"text_group": 1}})
-    run = None
-    try:
-        workers = [cluster.add_node(num_cpus=1, resources={"prior_group": 1, "decoder_group": 1}) for _ in range(2)]
-        cluster.wait_for_nodes()
-        rows = [{C.PROMPT: f"a photo of thing {i}", C.SEED: i} for i in range(16)]
-        stages = {"text": {"batch_size": 2, "resources": {"text_group": 0.5}},
-                  **{g: {"batch_size": 2, "concurrency": 2, "resources": {f"{g}_group": 0.6}}  # one a node
-                     for g in ("prior", "decoder")}}
-        run = start(tmp_path, cluster.address, dict(rows=rows, stages=stages, placement_timeout_s=20))
-        lose_once_written(cluster, workers[0], tmp_path / "out" / "manifest")
-        landed = sum(pq.read_metadata(p).num_rows for p in (tmp_path / "out" / "manifest").glob("*.parquet"))
-        assert landed < 16  # lost mid-run
-        out, err = run.communicate(timeout=400)
-        assert run.returncode == 0, err[-3000:]
-        assert out.strip().splitlines()[-1].startswith("16 rows (0 failed)"), out[-2000:]
-    finally:
-        if run is not None and run.poll() is None:
-            run.kill()
-        cluster.shutdown()
-    manifest = pq.read_table(tmp_path / "out" / "manifest").to_pylist()
-    ids = [r[C.ROW_ID] for r in manifest]
-    assert len(ids) == len(set(ids)) == 16
-    stored = pq.read_table(tmp_path / "out" / "embeddings").column(C.ROW_ID).to_pylist()
-    assert sorted(stored) == sorted(ids)  # a resume would decode a row stored twice twice
-    for row in manifest:
-        expected = reference_image(reference_pipe, {k: row[k] for k in (C.PROMPT, C.SEED, C.HEIGHT, C.WIDTH,
-                                                                        C.PRIOR_STEPS, C.DECODER_STEPS)})
-        image = np.asarray(Image.open(row[C.IMAGE_URI])) / 255.0
-        assert np.abs(image - expected).max() <= 1 / 255 + 1e-6, row[C.PROMPT]

@@ -342,7 +342,7 @@ def test_a_part_cut_short_is_one_line_naming_it(tmp_path, ray_cluster, capsys, m
         output.read_parts(str(tmp_path / "out"), output.MANIFEST, {}).take_all()
     assert str(output.unreadable_part(err.value)).startswith(f"{folder / 'b.parquet'}: not a readable Parquet part")
 
-    def failing(args, leave):
+    def failing(args):
         raise err.value
     monkeypatch.setattr(cli, "_dispatch", failing)
     assert cli.main(["report", str(tmp_path / "out")]) == 2

@@ -276,7 +276,7 @@ def test_a_ray_read_that_lost_its_parts_to_a_compaction_names_the_part(tmp_path,
     assert ran == [PARTS] and re.fullmatch(rf"{tmp_path}/manifest/part-\d+\.parquet", output.vanished_part(err.value))
     from jobs import cli
 
-    def failing(args, leave):
+    def failing(args):
         raise err.value  # as a command reading the manifest in Ray meets it
     monkeypatch.setattr(cli, "_dispatch", failing)
     assert cli.main(["report", str(tmp_path)]) == 2
