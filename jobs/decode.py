@@ -64,18 +64,16 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
 
 def same_place(fs, one: str, other: str) -> bool:
     """Whether two paths of one store name the same folder (`a/./b`, `a/x/../b`; locally a link to it too)."""
-    if isinstance(fs, LocalFileSystem):
-        return os.path.realpath(one) == os.path.realpath(other)
-    return posixpath.normpath(one.rstrip("/")) == posixpath.normpath(other.rstrip("/"))
+    return _normal(fs, one) == _normal(fs, other)
 
 
 def inside(fs, path: str, folder: str) -> bool:
     """Whether `path` lies under `folder` on one store."""
-    if isinstance(fs, LocalFileSystem):
-        path, folder = os.path.realpath(path), os.path.realpath(folder)
-    else:
-        path, folder = posixpath.normpath(path.rstrip("/")), posixpath.normpath(folder.rstrip("/"))
-    return path.startswith(folder.rstrip("/") + "/")
+    return _normal(fs, path).startswith(_normal(fs, folder).rstrip("/") + "/")
+
+
+def _normal(fs, path: str) -> str:
+    return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else posixpath.normpath(path.rstrip("/"))
 
 
 def read_options(overrides: list[str], storage_options: dict | None) -> dict | None:
@@ -164,12 +162,12 @@ def stage_c_dtype(run: str, storage_options: dict | None) -> str:
             column = parquet.read_row_group(0, columns=[C.CHECKPOINT]).column(0) if parquet.num_row_groups else []
         if len(column):
             return column[0].as_py().rpartition(" dtype=")[2].split(" ")[0]
-    return output.read_job(run, storage_options).get("model", {}).get("dtype", ModelSpec.dtype)
+    return (output.read_job(run, storage_options).get("model") or {}).get("dtype", ModelSpec.dtype)
 
 
 def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) -> Summary:
     from jobs.generate import (DECODE_STAGES, EMBEDDINGS_PART_ROWS, close_output, coalesced, decode_dataset,
-                               open_output, stored_embeddings, write_manifest)
+                               decode_in_flight, open_output, stored_embeddings, write_manifest)
 
     run = spec.decoded_from
     done, failed = open_output(spec, started, verbose)
@@ -179,7 +177,7 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                  prior_dtype=stage_c_dtype(run, spec.storage_options))  # the embeddings were made at this one
     stored = footers.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
     user_types = footers.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
-    finished = done + _decode_in_flight(spec, done, user_types)
+    finished = done + decode_in_flight(spec, done, user_types)  # rows it stored before a kill: from its own
     left = max(stored - finished, 0)
     every = not finished and not changed  # every stored row as it is: each part read once, no keys
     none_left = not stored or finished and not _keys_left(spec, changed, model, finished, stored).count()
@@ -195,7 +193,7 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                                            user_types=user_types))
         return decode_dataset(spec, ds, tally, left, user_types)
 
-    if not none_left:  # none stored: every embeddings part was deleted
+    if not none_left:  # none: none stored (every embeddings part deleted), or every row has its entry
         write_manifest(spec, make, DECODE_STAGES, left)
     summary = close_output(spec, started, done, failed, planned=stored)
     return dataclasses.replace(summary, unstored=made_unstored(run, spec.storage_options, stored), source=run)
@@ -215,17 +213,3 @@ def _keys_left(spec: JobSpec, changed: dict, model: dict, finished: int, stored:
         keys = fold_keys(keys, NEW_ID, max(stored - finished, 0), tally)
     return keys.select_columns([C.ROW_ID, output.PATH] + [C.INPUT_ROWS] * bool(changed))
 
-
-def _decode_in_flight(spec: JobSpec, done: int, user_types) -> int:
-    """Decode the rows this output stored before an interruption (re-decoded rows whose entries were not
-    written), from its own embeddings as generate does: read from the run again, they would be stored twice.
-    Returns how many."""
-    from jobs.generate import DECODE_STAGES, decode_dataset, stored_embeddings, write_manifest
-
-    pending = output.in_flight(spec.output, spec.storage_options, done)
-    if pending is None:
-        return 0
-    waiting = pending.count()
-    write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
-        spec.output, spec.storage_options, pending), tally, waiting, user_types), DECODE_STAGES, waiting)
-    return waiting

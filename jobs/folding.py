@@ -21,53 +21,60 @@ def fold_identical(ds, planned_rows: int, tally=None):
     does: one block for a run of up to ROWS_PER_PARTITION rows, else a hash shuffle by row id; then each block
     keeps the first copy of each id. A barrier: no row reaches the stages before every planned row is expanded
     (seconds per million rows on a cluster)."""
-    partitions = min(MAX_PARTITIONS, -(-planned_rows // ROWS_PER_PARTITION))
-    ds = ds.repartition(partitions, keys=[C.ROW_ID]) if partitions > 1 else ds.repartition(1)
-    return ds.map_batches(fold_block, batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                          fn_kwargs=dict(tally=tally))
+    return _shuffled_by(ds, C.ROW_ID, planned_rows).map_batches(
+        fold_block, batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(tally=tally))
 
 
 def fold_keys(ds, key: str, rows: int, tally=None):
     """`ds` (a few columns a row, `input_rows` among them) with one row per `key` value, whose input_rows is the
     sum of its copies' (a re-decode whose new settings make stored rows identical); shuffled as fold_identical."""
+    return _shuffled_by(ds, key, rows).map_batches(_fold_keys_block, batch_size=None, batch_format="pyarrow",
+                                                   num_cpus=TASK_CPUS, fn_kwargs=dict(key=key, tally=tally))
+
+
+def _shuffled_by(ds, key: str, rows: int):
+    """`ds` with every copy of a `key` value in one block: one block for up to ROWS_PER_PARTITION rows, else
+    a hash shuffle."""
     partitions = min(MAX_PARTITIONS, -(-rows // ROWS_PER_PARTITION))
-    ds = ds.repartition(partitions, keys=[key]) if partitions > 1 else ds.repartition(1)
-    return ds.map_batches(_first_of_each, batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                          fn_kwargs=dict(key=key, tally=tally))
+    return ds.repartition(partitions, keys=[key]) if partitions > 1 else ds.repartition(1)
 
 
-def _first_of_each(block: pa.Table, key: str, tally=None) -> pa.Table:
-    block = block.sort_by(C.ROW_ID)  # the row kept is the same however the shuffle ordered the block
-    weight = pc.fill_null(block.column(C.INPUT_ROWS), 1)  # null: a row made without folding
+def _first_of_each(block: pa.Table, key: str, weight: pa.Array) -> tuple[pa.Table, pa.Array, pa.Array]:
+    """(the block's first row of each `key` value, the sum of `weight` over its copies, its position), in block
+    order."""
     position = pa.array(np.arange(block.num_rows, dtype=np.int64))
     groups = (pa.table({key: block.column(key), "position": position, "weight": weight})
-              .group_by(key, use_threads=False).aggregate([("position", "min"), ("weight", "sum")]))
-    kept = block.take(groups.column("position_min")).drop_columns([C.INPUT_ROWS])
+              .group_by(key, use_threads=False).aggregate([("position", "min"), ("weight", "sum")])
+              .sort_by("position_min"))
+    return block.take(groups.column("position_min")), groups.column("weight_sum"), groups.column("position_min")
+
+
+def _fold_keys_block(block: pa.Table, key: str, tally=None) -> pa.Table:
+    block = block.sort_by(C.ROW_ID)  # the row kept is the same however the shuffle ordered the block
+    kept, copies, _ = _first_of_each(block, key, pc.fill_null(block.column(C.INPUT_ROWS), 1))  # null: not folded
     if tally is not None and kept.num_rows < block.num_rows:
         tally.add.remote(FOLDED, block.num_rows - kept.num_rows)
-    return kept.append_column(C.INPUT_ROWS, groups.column("weight_sum"))
+    return kept.drop_columns([C.INPUT_ROWS]).append_column(C.INPUT_ROWS, copies)
 
 
 def fold_block(block: pa.Table, tally=None) -> pa.Table:
     """The block's first row of each row id, with `input_rows` its copies in the block; in shape order."""
-    position = pa.array(np.arange(block.num_rows, dtype=np.int64))
-    groups = (pa.table({C.ROW_ID: block.column(C.ROW_ID), "position": position})
-              .group_by(C.ROW_ID, use_threads=False).aggregate([("position", "min"), ("position", "count")])
-              .sort_by("position_min"))
-    kept = block.take(groups.column("position_min")).append_column(C.INPUT_ROWS, groups.column("position_count"))
+    kept, copies, first = _first_of_each(block, C.ROW_ID, pa.array(np.ones(block.num_rows, dtype=np.int64)))
+    kept = kept.append_column(C.INPUT_ROWS, copies)
     if tally is not None and kept.num_rows < block.num_rows:
         tally.add.remote(FOLDED, block.num_rows - kept.num_rows)
         if C.USER_VALUES in block.column_names:  # copies whose own columns (an id, a label) the manifest loses
-            other, first = _unlike_the_kept(block, position, groups.column("position_min"))
+            other, unlike = _unlike_the_kept(block, first)
             if other:
                 tally.add.remote(FOLDED_OTHER_VALUES, other)
-                tally.example.remote(FOLDED_OTHER_VALUES, block.column(C.PROMPT)[first].as_py())
+                tally.example.remote(FOLDED_OTHER_VALUES, block.column(C.PROMPT)[unlike].as_py())
     return kept.sort_by([(column, "ascending") for column in prompts.SHAPE_KEYS])
 
 
-def _unlike_the_kept(block: pa.Table, position: pa.Array, kept: pa.Array) -> tuple[int, int | None]:
+def _unlike_the_kept(block: pa.Table, kept: pa.Array) -> tuple[int, int | None]:
     """(the rows whose own columns differ from those of the row kept for their id (at a `kept` position), the
     position of the first of them)."""
+    position = pa.array(np.arange(block.num_rows, dtype=np.int64))
     pairs = (pa.table({C.ROW_ID: block.column(C.ROW_ID), C.USER_VALUES: block.column(C.USER_VALUES),
                        "position": position}).group_by([C.ROW_ID, C.USER_VALUES], use_threads=False)
              .aggregate([("position", "min"), ("position", "count")]))

@@ -58,12 +58,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     done, failed = open_output(spec, start, verbose)
     only, retried, kept = retry.take_out_failed(spec, lambda ids, n: planned_among(spec, table, ids, n), done) if (
         retry_failed) else (None, 0, 0)
-    pending = output.in_flight(spec.output, spec.storage_options, done)
-    waiting = pending.count() if pending is not None else 0
-    if pending is not None:
-        write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
-            spec.output, spec.storage_options, pending), tally, waiting, table.user_types), DECODE_STAGES, waiting)
-    finished_rows = done + waiting  # the rows in flight are done now
+    finished_rows = done + decode_in_flight(spec, done, table.user_types)  # the rows in flight are done now
     planned = prompts.planned_rows(spec, table.rows)
     if retry_failed:
         todo = retried
@@ -85,6 +80,18 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
         missing = planned - (summary.rows - summary.kept) - summary.folded
         summary = dataclasses.replace(summary, missing=max(missing, 0))
     return summary
+
+
+def decode_in_flight(spec: JobSpec, done: int, user_types) -> int:
+    """Decode the rows whose Stage C embeddings the output stored before an interruption but whose entries were
+    not written, from those embeddings (read from the source again, they would be stored twice); how many."""
+    pending = output.in_flight(spec.output, spec.storage_options, done)
+    if pending is None:
+        return 0
+    waiting = pending.count()
+    write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
+        spec.output, spec.storage_options, pending), tally, waiting, user_types), DECODE_STAGES, waiting)
+    return waiting
 
 
 def all_made(spec: JobSpec, table: prompts.PromptTable, done_rows: int) -> bool:
