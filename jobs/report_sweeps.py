@@ -1,10 +1,8 @@
 """The report's swept prompts in memory of ~70 bytes a prompt, whatever its text (a grouping by prompt text took
 ~400): one pass hashes each row's prompt and declared axes' values, a second finds the first swept prompts by
-name, a third reads only their rows."""
+name, a third reads only their rows, keeping each one's first grid rows and 8 bytes per row."""
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import numpy as np
 import polars as pl
@@ -13,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from jobs import report_data
-from jobs.report_data import (MAX_GRID, MAX_PROMPTS, RESOLUTION, SHOWN, _latest, _member, axis_value, batches,
+from jobs.report_data import (MAX_GRID, MAX_PROMPTS, ORDER, RESOLUTION, SHOWN, _latest, _member, _top, batches,
                               row_order)
 from stages import columns as C
 
@@ -31,16 +29,38 @@ def find_sweeps(dataset: pads.Dataset, axes: list[str]) -> tuple[list, int]:
     prompts = first_prompts(dataset, swept, MAX_PROMPTS)
     if not prompts:  # no prompt varies on a declared axis (a one-value sweep): no grid
         return [], 0
-    rows = _latest(dataset.to_table(columns=SHOWN, filter=pc.field(C.PROMPT).isin(prompts)).to_pylist())
-    by_prompt = defaultdict(list)
-    for row in rows:
-        by_prompt[row[C.PROMPT]].append(row)
-    sweeps = []
-    for prompt in prompts:
-        group = sorted(by_prompt[prompt], key=row_order)
-        axes_here = [a for a in axes if len({axis_value(r, a) for r in group}) > 1]
-        sweeps.append((prompt, axes_here, group[:MAX_GRID], len(group)))
-    return sweeps, len(swept)
+    grids = {prompt: Grid() for prompt in prompts}
+    for batch in batches(dataset, SHOWN, pc.field(C.PROMPT).isin(prompts)):
+        table = pa.Table.from_batches([batch])
+        for prompt in pc.unique(table.column(C.PROMPT)).to_pylist():
+            grids[prompt].add(table.filter(pc.equal(table.column(C.PROMPT), prompt)), axes)
+    return [(prompt, *grids[prompt].result(axes)) for prompt in prompts], len(swept)
+
+
+class Grid:
+    """One swept prompt's grid, read a batch at a time in bounded memory however many rows the prompt has: its
+    first rows in ORDER (a running top-k), its distinct row ids (8 bytes each) and the axes its rows differ on."""
+
+    def __init__(self):
+        self.kept, self.keys, self.pending, self.first, self.varies = None, np.zeros(0, np.uint64), [], {}, set()
+
+    def add(self, rows: pa.Table, axes: list[str]) -> None:
+        both = rows if self.kept is None else pa.concat_tables([self.kept, rows])
+        self.kept = _top(both, ORDER, 2 * MAX_GRID)  # copies of an id sort together: 2x leaves room for them
+        self.pending.append(report_data.id_keys(rows.column(C.ROW_ID)))
+        if sum(map(len, self.pending)) >= max(MERGE_ROWS, len(self.keys)):  # merges cost O(rows log rows) in all
+            self.keys, self.pending = np.unique(np.concatenate([self.keys, *self.pending])), []
+        for axis in axes:
+            columns = [C.HEIGHT, C.WIDTH] if axis == RESOLUTION else [axis]
+            values = rows.select(columns).group_by(columns, use_threads=False).aggregate([]).to_pylist()
+            self.first.setdefault(axis, values[0])
+            if len(values) > 1 or values[0] != self.first[axis]:
+                self.varies.add(axis)
+
+    def result(self, axes: list[str]) -> tuple[list[str], list[dict], int]:
+        """(the axes its rows differ on, its first MAX_GRID rows in grid order, its rows)."""
+        group = sorted(_latest(self.kept.to_pylist()), key=row_order)[:MAX_GRID]
+        return [a for a in axes if a in self.varies], group, len(np.unique(np.concatenate([self.keys, *self.pending])))
 
 
 def swept_keys(dataset: pads.Dataset, columns: list[str]) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The report's sweep search over a manifest of many small batches: the swept prompts counted once each, the
 first shown by name, unswept prompts (however their rows repeat) and a null against a value told apart."""
 
+import hashlib
 import os
 
 import pyarrow as pa
@@ -26,6 +27,10 @@ def row(prompt: str, n: int, seed, height=1024) -> dict:
             C.WIDTH: 1024, C.IMAGE_URI: f"/nowhere/{prompt}-{n}.png"}
 
 
+def hex_id(n: int) -> str:
+    return hashlib.sha256(str(n).encode()).hexdigest()[:32]
+
+
 def test_swept_prompts_are_counted_once_and_the_first_are_shown_by_name(tmp_path, monkeypatch):
     rows = [row(f"s{i:02d}", n, seed=n) for i in range(25) for n in range(3)]  # 25 swept on the seed
     rows += [row("s07", 1, seed=1)]  # a retried block's copy: the same row twice
@@ -43,3 +48,23 @@ def test_swept_prompts_are_counted_once_and_the_first_are_shown_by_name(tmp_path
         {("n-seed", (C.SEED,), 2), *((f"s{i:02d}", (C.SEED,), 3) for i in range(19))}
     by_size = report_data.read_view(str(tmp_path), {}, ["resolution"])
     assert [p for p, _, _, _ in by_size.sweeps] == ["n-size"] and by_size.swept_prompts == 1
+
+
+def test_a_grid_of_a_prompt_with_many_rows_is_its_first_rows_counted_once(tmp_path, monkeypatch):
+    """A prompt's grid is read a batch at a time (bounded however many images it has): its first rows in grid
+    order, wherever they lie among the parts, each id once with its latest success, its rows counted once."""
+    rows = [{**row("many", n, seed=(n * 37) % 100), C.ROW_ID: hex_id(n)} for n in range(100)]  # seeds unordered
+    first = sorted(rows, key=lambda r: r[C.SEED])[:3]
+    failed = {**first[1], C.IMAGE_URI: None, C.ERROR: "NaN", C.FINISHED_AT: 1}
+    rows += [failed, {**first[1], C.FINISHED_AT: 2}, {**first[1], C.IMAGE_URI: None, C.ERROR: "NaN"}]  # copies
+    rows += [{**row("other", n, seed=n, height=512 if n else 1024), C.ROW_ID: hex_id(100 + n)} for n in range(2)]
+    write_manifest(tmp_path, rows, parts=6)
+    monkeypatch.setattr(report_data, "BATCH_ROWS", 5)
+    monkeypatch.setattr(report_sweeps, "MERGE_ROWS", 4)
+    monkeypatch.setattr(report_sweeps, "MAX_GRID", 3)
+    view = report_data.read_view(str(tmp_path), {}, [C.SEED, "resolution"])
+    (prompt, axes, shown, total), other = view.sweeps
+    assert (prompt, axes, total) == ("many", [C.SEED], 100)
+    assert [r[C.ROW_ID] for r in shown] == [r[C.ROW_ID] for r in first]
+    assert shown[1][C.ERROR] is None and shown[1][C.FINISHED_AT] == 2  # the latest success of the copies
+    assert other[0] == "other" and other[1] == [C.SEED, "resolution"] and other[3] == 2
