@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import typing
 
 from stages import credentials as secrets
 from stages.dtypes import COMPILE_MODES, DTYPE_NAMES
+from stages.refs import prior_id
 
 if typing.TYPE_CHECKING:
     from jobs.spec import JobSpec, StageSpec
@@ -51,6 +53,7 @@ def validate(spec: JobSpec) -> None:
     check_generation_value("generation.decoder_guidance_scale", gen.decoder_guidance_scale)
     check_generation_value("generation.decoder_steps", gen.decoder_steps)
     check_generation_value("generation.seed", gen.seed)
+    check_text("generation.negative_prompt", gen.negative_prompt)
     if gen.prior_steps is not None:
         check_generation_value("generation.prior_steps", gen.prior_steps)
     if gen.images_per_prompt < 1:
@@ -153,8 +156,31 @@ def validate_sweep(sweep: dict) -> None:
                                                       f" (axes: {', '.join(SWEEP_AXES)})"))
         if not isinstance(values, list) or not values:
             raise SpecError(f"{name}: expected a non-empty list of values, got {values!r}")
+        seen = {}
         for i, value in enumerate(values):
             _check_axis_value(f"{name}[{i}]", axis, value)
+            same = seen.setdefault(sweep_effect(axis, value), i)
+            if same != i:
+                why = " (a guidance of 1 or less is no guidance)" if value != values[same] else ""
+                raise SpecError(f"{name}[{i}]: {value!r} makes the same images as {name}[{same}] "
+                                f"({values[same]!r}){why}: give each value once")
+
+
+def sweep_effect(axis: str, value):
+    """What a sweep value does to an image, comparable: equal for two values that make the same images."""
+    if axis == "prior_checkpoint":
+        return prior_id(value)
+    if axis.endswith("guidance_scale"):
+        return max(float(value), 1.0)  # at 1 or less the pipelines run without guidance
+    return json.dumps(value)
+
+
+def check_text(name: str, value: str) -> None:
+    """A text the CLIP tokenizer and Parquet can take: encodable as UTF-8 (a lone surrogate is not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise SpecError(f"{name}: not valid Unicode text ({err.reason} at character {err.start})") from None
 
 
 def _check_axis_value(name: str, axis: str, value) -> None:
@@ -166,7 +192,7 @@ def _check_axis_value(name: str, axis: str, value) -> None:
     elif axis == "prior_checkpoint":
         check_prior_spec(name, value)
     elif axis == "negative_prompt":
-        check_type(value, str, name)
+        check_text(name, check_type(value, str, name))
     elif not (axis == "prior_steps" and value is None):
         kind = float if axis.endswith("guidance_scale") else int
         check_generation_value(name, check_type(value, kind, name), axis)

@@ -76,6 +76,18 @@ def test_spec_is_frozen():
     ({**BASE, "output": "memory://out"}, "output: memory:// lives in one process's memory, which the job's Ray"),
     ({**BASE, "generation": {"prior_guidance_scale": float("inf")}}, "generation.prior_guidance_scale: must be a "
                                                                      "finite number, got inf"),
+    ({**BASE, "sweep": {"seed": [0, 1, 0]}}, "sweep.seed[2]: 0 makes the same images as sweep.seed[0] (0): give "
+                                             "each value once"),
+    ({**BASE, "sweep": {"decoder_guidance_scale": [0.0, 4, 0.5]}}, "sweep.decoder_guidance_scale[2]: 0.5 makes the "
+     "same images as sweep.decoder_guidance_scale[0] (0.0) (a guidance of 1 or less is no guidance)"),
+    ({**BASE, "sweep": {"prior_guidance_scale": [4, 4.0]}}, "sweep.prior_guidance_scale[1]: 4.0 makes the same"),
+    ({**BASE, "sweep": {"resolution": [[128, 256], [128, 256]]}}, "sweep.resolution[1]: [128, 256] makes the same"),
+    ({**BASE, "sweep": {"prior_checkpoint": [{"interpolate": ["a", "b"], "alpha": 1},
+                                             {"interpolate": ["a", "b"], "alpha": 1.0}]}},
+     "sweep.prior_checkpoint[1]: {'interpolate': ['a', 'b'], 'alpha': 1.0} makes the same images as"),
+    ({**BASE, "sweep": {"negative_prompt": ["", "\ud800"]}}, "sweep.negative_prompt[1]: not valid Unicode text "
+                                                             "(surrogates not allowed at character 0)"),
+    ({**BASE, "generation": {"negative_prompt": "blurry \udc80"}}, "generation.negative_prompt: not valid Unicode"),
 ])
 def test_bad_specs_name_the_field(data, message):
     with pytest.raises(SpecError) as err:
@@ -135,6 +147,13 @@ def test_micro_batch_and_compile_per_stage_reach_the_stage_classes(tmp_path):
     assert stage_kwargs(spec, "prior")["micro_batch"] == 4 and not stage_kwargs(spec, "prior")["compile"]
     assert stage_kwargs(spec, "decoder")["compile"] is True and stage_kwargs(spec, "text")["compile"] == "max-autotune"
     assert set(stage_kwargs(spec, "text")) == {"prior", "decoder", "dtype", "storage_options", "micro_batch", "compile"}
+
+
+def test_alpha_as_an_integer_names_the_same_checkpoint():
+    from stages.refs import prior_id
+
+    assert prior_id({"interpolate": ["a", "b"], "alpha": 1}) == prior_id({"interpolate": ["a", "b"], "alpha": 1.0})
+    assert prior_id({"interpolate": ["a", "b"], "alpha": 1}) != prior_id({"interpolate": ["a", "b"], "alpha": 0.5})
 
 
 def test_a_run_is_named_one_way_whatever_its_spelling():
