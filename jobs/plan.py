@@ -152,7 +152,7 @@ def plan(spec: JobSpec) -> str:
     totals = {"text": 0.0, "prior": 0.0, "decoder": 0.0}
     lines = [f"{table.rows} prompt rows → {sum(b.images for b in buckets)} images in {len(buckets)} bucket(s) "
              f"(at most: identical rows, a repeated prompt or overlapping seeds, are made once)",
-             *filter(None, [table.blank_warning()]),
+             *table.warnings(),
              "  size       prior steps/cfg  decoder steps/cfg  images   TFLOP per image: text / prior / decoder"]
     for b in buckets:
         flops = bucket_flops(models, b)

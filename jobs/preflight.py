@@ -186,7 +186,7 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, 
     if summary is not None:
         return summary
     table = preflight(spec)
-    if warning := table.blank_warning():
+    for warning in table.warnings():
         print(warning, file=sys.stderr)
     with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
         claim(spec, overwrite)

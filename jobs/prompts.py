@@ -39,6 +39,7 @@ class PromptTable:
     # earlier version kept pandas categoricals so): the writers' types then
     blank: int = 0  # rows whose prompt is empty or whitespace: made, as unconditional images
     first_blank: str = ""  # the first of them, as "<file> row <n>"
+    swept: tuple[tuple[str, str], ...] = ()  # (column, sweep axis) where a sweep axis replaces the table's column
 
     def blank_warning(self) -> str | None:
         """The warning for rows with an empty or whitespace prompt, else None."""
@@ -46,6 +47,13 @@ class PromptTable:
             return None
         return (f"warning: {self.blank} prompt rows are empty or only whitespace (first: {self.first_blank}): "
                 f"they make unconditional images")
+
+    def warnings(self) -> list[str]:
+        """Warnings on the table as the job reads it (empty prompts, columns a sweep replaces)."""
+        replaced = [f"its {column} column by sweep.{axis}" for column, axis in self.swept]
+        return [*filter(None, [self.blank_warning()]), *(
+            [f"warning: the prompt table's own values are not used for {'; '.join(replaced)} (a sweep value "
+             f"replaces the row's): drop the column, or the axis"] if replaced else [])]
 
     @property
     def user_types(self) -> pa.Schema:
@@ -115,8 +123,10 @@ def scan(spec: JobSpec) -> PromptTable:
         raise SpecError(f"prompts: {spec.prompts} has no rows")
     for schema, paths in by_schema.items():
         check_casts(fs, paths, schema, unified)
+    swept = tuple((column, axis) for axis in spec.sweep
+                  for column in ((C.HEIGHT, C.WIDTH) if axis == "resolution" else (axis,)) if column in unified.names)
     return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns), schema=unified, blank=blank,
-                       first_blank=first_blank)
+                       first_blank=first_blank, swept=swept)
 
 
 def planned_rows(spec: JobSpec, prompt_rows: int) -> int:

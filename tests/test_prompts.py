@@ -40,6 +40,20 @@ def test_empty_and_whitespace_prompts_are_counted_for_a_warning(tmp_path):
         f"make unconditional images")
 
 
+def test_a_column_a_sweep_replaces_is_warned_about(tmp_path):
+    """A sweep value replaces the row's own (height and width for `resolution`): the table's column is not used,
+    which the run says, naming the column and the axis, whichever file holds it."""
+    (tmp_path / "d").mkdir()
+    table_at(tmp_path / "d", "a.parquet", prompt=["x"])
+    table_at(tmp_path / "d", "b.parquet", prompt=["z"], seed=[3], height=[256], decoder_steps=[4])
+    sweep = {"seed": [0, 1], "resolution": [[128, 128]], "prior_steps": [2]}
+    spec = spec_from_dict({"prompts": str(tmp_path / "d"), "output": str(tmp_path / "o"), "sweep": sweep})
+    assert scan(spec).warnings() == [
+        "warning: the prompt table's own values are not used for its seed column by sweep.seed; its height column "
+        "by sweep.resolution (a sweep value replaces the row's): drop the column, or the axis"]
+    assert scan(spec_for(tmp_path / "d")).warnings() == []
+
+
 @pytest.mark.parametrize("cols, message", [
     ({"text": ["a"]}, "has no 'prompt' column"),
     ({"prompt": [1, 2]}, "column 'prompt' in"),
