@@ -23,7 +23,7 @@ from stages.refs import prior_id
 from stages.storage import full_uri, reason, url_to_fs
 
 
-EXPANDED_ROWS = 4096  # image rows one expansion batch makes (bounded task memory for any sweep size)
+EXPANDED_ROWS = 4096  # image rows one expansion batch makes at most (bounded task memory for any sweep size)
 
 
 @dataclass(frozen=True)
@@ -169,31 +169,36 @@ def sweep_combinations(sweep: dict) -> list[dict]:
     return combos
 
 
-def expand_table(table: pa.Table, defaults: dict, *args, **kwargs) -> dict:
-    """expand_rows for an Arrow batch: integer columns are filled and converted as integers (numpy would turn an
-    int64 column with nulls into float64, and 2^53 + 1 into 2^53)."""
+def expand_table(table: pa.Table, defaults: dict, images_per_prompt: int, model: dict, combos: list[dict] = ({},)):
+    """expand_rows for an Arrow batch, yielded in batches of at most EXPANDED_ROWS image rows however many a prompt
+    row makes (a sweep × images_per_prompt); integer columns are filled and converted as integers (numpy would
+    turn an int64 column with nulls into float64, and 2^53 + 1 into 2^53)."""
     batch, table = {}, user_columns.pack(table)  # the user's columns travel as one bytes column, exactly
     for name in table.column_names:
         column = table.column(name)
         if pa.types.is_integer(column.type) and isinstance(defaults.get(name), int):
             column = pc.fill_null(column.cast(pa.int64()), defaults[name])
         batch[name] = column.to_numpy(zero_copy_only=False)
-    return expand_rows(batch, defaults, *args, **kwargs)
+    total = table.num_rows * len(combos) * images_per_prompt
+    for start in range(0, total, EXPANDED_ROWS):
+        yield expand_rows(batch, defaults, images_per_prompt, model, combos,
+                          span=(start, min(start + EXPANDED_ROWS, total)))
 
 
 def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt: int, model: dict,
-                combos: list[dict] = ({},), skip=None) -> dict:
-    """Each prompt row × each sweep combination × each image (seed + k): fill parameters, add row ids,
-    drop ids in `skip` (small in-process uses; a job drops done rows with an anti-join), and order rows by shape bucket so stages see runs of one shape."""
+                combos: list[dict] = ({},), skip=None, span: tuple[int, int] | None = None) -> dict:
+    """Each prompt row × each sweep combination × each image (seed + k) (or the `span` of them, counted in that
+    order): fill parameters, add row ids, drop ids in `skip` (small in-process uses; a job drops done rows with an
+    anti-join), and order rows by shape bucket so stages see runs of one shape."""
     n, m, k = len(batch[C.PROMPT]), len(combos), images_per_prompt
-    rows = np.repeat(np.arange(n), m * k)
+    flat = np.arange(*(span or (0, n * m * k)))
+    rows, combo = flat // (m * k), flat // k % m
     out = {col: np.asarray(values)[rows] for col, values in batch.items()}  # user columns pass through
     for col, default in defaults.items():
         out[col] = _filled(batch.get(col), default, n)[rows]
-    combo = np.tile(np.repeat(np.arange(m), k), n)
     for col in dict.fromkeys(c for combo_values in combos for c in combo_values):
         out[col] = np.asarray([c[col] for c in combos], dtype=out[col].dtype)[combo]
-    out[C.IMAGE_INDEX] = np.tile(np.arange(k), n * m)
+    out[C.IMAGE_INDEX] = flat % k
     out[C.SEED] = out[C.SEED] + out[C.IMAGE_INDEX]
     identify(out, model)
     out[C.ERROR] = np.full(len(rows), "", dtype=object)
