@@ -44,21 +44,29 @@ class Bucket:
 def count_buckets(spec: JobSpec, table: prompts.PromptTable) -> list[Bucket]:
     """Stream the prompt table and count images per bucket (guidance only matters as on/off)."""
     defaults, counts = prompts.defaults_for(spec), Counter()
-    combos = prompts.sweep_combinations(spec.sweep)
+    combos = Counter(_bucket_part(combo) for combo in prompts.sweep_combinations(spec.sweep))  # seeds: one bucket
     for path in table.files:
         parquet = pq.ParquetFile(table.fs.open(path, "rb"))
         present = [c for c in BUCKET if c in parquet.schema_arrow.names]
         for batch in parquet.iter_batches(batch_size=65536, columns=present or [C.PROMPT]):
             cols = {c: prompts._filled(batch.column(c).to_numpy(zero_copy_only=False) if c in present else None,
                                        defaults[c], batch.num_rows) for c in BUCKET}
-            for combo in combos:  # a sweep value replaces the column for every row
+            for combo, times in combos.items():  # a sweep value replaces the column for every row
+                combo = dict(combo)
                 swept = {c: np.full(batch.num_rows, combo[c]) if c in combo else v for c, v in cols.items()}
                 swept[C.PRIOR_GUIDANCE] = swept[C.PRIOR_GUIDANCE] > 1
                 swept[C.DECODER_GUIDANCE] = swept[C.DECODER_GUIDANCE] > 1
                 grouped = pa.table(swept).group_by(list(BUCKET)).aggregate([([], "count_all")])
                 for row in grouped.to_pylist():
-                    counts[tuple(row[c] for c in BUCKET)] += row["count_all"] * spec.generation.images_per_prompt
+                    counts[tuple(row[c] for c in BUCKET)] += row["count_all"] * times * spec.generation.images_per_prompt
     return [Bucket(*key, images=n) for key, n in sorted(counts.items())]
+
+
+def _bucket_part(combo: dict) -> tuple:
+    """The part of a sweep combination that decides a row's bucket, as a hashable key (a guidance as 2 when on,
+    0 when off)."""
+    return tuple(sorted((c, float(v > 1) * 2 if c in (C.PRIOR_GUIDANCE, C.DECODER_GUIDANCE) else v)
+                        for c, v in combo.items() if c in BUCKET))
 
 
 _UNREACHABLE: set[str] = set()  # hub ids already found unreachable: do not wait for them again
