@@ -83,7 +83,7 @@ class Manifest:
     files: tuple[str, ...]
     names: tuple[str, ...]
     integer_axes: tuple[str, ...] = ()  # --by axes the manifest holds as integers
-    moved: tuple[str, str] | None = None  # the run was moved or copied: (written to, read from), see relocation
+    here: str = ""  # the folder the run is read from: image_uri values are read under it (see relocated)
 
     def pyarrow_fs(self) -> PyFileSystem:
         return PyFileSystem(FSSpecHandler(self.fs))
@@ -110,8 +110,7 @@ def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
     for axis in by:
         check_axis_values(fs, files, axis)
     integer = tuple(a for a in by if a in typed.names and pa.types.is_integer(typed.field(a).type))
-    moved = relocation(output.read_job(run, storage_options) or {}, run)
-    return Manifest(fs, tuple(files), tuple(schema.names), integer, moved)
+    return Manifest(fs, tuple(files), tuple(schema.names), integer, relocation(run))
 
 
 def check_inception(opts: EvalOptions) -> dict:
@@ -247,14 +246,12 @@ def _read_manifest(manifest: Manifest, columns) -> ray.data.Dataset:
     ds = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS,
                                partitioning=None)
     ds = ds.select_columns(list(dict.fromkeys(columns)))
-    if manifest.moved is None:
-        return ds
-    return ds.map_batches(_relocate, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(moved=manifest.moved))
+    return ds.map_batches(_relocate, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(here=manifest.here))
 
 
-def _relocate(table: pa.Table, moved: tuple[str, str]) -> pa.Table:
-    """The rows' image_uri where the moved or copied run holds the images now."""
-    uris = pa.array([relocated(u, moved) for u in table.column(C.IMAGE_URI).to_pylist()], pa.string())
+def _relocate(table: pa.Table, here: str) -> pa.Table:
+    """The rows' image_uri where the run holds the images now (it may have been moved or copied)."""
+    uris = pa.array([relocated(u, here) for u in table.column(C.IMAGE_URI).to_pylist()], pa.string())
     return table.set_column(table.schema.get_field_index(C.IMAGE_URI), C.IMAGE_URI, uris)
 
 

@@ -43,9 +43,9 @@ def build_report(output: str, storage_options: dict | None = None) -> str:
     fs, root = url_to_fs(output, options)
     view = read_view(output, options, declared_axes(job))
     shown = view.sheet + [r for _, _, group, _ in view.sweeps for r in group]
-    moved = relocation(job, output)  # a run moved or copied since: its own images, where they are now
+    here = relocation(output)  # a run moved or copied since: its own images, where they are now
     for row in shown:
-        row[C.IMAGE_URI] = relocated(row[C.IMAGE_URI], moved)
+        row[C.IMAGE_URI] = relocated(row[C.IMAGE_URI], here)
     thumbs = make_thumbs(fs, join(root, "report", "thumbs"), {r[C.ROW_ID]: r for r in shown}.values(), options)
     from jobs.eval_report import eval_html  # its module imports torch: not for `report --help`
 

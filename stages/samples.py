@@ -6,7 +6,7 @@ import functools
 import json
 import tarfile
 
-from stages.output import SHARD_STATS, SHARDS
+from stages.output import IMAGES, SHARD_STATS, SHARDS
 from stages.storage import canonical, url_to_fs
 
 MEMBERS = "members"  # in shard_stats/<name>.json: {image member: [offset of its data, size]} (see write_shard)
@@ -34,22 +34,24 @@ def read_image_bytes(uri: str, storage_options: dict | None) -> bytes:
     return fs.cat_file(path)
 
 
-def relocation(job: dict, run: str) -> tuple[str, str] | None:
-    """(the folder a run was written to, the folder it is read from) when they differ (the run was moved or
-    copied: its image_uri values name the first), else None. `job`: the run's job.yaml."""
-    written, here = canonical(job.get("output") or run), canonical(run)
-    return (written, here) if written != here else None
+def relocation(run: str) -> str:
+    """The folder a run is read from, spelled as image_uri values spell folders (see relocated)."""
+    return canonical(run)
 
 
-def relocated(uri: str | None, moved: tuple[str, str] | None) -> str | None:
-    """An image_uri of a run read where it is now (see relocation): the object under the folder the run was
-    written to is read under the folder it is in now (a WebDataset sample: its shard)."""
-    if not uri or moved is None:
+def relocated(uri: str | None, here: str) -> str | None:
+    """An image_uri of the run read from folder `here`: an object the run wrote under another folder (it was moved
+    or copied since, or a later invocation wrote it from elsewhere) is read at its place in the run's layout under
+    `here` (<run>/images/ab/<id>.png; a WebDataset sample's shard, <run>/shards/<name>.tar)."""
+    if not uri:
         return uri
     inner, sep, outer = uri.rpartition("::")
-    if outer.startswith(moved[0] + "/"):
-        outer = moved[1] + outer[len(moved[0]):]
-    return inner + sep + outer
+    if outer.startswith(here + "/"):
+        return uri
+    tail = outer.rsplit("/", 2 if sep else 3)[1:]
+    if tail[:1] != [SHARDS if sep else IMAGES] or len(tail) != (2 if sep else 3):
+        return uri  # not the run's layout: read as written
+    return inner + sep + here + "/" + "/".join(tail)
 
 
 def stats_uri(shard: str) -> str | None:

@@ -207,8 +207,8 @@ def _shards_named(fs, part: str) -> list[str]:
 
 
 def drop_unlisted_shards(output: str, storage_options: dict) -> int:
-    """Delete what <output>/shards/ holds that no manifest entry names (a shard written by a run killed before
-    its manifest entry, whose rows the resume writes again; a leftover temporary file), with its stats;
+    """Delete what <output>/shards/ holds that no manifest entry names by its name (a shard written by a run killed
+    before its manifest entry, whose rows the resume writes again; a leftover temporary file), with its stats;
     returns how many. Readers of shards/ then find each sample once. Reads the live manifest parts' shard
     column, THREADS parts at a time (memory: their columns and the set of shard names)."""
     fs, root = folder(output, SHARDS, storage_options)
@@ -220,7 +220,8 @@ def drop_unlisted_shards(output: str, storage_options: dict) -> int:
         for shards in pool.map(lambda part: _shards_named(manifest_fs, part), parts):
             listed.update(shards)
     stats_fs, stats_root = folder(output, SHARD_STATS, storage_options)
-    dropped = [path for path in fs.find(root) if full_uri(fs, path) not in listed]
+    names = {shard.rsplit("/", 1)[-1] for shard in listed}  # by name: a moved or copied run lists its old place
+    dropped = [path for path in fs.find(root) if path.rsplit("/", 1)[-1] not in names]
     for path in dropped:
         fs.rm(path)
         stats = join(stats_root, path.rsplit("/", 1)[-1].removesuffix(".tar") + ".json")

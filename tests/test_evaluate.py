@@ -189,7 +189,7 @@ def make_run(root, seed: int, rows: int = 6, missing=(), failed=(), clip_dir=Non
     records = []
     for i in range(rows):
         row_id = f"r{seed}-{i}"
-        path = root / "images" / f"{row_id}.png"
+        path = root / "images" / row_id[:2] / f"{row_id}.png"  # the layout a run writes
         path.parent.mkdir(parents=True, exist_ok=True)
         if i not in missing and i not in failed:
             Image.fromarray(pixels[i]).save(path)
@@ -402,7 +402,7 @@ def test_evaluate_end_to_end(ray_cluster, clip_dir, tmp_path):
     assert any("r5-0" in w for w in metrics["warnings"])
     table = pq.read_table(f"{run}/manifest").to_pandas().set_index(C.ROW_ID)  # the input, not the pipeline's copy
     good = table[[i not in (0, 4, 5) for i in range(9)]]
-    images = [Image.open(tmp_path / "run" / "images" / f"{r}.png").convert("RGB") for r in good.index]
+    images = [Image.open(tmp_path / "run" / "images" / r[:2] / f"{r}.png").convert("RGB") for r in good.index]
     by_hand = 100 * np.diag(raw_cosines(clip_dir, images, list(good[C.PROMPT])))
     assert by_hand.min() > 5  # no score clamps to 0
     got = scores.set_index(C.ROW_ID)[E.CLIP_SCORE]
@@ -448,8 +448,8 @@ def inception_by_hand(paths) -> np.ndarray:
 
 def check_fid(metrics: dict, tmp_path, ref: str, good) -> None:
     """Overall and per-slice FIDs equal by-hand ones on those images; slices differ; the reference is cached."""
-    run_feats = inception_by_hand([tmp_path / "run" / "images" / f"{r}.png" for r in good.index])
-    ref_feats = inception_by_hand(sorted((tmp_path / "ref" / "images").glob("*.png")))
+    run_feats = inception_by_hand([tmp_path / "run" / "images" / r[:2] / f"{r}.png" for r in good.index])
+    ref_feats = inception_by_hand(sorted((tmp_path / "ref" / "images").glob("*/*.png")))
     assert metrics["fid"] > 1 and metrics["fid"] == pytest.approx(frechet_from_features(ref_feats, run_feats), rel=1e-4)
     for axis in (C.DECODER_GUIDANCE, "style"):
         for row in metrics["by"][axis]:

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+import yaml
 from conftest import reference_image, write_prompts
 from PIL import Image
 from test_evaluate import clip_dir  # noqa: F401 - the fixture
@@ -125,3 +126,28 @@ def test_report_evaluate_and_decode_read_the_samples(shards_run, clip_dir):  # n
     files = pq.read_table(shards_run / "files" / "manifest").to_pylist()
     assert {r[C.ROW_ID]: Path(r[C.IMAGE_URI]).read_bytes() for r in files} == {k: s["png"] for k, s in samples.items()}
 
+
+
+def test_a_moved_run_keeps_its_shards_and_reads_its_samples_after_a_rerun(shards_run, ray_cluster):
+    """A WebDataset run copied elsewhere (its manifest names shards at the old place) and run again there: its
+    shards are its own, not a killed run's leftovers (none is deleted), and the report reads every sample under the
+    new place even though the rerun recorded that place in job.yaml."""
+    from jobs.preflight import generate_job
+    from jobs.report import build_report
+
+    copy = shards_run / "copied"
+    shutil.copytree(shards_run / "out", copy)
+    shards = sorted(p.name for p in (copy / "shards").glob("*.tar"))
+    data = yaml.safe_load((copy / "job.yaml").read_text())
+    spec = spec_from_dict({**data, "output": str(copy)})
+    summary = generate_job(spec, retry_failed=True)  # a rerun that reaches the shards' clean-up (no failed rows)
+    assert summary.rows == 7 and sorted(p.name for p in (copy / "shards").glob("*.tar")) == shards
+    assert yaml.safe_load((copy / "job.yaml").read_text())["output"] == str(copy)
+    assert samples_of(copy).keys() == samples_of(shards_run / "out").keys()
+    shutil.rmtree(copy / "report")
+    (shards_run / "out" / "shards").rename(shards_run / "away")  # the old place's samples cannot be what is read
+    try:
+        page = Path(build_report(str(copy))).read_text()
+    finally:
+        (shards_run / "away").rename(shards_run / "out" / "shards")
+    assert "unreadable" not in page and len(list((copy / "report" / "thumbs").glob("*.jpg"))) == 7
