@@ -261,8 +261,9 @@ def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int, use
     ds = _stage(ds, spec, DecoderStage, "decoder", tally)
     kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format,
                   user_types=user_types)
-    if spec.output_format == "webdataset":  # shard blocks carry the images and scalars only (no text states)
-        ds = ds.map_batches(shard_columns, batch_format="numpy", num_cpus=TASK_CPUS)
+    if spec.output_format == "webdataset":  # shard blocks carry the encoded images and scalars only
+        ds = ds.map_batches(shard_columns, batch_format="numpy", num_cpus=TASK_CPUS,
+                            fn_kwargs=dict(image_format=spec.image_format))
         ds = ds.repartition(target_num_rows_per_block=spec.shard_size)
         return ds.map_batches(write_shard, batch_format="numpy", batch_size=spec.shard_size, num_cpus=TASK_CPUS,
                               fn_kwargs=kwargs)

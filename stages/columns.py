@@ -46,6 +46,7 @@ GENERATOR_STATE = "generator_state"  # the row's CPU torch.Generator state after
 # Stage B/A output.
 IMAGE = "image"  # (H, W, 3) uint8
 IMAGE_FLOAT = "image_float"  # (H, W, 3) float32 in [0, 1] before rounding, on request (parity checks)
+IMAGE_FILE = "image_file"  # the image encoded in the output's image_format (bytes), on its way into a shard
 
 # Manifest-only columns.
 IMAGE_URI = "image_uri"
@@ -70,6 +71,7 @@ TRANSIENT = (
     GENERATOR_STATE,
     IMAGE,
     IMAGE_FLOAT,
+    IMAGE_FILE,
 )
 
 # The prompt table's own columns, packed into one bytes column between reader and writers (stages/user_columns.py).

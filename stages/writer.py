@@ -140,10 +140,13 @@ def _with_user_columns(table: pa.Table, batch: dict[str, np.ndarray], types: pa.
     return table
 
 
-def shard_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What write_shard needs of a decoded batch: the images and the scalar columns (no text states or
-    embeddings), so that a shard's rows gathered into one block stay small."""
-    return {k: v for k, v in batch.items() if k == C.IMAGE or k not in C.TRANSIENT}
+def shard_columns(batch: dict[str, np.ndarray], image_format: str) -> dict[str, np.ndarray]:
+    """What write_shard needs of a decoded batch: each image encoded (here, in parallel, not one by one in the
+    shard's task) and the scalar columns (no text states or embeddings), so that a shard's rows gathered into one
+    block stay small (a 1024² PNG ~1.5 MB, a JPEG ~0.2 MB, against 3 MB of pixels)."""
+    files = np.asarray([None if error else encode_image(image, image_format)
+                        for image, error in zip(batch[C.IMAGE], batch[C.ERROR])], dtype=object)
+    return {**{k: v for k, v in batch.items() if k not in C.TRANSIENT}, C.IMAGE_FILE: files}
 
 
 def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict, image_format: str,
@@ -161,8 +164,7 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
     buffer = io.BytesIO()
     with TarWriter(buffer) as tar:
         for i in ok:
-            image = encode_image(batch[C.IMAGE][i], image_format)
-            tar.write({"__key__": batch[C.ROW_ID][i], EXTENSIONS[image_format]: image,
+            tar.write({"__key__": batch[C.ROW_ID][i], EXTENSIONS[image_format]: batch[C.IMAGE_FILE][i],
                        "txt": params[i][C.PROMPT], "json": json.dumps(json_safe(params[i]), ensure_ascii=False,
                                                                        allow_nan=False, default=str)})
     buffer.seek(0)
