@@ -182,7 +182,12 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, 
     rows whose manifest entry has an error are made again, their entries replaced."""
     started = time.time()
     check_reachable(stores(spec), spec.storage_options)
-    summary = None if overwrite or retry_failed else answered(spec, started)
+    if retry_failed and not output.read_job(spec.output, spec.storage_options):
+        raise SpecError(f"--retry-failed: {spec.output} holds no run whose failed rows to make again (no "
+                        f"{output.JOB_FILE}): check the output, or run without --retry-failed")
+    summary = None if overwrite else answered(spec, started)
+    if summary is not None and retry_failed:  # a finished run without failed rows it plans: nothing to retry
+        summary = dataclasses.replace(summary, retried=0) if summary.failed == summary.kept else None
     if summary is not None:
         return summary
     table = preflight(spec)

@@ -39,6 +39,15 @@ def test_retry_failed_remakes_only_the_failed_rows_and_replaces_their_entries(tm
         "generation": {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2},
         "stages": {"text": {"batch_size": 2}, "prior": {"batch_size": 2}, "decoder": {"batch_size": 2}}}))
     assert main(["generate", str(tmp_path / "job.yaml")]) == 0
+    capsys.readouterr()
+    # No failed row: answered from the footers, the output still marked finished (a plain rerun stays instant).
+    assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0
+    assert capsys.readouterr().out.startswith("no failed rows to retry (5 rows in all); ")
+    assert output.is_finished(str(tmp_path / "out"), {})
+    # A mistyped output holds no run: one line, nothing created there.
+    assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed", "--set", f"output={tmp_path / 'ot'}"]) == 2
+    assert "holds no run whose failed rows to make again" in capsys.readouterr().err
+    assert not (tmp_path / "ot").exists()
     before = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "out" / "manifest").to_pylist()}
     failed = fail_rows(tmp_path / "out" / "manifest", 2)
     assert main(["generate", str(tmp_path / "job.yaml")]) == 1  # a plain rerun keeps the failures
