@@ -153,14 +153,27 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
                 user_types: pa.Schema | None = None) -> pa.Table:
     """Write a batch as one WebDataset tar under <output>/shards/ (image, .txt caption, .json params and the
     table's own columns per sample; a value JSON lacks, e.g. a timestamp, as text) and its stats under
-    <output>/shard_stats/; return manifest rows naming shard and key."""
+    <output>/shard_stats/ (none where every row failed); return manifest rows naming shard and key."""
+    params = _with_user_columns(_params_table(batch, PARAMS_SCHEMA), batch, user_types).to_pylist()  # + the user's
+    ok = [i for i, error in enumerate(batch[C.ERROR]) if not error]
+    shard = _write_tar(batch, params, ok, output, storage_options, image_format) if ok else None
+    n = len(params)
+    member = f"{{}}.{EXTENSIONS[image_format]}"  # image_uri reads the sample's image through fsspec's tar://
+    uris = [sample_uri(shard, member.format(r)) if not e else None for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])]
+    batch = {**batch, C.IMAGE_URI: np.asarray(uris, dtype=object), C.FINISHED_AT: np.full(n, time.time()),
+             C.SHARD: np.asarray([shard if not e else None for e in batch[C.ERROR]], dtype=object),
+             C.KEY: np.asarray([r if not e else None for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])], dtype=object)}
+    return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch, user_types)
+
+
+def _write_tar(batch: dict[str, np.ndarray], params: list[dict], ok: list[int], output: str, storage_options: dict,
+               image_format: str) -> str:
+    """The tar of the `ok` rows' samples and its stats, each written whole; returns the tar's URI."""
     from webdataset import TarWriter  # ~1 s to import: only in the tasks that write shards
 
     fs, root = folder(output, SHARDS, storage_options)
     name = block_name(batch[C.ROW_ID])
     shard = join(root, f"{name}.tar")
-    params = _with_user_columns(_params_table(batch, PARAMS_SCHEMA), batch, user_types).to_pylist()  # + the user's
-    ok = [i for i, error in enumerate(batch[C.ERROR]) if not error]
     buffer = io.BytesIO()
     with TarWriter(buffer) as tar:
         for i in ok:
@@ -175,14 +188,7 @@ def write_shard(batch: dict[str, np.ndarray], output: str, storage_options: dict
              "bytes": buffer.getbuffer().nbytes, "image_format": image_format, MEMBERS: ranges}
     stats_fs, stats_root = folder(output, SHARD_STATS, storage_options)  # beside, so readers of
     write_atomic(stats_fs, join(stats_root, f"{name}.json"), json.dumps(stats).encode())  # shards/ see tars only
-    n = len(params)
-    member = f"{{}}.{EXTENSIONS[image_format]}"  # image_uri reads the sample's image through fsspec's tar://
-    uris = [sample_uri(stats["shard"], member.format(r)) if not e else None
-            for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])]
-    batch = {**batch, C.IMAGE_URI: np.asarray(uris, dtype=object), C.FINISHED_AT: np.full(n, time.time()),
-             C.SHARD: np.asarray([stats["shard"] if not e else None for e in batch[C.ERROR]], dtype=object),
-             C.KEY: np.asarray([r if not e else None for r, e in zip(batch[C.ROW_ID], batch[C.ERROR])], dtype=object)}
-    return _with_user_columns(_params_table(batch, MANIFEST_SCHEMA), batch, user_types)
+    return stats["shard"]
 
 
 def json_safe(value):
@@ -199,13 +205,18 @@ def json_safe(value):
 
 
 def _shards_named(fs, part: str) -> list[str]:
-    """The shards one manifest part names (one column of it read)."""
+    """The shards one manifest part names (its shard column read a row group at a time: a compacted part of 1M
+    rows held ~60 MB of names at once)."""
     import pyarrow.compute as pc
 
+    names = set()
     with parquet_part(fs, part, cache_type="none") as table:
         if column_index(table.metadata, C.SHARD) < 0:
             return []
-        return pc.unique(table.read(columns=[C.SHARD]).column(C.SHARD)).drop_null().to_pylist()
+        for group in range(table.num_row_groups):
+            names.update(pc.unique(table.read_row_group(group, columns=[C.SHARD]).column(C.SHARD)).drop_null()
+                         .to_pylist())
+    return list(names)
 
 
 def drop_unlisted_shards(output: str, storage_options: dict) -> int:

@@ -66,3 +66,23 @@ def test_failed_rows_are_not_stored_in_embeddings(tmp_path):
     assert pq.read_table(tmp_path / "embeddings").column(C.ROW_ID).to_pylist() == [data[C.ROW_ID][0]]
     write_embeddings(batch(errors=("NaN", "NaN")), str(tmp_path / "none"), {})
     assert not (tmp_path / "none").exists()
+
+
+def test_shard_rows_carry_their_encoded_images_and_a_shard_of_failures_only_is_not_written(tmp_path):
+    """WebDataset: shard_columns encodes each image (the raw pixels do not travel into the shard's block); a
+    shard is its good rows' samples; a block whose every row failed writes no empty tar and no stats."""
+    import tarfile
+
+    from stages.writer import shard_columns, write_shard
+
+    rows = shard_columns(batch(errors=("", "Stage C produced NaN")), "png")
+    assert C.IMAGE not in rows and rows[C.IMAGE_FILE][1] is None
+    good, bad = write_shard(rows, str(tmp_path), {}, "png").to_pylist()
+    with tarfile.open(good[C.SHARD]) as tar:
+        assert tar.extractfile(f"{good[C.ROW_ID]}.png").read() == rows[C.IMAGE_FILE][0]
+    assert bad[C.SHARD] is None and bad[C.IMAGE_URI] is None
+    failed = shard_columns(batch(n=1, errors=("Stage B/A produced NaN",)), "png")
+    (row,) = write_shard({**failed, C.ROW_ID: np.asarray(["cd" + "0" * 30], dtype=object)}, str(tmp_path), {},
+                         "png").to_pylist()
+    assert row[C.SHARD] is None and row[C.ERROR] == "Stage B/A produced NaN"
+    assert len(list((tmp_path / "shards").iterdir())) == 1 and len(list((tmp_path / "shard_stats").iterdir())) == 1
