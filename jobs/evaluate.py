@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
@@ -251,7 +252,10 @@ def _read_manifest(manifest: Manifest, columns) -> ray.data.Dataset:
 
 def _relocate(table: pa.Table, here: str) -> pa.Table:
     """The rows' image_uri where the run holds the images now (it may have been moved or copied)."""
-    uris = pa.array([relocated(u, here) for u in table.column(C.IMAGE_URI).to_pylist()], pa.string())
+    column = table.column(C.IMAGE_URI)
+    if pc.all(pc.fill_null(pc.starts_with(column, here + "/"), True)).as_py() is not False:
+        return table  # every image under the run's folder (files written there): nothing to relocate
+    uris = pa.array([relocated(u, here) for u in column.to_pylist()], pa.string())
     return table.set_column(table.schema.get_field_index(C.IMAGE_URI), C.IMAGE_URI, uris)
 
 

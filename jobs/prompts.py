@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from jobs.prompt_checks import blank_prompts, check_casts, check_rows, check_schema, check_utf8, is_text, unified_schema
 from jobs.resume import skip_mask
 from jobs.spec import JobSpec
-from jobs.spec_rules import SpecError
+from jobs.spec_rules import SpecError, sweep_warnings
 from stages import columns as C
 from stages import user_columns
 from stages.refs import prior_id
@@ -40,6 +40,7 @@ class PromptTable:
     blank: int = 0  # rows whose prompt is empty or whitespace: made, as unconditional images
     first_blank: str = ""  # the first of them, as "<file> row <n>"
     swept: tuple[tuple[str, str], ...] = ()  # (column, sweep axis) where a sweep axis replaces the table's column
+    notes: tuple[str, ...] = ()  # warnings on the spec's sweep (values making the same images)
 
     def blank_warning(self) -> str | None:
         """The warning for rows with an empty or whitespace prompt, else None."""
@@ -49,9 +50,10 @@ class PromptTable:
                 f"they make unconditional images")
 
     def warnings(self) -> list[str]:
-        """Warnings on the table as the job reads it (empty prompts, columns a sweep replaces)."""
+        """Warnings on the table as the job reads it (empty prompts, columns a sweep replaces, repeated sweep
+        values)."""
         replaced = [f"its {column} column by sweep.{axis}" for column, axis in self.swept]
-        return [*filter(None, [self.blank_warning()]), *(
+        return [*filter(None, [self.blank_warning()]), *self.notes, *(
             [f"warning: the prompt table's own values are not used for {'; '.join(replaced)} (a sweep value "
              f"replaces the row's): drop the column, or the axis"] if replaced else [])]
 
@@ -126,7 +128,7 @@ def scan(spec: JobSpec) -> PromptTable:
     swept = tuple((column, axis) for axis in spec.sweep
                   for column in ((C.HEIGHT, C.WIDTH) if axis == "resolution" else (axis,)) if column in unified.names)
     return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns), schema=unified, blank=blank,
-                       first_blank=first_blank, swept=swept)
+                       first_blank=first_blank, swept=swept, notes=tuple(sweep_warnings(spec.sweep)))
 
 
 def planned_rows(spec: JobSpec, prompt_rows: int) -> int:

@@ -11,8 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from jobs import report_data
-from jobs.report_data import (MAX_GRID, MAX_PROMPTS, ORDER, RESOLUTION, SHOWN, _latest, _member, _top, batches,
-                              row_order)
+from jobs.report_data import MAX_GRID, MAX_PROMPTS, ORDER, RESOLUTION, SHOWN, _member, _top, batches, row_order
 from stages import columns as C
 
 MERGE_ROWS = 1 << 20  # per-prompt partial results merged once this many are pending (or as many as merged)
@@ -39,14 +38,15 @@ def find_sweeps(dataset: pads.Dataset, axes: list[str]) -> tuple[list, int]:
 
 class Grid:
     """One swept prompt's grid, read a batch at a time in bounded memory however many rows the prompt has: its
-    first rows in ORDER (a running top-k), its distinct row ids (8 bytes each) and the axes its rows differ on."""
+    first ids in ORDER, each its latest row (a running top-k), its distinct row ids (8 bytes each) and the axes its
+    rows differ on."""
 
     def __init__(self):
         self.kept, self.keys, self.pending, self.first, self.varies = None, np.zeros(0, np.uint64), [], {}, set()
 
     def add(self, rows: pa.Table, axes: list[str]) -> None:
         both = rows if self.kept is None else pa.concat_tables([self.kept, rows])
-        self.kept = _top(both, ORDER, 2 * MAX_GRID)  # copies of an id sort together: 2x leaves room for them
+        self.kept = _top(latest_rows(both), ORDER, MAX_GRID)
         self.pending.append(report_data.id_keys(rows.column(C.ROW_ID)))
         if sum(map(len, self.pending)) >= max(MERGE_ROWS, len(self.keys)):  # merges cost O(rows log rows) in all
             self.keys, self.pending = np.unique(np.concatenate([self.keys, *self.pending])), []
@@ -59,8 +59,19 @@ class Grid:
 
     def result(self, axes: list[str]) -> tuple[list[str], list[dict], int]:
         """(the axes its rows differ on, its first MAX_GRID rows in grid order, its rows)."""
-        group = sorted(_latest(self.kept.to_pylist()), key=row_order)[:MAX_GRID]
+        group = sorted(self.kept.to_pylist(), key=row_order)
         return [a for a in axes if a in self.varies], group, len(np.unique(np.concatenate([self.keys, *self.pending])))
+
+
+def latest_rows(table: pa.Table) -> pa.Table:
+    """One row per id, as report_data._latest: its latest success, else its latest failure."""
+    keys = pa.table({"id": table.column(C.ROW_ID), "ok": pc.is_null(table.column(C.ERROR)),
+                     "at": table.column(C.FINISHED_AT)})
+    table = table.take(pc.sort_indices(keys, sort_keys=[("id", "ascending", "at_start"), ("ok", "ascending", "at_start"),
+                                                        ("at", "ascending", "at_start")]))
+    ids = table.column(C.ROW_ID).combine_chunks()
+    last = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1)) if len(ids) > 1 else pa.array([], pa.bool_())
+    return table.filter(pa.concat_arrays([last, pa.array([True])])) if len(ids) else table
 
 
 def swept_keys(dataset: pads.Dataset, columns: list[str]) -> np.ndarray:

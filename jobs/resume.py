@@ -14,7 +14,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 from jobs.lease import LEASE
 from jobs.spec import JobSpec, SpecError, StagesSpec
-from jobs.spec_rules import sweep_effect
 from stages import footers
 from stages import output as output_folder
 from stages.storage import canonical, join, reason, remove_tree, url_to_fs, write_atomic
@@ -251,10 +250,8 @@ def _first_difference(old, new, path: str) -> str | None:
 
 
 def _only_adds(old: dict, new: dict) -> bool:
-    """A sweep that keeps every earlier value of every earlier axis (or one making the same images) only adds rows."""
-    def effects(axis, values):
-        return {sweep_effect(axis, v) for v in values}
-    return set(old) == set(new) and all(effects(axis, old[axis]) <= effects(axis, new[axis]) for axis in old)
+    """A sweep that keeps every earlier value of every earlier axis only adds rows."""
+    return set(old) == set(new) and all(all(v in new[axis] for v in values) for axis, values in old.items())
 
 
 def skip_mask(row_ids: np.ndarray, skip: np.ndarray) -> np.ndarray:

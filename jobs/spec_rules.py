@@ -156,20 +156,30 @@ def validate_sweep(sweep: dict) -> None:
                                                       f" (axes: {', '.join(SWEEP_AXES)})"))
         if not isinstance(values, list) or not values:
             raise SpecError(f"{name}: expected a non-empty list of values, got {values!r}")
-        seen = {}
         for i, value in enumerate(values):
             _check_axis_value(f"{name}[{i}]", axis, value)
+
+
+def sweep_warnings(sweep: dict) -> list[str]:
+    """A warning for each sweep value that makes the same images as an earlier one of its axis (a repeat, 1 and
+    1.0, two guidance scales of 1 or less): its rows are made once, or are the same images under other ids."""
+    warnings = []
+    for axis, values in sweep.items():
+        seen = {}
+        for i, value in enumerate(values):
             same = seen.setdefault(sweep_effect(axis, value), i)
             if same != i:
-                why = " (a guidance of 1 or less is no guidance)" if value != values[same] else ""
-                raise SpecError(f"{name}[{i}]: {value!r} makes the same images as {name}[{same}] "
+                why = (" (a guidance of 1 or less is no guidance)" if axis.endswith("guidance_scale")
+                       and float(value) != float(values[same]) else "")
+                warnings.append(f"warning: sweep.{axis}[{i}]: {value!r} makes the same images as sweep.{axis}[{same}] "
                                 f"({values[same]!r}){why}: give each value once")
+    return warnings
 
 
 def sweep_effect(axis: str, value):
     """What a sweep value does to an image, comparable: equal for two values that make the same images."""
     if axis == "prior_checkpoint":
-        return prior_id(value)
+        return prior_id({**value, "alpha": float(value["alpha"])} if isinstance(value, dict) else value)
     if axis.endswith("guidance_scale"):
         return max(float(value), 1.0)  # at 1 or less the pipelines run without guidance
     return json.dumps(value)

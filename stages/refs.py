@@ -31,10 +31,7 @@ def prior_refs(*priors) -> list[str]:
 
 
 def prior_id(prior) -> str:
-    """Canonical text of a prior spec: the row column and the checkpoint identity (alpha as a float: `alpha: 1`
-    and `alpha: 1.0` are one checkpoint)."""
-    if isinstance(prior, dict):
-        prior = {**prior, "alpha": float(prior["alpha"])}
+    """Canonical text of a prior spec: the row column and the checkpoint identity."""
     return json.dumps(prior, sort_keys=True, ensure_ascii=False)
 
 

@@ -205,8 +205,8 @@ def json_safe(value):
 
 
 def _shards_named(fs, part: str) -> list[str]:
-    """The shards one manifest part names (its shard column read a row group at a time: a compacted part of 1M
-    rows held ~60 MB of names at once)."""
+    """The names of the shards one manifest part names (its shard column read a row group at a time: a compacted
+    part of 1M rows held ~60 MB of URIs at once)."""
     import pyarrow.compute as pc
 
     names = set()
@@ -214,8 +214,8 @@ def _shards_named(fs, part: str) -> list[str]:
         if column_index(table.metadata, C.SHARD) < 0:
             return []
         for group in range(table.num_row_groups):
-            names.update(pc.unique(table.read_row_group(group, columns=[C.SHARD]).column(C.SHARD)).drop_null()
-                         .to_pylist())
+            shards = pc.unique(table.read_row_group(group, columns=[C.SHARD]).column(C.SHARD)).drop_null()
+            names.update(shard.rsplit("/", 1)[-1] for shard in shards.to_pylist())
     return list(names)
 
 
@@ -233,8 +233,8 @@ def drop_unlisted_shards(output: str, storage_options: dict) -> int:
         for shards in pool.map(lambda part: _shards_named(manifest_fs, part), parts):
             listed.update(shards)
     stats_fs, stats_root = folder(output, SHARD_STATS, storage_options)
-    names = {shard.rsplit("/", 1)[-1] for shard in listed}  # by name: a moved or copied run lists its old place
-    dropped = [path for path in fs.find(root) if path.rsplit("/", 1)[-1] not in names]
+    dropped = [path for path in fs.find(root) if path.rsplit("/", 1)[-1] not in listed]  # by name: a moved or
+    # copied run's manifest names its old place
     for path in dropped:
         fs.rm(path)
         stats = join(stats_root, path.rsplit("/", 1)[-1].removesuffix(".tar") + ".json")

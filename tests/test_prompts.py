@@ -52,6 +52,10 @@ def test_a_column_a_sweep_replaces_is_warned_about(tmp_path):
         "warning: the prompt table's own values are not used for its seed column by sweep.seed; its height column "
         "by sweep.resolution (a sweep value replaces the row's): drop the column, or the axis"]
     assert scan(spec_for(tmp_path / "d")).warnings() == []
+    repeated = spec_from_dict({"prompts": str(tmp_path / "d"), "output": str(tmp_path / "o"),
+                               "sweep": {"prior_steps": [2, 3, 2]}})  # generate and plan print these
+    assert scan(repeated).warnings() == [
+        "warning: sweep.prior_steps[2]: 2 makes the same images as sweep.prior_steps[0] (2): give each value once"]
 
 
 @pytest.mark.parametrize("cols, message", [

@@ -57,6 +57,7 @@ def test_a_grid_of_a_prompt_with_many_rows_is_its_first_rows_counted_once(tmp_pa
     first = sorted(rows, key=lambda r: r[C.SEED])[:3]
     failed = {**first[1], C.IMAGE_URI: None, C.ERROR: "NaN", C.FINISHED_AT: 1}
     rows += [failed, {**first[1], C.FINISHED_AT: 2}, {**first[1], C.IMAGE_URI: None, C.ERROR: "NaN"}]  # copies
+    rows += [{**first[0], C.IMAGE_URI: None, C.ERROR: "NaN", C.FINISHED_AT: t} for t in range(3, 9)]  # 7 of one id
     rows += [{**row("other", n, seed=n, height=512 if n else 1024), C.ROW_ID: hex_id(100 + n)} for n in range(2)]
     write_manifest(tmp_path, rows, parts=6)
     monkeypatch.setattr(report_data, "BATCH_ROWS", 5)

@@ -172,19 +172,6 @@ def test_a_sweep_on_an_existing_output_may_only_gain_values(tmp_path):
             check_continuation(spec_from_dict({**data, "sweep": sweep}), overwrite=False)
 
 
-def test_a_sweep_value_that_made_the_same_images_as_another_may_go(tmp_path):
-    """An output made before repeated sweep values were refused (guidance 0 and 0.5: no guidance either way; a
-    seed twice) continues with the value given once: no rows are lost by it."""
-    data = job_dict(tmp_path, rows=1, sweep={"seed": [1, 2], "decoder_guidance_scale": [0.0, 4.0]})
-    old = spec_from_dict(data).to_dict()
-    old["sweep"] = {"seed": [1, 2, 1], "decoder_guidance_scale": [0.0, 0.5, 4.0]}
-    held_row(tmp_path, old)
-    check_continuation(spec_from_dict(data), overwrite=False)
-    with pytest.raises(SpecError, match=r"holds a run of another spec \(sweep.decoder_guidance_scale"):
-        check_continuation(spec_from_dict({**data, "sweep": {"seed": [1, 2], "decoder_guidance_scale": [0.0]}}),
-                           overwrite=False)
-
-
 def test_images_per_prompt_on_an_existing_output_may_only_grow(tmp_path):
     """Image k of a prompt has seed + k whatever the count, so a larger images_per_prompt only adds rows; a smaller
     one would leave rows the spec no longer plans: refused, naming the key."""

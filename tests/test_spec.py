@@ -76,15 +76,6 @@ def test_spec_is_frozen():
     ({**BASE, "output": "memory://out"}, "output: memory:// lives in one process's memory, which the job's Ray"),
     ({**BASE, "generation": {"prior_guidance_scale": float("inf")}}, "generation.prior_guidance_scale: must be a "
                                                                      "finite number, got inf"),
-    ({**BASE, "sweep": {"seed": [0, 1, 0]}}, "sweep.seed[2]: 0 makes the same images as sweep.seed[0] (0): give "
-                                             "each value once"),
-    ({**BASE, "sweep": {"decoder_guidance_scale": [0.0, 4, 0.5]}}, "sweep.decoder_guidance_scale[2]: 0.5 makes the "
-     "same images as sweep.decoder_guidance_scale[0] (0.0) (a guidance of 1 or less is no guidance)"),
-    ({**BASE, "sweep": {"prior_guidance_scale": [4, 4.0]}}, "sweep.prior_guidance_scale[1]: 4.0 makes the same"),
-    ({**BASE, "sweep": {"resolution": [[128, 256], [128, 256]]}}, "sweep.resolution[1]: [128, 256] makes the same"),
-    ({**BASE, "sweep": {"prior_checkpoint": [{"interpolate": ["a", "b"], "alpha": 1},
-                                             {"interpolate": ["a", "b"], "alpha": 1.0}]}},
-     "sweep.prior_checkpoint[1]: {'interpolate': ['a', 'b'], 'alpha': 1.0} makes the same images as"),
     ({**BASE, "sweep": {"negative_prompt": ["", "\ud800"]}}, "sweep.negative_prompt[1]: not valid Unicode text "
                                                              "(surrogates not allowed at character 0)"),
     ({**BASE, "generation": {"negative_prompt": "blurry \udc80"}}, "generation.negative_prompt: not valid Unicode"),
@@ -149,11 +140,22 @@ def test_micro_batch_and_compile_per_stage_reach_the_stage_classes(tmp_path):
     assert set(stage_kwargs(spec, "text")) == {"prior", "decoder", "dtype", "storage_options", "micro_batch", "compile"}
 
 
-def test_alpha_as_an_integer_names_the_same_checkpoint():
-    from stages.refs import prior_id
+def test_sweep_values_that_make_the_same_images_are_warned_about():
+    """A repeat, 1 and 1.0, two guidance scales of 1 or less (no guidance either way), alpha 1 and 1.0: warned about
+    naming both (not refused: an output made with such a sweep, and its decode, read the same job.yaml)."""
+    from jobs.spec_rules import sweep_warnings
 
-    assert prior_id({"interpolate": ["a", "b"], "alpha": 1}) == prior_id({"interpolate": ["a", "b"], "alpha": 1.0})
-    assert prior_id({"interpolate": ["a", "b"], "alpha": 1}) != prior_id({"interpolate": ["a", "b"], "alpha": 0.5})
+    sweep = {"seed": [0, 1, 0], "decoder_guidance_scale": [0.0, 4, 0.5], "prior_guidance_scale": [4, 4.0],
+             "resolution": [[128, 256], [256, 128]], "prior_checkpoint": [{"interpolate": ["a", "b"], "alpha": 1},
+                                                                           {"interpolate": ["a", "b"], "alpha": 1.0}]}
+    assert sweep_warnings(spec_from_dict({**BASE, "sweep": sweep}).sweep) == [
+        "warning: sweep.seed[2]: 0 makes the same images as sweep.seed[0] (0): give each value once",
+        "warning: sweep.decoder_guidance_scale[2]: 0.5 makes the same images as sweep.decoder_guidance_scale[0] "
+        "(0.0) (a guidance of 1 or less is no guidance): give each value once",
+        "warning: sweep.prior_guidance_scale[1]: 4.0 makes the same images as sweep.prior_guidance_scale[0] (4): "
+        "give each value once",
+        "warning: sweep.prior_checkpoint[1]: {'interpolate': ['a', 'b'], 'alpha': 1.0} makes the same images as "
+        "sweep.prior_checkpoint[0] ({'interpolate': ['a', 'b'], 'alpha': 1}): give each value once"]
 
 
 def test_a_run_is_named_one_way_whatever_its_spelling():

@@ -89,8 +89,7 @@ def test_sweep_makes_every_combination_once(tmp_path, ray_cluster, checkpoints):
 def test_planning_100k_prompts_by_100_combinations_keeps_driver_memory_flat(tmp_path):
     pq.write_table(pa.table({C.PROMPT: [f"prompt {i}" for i in range(100_000)]}), tmp_path / "p.parquet")
     spec = spec_from_dict({"prompts": str(tmp_path / "p.parquet"), "output": str(tmp_path / "o"),
-                           "sweep": {"seed": list(range(10)),
-                                     "decoder_guidance_scale": [0.0, *(float(g) for g in range(2, 11))]}})
+                           "sweep": {"seed": list(range(10)), "decoder_guidance_scale": [float(g) for g in range(10)]}})
     tracemalloc.start()
     buckets = count_buckets(spec, scan(spec))
     peak = tracemalloc.get_traced_memory()[1]
