@@ -106,7 +106,7 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     check_reachable({"output": output}, spec.storage_options)
     summary = None if overwrite else answered_decode(spec, started)
     if summary is not None:  # its made rows without stored embeddings are said again
-        return dataclasses.replace(summary, unstored=made_unstored(run, spec.storage_options), source=run)
+        return _with_source_gaps(summary, run, spec.storage_options)
     check_models(spec, priors=False)  # Stage C ran: its embeddings and the decoder are all a decode reads
     with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
         claim(spec, overwrite)
@@ -116,15 +116,16 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
             return _decode(spec, list(overrides), started, verbose)
 
 
-def made_unstored(run: str, storage_options: dict | None, stored: int | None = None) -> int:
-    """How many of the run's made rows have no stored Stage C embeddings (an embeddings part deleted): decode
-    cannot make them. Rows that failed in Stage B/A stored theirs, rows that failed in Stage C did not, so the
-    footers can only clear it (as many `stored` rows as entries); else a Ray anti-join of the ids counts them."""
+def made_unstored(run: str, storage_options: dict | None, stored: int | None = None) -> tuple[int, int]:
+    """(the run's made rows, and its failed rows, without stored Stage C embeddings): decode can make neither (an
+    embeddings part deleted; a row that failed in Stage C, before its output was stored). Rows that failed in
+    Stage B/A stored theirs. The footers can only clear it (as many `stored` rows as entries); else a Ray
+    anti-join of the made ids counts the first, and the entries without embeddings less those the second."""
     rows, failed, _ = footers.manifest_counts(run, storage_options)
     if stored is None:
         stored = footers.part_counts(run, output.EMBEDDINGS, storage_options)[0]
     if stored >= rows:
-        return 0
+        return 0, 0
     from jobs.console import start_ray
 
     start_ray()  # a finished decode's answer has not joined Ray yet
@@ -132,9 +133,10 @@ def made_unstored(run: str, storage_options: dict | None, stored: int | None = N
         _made_ids, batch_format="pyarrow", num_cpus=TASK_CPUS)
     stored_ids = output.read_parts(run, output.EMBEDDINGS, storage_options, columns=[C.ROW_ID])
     if stored_ids is None:
-        return rows - failed
-    return made.join(stored_ids, join_type="left_anti", num_partitions=output.partitions(rows),
-                     on=(C.ROW_ID,)).count()
+        return rows - failed, failed
+    unstored = made.join(stored_ids, join_type="left_anti", num_partitions=output.partitions(rows),
+                         on=(C.ROW_ID,)).count()
+    return unstored, max(rows - stored - unstored, 0)
 
 
 def _made_ids(table):
@@ -196,7 +198,13 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
     if not none_left:  # none: none stored (every embeddings part deleted), or every row has its entry
         write_manifest(spec, make, DECODE_STAGES, left)
     summary = close_output(spec, started, done, failed, planned=stored)
-    return dataclasses.replace(summary, unstored=made_unstored(run, spec.storage_options, stored), source=run)
+    return _with_source_gaps(summary, run, spec.storage_options, stored)
+
+
+def _with_source_gaps(summary: Summary, run: str, storage_options: dict, stored: int | None = None) -> Summary:
+    """The summary saying which of the run's rows could not be decoded (see made_unstored)."""
+    unstored, failed = made_unstored(run, storage_options, stored)
+    return dataclasses.replace(summary, unstored=unstored, unstored_failed=failed, source=run)
 
 
 def _keys_left(spec: JobSpec, changed: dict, model: dict, finished: int, stored: int, tally=None):

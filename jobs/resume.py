@@ -45,6 +45,7 @@ class Summary:
     new_failed: int = 0  # of the `new` rows, those recorded with an error
     missing: int = 0  # --retry-failed: planned rows without an entry at all (at least these many)
     unstored: int = 0  # decode: made rows of the source run without stored Stage C embeddings (not decoded)
+    unstored_failed: int = 0  # decode: rows that failed in the source run before Stage C output was stored
     source: str = ""  # decode: the source run
 
     @property
@@ -79,6 +80,9 @@ class Summary:
         if self.unstored:
             failed += (f"; {self.unstored} made rows of {self.source} have no stored Stage C embeddings (a deleted "
                        f"embeddings part?) and could not be decoded")
+        if self.unstored_failed:
+            failed += (f"; {self.unstored_failed} rows of {self.source} failed before their Stage C output was "
+                       f"stored and are not decoded (--retry-failed them there first)")
         if not self.new:
             again = self.failed - self.kept
             retry = f" (--retry-failed makes the {again} failed rows again)" if again else ""

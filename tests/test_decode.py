@@ -203,7 +203,8 @@ def test_a_decode_at_another_dtype_names_both_dtypes_in_its_ids(first_run):
 
 def test_made_rows_without_stored_embeddings_are_said_and_exit_1(first_run, tmp_path, capsys):
     """An embeddings part deleted from the run: its made rows cannot be decoded; the decode says how many and exits 1
-    (it said "made" for the rest and exited 0), the rest decoded as before."""
+    (it said "made" for the rest and exited 0), the rest decoded as before; rows that failed in the run's Stage C
+    (nothing stored) are said too (the decode said nothing of them)."""
     import shutil
 
     import pyarrow as pa
@@ -212,19 +213,23 @@ def test_made_rows_without_stored_embeddings_are_said_and_exit_1(first_run, tmp_
     shutil.copytree(source / "run", tmp_path / "run")
     part = sorted((tmp_path / "run" / "embeddings").glob("*.parquet"))[0]
     table = pq.read_table(part)
-    pq.write_table(table.slice(1), part.with_name("other.parquet"))  # the run's rows in two parts: one is lost
+    assert table.num_rows >= 3
+    pq.write_table(table.take([1, *range(3, table.num_rows)]), part.with_name("other.parquet"))  # rows 0, 2 lost
     part.unlink()
     lost = 1
     manifest = sorted((tmp_path / "run" / "manifest").glob("*.parquet"))[0]  # a row that failed in Stage B/A
     entries = pq.read_table(manifest)  # (its embeddings stored: "made − failed − stored" counted no row lost)
-    failed = entries.column(C.ROW_ID).to_pylist().index(table.column(C.ROW_ID)[1].as_py())
-    errors = [("Stage B/A: non-finite output" if i == failed else None) for i in range(entries.num_rows)]
+    ids = entries.column(C.ROW_ID).to_pylist()
+    failed = {ids.index(table.column(C.ROW_ID)[1].as_py()): "Stage B/A: non-finite output",  # stored its Stage C
+              ids.index(table.column(C.ROW_ID)[2].as_py()): "Stage C: non-finite output"}  # stored nothing
+    errors = [failed.get(i) for i in range(entries.num_rows)]
     pq.write_table(entries.set_column(entries.schema.get_field_index(C.ERROR), C.ERROR, pa.array(errors, pa.string())),
                    manifest)
     assert main(["decode", str(tmp_path / "run"), str(tmp_path / "out")]) == 1
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"{lost} made rows of {tmp_path / 'run'} have no stored Stage C embeddings" in line
-    assert len(pq.read_table(tmp_path / "out" / "manifest").column(C.ROW_ID)) == len(original) - lost  # failed: made
+    assert f"1 rows of {tmp_path / 'run'} failed before their Stage C output was stored and are not decoded" in line
+    assert len(pq.read_table(tmp_path / "out" / "manifest").column(C.ROW_ID)) == len(original) - lost - 1
     assert main(["decode", str(tmp_path / "run"), str(tmp_path / "out")]) == 1  # a finished one says it again
     assert "have no stored Stage C embeddings" in capsys.readouterr().out
 
