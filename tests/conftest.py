@@ -32,10 +32,12 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster(model_cache):
-    """A real local Ray (2 logical CPUs, as on this machine)."""
+    """A real local Ray (2 logical CPUs, as on this machine), always a new one: without `address="local"`,
+    ray.init joins a cluster already running on the machine (or fails on a stale /tmp/ray/ray_current_cluster a
+    killed Ray left)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 
