@@ -56,12 +56,14 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     `retry_failed`, only the failed rows the prompt table still plans, their entries taken out first). Done rows
     are counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
     done, failed = open_output(spec, start, verbose)
-    only, retried, kept = retry.take_out_failed(spec, lambda ids, n: planned_among(spec, table, ids, n), done) if (
-        retry_failed) else (None, 0, 0)
-    finished_rows = done + decode_in_flight(spec, done, table.user_types)  # the rows in flight are done now
+    only, retried, redecoded, kept = retry.take_out_failed(
+        spec, lambda ids, n: planned_among(spec, table, ids, n), done) if retry_failed else (None, 0, 0, 0)
+    # The rows in flight are done now, and the retried rows that failed in Stage B/A (decoded from their stored
+    # Stage C output; the pass below drops them with the done ones).
+    finished_rows = done + decode_in_flight(spec, done, table.user_types)
     planned = prompts.planned_rows(spec, table.rows)
     if retry_failed:
-        todo = retried
+        todo = retried - redecoded
     else:  # the planned rows less the entries and the identical rows folded into them
         todo = planned - finished_rows - footers.folded_rows(spec.output, spec.storage_options)
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
@@ -76,6 +78,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
                                        summary.failed)
     summary = close_output(spec, start, done, failed, retried=retried if retry_failed else None, kept=kept,
                            planned=planned, unplanned=None if retry_failed else unplanned)
+    summary = dataclasses.replace(summary, redecoded=redecoded)
     if retry_failed:  # rows never made are not failed rows: say so (each planned row is an entry or folded)
         missing = planned - (summary.rows - summary.kept) - summary.folded
         summary = dataclasses.replace(summary, missing=max(missing, 0))

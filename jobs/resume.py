@@ -44,6 +44,7 @@ class Summary:
     images: str = "images"  # the folder the images are in ("shards" for output_format webdataset)
     new_failed: int = 0  # of the `new` rows, those recorded with an error
     missing: int = 0  # --retry-failed: planned rows without an entry at all (at least these many)
+    redecoded: int = 0  # --retry-failed: retried rows decoded from their stored Stage C output (failed in B/A)
     unstored: int = 0  # decode: made rows of the source run without stored Stage C embeddings (not decoded)
     unstored_failed: int = 0  # decode: rows that failed in the source run before Stage C output was stored
     source: str = ""  # decode: the source run
@@ -70,7 +71,9 @@ class Summary:
                        if self.missing else "")
             if not self.retried:
                 return f"no failed rows to retry ({self.rows} rows in all{kept}){missing}; {where}"
-            return (f"retried {self.retried} failed rows: {self.retried - again} succeeded, {again} "
+            stored = (f" ({self.redecoded} of them decoded from their stored Stage C output)"
+                      if self.redecoded else "")
+            return (f"retried {self.retried} failed rows{stored}: {self.retried - again} succeeded, {again} "
                     f"failed again ({self.rows} rows in all{kept}){missing} in {self.seconds:.1f} s; {where}")
         failed = f"{self.failed} failed" + (f", {self.kept} of them rows the prompt table no longer plans"
                                             if self.kept and not self.stale else "")

@@ -1,4 +1,5 @@
-"""`generate --retry-failed`: take the failed rows' entries out of an output so that only they are made again."""
+"""`generate --retry-failed`: take the failed rows' entries out of an output so that only they are made again
+(decoded again from their stored Stage C output where they failed in Stage B/A)."""
 
 from __future__ import annotations
 
@@ -17,20 +18,35 @@ from stages.output import PATH, list_parts, read_parts
 from stages.storage import open_atomic
 
 
-def take_out_failed(spec, planned_among, entries: int) -> tuple[object, int, int]:
+def take_out_failed(spec, planned_among, entries: int) -> tuple[object, int, int, int]:
     """Remove the manifest entries that have an error and whose row the prompt table still plans
-    (`planned_among(failed ids dataset, count)`, a dataset of those ids), and those rows' stored Stage C output
-    (they are made whole again). Returns (their ids as a Ray dataset in the object store, or None; their count;
-    the count of failed entries kept because the table no longer plans their rows: never lost). The ids stay
-    inside Ray: the driver holds counts only. `entries`: the manifest's rows (the joins' size)."""
+    (`planned_among(failed ids dataset, count)`, a dataset of those ids). A row whose Stage C output is stored
+    failed in Stage B/A: it keeps that output, which the run's pass over stored rows without an entry decodes
+    again (Stage C, most of a row's work, is not redone; the bits are the same). Returns (the planned failed ids
+    as a Ray dataset in the object store, or None; their count; how many of them keep their Stage C output; the
+    count of failed entries kept because the table no longer plans their rows: never lost). The ids stay inside
+    Ray: the driver holds counts only. `entries`: the manifest's rows (the joins' size)."""
     failed = failed_ids(spec.output, spec.storage_options)
     total = failed.count() if failed is not None else 0
     if not total:
-        return None, 0, 0
+        return None, 0, 0, 0
     planned = planned_among(failed, total).materialize()
     count = planned.count()
+    stored = stored_count(spec.output, spec.storage_options, planned, count, entries) if count else 0
+    if stored:  # a kill from here on leaves their decoding to the next run's pass over stored rows
+        out.unmark_closed(spec.output, spec.storage_options)
     drop_failed(spec.output, spec.storage_options, planned, count, entries)
-    return planned, count, total - count
+    return planned, count, stored, total - count
+
+
+def stored_count(output: str, storage_options: dict, ids, count: int, rows: int) -> int:
+    """How many of the ids of dataset `ids` (`count` of them; of `rows`) have stored Stage C output: a
+    semi-join of the embeddings' ids with them in Ray."""
+    stored = read_parts(output, out.EMBEDDINGS, storage_options, columns=[C.ROW_ID])
+    if stored is None:
+        return 0
+    return stored.join(ids, join_type="left_semi", num_partitions=out.partitions(count, rows),
+                       on=(C.ROW_ID,)).count()
 
 
 def unplanned_entries(spec, planned_among, entries: int, failed: int) -> tuple[int, int]:
@@ -47,13 +63,13 @@ def unplanned_entries(spec, planned_among, entries: int, failed: int) -> tuple[i
 
 
 def drop_failed(output: str, storage_options: dict, ids, count: int, entries: int = 0) -> None:
-    """Take the rows of the ids dataset `ids` (`count` ids; of `entries` rows) out of the embeddings, then out of
-    the manifest: a kill in between leaves the error entries for the next --retry-failed, and no reader ever sees
-    a row's old entry beside its new one."""
+    """Take the rows of the ids dataset `ids` (`count` ids; of `entries` rows) out of the manifest, a part at a
+    time: no reader ever sees a row's old entry beside its new one, and a kill leaves each row either with its
+    error entry (for the next --retry-failed) or with none (made, or decoded from its stored Stage C output, by
+    the next run). Their stored Stage C output stays."""
     if count:
-        for folder in ("embeddings", "manifest"):
-            remove_leftovers(output, folder, storage_options)  # else deleting a compacted part would revive them
-            drop_rows(output, folder, storage_options, ids, count, entries)
+        remove_leftovers(output, out.MANIFEST, storage_options)  # else deleting a compacted part would revive them
+        drop_rows(output, out.MANIFEST, storage_options, ids, count, entries)
 
 
 def failed_ids(output: str, storage_options: dict):

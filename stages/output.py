@@ -203,6 +203,16 @@ def mark_closed(output: str, storage_options: dict | None) -> None:
         write_atomic(fs, join(root, CLOSED), b"")
 
 
+def unmark_closed(output: str, storage_options: dict | None) -> None:
+    """Take embeddings/_closed away: a resume then looks for stored Stage C rows without an entry in every part
+    (--retry-failed does so before it takes out the entries of rows that keep their stored output)."""
+    fs, root = folder(output, EMBEDDINGS, storage_options)
+    try:
+        fs.rm(join(root, CLOSED))
+    except FileNotFoundError:
+        pass
+
+
 def mark_finished(output: str, storage_options: dict | None, finished: bool = True, planned: int | None = None,
                   entries: int | None = None, kept: int = 0, stale: int = 0) -> None:
     """Record that the invocation which last claimed the output ended with every planned row made, with the

@@ -3,12 +3,14 @@
 import os
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from conftest import write_prompts
 from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
 
 from jobs.cli import main
 from jobs.report import read_runs
@@ -33,6 +35,18 @@ def fail_rows(manifest_dir, count):
     return failed
 
 
+def without_row(folder, row_id):
+    """Rewrite the Parquet part of `folder` holding `row_id` without it (as a take-out does)."""
+    for part in folder.glob("*.parquet"):
+        table = pq.read_table(part)
+        if row_id in table.column(C.ROW_ID).to_pylist():
+            pq.write_table(table.filter(pc.not_equal(table.column(C.ROW_ID), row_id)), part)
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
 def test_retry_failed_remakes_only_the_failed_rows_and_replaces_their_entries(tmp_path, ray_cluster, capsys):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({
         "prompts": write_prompts(tmp_path / "p.parquet", PROMPTS), "output": str(tmp_path / "out"),
@@ -49,25 +63,34 @@ def test_retry_failed_remakes_only_the_failed_rows_and_replaces_their_entries(tm
     assert "holds no run whose failed rows to make again" in capsys.readouterr().err
     assert not (tmp_path / "ot").exists()
     before = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "out" / "manifest").to_pylist()}
+    images = {row_id: pixels(row[C.IMAGE_URI]) for row_id, row in before.items()}
     failed = fail_rows(tmp_path / "out" / "manifest", 2)
-    assert main(["generate", str(tmp_path / "job.yaml")]) == 1  # a plain rerun keeps the failures
-    capsys.readouterr()
+    stored = tmp_path / "out" / "embeddings"
+    without_row(stored, failed[0])  # failed[0] failed in Stage C (no stored output), failed[1] in Stage B/A
+    # A --retry-failed killed after taking failed[1]'s entry out: the next plain run decodes it from its stored
+    # Stage C output (no part is written again: Stage C is not redone) and keeps failed[0]'s failure.
+    without_row(tmp_path / "out" / "manifest", failed[1])
+    output.unmark_closed(str(tmp_path / "out"), {})
+    parts = {p.name: p.stat().st_mtime_ns for p in stored.glob("*.parquet")}
+    assert main(["generate", str(tmp_path / "job.yaml")]) == 1
+    assert "5 rows (1 failed, 4 done earlier); 1 made" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in stored.glob("*.parquet")} == parts
 
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0
     out = capsys.readouterr().out
-    assert "retried 2 failed rows: 2 succeeded, 0 failed again (5 rows in all)" in out
-    assert read_runs(LocalFileSystem(), str(tmp_path / "out"))[-1]["made"] == 2  # the report's "images made"
+    assert "retried 1 failed rows: 1 succeeded, 0 failed again (5 rows in all)" in out
+    assert read_runs(LocalFileSystem(), str(tmp_path / "out"))[-1]["made"] == 1  # the report's "images made"
     manifest = pq.read_table(tmp_path / "out" / "manifest")
     ids = manifest[C.ROW_ID].to_pylist()
     assert sorted(ids) == sorted(before) and len(set(ids)) == len(ids)  # each row exactly once
     assert pc.sum(pc.is_valid(manifest[C.ERROR])).as_py() in (0, None)
     after = {r[C.ROW_ID]: r for r in manifest.to_pylist()}
     for row_id, row in after.items():
-        assert os.path.exists(row[C.IMAGE_URI])
         remade = row[C.FINISHED_AT] != before[row_id][C.FINISHED_AT]
         assert remade == (row_id in failed)  # only the failed rows were made again
-    embedded = pq.read_table(tmp_path / "out" / "embeddings", columns=[C.ROW_ID])[C.ROW_ID].to_pylist()
-    assert sorted(embedded) == sorted(before)  # their Stage C output was replaced too, not doubled
+        assert np.array_equal(pixels(row[C.IMAGE_URI]), images[row_id])  # the same bits, decoded or remade
+    embedded = pq.read_table(stored, columns=[C.ROW_ID])[C.ROW_ID].to_pylist()
+    assert sorted(embedded) == sorted(before)  # failed[0]'s Stage C output stored by the retry, none doubled
 
 
 def test_retry_keeps_the_failed_rows_an_edited_table_no_longer_plans(tmp_path, ray_cluster, capsys):
@@ -84,11 +107,13 @@ def test_retry_keeps_the_failed_rows_an_edited_table_no_longer_plans(tmp_path, r
     write_prompts(tmp_path / "p.parquet", edited)  # the user edits the table (as many rows as before)
     capsys.readouterr()
 
+    parts = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "embeddings").glob("*.parquet")}
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0  # the retried row succeeded
     out = capsys.readouterr().out
-    assert ("retried 1 failed rows: 1 succeeded, 0 failed again (5 rows in all; 1 failed rows the prompt table "
-            "no longer plans were left as they are); 1 planned rows have no entry yet: run without --retry-failed "
-            "to make them") in out  # the prompt added in its place
+    assert parts == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "embeddings").glob("*.parquet")}
+    assert ("retried 1 failed rows (1 of them decoded from their stored Stage C output): 1 succeeded, 0 failed "
+            "again (5 rows in all; 1 failed rows the prompt table no longer plans were left as they are); 1 planned "
+            "rows have no entry yet: run without --retry-failed to make them") in out  # the prompt added in its place
     after = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "out" / "manifest").to_pylist()}
     assert sorted(after) == sorted(entries)  # nothing lost, nothing doubled
     assert after[failed[0]][C.ERROR] == entries[failed[0]][C.ERROR] and after[failed[1]][C.ERROR] is None
