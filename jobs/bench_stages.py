@@ -170,9 +170,9 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def in_process(spec: JobSpec, texts: list[str], psnr_rows: int) -> dict:
-    """Load, warm up and time the stages in this process; MFU against this device's matmul rate; PSNR of
-    the first `psnr_rows` rows against float32 when the run is in half precision."""
+def in_process(spec: JobSpec, texts: list[str]) -> tuple[dict, np.ndarray]:
+    """Load, warm up and time the stages in this process; MFU against this device's matmul rate. Returns the
+    figures and the images (for psnr_vs_float32)."""
     device = pick_device()
     rows = prompts.stage_rows(spec, texts)
     stages, loads = build_stages(spec)
@@ -197,9 +197,12 @@ def in_process(spec: JobSpec, texts: list[str], psnr_rows: int) -> dict:
               "failed_rows": int(sum(bool(e) for e in batch[C.ERROR]))}
     if compiled:
         result["compile"] = compiled
-    if psnr_rows and spec.model.dtype != "float32":
-        keep = np.arange(min(psnr_rows, len(texts)))
-        values = psnr(np.stack(list(batch[C.IMAGE][keep])), float32_images(spec, take(rows, keep)))
-        result["psnr_vs_float32_db"] = {"rows": len(keep), "mean": float(np.mean(values)),
-                                        "min": float(np.min(values))}
-    return result
+    return result, batch[C.IMAGE]
+
+
+def psnr_vs_float32(spec: JobSpec, texts: list[str], images: np.ndarray, rows: int) -> dict:
+    """PSNR of the first `rows` of `images` (made by in_process in the run's half precision) against the same
+    rows made in float32."""
+    keep = np.arange(min(rows, len(texts)))
+    values = psnr(np.stack(list(images[keep])), float32_images(spec, take(prompts.stage_rows(spec, texts), keep)))
+    return {"rows": len(keep), "mean": float(np.mean(values)), "min": float(np.min(values))}

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from jobs.bench_diffusers import MODES, diffusers_rates
-from jobs.bench_stages import in_process
+from jobs.bench_stages import in_process, psnr_vs_float32
 from jobs.spec import JobSpec, SpecError, apply_overrides, spec_from_dict
 from stages import columns as C
 
@@ -82,16 +82,22 @@ def run_benchmark(args) -> dict:
         raise SpecError(f"benchmark: --rows must exceed twice the text batch size ({spec.stages.text.batch_size}) "
                         f"to see the pipeline's steady state (or give --in-process)")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    measured, images = in_process(spec, prompts)
     figures = {"rows": len(prompts), "model": args.model, "height": spec.generation.height,
-               "width": spec.generation.width, "dtype": spec.model.dtype, "device": device,
-               **in_process(spec, prompts, args.psnr_rows)}
+               "width": spec.generation.width, "dtype": spec.model.dtype, "device": device, **measured}
     figures["pipeline_images_per_s"] = figures["in_process_images_per_s"]  # end to end: only through Ray
     if not args.in_process and importlib.util.find_spec("ray"):
         figures.update(ray_rates(spec, getattr(args, "verbose", False)))
         figures["pipeline_images_per_s"] = figures["ray_steady_images_per_s"]
         figures["end_to_end_images_per_s"] = figures["ray_end_to_end_images_per_s"]
-    print(report_pipeline(figures), flush=True)  # shown (and kept) before diffusers' turn
+    print(report_pipeline(figures), flush=True)  # shown (and kept) before the float32 pass and diffusers' turn
     _save(args.json, figures)
+    if args.psnr_rows and spec.model.dtype != "float32":
+        figures["psnr_vs_float32_db"] = p = psnr_vs_float32(spec, prompts, images, args.psnr_rows)
+        print(f"PSNR {spec.model.dtype} vs float32, {p['rows']} rows: mean {p['mean']:.2f} dB, min {p['min']:.2f} dB",
+              flush=True)
+        _save(args.json, figures)
+    del images
     if args.skip_diffusers:
         return figures
     figures["diffusers_compiled"] = any(bool(getattr(spec.stages, name).compile)
@@ -139,9 +145,6 @@ def report_pipeline(f: dict) -> str:
     if "ray_steady_images_per_s" in f:
         lines.append(f"pipeline (steady state): {f['ray_steady_images_per_s']:.2f} images/s   end to end, with "
                      f"start-up: {f['ray_end_to_end_images_per_s']:.2f} images/s")
-    if "psnr_vs_float32_db" in f:
-        p = f["psnr_vs_float32_db"]
-        lines.append(f"PSNR {f['dtype']} vs float32, {p['rows']} rows: mean {p['mean']:.2f} dB, min {p['min']:.2f} dB")
     if "compile" in f:
         c = f["compile"]
         lines.append(f"compiled: {c['graphs']} graphs, {c['graph_breaks']} graph breaks, {c['cudagraph_skips']} "

@@ -144,7 +144,7 @@ class DecoderStage:
     def _pixels(self, latents: torch.Tensor):
         """(B, 4, 4h', 4w') float32 latents → (B, H, W, 3) uint8 pixels, (B,) flags: every pixel finite, and the
         float pixels in [0, 1] when `keep_float`."""
-        decoded = self.vqgan.decode((latents * self.vqgan.config.scale_factor).to(self.dtype)).sample
+        decoded = self.vqgan.decode((latents * self.vqgan.config.scale_factor).to(self.dtype), return_dict=False)[0]
         finite = torch.isfinite(decoded).flatten(1).all(dim=1)  # before the clamp, which turns ±inf into 0 or 1
         pixels = decoded.clamp(0, 1)
         images = (pixels.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
