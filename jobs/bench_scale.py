@@ -36,7 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--part-rows", type=int, default=1000, help="rows per synthetic manifest part")
     parser.add_argument("--work", help="folder for the synthetic output (default: a new temporary folder)")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
-    parser.add_argument("--keep", action="store_true", help="measure on an output already built in --work")
+    parser.add_argument("--keep", action="store_true", help="measure on an output already built in --work "
+                        "(by an earlier run with that --work)")
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # one measured step, in a child
     return parser
 
@@ -210,8 +211,31 @@ def count_objects(out: Path) -> dict:
         if out.exists() else {}
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """One line for a mistaken argument, before anything is built: not a traceback after job.yaml, nor a child's
+    refusal after the whole synthetic output."""
+    from jobs.spec import SpecError
+
+    for name, least in (("rows", 1), ("part_rows", 1), ("new", 0)):
+        if getattr(args, name) < least:
+            bound = "be at least 1" if least else "not be negative"
+            raise SpecError(f"bench-scale: --{name.replace('_', '-')} must {bound}, got {getattr(args, name)}")
+    for name in args.steps.split(","):
+        if name not in STEPS:  # the child's --step choices
+            raise SpecError(f"bench-scale: --steps: no step {name!r} (choose from {', '.join(STEPS)})")
+    if args.keep and not args.work:
+        raise SpecError("bench-scale: --keep measures an output already built in --work: give --work DIR")
+    if args.keep and not (Path(args.work) / "out" / output.MANIFEST).is_dir():
+        raise SpecError(f"bench-scale: --keep: {args.work} holds no built output (out/{output.MANIFEST}/); "
+                        f"build it first without --keep")
+    if args.work and Path(args.work).exists() and not Path(args.work).is_dir():
+        raise SpecError(f"bench-scale: --work {args.work} is a file, not a folder")
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Build (unless a measured step is asked for), then measure each step in a child process."""
+    if not args.step:
+        check_args(args)
     work = Path(args.work or tempfile.mkdtemp(prefix="wuerstchen-scale-"))
     if args.step:
         print(json.dumps(step(args.step, work)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from jobs.bench_diffusers import MODES, diffusers_rates
 from jobs.bench_stages import in_process, psnr_vs_float32
 from jobs.spec import JobSpec, SpecError, apply_overrides, spec_from_dict
 from stages import columns as C
+from stages.refs import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref
 
 _SUBJECTS = ["a red fox", "a lighthouse", "a bowl of ramen", "an astronaut", "a sailboat", "a cathedral",
              "a bonsai tree", "a vintage car"]
@@ -60,9 +62,17 @@ def check_args(args) -> None:
     """One line for a mistaken argument, before any model work."""
     if args.rows < 1:
         raise SpecError(f"benchmark: --rows must be at least 1, got {args.rows}")
-    if args.model != "tiny" and not (Path(args.model) / "prior").is_dir():
+    if args.psnr_rows < 0:
+        raise SpecError(f"benchmark: --psnr-rows must not be negative (0: no PSNR pass), got {args.psnr_rows}")
+    if args.model != "tiny" and not Path(args.model).is_dir():
         raise SpecError(f"benchmark: --model {args.model} is neither 'tiny' nor a folder holding prior/ and decoder/ "
                         f"(see tiny-model)")
+    if args.model != "tiny":  # generate's model check, each component named: not an OSError after the loads
+        try:
+            check_ref(str(Path(args.model) / "prior"), "prior", PRIOR_SUBFOLDERS, {}, "benchmark: --model")
+            check_ref(str(Path(args.model) / "decoder"), "decoder", DECODER_SUBFOLDERS, {}, "benchmark: --model")
+        except ModelRefError as err:
+            raise SpecError(str(err)) from None
     if args.prompts:
         try:
             benchmark_prompts(1, args.prompts)
@@ -71,16 +81,22 @@ def check_args(args) -> None:
                             f"column ({type(err).__name__})") from None
     if args.json and not Path(args.json).resolve().parent.is_dir():  # found out after the run, the figures lost
         raise SpecError(f"benchmark: --json {args.json}: its folder does not exist")
+    if args.json and Path(args.json).is_dir():
+        raise SpecError(f"benchmark: --json {args.json}: is a folder; name the JSON file to write")
 
 
 def run_benchmark(args) -> dict:
     """Per-stage figures in this process, the Ray pipeline where Ray is installed, diffusers on the same rows."""
     check_args(args)
     work = Path(tempfile.mkdtemp(prefix="wuerstchen-bench-"))
-    spec, prompts = benchmark_spec(args, work)
-    if not args.in_process and len(prompts) <= 2 * spec.stages.text.batch_size:
-        raise SpecError(f"benchmark: --rows must exceed twice the text batch size ({spec.stages.text.batch_size}) "
-                        f"to see the pipeline's steady state (or give --in-process)")
+    try:
+        spec, prompts = benchmark_spec(args, work)
+        if not args.in_process and len(prompts) <= 2 * spec.stages.text.batch_size:
+            raise SpecError(f"benchmark: --rows must exceed twice the text batch size ({spec.stages.text.batch_size}) "
+                            f"to see the pipeline's steady state (or give --in-process)")
+    except SpecError:  # a mistaken --set, --height or --dtype leaves no folder behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     measured, images = in_process(spec, prompts)
     figures = {"rows": len(prompts), "model": args.model, "height": spec.generation.height,

@@ -8,18 +8,18 @@ import posixpath
 import time
 
 import numpy as np
-import yaml
 from fsspec.implementations.local import LocalFileSystem
 
 from jobs import lease, prompts
 from jobs.folding import fold_keys
-from jobs.preflight import answered_decode, check_models
+from jobs.preflight import answered_decode, check_models, check_overwrite_keeps_inputs
 from jobs.resume import Summary, claim
 from jobs.retries import RUN_OPTIONS, check_reachable, run_folder_read
 from jobs.spec import TASK_CPUS, JobSpec, ModelSpec, SpecError, apply_overrides, check_key, spec_from_dict
+from jobs.spec_rules import check_store
 from stages import columns as C
 from stages import footers, output
-from stages.output import EMBEDDINGS, JOB_FILE
+from stages.output import EMBEDDINGS, JOB_FILE, read_job
 from stages.credentials import usable
 from stages.storage import join, url_to_fs
 from stages.writer import PARAMS_SCHEMA, write_embeddings
@@ -41,6 +41,8 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
             check_key(key)  # a misspelt key is named as unknown, not as one that cannot change
             raise SpecError(f"decode: {key} cannot change: the stored Stage C embeddings fix it "
                             f"(allowed: {', '.join(DECODER_KEYS)})")
+    check_store("run", run)
+    check_store("output", output)
     reading = read_options(overrides, storage_options)
     fs, root = url_to_fs(run, reading)
     with run_folder_read("decode", run):
@@ -49,7 +51,7 @@ def decode_spec(run: str, output: str, overrides: list[str], storage_options: di
         for needed in (JOB_FILE, EMBEDDINGS):
             if not fs.exists(join(root, needed)):
                 raise SpecError(f"decode: {run} is not a run folder (no {needed}: give the folder generate wrote)")
-        data = yaml.safe_load(fs.cat_file(join(root, JOB_FILE)))
+        data = read_job(run, reading)
     out_fs, out_root = url_to_fs(output, reading)
     if type(out_fs) is type(fs) and same_place(fs, out_root, root):
         raise SpecError(f"decode: the output {output} is the run itself; decode writes a new output")
@@ -108,6 +110,11 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     if summary is not None:  # its made rows without stored embeddings are said again
         return _with_source_gaps(summary, run, spec.storage_options)
     check_models(spec, priors=False)  # Stage C ran: its embeddings and the decoder are all a decode reads
+    if overwrite:
+        check_overwrite_keeps_inputs(spec, reads=("decoded_from", "model.decoder"))
+    from jobs.placement import check_ray  # imports Ray: not for a decode answered above
+
+    check_ray(spec)
     with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
         claim(spec, overwrite)
         from jobs.retries import storage_errors_named

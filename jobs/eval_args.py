@@ -62,7 +62,9 @@ def run_from_args(args) -> int:
         raise SpecError("--batch-size and --concurrency must be at least 1")
     pools = PoolOptions(batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus)
     from jobs.retries import RUN_OPTIONS, check_reachable
+    from jobs.spec_rules import check_store
 
+    check_store("run", args.run)
     check_reachable({"run": args.run, "--fid-reference": args.fid_reference, "--clip-model": args.clip_model,
                      "--inception": args.inception}, storage_options, RUN_OPTIONS)
     from jobs.evaluate import evaluate  # Ray, torch and the models: only once the arguments are checked

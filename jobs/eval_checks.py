@@ -5,17 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.spec import SpecError
 from stages import footers
-from stages.refs import ModelRefError, hub_entries, ref_kind
+from stages.refs import ModelRefError, check_local_weights, hub_entries, ref_kind
 from stages.storage import join, url_to_fs
 
-# What CLIPModel and CLIPProcessor load (the image processor's config under its older or its newer name).
-CLIP_FILES = (("config.json",), ("preprocessor_config.json", "processor_config.json"), ("tokenizer_config.json",))
+# What CLIPModel and CLIPProcessor load (the image processor's config under its older or its newer name; the
+# weights whole or sharded).
+CLIP_FILES = (("config.json",), ("preprocessor_config.json", "processor_config.json"), ("tokenizer_config.json",),
+              ("model.safetensors", "model.safetensors.index.json"))  # CLIPModel loads safetensors only
 AXIS_VALUES = 1000  # most values of one --by axis: each is a group of FID statistics (~32 MiB) and a result row
 
 
@@ -56,6 +59,11 @@ def check_clip(model: str, storage_options: dict) -> dict:
         fs, path = url_to_fs(model, storage_options)
         _check_clip_files(model, [names[0] for names in CLIP_FILES
                                   if not any(fs.isfile(join(path, name)) for name in names)], hint)
+        if kind == "local":  # a truncated or half-copied weights file, named here and not after Ray started
+            try:
+                check_local_weights(model, "--clip-model", [Path(path)])
+            except ModelRefError as err:
+                raise SpecError(str(err)) from None
         config = fs.cat_file(join(path, "config.json"))
         try:
             model_type = json.loads(config).get("model_type")

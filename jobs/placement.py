@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -104,6 +105,45 @@ def placement(stage: StageSpec, name: str, cluster_gpus: float, share: float | N
     return args
 
 
+class _Probe:
+    """An actor class that is never started: Ray checks a stage's options when they are applied to it."""
+
+
+def check_ray(spec: JobSpec) -> None:
+    """Before the output is claimed: the stages' Ray options, and the cluster RAY_ADDRESS names (where this
+    process has not joined one already)."""
+    check_options(spec)
+    if not ray.is_initialized():
+        check_ray_address(os.environ.get("RAY_ADDRESS", ""))
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A RAY_ADDRESS of host:port (or ray://host:port) that nothing answers is one line: ray.init would wait on
+    it for minutes. `auto`, `local` and no address start or find a Ray themselves."""
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise SpecError(f"RAY_ADDRESS {address}: no Ray cluster answers there ({err.strerror or err}); start one "
+                        f"(ray start --head) or unset RAY_ADDRESS to run on a Ray of this machine's own") from None
+
+
+def check_options(spec: JobSpec) -> None:
+    """Each stage's Ray options as Ray itself checks them (a quantity finer than 0.0001, CPU or GPU inside
+    `resources`, a malformed label selector): one line naming the stage, before the output is claimed."""
+    for name in ("text", "prior", "decoder"):
+        stage = getattr(spec.stages, name)
+        options = {key: getattr(stage, key) for key in ("num_cpus", "num_gpus", *_PLACING[1:])
+                   if getattr(stage, key) is not None}
+        try:
+            if options:
+                ray.remote(**options)(_Probe)
+        except (ValueError, TypeError) as err:
+            raise SpecError(f"stages.{name}: {err}") from None
+
+
 def pool_size(stage: StageSpec) -> tuple[int, int]:
     """(min, max) actors of a stage's pool: its concurrency n (a fixed pool) or [min, max]; 1 by default."""
     concurrency = stage.concurrency or 1
@@ -132,6 +172,8 @@ def minimum_pools(spec: JobSpec, cluster: dict) -> list[tuple[str, int, dict]]:
     for name in ("text", "prior", "decoder"):
         args = stage_placement(spec, name, placing_gpus(cluster))
         ask = {"CPU": args["num_cpus"], "GPU": args["num_gpus"], **args.get("resources", {})}
+        if args.get("accelerator_type"):  # what Ray asks a node for (its nodes of that type offer 1)
+            ask[f"accelerator_type:{args['accelerator_type']}"] = 0.001
         pools.append((name, args["compute"].min_size, {k: v for k, v in ask.items() if v}))
     return pools
 

@@ -17,8 +17,9 @@ from jobs.retries import check_reachable
 from jobs.spec import JobSpec, SpecError
 from stages import columns as C
 from stages import footers, output, user_columns
-from stages.refs import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, conditioning, prior_refs
-from stages.storage import full_uri, reason
+from stages.refs import (DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, conditioning, prior_refs,
+                         ref_kind)
+from stages.storage import canonical, full_uri, reason
 
 
 def check_models(spec: JobSpec, priors: bool = True) -> None:
@@ -176,6 +177,19 @@ def stores(spec: JobSpec) -> dict[str, str | None]:
             "model.decoder": spec.model.decoder}
 
 
+def check_overwrite_keeps_inputs(spec: JobSpec, reads: tuple[str, ...] | None = None) -> None:
+    """--overwrite deletes the output folder: refuse, in one line, where something the job reads (its prompt
+    table, a run it decodes, a model folder; only the spec keys `reads` where given) lies inside it."""
+    root = canonical(spec.output) + "/"
+    for key, uri in stores(spec).items():
+        if key == "output" or not uri or (reads is not None and key not in reads) or (
+                key.startswith(("model.", "sweep.")) and ref_kind(uri) in ("tiny", "hub")):
+            continue
+        if (canonical(uri) + "/").startswith(root):
+            raise SpecError(f"{key} {uri}: inside the output {spec.output}, which --overwrite deletes; move it out "
+                            f"of the output folder, or choose another output")
+
+
 def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, retry_failed: bool = False) -> Summary:
     """A whole `generate`: a finished rerun is answered from its manifest; otherwise every check runs and the
     output is claimed before Ray, torch or a model is imported, then the pipeline runs. `retry_failed`: only the
@@ -190,6 +204,11 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, 
         summary = dataclasses.replace(summary, retried=0) if summary.failed == summary.kept else None
     if summary is not None:
         return summary
+    if overwrite:
+        check_overwrite_keeps_inputs(spec)
+    from jobs.placement import check_ray  # imports Ray: not for a rerun answered above
+
+    check_ray(spec)
     table = preflight(spec)
     for warning in table.warnings():
         print(warning, file=sys.stderr)

@@ -292,7 +292,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Build the report and print where it is (a folder without a run is one line, and gets no report)."""
     from jobs.retries import RUN_OPTIONS, check_reachable, run_folder_read
     from jobs.spec import SpecError
+    from jobs.spec_rules import check_store
 
+    check_store("run", args.run)
     check_reachable({"run": args.run}, args.storage_options, RUN_OPTIONS)
     fs, root = url_to_fs(args.run, args.storage_options or {})
     with run_folder_read("report", args.run):

@@ -3,6 +3,7 @@ sums, nodes, the swept prompts (jobs/report_sweeps.py), and only the rows the pa
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -90,7 +91,7 @@ def batches(dataset: pads.FileSystemDataset, columns: list[str], filter=None):
 def id_keys(ids) -> np.ndarray:
     """8-byte keys of row ids (the first 64 of their 128 bits): two distinct ids share one with probability
     ~n²/2^65 (3e-6 at 10M rows), which would only make a report count one row less."""
-    return output.compact_ids(ids).view("<u8").reshape(-1, 2)[:, 0].copy()
+    return compact_ids(ids).view("<u8").reshape(-1, 2)[:, 0].copy()
 
 
 def count_rows(dataset: pads.Dataset, view: ManifestView) -> np.ndarray:
@@ -209,3 +210,32 @@ def _order(value) -> tuple:
 def row_order(row: dict) -> tuple:
     """Contact-sheet and grid order: prompt, then every sweep axis (as ORDER)."""
     return (row[C.PROMPT], *(_order(axis_value(row, a)) for a in AXES), row[C.ROW_ID])
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def compact_ids(ids) -> np.ndarray:
+    """Row ids as 16-byte values ('S16'), the same whatever batch an id comes in: a 32-hex-digit id's own 128
+    bits (vectorized), any other id's MD5."""
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    n = len(ids)
+    out = np.zeros(n, dtype="S16")
+    fast = np.zeros(n, dtype=bool)
+    if n and ids.null_count == 0 and pa.types.is_string(ids.type):
+        offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset:ids.offset + n + 1].astype(np.int64)
+        fast = np.diff(offsets) == 32
+        data = np.frombuffer(ids.buffers()[2], np.uint8) if ids.buffers()[2] is not None else np.zeros(0, np.uint8)
+        where = offsets[:-1][fast][:, None] + np.arange(32)
+        digits = _HEX[data[where]] if fast.any() else np.zeros((0, 32), np.uint8)
+        valid = ~(digits == 255).any(axis=1)
+        fast[np.flatnonzero(fast)[~valid]] = False
+        digits = digits[valid]
+        out[fast] = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2]).view("S16").ravel()
+    rest = np.flatnonzero(~fast)
+    if len(rest):
+        values = ids.take(pa.array(rest)).to_pylist()
+        out[rest] = [hashlib.md5(str(v).encode()).digest() for v in values]
+    return out

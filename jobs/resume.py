@@ -124,7 +124,7 @@ def _finished(spec: JobSpec, expected_rows: Callable[[], int], started: float) -
     job_file = join(root, output_folder.JOB_FILE)
     if not fs.exists(job_file):
         return None
-    before, now = yaml.safe_load(fs.cat_file(job_file)) or {}, spec.to_dict()
+    before, now = output_folder.read_job(spec.output, spec.storage_options), spec.to_dict()
     record = output_folder.finished_record(spec.output, spec.storage_options)
     if (any(before.get(key) != now.get(key) for key in ROW_KEYS) or _stage_bits(before) != _stage_bits(now)
             or record is None or not _prompts_older(spec, fs, job_file)):
@@ -209,7 +209,7 @@ def check_continuation(spec: JobSpec, overwrite: bool) -> None:
         return
     if not any(fs.glob(join(root, folder, "*.parquet")) for folder in ("manifest", "embeddings")):
         return
-    before = yaml.safe_load(fs.cat_file(job_file))
+    before = output_folder.read_job(spec.output, spec.storage_options)
     if before.get("decoded_from"):  # as written before it was spelled one way (s3a://, a trailing slash)
         before["decoded_from"] = canonical(before["decoded_from"])
     now = spec.to_dict()

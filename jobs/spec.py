@@ -104,6 +104,13 @@ def stage_kwargs(spec: JobSpec, name: str) -> dict:
                 micro_batch=stage.micro_batch, compile=stage.compile)
 
 
+def syntax_error(where: str, err: yaml.YAMLError) -> SpecError:
+    """One line naming `where` and the line of a YAML syntax error."""
+    mark = getattr(err, "problem_mark", None)
+    line = f" line {mark.line + 1}" if mark else ""
+    return SpecError(f"{where}{line}: YAML syntax error: {getattr(err, 'problem', err)}")
+
+
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     """Read a YAML job file, apply `key.sub=value` overrides, validate."""
     try:
@@ -114,9 +121,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         why = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else err.strerror.lower()
         raise SpecError(f"job file {path}: cannot read it ({why})") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"job file {path}{where}: YAML syntax error: {getattr(err, 'problem', err)}") from None
+        raise syntax_error(f"job file {path}", err) from None
     except _TwiceError as err:
         raise SpecError(f"job file {path} line {err.line}: key '{err.key}' appears twice in one mapping (YAML "
                         f"would keep the last silently); merge them") from None

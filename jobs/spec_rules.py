@@ -8,9 +8,12 @@ import json
 import math
 import typing
 
+import fsspec
+
 from stages import credentials as secrets
 from stages.dtypes import COMPILE_MODES, DTYPE_NAMES
 from stages.refs import prior_id
+from stages.storage import reason
 
 if typing.TYPE_CHECKING:
     from jobs.spec import JobSpec, StageSpec
@@ -68,8 +71,8 @@ def validate(spec: JobSpec) -> None:
                             f"signed 64-bit integer), got {seed}")
     if spec.model.dtype not in DTYPE_NAMES:
         raise SpecError(f"model.dtype: unknown dtype {spec.model.dtype!r} (choose {' | '.join(DTYPE_NAMES)})")
-    if spec.placement_timeout_s < 0:
-        raise SpecError(f"placement_timeout_s: must not be negative, got {spec.placement_timeout_s}")
+    if not spec.placement_timeout_s >= 0:  # NaN too: a deadline never reached
+        raise SpecError(f"placement_timeout_s: expected seconds, at least 0, got {spec.placement_timeout_s}")
     if spec.output_format not in ("files", "webdataset"):
         raise SpecError(f"output_format: {spec.output_format!r} is not one of files | webdataset")
     if spec.shard_size < 1:
@@ -116,7 +119,8 @@ SWEEP_AXES = ("seed", "prior_guidance_scale", "decoder_guidance_scale", "prior_s
 
 def check_uris(spec: JobSpec) -> None:
     """Refuse credentials written into a URI (user:password@), without showing them: they belong in
-    storage_options (masked in job.yaml) or the environment; refuse memory:// where Ray's workers read or write."""
+    storage_options (masked in job.yaml) or the environment; refuse memory:// where Ray's workers read or write,
+    and a store fsspec cannot open."""
     in_workers = [("prompts", spec.prompts), ("output", spec.output), ("decoded_from", spec.decoded_from or "")]
     named = in_workers + [("model.decoder", spec.model.decoder)]
     priors = [("model.prior", spec.model.prior)] + [(f"sweep.prior_checkpoint[{i}]", p)
@@ -131,6 +135,19 @@ def check_uris(spec: JobSpec) -> None:
         if secrets.has_user_info(uri):
             raise SpecError(f"{name}: credentials in a URI (user:password@…) are not accepted and not shown; "
                             f"give them in storage_options or the environment")
+    # Not prompts: a decode keeps its run's table, unread; generate names it as it lists it (jobs/prompts.py).
+    for name, uri in in_workers[1:]:
+        check_store(name, uri)
+
+
+def check_store(name: str, uri: str | None) -> None:
+    """A URI whose stores fsspec can open (a known protocol, its package installed: gs:// needs gcsfs), else one
+    line naming the key or argument, the URI and why, as a prompt table that cannot be read is named."""
+    for store in (uri or "").split("::"):  # a chained URI (tar://member::s3://b/shard.tar): each of its stores
+        try:
+            fsspec.get_filesystem_class(fsspec.core.split_protocol(store)[0] or "file")
+        except (ValueError, ImportError) as err:
+            raise SpecError(f"{name}: cannot open {uri} ({reason(err)})") from None
 
 
 def check_prior_spec(name: str, prior) -> None:
@@ -224,3 +241,7 @@ def _validate_stage(name: str, stage: StageSpec) -> None:
         value = getattr(stage, key)
         if value is not None and value < 0:
             raise SpecError(f"{name}.{key}: must not be negative, got {value}")
+    for resource, amount in (stage.resources or {}).items():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount >= 0:
+            raise SpecError(f"{name}.resources.{resource}: expected a non-negative number (how much of a custom "
+                            f"resource one actor asks for), got {amount!r}")

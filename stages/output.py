@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import re
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -51,12 +49,21 @@ def arrow_fs(fs) -> PyFileSystem:
 
 
 def read_job(output: str, storage_options: dict | None) -> dict:
-    """The run's resolved spec from <output>/job.yaml ({} when there is none)."""
+    """The run's resolved spec from <output>/job.yaml ({} when there is none); one emptied, edited into another
+    shape or cut short is a one-line error naming the file."""
+    from jobs.spec import SpecError, syntax_error
+
     fs, path = url_to_fs(join(output, JOB_FILE), storage_options)
     if not fs.exists(path):
         return {}
-    with fs.open(path, "rb") as f:
-        return yaml.safe_load(f) or {}
+    try:
+        job = yaml.safe_load(fs.cat_file(path))
+    except yaml.YAMLError as err:
+        raise syntax_error(join(output, JOB_FILE), err) from None
+    if not isinstance(job, dict):
+        shape = "empty" if job is None else f"a YAML {type(job).__name__}"
+        raise SpecError(f"{join(output, JOB_FILE)}: not a job spec ({shape}; expected a mapping of keys)")
+    return job
 
 
 def list_parts(output: str, name: str, storage_options: dict | None) -> tuple[object, list[str]]:
@@ -291,32 +298,3 @@ def _read_named_rows(group: pa.Table, fs) -> pa.Table:
         table = (table.set_column(table.schema.get_field_index(column), column, values)
                  if column in table.column_names else table.append_column(column, values))
     return table
-
-
-_HEX = np.full(256, 255, dtype=np.uint8)
-_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
-_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
-
-
-def compact_ids(ids) -> np.ndarray:
-    """Row ids as 16-byte values ('S16'), the same whatever batch an id comes in: a 32-hex-digit id's own 128
-    bits (vectorized), any other id's MD5."""
-    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-    n = len(ids)
-    out = np.zeros(n, dtype="S16")
-    fast = np.zeros(n, dtype=bool)
-    if n and ids.null_count == 0 and pa.types.is_string(ids.type):
-        offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset:ids.offset + n + 1].astype(np.int64)
-        fast = np.diff(offsets) == 32
-        data = np.frombuffer(ids.buffers()[2], np.uint8) if ids.buffers()[2] is not None else np.zeros(0, np.uint8)
-        where = offsets[:-1][fast][:, None] + np.arange(32)
-        digits = _HEX[data[where]] if fast.any() else np.zeros((0, 32), np.uint8)
-        valid = ~(digits == 255).any(axis=1)
-        fast[np.flatnonzero(fast)[~valid]] = False
-        digits = digits[valid]
-        out[fast] = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2]).view("S16").ravel()
-    rest = np.flatnonzero(~fast)
-    if len(rest):
-        values = ids.take(pa.array(rest)).to_pylist()
-        out[rest] = [hashlib.md5(str(v).encode()).digest() for v in values]
-    return out

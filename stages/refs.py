@@ -65,7 +65,7 @@ def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options:
         _check_subfolders(ref, name, subfolders, {p.name for p in path.iterdir() if p.is_dir()})
         for folder in subfolders:
             _check_config(ref, name, path / folder / CONFIGS.get(folder, "config.json"))
-        _check_local_weights(ref, name, [path / s for s in subfolders if s in WEIGHT_SUBFOLDERS])
+        check_local_weights(ref, name, [path / s for s in subfolders if s in WEIGHT_SUBFOLDERS])
     elif kind == "uri":
         _check_uri(ref, name, subfolders, storage_options)
     elif kind == "hub":
@@ -92,7 +92,7 @@ def _check_config(ref: str, name: str, config: Path) -> None:
         raise ModelRefError(f"{name}: {config} is not a readable JSON file ({reason(err)})") from None
 
 
-def _check_local_weights(ref: str, name: str, folders: list[Path]) -> None:
+def check_local_weights(ref: str, name: str, folders: list[Path]) -> None:
     """Every weights subfolder holds .safetensors files whose header and size agree (safetensors checks both):
     a truncated or half-copied file is named here, not in a traceback from each stage actor that loads it."""
     from safetensors import safe_open

@@ -88,8 +88,8 @@ def unreachable(uri: str, storage_options: dict | None) -> str | None:
 
 
 def absolute(uri: str) -> str:
-    """A local path made absolute (against this process's working directory); a URI as it is."""
-    return uri if "://" in uri else os.path.abspath(uri)
+    """A local path made absolute (`~` expanded, against this process's working directory); a URI as it is."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
 def canonical(uri: str) -> str:

@@ -80,10 +80,11 @@ def test_infinite_pixels_mark_the_row(monkeypatch):
     text, prior, decoder = TextEncoder("tiny", "tiny"), PriorStage("tiny"), DecoderStage("tiny")
     decode = decoder.vqgan.decode
 
-    def overflowing(latents):
-        out = decode(latents)
-        out.sample[0, 0, 0, 0] = float("inf")  # one pixel of the first row
-        out.sample[0, 1, 0, 0] = -float("inf")
+    def overflowing(latents, **kwargs):
+        out = decode(latents, **kwargs)
+        pixels = out[0] if isinstance(out, tuple) else out.sample
+        pixels[0, 0, 0, 0] = float("inf")  # one pixel of the first row
+        pixels[0, 1, 0, 0] = -float("inf")
         return out
 
     monkeypatch.setattr(decoder.vqgan, "decode", overflowing)

@@ -289,7 +289,10 @@ def test_user_mistakes_are_one_line(clip_dir, tmp_path, monkeypatch):
         (dict(run=str(tmp_path / "nope")), "not a run folder"),
         (dict(by=("guidance",)), "--by guidance: not a manifest column"),
         (dict(clip_model="tiny"), "--clip-model tiny: not a CLIP model"),
-        (dict(clip_model=str(tmp_path)), "no config.json, preprocessor_config.json, tokenizer_config.json there"),
+        (dict(clip_model=str(tmp_path)), "no config.json, preprocessor_config.json, tokenizer_config.json, "
+                                         "model.safetensors there"),
+        (dict(clip_model=str(tmp_path / "no_weights")), "no model.safetensors there"),
+        (dict(clip_model=str(tmp_path / "cut")), "cut/model.safetensors is not a complete safetensors file"),
         (dict(clip_model=str(tmp_path / "model_only")), "no preprocessor_config.json, tokenizer_config.json there"),
         (dict(clip_model=str(tmp_path / "text_only")), "its config.json is a 'clip_text_model' model's, not CLIP's"),
         (dict(fid_reference=str(tmp_path / "empty")), f"--fid-reference {tmp_path / 'empty'}: a folder with no run"),
@@ -312,6 +315,10 @@ def test_user_mistakes_are_one_line(clip_dir, tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "model_only")  # the weights without the processor
     shutil.copytree(clip_dir, tmp_path / "text_only")
     model.text_model.config.save_pretrained(tmp_path / "text_only")  # a text encoder's config
+    shutil.copytree(clip_dir, tmp_path / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(clip_dir, tmp_path / "cut")
+    with open(tmp_path / "cut" / "model.safetensors", "r+b") as weights:  # a copy cut short
+        weights.truncate(weights.seek(0, 2) // 2)
     for change, message in cases:
         opts = J.EvalOptions(**{"run": run, "clip_model": clip_dir, **change})
         with pytest.raises(SpecError, match="^[^\n]*" + message.replace(".", r"\.")):

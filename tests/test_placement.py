@@ -103,3 +103,48 @@ def test_a_cluster_whose_gpu_nodes_start_from_zero_asks_for_gpus(ray_cluster):
     finally:
         gcs.internal_kv_del(KEY.encode(), False, NAMESPACE.encode())
     assert placing_gpus(cluster) == 0
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"num_cpus": 0.00001}, "stages.text: The precision of the fractional quantity of resource num_cpus cannot go "
+                            "beyond 0.0001"),
+    ({"resources": {"CPU": 1}}, "stages.text: Use the 'num_cpus' and 'num_gpus' keyword instead"),
+    ({"label_selector": {"gpu-type": "H100 SXM"}}, "stages.text: Invalid label selector value `H100 SXM`"),
+])
+def test_ray_options_ray_would_refuse_are_one_line_before_any_work(stage, message):
+    from jobs.placement import check_options
+    from jobs.spec import SpecError
+
+    check_options(spec_from_dict(job(stages={"text": {"num_cpus": 0.5, "resources": {"text_group": 0.25}}})))
+    with pytest.raises(SpecError) as err:
+        check_options(spec_from_dict(job(stages={"text": stage})))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_an_accelerator_type_no_node_has_is_missing_not_waited_for():
+    """Ray asks for `accelerator_type:A100` for a stage placed on A100s: a cluster without one is refused, not
+    waited on forever."""
+    from jobs.placement import missing_resource
+
+    spec = spec_from_dict(job(stages={"prior": {"accelerator_type": "A100"}}))
+    cluster = {"CPU": 8.0, "GPU": 1.0, "accelerator_type:H100": 1.0}
+    assert missing_resource(spec, cluster) == ("stages.prior: no node of the Ray cluster offers accelerator_type:A100 "
+                                               "(the cluster offers CPU, GPU, accelerator_type:H100)")
+    assert missing_resource(spec, {**cluster, "accelerator_type:A100": 1.0}) is None
+
+
+def test_a_ray_address_nothing_answers_is_one_line():
+    """ray.init waits minutes on an address nothing answers (after the output was claimed): said at once."""
+    import socket
+
+    from jobs.placement import check_ray_address
+    from jobs.spec import SpecError
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "auto", "local", ""):
+            check_ray_address(address)
+    with pytest.raises(SpecError, match=rf"^RAY_ADDRESS 127.0.0.1:{port}: no Ray cluster answers there \("):
+        check_ray_address(f"127.0.0.1:{port}")

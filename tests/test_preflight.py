@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -10,6 +11,7 @@ import pytest
 import yaml
 from conftest import write_prompts
 
+from jobs.cli import main
 from jobs.preflight import answered, check_models
 from jobs.resume import claim
 from jobs.spec import SpecError, spec_from_dict
@@ -218,3 +220,60 @@ def test_a_finished_output_on_an_object_store_is_answered(s3_server, tmp_path):
     time.sleep(1.1)  # object stores keep modification times to the second
     fs.put(str(tmp_path / "p.parquet"), "quick/prompts/p.parquet")  # rewritten after the run
     assert answered(spec, time.time()) is None
+
+
+def a_run(tmp_path, job_yaml: str | None = None) -> Path:
+    """A job file (tiny models) and the run folder it made: job.yaml (`job_yaml` where given), embeddings/ and a
+    manifest part (a run with rows, whose spec a rerun compares)."""
+    job = {"prompts": write_prompts(tmp_path / "p.parquet", [{"prompt": "a"}]), "output": str(tmp_path / "run"),
+           "model": {"prior": "tiny", "decoder": "tiny"}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    (tmp_path / "run" / "embeddings").mkdir(parents=True)
+    (tmp_path / "run" / "manifest").mkdir()
+    write_prompts(tmp_path / "run" / "manifest" / "part-0.parquet", [{"prompt": "a"}])
+    (tmp_path / "run" / "job.yaml").write_text(yaml.safe_dump(job) if job_yaml is None else job_yaml)
+    return tmp_path / "run"
+
+
+def test_an_unknown_or_uninstalled_store_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """A URI whose protocol fsspec does not know, or whose package is not installed (gs:// without gcsfs), is one
+    line naming the key or argument, the URI and why, as the prompt table's is: before anything is written."""
+    from fsspec.registry import known_implementations
+
+    monkeypatch.setitem(known_implementations, "nopkg",
+                        {"class": "no_such_package.FileSystem", "err": "Please install no_such_package"})
+    run, job = str(a_run(tmp_path)), str(tmp_path / "job.yaml")
+    cases = [(["generate", job, "--set", "output=foo://bucket/out"], "output: cannot open foo://bucket/out "
+                                                                     "(Protocol not known: foo)"),
+             (["generate", job, "--set", "output=nopkg://bucket/out"], "output: cannot open nopkg://bucket/out "
+                                                                       "(Please install no_such_package)"),
+             (["generate", job, "--set", "prompts=foo://bucket/p"], "prompts: cannot read foo://bucket/p "
+                                                                    "(Protocol not known: foo)"),
+             (["report", "foo://bucket/run"], "run: cannot open foo://bucket/run (Protocol not known: foo)"),
+             (["decode", run, "foo://bucket/out"], "output: cannot open foo://bucket/out (Protocol not known: foo)"),
+             (["decode", "nopkg://bucket/run", str(tmp_path / "new")],
+              "run: cannot open nopkg://bucket/run (Please install no_such_package)"),
+             (["evaluate", "foo://bucket/run", "--clip-model", "clip"],
+              "run: cannot open foo://bucket/run (Protocol not known: foo)")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.strip() == f"error: {message}", argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "p.parquet", "run"]
+
+
+@pytest.mark.parametrize("text, why", [
+    ("", "not a job spec (empty; expected a mapping of keys)"),
+    ("- prompts\n- output\n", "not a job spec (a YAML list; expected a mapping of keys)"),
+    ("prompts: p\nmodel: {prior: tiny\n", "job.yaml line 3: YAML syntax error: "),
+])
+def test_a_corrupt_job_yaml_in_a_run_is_one_line_naming_it(tmp_path, capsys, text, why):
+    """A run's job.yaml emptied, edited into another shape or cut short: report, decode and a generate that
+    continues the run each say so in one line naming the file, and write nothing."""
+    run = a_run(tmp_path, text)
+    for argv in (["report", str(run)], ["decode", str(run), str(tmp_path / "new")],
+                 ["generate", str(tmp_path / "job.yaml")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {run / 'job.yaml'}") and why in err and "\n" not in err, (argv, err)
+    assert sorted(os.listdir(run)) == ["embeddings", "job.yaml", "manifest"] and not (tmp_path / "new").exists()
+    assert (run / "job.yaml").read_text() == text

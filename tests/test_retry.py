@@ -36,11 +36,16 @@ def fail_rows(manifest_dir, count):
 
 
 def without_row(folder, row_id):
-    """Rewrite the Parquet part of `folder` holding `row_id` without it (as a take-out does)."""
+    """Rewrite the Parquet part of `folder` holding `row_id` without it, or delete it if that was its only row
+    (as a take-out does)."""
     for part in folder.glob("*.parquet"):
         table = pq.read_table(part)
         if row_id in table.column(C.ROW_ID).to_pylist():
-            pq.write_table(table.filter(pc.not_equal(table.column(C.ROW_ID), row_id)), part)
+            kept = table.filter(pc.not_equal(table.column(C.ROW_ID), row_id))
+            if kept.num_rows:
+                pq.write_table(kept, part)
+            else:
+                part.unlink()
 
 
 def pixels(path):
@@ -67,18 +72,15 @@ def test_retry_failed_remakes_only_the_failed_rows_and_replaces_their_entries(tm
     failed = fail_rows(tmp_path / "out" / "manifest", 2)
     stored = tmp_path / "out" / "embeddings"
     without_row(stored, failed[0])  # failed[0] failed in Stage C (no stored output), failed[1] in Stage B/A
-    # A --retry-failed killed after taking failed[1]'s entry out: the next plain run decodes it from its stored
-    # Stage C output (no part is written again: Stage C is not redone) and keeps failed[0]'s failure.
+    # A --retry-failed killed after taking failed[1]'s entry out: the next run (here a retry) decodes it from its
+    # stored Stage C output (no stored part is written again: Stage C is not redone) and remakes failed[0] whole.
     without_row(tmp_path / "out" / "manifest", failed[1])
     output.unmark_closed(str(tmp_path / "out"), {})
     parts = {p.name: p.stat().st_mtime_ns for p in stored.glob("*.parquet")}
-    assert main(["generate", str(tmp_path / "job.yaml")]) == 1
-    assert "5 rows (1 failed, 4 done earlier); 1 made" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in stored.glob("*.parquet")} == parts
-
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0
-    out = capsys.readouterr().out
-    assert "retried 1 failed rows: 1 succeeded, 0 failed again (5 rows in all)" in out
+    assert "retried 1 failed rows: 1 succeeded, 0 failed again (5 rows in all)" in capsys.readouterr().out
+    now = {p.name: p.stat().st_mtime_ns for p in stored.glob("*.parquet")}
+    assert {name: now.get(name) for name in parts} == parts and len(now) == len(parts) + 1  # failed[0]'s part
     assert read_runs(LocalFileSystem(), str(tmp_path / "out"))[-1]["made"] == 1  # the report's "images made"
     manifest = pq.read_table(tmp_path / "out" / "manifest")
     ids = manifest[C.ROW_ID].to_pylist()

@@ -60,6 +60,34 @@ def test_overwrite_deletes_a_run_or_an_empty_folder(tmp_path):
     assert (tmp_path / "file.txt").read_text() == "mine"
 
 
+def test_overwrite_refuses_an_output_holding_what_the_job_reads(tmp_path, capsys):
+    """A prompt table (or a run to decode) kept inside the output folder would be deleted by --overwrite before
+    the job read it: one line naming it, nothing deleted."""
+    out = tmp_path / "out"
+    (out / "inputs").mkdir(parents=True)
+    (out / "job.yaml").write_text("prompts: x\n")  # a run folder: --overwrite may delete it
+    prompts = write_prompts(out / "inputs" / "p.parquet", [{C.PROMPT: "a cat"}])
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"prompts": prompts, "output": str(out)}))
+    assert main(["generate", str(tmp_path / "job.yaml"), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: prompts {prompts}: inside the output {out}, which --overwrite deletes; move it out of "
+                   f"the output folder, or choose another output")
+    run = out / "runs" / "first"  # decode's source run inside its output
+    (run / "embeddings").mkdir(parents=True)
+    (run / "job.yaml").write_text(yaml.safe_dump({"prompts": prompts, "output": str(run)}))
+    assert main(["decode", str(run), str(out), "--overwrite"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: decoded_from {run}: inside the output {out}")
+    assert os.path.exists(prompts) and (run / "job.yaml").exists()
+
+
+def test_a_home_relative_output_is_under_home(tmp_path, monkeypatch):
+    """`~/runs/a` is the user's home folder, as a shell reads it, not a folder named `~` here."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    spec = spec_from_dict({"prompts": "~/p.parquet", "output": "~/runs/a"})
+    assert (spec.prompts, spec.output) == (str(tmp_path / "home" / "p.parquet"), str(tmp_path / "home" / "runs" / "a"))
+
+
 SECRET_OPTIONS = {"key": KEY, "secret": SECRET, "connection_string": f"AccountName=a;AccountKey={SECRET}",
                   "headers": {"Authorization": f"Bearer {SECRET}"},
                   "client_kwargs": {"endpoint_url": f"http://{KEY}:{SECRET}@127.0.0.1:9"}}

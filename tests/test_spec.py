@@ -79,6 +79,9 @@ def test_spec_is_frozen():
     ({**BASE, "sweep": {"negative_prompt": ["", "\ud800"]}}, "sweep.negative_prompt[1]: not valid Unicode text "
                                                              "(surrogates not allowed at character 0)"),
     ({**BASE, "generation": {"negative_prompt": "blurry \udc80"}}, "generation.negative_prompt: not valid Unicode"),
+    ({**BASE, "stages": {"text": {"resources": {"memory": "1G"}}}}, "stages.text.resources.memory: expected a "
+                                                                    "non-negative number"),
+    ({**BASE, "placement_timeout_s": float("nan")}, "placement_timeout_s: expected seconds, at least 0, got nan"),
 ])
 def test_bad_specs_name_the_field(data, message):
     with pytest.raises(SpecError) as err:
