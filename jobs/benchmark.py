@@ -69,8 +69,9 @@ def check_args(args) -> None:
                         f"(see tiny-model)")
     if args.model != "tiny":  # generate's model check, each component named: not an OSError after the loads
         try:
-            check_ref(str(Path(args.model) / "prior"), "prior", PRIOR_SUBFOLDERS, {}, "benchmark: --model")
-            check_ref(str(Path(args.model) / "decoder"), "decoder", DECODER_SUBFOLDERS, {}, "benchmark: --model")
+            model = Path(args.model).resolve()  # a relative name is a folder here, not a hub id
+            check_ref(str(model / "prior"), "prior", PRIOR_SUBFOLDERS, {}, "benchmark: --model")
+            check_ref(str(model / "decoder"), "decoder", DECODER_SUBFOLDERS, {}, "benchmark: --model")
         except ModelRefError as err:
             raise SpecError(str(err)) from None
     if args.prompts:

@@ -56,14 +56,15 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     `retry_failed`, only the failed rows the prompt table still plans, their entries taken out first). Done rows
     are counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
     done, failed = open_output(spec, start, verbose)
-    only, retried, redecoded, kept = retry.take_out_failed(
+    only, retried, stored, kept = retry.take_out_failed(
         spec, lambda ids, n: planned_among(spec, table, ids, n), done) if retry_failed else (None, 0, 0, 0)
     # The rows in flight are done now, and the retried rows that failed in Stage B/A (decoded from their stored
     # Stage C output; the pass below drops them with the done ones).
-    finished_rows = done + decode_in_flight(spec, done, table.user_types)
+    decoded = decode_in_flight(spec, done, table.user_types)
+    finished_rows = done + decoded
     planned = prompts.planned_rows(spec, table.rows)
     if retry_failed:
-        todo = retried - redecoded
+        todo = retried - stored  # the stored ones were decoded above
     else:  # the planned rows less the entries and the identical rows folded into them
         todo = planned - finished_rows - footers.folded_rows(spec.output, spec.storage_options)
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
@@ -76,12 +77,12 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
             return 0, 0  # every entry is a planned row's: no join
         return retry.unplanned_entries(spec, lambda ids, n: planned_among(spec, table, ids, n), summary.rows,
                                        summary.failed)
-    summary = close_output(spec, start, done, failed, retried=retried if retry_failed else None, kept=kept,
+    made_again = todo + decoded  # a retry's rows: remade whole, or decoded (also rows a killed retry took out)
+    summary = close_output(spec, start, done, failed, retried=made_again if retry_failed else None, kept=kept,
                            planned=planned, unplanned=None if retry_failed else unplanned)
-    summary = dataclasses.replace(summary, redecoded=redecoded)
     if retry_failed:  # rows never made are not failed rows: say so (each planned row is an entry or folded)
         missing = planned - (summary.rows - summary.kept) - summary.folded
-        summary = dataclasses.replace(summary, missing=max(missing, 0))
+        summary = dataclasses.replace(summary, missing=max(missing, 0), redecoded=decoded)
     return summary
 
 

@@ -117,17 +117,27 @@ def check_ray(spec: JobSpec) -> None:
         check_ray_address(os.environ.get("RAY_ADDRESS", ""))
 
 
-def check_ray_address(address: str, timeout: float = 5.0) -> None:
-    """A RAY_ADDRESS of host:port (or ray://host:port) that nothing answers is one line: ray.init would wait on
-    it for minutes. `auto`, `local` and no address start or find a Ray themselves."""
+def check_ray_address(address: str, timeout: float = 5.0, wait_s: float = 20.0) -> None:
+    """A RAY_ADDRESS of host:port (or ray://host:port) where the connection is refused or times out for `wait_s`
+    (a head still starting has that long) is one line: ray.init would wait on it for minutes. `auto`, `local`,
+    no address, a name this machine cannot resolve (a proxy may) and ray:// behind a proxy are left to Ray."""
     host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
-    if not sep or not port.isdigit():
+    proxied = address.startswith("ray://") and any(os.environ.get(k) for k in ("grpc_proxy", "https_proxy"))
+    if not sep or not port.isdigit() or proxied:
         return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise SpecError(f"RAY_ADDRESS {address}: no Ray cluster answers there ({err.strerror or err}); start one "
-                        f"(ray start --head) or unset RAY_ADDRESS to run on a Ray of this machine's own") from None
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+            return
+        except socket.gaierror:
+            return
+        except OSError as err:
+            if time.time() >= deadline:
+                raise SpecError(f"RAY_ADDRESS {address}: no Ray cluster answers there ({err.strerror or err}, for "
+                                f"{wait_s:g} s); start one (ray start --head) or unset RAY_ADDRESS to run on a Ray "
+                                f"of this machine's own") from None
+            time.sleep(1.0)
 
 
 def check_options(spec: JobSpec) -> None:

@@ -191,8 +191,8 @@ def check_overwrite_keeps_inputs(spec: JobSpec, reads: tuple[str, ...] | None = 
 
 
 def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, retry_failed: bool = False) -> Summary:
-    """A whole `generate`: a finished rerun is answered from its manifest; otherwise every check runs and the
-    output is claimed before Ray, torch or a model is imported, then the pipeline runs. `retry_failed`: only the
+    """A whole `generate`: a finished rerun is answered from its manifest (without importing Ray, torch or a
+    model); otherwise every check runs and the output is claimed before Ray starts, then the pipeline runs. `retry_failed`: only the
     rows whose manifest entry has an error are made again, their entries replaced."""
     started = time.time()
     check_reachable(stores(spec), spec.storage_options)

@@ -44,7 +44,7 @@ class Summary:
     images: str = "images"  # the folder the images are in ("shards" for output_format webdataset)
     new_failed: int = 0  # of the `new` rows, those recorded with an error
     missing: int = 0  # --retry-failed: planned rows without an entry at all (at least these many)
-    redecoded: int = 0  # --retry-failed: retried rows decoded from their stored Stage C output (failed in B/A)
+    redecoded: int = 0  # --retry-failed: of the retried rows, those decoded from their stored Stage C output
     unstored: int = 0  # decode: made rows of the source run without stored Stage C embeddings (not decoded)
     unstored_failed: int = 0  # decode: rows that failed in the source run before Stage C output was stored
     source: str = ""  # decode: the source run

@@ -45,8 +45,8 @@ def stored_count(output: str, storage_options: dict, ids, count: int, rows: int)
     stored = read_parts(output, out.EMBEDDINGS, storage_options, columns=[C.ROW_ID])
     if stored is None:
         return 0
-    return stored.join(ids, join_type="left_semi", num_partitions=out.partitions(count, rows),
-                       on=(C.ROW_ID,)).count()
+    return ids.join(stored, join_type="left_semi", num_partitions=out.partitions(count, rows),
+                    on=(C.ROW_ID,)).count()  # each id once, however often it is stored
 
 
 def unplanned_entries(spec, planned_among, entries: int, failed: int) -> tuple[int, int]:

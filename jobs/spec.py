@@ -157,14 +157,20 @@ class _UniqueKeys(yaml.SafeLoader):
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set dotted keys (`generation.height=512`); values are parsed as YAML scalars/lists."""
     data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    seen = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise SpecError(f"--set {item}: expected key=value")
+        if key.strip() in seen:  # as a key twice in the YAML: the first value would vanish without a word
+            raise SpecError(f"--set {key.strip()}: given twice")
+        seen.add(key.strip())
         *parents, leaf = key.strip().split(".")
         node = data
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a bare `model:` in the YAML
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise SpecError(f"--set {item}: {part} is not a mapping")
         try:

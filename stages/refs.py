@@ -58,13 +58,13 @@ def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options:
     key that holds the reference, model.<role> unless said)."""
     name = field or f"model.{role}"
     kind = ref_kind(ref)
-    if kind == "local":
-        path = Path(ref).expanduser()
+    if kind == "local" or ref.startswith("file://"):  # a file:// URI is a local folder: every check reads it
+        path = Path(ref.removeprefix("file://")).expanduser()
         if not path.is_dir():
             raise ModelRefError(f"{name}: directory {ref} does not exist")
         _check_subfolders(ref, name, subfolders, {p.name for p in path.iterdir() if p.is_dir()})
         for folder in subfolders:
-            _check_config(ref, name, path / folder / CONFIGS.get(folder, "config.json"))
+            _check_config(ref, name, folder, lambda config: (path / config).read_bytes())
         check_local_weights(ref, name, [path / s for s in subfolders if s in WEIGHT_SUBFOLDERS])
     elif kind == "uri":
         _check_uri(ref, name, subfolders, storage_options)
@@ -82,14 +82,16 @@ def _check_subfolders(ref: str, name: str, subfolders: tuple[str, ...], present:
         raise ModelRefError(f"{name}: {ref} lacks the subfolder(s) {', '.join(missing)}")
 
 
-def _check_config(ref: str, name: str, config: Path) -> None:
-    """A component's config exists and is JSON: else each stage actor fails to load it, in a flood of tracebacks."""
+def _check_config(ref: str, name: str, folder: str, read) -> None:
+    """A component's config exists and is JSON (`read(relative path)` its bytes): else each stage actor fails to
+    load it, in a flood of tracebacks."""
+    config = f"{folder}/{CONFIGS.get(folder, 'config.json')}"
     try:
-        json.loads(config.read_text())
+        json.loads(read(config))
     except FileNotFoundError:
-        raise ModelRefError(f"{name}: {ref} lacks {config.parent.name}/{config.name}") from None
+        raise ModelRefError(f"{name}: {ref} lacks {config}") from None
     except (ValueError, OSError) as err:
-        raise ModelRefError(f"{name}: {config} is not a readable JSON file ({reason(err)})") from None
+        raise ModelRefError(f"{name}: {ref.rstrip('/')}/{config} is not a readable JSON file ({reason(err)})") from None
 
 
 def check_local_weights(ref: str, name: str, folders: list[Path]) -> None:
@@ -124,6 +126,8 @@ def _check_uri(ref: str, name: str, subfolders: tuple[str, ...], storage_options
         for folder in (s for s in subfolders if s in WEIGHT_SUBFOLDERS):
             if not fs.glob(f"{path.rstrip('/')}/{folder}/*.safetensors"):
                 raise _no_weights(name, ref, folder)
+        for folder in subfolders:
+            _check_config(ref, name, folder, lambda config: fs.cat_file(f"{path.rstrip('/')}/{config}"))
     except ModelRefError:
         raise
     except Exception as err:  # noqa: BLE001 - any store failure is one line naming the model

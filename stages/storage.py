@@ -89,7 +89,9 @@ def unreachable(uri: str, storage_options: dict | None) -> str | None:
 
 def absolute(uri: str) -> str:
     """A local path made absolute (`~` expanded, against this process's working directory); a URI as it is."""
-    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri) if uri == "~" or uri.startswith("~/") else uri)  # not ~user
 
 
 def canonical(uri: str) -> str:

@@ -88,6 +88,20 @@ def test_missing_or_broken_configs_are_named_before_any_model_work(tiny_dir, tmp
     (model / "scheduler" / "scheduler_config.json").unlink()
     with pytest.raises(ModelRefError, match=r"model.decoder: .*decoder lacks scheduler/scheduler_config.json$"):
         check_ref(str(model), "decoder", DECODER_SUBFOLDERS, {})
+    # The same model in an object store (fsspec's memory store stands in for S3): its configs are read there too.
+    import fsspec
+
+    store = fsspec.filesystem("memory")
+    store.put(str(tiny_dir / "decoder"), "/m/decoder", recursive=True)
+    check_ref("memory://m/decoder", "decoder", DECODER_SUBFOLDERS, {})
+    store.pipe("/m/decoder/vqgan/config.json", b"{bad")
+    with pytest.raises(ModelRefError, match=r"^model.decoder: memory://m/decoder/vqgan/config.json is not a readable"):
+        check_ref("memory://m/decoder", "decoder", DECODER_SUBFOLDERS, {})
+    store.rm("/m/decoder/scheduler/scheduler_config.json")
+    store.pipe("/m/decoder/vqgan/config.json", (tiny_dir / "decoder" / "vqgan" / "config.json").read_bytes())
+    with pytest.raises(ModelRefError, match=r"^model.decoder: memory://m/decoder lacks scheduler/scheduler_config"):
+        check_ref("memory://m/decoder", "decoder", DECODER_SUBFOLDERS, {})
+    store.rm("/m", recursive=True)
 
 
 def test_unreadable_weights_are_named_before_any_model_work(tiny_dir, tmp_path):
@@ -97,6 +111,8 @@ def test_unreadable_weights_are_named_before_any_model_work(tiny_dir, tmp_path):
     check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})  # the intact copy passes
     weights = model / "prior" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+    with pytest.raises(ModelRefError, match=f"model.prior: {weights} is not a complete safetensors file"):
+        check_ref(f"file://{model}", "prior", PRIOR_SUBFOLDERS, {})  # a file:// URI is checked as the folder
     with pytest.raises(ModelRefError, match=f"model.prior: {weights} is not a complete safetensors file"):
         check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})
     weights.rename(weights.with_suffix(".bin"))  # pickle weights only

@@ -78,10 +78,11 @@ def test_retry_failed_remakes_only_the_failed_rows_and_replaces_their_entries(tm
     output.unmark_closed(str(tmp_path / "out"), {})
     parts = {p.name: p.stat().st_mtime_ns for p in stored.glob("*.parquet")}
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0
-    assert "retried 1 failed rows: 1 succeeded, 0 failed again (5 rows in all)" in capsys.readouterr().out
+    assert ("retried 2 failed rows (1 of them decoded from their stored Stage C output): 2 succeeded, 0 failed "
+            "again (5 rows in all)") in capsys.readouterr().out
     now = {p.name: p.stat().st_mtime_ns for p in stored.glob("*.parquet")}
     assert {name: now.get(name) for name in parts} == parts and len(now) == len(parts) + 1  # failed[0]'s part
-    assert read_runs(LocalFileSystem(), str(tmp_path / "out"))[-1]["made"] == 1  # the report's "images made"
+    assert read_runs(LocalFileSystem(), str(tmp_path / "out"))[-1]["made"] == 2  # the report's "images made"
     manifest = pq.read_table(tmp_path / "out" / "manifest")
     ids = manifest[C.ROW_ID].to_pylist()
     assert sorted(ids) == sorted(before) and len(set(ids)) == len(ids)  # each row exactly once

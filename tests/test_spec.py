@@ -2,7 +2,7 @@
 
 import pytest
 
-from jobs.spec import JobSpec, SpecError, load_spec, spec_from_dict, stage_kwargs
+from jobs.spec import JobSpec, SpecError, apply_overrides, load_spec, spec_from_dict, stage_kwargs
 
 BASE = {"prompts": "p.parquet", "output": "out"}
 
@@ -174,3 +174,12 @@ def test_a_run_is_named_one_way_whatever_its_spelling():
     here = relocation("file:///data/copy")
     assert relocated("tar://k.png::/data/run/shards/s.tar", here) == "tar://k.png::/data/copy/shards/s.tar"
     assert relocated("/elsewhere/x.png", here) == "/elsewhere/x.png"  # not the run's layout: as written
+
+
+def test_an_override_given_twice_is_refused_and_one_into_a_bare_section_works(tmp_path):
+    """`--set` twice for one key would drop the first value without a word (as a YAML key twice, refused); a bare
+    `model:` in the YAML (null) takes `--set model.dtype=...` as an empty section would."""
+    with pytest.raises(SpecError, match=r"^--set generation\.height: given twice$"):
+        apply_overrides(BASE, ["generation.height=256", "generation.height=512"])
+    path = write(tmp_path, "prompts: a.parquet\noutput: out\nmodel:\n")
+    assert load_spec(path, ["model.dtype=bfloat16"]).model.dtype == "bfloat16"
