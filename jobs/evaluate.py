@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from jobs.eval_args import EvalOptions, PoolOptions, add_parser, run_from_args  
 from jobs.eval_checks import check_axis_values, check_clip
 from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
 from jobs.eval_scores import parts_uri, write_scores
-from jobs.placement import check_ray_address, placing_gpus
+from jobs.placement import check_cluster_address, placing_gpus
 from jobs.report import build_report
 from jobs.spec import TASK_CPUS, SpecError
 from stages import columns as C
@@ -49,8 +48,7 @@ def evaluate(opts: EvalOptions) -> dict:
     clip = check_clip(opts.clip_model, opts.storage_options)
     reference = check_reference(opts.fid_reference, opts.storage_options)
     inception = check_inception(opts) if reference else None
-    if not ray.is_initialized():  # before the earlier results are cleared
-        check_ray_address(os.environ.get("RAY_ADDRESS", ""))
+    check_cluster_address()  # before the earlier results are cleared
     with lease.held(join(opts.run, "eval"), opts.storage_options, why="two at once would mix their scores",
                     lost="its scores may be mixed with that one's: once it ends, run evaluate again"):
         clear_results(opts.run, opts.storage_options)  # a killed one's are no results of this one

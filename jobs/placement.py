@@ -113,6 +113,11 @@ def check_ray(spec: JobSpec) -> None:
     """Before the output is claimed: the stages' Ray options, and the cluster RAY_ADDRESS names (where this
     process has not joined one already)."""
     check_options(spec)
+    check_cluster_address()
+
+
+def check_cluster_address() -> None:
+    """RAY_ADDRESS checked (check_ray_address) where this process has not joined a Ray already."""
     if not ray.is_initialized():
         check_ray_address(os.environ.get("RAY_ADDRESS", ""))
 

@@ -192,8 +192,8 @@ def check_overwrite_keeps_inputs(spec: JobSpec, reads: tuple[str, ...] | None = 
 
 def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, retry_failed: bool = False) -> Summary:
     """A whole `generate`: a finished rerun is answered from its manifest (without importing Ray, torch or a
-    model); otherwise every check runs and the output is claimed before Ray starts, then the pipeline runs. `retry_failed`: only the
-    rows whose manifest entry has an error are made again, their entries replaced."""
+    model); otherwise every check runs and the output is claimed before Ray starts, then the pipeline runs.
+    `retry_failed`: only the rows whose manifest entry has an error are made again, their entries replaced."""
     started = time.time()
     check_reachable(stores(spec), spec.storage_options)
     if retry_failed and not output.read_job(spec.output, spec.storage_options):

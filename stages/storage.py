@@ -88,10 +88,11 @@ def unreachable(uri: str, storage_options: dict | None) -> str | None:
 
 
 def absolute(uri: str) -> str:
-    """A local path made absolute (`~` expanded, against this process's working directory); a URI as it is."""
+    """A local path made absolute (a leading `~/` is the home folder; against this process's working
+    directory); a URI as it is."""
     if "://" in uri:
         return uri
-    return os.path.abspath(os.path.expanduser(uri) if uri == "~" or uri.startswith("~/") else uri)  # not ~user
+    return os.path.abspath(os.path.expanduser(uri) if uri == "~" or uri.startswith("~/") else uri)
 
 
 def canonical(uri: str) -> str:
