@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 
@@ -57,14 +58,24 @@ def check_shared_conditioning(spec: JobSpec) -> None:
             for part, identity in expected.items():
                 if found[part] != identity:
                     raise SpecError(
-                        f"{name}: the {part.replace('_', ' ')} of {ref} differs from model.prior's ({base}); the "
-                        f"checkpoints of one job share model.prior's text encoder, scheduler and latent settings: "
-                        f"run {ref} as a job of its own (model.prior: {ref})")
+                        f"{name}: the {part.replace('_', ' ')} of {ref} differs from model.prior's ({base})"
+                        f"{_first_setting(identity, found[part])}; the checkpoints of one job share model.prior's "
+                        f"text encoder, scheduler, latent settings and Stage C architecture: run {ref} as a job of "
+                        f"its own (model.prior: {ref})")
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - a store or hub failure is one line naming the model
         raise SpecError(f"model.prior: cannot compare the checkpoints' text encoders and schedulers "
                         f"({reason(err)})") from None
+
+
+def _first_setting(expected: str, found: str) -> str:
+    """' (key: found, not expected)' for the first differing key of two settings objects (JSON); '' for files."""
+    expected, found = json.loads(expected), json.loads(found)
+    if not isinstance(expected, dict):
+        return ""
+    key = next(k for k in sorted({*expected, *found}) if expected.get(k) != found.get(k))
+    return f" ({key}: {found.get(key)!r}, not {expected.get(key)!r})"
 
 
 def preflight(spec: JobSpec) -> prompts.PromptTable:

@@ -196,7 +196,7 @@ def sweep_warnings(sweep: dict) -> list[str]:
 def sweep_effect(axis: str, value):
     """What a sweep value does to an image, comparable: equal for two values that make the same images."""
     if axis == "prior_checkpoint":
-        return prior_id({**value, "alpha": float(value["alpha"])} if isinstance(value, dict) else value)
+        return prior_id(value)
     if axis.endswith("guidance_scale"):
         return max(float(value), 1.0)  # at 1 or less the pipelines run without guidance
     return json.dumps(value)

@@ -118,6 +118,7 @@ class PriorStage:
         if checkpoint != self.loaded:
             if checkpoint not in self.weights:
                 self.weights[checkpoint] = prior_weights(json.loads(checkpoint), self.storage_options)
+            self.loaded = None  # a load that fails half-way (preflight compares architectures) is not `loaded`
             self.prior.load_state_dict(self.weights[checkpoint])
             self.loaded = checkpoint
 

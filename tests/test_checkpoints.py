@@ -37,8 +37,8 @@ def perturbed(source, target, file, seed):
 
 @pytest.fixture(scope="module")
 def priors(model_cache, tmp_path_factory):
-    """A (the tiny prior), B (other Stage C weights), and priors whose text encoder, scheduler or latent
-    settings differ from A's."""
+    """A (the tiny prior), B (other Stage C weights), and priors whose text encoder, scheduler, latent settings
+    or Stage C architecture differ from A's."""
     root, a = tmp_path_factory.mktemp("priors"), model_cache / "prior"
     b = perturbed(a, root / "B", "prior/diffusion_pytorch_model.safetensors", 1)
     text = perturbed(a, root / "text", "text_encoder/model.safetensors", 2)
@@ -48,8 +48,11 @@ def priors(model_cache, tmp_path_factory):
     shutil.copytree(a, root / "latent")
     index = json.loads((root / "latent" / "model_index.json").read_text())
     (root / "latent" / "model_index.json").write_text(json.dumps({**index, "latent_mean": 40.0}))
-    return {name: str(path) for name, path in
-            (("A", a), ("B", b), ("text", text), ("scheduler", root / "scheduler"), ("latent", root / "latent"))}
+    shutil.copytree(a, root / "heads")  # the same weight shapes: load_state_dict would take them silently
+    config = json.loads((root / "heads" / "prior" / "config.json").read_text())
+    (root / "heads" / "prior" / "config.json").write_text(json.dumps({**config, "nhead": 2 * config["nhead"]}))
+    return {name: str(path) for name, path in (("A", a), ("B", b), ("text", text), ("scheduler", root / "scheduler"),
+                                               ("latent", root / "latent"), ("heads", root / "heads"))}
 
 
 @functools.cache
@@ -97,7 +100,7 @@ def test_a_checkpoint_sweep_runs_each_named_checkpoint(tmp_path, ray_cluster, pr
 
 
 @pytest.mark.parametrize("other, part", [("text", "text encoder"), ("scheduler", "scheduler"),
-                                         ("latent", "latent settings")])
+                                         ("latent", "latent settings"), ("heads", "Stage C architecture")])
 @pytest.mark.parametrize("where", ["sweep", "interpolation"])
 def test_a_checkpoint_with_other_conditioning_is_refused(tmp_path, priors, other, part, where):
     a, b = priors["A"], priors[other]
@@ -112,6 +115,8 @@ def test_a_checkpoint_with_other_conditioning_is_refused(tmp_path, priors, other
         preflight(spec_from_dict(data))
     message = str(err.value)
     assert message.startswith(f"{name}: the {part} of {b} differs") and "\n" not in message
+    setting = {"latent": " (latent_mean: 40.0, not 42.0)", "heads": " (nhead: 4, not 2)"}.get(other, "")
+    assert f"model.prior's ({a}){setting};" in message
 
 
 def test_a_sweep_of_compatible_checkpoints_passes_preflight(tmp_path, priors):

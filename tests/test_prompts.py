@@ -228,6 +228,17 @@ def test_row_ids_of_all_changes_are_distinct():
     assert len(set(ids.values())) == len(ids) - len(same_value)  # e.g. prompt and negative prompt don't hash alike
 
 
+@pytest.mark.parametrize("where", ["model", "sweep"])
+def test_alpha_written_as_an_integer_or_a_float_is_one_row_id(where):
+    """alpha: 1 and alpha: 1.0 are one interpolation: a resume that spells it the other way finds its rows."""
+    ids = []
+    for alpha in (1, 1.0):
+        prior = {"interpolate": ["tiny", "warp-ai/wuerstchen-prior"], "alpha": alpha}
+        ids.append(first_row_id({"model": {"prior": prior}} if where == "model" else
+                                {"sweep": {"prior_checkpoint": [prior]}}, {}))
+    assert ids[0] == ids[1] != first_row_id({"model": {"prior": {**MIX, "alpha": 0.9}}}, {})
+
+
 def test_a_folder_is_read_as_spark_arrow_and_ray_read_one(tmp_path):
     table_at(tmp_path, "part-0.parquet", prompt=["a", "b"])
     (tmp_path / "sub").mkdir()

@@ -1,5 +1,6 @@
 """Hub references are checked against the local Hugging Face cache first, then the hub with a short timeout."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -62,3 +63,44 @@ def test_an_unreachable_hub_is_one_line_within_seconds(hf_home):
     assert answer.startswith("model.prior: cannot reach the Hugging Face Hub for warp-ai/wuerstchen-prior (")
     assert "HF_HUB_OFFLINE=1" in answer and "\n" not in answer
     assert seconds < 30  # the process start included; the check itself gives up after HUB_TIMEOUT_S
+
+
+def test_a_hub_model_not_downloaded_compares_by_content_with_a_local_copy(model_cache, tmp_path, monkeypatch):
+    """A swept hub checkpoint not yet downloaded is compared with model.prior from the hub's file list (the LFS
+    files' sha256, the small files read): equal to a folder with the same files, and a snapshot that `plan` left
+    partial (configs only) is not taken for the model. The hub is unreachable here: its two calls are stood in."""
+    import types
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from stages.refs import conditioning
+
+    local = model_cache / "prior"
+    files = {str(p.relative_to(local)): p for p in local.rglob("*") if p.is_file()}
+    digest = {name: hashlib.sha256(p.read_bytes()).hexdigest() for name, p in files.items()}
+    siblings = [types.SimpleNamespace(rfilename=name, lfs=types.SimpleNamespace(sha256=digest[name])
+                                      if name.endswith(".safetensors") else None) for name in files]
+    downloaded = []
+
+    def download(repo, name, revision, local_dir, etag_timeout):
+        downloaded.append(name)
+        target = Path(local_dir) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(files[name].read_bytes())
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: types.SimpleNamespace(
+        model_info=lambda repo, files_metadata, timeout: types.SimpleNamespace(sha="abc123", siblings=siblings)))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--org--prior" / "snapshots" / "abc123"
+    (snapshot / "prior").mkdir(parents=True)
+    (snapshot / "prior" / "config.json").write_bytes(files["prior/config.json"].read_bytes())  # as `plan` leaves it
+    (tmp_path / "hub" / "models--org--prior" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--prior" / "refs" / "main").write_text("abc123")
+
+    assert conditioning("org/prior") == conditioning(str(local))
+    assert not any(name.endswith(".safetensors") for name in downloaded)  # the weights are compared by LFS sha256
+    next(s for s in siblings if s.rfilename == "text_encoder/model.safetensors").lfs.sha256 = "0" * 64
+    assert conditioning("org/prior")["text_encoder"] != conditioning(str(local))["text_encoder"]
