@@ -164,7 +164,6 @@ def hub_entries(repo: str, name: str) -> set[str]:
     return {s.rfilename.split("/")[0] for s in info.siblings or ()}
 
 
-
 # What a prior's rows are conditioned and scheduled with, beside its Stage C weights: a sweep over checkpoints
 # must share these with model.prior (the text stage encodes with model.prior's text encoder once per row), and
 # its Stage C architecture (each Stage C actor loads every checkpoint's weights into one model).
