@@ -16,7 +16,8 @@ from stages.dtypes import COMPILE_MODES
 VERBOSE_HELP = "show Ray's own progress bars and logs, and the model libraries' messages and download bars"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser, every subcommand included."""
     parser = argparse.ArgumentParser(prog="wuerstchen-batch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -77,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_parser(sub)
     bench_scale.add_parser(sub)
     eval_args.add_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     joined_before = _in_ray()  # a caller's Ray (the Python API, tests) is the caller's to leave
     if not joined_before:
         interrupt_on_sigterm()  # from the first check on, not only once Ray runs (its start sets it again)

@@ -23,7 +23,7 @@ _GPU_SHARES = {"text": (0.1, 0.25), "prior": (0.45, 1.0), "decoder": (0.45, 1.0)
 _SPLIT_SHARES = {"text": 0.1, "prior": 1.0, "decoder": 0.9}
 _PLACING = ("num_gpus", "resources", "accelerator_type", "label_selector")  # a spec that places a stage itself
 # Work per 1024² image (`plan`, TFLOP): Stage C per step and guidance branch, Stage B per step, Stage A once.
-_PRIOR_STEP, _DECODER_STEP, _VQGAN, _DEFAULT_PRIOR_STEPS = 1.12, 2.39, 2.0, 30
+_PRIOR_STEP, _DECODER_STEP, _VQGAN = 1.12, 2.39, 2.0
 
 
 def placing_gpus(cluster: dict) -> float:
@@ -71,8 +71,10 @@ def split_gpus(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
     if gpus < 2 or any(getattr(s, key) for s in stages for key in _PLACING) or any(
             s.concurrency is not None for s in stages[1:]):
         return {}
+    from stages.prior import DEFAULT_PRIOR_STEPS  # imports diffusers: only where the GPUs are split
+
     gen = spec.generation
-    prior = (gen.prior_steps or _DEFAULT_PRIOR_STEPS) * (2 if gen.prior_guidance_scale > 1 else 1) * _PRIOR_STEP
+    prior = (gen.prior_steps or DEFAULT_PRIOR_STEPS) * (2 if gen.prior_guidance_scale > 1 else 1) * _PRIOR_STEP
     decoder = gen.decoder_steps * (2 if gen.decoder_guidance_scale > 1 else 1) * _DECODER_STEP + _VQGAN
     priors = max(range(1, gpus), key=lambda p: min(p / prior, (gpus - p) / decoder))
     return {"prior": priors, "decoder": gpus - priors}

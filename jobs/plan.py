@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
-from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -22,7 +21,7 @@ from stages import columns as C
 from stages.effnet_terms import fill_effnet_terms, split_effnet_linears
 from stages.text_terms import fill_text_terms, split_text_keys_values
 from stages.models import prior_refs, ref_kind, resolve
-from stages.prior import embedding_size
+from stages.prior import DEFAULT_PRIOR_STEPS, embedding_size
 from stages.storage import join, url_to_fs
 
 BUCKET = (C.HEIGHT, C.WIDTH, C.PRIOR_STEPS, C.PRIOR_GUIDANCE, C.DECODER_STEPS, C.DECODER_GUIDANCE)
@@ -131,39 +130,55 @@ def _flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def bucket_flops(models: dict, bucket: Bucket) -> dict[str, float]:
-    """FLOPs per image of each stage for one bucket, as the stages do the work (guidance doubles a stage's batch;
-    the text's keys and values and Stage B's effnet share are computed once per micro-batch, not per step)."""
+def size_flops(models: dict, height: int, width: int) -> dict[str, int]:
+    """FLOPs per image of one size, by term: the once-per-row ones (text encoders, the text's keys and values,
+    Stage B's effnet share, VQGAN) and one step of Stage C and of Stage B, each for one guidance branch."""
     prior, decoder = models["prior"], models["decoder"]
-    h, w = embedding_size(bucket.height, bucket.width)
+    h, w = embedding_size(height, width)
     text_dim, dec_dim = prior.config.c_cond, decoder.config.clip_embd
     ids = torch.zeros(1, 77, dtype=torch.long)
-    prior_steps = bucket.prior_steps or len(DEFAULT_STAGE_C_TIMESTEPS) - 1
     latent = (1, 4, int(h * 10.67), int(w * 10.67))
-    prior_once = _flops(lambda: fill_text_terms(prior, torch.randn(1, 77, text_dim)))
-    prior_fwd = _flops(lambda: prior(torch.randn(1, prior.config.c_in, h, w), torch.rand(1), torch.randn(1, 77, text_dim)))
     effnet = (1, prior.config.c_in, h, w)
-    dec_once = _flops(lambda: fill_effnet_terms(decoder, torch.randn(effnet), latent[-2:])) + \
-        _flops(lambda: fill_text_terms(decoder, torch.randn(1, 77, dec_dim)))
-    dec_fwd = _flops(lambda: decoder(torch.randn(latent), torch.rand(1), torch.randn(effnet), torch.randn(1, 77, dec_dim)))
-    text = _flops(lambda: models["prior_text"](ids)) * (1 + bucket.prior_cfg) + \
-        _flops(lambda: models["decoder_text"](ids)) * (1 + bucket.decoder_cfg)
-    vq = _flops(lambda: models["vqgan"].decode(torch.randn(latent)))
-    return {"text": text, "prior": (prior_once + prior_fwd * prior_steps) * (1 + bucket.prior_cfg),
-            "decoder": (dec_once + dec_fwd * bucket.decoder_steps) * (1 + bucket.decoder_cfg) + vq}
+    return {
+        "prior_text": _flops(lambda: models["prior_text"](ids)),
+        "decoder_text": _flops(lambda: models["decoder_text"](ids)),
+        "prior_once": _flops(lambda: fill_text_terms(prior, torch.randn(1, 77, text_dim))),
+        "prior_step": _flops(lambda: prior(torch.randn(1, prior.config.c_in, h, w), torch.rand(1),
+                                           torch.randn(1, 77, text_dim))),
+        "decoder_once": _flops(lambda: fill_effnet_terms(decoder, torch.randn(effnet), latent[-2:]))
+        + _flops(lambda: fill_text_terms(decoder, torch.randn(1, 77, dec_dim))),
+        "decoder_step": _flops(lambda: decoder(torch.randn(latent), torch.rand(1), torch.randn(effnet),
+                                               torch.randn(1, 77, dec_dim))),
+        "vqgan": _flops(lambda: models["vqgan"].decode(torch.randn(latent))),
+    }
+
+
+def bucket_flops(models: dict, bucket: Bucket, sizes: dict | None = None) -> dict[str, float]:
+    """FLOPs per image of each stage for one bucket, as the stages do the work (guidance doubles a stage's batch;
+    the text's keys and values and Stage B's effnet share are computed once per micro-batch, not per step).
+    `sizes`: size_flops by (height, width) counted so far, filled in (each size's forward passes counted once)."""
+    sizes = {} if sizes is None else sizes
+    key = (bucket.height, bucket.width)
+    if key not in sizes:
+        sizes[key] = size_flops(models, *key)
+    f, prior_steps = sizes[key], bucket.prior_steps or DEFAULT_PRIOR_STEPS
+    return {"text": f["prior_text"] * (1 + bucket.prior_cfg) + f["decoder_text"] * (1 + bucket.decoder_cfg),
+            "prior": (f["prior_once"] + f["prior_step"] * prior_steps) * (1 + bucket.prior_cfg),
+            "decoder": (f["decoder_once"] + f["decoder_step"] * bucket.decoder_steps) * (1 + bucket.decoder_cfg)
+            + f["vqgan"]}
 
 
 def plan(spec: JobSpec) -> str:
     """The report `wuerstchen-batch plan` prints."""
     table = preflight(spec)
-    buckets, models = count_buckets(spec, table), meta_models(spec)
+    buckets, models, sizes = count_buckets(spec, table), meta_models(spec), {}
     totals = {"text": 0.0, "prior": 0.0, "decoder": 0.0}
     lines = [f"{table.rows} prompt rows → {sum(b.images for b in buckets)} images in {len(buckets)} bucket(s) "
              f"(at most: identical rows, a repeated prompt or overlapping seeds, are made once)",
              *table.warnings(),
              "  size       prior steps/cfg  decoder steps/cfg  images   TFLOP per image: text / prior / decoder"]
     for b in buckets:
-        flops = bucket_flops(models, b)
+        flops = bucket_flops(models, b, sizes)
         for stage, value in flops.items():
             totals[stage] += value * b.images
         lines.append(f"  {b.height}x{b.width:<6} {b.prior_steps or 'default':>7} / {'on' if b.prior_cfg else 'off':<3}"

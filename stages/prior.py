@@ -49,6 +49,10 @@ from stages.models import (
 )
 from stages.text_terms import fill_text_terms, split_text_keys_values
 
+# Steps of diffusers' default schedule (prior_steps null or 0): its 30 values, the last of which ends the loop.
+# `plan` and the GPU split (jobs.placement) count these too.
+DEFAULT_PRIOR_STEPS = len(DEFAULT_STAGE_C_TIMESTEPS) - 1
+
 
 def embedding_size(height: int, width: int, resolution_multiple: float = 42.67) -> tuple[int, int]:
     """Stage C latent size for an image size, as the prior pipeline computes it (24×24 at 1024²)."""

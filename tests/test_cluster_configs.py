@@ -1,14 +1,19 @@
-"""cluster/*.yaml and jobs/examples/cluster.yaml agree: groups, custom resources, labels, GPUs and sizes."""
+"""cluster/ (configs, README's image recipe) and jobs/examples/cluster.yaml agree: groups, sizes, credentials, Ray."""
 
 import copy
 import json
 import math
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from ray.autoscaler._private import util
+from ray.autoscaler._private.kuberay import autoscaling_config as kuberay
 
+from jobs import cli
 from jobs.console import LOCAL_RAY_SETTINGS
 from jobs.placement import placement
 from jobs.spec import load_spec
@@ -18,6 +23,8 @@ STAGES = ("text", "prior", "decoder")
 LABEL = "wuerstchen-batch/stage"
 IDLE_WORKERS = "RAY_idle_worker_killing_time_threshold_ms"
 INSTANCES = {"g6.xlarge": (1, 4), "g6.2xlarge": (1, 8), "p4d.24xlarge": (8, 96), "p5.48xlarge": (8, 192)}  # GPUs, vCPUs
+INSTANCE_TYPE = "node.kubernetes.io/instance-type"  # set by the kubelet on cloud nodes
+ACCOUNT = "wuerstchen-batch"  # the KubeRay Pods' service account
 JOB = load_spec(ROOT / "jobs/examples/cluster.yaml")
 
 
@@ -29,6 +36,9 @@ def load(name: str) -> dict:
 
 RAYCLUSTER, RAYJOB = load("kuberay-raycluster.yaml"), load("kuberay-rayjob.yaml")
 LAUNCHER = load("ray-launcher-aws.yaml")
+KUBERAY_SPECS = {"raycluster": RAYCLUSTER["spec"], "rayjob": RAYJOB["spec"]["rayClusterSpec"]}
+RAY_VERSION = RAYCLUSTER["spec"]["rayVersion"]
+RECIPE = re.search(r"```dockerfile\n(.*?)```", (ROOT / "cluster/README.md").read_text(), re.S).group(1)
 
 
 def kuberay_resources(raw: str) -> dict:
@@ -44,10 +54,12 @@ def cpus(quantity) -> float:
 def kuberay_groups(spec: dict) -> dict:
     groups = {}
     for group in spec["workerGroupSpecs"]:
-        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        pod = group["template"]["spec"]
+        limits = pod["containers"][0]["resources"]["limits"]
         hosts = group.get("numOfHosts", 1)
         groups[group["groupName"]] = dict(
             min=group["minReplicas"] * hosts, max=group["maxReplicas"] * hosts, labels=group.get("labels", {}),
+            instance=pod.get("nodeSelector", {}).get(INSTANCE_TYPE),
             offers={"CPU": cpus(limits["cpu"]), "GPU": int(limits.get("nvidia.com/gpu", 0)),
                     **kuberay_resources(group["rayStartParams"]["resources"])})
     return groups
@@ -55,12 +67,11 @@ def kuberay_groups(spec: dict) -> dict:
 
 def launcher_groups(config: dict) -> dict:
     return {name: dict(min=t.get("min_workers", 0), max=t.get("max_workers", 0), labels=t.get("labels", {}),
-                       offers=dict(t["resources"]))
+                       instance=t["node_config"]["InstanceType"], offers=dict(t["resources"]))
             for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
 
 
-GROUPS = {"raycluster": kuberay_groups(RAYCLUSTER["spec"]), "rayjob": kuberay_groups(RAYJOB["spec"]["rayClusterSpec"]),
-          "launcher": launcher_groups(LAUNCHER)}
+GROUPS = {**{source: kuberay_groups(spec) for source, spec in KUBERAY_SPECS.items()}, "launcher": launcher_groups(LAUNCHER)}
 CASES = [(source, stage) for source in GROUPS for stage in STAGES]
 
 
@@ -118,18 +129,71 @@ def test_prior_gets_about_twice_the_decoder_gpus(source):
         assert 1.5 <= prior / decoder <= 2.5, f"{source} {end}: prior {prior} GPUs, decoder {decoder}"
 
 
+@pytest.mark.parametrize("source,stage", CASES)
+def test_group_matches_its_instance_type(source, stage):
+    group = GROUPS[source][stage]
+    assert group["instance"] in INSTANCES, f"{source}/{stage}: instance type {group['instance']} unknown here"
+    gpus, vcpus = INSTANCES[group["instance"]]
+    assert group["offers"]["GPU"] == gpus and group["offers"]["CPU"] <= vcpus, f"{source}/{stage}"
+    assert group["instance"] == GROUPS["launcher"][stage]["instance"], f"{source}/{stage}: not the launcher's type"
+
+
 def test_rayjob_cluster_is_the_raycluster_plus_the_job_spec_mount():
     spec = copy.deepcopy(RAYJOB["spec"]["rayClusterSpec"])
     head = spec["headGroupSpec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["name"] for m in head["containers"][0].pop("volumeMounts")}
     volumes = {v["name"]: v for v in head.pop("volumes")}
     assert spec == RAYCLUSTER["spec"]
-    command, path = RAYJOB["spec"]["entrypoint"].rsplit(" ", 1)
-    assert command == "wuerstchen-batch generate" and Path(path).name == "cluster.yaml"
-    assert "configMap" in volumes[mounts[str(Path(path).parent)]]
+    program, *argv = shlex.split(RAYJOB["spec"]["entrypoint"])
+    args = cli.parser().parse_args(argv)
+    assert program == cli.parser().prog and args.command == "generate" and Path(args.job).name == "cluster.yaml"
+    assert "configMap" in volumes[mounts[str(Path(args.job).parent)]]
 
 
-@pytest.mark.parametrize("spec", [RAYCLUSTER["spec"], RAYJOB["spec"]["rayClusterSpec"]], ids=["raycluster", "rayjob"])
+@pytest.mark.parametrize("spec", KUBERAY_SPECS.values(), ids=KUBERAY_SPECS)
+def test_every_kuberay_pod_has_the_service_account(spec):
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    assert [pod.get("serviceAccountName") for pod in pods] == [ACCOUNT] * len(pods)
+
+
+def test_every_launcher_node_has_the_same_instance_profile():
+    """Ray gives its default profile to the head only: the workers (reads, stages, writes) need S3 too."""
+    profiles = [t["node_config"].get("IamInstanceProfile") for t in LAUNCHER["available_node_types"].values()]
+    assert profiles[0] and profiles[0].get("Arn") and profiles == [profiles[0]] * len(profiles), profiles
+
+
+def test_cluster_extra_holds_rays_dashboard():
+    """`ray job submit`, KubeRay's submitter and head probe need ray[default]; the extra keeps Ray's range."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    main = next(r for r in map(Requirement, project["dependencies"]) if r.name == "ray")
+    extra = [r for r in map(Requirement, project["optional-dependencies"]["cluster"]) if r.name == "ray"]
+    assert extra and "default" in extra[0].extras and extra[0].specifier == main.specifier, extra
+    assert main.specifier.contains(RAY_VERSION), f"rayVersion {RAY_VERSION} outside {main.specifier}"
+
+
+def pip_installs(commands: list[str]) -> list[str]:
+    """What the `pip install` commands install (their options left out)."""
+    args = []
+    for words in map(shlex.split, commands):
+        if "pip" in words and "install" in words:
+            args += [w for w in words[words.index("install") + 1:] if not w.startswith("-")]
+    return args
+
+
+@pytest.mark.parametrize("source", ["recipe", "launcher"])
+def test_nodes_install_the_cluster_extra_and_the_clusters_ray(source):
+    commands = ([line[4:] for line in RECIPE.replace("\\\n", " ").splitlines() if line.startswith("RUN ")]
+                if source == "recipe" else LAUNCHER["setup_commands"])
+    installs = pip_installs(commands)
+    assert any(re.fullmatch(r".*wuerstchen-batch\[cluster\]", a) for a in installs), f"{source}: no [cluster]"
+    rays = [r for r in map(Requirement, (a for a in installs if a.startswith("ray["))) if r.name == "ray"]
+    assert rays, f"{source}: Ray not pinned"
+    assert all(str(r.specifier) == f"=={RAY_VERSION}" and {"default", "data"} <= r.extras for r in rays), rays
+    assert RAYJOB["spec"]["rayClusterSpec"]["rayVersion"] == RAY_VERSION
+
+
+@pytest.mark.parametrize("spec", KUBERAY_SPECS.values(), ids=KUBERAY_SPECS)
 def test_kuberay_workers_cache_models_on_a_host_volume(spec):
     assert spec["enableInTreeAutoscaling"] is True
     for group in spec["workerGroupSpecs"]:
@@ -141,12 +205,7 @@ def test_kuberay_workers_cache_models_on_a_host_volume(spec):
         assert env[IDLE_WORKERS] == LOCAL_RAY_SETTINGS[IDLE_WORKERS]  # as a local Ray keeps them
 
 
-def test_launcher_resources_match_the_instance_types():
-    for name, node in LAUNCHER["available_node_types"].items():
-        if name == LAUNCHER["head_node_type"]:
-            continue
-        gpus, vcpus = INSTANCES[node["node_config"]["InstanceType"]]
-        assert node["resources"]["GPU"] == gpus and node["resources"]["CPU"] <= vcpus, name
+def test_launcher_max_workers_and_start_commands():
     assert LAUNCHER["max_workers"] >= sum(g["max"] for g in GROUPS["launcher"].values())
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert "WUERSTCHEN_BATCH_CACHE=" in " ".join(LAUNCHER[key])
@@ -155,8 +214,6 @@ def test_launcher_resources_match_the_instance_types():
 
 def test_ray_reads_the_configs_as_intended():
     """Ray's own parsers (pure Python, no cluster) see the same groups, resources and labels."""
-    kuberay = pytest.importorskip("ray.autoscaler._private.kuberay.autoscaling_config")
-    util = pytest.importorskip("ray.autoscaler._private.util")
     util.validate_config(util.prepare_config(copy.deepcopy(LAUNCHER)))
     for cr in (RAYCLUSTER, {**RAYJOB, "spec": RAYJOB["spec"]["rayClusterSpec"]}):
         cr = copy.deepcopy(cr)

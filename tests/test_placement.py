@@ -31,12 +31,20 @@ def packs(placed: dict, gpus: int) -> bool:
 
 
 def test_eight_gpus_split_between_stage_c_and_b_in_the_ratio_of_their_work():
-    spec = spec_from_dict(job())  # 1024², 30 Stage C steps with guidance, 12 Stage B steps: 65 : 31 TFLOP
+    spec = spec_from_dict(job())  # 1024², the default 29 Stage C steps with guidance, 12 Stage B steps: 65 : 31 TFLOP
     placed = pools(spec, 8)
     assert placed == {"text": (0.1, 1, 1), "prior": (1.0, 5, 5), "decoder": (0.9, 3, 3)}
     assert packs(placed, 8) and not packs({**placed, "prior": (1.0, 6, 6)}, 8)  # every GPU busy, none asked twice
     unguided = spec_from_dict(job(generation={"prior_guidance_scale": 1.0}))  # Stage C's work halves
     assert split_gpus(unguided, 8) == {"prior": 4, "decoder": 4}
+
+
+def test_the_split_counts_the_default_schedule_as_the_stage_runs_it():
+    """prior_steps null: 29 Stage C steps (diffusers' 30 values), as Stage C and `plan` count them; 20 GPUs split
+    13 : 7 at 29 steps and 14 : 6 at 30."""
+    default, steps = spec_from_dict(job()), {n: spec_from_dict(job(generation={"prior_steps": n})) for n in (29, 30)}
+    assert split_gpus(default, 20) == split_gpus(steps[29], 20) == {"prior": 13, "decoder": 7}
+    assert split_gpus(steps[30], 20) == {"prior": 14, "decoder": 6}
 
 
 @pytest.mark.parametrize("gpus, expected", [
