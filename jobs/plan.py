@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 
@@ -83,7 +84,10 @@ def _config(ref: str, role: str, subfolder: str, storage_options: dict) -> dict 
         if kind == "hub":
             from huggingface_hub import hf_hub_download
 
-            return json.loads(open(hf_hub_download(ref, "config.json", subfolder=subfolder)).read())
+            with tempfile.TemporaryDirectory() as folder:  # not the hub cache: a snapshot holding only configs
+                # would be taken for the model by the checks of a later generate
+                path = hf_hub_download(ref, "config.json", subfolder=subfolder, local_dir=folder)
+                return json.loads(open(path).read())
         return json.loads(open(join(resolve(ref, role), subfolder, "config.json")).read())
     except Exception:  # noqa: BLE001 - offline or missing: fall back to the official shapes
         _UNREACHABLE.add(ref)
