@@ -211,8 +211,8 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     ds = fold_identical(ds, left, tally)
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    ds = _stage(ds, spec, TextEncoder, "text", tally)
-    ds = _stage(ds, spec, PriorStage, "prior", tally)
+    ds = _stage(ds, spec, TextEncoder, "text", tally, left)
+    ds = _stage(ds, spec, PriorStage, "prior", tally, left)
     ds = coalesced(ds, left, EMBEDDINGS_PART_ROWS, spec)
     ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options,
@@ -257,12 +257,12 @@ def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None, rows: in
     """Stored Stage C rows (about `rows`) → text pool (for the decoder's text states) → Stage B/A pool →
     images (the prompt table's own columns written in `user_types`, a pyarrow schema, where given)."""
     stored = stored.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    text = _stage(stored, spec, TextEncoder, "text", tally, prior=None)  # the decoder's tower only
+    text = _stage(stored, spec, TextEncoder, "text", tally, rows, prior=None)  # the decoder's tower only
     return _decode_and_write(text, spec, tally, rows, user_types)
 
 
 def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int, user_types) -> ray.data.Dataset:
-    ds = _stage(ds, spec, DecoderStage, "decoder", tally)
+    ds = _stage(ds, spec, DecoderStage, "decoder", tally, rows)
     kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format,
                   user_types=user_types)
     if spec.output_format == "webdataset":  # shard blocks carry the encoded images and scalars only
@@ -275,9 +275,9 @@ def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int, use
     return coalesced(ds, rows, MANIFEST_PART_ROWS, spec)
 
 
-def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, tally, **models) -> ray.data.Dataset:
-    """One stage's actor pool, placed from its spec (its `models` where given), reporting its finished rows to
-    `tally` (if given)."""
-    placed = stage_placement(spec, name, placing_gpus(ray.cluster_resources()))
+def _stage(ds: ray.data.Dataset, spec: JobSpec, cls, name: str, tally, rows: int, **models) -> ray.data.Dataset:
+    """One stage's actor pool for at most `rows` rows, placed from its spec (its `models` where given), reporting
+    its finished rows to `tally` (if given)."""
+    placed = stage_placement(spec, name, placing_gpus(ray.cluster_resources()), rows)
     stage = reporting(isolating(cls, tally, name), tally, name) if tally is not None else isolating(cls)
     return ds.map_batches(stage, fn_constructor_kwargs={**stage_kwargs(spec, name), **models}, **placed)

@@ -53,12 +53,14 @@ def cpu_warning(spec: JobSpec, cluster: dict) -> str | None:
             f"placement_timeout_s for them)")
 
 
-def stage_placement(spec: JobSpec, name: str, cluster_gpus: float) -> dict:
-    """map_batches keyword arguments for stage `name` of a job on a cluster with `cluster_gpus` GPUs."""
+def stage_placement(spec: JobSpec, name: str, cluster_gpus: float, rows: int | None = None) -> dict:
+    """map_batches keyword arguments for stage `name` of a job on a cluster with `cluster_gpus` GPUs (for a pass
+    of at most `rows` rows, where given)."""
     split = split_gpus(spec, cluster_gpus)
     if not split:
-        return placement(getattr(spec.stages, name), name, cluster_gpus)
-    return placement(getattr(spec.stages, name), name, cluster_gpus, share=_SPLIT_SHARES[name], pool=split.get(name))
+        return placement(getattr(spec.stages, name), name, cluster_gpus, rows=rows)
+    return placement(getattr(spec.stages, name), name, cluster_gpus, share=_SPLIT_SHARES[name], pool=split.get(name),
+                     rows=rows)
 
 
 def split_gpus(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
@@ -81,10 +83,11 @@ def split_gpus(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
 
 
 def placement(stage: StageSpec, name: str, cluster_gpus: float, share: float | None = None,
-              pool: int | None = None) -> dict:
+              pool: int | None = None, rows: int | None = None) -> dict:
     """map_batches keyword arguments for a stage's actor pool, from its spec and the cluster, or from a split of
-    the GPUs (its GPU `share`, its `pool` size where it sets one). Every actor of a pool is asked for at once: none
-    waits for the first to load its models."""
+    the GPUs (its GPU `share`, its `pool` size where it sets one). Every actor of a pool is asked for at once (none
+    waits for the first to load its models), but no more than the pass's `rows` fill batches for (where given):
+    a small job on a big cluster does not bring up every group's max nodes."""
     if share is not None:
         num_gpus = share
     elif stage.num_gpus is not None:
@@ -94,10 +97,11 @@ def placement(stage: StageSpec, name: str, cluster_gpus: float, share: float | N
     else:
         num_gpus = 0
     low, high = (pool, pool) if pool else pool_size(stage)
+    start = high if rows is None else min(high, max(low, -(-rows // stage.batch_size)))
     args = dict(
         batch_size=stage.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=high),
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=start),
         num_gpus=num_gpus,
         num_cpus=stage.num_cpus if stage.num_cpus is not None else ACTOR_CPUS,
     )

@@ -78,6 +78,15 @@ def test_a_pool_the_spec_sizes_is_kept_and_asked_for_whole():
     assert stage_placement(spec, "prior", 8)["compute"].initial_size == 4  # all at once: none waits for another's load
 
 
+def test_a_pool_starts_no_bigger_than_the_batches_of_its_rows():
+    """A job of a few rows on a big cluster asks for an actor per batch, not the pool's maximum (every group's max
+    nodes), and never fewer than the minimum; a big one asks for the maximum at once."""
+    spec = spec_from_dict(job(stages={"prior": {"concurrency": [2, 16], "batch_size": 8}}))
+    starts = {rows: stage_placement(spec, "prior", 0, rows)["compute"].initial_size for rows in (1, 40, 41, 10**7)}
+    assert starts == {1: 2, 40: 5, 41: 6, 10**7: 16}
+    assert stage_placement(spec, "prior", 0)["compute"].initial_size == 16
+
+
 def test_a_cluster_whose_gpu_nodes_start_from_zero_asks_for_gpus(ray_cluster):
     """No GPU node up yet, but the autoscaler publishes a node group of 8 GPUs: the pools are placed for that node
     (the job waits for it) instead of running full-size models on CPUs."""
