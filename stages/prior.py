@@ -120,8 +120,10 @@ class PriorStage:
     def _use(self, checkpoint: str) -> None:
         """Put the checkpoint's Stage C weights in the model (loaded, or interpolated, once per actor)."""
         if checkpoint != self.loaded:
-            if checkpoint not in self.weights:
-                self.weights[checkpoint] = prior_weights(json.loads(checkpoint), self.storage_options)
+            if checkpoint not in self.weights:  # kept in the model's dtypes (what loading casts to): bf16, half
+                model = self.prior.state_dict()
+                self.weights[checkpoint] = {name: value.to(model[name].dtype) for name, value in
+                                            prior_weights(json.loads(checkpoint), self.storage_options).items()}
             self.loaded = None  # a load that fails half-way (preflight compares architectures) is not `loaded`
             self.prior.load_state_dict(self.weights[checkpoint])
             self.loaded = checkpoint

@@ -36,11 +36,14 @@ def checkpoints(model_cache, tmp_path_factory):
     return str(model_cache / "prior"), str(root / "B"), str(root / "C")
 
 
-def stage_c(prior, rows, checkpoint_column=None):
-    batch = TextEncoder("tiny", "tiny")(make_batch(rows))
+def stage_c(prior, rows, checkpoint_column=None, dtype="float32", stages=None):
+    batch = TextEncoder("tiny", "tiny", dtype=dtype)(make_batch(rows))
     if checkpoint_column is not None:
         batch[C.PRIOR_CHECKPOINT] = np.asarray(checkpoint_column, dtype=object)
-    return PriorStage(prior)(batch)[C.IMAGE_EMBEDDINGS]
+    stage = PriorStage(prior, dtype=dtype)
+    if stages is not None:
+        stages.append(stage)
+    return stage(batch)[C.IMAGE_EMBEDDINGS]
 
 
 ROWS = [{C.PROMPT: "a lighthouse", C.SEED: 1}, {C.PROMPT: "a red fox", C.SEED: 2}]
@@ -54,12 +57,17 @@ def test_interpolated_prior_equals_the_saved_interpolation(checkpoints):
     assert not np.array_equal(np.stack(list(stage_c(a, ROWS))), np.stack(list(saved)))
 
 
-def test_rows_of_several_checkpoints_in_one_batch(checkpoints):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rows_of_several_checkpoints_in_one_batch(checkpoints, dtype):
+    """Each row gets its checkpoint's embeddings, bit for bit as a stage of that checkpoint alone makes them; a
+    swapped-in checkpoint is held in the model's dtype (half of float32's memory in bfloat16)."""
     a, b, _ = checkpoints
-    rows = ROWS + ROWS
-    mixed = stage_c(a, rows, [prior_id(a), prior_id(a), prior_id(b), prior_id(b)])
-    assert np.array_equal(np.stack(list(mixed[:2])), np.stack(list(stage_c(a, ROWS))))
-    assert np.array_equal(np.stack(list(mixed[2:])), np.stack(list(stage_c(b, ROWS))))
+    rows, stages = ROWS + ROWS, []
+    mixed = stage_c(a, rows, [prior_id(a), prior_id(a), prior_id(b), prior_id(b)], dtype, stages)
+    assert np.array_equal(np.stack(list(mixed[:2])), np.stack(list(stage_c(a, ROWS, dtype=dtype))))
+    assert np.array_equal(np.stack(list(mixed[2:])), np.stack(list(stage_c(b, ROWS, dtype=dtype))))
+    held = sum(v.numel() * v.element_size() for v in stages[0].weights[prior_id(b)].values())
+    assert held == sum(v.numel() * v.element_size() for v in stages[0].prior.state_dict().values())
 
 
 def test_sweep_makes_every_combination_once(tmp_path, ray_cluster, checkpoints):
