@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -191,14 +193,28 @@ def stores(spec: JobSpec) -> dict[str, str | None]:
 def check_overwrite_keeps_inputs(spec: JobSpec, reads: tuple[str, ...] | None = None) -> None:
     """--overwrite deletes the output folder: refuse, in one line, where something the job reads (its prompt
     table, a run it decodes, a model folder; only the spec keys `reads` where given) lies inside it."""
-    root = canonical(spec.output) + "/"
+    root = _place(spec.output) + "/"
     for key, uri in stores(spec).items():
         if key == "output" or not uri or (reads is not None and key not in reads) or (
                 key.startswith(("model.", "sweep.")) and ref_kind(uri) in ("tiny", "hub")):
             continue
-        if (canonical(uri) + "/").startswith(root):
+        if (_place(uri) + "/").startswith(root):
             raise SpecError(f"{key} {uri}: inside the output {spec.output}, which --overwrite deletes; move it out "
                             f"of the output folder, or choose another output")
+
+
+def _place(uri: str) -> str:
+    """Where a URI points, for comparing two: a local path with its symlinks resolved, a store's protocol by its
+    filesystem's first name (gcs:// is gs://)."""
+    uri = canonical(uri)
+    if "://" not in uri:
+        return os.path.realpath(uri)
+    protocol, rest = uri.split("://", 1)
+    try:
+        protocol = fsspec.get_filesystem_class(protocol).protocol
+    except (ImportError, ValueError):  # checked before (check_store); left as written
+        return uri
+    return f"{protocol if isinstance(protocol, str) else protocol[0]}://{rest}"
 
 
 def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, retry_failed: bool = False) -> Summary:

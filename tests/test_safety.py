@@ -78,6 +78,12 @@ def test_overwrite_refuses_an_output_holding_what_the_job_reads(tmp_path, capsys
     assert main(["decode", str(run), str(out), "--overwrite"]) == 2
     assert capsys.readouterr().err.startswith(f"error: decoded_from {run}: inside the output {out}")
     assert os.path.exists(prompts) and (run / "job.yaml").exists()
+    (tmp_path / "link").symlink_to(out)  # the output named through a symlink, or with another protocol alias
+    for output in (tmp_path / "link", f"file://{tmp_path / 'link'}"):
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump({"prompts": prompts, "output": str(output)}))
+        assert main(["generate", str(tmp_path / "job.yaml"), "--overwrite"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: prompts {prompts}: inside the output ")
+    assert os.path.exists(prompts)
 
 
 def test_a_home_relative_output_is_under_home(tmp_path, monkeypatch):
