@@ -196,6 +196,8 @@ def sweep_warnings(sweep: dict) -> list[str]:
 def sweep_effect(axis: str, value):
     """What a sweep value does to an image, comparable: equal for two values that make the same images."""
     if axis == "prior_checkpoint":
+        if isinstance(value, dict) and value["alpha"] in (0, 1):  # an end of an interpolation is that checkpoint
+            value = value["interpolate"][int(value["alpha"])]
         return prior_id(value)
     if axis.endswith("guidance_scale"):
         return max(float(value), 1.0)  # at 1 or less the pipelines run without guidance
