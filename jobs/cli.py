@@ -18,8 +18,8 @@ VERBOSE_HELP = "show Ray's own progress bars and logs, and the model libraries' 
 
 def parser() -> argparse.ArgumentParser:
     """The command line's parser, every subcommand included."""
-    parser = argparse.ArgumentParser(prog="wuerstchen-batch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    cli = argparse.ArgumentParser(prog="wuerstchen-batch", description=__doc__)
+    sub = cli.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="run a job: prompt table → images + manifest")
     gen.add_argument("job", help="job spec (YAML)")
@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     report.add_parser(sub)
     bench_scale.add_parser(sub)
     eval_args.add_parser(sub)
-    return parser
+    return cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,13 +211,14 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     ds = fold_identical(ds, left, tally)
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
-    ds = _stage(ds, spec, TextEncoder, "text", tally, left)
-    ds = _stage(ds, spec, PriorStage, "prior", tally, left)
+    todo = left if only is not None else max(left - done_rows, 0)  # the pools' start (an estimate is fine)
+    ds = _stage(ds, spec, TextEncoder, "text", tally, todo)
+    ds = _stage(ds, spec, PriorStage, "prior", tally, todo)
     ds = coalesced(ds, left, EMBEDDINGS_PART_ROWS, spec)
     ds = ds.map_batches(write_embeddings, batch_format="numpy", num_cpus=TASK_CPUS,
                         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options,
                                        user_types=table.user_types))
-    return _decode_and_write(ds, spec, tally, left, table.user_types)
+    return _decode_and_write(ds, spec, tally, left, table.user_types, todo)
 
 
 def left_to_make(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
@@ -261,8 +262,9 @@ def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None, rows: in
     return _decode_and_write(text, spec, tally, rows, user_types)
 
 
-def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int, user_types) -> ray.data.Dataset:
-    ds = _stage(ds, spec, DecoderStage, "decoder", tally, rows)
+def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int, user_types,
+                      todo: int | None = None) -> ray.data.Dataset:
+    ds = _stage(ds, spec, DecoderStage, "decoder", tally, rows if todo is None else todo)
     kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format,
                   user_types=user_types)
     if spec.output_format == "webdataset":  # shard blocks carry the encoded images and scalars only

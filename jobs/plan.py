@@ -82,10 +82,12 @@ def _config(ref: str, role: str, subfolder: str, storage_options: dict) -> dict 
             fs, path = url_to_fs(join(ref, subfolder, "config.json"), storage_options)
             return json.loads(fs.cat_file(path))
         if kind == "hub":
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-            with tempfile.TemporaryDirectory() as folder:  # not the hub cache: a snapshot holding only configs
-                # would be taken for the model by the checks of a later generate
+            cached = try_to_load_from_cache(ref, f"{subfolder}/config.json")
+            if isinstance(cached, str):
+                return json.loads(open(cached).read())
+            with tempfile.TemporaryDirectory() as folder:  # not into the hub cache: a snapshot of configs alone
                 path = hf_hub_download(ref, "config.json", subfolder=subfolder, local_dir=folder)
                 return json.loads(open(path).read())
         return json.loads(open(join(resolve(ref, role), subfolder, "config.json")).read())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -20,8 +19,8 @@ from jobs.retries import check_reachable
 from jobs.spec import JobSpec, SpecError
 from stages import columns as C
 from stages import footers, output, user_columns
-from stages.refs import (DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, conditioning, prior_refs,
-                         ref_kind)
+from stages.conditioning import FILE_PARTS, conditioning, difference
+from stages.refs import DECODER_SUBFOLDERS, PRIOR_SUBFOLDERS, ModelRefError, check_ref, prior_refs, ref_kind
 from stages.storage import canonical, full_uri, reason
 
 
@@ -47,8 +46,8 @@ def prior_fields(spec: JobSpec) -> list[tuple[str, object]]:
 
 def check_shared_conditioning(spec: JobSpec) -> None:
     """Every prior of the job (an interpolation's B, each swept checkpoint) has model.prior's text encoder,
-    tokenizer, scheduler and latent settings, which its rows are made with; else one line naming the first
-    that differs."""
+    tokenizer, scheduler and latent settings, which its rows are made with, and its Stage C architecture; else
+    one line naming the first that differs."""
     base = prior_refs(spec.model.prior)[0]
     refs = [(name, ref) for name, prior in prior_fields(spec) for ref in prior_refs(prior) if ref != base]
     if not refs:
@@ -57,27 +56,20 @@ def check_shared_conditioning(spec: JobSpec) -> None:
         expected = conditioning(base, spec.storage_options)
         for name, ref in refs:
             found = conditioning(ref, spec.storage_options)
-            for part, identity in expected.items():
-                if found[part] != identity:
+            for part, value in expected.items():
+                key = difference(part, value, found[part])
+                if key is not None:
+                    what = (f" ({key}: {found[part].get(key)!r}, not {value.get(key)!r})" if part not in FILE_PARTS
+                            else f" ({part}/{key})" if key else " (no file in common)")
                     raise SpecError(
-                        f"{name}: the {part.replace('_', ' ')} of {ref} differs from model.prior's ({base})"
-                        f"{_first_setting(identity, found[part])}; the checkpoints of one job share model.prior's "
-                        f"text encoder, scheduler, latent settings and Stage C architecture: run {ref} as a job of "
-                        f"its own (model.prior: {ref})")
+                        f"{name}: the {part.replace('_', ' ')} of {ref} differs from model.prior's ({base}){what}; "
+                        f"the checkpoints of one job share model.prior's text encoder, scheduler, latent settings "
+                        f"and Stage C architecture: run {ref} as a job of its own (model.prior: {ref})")
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - a store or hub failure is one line naming the model
         raise SpecError(f"model.prior: cannot compare the checkpoints' text encoders and schedulers "
                         f"({reason(err)})") from None
-
-
-def _first_setting(expected: str, found: str) -> str:
-    """' (key: found, not expected)' for the first differing key of two settings objects (JSON); '' for files."""
-    expected, found = json.loads(expected), json.loads(found)
-    if not isinstance(expected, dict):
-        return ""
-    key = next(k for k in sorted({*expected, *found}) if expected.get(k) != found.get(k))
-    return f" ({key}: {found.get(key)!r}, not {expected.get(key)!r})"
 
 
 def preflight(spec: JobSpec) -> prompts.PromptTable:

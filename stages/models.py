@@ -27,17 +27,19 @@ from stages.storage import url_to_fs
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
-def prior_weights(prior, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
-    """Stage C weights of a prior spec in float32 on the CPU; (1 - alpha)·A + alpha·B for an interpolation."""
+def prior_weights(prior, storage_options: dict | None = None,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Stage C weights of a prior spec on the CPU, loaded as a model of `dtype` loads them; (1 - alpha)·A + alpha·B
+    for an interpolation, computed in float32."""
     from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 
-    def load(ref: str) -> dict[str, torch.Tensor]:
+    def load(ref: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         root = resolve(ref, "prior", storage_options)
-        return load_component(WuerstchenPrior, root, "prior", torch.float32, torch.device("cpu")).state_dict()
+        return load_component(WuerstchenPrior, root, "prior", dtype, torch.device("cpu")).state_dict()
 
     if isinstance(prior, str):
-        return load(prior)
-    (a, b), alpha = (load(ref) for ref in prior["interpolate"]), prior["alpha"]
+        return load(prior, dtype)
+    (a, b), alpha = (load(ref, torch.float32) for ref in prior["interpolate"]), prior["alpha"]
     return {name: a[name] * (1 - alpha) + b[name] * alpha for name in a}
 
 
@@ -128,8 +130,17 @@ def load_component(cls, root: str, subfolder: str, dtype: torch.dtype, device: t
 
 
 def pipeline_config(root: str) -> dict:
-    """The pipeline-level settings (latent_mean, resolution_multiple, …) from model_index.json."""
+    """The pipeline-level settings (latent_mean, resolution_multiple, …) from model_index.json: a folder's, or a
+    hub model's (its cached copy, else the hub; it used to be skipped, so a fine-tune's settings went unread)."""
     path = Path(root) / "model_index.json"
+    if not path.exists() and ref_kind(root) == "hub":
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(root, "model_index.json"))
+        except EntryNotFoundError:
+            return {}
     return json.loads(path.read_text()) if path.exists() else {}
 
 

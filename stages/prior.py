@@ -122,8 +122,8 @@ class PriorStage:
         if checkpoint != self.loaded:
             if checkpoint not in self.weights:  # kept in the model's dtypes (what loading casts to): bf16, half
                 model = self.prior.state_dict()
-                self.weights[checkpoint] = {name: value.to(model[name].dtype) for name, value in
-                                            prior_weights(json.loads(checkpoint), self.storage_options).items()}
+                weights = prior_weights(json.loads(checkpoint), self.storage_options, self.dtype)
+                self.weights[checkpoint] = {name: value.to(model[name].dtype) for name, value in weights.items()}
             self.loaded = None  # a load that fails half-way (preflight compares architectures) is not `loaded`
             self.prior.load_state_dict(self.weights[checkpoint])
             self.loaded = checkpoint

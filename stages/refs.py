@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -162,86 +161,3 @@ def hub_entries(repo: str, name: str) -> set[str]:
         raise ModelRefError(f"{name}: cannot reach the Hugging Face Hub for {repo} ({reason(err)}); check "
                             f"the network, or put the model in the cache and set HF_HUB_OFFLINE=1") from None
     return {s.rfilename.split("/")[0] for s in info.siblings or ()}
-
-
-# What a prior's rows are conditioned and scheduled with, beside its Stage C weights: a sweep over checkpoints
-# must share these with model.prior (the text stage encodes with model.prior's text encoder once per row), and
-# its Stage C architecture (each Stage C actor loads every checkpoint's weights into one model).
-CONDITIONING = ("text_encoder", "tokenizer", "scheduler")
-LATENT_SETTINGS = ("latent_mean", "latent_std", "resolution_multiple")
-ARCHITECTURE = "Stage C architecture"
-
-
-def conditioning(ref: str, storage_options: dict | None = None) -> dict[str, str]:
-    """{part: identity} of a prior reference's text encoder, tokenizer, scheduler (each file's sha256, or the
-    store's version tag), latent settings (model_index.json) and Stage C architecture (prior/config.json)."""
-    from stages.models import resolve  # the tiny preset is built where it is named
-
-    kind = ref_kind(ref)
-    if kind == "hub":
-        return _hub_conditioning(ref)
-    root = resolve(ref, "prior") if kind in ("tiny", "local") else ref
-    fs, path = url_to_fs(root, storage_options) if kind == "uri" else url_to_fs(str(Path(root).expanduser()))
-    path = path.rstrip("/")
-    found = {}
-    for part in CONDITIONING:
-        files = fs.find(f"{path}/{part}", detail=True)
-        found[part] = json.dumps(sorted((name.rsplit(f"/{part}/", 1)[-1], _file_identity(fs, name, info, kind))
-                                        for name, info in files.items()))
-
-    def read(name: str) -> dict:
-        return json.loads(fs.cat_file(f"{path}/{name}")) if fs.exists(f"{path}/{name}") else {}
-    return {**found, **_settings(read)}
-
-
-def _settings(read) -> dict[str, str]:
-    """The latent settings (model_index.json) and the Stage C architecture (prior/config.json less diffusers'
-    own `_` keys) of a prior, from `read(name) -> dict` ({} where the file is missing)."""
-    index, config = read("model_index.json"), read("prior/config.json")
-    return {"latent settings": json.dumps({k: index.get(k) for k in LATENT_SETTINGS}, sort_keys=True),
-            ARCHITECTURE: json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True)}
-
-
-def _file_identity(fs, name: str, info: dict, kind: str) -> str:
-    """A local file's content digest (sha256, as the hub's LFS pointers give it); an object's ETag on a store."""
-    if kind == "uri":
-        return str(info.get("ETag") or info.get("md5Hash") or info.get("size"))
-    with fs.open(name, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _hub_conditioning(repo: str) -> dict[str, str]:
-    """The same for a hub model: from its cached snapshot where it is whole, else from the hub: the LFS files'
-    sha256 and the small files (JSON, tokenizer files) read from a download, so it equals a local copy's."""
-    import tempfile
-
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:  # a snapshot that `plan` (configs only) or a cut download left partial is not used
-        snapshot = Path(snapshot_download(repo, local_files_only=True))
-        if any(snapshot.glob("text_encoder/*.safetensors")) and all((snapshot / p).is_dir() for p in CONDITIONING):
-            return conditioning(str(snapshot))
-    except (LocalEntryNotFoundError, FileNotFoundError):
-        pass
-    info = HfApi().model_info(repo, files_metadata=True, timeout=HUB_TIMEOUT_S)
-    with tempfile.TemporaryDirectory() as folder:  # not the hub cache: a partial snapshot there would be used
-
-        def download(name: str) -> Path:
-            return Path(hf_hub_download(repo, name, revision=info.sha, local_dir=folder,
-                                        etag_timeout=HUB_TIMEOUT_S))
-
-        def identity(sibling) -> str:
-            if sibling.lfs:
-                return sibling.lfs.sha256
-            with download(sibling.rfilename).open("rb") as f:
-                return hashlib.file_digest(f, "sha256").hexdigest()
-
-        def read(name: str) -> dict:
-            try:
-                return json.loads(download(name).read_text())
-            except EntryNotFoundError:
-                return {}
-        found = {part: json.dumps(sorted((s.rfilename.split("/", 1)[1], identity(s)) for s in info.siblings
-                                         if s.rfilename.startswith(f"{part}/"))) for part in CONDITIONING}
-        return {**found, **_settings(read)}

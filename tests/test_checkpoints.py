@@ -51,8 +51,13 @@ def priors(model_cache, tmp_path_factory):
     shutil.copytree(a, root / "heads")  # the same weight shapes: load_state_dict would take them silently
     config = json.loads((root / "heads" / "prior" / "config.json").read_text())
     (root / "heads" / "prior" / "config.json").write_text(json.dumps({**config, "nhead": 2 * config["nhead"]}))
+    shutil.copytree(a, root / "respelt")  # the same settings written otherwise, and a dropout (no shape) changed
+    index = json.loads((root / "respelt" / "model_index.json").read_text())
+    (root / "respelt" / "model_index.json").write_text(json.dumps({**index, "latent_std": int(index["latent_std"])}))
+    (root / "respelt" / "prior" / "config.json").write_text(json.dumps({**config, "dropout": 0.0}))
     return {name: str(path) for name, path in (("A", a), ("B", b), ("text", text), ("scheduler", root / "scheduler"),
-                                               ("latent", root / "latent"), ("heads", root / "heads"))}
+                                               ("latent", root / "latent"), ("heads", root / "heads"),
+                                               ("respelt", root / "respelt"))}
 
 
 @functools.cache
@@ -115,14 +120,16 @@ def test_a_checkpoint_with_other_conditioning_is_refused(tmp_path, priors, other
         preflight(spec_from_dict(data))
     message = str(err.value)
     assert message.startswith(f"{name}: the {part} of {b} differs") and "\n" not in message
-    setting = {"latent": " (latent_mean: 40.0, not 42.0)", "heads": " (nhead: 4, not 2)"}.get(other, "")
+    setting = {"text": " (text_encoder/model.safetensors)", "scheduler": " (scheduler/scheduler_config.json)",
+               "latent": " (latent_mean: 40.0, not 42.0)", "heads": " (nhead: 4, not 2)"}[other]
     assert f"model.prior's ({a}){setting};" in message
 
 
 def test_a_sweep_of_compatible_checkpoints_passes_preflight(tmp_path, priors):
     data = {"prompts": write_prompts(tmp_path / "p.parquet", PROMPTS), "output": str(tmp_path / "out"),
             "model": {"prior": priors["A"]},
-            "sweep": {"prior_checkpoint": [priors["B"], {"interpolate": [priors["A"], priors["B"]], "alpha": 0.3}]}}
+            "sweep": {"prior_checkpoint": [priors["B"], {"interpolate": [priors["A"], priors["B"]], "alpha": 0.3},
+                                           priors["respelt"]]}}
     assert preflight(spec_from_dict(data)).rows == 2
 
 

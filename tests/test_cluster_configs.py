@@ -71,7 +71,8 @@ def launcher_groups(config: dict) -> dict:
             for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
 
 
-GROUPS = {**{source: kuberay_groups(spec) for source, spec in KUBERAY_SPECS.items()}, "launcher": launcher_groups(LAUNCHER)}
+GROUPS = {**{source: kuberay_groups(spec) for source, spec in KUBERAY_SPECS.items()},
+          "launcher": launcher_groups(LAUNCHER)}
 CASES = [(source, stage) for source in GROUPS for stage in STAGES]
 
 

@@ -65,22 +65,23 @@ def test_an_unreachable_hub_is_one_line_within_seconds(hf_home):
     assert seconds < 30  # the process start included; the check itself gives up after HUB_TIMEOUT_S
 
 
-def test_a_hub_model_not_downloaded_compares_by_content_with_a_local_copy(model_cache, tmp_path, monkeypatch):
-    """A swept hub checkpoint not yet downloaded is compared with model.prior from the hub's file list (the LFS
-    files' sha256, the small files read): equal to a folder with the same files, and a snapshot that `plan` left
-    partial (configs only) is not taken for the model. The hub is unreachable here: its two calls are stood in."""
+def test_a_hub_model_compares_by_content_with_a_local_copy(model_cache, tmp_path, monkeypatch):
+    """A swept hub checkpoint is compared with model.prior by content: from the hub's file list (the LFS files'
+    sha256, the small files read) it equals a folder with the same files, and offline its cached snapshot, which
+    holds only what loading fetched (no model_index.json, no extra files), agrees with that folder too. The hub
+    is unreachable here: its two calls are stood in."""
     import types
 
     import huggingface_hub
     from huggingface_hub import constants
 
-    from stages.refs import conditioning
+    from stages.conditioning import conditioning, difference
 
     local = model_cache / "prior"
     files = {str(p.relative_to(local)): p for p in local.rglob("*") if p.is_file()}
-    digest = {name: hashlib.sha256(p.read_bytes()).hexdigest() for name, p in files.items()}
-    siblings = [types.SimpleNamespace(rfilename=name, lfs=types.SimpleNamespace(sha256=digest[name])
-                                      if name.endswith(".safetensors") else None) for name in files]
+    siblings = [types.SimpleNamespace(rfilename=name, lfs=types.SimpleNamespace(
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest()) if name.endswith(".safetensors") else None)
+        for name, path in files.items()]
     downloaded = []
 
     def download(repo, name, revision, local_dir, etag_timeout):
@@ -93,14 +94,37 @@ def test_a_hub_model_not_downloaded_compares_by_content_with_a_local_copy(model_
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda: types.SimpleNamespace(
         model_info=lambda repo, files_metadata, timeout: types.SimpleNamespace(sha="abc123", siblings=siblings)))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert conditioning("org/prior") == conditioning(str(local))
+    assert not any(name.endswith(".safetensors") for name in downloaded)  # the weights: by their LFS sha256
+
     snapshot = tmp_path / "hub" / "models--org--prior" / "snapshots" / "abc123"
-    (snapshot / "prior").mkdir(parents=True)
-    (snapshot / "prior" / "config.json").write_bytes(files["prior/config.json"].read_bytes())  # as `plan` leaves it
+    for name in ("prior/config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+                 "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"):  # as the stages' loading left it
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(files[name].read_bytes())
     (tmp_path / "hub" / "models--org--prior" / "refs").mkdir()
     (tmp_path / "hub" / "models--org--prior" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cached, expected = conditioning("org/prior"), conditioning(str(local))
+    assert all(difference(part, expected[part], cached[part]) is None for part in expected)
 
-    assert conditioning("org/prior") == conditioning(str(local))
-    assert not any(name.endswith(".safetensors") for name in downloaded)  # the weights are compared by LFS sha256
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # another text encoder on the hub
     next(s for s in siblings if s.rfilename == "text_encoder/model.safetensors").lfs.sha256 = "0" * 64
-    assert conditioning("org/prior")["text_encoder"] != conditioning(str(local))["text_encoder"]
+    found = conditioning("org/prior")
+    assert difference("text_encoder", expected["text_encoder"], found["text_encoder"]) == "model.safetensors"
+
+
+def test_a_hub_models_pipeline_settings_are_read(tmp_path, monkeypatch):
+    """The stages take latent_mean and resolution_multiple from a hub model's model_index.json (they took the
+    defaults: a fine-tune with its own went wrong silently). The hub's download is stood in."""
+    import huggingface_hub
+
+    from stages.models import pipeline_config
+
+    (tmp_path / "model_index.json").write_text('{"latent_mean": 40.0, "resolution_multiple": 32.0}')
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name: asked.append((repo, name)) or str(tmp_path / name))
+    assert pipeline_config("org/fine-tune") == {"latent_mean": 40.0, "resolution_multiple": 32.0}
+    assert asked == [("org/fine-tune", "model_index.json")]

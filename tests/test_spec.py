@@ -145,14 +145,13 @@ def test_micro_batch_and_compile_per_stage_reach_the_stage_classes(tmp_path):
 
 def test_sweep_values_that_make_the_same_images_are_warned_about():
     """A repeat, 1 and 1.0, two guidance scales of 1 or less (no guidance either way), alpha 1 and 1.0, an
-    interpolation's end and its checkpoint: warned about naming both (not refused: an output made with such a sweep, and its decode, read the same job.yaml)."""
+    interpolation's end and its checkpoint: warned about naming both (not refused: an output made with such a
+    sweep, and its decode, read the same job.yaml)."""
     from jobs.spec_rules import sweep_warnings
 
+    ends = [{"interpolate": ["a", "b"], "alpha": alpha} for alpha in (1, 1.0, 0, 0.5)]
     sweep = {"seed": [0, 1, 0], "decoder_guidance_scale": [0.0, 4, 0.5], "prior_guidance_scale": [4, 4.0],
-             "resolution": [[128, 256], [256, 128]], "prior_checkpoint": [{"interpolate": ["a", "b"], "alpha": 1},
-                                                                           {"interpolate": ["a", "b"], "alpha": 1.0},
-                                                                           "b", {"interpolate": ["a", "b"], "alpha": 0},
-                                                                           "a", {"interpolate": ["a", "b"], "alpha": 0.5}]}
+             "resolution": [[128, 256], [256, 128]], "prior_checkpoint": [*ends[:2], "b", ends[2], "a", ends[3]]}
     assert sweep_warnings(spec_from_dict({**BASE, "sweep": sweep}).sweep) == [
         "warning: sweep.seed[2]: 0 makes the same images as sweep.seed[0] (0): give each value once",
         "warning: sweep.decoder_guidance_scale[2]: 0.5 makes the same images as sweep.decoder_guidance_scale[0] "
