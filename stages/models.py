@@ -135,11 +135,11 @@ def pipeline_config(root: str) -> dict:
     path = Path(root) / "model_index.json"
     if not path.exists() and ref_kind(root) == "hub":
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
         try:
             path = Path(hf_hub_download(root, "model_index.json"))
-        except EntryNotFoundError:
+        except (EntryNotFoundError, LocalEntryNotFoundError):  # none, or offline without it: the defaults
             return {}
     return json.loads(path.read_text()) if path.exists() else {}
 
