@@ -283,7 +283,7 @@ def test_actor_pools_use_the_current_ray_api_without_deprecation_warnings(tmp_pa
             warnings.filterwarnings("error", message=".*concurrency.*")
             ds = ray_cluster.data.range(1)
             for cls, name in ((TextEncoder, "text"), (PriorStage, "prior"), (DecoderStage, "decoder")):
-                ds = _stage(ds, spec, cls, name, None)  # the plan only: no model is loaded
+                ds = _stage(ds, spec, cls, name, None, 1)  # the plan only: no model is loaded
     finally:
         logging.getLogger("ray.data").removeHandler(handler)
     assert not [r.getMessage() for r in records if "concurrency" in r.getMessage()]
