@@ -26,6 +26,7 @@ from stages.batching import (
     seeded_generators,
     transport_dtype,
 )
+from stages.conditioning import LATENT_DEFAULTS
 from stages.denoise import (
     Schedule,
     compiled,
@@ -84,9 +85,9 @@ class PriorStage:
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")
         self.schedules: dict[int, Schedule] = {}
         config = pipeline_config(root)
-        self.latent_mean = config.get("latent_mean", 42.0)
-        self.latent_std = config.get("latent_std", 1.0)
-        self.resolution_multiple = config.get("resolution_multiple", 42.67)
+        settings = {key: config.get(key, default) for key, default in LATENT_DEFAULTS.items()}
+        self.latent_mean, self.latent_std = settings["latent_mean"], settings["latent_std"]
+        self.resolution_multiple = settings["resolution_multiple"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
