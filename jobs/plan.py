@@ -6,6 +6,7 @@ import json
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -86,10 +87,10 @@ def _config(ref: str, role: str, subfolder: str, storage_options: dict) -> dict 
 
             cached = try_to_load_from_cache(ref, f"{subfolder}/config.json")
             if isinstance(cached, str):
-                return json.loads(open(cached).read())
+                return json.loads(Path(cached).read_text())
             with tempfile.TemporaryDirectory() as folder:  # not into the hub cache: a snapshot of configs alone
                 path = hf_hub_download(ref, "config.json", subfolder=subfolder, local_dir=folder)
-                return json.loads(open(path).read())
+                return json.loads(Path(path).read_text())
         return json.loads(open(join(resolve(ref, role), subfolder, "config.json")).read())
     except Exception:  # noqa: BLE001 - offline or missing: fall back to the official shapes
         _UNREACHABLE.add(ref)

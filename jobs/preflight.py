@@ -52,6 +52,7 @@ def check_shared_conditioning(spec: JobSpec) -> None:
     refs = [(name, ref) for name, prior in prior_fields(spec) for ref in prior_refs(prior) if ref != base]
     if not refs:
         return
+    name, ref = "model.prior", base
     try:
         expected = conditioning(base, spec.storage_options)
         for name, ref in refs:
@@ -60,7 +61,7 @@ def check_shared_conditioning(spec: JobSpec) -> None:
                 key = difference(part, value, found[part])
                 if key is not None:
                     what = (f" ({key}: {found[part].get(key)!r}, not {value.get(key)!r})" if part not in FILE_PARTS
-                            else f" ({part}/{key})" if key else " (no file in common)")
+                            else f" ({part}/{key})" if key else " (no weights or files in common to compare)")
                     raise SpecError(
                         f"{name}: the {part.replace('_', ' ')} of {ref} differs from model.prior's ({base}){what}; "
                         f"the checkpoints of one job share model.prior's text encoder, scheduler, latent settings "
@@ -68,7 +69,7 @@ def check_shared_conditioning(spec: JobSpec) -> None:
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - a store or hub failure is one line naming the model
-        raise SpecError(f"model.prior: cannot compare the checkpoints' text encoders and schedulers "
+        raise SpecError(f"{name}: cannot compare {ref}'s text encoder, scheduler and settings with model.prior's "
                         f"({reason(err)})") from None
 
 

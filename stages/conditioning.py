@@ -41,12 +41,12 @@ def conditioning(ref: str, storage_options: dict | None = None) -> dict[str, dic
 
 
 def difference(part: str, expected: dict, found: dict) -> str | None:
-    """The first key of `part` whose value differs ('' where two file sets share no file), None where they agree.
-    Files: those both sides hold (a hub snapshot holds only what loading fetched); settings: every key."""
+    """The first key of `part` whose value differs ('' where two file sets share no file, or no text encoder
+    weights), None where they agree. Files: those both sides hold (a hub snapshot holds what loading fetched)."""
     if part in FILE_PARTS:
         keys = expected.keys() & found.keys()
-        if not keys:
-            return ""
+        if not keys or (part == "text_encoder" and not any(k.endswith(".safetensors") for k in keys)):
+            return ""  # nothing (or not the weights) to compare
     else:
         keys = expected.keys() | found.keys()
     return next((k for k in sorted(keys) if expected.get(k) != found.get(k)), None)
@@ -75,7 +75,7 @@ def _hub_conditioning(repo: str) -> dict[str, dict]:
     """The same for a hub model: from the hub (the LFS files' sha256, the small files read from a download into a
     temporary folder), or from its cached snapshot where the hub is out of reach or HF_HUB_OFFLINE is set."""
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     try:
         if constants.HF_HUB_OFFLINE:
@@ -100,7 +100,7 @@ def _hub_conditioning(repo: str) -> dict[str, dict]:
         def read(name: str) -> dict:
             try:
                 return json.loads(download(name).read_text())
-            except EntryNotFoundError:
+            except RemoteEntryNotFoundError:  # no such file on the hub (a failed download is an error)
                 return {}
         found = {part: {s.rfilename.split("/", 1)[1]: identity(s) for s in info.siblings
                         if s.rfilename.startswith(f"{part}/")} for part in FILE_PARTS}

@@ -41,7 +41,8 @@ def prior_weights(prior, storage_options: dict | None = None,
         return load(prior, dtype)
     (a, b), alpha = (load(ref, torch.float32) for ref in prior["interpolate"]), prior["alpha"]
     # in place (two checkpoints held at the peak, not three), the same roundings as a * (1 - alpha) + b * alpha
-    return {name: a[name].mul_(1 - alpha).add_(b[name].mul_(alpha)) for name in a}
+    return {name: a[name].mul_(1 - alpha).add_(b[name].mul_(alpha)) if a[name].is_floating_point() else a[name]
+            for name in a}
 
 
 def quiet_libraries() -> None:
@@ -131,17 +132,9 @@ def load_component(cls, root: str, subfolder: str, dtype: torch.dtype, device: t
 
 
 def pipeline_config(root: str) -> dict:
-    """The pipeline-level settings (latent_mean, resolution_multiple, …) from model_index.json: a folder's, or a
-    hub model's (its cached copy, else the hub; it used to be skipped, so a fine-tune's settings went unread)."""
+    """The pipeline-level settings (latent_mean, resolution_multiple, …) from a folder's model_index.json; {} for
+    a hub id: every actor uses the official values (no hub call per actor, no node differing from another)."""
     path = Path(root) / "model_index.json"
-    if not path.exists() and ref_kind(root) == "hub":
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-        try:
-            path = Path(hf_hub_download(root, "model_index.json"))
-        except (EntryNotFoundError, LocalEntryNotFoundError):  # none, or offline without it: the defaults
-            return {}
     return json.loads(path.read_text()) if path.exists() else {}
 
 

@@ -71,7 +71,7 @@ def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options:
         _check_uri(ref, name, subfolders, storage_options)
     elif kind == "hub":
         try:
-            entries = hub_entries(ref, name)
+            entries = hub_entries(ref, name, subfolders)
         except ModelRefError as err:  # `models/decoder` may have been meant as a folder here
             raise ModelRefError(f"{err}; nor is there a local folder {os.path.abspath(ref)}") from None
         _check_subfolders(ref, name, subfolders, entries)
@@ -135,15 +135,18 @@ def _check_uri(ref: str, name: str, subfolders: tuple[str, ...], storage_options
         raise ModelRefError(f"{name}: cannot read {ref} ({reason(err)})") from None
 
 
-def hub_entries(repo: str, name: str) -> set[str]:
-    """Top-level files and folders of a hub model: from the local Hugging Face cache if it holds a snapshot,
-    else from the hub (short timeout); a one-line ModelRefError naming `name` when neither can tell."""
+def hub_entries(repo: str, name: str, needed: tuple[str, ...] = ()) -> set[str]:
+    """Top-level files and folders of a hub model: from the local Hugging Face cache if it holds a snapshot with
+    the `needed` folders (loading fetches only what it loads: a swept checkpoint's snapshot holds prior/), else
+    from the hub (short timeout); a one-line ModelRefError naming `name` when neither can tell."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         snapshot = Path(snapshot_download(repo, local_files_only=True))
-        return {p.name for p in snapshot.iterdir()}
+        cached = {p.name for p in snapshot.iterdir()}
+        if constants.HF_HUB_OFFLINE or set(needed) <= cached:
+            return cached
     except (LocalEntryNotFoundError, FileNotFoundError):
         pass
     if constants.HF_HUB_OFFLINE:

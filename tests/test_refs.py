@@ -56,6 +56,15 @@ def test_a_cached_snapshot_is_checked_offline_with_its_subfolders(hf_home):
     assert check_in(env, "org/half")[0] == "model.prior: org/half lacks the subfolder(s) text_encoder, scheduler"
 
 
+def test_a_snapshot_holding_only_what_loading_fetched_is_checked_on_the_hub(hf_home):
+    """A swept hub checkpoint's cached snapshot holds prior/ only (loading fetched nothing else): online, the hub
+    is asked for its folders (here: out of reach, so said so), not the resume refused for a partial cache."""
+    home, cache = hf_home
+    cache("org/swept", ["prior"])
+    answer, _ = check_in({"HF_HOME": str(home), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}, "org/swept")
+    assert answer.startswith("model.prior: cannot reach the Hugging Face Hub for org/swept (")
+
+
 def test_an_unreachable_hub_is_one_line_within_seconds(hf_home):
     home, _ = hf_home
     env = {"HF_HOME": str(home), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
@@ -114,17 +123,3 @@ def test_a_hub_model_compares_by_content_with_a_local_copy(model_cache, tmp_path
     found = conditioning("org/prior")
     assert difference("text_encoder", expected["text_encoder"], found["text_encoder"]) == "model.safetensors"
 
-
-def test_a_hub_models_pipeline_settings_are_read(tmp_path, monkeypatch):
-    """The stages take latent_mean and resolution_multiple from a hub model's model_index.json (they took the
-    defaults: a fine-tune with its own went wrong silently). The hub's download is stood in."""
-    import huggingface_hub
-
-    from stages.models import pipeline_config
-
-    (tmp_path / "model_index.json").write_text('{"latent_mean": 40.0, "resolution_multiple": 32.0}')
-    asked = []
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda repo, name: asked.append((repo, name)) or str(tmp_path / name))
-    assert pipeline_config("org/fine-tune") == {"latent_mean": 40.0, "resolution_multiple": 32.0}
-    assert asked == [("org/fine-tune", "model_index.json")]
