@@ -259,12 +259,13 @@ def decode_dataset(spec: JobSpec, stored: ray.data.Dataset, tally=None, rows: in
     images (the prompt table's own columns written in `user_types`, a pyarrow schema, where given)."""
     stored = stored.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
     text = _stage(stored, spec, TextEncoder, "text", tally, rows, prior=None)  # the decoder's tower only
-    return _decode_and_write(text, spec, tally, rows, user_types)
+    return _decode_and_write(text, spec, tally, rows, user_types, rows)
 
 
 def _decode_and_write(ds: ray.data.Dataset, spec: JobSpec, tally, rows: int, user_types,
-                      todo: int | None = None) -> ray.data.Dataset:
-    ds = _stage(ds, spec, DecoderStage, "decoder", tally, rows if todo is None else todo)
+                      todo: int) -> ray.data.Dataset:
+    """Stage B/A pool (started for `todo` rows) → images written → manifest parts of about rows / RUN_PARTS."""
+    ds = _stage(ds, spec, DecoderStage, "decoder", tally, todo)
     kwargs = dict(output=spec.output, storage_options=spec.storage_options, image_format=spec.image_format,
                   user_types=user_types)
     if spec.output_format == "webdataset":  # shard blocks carry the encoded images and scalars only

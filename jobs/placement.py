@@ -57,10 +57,8 @@ def stage_placement(spec: JobSpec, name: str, cluster_gpus: float, rows: int | N
     """map_batches keyword arguments for stage `name` of a job on a cluster with `cluster_gpus` GPUs (for a pass
     of at most `rows` rows, where given)."""
     split = split_gpus(spec, cluster_gpus)
-    if not split:
-        return placement(getattr(spec.stages, name), name, cluster_gpus, rows=rows)
-    return placement(getattr(spec.stages, name), name, cluster_gpus, share=_SPLIT_SHARES[name], pool=split.get(name),
-                     rows=rows)
+    shares = dict(share=_SPLIT_SHARES[name], pool=split.get(name)) if split else {}
+    return placement(getattr(spec.stages, name), name, cluster_gpus, rows=rows, **shares)
 
 
 def split_gpus(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:

@@ -48,14 +48,17 @@ def check_shared_conditioning(spec: JobSpec) -> None:
     """Every prior of the job (an interpolation's B, each swept checkpoint) has model.prior's text encoder,
     tokenizer, scheduler and latent settings, which its rows are made with, and its Stage C architecture; else
     one line naming the first that differs."""
-    base = prior_refs(spec.model.prior)[0]
-    refs = [(name, ref) for name, prior in prior_fields(spec) for ref in prior_refs(prior) if ref != base]
+    base, refs = prior_refs(spec.model.prior)[0], {}
+    for field, prior in prior_fields(spec):  # each checkpoint read once (a hub listing, a sha256 of its files),
+        for ref in prior_refs(prior):  # named by the first field that holds it
+            refs.setdefault(ref, field)
+    refs.pop(base)
     if not refs:
         return
     name, ref = "model.prior", base
     try:
         expected = conditioning(base, spec.storage_options)
-        for name, ref in refs:
+        for ref, name in refs.items():
             found = conditioning(ref, spec.storage_options)
             for part, value in expected.items():
                 key = difference(part, value, found[part])
