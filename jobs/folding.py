@@ -11,17 +11,19 @@ from jobs import prompts
 from jobs.progress import FOLDED, FOLDED_OTHER_VALUES
 from jobs.spec import TASK_CPUS
 from stages import columns as C
+from stages.output import PARTITION_BYTES
 
-ROWS_PER_PARTITION = 200_000  # planned rows per hash partition (≈ 100 MB of prompts and parameters at most)
+ROWS_PER_PARTITION = 200_000  # planned rows per hash partition (≈ 100 MB of short prompts and parameters) …
+# … and at most PARTITION_BYTES of them: wide rows (the user's own columns) make more partitions
 MAX_PARTITIONS = 1024
 
 
-def fold_identical(ds, planned_rows: int, tally=None):
+def fold_identical(ds, planned_rows: int, tally=None, row_bytes: int = 0):
     """`ds` with one row per row id. Every copy of an id is brought into one block, as Ray Data's own `map_groups`
-    does: one block for a run of up to ROWS_PER_PARTITION rows, else a hash shuffle by row id; then each block
-    keeps the first copy of each id. A barrier: no row reaches the stages before every planned row is expanded
-    (seconds per million rows on a cluster)."""
-    return _shuffled_by(ds, C.ROW_ID, planned_rows).map_batches(
+    does: one block for a run of up to ROWS_PER_PARTITION rows (of about `row_bytes` each, at most
+    PARTITION_BYTES), else a hash shuffle by row id; then each block keeps the first copy of each id. A barrier: no
+    row reaches the stages before every planned row is expanded (seconds per million rows on a cluster)."""
+    return _shuffled_by(ds, C.ROW_ID, planned_rows, row_bytes).map_batches(
         fold_block, batch_size=None, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(tally=tally))
 
 
@@ -32,10 +34,15 @@ def fold_keys(ds, key: str, rows: int, tally=None):
                                                    num_cpus=TASK_CPUS, fn_kwargs=dict(key=key, tally=tally))
 
 
-def _shuffled_by(ds, key: str, rows: int):
-    """`ds` with every copy of a `key` value in one block: one block for up to ROWS_PER_PARTITION rows, else
-    a hash shuffle."""
-    partitions = min(MAX_PARTITIONS, -(-rows // ROWS_PER_PARTITION))
+def fold_partitions(rows: int, row_bytes: int = 0) -> int:
+    """Hash partitions for folding `rows` rows of about `row_bytes` each (1: no shuffle)."""
+    return min(MAX_PARTITIONS, max(-(-rows // ROWS_PER_PARTITION), -(-rows * row_bytes // PARTITION_BYTES)))
+
+
+def _shuffled_by(ds, key: str, rows: int, row_bytes: int = 0):
+    """`ds` with every copy of a `key` value in one block: one block for a few rows (fold_partitions), else a
+    hash shuffle."""
+    partitions = fold_partitions(rows, row_bytes)
     return ds.repartition(partitions, keys=[key]) if partitions > 1 else ds.repartition(1)
 
 

@@ -208,7 +208,7 @@ def build_dataset(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     ds = left_to_make(spec, table, done_rows, only, only_rows)
     # Rows after the join, at most: the planned rows (done ids the table no longer plans drop none of them).
     left = prompts.planned_rows(spec, table.rows) if only is None else only_rows
-    ds = fold_identical(ds, left, tally)
+    ds = fold_identical(ds, left, tally, table.row_bytes)
     # Stream in blocks of one text batch, so every pool works in parallel and images land steadily.
     ds = ds.repartition(target_num_rows_per_block=spec.stages.text.batch_size)
     todo = left if only is not None else max(left - done_rows, 0)  # the pools' start (an estimate is fine)
@@ -227,9 +227,10 @@ def left_to_make(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     the `only_rows` ids of dataset `only` (a semi-join) where given."""
     ds, planned = expanded(spec, table), prompts.planned_rows(spec, table.rows)
     if only is not None:  # a retry of failed rows
-        ds = ds.join(only, join_type="left_semi", num_partitions=output.partitions(only_rows, planned),
-                     on=(C.ROW_ID,))
-    return output.drop_done(ds, spec.output, spec.storage_options, done_rows, rows=planned)  # ds when none done
+        ds = ds.join(only, join_type="left_semi", on=(C.ROW_ID,),
+                     num_partitions=output.partitions(only_rows, planned, row_bytes=table.row_bytes))
+    return output.drop_done(ds, spec.output, spec.storage_options, done_rows, rows=planned,
+                            row_bytes=table.row_bytes)  # ds when none done
 
 
 def coalesced(ds: ray.data.Dataset, rows: int, most: int, spec: JobSpec) -> ray.data.Dataset:

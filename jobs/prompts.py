@@ -24,6 +24,7 @@ from stages.storage import full_uri, reason, url_to_fs
 
 
 EXPANDED_ROWS = 4096  # image rows one expansion batch makes at most (bounded task memory for any sweep size)
+PARAMETER_BYTES = 200  # what expansion adds to a prompt row (its id, filled parameters: ~150 B measured on tiny.yaml)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,12 @@ class PromptTable:
     first_blank: str = ""  # the first of them, as "<file> row <n>"
     swept: tuple[tuple[str, str], ...] = ()  # (column, sweep axis) where a sweep axis replaces the table's column
     notes: tuple[str, ...] = ()  # warnings on the spec's sweep (values making the same images)
+    data_bytes: int = 0  # the rows' size as read (text columns measured by the scan, others from the footers)
+
+    @property
+    def row_bytes(self) -> int:
+        """About how many bytes a planned row takes in a block: its prompt row's, and its parameters and ids."""
+        return -(-self.data_bytes // max(self.rows, 1)) + PARAMETER_BYTES
 
     def blank_warning(self) -> str | None:
         """The warning for rows with an empty or whitespace prompt, else None."""
@@ -95,7 +102,7 @@ def list_files(uri: str, storage_options: dict) -> tuple[object, list[str]]:
 def scan(spec: JobSpec) -> PromptTable:
     """Check schema and values of every row, streaming the files (nothing is collected)."""
     fs, files = list_files(spec.prompts, spec.storage_options)
-    rows, columns, unified, by_schema, blank, first_blank = 0, None, pa.schema([]), {}, 0, ""
+    rows, columns, unified, by_schema, blank, first_blank, data_bytes = 0, None, pa.schema([]), {}, 0, "", 0
     for path in files:
         name = full_uri(fs, path)
         try:
@@ -108,7 +115,7 @@ def scan(spec: JobSpec) -> PromptTable:
         unified = unified_schema(unified, schema, name)
         columns = columns or present
         texts = [c for c in user_columns.user_names(schema.names) if is_text(schema.field(c).type)]
-        offset = 0
+        offset, data_bytes = 0, data_bytes + unread_bytes(parquet.metadata, {*present, *texts})
         try:  # the user's text columns too: bytes that are not UTF-8 would end the run in Ray's reader
             for batch in parquet.iter_batches(batch_size=65536, columns=[*present, *texts], use_threads=False):
                 check_rows(batch.select(list(present)), name, offset, spec.generation.images_per_prompt)
@@ -117,7 +124,7 @@ def scan(spec: JobSpec) -> PromptTable:
                     blank += len(empty)
                 for col in texts:
                     check_utf8(batch.column(col), col, name, offset)
-                offset += batch.num_rows
+                offset, data_bytes = offset + batch.num_rows, data_bytes + batch.nbytes
         except (pa.ArrowInvalid, OSError) as err:  # a corrupt page behind an intact footer
             raise SpecError(f"prompts: {name} is not a readable Parquet file (after row {offset}: {err})") from None
         rows += offset
@@ -128,7 +135,16 @@ def scan(spec: JobSpec) -> PromptTable:
     swept = tuple((column, axis) for axis in spec.sweep
                   for column in ((C.HEIGHT, C.WIDTH) if axis == "resolution" else (axis,)) if column in unified.names)
     return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns), schema=unified, blank=blank,
-                       first_blank=first_blank, swept=swept, notes=tuple(sweep_warnings(spec.sweep)))
+                       first_blank=first_blank, swept=swept, notes=tuple(sweep_warnings(spec.sweep)),
+                       data_bytes=data_bytes)
+
+
+def unread_bytes(metadata: pq.FileMetaData, read: set[str]) -> int:
+    """The uncompressed size of a file's columns outside `read`, from its footer (the columns read are measured
+    as read: a dictionary-encoded text's size in the file is not its size in a block)."""
+    chunks = (metadata.row_group(i).column(j) for i in range(metadata.num_row_groups)
+              for j in range(metadata.num_columns))
+    return sum(chunk.total_uncompressed_size for chunk in chunks if chunk.path_in_schema.split(".")[0] not in read)
 
 
 def planned_rows(spec: JobSpec, prompt_rows: int) -> int:

@@ -34,6 +34,7 @@ PATH = "path"  # the column Ray Data's include_paths adds
 CLOSED = "_closed"  # embeddings/_closed, written as an invocation ends: an older part's rows all have entries
 FINISHED = "_finished"  # <output>/_finished, written as an invocation ends; a claim removes it first
 ROWS_PER_PARTITION = 500_000  # done ids per join partition (≈ 40 MB in one aggregator)
+PARTITION_BYTES = 256 << 20  # and at most this much of a wide side's rows (prompts with the user's own columns)
 READ_ATTEMPTS, REREAD_PAUSE_S = 5, 2.0  # a read that lost a listed part to a compaction (see relisted)
 
 
@@ -171,22 +172,24 @@ def read_parts(output: str, name: str, storage_options: dict | None, columns=Non
         raise
 
 
-def drop_done(ds, output: str, storage_options: dict | None, done_rows: int, on: str = C.ROW_ID, rows: int = 0):
-    """The rows of `ds` (`rows` of them, where known) whose `on` id has no manifest entry in `output`: a
-    hash-partitioned anti-join inside Ray; `ds` itself when the output holds none."""
+def drop_done(ds, output: str, storage_options: dict | None, done_rows: int, on: str = C.ROW_ID, rows: int = 0,
+              row_bytes: int = 0):
+    """The rows of `ds` (`rows` of them, where known, about `row_bytes` each) whose `on` id has no manifest entry
+    in `output`: a hash-partitioned anti-join inside Ray; `ds` itself when the output holds none."""
     ids = read_parts(output, MANIFEST, storage_options, columns=[C.ROW_ID]) if done_rows else None
     if ids is None:
         return ds
+    count = partitions(done_rows, rows, row_bytes=row_bytes)
     if on != C.ROW_ID:
-        return ds.join(ids, join_type="left_anti", num_partitions=partitions(done_rows, rows), on=(on,),
-                       right_on=(C.ROW_ID,))
-    return ds.join(ids, join_type="left_anti", num_partitions=partitions(done_rows, rows), on=(C.ROW_ID,))
+        return ds.join(ids, join_type="left_anti", num_partitions=count, on=(on,), right_on=(C.ROW_ID,))
+    return ds.join(ids, join_type="left_anti", num_partitions=count, on=(C.ROW_ID,))
 
 
-def partitions(*rows: int) -> int:
-    """Join partitions for sides of `rows` rows: a partition's task holds both sides' share, so the larger side
-    sets the count (~ROWS_PER_PARTITION of its rows each; a resume at 1% done joins all planned rows)."""
-    return max(2, -(-max(rows) // ROWS_PER_PARTITION))
+def partitions(*rows: int, row_bytes: int = 0) -> int:
+    """Join partitions for sides of `rows` rows (the larger of about `row_bytes` each, where given): a partition's
+    task holds both sides' share, so the larger side sets the count (~ROWS_PER_PARTITION of its rows each, and at
+    most ~PARTITION_BYTES of them; a resume at 1% done joins all planned rows)."""
+    return max(2, -(-max(rows) // ROWS_PER_PARTITION), -(-max(rows) * row_bytes // PARTITION_BYTES))
 
 
 def in_flight(output: str, storage_options: dict | None, done_rows: int):

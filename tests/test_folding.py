@@ -113,3 +113,26 @@ def test_copies_meet_across_hash_partitions(ray_cluster, monkeypatch):
     folded = folding.fold_identical(ds, len(rows)).to_pandas()
     assert sorted(folded[C.ROW_ID]) == sorted(f"id{i}" for i in range(120))
     assert (folded[C.INPUT_ROWS] == 3).all()
+
+
+def test_wide_prompt_rows_are_folded_in_more_partitions(tmp_path, ray_cluster, monkeypatch):
+    """A fold partition is one task's memory: rows carrying 5 KB of the user's own columns make partitions by their
+    bytes (from the table's footers), not only by their count; copies still meet."""
+    from jobs import folding
+    from jobs.generate import left_to_make
+    from jobs.prompts import scan
+    from stages import output
+
+    rows = [{C.PROMPT: f"p{i % 40}", C.SEED: i % 40, "notes": "x" * 5000} for i in range(120)]
+    wide = scan(spec_from_dict(job(write_prompts(tmp_path / "w.parquet", rows), str(tmp_path / "o"))))
+    narrow = scan(spec_from_dict(job(write_prompts(tmp_path / "n.parquet", [{C.PROMPT: "a cat"}]), "unused")))
+    assert wide.row_bytes > 5000 > 20 * narrow.row_bytes
+    assert output.partitions(1000, 10**7, row_bytes=wide.row_bytes) > 5 * output.partitions(1000, 10**7)
+
+    monkeypatch.setattr(folding, "PARTITION_BYTES", 150_000)  # ~28 wide rows a partition: 120 rows make 5
+    assert folding.fold_partitions(len(rows), narrow.row_bytes) == 1
+    spec = spec_from_dict(job(str(tmp_path / "w.parquet"), str(tmp_path / "o")))
+    folded = folding.fold_identical(left_to_make(spec, wide), len(rows), None, wide.row_bytes).materialize()
+    assert folded.num_blocks() == folding.fold_partitions(len(rows), wide.row_bytes) == 5
+    table = folded.to_pandas()
+    assert sorted(table[C.PROMPT]) == sorted(f"p{i}" for i in range(40)) and (table[C.INPUT_ROWS] == 3).all()

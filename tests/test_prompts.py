@@ -328,3 +328,14 @@ def test_a_timestamp_column_that_no_unit_holds_for_every_file_is_named(tmp_path)
     with pytest.raises(SpecError, match=r"column 'valid_to' in \S+a.parquet is timestamp\[us\], read as "
                                         r"timestamp\[ns\] as in the other files, which cannot hold its values"):
         scan(spec_for(tmp_path))
+
+
+def test_row_bytes_count_text_as_read_and_other_columns_from_the_footers(tmp_path):
+    """The fold and join partitions are sized from row_bytes: a repeated long text (dictionary-encoded in the
+    file, full size in a block) and a column the scan does not read (embeddings a user carries) both count."""
+    table_at(tmp_path, "t.parquet", prompt=["x"] * 10, caption=["y" * 3000] * 10)
+    vectors = pa.array(list(np.random.default_rng(0).random((10, 1000), np.float32)), pa.list_(pa.float32()))
+    table_at(tmp_path, "v.parquet", prompt=["x"] * 10, clip=vectors)
+    assert scan(spec_for(tmp_path / "t.parquet")).row_bytes > 3000
+    assert scan(spec_for(tmp_path / "v.parquet")).row_bytes > 4000
+    assert scan(spec_for(table_at(tmp_path, "s.parquet", prompt=["x"] * 10))).row_bytes < 300
