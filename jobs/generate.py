@@ -16,7 +16,7 @@ from jobs import prompts, retry
 from jobs.console import start_ray
 from jobs.folding import fold_identical
 from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: part of this module's interface
-from jobs.isolation import isolating, load_error, load_warnings
+from jobs.isolation import FailureWatch, isolating, load_error, load_warnings
 from jobs.placement import CapacityWatch, cpu_warning, placing_gpus, stage_placement, wait_for_capacity
 from jobs.progress import FOLDED_OTHER_VALUES, Progress, Tally, reporting
 from jobs.report import build_report, record_run
@@ -169,7 +169,7 @@ def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> 
     tally = Tally.options(scheduling_strategy=here).remote()  # on the driver's node: it dies with no worker node
     try:
         ds = make(tally)
-        with Progress(tally, list(stages), total), CapacityWatch(spec, spec.placement_timeout_s):
+        with Progress(tally, list(stages), total), CapacityWatch(spec, spec.placement_timeout_s), FailureWatch(tally):
             try:
                 ds.write_datasink(ManifestSink(spec.output, spec.storage_options),
                                   ray_remote_args={"num_cpus": TASK_CPUS})

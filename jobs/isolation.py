@@ -4,6 +4,10 @@ load its models is reported: a warning when other actors served the stage, else 
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 import numpy as np
 import ray
 
@@ -14,6 +18,10 @@ from stages.storage import causes, reason, transient
 # An actor (OOM-killed, say) may die this often while one row runs alone in it; the row then fails. Ray Data
 # restarts the actor and retries its task each time (max_restarts=-1, max_task_retries=-1).
 MAX_DEATHS = 2
+# A stage whose first this many rows all failed (none made) stops the pass: a cause every row shares (a broken
+# checkpoint, a GPU out of memory at this micro-batch) would otherwise fail every row of the table, one by one.
+FAIL_FAST_ROWS = 64
+FAIL_FAST_POLL_S = 1.0
 
 
 def isolating(cls, tally=None, stage: str = ""):
@@ -153,3 +161,39 @@ def _column(values: list, like: np.ndarray | None) -> np.ndarray:
             column[k] = v
         return column
     return np.asarray(values, dtype=like.dtype if like is not None and like.ndim == 1 else object)
+
+
+class FailureWatch:
+    """While a pass runs: a stage whose first FAIL_FAST_ROWS rows all failed interrupts the pass, which then ends
+    in one line naming the stage and its first error; the rows written so far (failed ones with their error) are
+    kept."""
+
+    def __init__(self, tally):
+        self.tally = tally
+        self.error: str | None = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="failures")
+
+    def __enter__(self) -> FailureWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        self.stopped.set()
+        self.thread.join()
+        if kind is KeyboardInterrupt and self.error is not None:
+            raise SpecError(self.error) from None
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(FAIL_FAST_POLL_S):
+            try:
+                outcomes = ray.get(self.tally.stage_outcomes.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - a slow or restarted tally: the next poll asks again
+                continue
+            for stage, (made, failed, first) in outcomes.items():
+                if failed >= FAIL_FAST_ROWS and not made:
+                    self.error = (f"stages.{stage}: its first {failed} rows all failed, none made (first: {first}); "
+                                  f"the run stopped rather than fail every row: fix the cause, then run the same "
+                                  f"command (the rows not made yet) and again with --retry-failed (the failed ones)")
+                    os.kill(os.getpid(), signal.SIGINT)  # the pass waits in Ray Data's loop: a signal ends the wait
+                    return

@@ -81,8 +81,8 @@ class JobSpec:
     shard_size: int = 1000  # webdataset: at most this many samples per tar
     stages: StagesSpec = StagesSpec()
     sweep: dict = field(default_factory=dict)  # axis → values; every prompt row × every combination
-    placement_timeout_s: float = 300.0
-    decoded_from: typing.Optional[str] = None  # set by `decode`: the run whose Stage C embeddings are decoded  # how long to wait for an existing cluster to offer the stages' resources
+    placement_timeout_s: float = 300.0  # how long to wait for an existing cluster to offer the stages' resources
+    decoded_from: typing.Optional[str] = None  # set by `decode`: the run whose Stage C embeddings are decoded
 
     def to_dict(self) -> dict:
         """Plain data (as loaded)."""

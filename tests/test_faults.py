@@ -221,6 +221,37 @@ def test_a_failing_row_gets_an_error_and_its_batch_mates_the_same_bits(model_cac
         assert np.array_equal(poisoned[C.IMAGE][i], clean[C.IMAGE][k])  # not changed by the failed row
 
 
+def test_a_stage_whose_first_rows_all_fail_stops_the_run_in_one_line(tmp_path, ray_cluster, model_cache,
+                                                                     monkeypatch):
+    """A broken checkpoint (a NaN in the VQGAN's weights) fails every row: the run stops after the first
+    FAIL_FAST_ROWS, naming the stage and the error, instead of failing the whole table row by row."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from jobs import isolation
+
+    monkeypatch.setattr(isolation, "FAIL_FAST_ROWS", 8)
+    monkeypatch.setattr(isolation, "FAIL_FAST_POLL_S", 0.2)
+    shutil.copytree(model_cache / "decoder", tmp_path / "broken")
+    weights = tmp_path / "broken" / "vqgan" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = "out_block.0.weight"  # the last convolution of the decoding half
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, weights)
+    rows = 160
+    prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"p{i}", C.SEED: i} for i in range(rows)])
+    model = {"prior": str(model_cache / "prior"), "decoder": str(tmp_path / "broken")}
+    spec = spec_from_dict(small_job(prompts, str(tmp_path / "out"), model=model))
+    with pytest.raises(SpecError, match=r"^stages\.decoder: its first \d+ rows all failed, none made \(first: "
+                                        r"Stage B/A produced NaN or inf.*\); the run stopped rather than fail every row"):
+        run(spec)
+    entries = pq.read_table(tmp_path / "out" / "manifest").to_pylist()
+    assert len(entries) < rows and all(e[C.ERROR] for e in entries)  # stopped early; what was written is kept
+    once_each(entries, len(entries))
+
+
 def test_poison_row_in_a_resumed_run_is_isolated(tmp_path, ray_cluster):
     prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"p{i}", C.SEED: i} for i in range(6)])
     spec = spec_from_dict(small_job(prompts, str(tmp_path / "out")))

@@ -21,8 +21,18 @@ class Terminal(io.StringIO):
         return True
 
 
-def batch(n):
-    return {C.ROW_ID: np.asarray([f"r{i}" for i in range(n)], dtype=object)}
+class FailsItsFirstRow:
+    """A stage that fails the first row of each batch (one that came failed keeps its error)."""
+
+    def __call__(self, batch):
+        errors = batch[C.ERROR].copy()
+        errors[0] = errors[0] or "boom"
+        return {**batch, C.ERROR: errors}
+
+
+def batch(n, errors=None):
+    return {C.ROW_ID: np.asarray([f"r{i}" for i in range(n)], dtype=object),
+            C.ERROR: np.asarray(errors or [""] * n, dtype=object)}
 
 
 def test_stages_report_their_rows_and_keep_their_name(ray_cluster):
@@ -33,6 +43,16 @@ def test_stages_report_their_rows_and_keep_their_name(ray_cluster):
     instance(batch(3))
     instance(batch(2))
     assert ray_cluster.get(tally.counts.remote()) == {"text": 5}
+
+
+def test_stages_report_the_rows_they_made_and_failed(ray_cluster):
+    """What stops a run whose every row fails (jobs.isolation.FailureWatch): a row that came failed from an
+    earlier stage is neither made nor failed here."""
+    tally = Tally.remote()
+    instance = reporting(FailsItsFirstRow, tally, "decoder")()
+    instance(batch(3))
+    instance(batch(2, ["prior: came failed", ""]))
+    assert ray_cluster.get(tally.stage_outcomes.remote()) == {"decoder": [3, 1, "boom"]}
 
 
 def test_closing_lines_of_a_pass(ray_cluster):
