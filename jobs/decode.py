@@ -12,6 +12,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from jobs import lease, prompts
 from jobs.folding import fold_keys
+from jobs.isolation import DECODE_ADVICE
 from jobs.preflight import answered_decode, check_models, check_overwrite_keeps_inputs
 from jobs.resume import Summary, claim
 from jobs.retries import RUN_OPTIONS, check_reachable, run_folder_read
@@ -186,7 +187,7 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                  prior_dtype=stage_c_dtype(run, spec.storage_options))  # the embeddings were made at this one
     stored = footers.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
     user_types = footers.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
-    finished = done + decode_in_flight(spec, done, user_types)  # rows it stored before a kill: from its own
+    finished = done + decode_in_flight(spec, done, user_types, DECODE_ADVICE)  # rows it stored before a kill
     left = max(stored - finished, 0)
     every = not finished and not changed  # every stored row as it is: each part read once, no keys
     none_left = not stored or finished and not _keys_left(spec, changed, model, finished, stored).count()
@@ -203,7 +204,7 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
         return decode_dataset(spec, ds, tally, left, user_types)
 
     if not none_left:  # none: none stored (every embeddings part deleted), or every row has its entry
-        write_manifest(spec, make, DECODE_STAGES, left)
+        write_manifest(spec, make, DECODE_STAGES, left, DECODE_ADVICE)
     summary = close_output(spec, started, done, failed, planned=stored)
     return _with_source_gaps(summary, run, spec.storage_options, stored)
 

@@ -11,11 +11,10 @@ from jobs import prompts
 from jobs.progress import FOLDED, FOLDED_OTHER_VALUES
 from jobs.spec import TASK_CPUS
 from stages import columns as C
-from stages.output import PARTITION_BYTES
+from stages.output import MAX_PARTITIONS, PARTITION_BYTES
 
 ROWS_PER_PARTITION = 200_000  # planned rows per hash partition (≈ 100 MB of short prompts and parameters) …
 # … and at most PARTITION_BYTES of them: wide rows (the user's own columns) make more partitions
-MAX_PARTITIONS = 1024
 
 
 def fold_identical(ds, planned_rows: int, tally=None, row_bytes: int = 0):

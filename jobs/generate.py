@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -16,7 +17,7 @@ from jobs import prompts, retry
 from jobs.console import start_ray
 from jobs.folding import fold_identical
 from jobs.preflight import generate_job, preflight  # noqa: F401 - preflight: part of this module's interface
-from jobs.isolation import FailureWatch, isolating, load_error, load_warnings
+from jobs.isolation import RERUN_ADVICE, FailureWatch, isolating, load_error, load_warnings
 from jobs.placement import CapacityWatch, cpu_warning, placing_gpus, stage_placement, wait_for_capacity
 from jobs.progress import FOLDED_OTHER_VALUES, Progress, Tally, reporting
 from jobs.report import build_report, record_run
@@ -60,7 +61,8 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
         spec, lambda ids, n: planned_among(spec, table, ids, n), done) if retry_failed else (None, 0, 0, 0)
     # The rows in flight are done now, and the retried rows that failed in Stage B/A (decoded from their stored
     # Stage C output; the pass below drops them with the done ones).
-    decoded = decode_in_flight(spec, done, table.user_types)
+    advice = None if retry_failed else RERUN_ADVICE  # a retry's rows failed before: their failing again is no news
+    decoded = decode_in_flight(spec, done, table.user_types, advice)
     finished_rows = done + decoded
     planned = prompts.planned_rows(spec, table.rows)
     if retry_failed:
@@ -69,7 +71,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
         todo = planned - finished_rows - footers.folded_rows(spec.output, spec.storage_options)
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
-                       ALL_STAGES, max(todo, 0))
+                       ALL_STAGES, max(todo, 0), advice)
 
     def unplanned(summary: Summary) -> tuple[int, int]:  # entries of rows the table no longer plans (failed ones
         # among them are no failure)
@@ -86,7 +88,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     return summary
 
 
-def decode_in_flight(spec: JobSpec, done: int, user_types) -> int:
+def decode_in_flight(spec: JobSpec, done: int, user_types, advice: str | None = RERUN_ADVICE) -> int:
     """Decode the rows whose Stage C embeddings the output stored before an interruption but whose entries were
     not written, from those embeddings (read from the source again, they would be stored twice); how many."""
     pending = output.in_flight(spec.output, spec.storage_options, done)
@@ -94,7 +96,7 @@ def decode_in_flight(spec: JobSpec, done: int, user_types) -> int:
         return 0
     waiting = pending.count()
     write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
-        spec.output, spec.storage_options, pending), tally, waiting, user_types), DECODE_STAGES, waiting)
+        spec.output, spec.storage_options, pending), tally, waiting, user_types), DECODE_STAGES, waiting, advice)
     return waiting
 
 
@@ -162,14 +164,15 @@ def connect(spec: JobSpec, verbose: bool = False) -> None:
         print(warning, file=sys.stderr)
 
 
-def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int) -> None:
+def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int, advice: str | None) -> None:
     """Run one pass, `make(tally)` → its dataset, with a progress line per stage; each finished block of rows
-    becomes one manifest object."""
+    becomes one manifest object. A stage whose first rows all fail stops it, saying `advice` (None: never)."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     tally = Tally.options(scheduling_strategy=here).remote()  # on the driver's node: it dies with no worker node
     try:
         ds = make(tally)
-        with Progress(tally, list(stages), total), CapacityWatch(spec, spec.placement_timeout_s), FailureWatch(tally):
+        failures = FailureWatch(tally, spec, advice) if advice else contextlib.nullcontext()
+        with Progress(tally, list(stages), total), CapacityWatch(spec, spec.placement_timeout_s), failures:
             try:
                 ds.write_datasink(ManifestSink(spec.output, spec.storage_options),
                                   ray_remote_args={"num_cpus": TASK_CPUS})

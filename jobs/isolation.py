@@ -4,14 +4,11 @@ load its models is reported: a warning when other actors served the stage, else 
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-
 import numpy as np
 import ray
 
 from jobs.spec import SpecError
+from jobs.watch import PassWatch
 from stages import columns as C
 from stages.storage import causes, reason, transient
 
@@ -21,7 +18,11 @@ MAX_DEATHS = 2
 # A stage whose first this many rows all failed (none made) stops the pass: a cause every row shares (a broken
 # checkpoint, a GPU out of memory at this micro-batch) would otherwise fail every row of the table, one by one.
 FAIL_FAST_ROWS = 64
-FAIL_FAST_POLL_S = 1.0
+RERUN_ADVICE = ("the rows written so far are kept: once the cause is fixed under the same spec, run the same command "
+                "(the rows not made yet), then again with --retry-failed (the failed ones); a fix that changes the "
+                "model, its dtype or a micro_batch needs a new output (or --overwrite)")
+DECODE_ADVICE = ("fix the cause and decode into a new output (or again with --overwrite): a resumed decode keeps a "
+                 "failed row's entry")
 
 
 def isolating(cls, tally=None, stage: str = ""):
@@ -163,37 +164,30 @@ def _column(values: list, like: np.ndarray | None) -> np.ndarray:
     return np.asarray(values, dtype=like.dtype if like is not None and like.ndim == 1 else object)
 
 
-class FailureWatch:
-    """While a pass runs: a stage whose first FAIL_FAST_ROWS rows all failed interrupts the pass, which then ends
-    in one line naming the stage and its first error; the rows written so far (failed ones with their error) are
-    kept."""
+class FailureWatch(PassWatch):
+    """While a pass runs: a stage whose first FAIL_FAST_ROWS rows all failed, none made, stops the pass, which
+    then ends in one line naming the stage, its first error and `advice`. Failures on one node of several that
+    can run the stage do not stop it (a broken GPU: the other nodes make the rows)."""
 
-    def __init__(self, tally):
-        self.tally = tally
-        self.error: str | None = None
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True, name="failures")
+    def __init__(self, tally, spec, advice: str):
+        super().__init__()
+        self.tally, self.spec, self.advice = tally, spec, advice
 
-    def __enter__(self) -> FailureWatch:
-        self.thread.start()
-        return self
-
-    def __exit__(self, kind, err, tb) -> None:
-        self.stopped.set()
-        self.thread.join()
-        if kind is KeyboardInterrupt and self.error is not None:
-            raise SpecError(self.error) from None
-
-    def _watch(self) -> None:
-        while not self.stopped.wait(FAIL_FAST_POLL_S):
-            try:
-                outcomes = ray.get(self.tally.stage_outcomes.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - a slow or restarted tally: the next poll asks again
+    def check(self) -> str | None:
+        for stage, (made, failed, first, nodes) in ray.get(self.tally.stage_outcomes.remote(), timeout=10).items():
+            if failed < FAIL_FAST_ROWS or made or len(nodes) < min(2, _capable(self.spec, stage)):
                 continue
-            for stage, (made, failed, first) in outcomes.items():
-                if failed >= FAIL_FAST_ROWS and not made:
-                    self.error = (f"stages.{stage}: its first {failed} rows all failed, none made (first: {first}); "
-                                  f"the run stopped rather than fail every row: fix the cause, then run the same "
-                                  f"command (the rows not made yet) and again with --retry-failed (the failed ones)")
-                    os.kill(os.getpid(), signal.SIGINT)  # the pass waits in Ray Data's loop: a signal ends the wait
-                    return
+            return (f"stages.{stage}: its first {failed} rows all failed, none made, on {_count(nodes, 'node')} "
+                    f"(first: {first}); the run stopped rather than fail every row: {self.advice}")
+        return None
+
+
+def _capable(spec, stage: str) -> int:
+    """The live nodes that can run an actor of `stage`."""
+    from jobs.placement import capable_nodes, minimum_pools
+
+    return next(capable_nodes(ask) for name, _, ask in minimum_pools(spec, ray.cluster_resources()) if name == stage)
+
+
+def _count(items, noun: str) -> str:
+    return f"{len(items)} {noun}{'s' * (len(items) != 1)}"

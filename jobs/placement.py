@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 
 import ray
 from ray.autoscaler.sdk import request_resources
 
 from jobs.spec import ACTOR_CPUS, JobSpec, SpecError, StageSpec
+from jobs.watch import PassWatch
 
 LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always asks for a whole CPU
 
@@ -214,42 +213,32 @@ def missing_resource(spec: JobSpec, cluster: dict, pools: list | None = None) ->
     return None
 
 
-class CapacityWatch:
+class CapacityWatch(PassWatch):
     """While a pass runs: a stage resource that no node offers any more (its only node died) for `timeout` s
-    interrupts the pass, which then ends in one line instead of waiting for an actor that cannot be placed."""
+    stops the pass, which then ends in one line instead of waiting for an actor that cannot be placed."""
 
-    def __init__(self, spec: JobSpec, timeout: float, poll_s: float = 2.0):
-        self.spec, self.timeout, self.poll_s = spec, timeout, poll_s
+    poll_s = 2.0
+
+    def __init__(self, spec: JobSpec, timeout: float):
+        super().__init__()
+        self.spec, self.timeout, self.since = spec, timeout, None
         self.pools = minimum_pools(spec, ray.cluster_resources())  # as the pass placed them: a cluster that lost
         # its GPUs would place them without one, and miss nothing
-        self.error: str | None = None
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True, name="capacity")
 
-    def __enter__(self) -> CapacityWatch:
-        self.thread.start()
-        return self
+    def check(self) -> str | None:
+        missing = missing_resource(self.spec, ray.cluster_resources(), self.pools)
+        self.since = None if missing is None else self.since or time.time()
+        if self.since is None or time.time() - self.since < self.timeout:
+            return None
+        request_resources(bundles=minimum_bundles(self.spec, self.pools))  # an autoscaler may bring one
+        return (f"{missing}, any more: a node left mid-run (waited {self.timeout:g} s); the rows finished so far "
+                f"are kept: add a node that offers it and run the same command again")
 
-    def __exit__(self, kind, err, tb) -> None:
-        self.stopped.set()
-        self.thread.join()
-        if kind is KeyboardInterrupt and self.error is not None:
-            raise SpecError(self.error) from None
 
-    def _watch(self) -> None:
-        since = None
-        while not self.stopped.wait(self.poll_s):
-            try:
-                missing = missing_resource(self.spec, ray.cluster_resources(), self.pools)
-            except Exception:  # noqa: BLE001 - the GCS busy or gone: the pass itself will say so
-                continue
-            since = None if missing is None else since or time.time()
-            if since is not None and time.time() - since >= self.timeout:
-                request_resources(bundles=minimum_bundles(self.spec, self.pools))  # an autoscaler may bring one
-                self.error = (f"{missing}, any more: a node left mid-run (waited {self.timeout:g} s); the rows "
-                              f"finished so far are kept: add a node that offers it and run the same command again")
-                os.kill(os.getpid(), signal.SIGINT)  # the pass waits in Ray Data's loop: a signal ends the wait
-                return
+def capable_nodes(ask: dict) -> int:
+    """The live nodes of the Ray cluster whose resources hold one actor's `ask` (labels not checked)."""
+    return sum(node["Alive"] and all(node["Resources"].get(k, 0) >= v for k, v in ask.items())
+               for node in ray.nodes())
 
 
 def check_capacity(spec: JobSpec, cluster: dict) -> None:

@@ -28,7 +28,7 @@ class Tally:
         self.alone_tries: dict[tuple[str, str], int] = {}  # … → tries of the row run alone
         self.loads: dict[str, dict] = {}  # stage → its class name and {node: why} where its models failed to load
         self.first: dict[str, str] = {}  # a count's first example (a prompt), for its warning
-        self.outcomes: dict[str, list] = {}  # stage → [rows it made, rows it failed, its first error]
+        self.outcomes: dict[str, list] = {}  # stage → [rows made, rows failed, first error, nodes with failures]
 
     def begin(self, stage: str, ids: list[str]) -> list[int]:
         """Count a try of a batch; the tries so far of each of its rows."""
@@ -64,10 +64,13 @@ class Tally:
     def counts(self) -> dict[str, int]:
         return self.rows
 
-    def outcome(self, stage: str, made: int, failed: int, error: str | None) -> None:
-        """A batch's rows that `stage` made and failed (those that came failed are neither), its first error."""
-        seen = self.outcomes.setdefault(stage, [0, 0, None])
+    def outcome(self, stage: str, made: int, failed: int, error: str | None, node: str) -> None:
+        """A batch's rows that `stage` made and failed on `node` (rows that came failed are neither), its first
+        error."""
+        seen = self.outcomes.setdefault(stage, [0, 0, None, set()])
         seen[0], seen[1], seen[2] = seen[0] + made, seen[1] + failed, seen[2] or error
+        if failed:
+            seen[3].add(node)
 
     def stage_outcomes(self) -> dict[str, list]:
         return self.outcomes
@@ -90,7 +93,7 @@ def reporting(cls, tally, stage: str):
         tally.add.remote(stage, len(out[C.ROW_ID]))
         errors = [e for i, e in zip(out[C.ROW_ID], out[C.ERROR]) if e and str(i) not in came_failed]
         tally.outcome.remote(stage, len(out[C.ROW_ID]) - len(came_failed) - len(errors), len(errors),
-                             errors[0] if errors else None)
+                             errors[0] if errors else None, ray.get_runtime_context().get_node_id())
         return out
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "__doc__": cls.__doc__})

@@ -24,6 +24,7 @@ from stages.storage import full_uri, reason, url_to_fs
 
 
 EXPANDED_ROWS = 4096  # image rows one expansion batch makes at most (bounded task memory for any sweep size)
+SAMPLE_ROWS = 1024  # a file's first rows, measured for the size of its rows in a block
 PARAMETER_BYTES = 200  # what expansion adds to a prompt row (its id, filled parameters: ~150 B measured on tiny.yaml)
 
 
@@ -42,12 +43,12 @@ class PromptTable:
     first_blank: str = ""  # the first of them, as "<file> row <n>"
     swept: tuple[tuple[str, str], ...] = ()  # (column, sweep axis) where a sweep axis replaces the table's column
     notes: tuple[str, ...] = ()  # warnings on the spec's sweep (values making the same images)
-    data_bytes: int = 0  # the rows' size as read (text columns measured by the scan, others from the footers)
+    prompt_bytes: int = 0  # a prompt row's size in a block (its own columns packed), measured on its first rows
 
     @property
     def row_bytes(self) -> int:
         """About how many bytes a planned row takes in a block: its prompt row's, and its parameters and ids."""
-        return -(-self.data_bytes // max(self.rows, 1)) + PARAMETER_BYTES
+        return self.prompt_bytes + PARAMETER_BYTES
 
     def blank_warning(self) -> str | None:
         """The warning for rows with an empty or whitespace prompt, else None."""
@@ -102,7 +103,7 @@ def list_files(uri: str, storage_options: dict) -> tuple[object, list[str]]:
 def scan(spec: JobSpec) -> PromptTable:
     """Check schema and values of every row, streaming the files (nothing is collected)."""
     fs, files = list_files(spec.prompts, spec.storage_options)
-    rows, columns, unified, by_schema, blank, first_blank, data_bytes = 0, None, pa.schema([]), {}, 0, "", 0
+    rows, columns, unified, by_schema, blank, first_blank, measured = 0, None, pa.schema([]), {}, 0, "", {}
     for path in files:
         name = full_uri(fs, path)
         try:
@@ -115,7 +116,7 @@ def scan(spec: JobSpec) -> PromptTable:
         unified = unified_schema(unified, schema, name)
         columns = columns or present
         texts = [c for c in user_columns.user_names(schema.names) if is_text(schema.field(c).type)]
-        offset, data_bytes = 0, data_bytes + unread_bytes(parquet.metadata, {*present, *texts})
+        offset = 0
         try:  # the user's text columns too: bytes that are not UTF-8 would end the run in Ray's reader
             for batch in parquet.iter_batches(batch_size=65536, columns=[*present, *texts], use_threads=False):
                 check_rows(batch.select(list(present)), name, offset, spec.generation.images_per_prompt)
@@ -124,7 +125,9 @@ def scan(spec: JobSpec) -> PromptTable:
                     blank += len(empty)
                 for col in texts:
                     check_utf8(batch.column(col), col, name, offset)
-                offset, data_bytes = offset + batch.num_rows, data_bytes + batch.nbytes
+                offset += batch.num_rows
+            if offset and not measured.get(schema.remove_metadata()):  # a few files: one per distinct schema
+                measured[schema.remove_metadata()] = packed_row_bytes(parquet)
         except (pa.ArrowInvalid, OSError) as err:  # a corrupt page behind an intact footer
             raise SpecError(f"prompts: {name} is not a readable Parquet file (after row {offset}: {err})") from None
         rows += offset
@@ -136,15 +139,16 @@ def scan(spec: JobSpec) -> PromptTable:
                   for column in ((C.HEIGHT, C.WIDTH) if axis == "resolution" else (axis,)) if column in unified.names)
     return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns), schema=unified, blank=blank,
                        first_blank=first_blank, swept=swept, notes=tuple(sweep_warnings(spec.sweep)),
-                       data_bytes=data_bytes)
+                       prompt_bytes=max(measured.values(), default=0))
 
 
-def unread_bytes(metadata: pq.FileMetaData, read: set[str]) -> int:
-    """The uncompressed size of a file's columns outside `read`, from its footer (the columns read are measured
-    as read: a dictionary-encoded text's size in the file is not its size in a block)."""
-    chunks = (metadata.row_group(i).column(j) for i in range(metadata.num_row_groups)
-              for j in range(metadata.num_columns))
-    return sum(chunk.total_uncompressed_size for chunk in chunks if chunk.path_in_schema.split(".")[0] not in read)
+def packed_row_bytes(parquet: pq.ParquetFile) -> int:
+    """The bytes a prompt row of the file takes in a block as the reader packs it, measured on its first rows (the
+    user's columns pickled: a dictionary-encoded or categorical column is as long as its values there)."""
+    batch = next(parquet.iter_batches(batch_size=SAMPLE_ROWS, use_threads=False), None)
+    if batch is None or not batch.num_rows:
+        return 0
+    return -(-user_columns.pack(pa.Table.from_batches([batch])).nbytes // batch.num_rows)
 
 
 def planned_rows(spec: JobSpec, prompt_rows: int) -> int:

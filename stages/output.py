@@ -35,6 +35,7 @@ CLOSED = "_closed"  # embeddings/_closed, written as an invocation ends: an olde
 FINISHED = "_finished"  # <output>/_finished, written as an invocation ends; a claim removes it first
 ROWS_PER_PARTITION = 500_000  # done ids per join partition (≈ 40 MB in one aggregator)
 PARTITION_BYTES = 256 << 20  # and at most this much of a wide side's rows (prompts with the user's own columns)
+MAX_PARTITIONS = 1024  # a shuffle's cost grows with blocks × partitions; Ray's aggregators are at most 128 anyway
 READ_ATTEMPTS, REREAD_PAUSE_S = 5, 2.0  # a read that lost a listed part to a compaction (see relisted)
 
 
@@ -189,7 +190,8 @@ def partitions(*rows: int, row_bytes: int = 0) -> int:
     """Join partitions for sides of `rows` rows (the larger of about `row_bytes` each, where given): a partition's
     task holds both sides' share, so the larger side sets the count (~ROWS_PER_PARTITION of its rows each, and at
     most ~PARTITION_BYTES of them; a resume at 1% done joins all planned rows)."""
-    return max(2, -(-max(rows) // ROWS_PER_PARTITION), -(-max(rows) * row_bytes // PARTITION_BYTES))
+    most = max(rows)
+    return min(MAX_PARTITIONS, max(2, -(-most // ROWS_PER_PARTITION), -(-most * row_bytes // PARTITION_BYTES)))
 
 
 def in_flight(output: str, storage_options: dict | None, done_rows: int):

@@ -5,6 +5,7 @@ import faulthandler
 import io
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -222,34 +223,60 @@ def test_a_failing_row_gets_an_error_and_its_batch_mates_the_same_bits(model_cac
 
 
 def test_a_stage_whose_first_rows_all_fail_stops_the_run_in_one_line(tmp_path, ray_cluster, model_cache,
-                                                                     monkeypatch):
+                                                                     monkeypatch, capsys):
     """A broken checkpoint (a NaN in the VQGAN's weights) fails every row: the run stops after the first
-    FAIL_FAST_ROWS, naming the stage and the error, instead of failing the whole table row by row."""
+    FAIL_FAST_ROWS, naming the stage and the error, instead of failing the whole table row by row. A retry of
+    failed rows is not stopped: its rows failed before, and it says how many failed again."""
     import shutil
 
     import torch
+    import yaml
     from safetensors.torch import load_file, save_file
 
     from jobs import isolation
+    from jobs.cli import main
 
     monkeypatch.setattr(isolation, "FAIL_FAST_ROWS", 8)
-    monkeypatch.setattr(isolation, "FAIL_FAST_POLL_S", 0.2)
+    monkeypatch.setattr(isolation.FailureWatch, "poll_s", 0.2)
     shutil.copytree(model_cache / "decoder", tmp_path / "broken")
     weights = tmp_path / "broken" / "vqgan" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(weights)
-    name = "out_block.0.weight"  # the last convolution of the decoding half
-    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    tensors["out_block.0.weight"] = torch.full_like(tensors["out_block.0.weight"], float("nan"))  # decoding's last
     save_file(tensors, weights)
     rows = 160
     prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"p{i}", C.SEED: i} for i in range(rows)])
     model = {"prior": str(model_cache / "prior"), "decoder": str(tmp_path / "broken")}
-    spec = spec_from_dict(small_job(prompts, str(tmp_path / "out"), model=model))
-    with pytest.raises(SpecError, match=r"^stages\.decoder: its first \d+ rows all failed, none made \(first: "
-                                        r"Stage B/A produced NaN or inf.*\); the run stopped rather than fail every row"):
-        run(spec)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(small_job(prompts, str(tmp_path / "out"), model=model)))
+    assert main(["generate", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(r"error: stages\.decoder: its first \d+ rows all failed, none made, on 1 node \(first: Stage "
+                    r"B/A produced NaN or inf.*\); the run stopped rather than fail every row: the rows written so far "
+                    r"are kept: .* --retry-failed", err), err
     entries = pq.read_table(tmp_path / "out" / "manifest").to_pylist()
     assert len(entries) < rows and all(e[C.ERROR] for e in entries)  # stopped early; what was written is kept
     once_each(entries, len(entries))
+
+    assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 1  # every retried row fails again
+    assert "failed again" in capsys.readouterr().out
+
+
+def test_failures_on_one_node_of_several_do_not_stop_the_run(ray_cluster, monkeypatch):
+    """A broken GPU on one node: the other nodes that can run the stage make its rows, so its failures alone never
+    stop the run; failures on two nodes with none made do, and one row made anywhere means the stage works."""
+    from jobs import isolation
+
+    spec = spec_from_dict(small_job("prompts.parquet", "out"))
+    tally = Tally.remote()
+    assert isolation._capable(spec, "decoder") == 1  # this one-node Ray
+    monkeypatch.setattr(isolation, "_capable", lambda spec, stage: 3)
+    watch = isolation.FailureWatch(tally, spec, "advice")
+    ray_cluster.get(tally.outcome.remote("decoder", 0, 100, "boom", "node-a"))
+    assert watch.check() is None
+    ray_cluster.get(tally.outcome.remote("decoder", 0, 10, "bang", "node-b"))
+    assert watch.check() == ("stages.decoder: its first 110 rows all failed, none made, on 2 nodes (first: boom); "
+                             "the run stopped rather than fail every row: advice")
+    ray_cluster.get(tally.outcome.remote("decoder", 1, 0, None, "node-c"))
+    assert watch.check() is None
 
 
 def test_poison_row_in_a_resumed_run_is_isolated(tmp_path, ray_cluster):

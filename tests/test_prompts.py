@@ -330,12 +330,13 @@ def test_a_timestamp_column_that_no_unit_holds_for_every_file_is_named(tmp_path)
         scan(spec_for(tmp_path))
 
 
-def test_row_bytes_count_text_as_read_and_other_columns_from_the_footers(tmp_path):
-    """The fold and join partitions are sized from row_bytes: a repeated long text (dictionary-encoded in the
-    file, full size in a block) and a column the scan does not read (embeddings a user carries) both count."""
+def test_row_bytes_are_the_packed_size_of_the_users_columns(tmp_path):
+    """The fold and join partitions are sized from row_bytes: a repeated long text (dictionary-encoded in the file),
+    a categorical one (one dictionary for many rows in a batch) and wide numbers count at their size in a block."""
     table_at(tmp_path, "t.parquet", prompt=["x"] * 10, caption=["y" * 3000] * 10)
+    table_at(tmp_path, "c.parquet", prompt=["x"] * 10, label=pa.array(["y" * 3000] * 10).dictionary_encode())
     vectors = pa.array(list(np.random.default_rng(0).random((10, 1000), np.float32)), pa.list_(pa.float32()))
     table_at(tmp_path, "v.parquet", prompt=["x"] * 10, clip=vectors)
-    assert scan(spec_for(tmp_path / "t.parquet")).row_bytes > 3000
-    assert scan(spec_for(tmp_path / "v.parquet")).row_bytes > 4000
+    for name, least in (("t", 3000), ("c", 3000), ("v", 4000)):
+        assert scan(spec_for(tmp_path / f"{name}.parquet")).row_bytes > least, name
     assert scan(spec_for(table_at(tmp_path, "s.parquet", prompt=["x"] * 10))).row_bytes < 300
