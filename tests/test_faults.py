@@ -252,12 +252,13 @@ def test_a_stage_whose_first_rows_all_fail_stops_the_run_in_one_line(tmp_path, r
     assert re.match(r"error: stages\.decoder: its first \d+ rows all failed, none made, on 1 node \(first: Stage "
                     r"B/A produced NaN or inf.*\); the run stopped rather than fail every row: the rows written so far "
                     r"are kept: .* --retry-failed", err), err
-    entries = pq.read_table(tmp_path / "out" / "manifest").to_pylist()
+    manifest = tmp_path / "out" / "manifest"  # none yet where the stop came before the first write
+    entries = pq.read_table(manifest).to_pylist() if any(manifest.glob("*.parquet")) else []
     assert len(entries) < rows and all(e[C.ERROR] for e in entries)  # stopped early; what was written is kept
     once_each(entries, len(entries))
 
-    assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 1  # every retried row fails again
-    assert "failed again" in capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 1  # its rows fail again: not stopped
+    assert "none made" not in capsys.readouterr().err
 
 
 def test_failures_on_one_node_of_several_do_not_stop_the_run(ray_cluster, monkeypatch):
