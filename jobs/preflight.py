@@ -174,9 +174,11 @@ def answered(spec: JobSpec, started: float) -> Summary | None:
     return finished(spec, lambda: prompts.planned_rows(spec, prompts.count_rows(spec)), started)
 
 
-def answered_decode(spec: JobSpec, started: float) -> Summary | None:
-    """The same for a re-decode: done when the output holds as many rows as the run stored embeddings."""
-    return finished(spec, lambda: footers.part_counts(spec.decoded_from, "embeddings", spec.storage_options)[0], started)
+def answered_decode(spec: JobSpec, started: float, stored=None) -> Summary | None:
+    """The same for a re-decode: done when the output holds as many rows as the run stored embeddings (`stored()`,
+    where given, counts them)."""
+    return finished(spec, stored or (lambda: footers.part_counts(spec.decoded_from, "embeddings",
+                                                                  spec.storage_options)[0]), started)
 
 
 def stores(spec: JobSpec) -> dict[str, str | None]:
