@@ -107,8 +107,8 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     check_reachable({"run": run}, read_options(list(overrides), storage_options), RUN_OPTIONS)
     spec = decode_spec(run, output, list(overrides), storage_options)
     check_reachable({"output": output}, spec.storage_options)
-    source = functools.cache(lambda: footers.rows_and_types(run, EMBEDDINGS, spec.storage_options))  # (stored
-    # rows, the prompt tables' column types): the run's embeddings footers, read once where first asked
+    # The run's embeddings footers, read once where first asked: (stored rows, the prompt tables' column types).
+    source = functools.cache(lambda: footers.rows_and_types(run, EMBEDDINGS, spec.storage_options))
     summary = None if overwrite else answered_decode(spec, started, lambda: source()[0])
     if summary is not None:  # its made rows without stored embeddings are said again
         return _with_source_gaps(summary, run, spec.storage_options, source()[0])

@@ -56,8 +56,8 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     `retry_failed`, only the failed rows the prompt table still plans, their entries taken out first). Done rows
     are counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
     done, failed = open_output(spec, start, verbose)
-    fresh = output.written_since_closed(spec.output, spec.storage_options) if retry_failed else None  # before a
-    # retry takes embeddings/_closed away: only these parts may hold rows in flight at an interruption
+    # Listed before a retry takes embeddings/_closed away: only these parts may hold rows in flight.
+    fresh = output.written_since_closed(spec.output, spec.storage_options) if retry_failed else None
     only, retried, stored, kept = retry.take_out_failed(
         spec, lambda ids, n: planned_among(spec, table, ids, n), done) if retry_failed else (None, 0, None, 0)
     # The retried rows that failed in Stage B/A (decoded from their stored Stage C output), then the rows in flight
