@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import posixpath
 import time
@@ -107,9 +108,11 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     check_reachable({"run": run}, read_options(list(overrides), storage_options), RUN_OPTIONS)
     spec = decode_spec(run, output, list(overrides), storage_options)
     check_reachable({"output": output}, spec.storage_options)
-    summary = None if overwrite else answered_decode(spec, started)
+    # The run's embeddings footers, read once where first asked: (stored rows, the prompt tables' column types).
+    source = functools.cache(lambda: footers.rows_and_types(run, EMBEDDINGS, spec.storage_options))
+    summary = None if overwrite else answered_decode(spec, started, lambda: source()[0])
     if summary is not None:  # its made rows without stored embeddings are said again
-        return _with_source_gaps(summary, run, spec.storage_options)
+        return _with_source_gaps(summary, run, spec.storage_options, source()[0])
     check_models(spec, priors=False)  # Stage C ran: its embeddings and the decoder are all a decode reads
     if overwrite:
         check_overwrite_keeps_inputs(spec, reads=("decoded_from", "model.decoder"))
@@ -121,17 +124,15 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
         from jobs.retries import storage_errors_named
 
         with storage_errors_named(spec.output):
-            return _decode(spec, list(overrides), started, verbose)
+            return _decode(spec, list(overrides), started, verbose, *source())
 
 
-def made_unstored(run: str, storage_options: dict | None, stored: int | None = None) -> tuple[int, int]:
+def made_unstored(run: str, storage_options: dict | None, stored: int) -> tuple[int, int]:
     """(the run's made rows, and its failed rows, without stored Stage C embeddings): decode can make neither (an
     embeddings part deleted; a row that failed in Stage C, before its output was stored). Rows that failed in
     Stage B/A stored theirs. The footers can only clear it (as many `stored` rows as entries); else a Ray
     anti-join of the made ids counts the first, and the entries without embeddings less those the second."""
     rows, failed, _ = footers.manifest_counts(run, storage_options)
-    if stored is None:
-        stored = footers.part_counts(run, output.EMBEDDINGS, storage_options)[0]
     if stored >= rows:
         return 0, 0
     from jobs.console import start_ray
@@ -175,7 +176,9 @@ def stage_c_dtype(run: str, storage_options: dict | None) -> str:
     return (output.read_job(run, storage_options).get("model") or {}).get("dtype", ModelSpec.dtype)
 
 
-def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) -> Summary:
+def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool, stored: int,
+            user_types) -> Summary:
+    """Decode the run's `stored` Stage C rows (their own columns of `user_types`) that the output has no entry for."""
     from jobs.generate import (DECODE_STAGES, EMBEDDINGS_PART_ROWS, close_output, coalesced, decode_dataset,
                                decode_in_flight, open_output, stored_embeddings, write_manifest)
 
@@ -185,15 +188,15 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                if any(item.startswith(key) for item in overrides)}
     model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype,
                  prior_dtype=stage_c_dtype(run, spec.storage_options))  # the embeddings were made at this one
-    stored = footers.part_counts(run, output.EMBEDDINGS, spec.storage_options)[0]
-    user_types = footers.column_types(run, output.EMBEDDINGS, spec.storage_options)  # the prompt tables' columns
     finished = done + decode_in_flight(spec, done, user_types, DECODE_ADVICE)  # rows it stored before a kill
-    left = max(stored - finished, 0)
     every = not finished and not changed  # every stored row as it is: each part read once, no keys
-    none_left = not stored or finished and not _keys_left(spec, changed, model, finished, stored).count()
+    # A resume's keys: made once, counted (none left after a resume whose rows were all in flight: no pools start)
+    # and kept in the object store for the pass (~150 bytes a row left: the pass's shuffles hold them all anyway).
+    counted = _keys_left(spec, changed, model, finished, stored).materialize() if finished and stored else None
+    left = counted.count() if counted is not None else stored
 
     def make(tally):
-        keys = None if every else _keys_left(spec, changed, model, finished, stored, tally)
+        keys = counted if counted is not None or every else _keys_left(spec, changed, model, finished, stored, tally)
         ds = stored_embeddings(run, spec.storage_options, keys)
         ds = ds.map_batches(redecode_rows, batch_format="numpy", num_cpus=TASK_CPUS,
                             fn_kwargs=dict(decoder_params=changed, model=model))
@@ -203,13 +206,13 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool) 
                                            user_types=user_types))
         return decode_dataset(spec, ds, tally, left, user_types)
 
-    if not none_left:  # none: none stored (every embeddings part deleted), or every row has its entry
+    if left:  # none: none stored (every embeddings part deleted), or every row has its entry
         write_manifest(spec, make, DECODE_STAGES, left, DECODE_ADVICE)
     summary = close_output(spec, started, done, failed, planned=stored)
     return _with_source_gaps(summary, run, spec.storage_options, stored)
 
 
-def _with_source_gaps(summary: Summary, run: str, storage_options: dict, stored: int | None = None) -> Summary:
+def _with_source_gaps(summary: Summary, run: str, storage_options: dict, stored: int) -> Summary:
     """The summary saying which of the run's rows could not be decoded (see made_unstored)."""
     unstored, failed = made_unstored(run, storage_options, stored)
     return dataclasses.replace(summary, unstored=unstored, unstored_failed=failed, source=run)

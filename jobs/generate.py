@@ -57,16 +57,19 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     `retry_failed`, only the failed rows the prompt table still plans, their entries taken out first). Done rows
     are counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
     done, failed = open_output(spec, start, verbose)
+    # Listed before a retry takes embeddings/_closed away: only these parts may hold rows in flight.
+    fresh = output.written_since_closed(spec.output, spec.storage_options) if retry_failed else None
     only, retried, stored, kept = retry.take_out_failed(
-        spec, lambda ids, n: planned_among(spec, table, ids, n), done) if retry_failed else (None, 0, 0, 0)
-    # The rows in flight are done now, and the retried rows that failed in Stage B/A (decoded from their stored
-    # Stage C output; the pass below drops them with the done ones).
+        spec, lambda ids, n: planned_among(spec, table, ids, n), done) if retry_failed else (None, 0, None, 0)
+    # The retried rows that failed in Stage B/A (decoded from their stored Stage C output), then the rows in flight
+    # (once the former have entries: a retried row may be in a fresh part) are done; the pass below drops them.
     advice = None if retry_failed else RERUN_ADVICE  # a retry's rows failed before: their failing again is no news
-    decoded = decode_in_flight(spec, done, table.user_types, advice)
+    redecoded = decode_stored(spec, stored, table.user_types, advice)
+    decoded = redecoded + decode_in_flight(spec, done, table.user_types, advice, fresh)
     finished_rows = done + decoded
     planned = prompts.planned_rows(spec, table.rows)
     if retry_failed:
-        todo = retried - stored  # the stored ones were decoded above
+        todo = retried - redecoded  # the stored ones were decoded above
     else:  # the planned rows less the entries and the identical rows folded into them
         todo = planned - finished_rows - footers.folded_rows(spec.output, spec.storage_options)
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
@@ -88,15 +91,23 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     return summary
 
 
-def decode_in_flight(spec: JobSpec, done: int, user_types, advice: str | None = RERUN_ADVICE) -> int:
+def decode_in_flight(spec: JobSpec, done: int, user_types, advice: str | None = RERUN_ADVICE,
+                     parts: list[str] | None = None) -> int:
     """Decode the rows whose Stage C embeddings the output stored before an interruption but whose entries were
-    not written, from those embeddings (read from the source again, they would be stored twice); how many."""
-    pending = output.in_flight(spec.output, spec.storage_options, done)
-    if pending is None:
+    not written (in the embeddings `parts` where given), from those embeddings (read from the source again, they
+    would be stored twice); how many."""
+    return decode_stored(spec, output.in_flight(spec.output, spec.storage_options, done, parts), user_types, advice)
+
+
+def decode_stored(spec: JobSpec, keys: ray.data.Dataset | None, user_types,
+                  advice: str | None = RERUN_ADVICE) -> int:
+    """Decode the output's stored Stage C rows named by `keys` (row_id, path; materialized; None: none) into
+    manifest entries (a stage whose first rows all fail stops it, saying `advice`); how many."""
+    if keys is None:
         return 0
-    waiting = pending.count()
+    waiting = keys.count()
     write_manifest(spec, lambda tally: decode_dataset(spec, stored_embeddings(
-        spec.output, spec.storage_options, pending), tally, waiting, user_types), DECODE_STAGES, waiting, advice)
+        spec.output, spec.storage_options, keys), tally, waiting, user_types), DECODE_STAGES, waiting, advice)
     return waiting
 
 

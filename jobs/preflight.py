@@ -6,6 +6,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import fsspec
 import pyarrow as pa
@@ -174,9 +175,10 @@ def answered(spec: JobSpec, started: float) -> Summary | None:
     return finished(spec, lambda: prompts.planned_rows(spec, prompts.count_rows(spec)), started)
 
 
-def answered_decode(spec: JobSpec, started: float) -> Summary | None:
-    """The same for a re-decode: done when the output holds as many rows as the run stored embeddings."""
-    return finished(spec, lambda: footers.part_counts(spec.decoded_from, "embeddings", spec.storage_options)[0], started)
+def answered_decode(spec: JobSpec, started: float, stored: Callable[[], int]) -> Summary | None:
+    """The same for a re-decode: done when the output holds as many rows as the run stored embeddings (`stored()`,
+    from the run's footers)."""
+    return finished(spec, stored, started)
 
 
 def stores(spec: JobSpec) -> dict[str, str | None]:

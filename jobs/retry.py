@@ -18,35 +18,38 @@ from stages.output import PATH, list_parts, read_parts
 from stages.storage import open_atomic
 
 
-def take_out_failed(spec, planned_among, entries: int) -> tuple[object, int, int, int]:
+def take_out_failed(spec, planned_among, entries: int) -> tuple[object, int, object, int]:
     """Remove the manifest entries that have an error and whose row the prompt table still plans
     (`planned_among(failed ids dataset, count)`, a dataset of those ids). A row whose Stage C output is stored
-    failed in Stage B/A: it keeps that output, which the run's pass over stored rows without an entry decodes
-    again (Stage C, most of a row's work, is not redone; the bits are the same). Returns (the planned failed ids
-    as a Ray dataset in the object store, or None; their count; how many of them keep their Stage C output; the
+    failed in Stage B/A: it keeps that output, to be decoded again from the keys returned (Stage C, most of a row's
+    work, is not redone; the bits are the same). Returns (the planned failed ids as a Ray dataset in the object
+    store, or None; their count; (row_id, path) of those whose Stage C output is stored, materialized, or None; the
     count of failed entries kept because the table no longer plans their rows: never lost). The ids stay inside
     Ray: the driver holds counts only. `entries`: the manifest's rows (the joins' size)."""
     failed = failed_ids(spec.output, spec.storage_options)
     total = failed.count() if failed is not None else 0
     if not total:
-        return None, 0, 0, 0
+        return None, 0, None, 0
     planned = planned_among(failed, total).materialize()
     count = planned.count()
-    stored = stored_count(spec.output, spec.storage_options, planned, count, entries) if count else 0
-    if stored:  # a kill from here on leaves their decoding to the next run's pass over stored rows
+    stored = stored_keys(spec.output, spec.storage_options, planned, count, entries) if count else None
+    if stored is not None:  # a kill from here on, before the run ends (writing _closed again), leaves their
+        # decoding to the next run's pass over stored rows without an entry: it reads every part then
         out.unmark_closed(spec.output, spec.storage_options)
     drop_failed(spec.output, spec.storage_options, planned, count, entries)
     return planned, count, stored, total - count
 
 
-def stored_count(output: str, storage_options: dict, ids, count: int, rows: int) -> int:
-    """How many of the ids of dataset `ids` (`count` of them; of `rows`) have stored Stage C output: a
-    semi-join of the embeddings' ids with them in Ray."""
-    stored = read_parts(output, out.EMBEDDINGS, storage_options, columns=[C.ROW_ID])
+def stored_keys(output: str, storage_options: dict, ids, count: int, rows: int):
+    """(row_id, path) of the stored Stage C rows among the ids of dataset `ids` (`count` of them; of `rows`): a
+    semi-join of the embeddings' ids with them in Ray (each part's row ids read once), materialized (one a stored
+    copy, as the pass over rows in flight finds them; a row is stored once); None when none is stored."""
+    stored = read_parts(output, out.EMBEDDINGS, storage_options, columns=[C.ROW_ID], include_paths=True)
     if stored is None:
-        return 0
-    return ids.join(stored, join_type="left_semi", num_partitions=out.partitions(count, rows),
-                    on=(C.ROW_ID,)).count()  # each id once, however often it is stored
+        return None
+    keys = stored.join(ids, join_type="left_semi", num_partitions=out.partitions(count, rows),
+                       on=(C.ROW_ID,)).materialize()
+    return keys if keys.count() else None
 
 
 def unplanned_entries(spec, planned_among, entries: int, failed: int) -> tuple[int, int]:

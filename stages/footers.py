@@ -107,31 +107,37 @@ def folded_in(input_rows) -> int:
     return (pc.sum(input_rows).as_py() or 0) - (len(input_rows) - input_rows.null_count)
 
 
-@layout.relisted
 def column_types(output: str, name: str, storage_options: dict | None, wanted=None) -> pa.Schema | None:
     """Each column's type over the live parts of <output>/<name> (None without parts): a column takes its type
     from the first part that holds it with values (parts written before a table gained a column lack it).
     Footers are scanned by their column paths; only parts that give a column not typed yet are read as Arrow
     schemas (see column_index). `wanted`: only these columns (None: every column)."""
+    return rows_and_types(output, name, storage_options, wanted)[1]
+
+
+@layout.relisted
+def rows_and_types(output: str, name: str, storage_options: dict | None, wanted=None) -> tuple[int, pa.Schema | None]:
+    """(rows, column types as column_types gives them) over the live parts of <output>/<name>: one footer read a
+    part, and an Arrow schema read of the few parts that type a column."""
     fs, files = layout.list_parts(output, name, storage_options)
     if not files:
-        return None
+        return 0, None
 
-    def names(file: str) -> set[str]:
+    def held(file: str) -> tuple[int, set[str]]:
         with layout.parquet_part(fs, file) as parquet:
-            paths = chunk_paths(parquet.metadata)
+            rows, paths = parquet.metadata.num_rows, chunk_paths(parquet.metadata)
         if wanted is None:
-            return {path.split(".")[0] for path in paths}
-        return {c for c in wanted if any(path == c or path.startswith(c + ".") for path in paths)}
+            return rows, {path.split(".")[0] for path in paths}
+        return rows, {c for c in wanted if any(path == c or path.startswith(c + ".") for path in paths)}
 
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        held = list(pool.map(names, files))
+        counted = list(pool.map(held, files))
     fields, tries = {}, Counter()  # tries: parts read for a column that had only nulls so far
-    for file, columns in zip(files, held):
+    for file, (_, columns) in zip(files, counted):
         untyped = {c for c in columns if c not in fields and tries[c] < NULL_TRIES}
         if untyped:
             with fs.open(file, "rb") as f:
                 typed = [field for field in pq.read_schema(f) if field.name in untyped]
             tries.update(field.name for field in typed)
             fields.update((field.name, field) for field in typed if not pa.types.is_null(field.type))
-    return pa.schema(list(fields.values()))
+    return sum(rows for rows, _ in counted), pa.schema(list(fields.values()))

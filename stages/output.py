@@ -150,16 +150,15 @@ def relisted(read):
 
 
 def read_parts(output: str, name: str, storage_options: dict | None, columns=None, include_paths: bool = False,
-               since_closed: bool = False):
-    """A Ray dataset over the live parts of <output>/<name> (only `columns`; with `since_closed`, only those
-    written since the last pass ended, see mark_closed); None when there are none."""
+               parts: list[str] | None = None):
+    """A Ray dataset over the live parts of <output>/<name> (only `columns`; only `parts`, as listed, where
+    given); None when there are none."""
     import ray
 
     from jobs.spec import TASK_CPUS
 
-    fs, files = list_parts(output, name, storage_options)
-    if since_closed and files:
-        files = _since_closed(fs, folder(output, name, storage_options)[1], files)
+    fs, files = list_parts(output, name, storage_options) if parts is None else (
+        folder(output, name, storage_options)[0], parts)
     if not files:
         return None
     try:
@@ -194,11 +193,12 @@ def partitions(*rows: int, row_bytes: int = 0) -> int:
     return min(MAX_PARTITIONS, max(2, -(-most // ROWS_PER_PARTITION), -(-most * row_bytes // PARTITION_BYTES)))
 
 
-def in_flight(output: str, storage_options: dict | None, done_rows: int):
-    """(row_id, path) of the stored Stage C rows without a manifest entry (rows in flight at an interruption),
-    materialized in the object store (at most the rows that were in flight); None when there are none."""
-    stored = read_parts(output, EMBEDDINGS, storage_options, columns=[C.ROW_ID], include_paths=True,
-                        since_closed=True)
+def in_flight(output: str, storage_options: dict | None, done_rows: int, parts: list[str] | None = None):
+    """(row_id, path) of the stored Stage C rows without a manifest entry (rows in flight at an interruption) in
+    the embeddings parts written since the last pass ended (or in `parts`, listed so before), materialized in the
+    object store (at most the rows that were in flight); None when there are none."""
+    parts = written_since_closed(output, storage_options) if parts is None else parts
+    stored = read_parts(output, EMBEDDINGS, storage_options, columns=[C.ROW_ID], include_paths=True, parts=parts)
     if stored is None:
         return None
     pending = drop_done(stored, output, storage_options, done_rows).materialize()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -120,3 +122,37 @@ def s3_server():
                "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
     yield options
     server.stop()
+
+
+class Requests:
+    """A WSGI app that keeps (method, path) of each request it answers: what a run costs on an object store."""
+
+    def __init__(self, app):
+        self.app, self.seen = app, []
+
+    def __call__(self, environ, start_response):
+        self.seen.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
+        return self.app(environ, start_response)
+
+    def reads(self, folder: str) -> Counter:
+        """The requests that read bytes of a Parquet part under a `folder`/ (GET), by part name."""
+        return Counter(path.rsplit("/", 1)[-1] for method, path in self.seen
+                       if method == "GET" and f"/{folder}/" in path and path.endswith(".parquet"))
+
+
+@pytest.fixture(scope="session")
+def counted_s3():
+    """moto's S3 server on 127.0.0.1 (as s3_server) whose requests are kept; yields (storage options, Requests)."""
+    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    class Quiet(MotoRequestHandler):
+        def log_request(self, *args) -> None:  # a line a request would fill a failing test's report
+            pass
+
+    requests = Requests(DomainDispatcherApplication(create_backend_app))
+    server = make_server("127.0.0.1", free_port(), requests, threaded=True, request_handler=Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield {"key": "testing", "secret": "testing",
+           "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{server.server_port}"}}, requests
+    server.shutdown()

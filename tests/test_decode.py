@@ -256,3 +256,50 @@ def test_rows_made_identical_by_new_settings_are_decoded_once(first_run, tmp_pat
     assert summary.folded == 1
     stored = pq.read_table(tmp_path / "out" / "embeddings").column(C.ROW_ID).to_pylist()
     assert sorted(stored) == sorted(r[C.ROW_ID] for r in rows)
+
+
+def test_a_resumed_decode_reads_each_stored_part_once_for_its_footer_and_once_for_its_keys(first_run, counted_s3):
+    """A decode resumed on S3 reads each of the run's embeddings footers once (stored rows and column types in one
+    pass) and each part's keys once (made, counted and kept in one pass), the part holding a row left once more
+    (to decode it), and the first part for its Stage C dtype and schema."""
+    import pyarrow as pa
+    import s3fs
+
+    from stages import footers, output
+    from stages.writer import PARAMS_SCHEMA
+
+    source, _ = first_run
+    options, requests = counted_s3
+    fs, run_uri, out = s3fs.S3FileSystem(**options), "s3://decode-reads/run", "s3://decode-reads/out"
+    fs.mkdir("decode-reads")
+    fs.put(str(source / "run" / "job.yaml"), "decode-reads/run/job.yaml")
+    stored = pq.read_table(source / "run" / "embeddings")
+    for i in range(stored.num_rows):  # a part a row
+        with fs.open(f"decode-reads/run/embeddings/{i}.parquet", "wb") as f:
+            pq.write_table(stored.slice(i, 1), f)
+    requests.seen.clear()
+    footers.part_counts(run_uri, output.EMBEDDINGS, options)
+    footer = requests.reads("run/embeddings")  # what one read of each footer costs
+    requests.seen.clear()
+    keys = output.read_parts(run_uri, output.EMBEDDINGS, options, include_paths=True,
+                             columns=[f.name for f in PARAMS_SCHEMA]).take_all()
+    read_once = requests.reads("run/embeddings")  # … and one read of each part's keys
+    assert len(footer) == len(read_once) == stored.num_rows == 4
+
+    run_decode(run_uri, out, storage_options=options)
+    lost = stored.column(C.ROW_ID)[1].as_py()  # the same id in the decode (the same settings)
+    for part in fs.glob("decode-reads/out/*/*.parquet"):  # as if the decode died before storing the row
+        with fs.open(part, "rb") as f:
+            table = pq.read_table(f)
+        with fs.open(part, "wb") as f:
+            pq.write_table(table.filter(pc.not_equal(table[C.ROW_ID], pa.scalar(lost))), f)
+    fs.rm("decode-reads/out/_finished")
+    requests.seen.clear()
+    assert run_decode(run_uri, out, storage_options=options).new == 1
+    reads = requests.reads("run/embeddings")
+    ids = pq.read_table("decode-reads/out/manifest", filesystem=fs).column(C.ROW_ID).to_pylist()
+    assert sorted(ids) == sorted(stored.column(C.ROW_ID).to_pylist())  # each row once
+    holder = {k[output.PATH].rsplit("/", 1)[-1] for k in keys if k[C.ROW_ID] == lost}
+    for name in footer:
+        once = footer[name] + read_once[name] + (name in holder)
+        assert reads[name] <= once + 2 if name == "0.parquet" else reads[name] == once, (name, reads, once)

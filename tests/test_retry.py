@@ -2,6 +2,7 @@
 
 import os
 import re
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -69,20 +70,21 @@ def test_retry_failed_remakes_only_the_failed_rows_and_replaces_their_entries(tm
     assert not (tmp_path / "ot").exists()
     before = {r[C.ROW_ID]: r for r in pq.read_table(tmp_path / "out" / "manifest").to_pylist()}
     images = {row_id: pixels(row[C.IMAGE_URI]) for row_id, row in before.items()}
-    failed = fail_rows(tmp_path / "out" / "manifest", 2)
+    failed = fail_rows(tmp_path / "out" / "manifest", 3)
     stored = tmp_path / "out" / "embeddings"
-    without_row(stored, failed[0])  # failed[0] failed in Stage C (no stored output), failed[1] in Stage B/A
+    without_row(stored, failed[0])  # failed[0] failed in Stage C (no stored output), failed[1:] in Stage B/A
     # A --retry-failed killed after taking failed[1]'s entry out: the next run (here a retry) decodes it from its
-    # stored Stage C output (no stored part is written again: Stage C is not redone) and remakes failed[0] whole.
+    # stored Stage C output (no stored part is written again: Stage C is not redone), decodes failed[2] so too
+    # (once: every part may hold rows in flight now, its own among them) and remakes failed[0] whole.
     without_row(tmp_path / "out" / "manifest", failed[1])
     output.unmark_closed(str(tmp_path / "out"), {})
     parts = {p.name: p.stat().st_mtime_ns for p in stored.glob("*.parquet")}
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0
-    assert ("retried 2 failed rows (1 of them decoded from their stored Stage C output): 2 succeeded, 0 failed "
+    assert ("retried 3 failed rows (2 of them decoded from their stored Stage C output): 3 succeeded, 0 failed "
             "again (5 rows in all)") in capsys.readouterr().out
     now = {p.name: p.stat().st_mtime_ns for p in stored.glob("*.parquet")}
     assert {name: now.get(name) for name in parts} == parts and len(now) == len(parts) + 1  # failed[0]'s part
-    assert read_runs(LocalFileSystem(), str(tmp_path / "out"))[-1]["made"] == 2  # the report's "images made"
+    assert read_runs(LocalFileSystem(), str(tmp_path / "out"))[-1]["made"] == 3  # the report's "images made"
     manifest = pq.read_table(tmp_path / "out" / "manifest")
     ids = manifest[C.ROW_ID].to_pylist()
     assert sorted(ids) == sorted(before) and len(set(ids)) == len(ids)  # each row exactly once
@@ -136,3 +138,49 @@ def test_retry_keeps_the_failed_rows_an_edited_table_no_longer_plans(tmp_path, r
     out = capsys.readouterr().out
     assert f"6 rows (1 failed), all made earlier: nothing to do; {stale}" in out
     assert "--retry-failed" not in out
+
+
+def test_a_retry_reads_each_stored_part_once(counted_s3, ray_cluster, tmp_path):
+    """--retry-failed of a row that failed in Stage B/A, on S3: every embeddings part's row ids are read once (to
+    find the retried rows whose Stage C output is stored), and the part holding the row once more (to decode it
+    from there); no second pass over every part for rows in flight (the last pass ended: embeddings/_closed)."""
+    import s3fs
+
+    from jobs.generate import run
+    from jobs.preflight import generate_job
+    from jobs.spec import spec_from_dict
+
+    options, requests = counted_s3
+    fs, out = s3fs.S3FileSystem(**options), "s3://retry-reads/out"
+    fs.mkdir("retry-reads")
+    spec = spec_from_dict({
+        "prompts": write_prompts(tmp_path / "p.parquet", PROMPTS), "output": out, "storage_options": options,
+        "generation": {"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2},
+        "stages": {"text": {"batch_size": 2}, "prior": {"batch_size": 2}, "decoder": {"batch_size": 2}}})
+    run(spec)
+    time.sleep(1.1)  # S3 keeps times in whole seconds: a part stored in the second the pass ended may hold rows in
+    output.mark_closed(out, options)  # flight (read again by a resume); a later pass ended: none does
+    part = sorted(fs.glob("retry-reads/out/manifest/*.parquet"))[0]
+    with fs.open(part, "rb") as f:
+        table = pq.read_table(f)
+    rows = table.to_pylist()
+    fs.rm(rows[0][C.IMAGE_URI])  # a failure in Stage B/A, as the writer records it: its Stage C output stays
+    rows[0][C.IMAGE_URI], rows[0][C.ERROR] = None, "Stage B/A produced NaN or inf (try dtype float32)"
+    with fs.open(part, "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), f)
+    requests.seen.clear()
+    stored = output.read_parts(out, output.EMBEDDINGS, options, columns=[C.ROW_ID], include_paths=True).take_all()
+    once = requests.reads(output.EMBEDDINGS)  # one read of every part's row ids: what it costs
+    holder = {r[output.PATH].rsplit("/", 1)[-1] for r in stored if r[C.ROW_ID] == rows[0][C.ROW_ID]}
+    assert len(holder) == 1 and not output.written_since_closed(out, options)  # no part has rows in flight
+    assert len(once) == 3
+
+    requests.seen.clear()
+    summary = generate_job(spec, retry_failed=True)
+    assert (summary.retried, summary.redecoded, summary.new_failed) == (1, 1, 0)
+    reads = requests.reads(output.EMBEDDINGS)  # each part's GETs: the old retry read every part twice
+    assert {name: n for name, n in reads.items() if name not in holder} == {
+        name: n for name, n in once.items() if name not in holder}
+    assert all(reads[name] > once[name] for name in holder)  # its row decoded from there
+    ids = pq.read_table("retry-reads/out/manifest", filesystem=fs).column(C.ROW_ID).to_pylist()
+    assert sorted(ids) == sorted(r[C.ROW_ID] for r in stored)  # each row once
