@@ -38,14 +38,16 @@ def start_ray(verbose: bool = False) -> None:
     quiet_ray_data(verbose)
 
 
+def raise_interrupt(signum, frame):
+    """A signal handler that interrupts the main thread as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def interrupt_on_sigterm() -> None:
     """SIGTERM (what Kubernetes and Slurm send) interrupts as Ctrl-C does: the lease is given back and the command
     says how to go on. ray.init puts in its own handler (sys.exit after a native stack dump); this replaces it."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 @functools.cache

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -24,6 +23,7 @@ from jobs.report import build_report, record_run
 from jobs.resume import Summary, summarize
 from jobs.retries import configure_ray_data
 from jobs.spec import TASK_CPUS, JobSpec, stage_kwargs
+from jobs.watch import PassWatch
 from stages import columns as C
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
@@ -91,7 +91,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     return summary
 
 
-def decode_in_flight(spec: JobSpec, done: int, user_types, advice: str | None = RERUN_ADVICE,
+def decode_in_flight(spec: JobSpec, done: int, user_types, advice: str | None,
                      parts: list[str] | None = None) -> int:
     """Decode the rows whose Stage C embeddings the output stored before an interruption but whose entries were
     not written (in the embeddings `parts` where given), from those embeddings (read from the source again, they
@@ -99,8 +99,7 @@ def decode_in_flight(spec: JobSpec, done: int, user_types, advice: str | None = 
     return decode_stored(spec, output.in_flight(spec.output, spec.storage_options, done, parts), user_types, advice)
 
 
-def decode_stored(spec: JobSpec, keys: ray.data.Dataset | None, user_types,
-                  advice: str | None = RERUN_ADVICE) -> int:
+def decode_stored(spec: JobSpec, keys: ray.data.Dataset | None, user_types, advice: str | None) -> int:
     """Decode the output's stored Stage C rows named by `keys` (row_id, path; materialized; None: none) into
     manifest entries (a stage whose first rows all fail stops it, saying `advice`); how many."""
     if keys is None:
@@ -182,8 +181,8 @@ def write_manifest(spec: JobSpec, make, stages: tuple[str, ...], total: int, adv
     tally = Tally.options(scheduling_strategy=here).remote()  # on the driver's node: it dies with no worker node
     try:
         ds = make(tally)
-        failures = FailureWatch(tally, spec, advice) if advice else contextlib.nullcontext()
-        with Progress(tally, list(stages), total), CapacityWatch(spec, spec.placement_timeout_s), failures:
+        checks = [CapacityWatch(spec, spec.placement_timeout_s)] + ([FailureWatch(tally, advice)] if advice else [])
+        with Progress(tally, list(stages), total), PassWatch(*checks):
             try:
                 ds.write_datasink(ManifestSink(spec.output, spec.storage_options),
                                   ray_remote_args={"num_cpus": TASK_CPUS})

@@ -8,7 +8,6 @@ import numpy as np
 import ray
 
 from jobs.spec import SpecError
-from jobs.watch import PassWatch
 from stages import columns as C
 from stages.storage import causes, reason, transient
 
@@ -39,6 +38,8 @@ def isolating(cls, tally=None, stage: str = ""):
             if tally is not None:  # before Ray Data replaces this actor, or ends the run
                 ray.get(tally.load_failed.remote(stage, cls.__name__, _node(), _one_line(err)))
             raise
+        if tally is not None:
+            tally.loaded.remote(stage, ray.get_runtime_context().get_node_id())
 
     def __call__(self, batch):
         ids = [str(i) for i in batch[C.ROW_ID]]
@@ -164,30 +165,23 @@ def _column(values: list, like: np.ndarray | None) -> np.ndarray:
     return np.asarray(values, dtype=like.dtype if like is not None and like.ndim == 1 else object)
 
 
-class FailureWatch(PassWatch):
-    """While a pass runs: a stage whose first FAIL_FAST_ROWS rows all failed, none made, stops the pass, which
-    then ends in one line naming the stage, its first error and `advice`. Failures on one node of several that
-    can run the stage do not stop it (a broken GPU: the other nodes make the rows)."""
+class FailureWatch:
+    """A check for PassWatch while a pass runs: a stage whose first FAIL_FAST_ROWS rows all failed, none made, on
+    every node that hosts one of its actors stops the pass, which then ends in one line naming the stage, its first
+    error and `advice`. A node whose rows all fail beside one that has not failed yet does not stop it (a broken
+    GPU: the other nodes make the rows), nor does a stage that made a row before (a restarted Tally counts anew)."""
 
-    def __init__(self, tally, spec, advice: str):
-        super().__init__()
-        self.tally, self.spec, self.advice = tally, spec, advice
+    def __init__(self, tally, advice: str):
+        self.tally, self.advice, self.working = tally, advice, set()
 
     def check(self) -> str | None:
-        for stage, (made, failed, first, nodes) in ray.get(self.tally.stage_outcomes.remote(), timeout=10).items():
-            if failed < FAIL_FAST_ROWS or made or len(nodes) < min(2, _capable(self.spec, stage)):
+        for stage, (made, failed, first, failing, hosts) in ray.get(self.tally.stage_outcomes.remote(),
+                                                                    timeout=10).items():
+            if made:
+                self.working.add(stage)
+            if failed < FAIL_FAST_ROWS or stage in self.working or not failing >= hosts:
                 continue
-            return (f"stages.{stage}: its first {failed} rows all failed, none made, on {_count(nodes, 'node')} "
-                    f"(first: {first}); the run stopped rather than fail every row: {self.advice}")
+            nodes = f"{len(failing)} node{'s' * (len(failing) != 1)}"
+            return (f"stages.{stage}: its first {failed} rows all failed, none made, on {nodes} (first: {first}); "
+                    f"the run stopped rather than fail every row: {self.advice}")
         return None
-
-
-def _capable(spec, stage: str) -> int:
-    """The live nodes that can run an actor of `stage`."""
-    from jobs.placement import capable_nodes, minimum_pools
-
-    return next(capable_nodes(ask) for name, _, ask in minimum_pools(spec, ray.cluster_resources()) if name == stage)
-
-
-def _count(items, noun: str) -> str:
-    return f"{len(items)} {noun}{'s' * (len(items) != 1)}"

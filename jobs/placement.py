@@ -11,7 +11,6 @@ import ray
 from ray.autoscaler.sdk import request_resources
 
 from jobs.spec import ACTOR_CPUS, JobSpec, SpecError, StageSpec
-from jobs.watch import PassWatch
 
 LISTING_CPUS = 1.0  # Ray Data lists the input files in one task that always asks for a whole CPU
 
@@ -213,14 +212,12 @@ def missing_resource(spec: JobSpec, cluster: dict, pools: list | None = None) ->
     return None
 
 
-class CapacityWatch(PassWatch):
-    """While a pass runs: a stage resource that no node offers any more (its only node died) for `timeout` s
-    stops the pass, which then ends in one line instead of waiting for an actor that cannot be placed."""
-
-    poll_s = 2.0
+class CapacityWatch:
+    """A check for PassWatch while a pass runs: a stage resource that no node offers any more (its only node died)
+    for `timeout` s stops the pass, which then ends in one line instead of waiting for an actor that cannot be
+    placed."""
 
     def __init__(self, spec: JobSpec, timeout: float):
-        super().__init__()
         self.spec, self.timeout, self.since = spec, timeout, None
         self.pools = minimum_pools(spec, ray.cluster_resources())  # as the pass placed them: a cluster that lost
         # its GPUs would place them without one, and miss nothing
@@ -233,12 +230,6 @@ class CapacityWatch(PassWatch):
         request_resources(bundles=minimum_bundles(self.spec, self.pools))  # an autoscaler may bring one
         return (f"{missing}, any more: a node left mid-run (waited {self.timeout:g} s); the rows finished so far "
                 f"are kept: add a node that offers it and run the same command again")
-
-
-def capable_nodes(ask: dict) -> int:
-    """The live nodes of the Ray cluster whose resources hold one actor's `ask` (labels not checked)."""
-    return sum(node["Alive"] and all(node["Resources"].get(k, 0) >= v for k, v in ask.items())
-               for node in ray.nodes())
 
 
 def check_capacity(spec: JobSpec, cluster: dict) -> None:

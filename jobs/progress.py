@@ -28,7 +28,7 @@ class Tally:
         self.alone_tries: dict[tuple[str, str], int] = {}  # … → tries of the row run alone
         self.loads: dict[str, dict] = {}  # stage → its class name and {node: why} where its models failed to load
         self.first: dict[str, str] = {}  # a count's first example (a prompt), for its warning
-        self.outcomes: dict[str, list] = {}  # stage → [rows made, rows failed, first error, nodes with failures]
+        self.outcomes: dict[str, list] = {}  # stage → [rows made, failed, first error, nodes failing, nodes hosting]
 
     def begin(self, stage: str, ids: list[str]) -> list[int]:
         """Count a try of a batch; the tries so far of each of its rows."""
@@ -67,10 +67,17 @@ class Tally:
     def outcome(self, stage: str, made: int, failed: int, error: str | None, node: str) -> None:
         """A batch's rows that `stage` made and failed on `node` (rows that came failed are neither), its first
         error."""
-        seen = self.outcomes.setdefault(stage, [0, 0, None, set()])
+        seen = self._outcome(stage)
         seen[0], seen[1], seen[2] = seen[0] + made, seen[1] + failed, seen[2] or error
         if failed:
             seen[3].add(node)
+
+    def loaded(self, stage: str, node: str) -> None:
+        """An actor of `stage` loaded its models on `node`."""
+        self._outcome(stage)[4].add(node)
+
+    def _outcome(self, stage: str) -> list:
+        return self.outcomes.setdefault(stage, [0, 0, None, set(), set()])
 
     def stage_outcomes(self) -> dict[str, list]:
         return self.outcomes

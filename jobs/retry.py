@@ -42,8 +42,8 @@ def take_out_failed(spec, planned_among, entries: int) -> tuple[object, int, obj
 
 def stored_keys(output: str, storage_options: dict, ids, count: int, rows: int):
     """(row_id, path) of the stored Stage C rows among the ids of dataset `ids` (`count` of them; of `rows`): a
-    semi-join of the embeddings' ids with them in Ray (each part's row ids read once), materialized (one a stored
-    copy, as the pass over rows in flight finds them; a row is stored once); None when none is stored."""
+    semi-join of the embeddings' ids with them in Ray (each part's row ids read once), materialized; one key per
+    stored copy (a row is stored once); None when none is stored."""
     stored = read_parts(output, out.EMBEDDINGS, storage_options, columns=[C.ROW_ID], include_paths=True)
     if stored is None:
         return None

@@ -108,17 +108,17 @@ def folded_in(input_rows) -> int:
 
 
 def column_types(output: str, name: str, storage_options: dict | None, wanted=None) -> pa.Schema | None:
-    """Each column's type over the live parts of <output>/<name> (None without parts): a column takes its type
-    from the first part that holds it with values (parts written before a table gained a column lack it).
-    Footers are scanned by their column paths; only parts that give a column not typed yet are read as Arrow
-    schemas (see column_index). `wanted`: only these columns (None: every column)."""
+    """Each column's type over the live parts of <output>/<name> (None without parts), as rows_and_types gives
+    it. `wanted`: only these columns (None: every column)."""
     return rows_and_types(output, name, storage_options, wanted)[1]
 
 
 @layout.relisted
 def rows_and_types(output: str, name: str, storage_options: dict | None, wanted=None) -> tuple[int, pa.Schema | None]:
-    """(rows, column types as column_types gives them) over the live parts of <output>/<name>: one footer read a
-    part, and an Arrow schema read of the few parts that type a column."""
+    """(rows, each column's type) over the live parts of <output>/<name>: one footer read a part. A column takes its
+    type from the first part that holds it with values (parts written before a table gained a column lack it):
+    footers are scanned by their column paths, and only the few parts that give a column not typed yet are read
+    as Arrow schemas (see column_index)."""
     fs, files = layout.list_parts(output, name, storage_options)
     if not files:
         return 0, None

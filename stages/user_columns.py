@@ -13,10 +13,12 @@ import pickle
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from stages import columns as C
 
 JOB_COLUMNS = frozenset((C.PROMPT, *C.OVERRIDABLE, *C.RESERVED, C.USER_VALUES))
+SAMPLE_ROWS = 1024  # a file's first rows, measured for the size of its rows in a block
 
 
 def user_names(names) -> list[str]:
@@ -32,6 +34,15 @@ def pack(table: pa.Table) -> pa.Table:
     rows = table.select(names).to_pylist()
     packed = pa.array([pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL) for row in rows], pa.binary())
     return table.drop_columns(names).append_column(C.USER_VALUES, packed)
+
+
+def packed_row_bytes(parquet: pq.ParquetFile) -> int:
+    """The bytes a row of the file takes in a block once packed (its own columns pickled: a dictionary-encoded or
+    categorical column as long as its values), measured on its first SAMPLE_ROWS rows."""
+    batch = next(parquet.iter_batches(batch_size=SAMPLE_ROWS, use_threads=False), None)
+    if batch is None or not batch.num_rows:
+        return 0
+    return -(-pack(pa.Table.from_batches([batch])).nbytes // batch.num_rows)
 
 
 def unpack(values: np.ndarray, types: pa.Schema | None) -> dict[str, pa.Array]:

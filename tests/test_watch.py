@@ -9,11 +9,10 @@ from jobs.spec import SpecError
 from jobs.watch import PassWatch
 
 
-class Stops(PassWatch):
-    poll_s = 0.05
+class Stops:
+    """A check that fails at its `after`-th poll."""
 
     def __init__(self, after: int):
-        super().__init__()
         self.polls, self.after = 0, after
 
     def check(self):
@@ -21,6 +20,11 @@ class Stops(PassWatch):
         if self.polls == 2:
             raise RuntimeError("the GCS busy")  # asked again at the next poll
         return "stages.decoder: why it stopped" if self.polls >= self.after else None
+
+
+@pytest.fixture(autouse=True)
+def fast(monkeypatch):
+    monkeypatch.setattr(PassWatch, "poll_s", 0.05)
 
 
 @pytest.fixture
@@ -34,13 +38,13 @@ def sigint_ignored():
 def test_a_failed_check_stops_the_pass_in_one_line(sigint_ignored):
     started = time.time()
     with pytest.raises(SpecError, match="^stages.decoder: why it stopped$"):
-        with Stops(after=4):
+        with PassWatch(Stops(after=4)):
             time.sleep(30)  # the pass, waiting
     assert time.time() - started < 10
 
 
 def test_a_pass_that_ends_first_is_not_stopped_and_the_handler_is_put_back():
-    before = signal.getsignal(signal.SIGUSR1)
-    with Stops(after=10**6) as watch:
+    before, check = signal.getsignal(signal.SIGUSR1), Stops(after=10**6)
+    with PassWatch(check) as watch:
         time.sleep(0.3)
-    assert watch.error is None and watch.polls >= 3 and signal.getsignal(signal.SIGUSR1) is before
+    assert watch.error is None and check.polls >= 3 and signal.getsignal(signal.SIGUSR1) is before
