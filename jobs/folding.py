@@ -11,10 +11,10 @@ from jobs import prompts
 from jobs.progress import FOLDED, FOLDED_OTHER_VALUES
 from jobs.spec import TASK_CPUS
 from stages import columns as C
-from stages.output import MAX_PARTITIONS, PARTITION_BYTES
+from stages.output import shares
 
 ROWS_PER_PARTITION = 200_000  # planned rows per hash partition (≈ 100 MB of short prompts and parameters) …
-# … and at most PARTITION_BYTES of them: wide rows (the user's own columns) make more partitions
+# … and at most output.PARTITION_BYTES of them: wide rows (the user's own columns) make more partitions
 
 
 def fold_identical(ds, planned_rows: int, tally=None, row_bytes: int = 0):
@@ -35,7 +35,7 @@ def fold_keys(ds, key: str, rows: int, tally=None):
 
 def fold_partitions(rows: int, row_bytes: int = 0) -> int:
     """Hash partitions for folding `rows` rows of about `row_bytes` each (1: no shuffle)."""
-    return min(MAX_PARTITIONS, max(-(-rows // ROWS_PER_PARTITION), -(-rows * row_bytes // PARTITION_BYTES)))
+    return shares(rows, row_bytes, ROWS_PER_PARTITION)
 
 
 def _shuffled_by(ds, key: str, rows: int, row_bytes: int = 0):

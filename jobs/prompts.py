@@ -112,7 +112,8 @@ def scan(spec: JobSpec) -> PromptTable:
         except (pa.ArrowInvalid, OSError) as err:
             raise SpecError(f"prompts: {name} is not a readable Parquet file ({err})") from None
         schema = parquet.schema_arrow
-        by_schema.setdefault(schema.remove_metadata(), []).append(path)  # the distinct schemas: a few, any table size
+        key = schema.remove_metadata()
+        by_schema.setdefault(key, []).append(path)  # the distinct schemas: a few, any table size
         present = check_schema(schema, name)
         unified = unified_schema(unified, schema, name)
         columns = columns or present
@@ -127,8 +128,8 @@ def scan(spec: JobSpec) -> PromptTable:
                 for col in texts:
                     check_utf8(batch.column(col), col, name, offset)
                 offset += batch.num_rows
-            if offset and not measured.get(schema.remove_metadata()):  # a few files: one per distinct schema
-                measured[schema.remove_metadata()] = user_columns.packed_row_bytes(parquet)
+            if offset and not measured.get(key):  # a few files: one per distinct schema
+                measured[key] = user_columns.packed_row_bytes(parquet)
         except (pa.ArrowInvalid, OSError) as err:  # a corrupt page behind an intact footer
             raise SpecError(f"prompts: {name} is not a readable Parquet file (after row {offset}: {err})") from None
         rows += offset

@@ -187,10 +187,15 @@ def drop_done(ds, output: str, storage_options: dict | None, done_rows: int, on:
 
 def partitions(*rows: int, row_bytes: int = 0) -> int:
     """Join partitions for sides of `rows` rows (the larger of about `row_bytes` each, where given): a partition's
-    task holds both sides' share, so the larger side sets the count (~ROWS_PER_PARTITION of its rows each, and at
-    most ~PARTITION_BYTES of them; a resume at 1% done joins all planned rows)."""
-    most = max(rows)
-    return min(MAX_PARTITIONS, max(2, -(-most // ROWS_PER_PARTITION), -(-most * row_bytes // PARTITION_BYTES)))
+    task holds both sides' share, so the larger side sets the count (see shares; a resume at 1% done joins all
+    planned rows)."""
+    return max(2, shares(max(rows), row_bytes, ROWS_PER_PARTITION))
+
+
+def shares(rows: int, row_bytes: int, rows_each: int) -> int:
+    """Hash partitions for `rows` rows of about `row_bytes` each: at most `rows_each` rows and PARTITION_BYTES a
+    partition, at most MAX_PARTITIONS partitions."""
+    return min(MAX_PARTITIONS, max(-(-rows // rows_each), -(-rows * row_bytes // PARTITION_BYTES)))
 
 
 def in_flight(output: str, storage_options: dict | None, done_rows: int, parts: list[str] | None = None):

@@ -129,7 +129,7 @@ def test_wide_prompt_rows_are_folded_in_more_partitions(tmp_path, ray_cluster, m
     assert wide.row_bytes > 5000 > 20 * narrow.row_bytes
     assert output.partitions(1000, 10**7, row_bytes=wide.row_bytes) > 5 * output.partitions(1000, 10**7)
 
-    monkeypatch.setattr(folding, "PARTITION_BYTES", 150_000)  # ~28 wide rows a partition: 120 rows make 5
+    monkeypatch.setattr(output, "PARTITION_BYTES", 150_000)  # ~28 wide rows a partition: 120 rows make 5
     assert folding.fold_partitions(len(rows), narrow.row_bytes) == 1
     spec = spec_from_dict(job(str(tmp_path / "w.parquet"), str(tmp_path / "o")))
     folded = folding.fold_identical(left_to_make(spec, wide), len(rows), None, wide.row_bytes).materialize()
