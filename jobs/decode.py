@@ -183,7 +183,7 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool, 
                                decode_in_flight, open_output, stored_embeddings, write_manifest)
 
     run = spec.decoded_from
-    done, failed = open_output(spec, started, verbose)
+    done, failed, _ = open_output(spec, started, verbose)
     changed = {key.split(".")[1]: getattr(spec.generation, key.split(".")[1]) for key in DECODER_KEYS[:2]
                if any(item.startswith(key) for item in overrides)}
     model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype,

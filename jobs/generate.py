@@ -56,7 +56,7 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     before an interruption are decoded first, then every row without a manifest entry is made (with
     `retry_failed`, only the failed rows the prompt table still plans, their entries taken out first). Done rows
     are counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
-    done, failed = open_output(spec, start, verbose)
+    done, failed, folded = open_output(spec, start, verbose)
     # Listed before a retry takes embeddings/_closed away: only these parts may hold rows in flight.
     fresh = output.written_since_closed(spec.output, spec.storage_options) if retry_failed else None
     only, retried, stored, kept = retry.take_out_failed(
@@ -70,8 +70,9 @@ def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: b
     planned = prompts.planned_rows(spec, table.rows)
     if retry_failed:
         todo = retried - redecoded  # the stored ones were decoded above
-    else:  # the planned rows less the entries and the identical rows folded into them
-        todo = planned - finished_rows - footers.folded_rows(spec.output, spec.storage_options)
+    else:  # the planned rows less the entries and the identical rows folded into them (decoded rows may add some)
+        folded = footers.folded_rows(spec.output, spec.storage_options) if decoded else folded
+        todo = planned - finished_rows - folded
     if todo > 0 or (not retry_failed and not all_made(spec, table, finished_rows)):
         write_manifest(spec, lambda tally: build_dataset(spec, table, finished_rows, tally, only, retried),
                        ALL_STAGES, max(todo, 0), advice)
@@ -125,14 +126,15 @@ def planned_among(spec: JobSpec, table: prompts.PromptTable, ids: ray.data.Datas
         count, prompts.planned_rows(spec, table.rows)), on=(C.ROW_ID,))
 
 
-def open_output(spec: JobSpec, start: float, verbose: bool = False) -> tuple[int, int]:
+def open_output(spec: JobSpec, start: float, verbose: bool = False) -> tuple[int, int, int]:
     """Record this invocation's start, join Ray (quietly unless `verbose`) with the stages' resources; returns
-    the counts of manifest rows already there and of their failed rows (from the footers)."""
+    the counts of manifest rows already there, of their failed rows and of input rows folded into them (from the
+    footers, one pass)."""
     record_run(spec.output, spec.storage_options, start)
     connect(spec, verbose)
     if spec.output_format == "webdataset":  # a killed run's shards, written again below (reads every part)
         in_task(drop_unlisted_shards, spec.output, spec.storage_options)
-    return footers.part_counts(spec.output, output.MANIFEST, spec.storage_options, nulls_of=C.ERROR)
+    return footers.manifest_counts(spec.output, spec.storage_options)
 
 
 def close_output(spec: JobSpec, start: float, done: int, failed: int, retried: int | None = None,

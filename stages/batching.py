@@ -86,9 +86,10 @@ def flag_rows(errors: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], me
 
 
 def nonfinite(stage: str, dtype: torch.dtype) -> str:
-    """The error of a row whose output holds NaN or inf; half precision may be the cause, float32 is not."""
+    """The error of a row whose output holds NaN or inf; half precision may be the cause, float32 is not (a
+    guidance scale out of range, or NaN in the checkpoint's weights where every row fails)."""
     return f"{stage} produced NaN or inf" + (" (try dtype float32)" if dtype != torch.float32 else
-                                             " (check the row's guidance scale)")
+                                             " (check the row's guidance scale and the checkpoint's weights)")
 
 
 def flag_nonfinite(errors: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], message: str) -> np.ndarray:
