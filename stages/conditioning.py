@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import tempfile
 from pathlib import Path
 
 from stages.refs import HUB_TIMEOUT_S, ref_kind
-from stages.storage import url_to_fs
+from stages.storage import sha256_hex, url_to_fs
 
 # The text stage encodes each row once with model.prior's text encoder and tokenizer; the scheduler and latent
 # settings are model.prior's (an interpolation's A); each Stage C actor loads every checkpoint's weights into one
@@ -68,7 +67,7 @@ def _file_identity(fs, name: str, info: dict, kind: str) -> str:
     if kind == "uri":
         return str(info.get("ETag") or info.get("md5Hash") or info.get("size"))
     with fs.open(name, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        return sha256_hex(f)
 
 
 def _hub_conditioning(repo: str) -> dict[str, dict]:
@@ -95,7 +94,7 @@ def _hub_conditioning(repo: str) -> dict[str, dict]:
             if sibling.lfs:
                 return sibling.lfs.sha256
             with download(sibling.rfilename).open("rb") as f:
-                return hashlib.file_digest(f, "sha256").hexdigest()
+                return sha256_hex(f)
 
         def read(name: str) -> dict:
             try:

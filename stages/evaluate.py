@@ -17,7 +17,7 @@ from PIL import Image
 
 from stages import columns as C
 from stages.samples import read_image_bytes
-from stages.storage import url_to_fs, write_atomic
+from stages.storage import sha256_hex, url_to_fs, write_atomic
 
 # stages.models is imported where needed: it pulls in diffusers (~3 s), which the Inception actors and the
 # statistics tasks never use, and every actor of an autoscaling pool pays its imports at start-up.
@@ -214,11 +214,8 @@ def _fetch_file(uri: str, storage_options: dict) -> str:
 
 def file_sha256(path: str) -> str:
     """Hex sha256 of a local file (the Inception's identity in metrics.json and stats caches)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_hex(f)
 
 
 def write_scores_part(batch: dict[str, np.ndarray], parts: str, storage_options: dict | None) -> None:

@@ -207,3 +207,11 @@ def open_atomic(fs, path: str):
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
+
+
+def sha256_hex(f) -> str:
+    """Hex sha256 of an open binary file, read in 4 MiB chunks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
