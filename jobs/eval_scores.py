@@ -35,7 +35,7 @@ def write_scores(run: str, manifest, storage_options: dict) -> None:
     scores = ray.data.read_parquet(parts, filesystem=output.arrow_fs(fs), num_cpus=TASK_CPUS,
                                    partitioning=None)
     params = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS,
-                                   partitioning=None)
+                                   partitioning=None, schema=manifest.schema)
     sides = [ds.select_columns(columns).sort(C.ROW_ID).iter_batches(batch_size=BATCH_ROWS, batch_format="pyarrow")
              for ds, columns in ((params, [C.ROW_ID, *keep]), (scores, [C.ROW_ID, *SCORES]))]
     out_fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from PIL import Image
 from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -79,13 +78,17 @@ def _evaluate(opts: EvalOptions, manifest, clip: dict, reference, inception: dic
 
 @dataclass(frozen=True)
 class Manifest:
-    """A run's manifest: its Parquet files (paths on `fs`) and column names."""
+    """A run's manifest: its Parquet files (paths on `fs`) and every column any of them holds, with its type."""
 
     fs: object
     files: tuple[str, ...]
-    names: tuple[str, ...]
+    schema: pa.Schema  # read with it: a column that a later table brought is null in the earlier parts
     integer_axes: tuple[str, ...] = ()  # --by axes the manifest holds as integers
     here: str = ""  # the folder the run is read from: image_uri values are read under it (see relocated)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.schema.names)
 
     def pyarrow_fs(self) -> PyFileSystem:
         return PyFileSystem(FSSpecHandler(self.fs))
@@ -96,14 +99,12 @@ def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
     fs, files = output.list_parts(run, output.MANIFEST, storage_options)
     if not files:
         raise SpecError(f"{run}: not a run folder (no manifest/*.parquet)")
-    with fs.open(files[0]) as f:
-        schema = pq.read_schema(f)
-    missing = [c for c in REQUIRED if c not in schema.names]
+    schema = footers.column_types(run, output.MANIFEST, storage_options)  # a table's own columns may be missing
+    missing = [c for c in REQUIRED if c not in schema.names]  # from the parts of an earlier table
     if missing:
         raise SpecError(f"{run}: the manifest lacks the column(s) {', '.join(missing)}")
-    typed = footers.column_types(run, output.MANIFEST, storage_options, wanted=by) if by else pa.schema([])
-    for axis in by:  # a table's own column may be missing from the parts of an earlier table
-        field = typed.field(axis) if axis in typed.names else schema.field(axis) if axis in schema.names else None
+    for axis in by:
+        field = schema.field(axis) if axis in schema.names else None
         if field is None:
             raise SpecError(f"--by {axis}: not a manifest column (columns: {', '.join(schema.names)})")
         if not _axis_type(field.type):
@@ -111,8 +112,8 @@ def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
                             f"(store dates and times as text)")
     for axis in by:
         check_axis_values(fs, files, axis)
-    integer = tuple(a for a in by if a in typed.names and pa.types.is_integer(typed.field(a).type))
-    return Manifest(fs, tuple(files), tuple(schema.names), integer, relocation(run))
+    integer = tuple(a for a in by if pa.types.is_integer(schema.field(a).type))
+    return Manifest(fs, tuple(files), schema, integer, relocation(run))
 
 
 def check_inception(opts: EvalOptions) -> dict:
@@ -246,7 +247,7 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
 
 def _read_manifest(manifest: Manifest, columns) -> ray.data.Dataset:
     ds = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS,
-                               partitioning=None)
+                               partitioning=None, schema=manifest.schema)
     ds = ds.select_columns(list(dict.fromkeys(columns)))
     return ds.map_batches(_relocate, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(here=manifest.here))
 

@@ -338,6 +338,20 @@ def test_an_axis_is_found_in_any_part_with_its_type(tmp_path):
     assert manifest.files[0].endswith("a.parquet") and manifest.integer_axes == ("batch",)
 
 
+def test_an_axis_only_later_parts_hold_is_scored_and_counted(clip_dir, tmp_path, ray_cluster):
+    """The axis column of a later table reaches scores.parquet and its failed counts (the first part in name order
+    lacks it: scores.parquet lost the column and every value counted 0 failed)."""
+    run = make_run(tmp_path / "run", seed=4, rows=4, failed=(1, 3))  # batch: None, 1, 0, 1
+    earlier = pq.read_table(tmp_path / "run" / "manifest" / "part-0.parquet").drop_columns(["batch"]).slice(0, 1)
+    pq.write_table(earlier.set_column(0, C.ROW_ID, pa.array(["e0"])), tmp_path / "run" / "manifest" / "a.parquet")
+    metrics = J.evaluate(J.EvalOptions(run=run, clip_model=clip_dir, by=("batch",),
+                                       pools=J.PoolOptions(batch_size=2)))
+    scores = pq.read_table(f"{run}/eval/scores.parquet")
+    assert scores.column("batch").to_pylist() == [None, None, 1, 0, 1]  # e0, r4-0 … r4-3
+    assert [(r["value"], r["count"], r["failed"]) for r in metrics["by"]["batch"]] == [(0, 1, 0), (1, 0, 2),
+                                                                                      (None, 2, 0)]
+
+
 def test_an_axis_of_dates_is_refused_before_any_work(tmp_path):
     """metrics.json writes axis values as JSON: a date column failed after the whole CLIP pass (a traceback)."""
     import datetime
