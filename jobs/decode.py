@@ -29,7 +29,8 @@ from stages.writer import PARAMS_SCHEMA, write_embeddings
 NEW_ID = "new_row_id"  # a stored row's id once re-decoded
 
 # What a re-decode may change: everything downstream of the stored embeddings.
-DECODER_KEYS = ("generation.decoder_steps", "generation.decoder_guidance_scale", "model.decoder", "model.dtype",
+ROW_SETTINGS = ("decoder_steps", "decoder_guidance_scale")  # the generation keys among them: each row's own
+DECODER_KEYS = (*(f"generation.{name}" for name in ROW_SETTINGS), "model.decoder", "model.dtype",
                 "image_format", "output_format", "shard_size", "stages.", "placement_timeout_s", "storage_options")
 
 
@@ -184,8 +185,8 @@ def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool, 
 
     run = spec.decoded_from
     done, failed, _ = open_output(spec, started, verbose)
-    changed = {key.split(".")[1]: getattr(spec.generation, key.split(".")[1]) for key in DECODER_KEYS[:2]
-               if any(item.startswith(key) for item in overrides)}
+    keys = {item.partition("=")[0].strip() for item in overrides}  # as decode_spec and the spec read them
+    changed = {name: getattr(spec.generation, name) for name in ROW_SETTINGS if f"generation.{name}" in keys}
     model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype,
                  prior_dtype=stage_c_dtype(run, spec.storage_options))  # the embeddings were made at this one
     finished = done + decode_in_flight(spec, done, user_types, DECODE_ADVICE)  # rows it stored before a kill

@@ -78,7 +78,7 @@ def test_the_images_come_from_the_stored_embeddings(first_run, tmp_path):
 def test_new_decoder_settings_make_new_rows(first_run, capsys, reference_pipe):
     tmp_path, original = first_run
     code = main(["decode", str(tmp_path / "run"), str(tmp_path / "more"), "--set", "generation.decoder_steps=3",
-                 "--set", "generation.decoder_guidance_scale=1.5"])
+                 "--set", " generation.decoder_guidance_scale=1.5"])  # a space as a shell line may leave
     assert code == 0 and "4 rows" in capsys.readouterr().out
     rows = pq.read_table(tmp_path / "more" / "manifest").to_pylist()
     assert {r[C.DECODER_STEPS] for r in rows} == {3} and {r[C.DECODER_GUIDANCE] for r in rows} == {1.5}
