@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import math
@@ -192,10 +191,12 @@ def find_inception(ref: str | None, storage_options: dict | None = None) -> str:
 
 
 def _fetch_file(uri: str, storage_options: dict) -> str:
-    """Copy an object-store TorchScript file (or a folder's only .pt) into this node's cache once."""
-    from stages.models import ModelRefError, cache_root
+    """Copy an object-store TorchScript file (or a folder's only .pt) into this node's cache once per version of
+    the object (its ETag: a file replaced at the same URI is copied again)."""
+    from stages.models import ModelRefError, copy_version, version_of
 
-    fs, path = url_to_fs(uri, storage_options)
+    fs, root = url_to_fs(uri, storage_options)
+    path = root
     if fs.isdir(path):
         found = [p for p in fs.find(path) if p.endswith(".pt")]
         if len(found) != 1:
@@ -203,13 +204,10 @@ def _fetch_file(uri: str, storage_options: dict) -> str:
         path = found[0]
     elif not fs.isfile(path):
         raise ModelRefError(f"--inception {uri}: does not exist")
-    target = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16] / path.rsplit("/", 1)[-1]
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(f".{uuid.uuid4().hex}")
-        fs.get_file(path, str(staging))
-        staging.replace(target)
-    return str(target)
+    name = path.rsplit("/", 1)[-1]
+    fs.invalidate_cache(path)  # the object's own ETag, not a listing's cached one
+    folder = copy_version(uri, version_of({path: fs.info(path)}, root), lambda to: fs.get_file(path, str(to / name)))
+    return str(folder / name)
 
 
 def file_sha256(path: str) -> str:

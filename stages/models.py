@@ -76,20 +76,26 @@ def resolve(ref: str, role: str, storage_options: dict | None = None) -> str:
 
 
 def _copy_once(uri: str, storage_options: dict) -> Path:
-    """Copy an object-store model directory to this node's cache once per version of its objects (their ETags):
-    one process per node downloads (a file lock), into a hidden folder renamed into place when complete, so a
-    failed download leaves nothing and an updated model is copied again. A store that no longer lists the model
-    serves the newest copy already here."""
-    from filelock import FileLock
-
+    """Copy an object-store model directory to this node's cache once per version of its objects (their ETags; see
+    copy_version). A store that no longer lists the model serves the newest copy already here."""
     fs, path = url_to_fs(uri, storage_options)
-    models, name = cache_root() / "models", hashlib.sha256(uri.encode()).hexdigest()[:16]
     files = fs.find(path, detail=True)
     if not files:
-        copies = sorted(models.glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
+        copies = sorted((cache_root() / "models").glob(f"{_cache_name(uri)}-*"), key=lambda p: p.stat().st_mtime)
         if copies:
             return copies[-1]
-    target = models / f"{name}-{_version(files, path)}"
+    return copy_version(uri, version_of(files, path),
+                        lambda staging: fs.get(path.rstrip("/") + "/", str(staging), recursive=True))
+
+
+def copy_version(uri: str, version: str, fetch) -> Path:
+    """<cache>/models/<uri's digest>-<version>, filled once per node by `fetch(folder)`: one process per node
+    fetches (a file lock), into a hidden folder renamed into place when complete, so a failed download leaves
+    nothing and an updated object is copied again."""
+    from filelock import FileLock
+
+    models = cache_root() / "models"
+    target = models / f"{_cache_name(uri)}-{version}"
     if target.exists():
         return target
     (cache_root() / "locks").mkdir(parents=True, exist_ok=True)
@@ -98,15 +104,20 @@ def _copy_once(uri: str, storage_options: dict) -> Path:
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=_mkdir(models)))
         try:
-            fs.get(path.rstrip("/") + "/", str(staging), recursive=True)
+            fetch(staging)
             os.rename(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _version(files: dict, root: str) -> str:
-    """A digest of a model folder's objects: each one's path and ETag (size and time where a store has none)."""
+def _cache_name(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def version_of(files: dict, root: str) -> str:
+    """A digest of objects under `root` ({path: info}): each one's path and ETag (size and time where a store has
+    none)."""
     tags = sorted((name[len(root):], str(info.get("ETag") or info.get("md5Hash") or
                                         (info.get("size"), info.get("mtime") or info.get("LastModified"))))
                   for name, info in files.items())
