@@ -156,10 +156,11 @@ def step(name: str, work: Path) -> dict:
     else:
         from jobs.eval_scores import write_scores
         from jobs.evaluate import check_run
+        from stages.evaluate import SCORES_FILE
 
-        manifest = check_run(str(work / "out"), (C.SEED,), {})
+        manifest = check_run(str(work / "out"), (C.DECODER_GUIDANCE,), {})  # an axis of few values, as a sweep's
         write_scores(str(work / "out"), manifest, {})
-        rows = pq.ParquetFile(work / "out" / "eval" / "scores.parquet").metadata.num_rows
+        rows = pq.ParquetFile(work / "out" / output.EVAL / SCORES_FILE).metadata.num_rows
         detail = f"{len(manifest.files)} manifest parts, scores.parquet of {rows} rows"
     return {"step": name, "wall_s": round(time.time() - started, 1), "detail": detail, "objects_before": objects,
             "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -190,9 +191,9 @@ def fake_scores(out: Path) -> None:
     one row in 100 unreadable; then a running Ray (started before the clock, as evaluate's pipeline has it)."""
     from jobs.console import start_ray
     from jobs.retries import configure_ray_data
-    from stages.evaluate import CLIP_SCORE, CLIP_TRUNCATED, EVAL_ERROR
+    from stages.evaluate import CLIP_SCORE, CLIP_TRUNCATED, EVAL_ERROR, SCORES_PARTS
 
-    parts = out / "eval" / "scores.parts"
+    parts = out / output.EVAL / SCORES_PARTS
     parts.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for k, path in enumerate(sorted((out / output.MANIFEST).glob("*.parquet"))):

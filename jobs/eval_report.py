@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from stages import columns as C
 from stages import evaluate as E
 from stages import fid as F
+from stages import output
 from stages.storage import join, url_to_fs, write_atomic
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ COMPARABLE = ("clean-fid mode='clean' (PIL bicubic resize to 299x299, TF-FID Inc
 
 def write_eval(run: str, name: str, data: bytes, storage_options: dict) -> None:
     """Write RUN/eval/<name> in one piece."""
-    fs, path = url_to_fs(join(run, "eval", name), storage_options)
+    fs, path = url_to_fs(join(run, output.EVAL, name), storage_options)
     write_atomic(fs, path, data)
 
 
@@ -106,7 +107,7 @@ def by_axis(axis: str, groups: dict, failed: Counter) -> list[dict]:
 
 def truncated_prompts(run: str, storage_options: dict) -> int:
     """The evaluated images whose CLIP score read a truncated prompt, from scores.parquet (streamed)."""
-    fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)
+    fs, path = url_to_fs(join(run, output.EVAL, E.SCORES_FILE), storage_options)
     count = 0
     with fs.open(path) as f:
         for batch in pq.ParquetFile(f).iter_batches(columns=[E.EVAL_ERROR, E.CLIP_TRUNCATED], batch_size=65536):
@@ -121,7 +122,7 @@ def read_failures(run: str, storage_options: dict, most: int = MAX_FAILURES_LIST
     """The first `most` rows not evaluated (row_id, error), their count, and per axis of `axes` their count of
     each value, from scores.parquet in one streamed pass: only the failed rows are kept (an axis: at most
     AXIS_VALUES values)."""
-    fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)
+    fs, path = url_to_fs(join(run, output.EVAL, E.SCORES_FILE), storage_options)
     listed, count, by = [], 0, [Counter() for _ in axes]
     with fs.open(path) as f:
         parquet = pq.ParquetFile(f)
@@ -143,7 +144,7 @@ def eval_html(fs, root: str) -> str:
     from html import escape
     from urllib.parse import quote
 
-    path = join(root, "eval", "metrics.json")
+    path = join(root, output.EVAL, E.METRICS_FILE)
     if not fs.exists(path):
         return ('<p class="note">Not evaluated: <code>wuerstchen-batch evaluate RUN_URI --clip-model MODEL '
                 '[--fid-reference REF]</code> writes CLIP score and FID here.</p>')

@@ -23,7 +23,7 @@ BATCH_ROWS = 4096  # rows the driver holds of each side at once
 
 def parts_uri(run: str) -> str:
     """Where the pipeline's last task writes each block's scores (E.write_scores_part)."""
-    return join(run, "eval", "scores.parts")
+    return join(run, output.EVAL, E.SCORES_PARTS)
 
 
 def write_scores(run: str, manifest, storage_options: dict) -> None:
@@ -38,7 +38,7 @@ def write_scores(run: str, manifest, storage_options: dict) -> None:
                                    partitioning=None, schema=manifest.schema)
     sides = [ds.select_columns(columns).sort(C.ROW_ID).iter_batches(batch_size=BATCH_ROWS, batch_format="pyarrow")
              for ds, columns in ((params, [C.ROW_ID, *keep]), (scores, [C.ROW_ID, *SCORES]))]
-    out_fs, path = url_to_fs(join(run, "eval", "scores.parquet"), storage_options)
+    out_fs, path = url_to_fs(join(run, output.EVAL, E.SCORES_FILE), storage_options)
     writer = None
     with open_atomic(out_fs, path) as sink:
         for batch, scored in aligned(*sides, run):

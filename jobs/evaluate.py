@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -20,7 +17,7 @@ from jobs import lease
 from jobs.console import start_ray
 from jobs.retries import configure_ray_data
 from jobs.eval_args import EvalOptions, PoolOptions, add_parser, run_from_args  # noqa: F401 - this module's interface
-from jobs.eval_checks import check_axis_values, check_clip
+from jobs.eval_checks import Reference, check_axis_values, check_clip, check_reference, load_npz, run_fingerprint
 from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
 from jobs.eval_scores import parts_uri, write_scores
 from jobs.placement import check_cluster_address, placing_gpus
@@ -33,10 +30,9 @@ from stages import fid_agg as G
 from stages import footers, output
 from stages.refs import ModelRefError
 from stages.samples import relocated, relocation
-from stages.storage import full_uri, join, reason, url_to_fs
+from stages.storage import join, reason, url_to_fs
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 REQUIRED = (C.ROW_ID, C.PROMPT, C.IMAGE_URI, C.ERROR)
 REF_CACHE = "fid_stats.npz"  # RUN/eval/: the run's FID statistics, also read as a reference's (fingerprinted)
 
@@ -48,7 +44,7 @@ def evaluate(opts: EvalOptions) -> dict:
     reference = check_reference(opts.fid_reference, opts.storage_options)
     inception = check_inception(opts) if reference else None
     check_cluster_address()  # before the earlier results are cleared
-    with lease.held(join(opts.run, "eval"), opts.storage_options, why="two at once would mix their scores",
+    with lease.held(join(opts.run, output.EVAL), opts.storage_options, why="two at once would mix their scores",
                     lost="its scores may be mixed with that one's: once it ends, run evaluate again"):
         clear_results(opts.run, opts.storage_options)  # a killed one's are no results of this one
         return _evaluate(opts, manifest, clip, reference, inception)
@@ -63,11 +59,11 @@ def _evaluate(opts: EvalOptions, manifest, clip: dict, reference, inception: dic
     write_scores(opts.run, manifest, opts.storage_options)
     metrics = summarize(opts, groups, ref_stats, {"clip_model": clip, "inception": inception}, reference, warnings)
     if inception and groups[F.ALL].mean_cov() is not None:
-        F.save_stats(join(opts.run, "eval", REF_CACHE), groups[F.ALL],  # fingerprinted as a reference reads it
+        F.save_stats(join(opts.run, output.EVAL, REF_CACHE), groups[F.ALL],  # fingerprinted as a reference reads it
                      {"inception_sha256": inception["sha256"], "resize": E.RESIZE,
                       "reference_sha256": run_fingerprint(manifest.files)}, opts.storage_options)
     metrics["plots"] = write_plots(opts.run, metrics, opts.storage_options)
-    write_eval(opts.run, "metrics.json", json.dumps(metrics, indent=2).encode(), opts.storage_options)
+    write_eval(opts.run, E.METRICS_FILE, json.dumps(metrics, indent=2).encode(), opts.storage_options)
     try:  # the run report shows them too
         ray.get(ray.remote(num_cpus=TASK_CPUS)(build_report).remote(opts.run, opts.storage_options))
     except Exception as err:  # noqa: BLE001 - the metrics are written: a report not rebuilt is no failure
@@ -129,73 +125,12 @@ def check_inception(opts: EvalOptions) -> dict:
             "sha256": E.file_sha256(probe.path)}
 
 
-@dataclass(frozen=True)
-class Reference:
-    """Where the FID reference statistics come from: kind is 'npz', 'run' or 'images'."""
-
-    uri: str
-    kind: str
-    images: tuple[str, ...] = ()
-    fingerprint: str = ""  # what its statistics were made from (manifest part names, or image names and sizes)
-
-
 def _axis_type(kind: pa.DataType) -> bool:
     """Whether a column's values can be --by axis values (written as JSON in metrics.json and the plots)."""
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
     return any(test(kind) for test in (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean,
                                        pa.types.is_string, pa.types.is_large_string, pa.types.is_null))
-
-
-def run_fingerprint(parts) -> str:
-    """What a run's FID statistics are made from: its live manifest parts' names."""
-    return _digest(p.rsplit("/", 1)[-1] for p in parts)
-
-
-def check_reference(ref: str | None, storage_options: dict) -> Reference | None:
-    """Classify --fid-reference: a .npz with mu and sigma, a run folder, or a folder of images."""
-    if ref is None:
-        return None
-    fs, path = url_to_fs(ref, storage_options)
-    if path.endswith(".npz") and fs.isfile(path):
-        load_npz(ref, storage_options)  # validates now
-        return Reference(ref, "npz")
-    if fs.isdir(path) and fs.glob(join(path, "manifest", "*.parquet")):
-        parts = output.list_parts(ref, output.MANIFEST, storage_options)[1]
-        return Reference(ref, "run", fingerprint=run_fingerprint(parts))
-    if fs.isdir(path):
-        found = {p: info for p, info in fs.find(path, detail=True).items()
-                 if p.lower().endswith(IMAGE_EXTENSIONS) and "/eval/" not in p[len(path):]}
-        if len(found) == 1:  # a covariance needs two: said before the Inception pass, not after it
-            raise SpecError(f"--fid-reference {ref}: one image; FID statistics need at least 2")
-        if found:
-            return Reference(ref, "images", tuple(full_uri(fs, p) for p in sorted(found)),
-                             _digest(f"{p} {found[p].get('size')}" for p in sorted(found)))
-    if not fs.exists(path):
-        raise SpecError(f"--fid-reference {ref}: does not exist")
-    if fs.isdir(path):
-        raise SpecError(f"--fid-reference {ref}: a folder with no run (manifest/) and no image "
-                        f"({', '.join(IMAGE_EXTENSIONS)})")
-    raise SpecError(f"--fid-reference {ref}: not a run folder, an image folder or a .npz with mu and sigma")
-
-
-def _digest(lines) -> str:
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def load_npz(uri: str, storage_options: dict) -> dict:
-    """mu, sigma (and any metadata) of a statistics file."""
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as data:
-            stats = {key: data[key] for key in data.files}
-    except Exception:  # noqa: BLE001 - a broken file is a user mistake: one line
-        stats = {}
-    if stats.get("mu", np.zeros(0)).shape != (E.FEATURE_DIM,) or \
-            stats.get("sigma", np.zeros(0)).shape != (E.FEATURE_DIM, E.FEATURE_DIM):
-        raise SpecError(f"--fid-reference {uri}: not a .npz with mu ({E.FEATURE_DIM},) and sigma "
-                        f"({E.FEATURE_DIM}, {E.FEATURE_DIM})")
-    return stats
 
 
 def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings: list[str]) -> dict:
@@ -212,7 +147,7 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
                  f"{stats['inception_sha256']}); the FID compares different features", warnings)
         return {**stats, "source": ref.uri, "n": int(stats["n"]) if "n" in stats else None}
     meta = {"inception_sha256": inception["sha256"], "resize": E.RESIZE, "reference_sha256": ref.fingerprint}
-    cache = join(ref.uri, "eval", REF_CACHE)
+    cache = join(ref.uri, output.EVAL, REF_CACHE)
     fs, cache_path = url_to_fs(cache, so)
     if fs.isfile(cache_path):
         try:
@@ -289,10 +224,11 @@ def clear_results(run: str, storage_options: dict) -> None:
     """Delete what an earlier evaluation of the run wrote but its FID statistics (fingerprinted where read):
     metrics.json (written last: its presence says the rest is whole), scores, their parts, the plots. Nothing
     else in RUN/eval/ is touched (a user's own files, the lease)."""
-    fs, folder = url_to_fs(join(run, "eval"), storage_options)
+    fs, folder = url_to_fs(join(run, output.EVAL), storage_options)
     if not fs.exists(folder):
         return
-    ours = re.compile(r"(metrics\.json|scores\.parquet|scores\.parts|(clip_score|fid)_by_.+\.png)")
+    ours = re.compile("|".join(map(re.escape, (E.METRICS_FILE, E.SCORES_FILE, E.SCORES_PARTS))) +
+                      r"|(clip_score|fid)_by_.+\.png")
     stale = [p for p in fs.ls(folder, detail=False) if ours.fullmatch(p.rstrip("/").rsplit("/", 1)[-1])]
     if stale:
         fs.rm(stale, recursive=True)

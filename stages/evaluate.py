@@ -20,6 +20,9 @@ from stages.refs import ModelRefError
 from stages.samples import read_image_bytes
 from stages.storage import sha256_hex, url_to_fs, write_atomic
 
+SCORES_FILE = "scores.parquet"  # RUN/eval/: each row's scores and settings
+SCORES_PARTS = "scores.parts"  # RUN/eval/: a block's scores each, while a pass runs
+METRICS_FILE = "metrics.json"  # RUN/eval/: the metrics, overall and per --by value
 CLIP_SCORE = "clip_score"
 EVAL_ERROR = "eval_error"  # "" while a row is fine inside the pipeline, null in scores.parquet
 CLIP_TRUNCATED = "clip_truncated"  # the prompt had more tokens than the CLIP text model's positions: scored cut
