@@ -101,9 +101,8 @@ def _may_hold_errors(fs, path: str) -> bool:
     column = footers.column_index(meta, C.ERROR)
     if column < 0:
         return False
-    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
-    return not all(g.column(column).statistics is not None and g.column(column).statistics.has_null_count
-                   and g.column(column).statistics.null_count == g.num_rows for g in groups)
+    nulls = footers.known_nulls(meta, column)
+    return nulls is None or nulls < meta.num_rows
 
 
 def drop_rows(output: str, folder: str, storage_options: dict, ids, count: int, rows: int = 0) -> None:

@@ -21,14 +21,7 @@ NULL_TRIES = 8  # parts read for a column of nulls before it counts as untyped (
 @layout.relisted
 def part_counts(output: str, name: str, storage_options: dict | None, nulls_of: str | None = None) -> tuple[int, int]:
     """(rows, rows with a value in column `nulls_of`) over the live parts of <output>/<name>, from footers."""
-    fs, files = layout.list_parts(output, name, storage_options)
-
-    def count(file: str) -> tuple[int, int]:
-        with layout.parquet_part(fs, file) as parquet:
-            return _counts(parquet, nulls_of)
-
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        counts = list(pool.map(count, files))
+    counts = _per_part(output, name, storage_options, lambda parquet: _counts(parquet, nulls_of))
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
@@ -36,15 +29,21 @@ def part_counts(output: str, name: str, storage_options: dict | None, nulls_of: 
 def manifest_counts(output: str, storage_options: dict | None) -> tuple[int, int, int]:
     """(rows, failed rows, folded input rows) over the live manifest parts: part_counts and folded_rows in one
     pass over the parts."""
-    fs, files = layout.list_parts(output, layout.MANIFEST, storage_options)
+    counts = _per_part(output, layout.MANIFEST, storage_options,
+                       lambda parquet: (*_counts(parquet, C.ERROR), _folded(parquet)), cache_type="none")
+    return tuple(sum(c[i] for c in counts) for i in range(3))
 
-    def count(file: str) -> tuple[int, int, int]:
-        with layout.parquet_part(fs, file, cache_type="none") as parquet:
-            return (*_counts(parquet, C.ERROR), _folded(parquet))
+
+def _per_part(output: str, name: str, storage_options: dict | None, read, **open_options) -> list:
+    """`read(parquet)` of each live part of <output>/<name>, the parts opened in threads with `open_options`."""
+    fs, files = layout.list_parts(output, name, storage_options)
+
+    def one(file: str):
+        with layout.parquet_part(fs, file, **open_options) as parquet:
+            return read(parquet)
 
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        counts = list(pool.map(count, files))
-    return tuple(sum(c[i] for c in counts) for i in range(3))
+        return list(pool.map(one, files))
 
 
 def _counts(parquet: pq.ParquetFile, nulls_of: str | None) -> tuple[int, int]:
@@ -53,10 +52,19 @@ def _counts(parquet: pq.ParquetFile, nulls_of: str | None) -> tuple[int, int]:
     column = column_index(meta, nulls_of) if nulls_of else -1
     if column < 0:
         return meta.num_rows, 0
+    nulls = known_nulls(meta, column)
+    if nulls is None:
+        nulls = parquet.read(columns=[nulls_of]).column(0).null_count
+    return meta.num_rows, meta.num_rows - nulls
+
+
+def known_nulls(meta, column: int) -> int | None:
+    """The nulls of a footer's column `column` (an index: see column_index) where every row group's statistics
+    count them, else None."""
     stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
     if all(s is not None and s.has_null_count for s in stats):
-        return meta.num_rows, meta.num_rows - sum(s.null_count for s in stats)
-    return meta.num_rows, meta.num_rows - parquet.read(columns=[nulls_of]).column(0).null_count
+        return sum(s.null_count for s in stats)
+    return None
 
 
 def column_index(meta, name: str) -> int:
@@ -77,14 +85,8 @@ def chunk_paths(meta) -> list[str]:
 @layout.relisted
 def folded_rows(output: str, storage_options: dict | None) -> int:
     """Input rows folded into an identical row (Σ input_rows - 1) over the live manifest parts, one column read."""
-    fs, files = layout.list_parts(output, layout.MANIFEST, storage_options)
-
-    def folded(file: str) -> int:
-        with layout.parquet_part(fs, file, cache_type="none") as parquet:  # one column, not the bytes after it
-            return _folded(parquet)
-
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        return sum(pool.map(folded, files))
+    return sum(_per_part(output, layout.MANIFEST, storage_options, _folded,
+                         cache_type="none"))  # one column, not the bytes after it
 
 
 def _folded(parquet: pq.ParquetFile) -> int:
