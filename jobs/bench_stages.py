@@ -12,6 +12,7 @@ import torch
 from jobs import prompts
 from jobs.spec import JobSpec, stage_kwargs
 from stages import columns as C
+from stages.denoise import finish as sync  # wait for the device (before and after a timed call)
 from stages.models import DTYPES, pick_device
 
 STAGES = ("text", "prior", "decoder")
@@ -27,11 +28,6 @@ def take(batch: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
 def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Batches with the same columns, one after another."""
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def allocated(device: torch.device) -> int:

@@ -24,7 +24,7 @@ from stages import footers, output
 from stages.output import EMBEDDINGS, JOB_FILE, read_job
 from stages.credentials import usable
 from stages.storage import join, url_to_fs
-from stages.writer import PARAMS_SCHEMA, write_embeddings
+from stages.writer import PARAMS_SCHEMA, stored_steps, write_embeddings
 
 NEW_ID = "new_row_id"  # a stored row's id once re-decoded
 
@@ -159,7 +159,7 @@ def _made_ids(table):
 def stored_keys(batch: dict[str, np.ndarray], decoder_params: dict, model: dict) -> dict[str, np.ndarray]:
     """(row_id, path, NEW_ID) of stored rows: NEW_ID is the id a row gets once re-decoded (see redecode_rows)."""
     rows = {k: v for k, v in batch.items() if k != output.PATH}
-    rows[C.PRIOR_STEPS] = np.nan_to_num(np.asarray(rows[C.PRIOR_STEPS], dtype=np.float64)).astype(np.int64)
+    rows[C.PRIOR_STEPS] = stored_steps(rows[C.PRIOR_STEPS])
     rows = redecode_rows(rows, decoder_params, model)
     return {C.ROW_ID: batch[C.ROW_ID], output.PATH: batch[output.PATH], NEW_ID: rows[C.ROW_ID],
             C.INPUT_ROWS: np.nan_to_num(np.asarray(batch[C.INPUT_ROWS], dtype=np.float64), nan=1).astype(np.int64)}

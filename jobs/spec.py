@@ -12,6 +12,7 @@ import yaml
 
 from jobs.spec_rules import SpecError, check_type, validate  # noqa: F401 - SpecError: part of this module's interface
 from stages import credentials as secrets
+from stages.dtypes import MICRO_BATCH
 from stages.storage import absolute, canonical
 
 TASK_CPUS = 0.25  # reading, expanding and writing are light: never let them wait behind the actors
@@ -47,7 +48,7 @@ class StageSpec:
     """Batch size and Ray placement of one stage's actor pool (passed to `map_batches`)."""
 
     batch_size: int = 8
-    micro_batch: int = 8  # rows per model call: fixes the bits of the output (so the run's identity); less memory
+    micro_batch: int = MICRO_BATCH  # rows per model call: fixes the bits of the output (so the run's identity); less memory
     compile: typing.Union[bool, str] = False  # torch.compile the stage's models (CUDA graphs on GPUs), or
     # "max-autotune" (Inductor also times its GEMM/conv templates at warm-up); changes bits: run identity too
     concurrency: typing.Union[int, list, None] = None  # n, or [min, max]

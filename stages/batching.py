@@ -7,6 +7,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from stages.dtypes import MICRO_BATCH
+
 
 def group_rows(batch: dict[str, np.ndarray], keys: tuple[str, ...], extra=None) -> dict[tuple, np.ndarray]:
     """Row indices of the batch grouped by the values of `keys` (and `extra(i)` if given), in first-seen order."""
@@ -22,8 +24,7 @@ def group_rows(batch: dict[str, np.ndarray], keys: tuple[str, ...], extra=None) 
 # changes (by a few 1e-7) with the batch size it is computed in; at one fixed shape it is bitwise
 # independent of its position and neighbours. Every stage pads its model calls to this size, so an
 # image never depends on the Ray batch size, the batch composition or the actor count. The size is the
-# spec's `stages.<name>.micro_batch` (this default): it fixes the bits of the output and bounds peak memory.
-MICRO_BATCH = 8
+# spec's `stages.<name>.micro_batch` (default MICRO_BATCH): it fixes the bits of the output and bounds peak memory.
 
 
 def micro_batches(idx: np.ndarray, size: int = MICRO_BATCH):

@@ -77,8 +77,11 @@ TRANSIENT = (
 # The prompt table's own columns, packed into one bytes column between reader and writers (stages/user_columns.py).
 USER_VALUES = "user_values"
 
+# A stored Stage C row's embedding shape (the embeddings table keeps each embedding flat).
+EMBEDDING_SHAPE = "embedding_shape"
+
 # Stage-internal columns that are never the user's own (not carried into the embeddings table).
-INTERNAL = TRANSIENT + ("embedding_shape", USER_VALUES)
+INTERNAL = TRANSIENT + (EMBEDDING_SHAPE, USER_VALUES)
 
 # Columns the job sets itself: a prompt table holding one is refused (its value would be silently replaced).
 RESERVED = (ROW_ID, SOURCE_ROW, SOURCE_ROW_ID, IMAGE_INDEX, CHECKPOINT, PRIOR_CHECKPOINT, INPUT_ROWS, IMAGE_URI,

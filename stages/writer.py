@@ -77,7 +77,7 @@ def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options:
     value_type = pa.float16() if embeddings[0].dtype == np.float16 else pa.float32()
     table = table.append_column(C.IMAGE_EMBEDDINGS, pa.array([e.ravel() for e in embeddings],
                                                              type=pa.list_(value_type)))
-    table = table.append_column("embedding_shape", pa.array([list(e.shape) for e in embeddings],
+    table = table.append_column(C.EMBEDDING_SHAPE, pa.array([list(e.shape) for e in embeddings],
                                                             type=pa.list_(pa.int32())))
     table = table.append_column(C.GENERATOR_STATE, pa.array([s.tobytes() for s in stored[C.GENERATOR_STATE]],
                                                             type=pa.binary()))
@@ -87,16 +87,21 @@ def write_embeddings(batch: dict[str, np.ndarray], output: str, storage_options:
     return batch
 
 
+def stored_steps(values) -> np.ndarray:
+    """A stored prior_steps column as the stages take it: null (NaN in a numpy batch) is 0, diffusers' default."""
+    return np.nan_to_num(np.asarray(values, dtype=np.float64)).astype(np.int64)
+
+
 def read_back_embeddings(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stored Stage C rows (see write_embeddings) back into the columns Stage B/A takes."""
     from stages.batching import scatter  # imports torch: only in the tasks that read embeddings back
 
     n = len(batch[C.ROW_ID])
-    out = {k: v for k, v in batch.items() if k not in (C.IMAGE_EMBEDDINGS, "embedding_shape", C.GENERATOR_STATE)}
-    out[C.PRIOR_STEPS] = np.nan_to_num(np.asarray(batch[C.PRIOR_STEPS], dtype=np.float64)).astype(np.int64)
+    out = {k: v for k, v in batch.items() if k not in (C.IMAGE_EMBEDDINGS, C.EMBEDDING_SHAPE, C.GENERATOR_STATE)}
+    out[C.PRIOR_STEPS] = stored_steps(batch[C.PRIOR_STEPS])
     out[C.IMAGE_EMBEDDINGS] = scatter(n, [(np.arange(n), [
         np.asarray(values).reshape(tuple(shape)) for values, shape in zip(batch[C.IMAGE_EMBEDDINGS],
-                                                                         batch["embedding_shape"])])])
+                                                                         batch[C.EMBEDDING_SHAPE])])])
     out[C.GENERATOR_STATE] = np.stack([np.frombuffer(s, dtype=np.uint8) for s in batch[C.GENERATOR_STATE]])
     out[C.ERROR] = np.full(n, "", dtype=object)
     out[C.PRIOR_SECONDS] = np.zeros(n)

@@ -96,7 +96,7 @@ def test_a_checkpoint_sweep_runs_each_named_checkpoint(tmp_path, ray_cluster, pr
         (p[C.PROMPT], prior_id(c)) for p in PROMPTS for c in (a, b))
     for row in stored:
         checkpoint = json.loads(row[C.PRIOR_CHECKPOINT])
-        embeddings = np.asarray(row[C.IMAGE_EMBEDDINGS], dtype=np.float32).reshape(row["embedding_shape"])
+        embeddings = np.asarray(row[C.IMAGE_EMBEDDINGS], dtype=np.float32).reshape(row[C.EMBEDDING_SHAPE])
         expected = prior_pipeline_embeddings(checkpoint, row[C.PROMPT], row[C.SEED])
         other = prior_pipeline_embeddings(b if checkpoint == a else a, row[C.PROMPT], row[C.SEED])
         error = np.abs(embeddings - expected).max()

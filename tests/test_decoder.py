@@ -38,11 +38,15 @@ def pipeline():
     return lambda rows: decoder(prior(text(make_batch(rows))))
 
 
-def assert_parity(out, i: int, expected: np.ndarray) -> None:
+def assert_parity(out, i: int, expected: np.ndarray, guidance: float = 1.0) -> None:
+    """Row i's image is `expected` (diffusers' for the row alone, made at Stage B `guidance`): within 1/255 once
+    rounded, and before rounding within 1e-4, a bound that Stage B's guidance widens as it amplifies float32
+    rounding (an AVX-512 CPU on 2 threads: 1.8e-4 at guidance 6, 8e-5 on 1 thread; a neighbour's guidance, 0.5
+    off, is 0.23 off)."""
     got = out[C.IMAGE][i]
     assert got.dtype == np.uint8 and got.shape == expected.shape
     assert np.abs(got.astype(np.float64) / 255 - expected).max() <= 1 / 255 + 1e-6
-    assert np.abs(out[C.IMAGE_FLOAT][i] - expected).max() <= 1e-4  # before rounding
+    assert np.abs(out[C.IMAGE_FLOAT][i] - expected).max() <= 1e-4 * max(1.0, guidance / 2)  # before rounding
     assert out[C.ERROR][i] == ""
 
 
@@ -55,7 +59,7 @@ def test_images_match_the_combined_pipeline(pipeline, reference_pipe):
 def test_rows_of_one_group_keep_their_own_guidance_and_negative(pipeline, reference_pipe):
     out = pipeline(GROUP)
     for i, row in enumerate(GROUP):
-        assert_parity(out, i, reference_image(reference_pipe, row))
+        assert_parity(out, i, reference_image(reference_pipe, row), row[C.DECODER_GUIDANCE])
 
 
 def test_images_differ_by_prompt_and_seed(pipeline):

@@ -299,7 +299,7 @@ def test_poison_row_in_a_resumed_run_is_isolated(tmp_path, ray_cluster):
     rows = table.to_pylist()
     poison = rows[0][C.ROW_ID]
     rows[0][C.IMAGE_EMBEDDINGS] = rows[0][C.IMAGE_EMBEDDINGS][9:]  # a stored row with 15 channels, not 16
-    rows[0]["embedding_shape"] = [15] + rows[0]["embedding_shape"][1:]
+    rows[0][C.EMBEDDING_SHAPE] = [15] + rows[0][C.EMBEDDING_SHAPE][1:]
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), part)
 
     summary = run(spec)

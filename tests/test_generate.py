@@ -108,7 +108,7 @@ def test_embeddings_and_resolved_spec_are_stored(first_run):
     embeddings = pq.read_table(tmp_path / "run1" / "embeddings")
     assert sorted(embeddings.column(C.ROW_ID).to_pylist()) == sorted(r[C.ROW_ID] for r in manifest)
     row = embeddings.slice(0, 1).to_pylist()[0]
-    values = np.asarray(row[C.IMAGE_EMBEDDINGS], dtype=np.float32).reshape(row["embedding_shape"])
+    values = np.asarray(row[C.IMAGE_EMBEDDINGS], dtype=np.float32).reshape(row[C.EMBEDDING_SHAPE])
     assert values.shape[0] == 16 and np.isfinite(values).all()
     assert len(row[C.GENERATOR_STATE]) > 0
     resolved = yaml.safe_load((tmp_path / "run1" / "job.yaml").read_text())

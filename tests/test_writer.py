@@ -54,7 +54,7 @@ def test_embeddings_round_trip(tmp_path):
     data = batch()
     write_embeddings(data, str(tmp_path), {})
     (row, _) = pq.read_table(tmp_path / "embeddings").to_pylist()
-    stored = np.asarray(row[C.IMAGE_EMBEDDINGS], dtype=np.float16).reshape(row["embedding_shape"])
+    stored = np.asarray(row[C.IMAGE_EMBEDDINGS], dtype=np.float16).reshape(row[C.EMBEDDING_SHAPE])
     assert np.array_equal(stored, data[C.IMAGE_EMBEDDINGS][0])
     assert row[C.GENERATOR_STATE] == data[C.GENERATOR_STATE][0].tobytes()
 
