@@ -28,6 +28,7 @@ from stages import columns as C
 from stages.decoder import DecoderStage
 from stages.prior import PriorStage
 from stages import compaction, footers, output, user_columns
+from stages.partitions import partitions
 from stages.sink import ManifestSink
 from stages.text import TextEncoder
 from stages.writer import (drop_unlisted_shards, read_back_embeddings, shard_columns, write_embeddings,
@@ -122,7 +123,7 @@ def planned_among(spec: JobSpec, table: prompts.PromptTable, ids: ray.data.Datas
     """The ids of dataset `ids` (`count` of them: failed rows) that the prompt table plans: a semi-join with the
     planned rows' ids in Ray."""
     planned = expanded(spec, table).select_columns([C.ROW_ID])
-    return ids.join(planned, join_type="left_semi", num_partitions=output.partitions(
+    return ids.join(planned, join_type="left_semi", num_partitions=partitions(
         count, prompts.planned_rows(spec, table.rows)), on=(C.ROW_ID,))
 
 
@@ -243,7 +244,7 @@ def left_to_make(spec: JobSpec, table: prompts.PromptTable, done_rows: int = 0,
     ds, planned = expanded(spec, table), prompts.planned_rows(spec, table.rows)
     if only is not None:  # a retry of failed rows
         ds = ds.join(only, join_type="left_semi", on=(C.ROW_ID,),
-                     num_partitions=output.partitions(only_rows, planned, row_bytes=table.row_bytes))
+                     num_partitions=partitions(only_rows, planned, row_bytes=table.row_bytes))
     return output.drop_done(ds, spec.output, spec.storage_options, done_rows, rows=planned,
                             row_bytes=table.row_bytes)  # ds when none done
 
