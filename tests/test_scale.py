@@ -207,10 +207,10 @@ def test_a_run_writes_few_large_parts(tmp_path, ray_cluster, monkeypatch):
     6 rows for 24 rows in text batches of 2), each row once."""
     from conftest import write_prompts
 
-    from jobs import generate
+    from jobs import generate, passes
     from jobs.spec import spec_from_dict
 
-    monkeypatch.setattr(generate, "RUN_PARTS", 4)  # a 24-row run stands for a big one: 6 rows a part
+    monkeypatch.setattr(passes, "RUN_PARTS", 4)  # a 24-row run stands for a big one: 6 rows a part
     rows = [{C.PROMPT: f"prompt {i}", C.SEED: i} for i in range(24)]
     out = tmp_path / "out"
     job = {"prompts": write_prompts(tmp_path / "p.parquet", rows), "output": str(out),
