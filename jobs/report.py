@@ -45,12 +45,13 @@ def build_report(output: str, storage_options: dict | None = None) -> str:
     here = relocation(output)  # a run moved or copied since: its own images, where they are now
     for row in shown:
         row[C.IMAGE_URI] = relocated(row[C.IMAGE_URI], here)
-    thumbs = make_thumbs(fs, join(root, "report", "thumbs"), {r[C.ROW_ID]: r for r in shown}.values(), options)
+    thumbs = make_thumbs(fs, join(root, output_folder.REPORT, "thumbs"), {r[C.ROW_ID]: r for r in shown}.values(),
+                         options)
     from jobs.eval_report import eval_html  # its module imports torch: not for `report --help`
 
     page = render(output, job, view, lambda row: thumb_html(row, thumbs, full_uri(fs, root)), read_runs(fs, root),
                   eval_html(fs, root))
-    path = join(root, "report", "index.html")
+    path = join(root, output_folder.REPORT, "index.html")
     write_atomic(fs, path, page.encode())
     return full_uri(fs, path)
 
@@ -59,12 +60,12 @@ def record_run(output: str, storage_options: dict, started_at: float, **fields) 
     """Write <output>/runs/<start>.json: an invocation's start, and at its end `ended_at` and `made`."""
     fs, root = url_to_fs(output, storage_options)
     record = {"started_at": started_at, **fields}
-    write_atomic(fs, join(root, "runs", f"{started_at:.6f}.json"), json.dumps(record).encode())
+    write_atomic(fs, join(root, output_folder.RUNS, f"{started_at:.6f}.json"), json.dumps(record).encode())
 
 
 def read_runs(fs, root: str) -> list[dict]:
     """The invocation records of a run folder, oldest first."""
-    folder = join(root, "runs")
+    folder = join(root, output_folder.RUNS)
     if not fs.exists(folder):
         return []
     runs = [json.loads(fs.cat_file(path)) for path in fs.find(folder) if path.endswith(".json")]

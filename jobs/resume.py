@@ -61,7 +61,7 @@ class Summary:
 
     def __str__(self) -> str:
         where = (f"images in {join(self.output, self.images)}, manifest in {join(self.output, 'manifest')}, "
-                 f"report in {join(self.output, 'report', 'index.html')}")
+                 f"report in {join(self.output, output_folder.REPORT, 'index.html')}")
         if self.retried is not None:  # every failed row planned was retried: the failures left are this run's
             again = self.failed - self.kept
             kept = (f"; {self.kept} failed rows the prompt table no longer plans were left as they are"
