@@ -50,7 +50,7 @@ def job_data(work: Path) -> dict:
 
 
 def id_template(spec) -> tuple[str, str, str]:
-    """(before prompt, between prompt and seed, after seed) of the JSON a row id hashes (see prompts.row_id)."""
+    """(before prompt, between prompt and seed, after seed) of the JSON a row id hashes (see row_ids.identify)."""
     from jobs import prompts
 
     batch = {C.PROMPT: np.asarray(["\x01"], dtype=object), C.SEED: np.asarray([918273645])}

@@ -180,8 +180,8 @@ def stage_c_dtype(run: str, storage_options: dict | None) -> str:
 def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool, stored: int,
             user_types) -> Summary:
     """Decode the run's `stored` Stage C rows (their own columns of `user_types`) that the output has no entry for."""
-    from jobs.generate import (DECODE_STAGES, EMBEDDINGS_PART_ROWS, close_output, coalesced, decode_dataset,
-                               decode_in_flight, open_output, stored_embeddings, write_manifest)
+    from jobs.passes import (DECODE_STAGES, EMBEDDINGS_PART_ROWS, close_output, coalesced, decode_dataset,
+                             decode_in_flight, open_output, stored_embeddings, write_manifest)
 
     run = spec.decoded_from
     done, failed, _ = open_output(spec, started, verbose)

@@ -11,15 +11,15 @@ from jobs import prompts
 from jobs.progress import FOLDED, FOLDED_OTHER_VALUES
 from jobs.spec import TASK_CPUS
 from stages import columns as C
-from stages.output import shares
+from stages.partitions import shares
 
-ROWS_PER_PARTITION = 200_000  # planned rows per hash partition (≈ 100 MB of short prompts and parameters) …
-# … and at most output.PARTITION_BYTES of them: wide rows (the user's own columns) make more partitions
+FOLD_BLOCK_ROWS = 200_000  # planned rows per fold hash partition (≈ 100 MB of short prompts and parameters) …
+# … and at most partitions.PARTITION_BYTES of them: wide rows (the user's own columns) make more partitions
 
 
 def fold_identical(ds, planned_rows: int, tally=None, row_bytes: int = 0):
     """`ds` with one row per row id. Every copy of an id is brought into one block, as Ray Data's own `map_groups`
-    does: one block for a run of up to ROWS_PER_PARTITION rows (of about `row_bytes` each, at most
+    does: one block for a run of up to FOLD_BLOCK_ROWS rows (of about `row_bytes` each, at most
     PARTITION_BYTES), else a hash shuffle by row id; then each block keeps the first copy of each id. A barrier: no
     row reaches the stages before every planned row is expanded (seconds per million rows on a cluster)."""
     return _shuffled_by(ds, C.ROW_ID, planned_rows, row_bytes).map_batches(
@@ -35,7 +35,7 @@ def fold_keys(ds, key: str, rows: int, tally=None):
 
 def fold_partitions(rows: int, row_bytes: int = 0) -> int:
     """Hash partitions for folding `rows` rows of about `row_bytes` each (1: no shuffle)."""
-    return shares(rows, row_bytes, ROWS_PER_PARTITION)
+    return shares(rows, row_bytes, FOLD_BLOCK_ROWS)
 
 
 def _shuffled_by(ds, key: str, rows: int, row_bytes: int = 0):

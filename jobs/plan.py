@@ -50,8 +50,8 @@ def count_buckets(spec: JobSpec, table: prompts.PromptTable) -> list[Bucket]:
         parquet = pq.ParquetFile(table.fs.open(path, "rb"))
         present = [c for c in BUCKET if c in parquet.schema_arrow.names]
         for batch in parquet.iter_batches(batch_size=65536, columns=present or [C.PROMPT]):
-            cols = {c: prompts._filled(batch.column(c).to_numpy(zero_copy_only=False) if c in present else None,
-                                       defaults[c], batch.num_rows) for c in BUCKET}
+            cols = {c: prompts.filled(batch.column(c).to_numpy(zero_copy_only=False) if c in present else None,
+                                      defaults[c], batch.num_rows) for c in BUCKET}
             for combo, times in combos.items():  # a sweep value replaces the column for every row
                 combo = dict(combo)
                 swept = {c: np.full(batch.num_rows, combo[c]) if c in combo else v for c, v in cols.items()}

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 from dataclasses import dataclass
 
@@ -14,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.prompt_checks import blank_prompts, check_casts, check_rows, check_schema, check_utf8, is_text, unified_schema
-from jobs.resume import skip_mask
+from jobs.row_ids import identify
 from jobs.spec import JobSpec
 from jobs.spec_rules import SpecError, sweep_warnings
 from stages import columns as C
@@ -35,7 +33,6 @@ class PromptTable:
     fs: object
     files: tuple[str, ...]
     rows: int
-    columns: tuple[str, ...]
     schema: pa.Schema  # the files' schemas unified: the reader's types, and the writers' for the user's columns …
     written: pa.Schema | None = None  # … but where the output holds a column as a dictionary of that type (an
     # earlier version kept pandas categoricals so): the writers' types then
@@ -103,7 +100,7 @@ def list_files(uri: str, storage_options: dict) -> tuple[object, list[str]]:
 def scan(spec: JobSpec) -> PromptTable:
     """Check schema and values of every row, streaming the files (nothing is collected)."""
     fs, files = list_files(spec.prompts, spec.storage_options)
-    rows, columns, unified, by_schema, blank, first_blank, measured = 0, None, pa.schema([]), {}, 0, "", {}
+    rows, unified, by_schema, blank, first_blank, measured = 0, pa.schema([]), {}, 0, "", {}
     for path in files:
         name = full_uri(fs, path)
         try:
@@ -116,7 +113,6 @@ def scan(spec: JobSpec) -> PromptTable:
         by_schema.setdefault(key, []).append(path)  # the distinct schemas: a few, any table size
         present = check_schema(schema, name)
         unified = unified_schema(unified, schema, name)
-        columns = columns or present
         texts = [c for c in user_columns.user_names(schema.names) if is_text(schema.field(c).type)]
         offset = 0
         try:  # the user's text columns too: bytes that are not UTF-8 would end the run in Ray's reader
@@ -139,7 +135,7 @@ def scan(spec: JobSpec) -> PromptTable:
         check_casts(fs, paths, schema, unified)
     swept = tuple((column, axis) for axis in spec.sweep
                   for column in ((C.HEIGHT, C.WIDTH) if axis == "resolution" else (axis,)) if column in unified.names)
-    return PromptTable(fs=fs, files=tuple(files), rows=rows, columns=tuple(columns), schema=unified, blank=blank,
+    return PromptTable(fs=fs, files=tuple(files), rows=rows, schema=unified, blank=blank,
                        first_blank=first_blank, swept=swept, notes=tuple(sweep_warnings(spec.sweep)),
                        prompt_bytes=max(measured.values(), default=0))
 
@@ -201,27 +197,22 @@ def expand_table(table: pa.Table, defaults: dict, images_per_prompt: int, model:
 
 
 def expand_rows(batch: dict[str, np.ndarray], defaults: dict, images_per_prompt: int, model: dict,
-                combos: list[dict] = ({},), skip=None, span: tuple[int, int] | None = None) -> dict:
+                combos: list[dict] = ({},), span: tuple[int, int] | None = None) -> dict:
     """Each prompt row × each sweep combination × each image (seed + k) (or the `span` of them, counted in that
-    order): fill parameters, add row ids, drop ids in `skip` (small in-process uses; a job drops done rows with an
-    anti-join), and order rows by shape bucket so stages see runs of one shape."""
+    order): fill parameters, add row ids (a job drops done rows with an anti-join), and order rows by shape bucket
+    so stages see runs of one shape."""
     n, m, k = len(batch[C.PROMPT]), len(combos), images_per_prompt
     flat = np.arange(*(span or (0, n * m * k)))
     rows, combo = flat // (m * k), flat // k % m
     out = {col: np.asarray(values)[rows] for col, values in batch.items()}  # user columns pass through
     for col, default in defaults.items():
-        out[col] = _filled(batch.get(col), default, n)[rows]
+        out[col] = filled(batch.get(col), default, n)[rows]
     for col in dict.fromkeys(c for combo_values in combos for c in combo_values):
         out[col] = np.asarray([c[col] for c in combos], dtype=out[col].dtype)[combo]
     out[C.IMAGE_INDEX] = flat % k
     out[C.SEED] = out[C.SEED] + out[C.IMAGE_INDEX]
     identify(out, model)
     out[C.ERROR] = np.full(len(rows), "", dtype=object)
-    if skip is not None:
-        import ray  # only where rows are skipped: the in-process benchmark runs without Ray
-
-        keep = ~skip_mask(out[C.ROW_ID], ray.get(skip) if isinstance(skip, ray.ObjectRef) else skip)
-        out = {col: values[keep] for col, values in out.items()}
     return shape_order(out)
 
 
@@ -249,46 +240,8 @@ def shape_order(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {col: np.asarray(values)[order] for col, values in batch.items()}
 
 
-ID_COLUMNS = tuple(sorted((C.PROMPT, *C.OVERRIDABLE, C.CHECKPOINT)))  # the keys of a row id's JSON, in its order
-
-
-def identify(rows: dict[str, np.ndarray], model: dict) -> None:
-    """Set each row's checkpoint identity (its prior, the decoder, the dtype; a re-decode at another dtype than
-    Stage C's, `prior_dtype`, names both) and its row id (`row_id`'s value, formed column-wise: integers printed
-    by Arrow, other values' JSON once per distinct value, the rows' texts joined by Arrow, then one sha256 a row)."""
-    dtype, prior_dtype = model["dtype"], model.get("prior_dtype", model["dtype"])
-    suffix = f" decoder={model['decoder']} dtype={prior_dtype}"
-    suffix += f" decoder_dtype={dtype}" if dtype != prior_dtype else ""
-    rows[C.CHECKPOINT] = _per_distinct(rows[C.PRIOR_CHECKPOINT], lambda p: f"prior={p}{suffix}").to_numpy(
-        zero_copy_only=False).astype(object)
-    pieces = []
-    for i, col in enumerate(ID_COLUMNS):
-        pieces += [("{" if i == 0 else ", ") + json.dumps(col) + ": ", _json_texts(rows[col], col)]
-    texts = pc.binary_join_element_wise(*pieces, "}", "").cast(pa.binary()).to_pylist()
-    rows[C.ROW_ID] = np.asarray([hashlib.sha256(t).hexdigest()[:32] for t in texts], dtype=object)
-
-
-_JSON = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(value, ensure_ascii=False), built once
-
-
-def _json_texts(values: np.ndarray, col: str) -> pa.Array:
-    """Each value's JSON as `row_id` writes it (floats for the float parameters)."""
-    values = np.asarray(values)
-    if values.dtype.kind in "iu" and col not in C.FLOAT_PARAMS:
-        return pa.array(values).cast(pa.string())  # an integer's JSON is its decimal digits
-    if col in C.FLOAT_PARAMS:
-        return _per_distinct(values.astype(np.float64), lambda v: _JSON(float(v)))
-    return _per_distinct(values, _JSON)
-
-
-def _per_distinct(values: np.ndarray, text) -> pa.Array:
-    """`text(v)` for each row's value v, called once per distinct value (Arrow's hash dictionary, which keeps
-    -0.0 and 0.0 apart)."""
-    encoded = pa.array(np.asarray(values)).dictionary_encode(null_encoding="encode")
-    return pa.array([text(v) for v in encoded.dictionary.to_pylist()], pa.string()).take(encoded.indices)
-
-
-def _filled(values, default, n: int) -> np.ndarray:
+def filled(values, default, n: int) -> np.ndarray:
+    """A column of `n` values: `values` (None: none given) with nulls replaced by `default`, in its type."""
     if isinstance(default, str):
         column = np.full(n, default, dtype=object)
         if values is not None:
@@ -301,13 +254,3 @@ def _filled(values, default, n: int) -> np.ndarray:
         return np.asarray(values).astype(kind)
     values = np.asarray(values, dtype=np.float64)
     return np.where(np.isnan(values), default, values).astype(kind)
-
-
-def row_id(columns: dict[str, np.ndarray], i: int) -> str:
-    """A stable hash of everything that determines row i's image."""
-    key = {col: columns[col][i].item() if hasattr(columns[col][i], "item") else columns[col][i]
-           for col in (C.PROMPT, *C.OVERRIDABLE)}
-    for col in C.FLOAT_PARAMS:
-        key[col] = float(key[col])
-    key[C.CHECKPOINT] = columns[C.CHECKPOINT][i]
-    return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]

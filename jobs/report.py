@@ -15,8 +15,8 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from jobs.report_data import (AXES, MAX_FAILED, RESOLUTION, STAGES, ManifestView, _order, axis_value,  # noqa: F401
-                              read_view, row_order)
+from jobs.report_data import (MAX_FAILED, RESOLUTION, STAGES, ManifestView, _order, axis_value, declared_axes,
+                              images_per_prompt, read_view)
 from stages import columns as C
 from stages import output as output_folder
 from stages.credentials import options_arg, usable
@@ -26,7 +26,6 @@ from stages.storage import full_uri, join, outer_uri, url_to_fs, write_atomic
 log = logging.getLogger(__name__)
 THUMB_PX = 128  # longest side of a thumbnail
 THREADS = 16  # thumbnail workers (image I/O may be remote)
-SWEEP_COLUMNS = {"prior_checkpoint": C.CHECKPOINT}  # sweep axis → the manifest column that shows it
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;
 vertical-align:top}th{background:#f3f3f3}td.num{text-align:right}img{display:block;border:0}
@@ -38,7 +37,7 @@ figcaption{overflow:hidden;white-space:nowrap;text-overflow:ellipsis}.bad{color:
 def build_report(output: str, storage_options: dict | None = None) -> str:
     """Write <output>/report/index.html and its thumbnails; return the page's URI. The manifest is read with
     Arrow, streaming (see report_data): only the rows the page shows become Python rows."""
-    job = read_job(output, storage_options or {})
+    job = output_folder.read_job(output, storage_options or {})
     options = storage_options if storage_options is not None else usable(job.get("storage_options") or {})
     fs, root = url_to_fs(output, options)
     view = read_view(output, options, declared_axes(job))
@@ -46,46 +45,31 @@ def build_report(output: str, storage_options: dict | None = None) -> str:
     here = relocation(output)  # a run moved or copied since: its own images, where they are now
     for row in shown:
         row[C.IMAGE_URI] = relocated(row[C.IMAGE_URI], here)
-    thumbs = make_thumbs(fs, join(root, "report", "thumbs"), {r[C.ROW_ID]: r for r in shown}.values(), options)
+    thumbs = make_thumbs(fs, join(root, output_folder.REPORT, "thumbs"), {r[C.ROW_ID]: r for r in shown}.values(),
+                         options)
     from jobs.eval_report import eval_html  # its module imports torch: not for `report --help`
 
     page = render(output, job, view, lambda row: thumb_html(row, thumbs, full_uri(fs, root)), read_runs(fs, root),
                   eval_html(fs, root))
-    path = join(root, "report", "index.html")
+    path = join(root, output_folder.REPORT, "index.html")
     write_atomic(fs, path, page.encode())
     return full_uri(fs, path)
-
-
-def read_job(output: str, storage_options: dict) -> dict:
-    """The run's resolved spec from <output>/job.yaml ({} when there is none)."""
-    return output_folder.read_job(output, storage_options)
 
 
 def record_run(output: str, storage_options: dict, started_at: float, **fields) -> None:
     """Write <output>/runs/<start>.json: an invocation's start, and at its end `ended_at` and `made`."""
     fs, root = url_to_fs(output, storage_options)
     record = {"started_at": started_at, **fields}
-    write_atomic(fs, join(root, "runs", f"{started_at:.6f}.json"), json.dumps(record).encode())
+    write_atomic(fs, join(root, output_folder.RUNS, f"{started_at:.6f}.json"), json.dumps(record).encode())
 
 
 def read_runs(fs, root: str) -> list[dict]:
     """The invocation records of a run folder, oldest first."""
-    folder = join(root, "runs")
+    folder = join(root, output_folder.RUNS)
     if not fs.exists(folder):
         return []
     runs = [json.loads(fs.cat_file(path)) for path in fs.find(folder) if path.endswith(".json")]
     return sorted(runs, key=lambda r: r["started_at"])
-
-
-def declared_axes(job: dict) -> list[str]:
-    """The axes the job varies on purpose: its sweep's, and the seed when images_per_prompt > 1."""
-    sweep = [SWEEP_COLUMNS.get(axis, axis) for axis in (job.get("sweep") or {})]
-    return [a for a in AXES if a in sweep or (a == C.SEED and images_per_prompt(job) > 1)]
-
-
-def images_per_prompt(job: dict) -> int:
-    """The job's images_per_prompt (1 where job.yaml does not say)."""
-    return (job.get("generation") or {}).get("images_per_prompt") or 1
 
 
 def wall_seconds(runs: list[dict]) -> float:

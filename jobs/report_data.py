@@ -27,6 +27,7 @@ AXES = (C.SEED, C.PRIOR_GUIDANCE, C.DECODER_GUIDANCE, C.PRIOR_STEPS, C.DECODER_S
         RESOLUTION, C.CHECKPOINT)
 STAGES = (("text", C.TEXT_SECONDS, C.TEXT_NODE), ("prior", C.PRIOR_SECONDS, C.PRIOR_NODE),
           ("decoder", C.DECODER_SECONDS, C.DECODER_NODE))
+SWEEP_COLUMNS = {"prior_checkpoint": C.CHECKPOINT}  # sweep axis → the manifest column that shows it
 # Contact-sheet and grid order (prompt, then every axis, nulls first), as Arrow sort keys.
 ORDER = [(c, "ascending", "at_start") for c in (C.PROMPT, *(c for a in AXES for c in ((C.HEIGHT, C.WIDTH)
                                                 if a == RESOLUTION else (a,))), C.ROW_ID)]
@@ -195,6 +196,17 @@ def _latest(rows: list[dict]) -> list[dict]:
     for row in sorted(rows, key=lambda r: (r[C.ERROR] is None, _order(r[C.FINISHED_AT]))):
         latest[row[C.ROW_ID]] = row
     return list(latest.values())
+
+
+def declared_axes(job: dict) -> list[str]:
+    """The axes the job varies on purpose: its sweep's, and the seed when images_per_prompt > 1."""
+    sweep = [SWEEP_COLUMNS.get(axis, axis) for axis in (job.get("sweep") or {})]
+    return [a for a in AXES if a in sweep or (a == C.SEED and images_per_prompt(job) > 1)]
+
+
+def images_per_prompt(job: dict) -> int:
+    """The job's images_per_prompt (1 where job.yaml does not say)."""
+    return (job.get("generation") or {}).get("images_per_prompt") or 1
 
 
 def axis_value(row: dict, axis: str):

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
@@ -62,7 +61,7 @@ class Summary:
 
     def __str__(self) -> str:
         where = (f"images in {join(self.output, self.images)}, manifest in {join(self.output, 'manifest')}, "
-                 f"report in {join(self.output, 'report', 'index.html')}")
+                 f"report in {join(self.output, output_folder.REPORT, 'index.html')}")
         if self.retried is not None:  # every failed row planned was retried: the failures left are this run's
             again = self.failed - self.kept
             kept = (f"; {self.kept} failed rows the prompt table no longer plans were left as they are"
@@ -259,10 +258,3 @@ def _first_difference(old, new, path: str) -> str | None:
 def _only_adds(old: dict, new: dict) -> bool:
     """A sweep that keeps every earlier value of every earlier axis only adds rows."""
     return set(old) == set(new) and all(all(v in new[axis] for v in values) for axis, values in old.items())
-
-
-def skip_mask(row_ids: np.ndarray, skip: np.ndarray) -> np.ndarray:
-    """True for rows whose id is in the sorted `skip` array."""
-    if not len(skip):
-        return np.zeros(len(row_ids), dtype=bool)
-    return np.isin(np.asarray(row_ids, dtype="U32"), skip, assume_unique=False)

@@ -15,6 +15,7 @@ from stages import footers
 from stages import output as out
 from stages.compaction import remove_leftovers
 from stages.output import PATH, list_parts, read_parts
+from stages.partitions import partitions
 from stages.storage import open_atomic
 
 
@@ -47,7 +48,7 @@ def stored_keys(output: str, storage_options: dict, ids, count: int, rows: int):
     stored = read_parts(output, out.EMBEDDINGS, storage_options, columns=[C.ROW_ID], include_paths=True)
     if stored is None:
         return None
-    keys = stored.join(ids, join_type="left_semi", num_partitions=out.partitions(count, rows),
+    keys = stored.join(ids, join_type="left_semi", num_partitions=partitions(count, rows),
                        on=(C.ROW_ID,)).materialize()
     return keys if keys.count() else None
 
@@ -113,7 +114,7 @@ def drop_rows(output: str, folder: str, storage_options: dict, ids, count: int, 
     if ds is None:
         return
     fs = out.folder(output, folder, storage_options)[0]
-    hits = ds.join(ids, join_type="left_semi", num_partitions=out.partitions(count, rows), on=(C.ROW_ID,))
+    hits = ds.join(ids, join_type="left_semi", num_partitions=partitions(count, rows), on=(C.ROW_ID,))
     hits.groupby(PATH).map_groups(_rewrite_without, batch_format="pyarrow", num_cpus=TASK_CPUS,
                                   fn_kwargs=dict(fs=fs)).materialize()
 

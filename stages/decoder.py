@@ -44,18 +44,18 @@ class DecoderStage:
 
     def __init__(self, decoder: str, dtype: str = "float32", storage_options: dict | None = None,
                  device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool | str = False,
-                 channels_last: bool | None = None, keep_float: bool = False):
+                 keep_float: bool = False):
         root = resolve(decoder, "decoder", storage_options)
         self.dtype = DTYPES[dtype]
         self.device = pick_device(device)
         self.node = current_node()
         self.micro_batch = micro_batch
         self.decoder = prepare_model(load_component(WuerstchenDiffNeXt, root, "decoder", self.dtype, self.device),
-                                     self.device, channels_last)
+                                     self.device)
         split_effnet_linears(self.decoder)  # the effnet share of its Linears: once per micro-batch, not per step
         split_text_keys_values(self.decoder)  # the text's keys and values: once per micro-batch, not per step
         self.vqgan = prepare_model(load_component(PaellaVQModel, root, "vqgan", self.dtype, self.device),
-                                   self.device, channels_last)
+                                   self.device)
         self.forward = compiled(self.decoder, self.device, compile) if compile else self.decoder
         self.pixels = compiled(self._pixels, self.device, compile) if compile else self._pixels
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")
@@ -101,7 +101,8 @@ class DecoderStage:
     @torch.no_grad()
     def _decode(self, batch, idx, steps, use_cfg):
         """The denoising loop of WuerstchenDecoderPipeline for one micro-batch; nothing in it waits for the
-        device. Returns (B, H, W, 3) uint8 images and (B,) all-finite flags, on the device."""
+        device. Returns (B, H, W, 3) uint8 images, (B,) all-finite flags and, when `keep_float`, the (B, H, W, 3)
+        float32 pixels in [0, 1] (else None), on the device."""
         # 1. Conditioning: effnet (B, 16, h, w) and text (B, 77, d); guidance appends zeros / negatives → 2B
         effnet = batch_tensor(batch[C.IMAGE_EMBEDDINGS], idx, self.device, self.dtype)
         text = batch_tensor(batch[C.DECODER_TEXT], idx, self.device, self.dtype)
@@ -137,7 +138,7 @@ class DecoderStage:
                 pred = torch.lerp(pred_uncond, pred_text, guidance)
             latents = ddpm_step(latents, pred, sched.coefs[:, i], next(noise))  # (B, 4, 4h', 4w')
 
-        # 6. VQGAN decode to uint8 pixels on the device: (B, H, W, 3), and (B,) all-finite flags
+        # 6. VQGAN decode to uint8 pixels on the device: (B, H, W, 3), (B,) all-finite flags, float pixels or None
         new_step()
         return self.pixels(latents)
 

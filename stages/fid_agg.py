@@ -75,16 +75,16 @@ def _sums(acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class GroupStats(AggregateFnV2):
-    """n, Σclip, Σx, Σxxᵀ of each group; finalize gives [n, Σclip, FID] (+ mean, cov for ALL when `keep_all`)."""
+    """n, Σclip, Σx, Σxxᵀ of each group; finalize gives [n, Σclip, FID] (+ mean, cov for ALL)."""
 
-    def __init__(self, reference: "ray.ObjectRef | None" = None, keep_all: bool = True):
-        self._reference, self._ref_stats, self._keep_all = reference, None, keep_all
+    def __init__(self, reference: "ray.ObjectRef | None" = None):
+        self._reference, self._ref_stats = reference, None
         super().__init__(RESULT, zero_factory=lambda: _pack(0, 0.0, 0, False, np.zeros(0)), on=None,
                          ignore_nulls=False)
 
     def aggregate_block(self, block) -> np.ndarray:
         table = block.select([c for c in (GROUP, CLIP_SCORE, FEATURES) if c in block.column_names])
-        keep = self._keep_all and table.num_rows > 0 and table.column(GROUP)[0].as_py() == ALL
+        keep = table.num_rows > 0 and table.column(GROUP)[0].as_py() == ALL
         clip = float(np.asarray(table.column(CLIP_SCORE)).sum())
         if FEATURES not in table.column_names:
             return _pack(table.num_rows, clip, 0, keep, np.zeros(0))
@@ -152,14 +152,13 @@ def score_block(batch: dict[str, np.ndarray], by: tuple[str, ...] = (), parts: s
     return explode(batch, by, integer)
 
 
-def merge_groups(ds: "ray.data.Dataset", reference: dict | None = None, partitions: int = 16,
-                 keep_all: bool = True) -> dict[str, GroupResult]:
+def merge_groups(ds: "ray.data.Dataset", reference: dict | None = None, partitions: int = 16) -> dict[str, GroupResult]:
     """Group an `explode`d dataset by GROUP inside Ray; the driver receives one short row per group."""
     ref = None
     if reference is not None:
         sigma = np.asarray(reference["sigma"], np.float64)
         ref = ray.put({"mu": np.asarray(reference["mu"], np.float64), "sigma": sigma, "root": psd_sqrt(sigma)})
-    groups = {key: GroupResult(value) for key, value in aggregate(ds, GroupStats(ref, keep_all), partitions)}
+    groups = {key: GroupResult(value) for key, value in aggregate(ds, GroupStats(ref), partitions)}
     groups.setdefault(ALL, GroupResult())
     return groups
 

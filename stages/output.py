@@ -15,6 +15,7 @@ import yaml
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from stages import columns as C
+from stages.partitions import partitions
 from stages.storage import causes, full_uri, join, uncached, url_to_fs
 
 # Layout of an output: <output>/<folder>/...
@@ -33,9 +34,6 @@ COMPACTED_PREFIX = "compacted-"
 PATH = "path"  # the column Ray Data's include_paths adds
 CLOSED = "_closed"  # embeddings/_closed, written as an invocation ends: an older part's rows all have entries
 FINISHED = "_finished"  # <output>/_finished, written as an invocation ends; a claim removes it first
-ROWS_PER_PARTITION = 500_000  # done ids per join partition (≈ 40 MB in one aggregator)
-PARTITION_BYTES = 256 << 20  # and at most this much of a wide side's rows (prompts with the user's own columns)
-MAX_PARTITIONS = 1024  # a shuffle's cost grows with blocks × partitions; Ray's aggregators are at most 128 anyway
 READ_ATTEMPTS, REREAD_PAUSE_S = 5, 2.0  # a read that lost a listed part to a compaction (see relisted)
 
 
@@ -185,19 +183,6 @@ def drop_done(ds, output: str, storage_options: dict | None, done_rows: int, on:
     return ds.join(ids, join_type="left_anti", num_partitions=count, on=(C.ROW_ID,))
 
 
-def partitions(*rows: int, row_bytes: int = 0) -> int:
-    """Join partitions for sides of `rows` rows (the larger of about `row_bytes` each, where given): a partition's
-    task holds both sides' share, so the larger side sets the count (see shares; a resume at 1% done joins all
-    planned rows)."""
-    return max(2, shares(max(rows), row_bytes, ROWS_PER_PARTITION))
-
-
-def shares(rows: int, row_bytes: int, rows_each: int) -> int:
-    """Hash partitions for `rows` rows of about `row_bytes` each: at most `rows_each` rows and PARTITION_BYTES a
-    partition, at most MAX_PARTITIONS partitions."""
-    return min(MAX_PARTITIONS, max(-(-rows // rows_each), -(-rows * row_bytes // PARTITION_BYTES)))
-
-
 def in_flight(output: str, storage_options: dict | None, done_rows: int, parts: list[str] | None = None):
     """(row_id, path) of the stored Stage C rows without a manifest entry (rows in flight at an interruption) in
     the embeddings parts written since the last pass ended (or in `parts`, listed so before), materialized in the
@@ -253,11 +238,6 @@ def finished_record(output: str, storage_options: dict | None) -> dict | None:
         return None
     data = fs.cat_file(path)
     return {k: v for k, v in json.loads(data).items() if v is not None} if data.strip() else {}
-
-
-def is_finished(output: str, storage_options: dict | None) -> bool:
-    """Whether the last invocation that claimed the output ended (see mark_finished)."""
-    return finished_record(output, storage_options) is not None
 
 
 def written_since_closed(output: str, storage_options: dict | None) -> list[str]:

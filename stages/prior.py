@@ -65,8 +65,7 @@ class PriorStage:
     Its `prior` takes the text's keys and values from buffers: call it only after `fill_text_terms` for that text."""
 
     def __init__(self, prior="tiny", dtype: str = "float32", storage_options: dict | None = None,
-                 device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool | str = False,
-                 channels_last: bool | None = None):
+                 device: str = "auto", micro_batch: int = MICRO_BATCH, compile: bool | str = False):
         first = prior_refs(prior)[0]  # an interpolation takes scheduler and settings from A
         root = resolve(first, "prior", storage_options)
         self.storage_options = storage_options
@@ -79,7 +78,7 @@ class PriorStage:
         self.prior = load_component(WuerstchenPrior, root, "prior", self.dtype, self.device)
         self.loaded, self.weights = prior_id(first), {}
         self._use(self.default_checkpoint)
-        prepare_model(self.prior, self.device, channels_last)
+        prepare_model(self.prior, self.device)
         split_text_keys_values(self.prior)  # the text's keys and values: once per micro-batch, not per step
         self.forward = compiled(self.prior, self.device, compile) if compile else self.prior
         self.scheduler = DDPMWuerstchenScheduler.from_pretrained(root, subfolder="scheduler")

@@ -10,7 +10,7 @@ import yaml
 from conftest import reference_image, write_prompts
 from PIL import Image
 
-from jobs import prompts
+from jobs import row_ids
 from jobs.cli import main
 from jobs.decode import run_decode
 from jobs.generate import run
@@ -184,8 +184,8 @@ def test_a_decode_at_another_dtype_names_both_dtypes_in_its_ids(first_run):
     run_decode(str(tmp_path / "run"), str(tmp_path / "bf16"), ["model.dtype=bfloat16"])
     rows = pq.read_table(tmp_path / "bf16" / "manifest").to_pylist()
     assert {r[C.CHECKPOINT] for r in rows} == {'prior="tiny" decoder=tiny dtype=float32 decoder_dtype=bfloat16'}
-    as_generated = {k: np.asarray([r[k] for r in rows], dtype=object) for k in (*prompts.ID_COLUMNS, C.PRIOR_CHECKPOINT)}
-    prompts.identify(as_generated, dict(decoder="tiny", dtype="bfloat16"))
+    as_generated = {k: np.asarray([r[k] for r in rows], dtype=object) for k in (*row_ids.ID_COLUMNS, C.PRIOR_CHECKPOINT)}
+    row_ids.identify(as_generated, dict(decoder="tiny", dtype="bfloat16"))
     ids = {r[C.ROW_ID] for r in rows}
     assert len(ids) == 4 and not ids & original.keys() and not ids & set(as_generated[C.ROW_ID])
 

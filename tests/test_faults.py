@@ -24,8 +24,9 @@ from conftest import make_batch, write_prompts
 from faults import FlakyProxy
 from PIL import Image
 
-from jobs.generate import _stage, run
+from jobs.generate import run
 from jobs.isolation import MAX_DEATHS, isolating
+from jobs.passes import stage_pool
 from jobs.placement import placement
 from jobs.progress import Tally
 from jobs.spec import SpecError, spec_from_dict
@@ -347,7 +348,7 @@ def test_actor_pools_use_the_current_ray_api_without_deprecation_warnings(tmp_pa
             warnings.filterwarnings("error", message=".*concurrency.*")
             ds = ray_cluster.data.range(1)
             for cls, name in ((TextEncoder, "text"), (PriorStage, "prior"), (DecoderStage, "decoder")):
-                ds = _stage(ds, spec, cls, name, None, 1)  # the plan only: no model is loaded
+                ds = stage_pool(ds, spec, cls, name, None, 1)  # the plan only: no model is loaded
     finally:
         logging.getLogger("ray.data").removeHandler(handler)
     assert not [r.getMessage() for r in records if "concurrency" in r.getMessage()]

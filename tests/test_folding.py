@@ -106,7 +106,7 @@ def test_copies_meet_across_hash_partitions(ray_cluster, monkeypatch):
 
     from jobs import folding
 
-    monkeypatch.setattr(folding, "ROWS_PER_PARTITION", 64)  # 6 hash partitions for 360 rows
+    monkeypatch.setattr(folding, "FOLD_BLOCK_ROWS", 64)  # 6 hash partitions for 360 rows
     rows = [{C.ROW_ID: f"id{i % 120}", "copy": i // 120, C.PRIOR_CHECKPOINT: "p",
              **{key: 1 for key in (C.HEIGHT, C.WIDTH, C.PRIOR_STEPS, C.DECODER_STEPS)}} for i in range(360)]
     ds = ray.data.from_items(rows, override_num_blocks=12)  # every id's three copies in three blocks
@@ -121,15 +121,15 @@ def test_wide_prompt_rows_are_folded_in_more_partitions(tmp_path, ray_cluster, m
     from jobs import folding
     from jobs.generate import left_to_make
     from jobs.prompts import scan
-    from stages import output
+    from stages import partitions
 
     rows = [{C.PROMPT: f"p{i % 40}", C.SEED: i % 40, "notes": "x" * 5000} for i in range(120)]
     wide = scan(spec_from_dict(job(write_prompts(tmp_path / "w.parquet", rows), str(tmp_path / "o"))))
     narrow = scan(spec_from_dict(job(write_prompts(tmp_path / "n.parquet", [{C.PROMPT: "a cat"}]), "unused")))
     assert wide.row_bytes > 5000 > 20 * narrow.row_bytes
-    assert output.partitions(1000, 10**7, row_bytes=wide.row_bytes) > 5 * output.partitions(1000, 10**7)
+    assert partitions.partitions(1000, 10**7, row_bytes=wide.row_bytes) > 5 * partitions.partitions(1000, 10**7)
 
-    monkeypatch.setattr(output, "PARTITION_BYTES", 150_000)  # ~28 wide rows a partition: 120 rows make 5
+    monkeypatch.setattr(partitions, "PARTITION_BYTES", 150_000)  # ~28 wide rows a partition: 120 rows make 5
     assert folding.fold_partitions(len(rows), narrow.row_bytes) == 1
     spec = spec_from_dict(job(str(tmp_path / "w.parquet"), str(tmp_path / "o")))
     folded = folding.fold_identical(left_to_make(spec, wide), len(rows), None, wide.row_bytes).materialize()

@@ -1,5 +1,8 @@
 """The reader: prompt tables are validated row by row before any model work; rows expand with stable ids."""
 
+import hashlib
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -144,10 +147,20 @@ def test_row_id_is_a_stable_hash_of_what_makes_the_image():
     assert expand(other_model, prompt=["a cat"])[C.ROW_ID][0] != first[0]
 
 
+def row_id(columns: dict[str, np.ndarray], i: int) -> str:
+    """The per-row definition of row i's id: a stable hash of everything that determines its image."""
+    key = {col: columns[col][i].item() if hasattr(columns[col][i], "item") else columns[col][i]
+           for col in (C.PROMPT, *C.OVERRIDABLE)}
+    for col in C.FLOAT_PARAMS:
+        key[col] = float(key[col])
+    key[C.CHECKPOINT] = columns[C.CHECKPOINT][i]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
 def test_row_ids_formed_column_wise_equal_the_per_row_definition():
     """Outputs written before keep their ids: quotes, escapes, control and non-ASCII characters, -0.0 beside 0.0,
     float reprs, huge seeds, two prior checkpoints; and one id pinned to its value."""
-    from jobs.prompts import identify, row_id
+    from jobs.row_ids import identify
 
     n, awkward = 700, ['a "q"', "back\\slash", "nl\nx", "tab\t", "ctl\x01\x1f", "ünï €", "\u2028", "🎉", "", "p"]
     rows = {C.PROMPT: np.asarray([awkward[i % 10] + str(i % 37) for i in range(n)], dtype=object),

@@ -63,7 +63,7 @@ def test_retry_failed_remakes_only_the_failed_rows_and_replaces_their_entries(tm
     # No failed row: answered from the footers, the output still marked finished (a plain rerun stays instant).
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0
     assert capsys.readouterr().out.startswith("no failed rows to retry (5 rows in all); ")
-    assert output.is_finished(str(tmp_path / "out"), {})
+    assert output.finished_record(str(tmp_path / "out"), {}) is not None
     # A mistyped output holds no run: one line, nothing created there.
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed", "--set", f"output={tmp_path / 'ot'}"]) == 2
     assert "holds no run whose failed rows to make again" in capsys.readouterr().err
@@ -124,7 +124,7 @@ def test_retry_keeps_the_failed_rows_an_edited_table_no_longer_plans(tmp_path, r
     assert after[failed[0]][C.ERROR] == entries[failed[0]][C.ERROR] and after[failed[1]][C.ERROR] is None
     # A retry makes only failed rows, so the output is not marked finished: the next plain run is not answered
     # "nothing to do" from the footers (5 rows, 5 planned) and makes the added prompt.
-    assert not output.is_finished(str(tmp_path / "out"), {})
+    assert output.finished_record(str(tmp_path / "out"), {}) is None
     assert main(["generate", str(tmp_path / "job.yaml"), "--retry-failed"]) == 0  # no failed row it plans
     assert "no failed rows to retry (5 rows in all; 1 failed rows" in capsys.readouterr().out
     # A plain run makes the added prompt; the failed entry of the edited-out row is no failure of this table:

@@ -15,7 +15,7 @@ import pytest
 from jobs.report import build_report
 from jobs.report_data import read_view
 from stages import columns as C
-from stages import compaction, footers, output
+from stages import compaction, footers, output, partitions
 from stages.writer import MANIFEST_SCHEMA
 
 ROWS = 300_000
@@ -69,13 +69,13 @@ def test_done_rows_are_dropped_inside_ray_exactly(tmp_path, ray_cluster):
 def test_a_resume_with_few_rows_done_joins_in_partitions_sized_by_the_planned_rows(tmp_path, ray_cluster, monkeypatch):
     """A resume at 1% done: each join task holds ~ROWS_PER_PARTITION of the planned rows, not half of them
     (at 10M planned rows, 5M rows of ~330 B in one task)."""
-    monkeypatch.setattr(output, "ROWS_PER_PARTITION", 500)
+    monkeypatch.setattr(partitions, "ROWS_PER_PARTITION", 500)
     done, new = random_ids(50, 3), random_ids(5000, 4)
     write_parts(tmp_path, done, 2)
     planned = ray_cluster.data.from_arrow(pa.table({C.ROW_ID: done + new}))
     left = output.drop_done(planned, str(tmp_path), {}, done_rows=len(done), rows=len(done) + len(new))
     blocks = [len(block[C.ROW_ID]) for block in left.iter_batches(batch_size=None)]
-    assert sum(blocks) == len(new) and max(blocks) <= 2 * output.ROWS_PER_PARTITION, blocks
+    assert sum(blocks) == len(new) and max(blocks) <= 2 * partitions.ROWS_PER_PARTITION, blocks
 
 
 def test_in_flight_rows_read_back_only_from_their_parts(tmp_path, ray_cluster):
@@ -207,10 +207,10 @@ def test_a_run_writes_few_large_parts(tmp_path, ray_cluster, monkeypatch):
     6 rows for 24 rows in text batches of 2), each row once."""
     from conftest import write_prompts
 
-    from jobs import generate
+    from jobs import generate, passes
     from jobs.spec import spec_from_dict
 
-    monkeypatch.setattr(generate, "RUN_PARTS", 4)  # a 24-row run stands for a big one: 6 rows a part
+    monkeypatch.setattr(passes, "RUN_PARTS", 4)  # a 24-row run stands for a big one: 6 rows a part
     rows = [{C.PROMPT: f"prompt {i}", C.SEED: i} for i in range(24)]
     out = tmp_path / "out"
     job = {"prompts": write_prompts(tmp_path / "p.parquet", rows), "output": str(out),
