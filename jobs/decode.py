@@ -11,17 +11,19 @@ import time
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from jobs import lease, prompts
+from jobs import lease
 from jobs.folding import fold_keys
 from jobs.isolation import DECODE_ADVICE
 from jobs.preflight import answered_decode, check_models, check_overwrite_keeps_inputs
 from jobs.resume import Summary, claim
 from jobs.retries import RUN_OPTIONS, check_reachable, run_folder_read
+from jobs.row_ids import identify
 from jobs.spec import TASK_CPUS, JobSpec, ModelSpec, SpecError, apply_overrides, check_key, spec_from_dict
 from jobs.spec_rules import check_store
 from stages import columns as C
 from stages import footers, output
 from stages.output import EMBEDDINGS, JOB_FILE, read_job
+from stages.partitions import partitions
 from stages.credentials import usable
 from stages.storage import join, url_to_fs
 from stages.writer import PARAMS_SCHEMA, stored_steps, write_embeddings
@@ -97,7 +99,7 @@ def redecode_rows(batch: dict[str, np.ndarray], decoder_params: dict, model: dic
     batch[C.SOURCE_ROW_ID] = batch[C.ROW_ID].copy()
     for col, value in decoder_params.items():
         batch[col] = np.full(n, value)
-    prompts.identify(batch, model)
+    identify(batch, model)
     return batch
 
 
@@ -144,7 +146,7 @@ def made_unstored(run: str, storage_options: dict | None, stored: int) -> tuple[
     stored_ids = output.read_parts(run, output.EMBEDDINGS, storage_options, columns=[C.ROW_ID])
     if stored_ids is None:
         return rows - failed, failed
-    unstored = made.join(stored_ids, join_type="left_anti", num_partitions=output.partitions(rows),
+    unstored = made.join(stored_ids, join_type="left_anti", num_partitions=partitions(rows),
                          on=(C.ROW_ID,)).count()
     return unstored, max(rows - stored - unstored, 0)
 

@@ -19,8 +19,8 @@ from jobs.resume import Summary, summarize
 from jobs.retries import configure_ray_data
 from jobs.spec import TASK_CPUS, JobSpec, stage_kwargs
 from jobs.watch import PassWatch
-from stages.decoder import DecoderStage
 from stages import compaction, footers, output, user_columns
+from stages.decoder import DecoderStage
 from stages.sink import ManifestSink
 from stages.text import TextEncoder
 from stages.writer import drop_unlisted_shards, read_back_embeddings, shard_columns, write_images, write_shard
