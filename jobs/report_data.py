@@ -131,16 +131,18 @@ def _sorted(chunks: list[np.ndarray]) -> np.ndarray:
 
 
 def drop_copies(dataset: pads.Dataset, repeated: np.ndarray, view: ManifestView) -> None:
-    """Take out of the stage figures every copy of a repeated id but the one that counts (rare: one more
-    pass, keeping only the repeated ids' rows)."""
+    """Take out of the stage figures and the folded count every copy of a repeated id but the one that counts
+    (rare: one more pass, keeping only the repeated ids' rows)."""
     rows = []
-    columns = [C.ROW_ID, C.ERROR, C.FINISHED_AT, *(c for _, seconds, node in STAGES for c in (seconds, node))]
+    columns = [C.ROW_ID, C.ERROR, C.FINISHED_AT, C.INPUT_ROWS,
+               *(c for _, seconds, node in STAGES for c in (seconds, node))]
     for batch in batches(dataset, columns):
         mask = _member(id_keys(batch.column(C.ROW_ID)), repeated)
         if mask.any():
             rows += pa.Table.from_batches([batch]).filter(pa.array(mask)).to_pylist()
     counted = {id(r) for r in _latest(rows)}
     for row in (r for r in rows if id(r) not in counted):
+        view.folded -= (row[C.INPUT_ROWS] or 1) - 1  # as folded_in counts an entry (null: one input row)
         for name, seconds, node in STAGES:
             figures = view.stages[name]
             if row[seconds] is not None:

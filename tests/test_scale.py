@@ -27,11 +27,12 @@ def random_ids(n: int, seed: int) -> list[str]:
     return [bytes(r).hex() for r in raw]
 
 
-def manifest_table(ids: list[str], failed: bool = False, prompt: str = "p") -> pa.Table:
+def manifest_table(ids: list[str], failed: bool = False, prompt: str = "p", input_rows: int | None = None) -> pa.Table:
     n = len(ids)
     columns = {C.ROW_ID: ids, C.PROMPT: [f"{prompt} {i}" for i in range(n)], C.SEED: np.arange(n),
                C.IMAGE_URI: [None if failed else f"/nowhere/{i}.png" for i in ids],
-               C.ERROR: ["boom" if failed else None] * n, C.DECODER_SECONDS: np.full(n, 0.5)}
+               C.ERROR: ["boom" if failed else None] * n, C.DECODER_SECONDS: np.full(n, 0.5),
+               C.INPUT_ROWS: [input_rows] * n}
     return pa.table({f.name: pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(n, f.type)
                      for f in MANIFEST_SCHEMA}, schema=MANIFEST_SCHEMA)
 
@@ -188,15 +189,17 @@ def test_a_compaction_that_fails_midway_on_s3_leaves_no_part(s3_server, monkeypa
 
 def test_streaming_report_counts_each_row_once(tmp_path):
     """300k rows, some failed, a retried block written twice, failures later made good: the report's counts
-    are the distinct rows', and it lists only failures that never succeeded."""
+    are the distinct rows' (the folded input rows too), and it lists only failures that never succeeded."""
     ids = random_ids(ROWS, 5)
-    write_parts(tmp_path, ids[:-2000], PARTS)
+    write_parts(tmp_path, ids[1000:-2000], PARTS)
+    write_parts(tmp_path, ids[:1000], 1, name="folded", input_rows=3)  # 2000 identical input rows folded
     write_parts(tmp_path, ids[-2000:], 2, name="failed", failed=True)  # 2000 failures ...
     write_parts(tmp_path, ids[-500:], 1, name="retried")  # ... 500 of them made good later
-    write_parts(tmp_path, ids[:1000], 1, name="again")  # a block written twice
+    write_parts(tmp_path, ids[:1000], 1, name="again", input_rows=3)  # a block written twice
     page = open(build_report(str(tmp_path))).read()
     summary = dict(re.findall(r"<tr><th>(rows|succeeded|failed)</th><td>(\d+)</td></tr>", page))
     assert summary == {"rows": str(ROWS), "succeeded": str(ROWS - 1500), "failed": "1500"}
+    assert "<tr><th>identical input rows folded</th><td>2000 (made once each" in page  # 4000 counting the copy
     listed = re.findall(r'<tr><td><code>([0-9a-f]{32})</code></td>', page)
     assert listed == sorted(ids[-2000:-500])[:500] and "Showing 500 of 1500 failed rows" in page
     assert re.search(r"decoder</th><td class=\"num\">(\d+)<", page).group(1) == str(ROWS)  # timed once each
