@@ -157,7 +157,7 @@ def eval_html(fs, root: str) -> str:
     except Exception as err:  # noqa: BLE001 - said on the page instead
         return f'<p class="note">eval/metrics.json could not be shown ({escape(str(err))}).</p>'
     ref = metrics.get("fid_reference") or {}
-    head = "".join(f"<th>{h}</th>" for h in ("images", "evaluated", "CLIP score", "FID"))
+    head = "".join(f"<th>{h}</th>" for h in ("slice", "images", "CLIP score", "FID"))
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
     against = (f" FID against {escape(str(ref.get('uri')))} ({ref.get('images')} images)." if ref else "")
     plots = "".join(f'<img src="../eval/{quote(name)}" alt="{escape(name)}">' for name in metrics.get("plots", []))

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from jobs.eval_checks import with_resolution
 from jobs.spec import TASK_CPUS, SpecError
 from stages import columns as C
 from stages import evaluate as E
@@ -42,8 +43,9 @@ def write_scores(run: str, manifest, storage_options: dict) -> None:
     writer = None
     with open_atomic(out_fs, path) as sink:
         for batch, scored in aligned(*sides, run):
-            chunk = pa.table([batch.column(C.ROW_ID), *scored.columns, *batch.select(keep).columns],
-                             names=[C.ROW_ID, *SCORES, *keep])
+            params = with_resolution(batch.select(keep)) if manifest.resolution else batch.select(keep)
+            chunk = pa.table([batch.column(C.ROW_ID), *scored.columns, *params.columns],
+                             names=[C.ROW_ID, *SCORES, *params.column_names])
             writer = writer or pq.ParquetWriter(sink, chunk.schema)
             writer.write_table(chunk)
         if writer is not None:

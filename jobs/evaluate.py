@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -17,11 +18,12 @@ from jobs import lease
 from jobs.console import start_ray
 from jobs.retries import configure_ray_data
 from jobs.eval_args import EvalOptions, PoolOptions, add_parser, run_from_args  # noqa: F401 - this module's interface
-from jobs.eval_checks import Reference, check_axis_values, check_clip, check_reference, load_npz, run_fingerprint
+from jobs.eval_checks import (RESOLUTION, Reference, check_axis_values, check_clip, check_reference, load_npz,
+                              run_fingerprint, with_resolution)
 from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
 from jobs.eval_scores import parts_uri, write_scores
 from jobs.placement import check_cluster_address, placing_gpus
-from jobs.report import build_report
+from jobs.report import build_report, read_runs
 from jobs.spec import TASK_CPUS, SpecError
 from stages import columns as C
 from stages import evaluate as E
@@ -46,7 +48,6 @@ def evaluate(opts: EvalOptions) -> dict:
     check_cluster_address()  # before the earlier results are cleared
     with lease.held(join(opts.run, output.EVAL), opts.storage_options, why="two at once would mix their scores",
                     lost="its scores may be mixed with that one's: once it ends, run evaluate again"):
-        clear_results(opts.run, opts.storage_options)  # a killed one's are no results of this one
         return _evaluate(opts, manifest, clip, reference, inception)
 
 
@@ -54,7 +55,10 @@ def _evaluate(opts: EvalOptions, manifest, clip: dict, reference, inception: dic
     start_ray(opts.verbose)  # joins RAY_ADDRESS when set, else starts a local Ray
     configure_ray_data()  # the run's reader and store retries
     warnings: list[str] = []
+    unfinished_warning(opts.run, opts.storage_options, warnings)
     ref_stats = reference_stats(reference, inception, opts, warnings) if reference else None
+    clear_results(opts.run, opts.storage_options)  # a killed one's are no results of this one (after the reference:
+    # a reference refused after its pass keeps the earlier results)
     groups = run_pass(opts, manifest, inception, ref_stats)
     write_scores(opts.run, manifest, opts.storage_options)
     metrics = summarize(opts, groups, ref_stats, {"clip_model": clip, "inception": inception}, reference, warnings)
@@ -80,6 +84,7 @@ class Manifest:
     files: tuple[str, ...]
     schema: pa.Schema  # read with it: a column that a later table brought is null in the earlier parts
     integer_axes: tuple[str, ...] = ()  # --by axes the manifest holds as integers
+    resolution: bool = False  # the RESOLUTION axis is asked for, made from height and width as rows are read
     here: str = ""  # the folder the run is read from: image_uri values are read under it (see relocated)
 
     @property
@@ -91,7 +96,7 @@ class Manifest:
 
 
 def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
-    """The run's manifest; each --by axis must be one of its columns."""
+    """The run's manifest; each --by axis must be one of its columns, or `resolution` (its rows' "HxW")."""
     fs, files = output.list_parts(run, output.MANIFEST, storage_options)
     if not files:
         raise SpecError(f"{run}: not a run folder (no manifest/*.parquet)")
@@ -99,17 +104,20 @@ def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
     missing = [c for c in REQUIRED if c not in schema.names]  # from the parts of an earlier table
     if missing:
         raise SpecError(f"{run}: the manifest lacks the column(s) {', '.join(missing)}")
+    resolution = RESOLUTION in by and RESOLUTION not in schema.names  # a column of the user's own name wins
+    by = tuple(axis for axis in by if not (resolution and axis == RESOLUTION))
     for axis in by:
         field = schema.field(axis) if axis in schema.names else None
         if field is None:
-            raise SpecError(f"--by {axis}: not a manifest column (columns: {', '.join(schema.names)})")
+            raise SpecError(f"--by {axis}: not a manifest column (columns: {', '.join(schema.names)}; or "
+                            f"{RESOLUTION}: height x width)")
         if not _axis_type(field.type):
             raise SpecError(f"--by {axis}: a {field.type} column; an axis needs numbers, text or true/false "
                             f"(store dates and times as text)")
     for axis in by:
         check_axis_values(fs, files, axis)
     integer = tuple(a for a in by if pa.types.is_integer(schema.field(a).type))
-    return Manifest(fs, tuple(files), schema, integer, relocation(run))
+    return Manifest(fs, tuple(files), schema, integer, here=relocation(run), resolution=resolution)
 
 
 def check_inception(opts: EvalOptions) -> dict:
@@ -155,6 +163,7 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
         except SpecError:  # a broken cache is recomputed
             stats = {}
         if all(str(stats.get(key, "")) == value for key, value in meta.items()):  # same weights, resize and images
+            reference_warnings(ref, int(stats["n"]), so, warnings)  # the same command says the same
             return {**stats, "source": cache, "n": int(stats["n"])}
     if ref.kind == "run":
         ds = _read_manifest(check_run(ref.uri, (), so), (C.ROW_ID, C.IMAGE_URI, C.ERROR))
@@ -163,14 +172,7 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
     moments = merge(_inception_stage(ds, opts), (), None, opts, None)[F.ALL]
     if moments.n < 2:
         raise SpecError(f"--fid-reference {ref.uri}: fewer than 2 readable images")
-    images = len(ref.images)
-    if ref.kind == "run":  # its rows that were made (a failed row has no image)
-        rows, failed = footers.part_counts(ref.uri, output.MANIFEST, so, nulls_of=C.ERROR)
-        images = rows - failed
-    if moments.n < images:
-        warn(f"{images - moments.n} of the {images} images of the reference {ref.uri} could not be read: "
-             f"its statistics are of the other {moments.n}", warnings)
-    warn_if_few(moments.n, f"the reference {ref.uri}", warnings)
+    reference_warnings(ref, moments.n, so, warnings)
     try:
         F.save_stats(cache, moments, meta, so)
     except OSError as err:
@@ -180,10 +182,37 @@ def reference_stats(ref: Reference, inception: dict, opts: EvalOptions, warnings
     return {"mu": mu, "sigma": sigma, "n": moments.n, "source": cache}
 
 
+def reference_warnings(ref: Reference, n: int, storage_options: dict, warnings: list[str]) -> None:
+    """What the reference's statistics of `n` images leave out: its images that could not be read, and too few
+    images for a steady FID; said whether they were computed now or read from its cache."""
+    images = len(ref.images)
+    if ref.kind == "run":  # its rows that were made (a failed row has no image)
+        rows, failed = footers.part_counts(ref.uri, output.MANIFEST, storage_options, nulls_of=C.ERROR)
+        images = rows - failed
+    if n < images:
+        warn(f"{images - n} of the {images} images of the reference {ref.uri} could not be read: its statistics "
+             f"are of the other {n}", warnings)
+    warn_if_few(n, f"the reference {ref.uri}", warnings)
+
+
+def unfinished_warning(run: str, storage_options: dict, warnings: list[str]) -> None:
+    """Say so where the run's last invocation has not ended (stopped, or still running): its rows are not all made."""
+    fs, root = url_to_fs(run, storage_options)
+    runs = read_runs(fs, root)
+    if runs and "ended_at" not in runs[-1]:
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(runs[-1]["started_at"]))
+        warn(f"{run}: its last invocation (started {started}) has not ended (stopped, or still running): these "
+             f"metrics are of the rows made so far; once it has made every row, evaluate again", warnings)
+
+
 def _read_manifest(manifest: Manifest, columns) -> ray.data.Dataset:
     ds = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS,
                                partitioning=None, schema=manifest.schema)
-    ds = ds.select_columns(list(dict.fromkeys(columns)))
+    derived = manifest.resolution and RESOLUTION in columns
+    ds = ds.select_columns(list(dict.fromkeys(c for c in (*columns, *(C.HEIGHT, C.WIDTH) * derived)
+                                              if not (derived and c == RESOLUTION))))
+    if derived:
+        ds = ds.map_batches(with_resolution, batch_format="pyarrow", num_cpus=TASK_CPUS)
     return ds.map_batches(_relocate, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(here=manifest.here))
 
 

