@@ -43,9 +43,9 @@ def write_scores(run: str, manifest, storage_options: dict) -> None:
     writer = None
     with open_atomic(out_fs, path) as sink:
         for batch, scored in aligned(*sides, run):
-            params = with_resolution(batch.select(keep)) if manifest.resolution else batch.select(keep)
-            chunk = pa.table([batch.column(C.ROW_ID), *scored.columns, *params.columns],
-                             names=[C.ROW_ID, *SCORES, *params.column_names])
+            carried = with_resolution(batch.select(keep)) if manifest.resolution else batch.select(keep)
+            chunk = pa.table([batch.column(C.ROW_ID), *scored.columns, *carried.columns],
+                             names=[C.ROW_ID, *SCORES, *carried.column_names])
             writer = writer or pq.ParquetWriter(sink, chunk.schema)
             writer.write_table(chunk)
         if writer is not None:
