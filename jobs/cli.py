@@ -6,14 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from jobs.console import interrupt_on_sigterm
+from jobs.console import VERBOSE_HELP, interrupt_on_sigterm
 from jobs.spec import SpecError
 from stages.credentials import options_arg, redact
-from stages.dtypes import COMPILE_MODES
 
 # Heavy libraries (Ray, torch, diffusers, transformers) are imported by the commands that use them, never
 # here: --help, a spec error and a finished rerun answer in about a second.
-VERBOSE_HELP = "show Ray's own progress bars and logs, and the model libraries' messages and download bars"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,31 +48,9 @@ def parser() -> argparse.ArgumentParser:
     tiny.add_argument("--full-size", action="store_true",
                       help="random weights in the official shapes instead (~2.7B parameters, bfloat16), for GPU benchmarks")
 
-    bench = sub.add_parser("benchmark", help="images/s of the pipeline vs diffusers' combined pipeline")
-    bench.add_argument("--rows", type=int, default=256)
-    bench.add_argument("--model", default="tiny", help="tiny, or a directory holding prior/ and decoder/")
-    bench.add_argument("--prompts", help="a Parquet or TSV prompt table (default: generated prompts)")
-    bench.add_argument("--height", type=int, default=None)
-    bench.add_argument("--width", type=int, default=None)
-    bench.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
-    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    bench.add_argument("--json", help="write the figures to this JSON file")
-    bench.add_argument("--psnr-rows", type=int, default=8,
-                       help="rows whose half-precision images are compared with float32 ones (0: none)")
-    bench.add_argument("--compile", nargs="?", const=True, default=False, choices=COMPILE_MODES, metavar="MODE",
-                       help="compile every stage (stages.<name>.compile: true, or MODE: max-autotune) and diffusers' "
-                            "prior and decoder (as its docs say)")
-    bench.add_argument("--skip-diffusers", action="store_true", help="time only this project's stages")
-    bench.add_argument("--diffusers", nargs="+", choices=["combined", "batched"], default=["combined", "batched"],
-                       help="diffusers baselines to time: its combined pipeline one row per call, and/or its prior "
-                            "pipeline batched (default both; the ratios use the faster)")
-    bench.add_argument("--in-process", action="store_true",
-                       help="time the stages in this process only, without the Ray pipeline (also when Ray is missing)")
+    from jobs import bench_args, bench_scale, eval_args, report
 
-    bench.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-
-    from jobs import bench_scale, eval_args, report
-
+    bench_args.add_parser(sub)
     report.add_parser(sub)
     bench_scale.add_parser(sub)
     eval_args.add_parser(sub)
@@ -190,10 +166,9 @@ def _dispatch(args) -> int:
             raise SpecError(f"tiny-model: cannot write {args.directory} ({err.strerror or err})") from None
         print(f"{'full-size random' if args.full_size else 'tiny'} model written to {directory} (prior/, decoder/)")
         return 0
-    from jobs.benchmark import run_benchmark
+    from jobs.bench_args import run_from_args as benchmark_from_args
 
-    run_benchmark(args)
-    return 0
+    return benchmark_from_args(args)
 
 
 if __name__ == "__main__":

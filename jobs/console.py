@@ -13,6 +13,7 @@ import threading
 # join's map and reduce tasks, each kind in its own pool of workers) would otherwise each start new processes,
 # ~2 s apiece on a small machine (a 5-row `--retry-failed`: 66 s → 24 s on 2 cores). As environment variables
 # (Ray's RAY_<setting>): a cluster joined instead keeps its own settings.
+VERBOSE_HELP = "show Ray's own progress bars and logs, and the model libraries' messages and download bars"
 LOCAL_RAY_SETTINGS = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 
 
