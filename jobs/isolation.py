@@ -17,6 +17,9 @@ MAX_DEATHS = 2
 # A stage whose first this many rows all failed (none made) stops the pass: a cause every row shares (a broken
 # checkpoint, a GPU out of memory at this micro-batch) would otherwise fail every row of the table, one by one.
 FAIL_FAST_ROWS = 64
+# … or whose actors died this often, no row made (each row that kills its actor costs MAX_DEATHS restarts, each a
+# model load: 64 such rows would take hours at full size).
+FAIL_FAST_DEATHS = 8
 RERUN_ADVICE = ("the rows written so far are kept: once the cause is fixed under the same spec, run the same command "
                 "(the rows not made yet), then again with --retry-failed (the failed ones); a fix that changes the "
                 "model, its dtype or a micro_batch needs a new output (or --overwrite)")
@@ -43,7 +46,8 @@ def isolating(cls, tally=None, stage: str = ""):
 
     def __call__(self, batch):
         ids = [str(i) for i in batch[C.ROW_ID]]
-        retried = tally is not None and max(ray.get(tally.begin.remote(stage, ids)), default=0) > 1
+        node = ray.get_runtime_context().get_node_id()
+        retried = tally is not None and max(ray.get(tally.begin.remote(stage, ids, node)), default=0) > 1
         try:
             return _run(self, cls, batch, stage, tally, alone=retried)
         finally:
@@ -166,22 +170,28 @@ def _column(values: list, like: np.ndarray | None) -> np.ndarray:
 
 
 class FailureWatch:
-    """A check for PassWatch while a pass runs: a stage whose first FAIL_FAST_ROWS rows all failed, none made, on
-    every node that hosts one of its actors stops the pass, which then ends in one line naming the stage, its first
-    error and `advice`. A node whose rows all fail beside one that has not failed yet does not stop it (a broken
-    GPU: the other nodes make the rows), nor does a stage that made a row before (a restarted Tally counts anew)."""
+    """A check for PassWatch while a pass runs: a stage whose first FAIL_FAST_ROWS rows all failed, or whose actors
+    died FAIL_FAST_DEATHS times, none made, on every node that hosts one of its actors stops the pass, which then
+    ends in one line naming the stage, its first error and `advice`. A node whose rows all fail beside one that has
+    not failed yet does not stop it (a broken GPU: the other nodes make the rows), nor does a stage that made a row
+    before (a restarted Tally counts anew)."""
 
     def __init__(self, tally, advice: str):
         self.tally, self.advice, self.working = tally, advice, set()
 
     def check(self) -> str | None:
-        for stage, (made, failed, first, failing, hosts) in ray.get(self.tally.stage_outcomes.remote(),
-                                                                    timeout=10).items():
+        for stage, (made, failed, first, failing, hosts, deaths) in ray.get(self.tally.stage_outcomes.remote(),
+                                                                            timeout=10).items():
             if made:
                 self.working.add(stage)
-            if failed < FAIL_FAST_ROWS or stage in self.working or not failing >= hosts:
+            if stage in self.working or not failing >= hosts:
                 continue
             nodes = f"{len(failing)} node{'s' * (len(failing) != 1)}"
-            return (f"stages.{stage}: its first {failed} rows all failed, none made, on {nodes} (first: {first}); "
-                    f"the run stopped rather than fail every row: {self.advice}")
+            stop = "the run stopped rather than fail every row"
+            if failed >= FAIL_FAST_ROWS:
+                return f"stages.{stage}: its first {failed} rows all failed, none made, on {nodes} (first: {first}); " \
+                       f"{stop}: {self.advice}"
+            if deaths >= FAIL_FAST_DEATHS:
+                return f"stages.{stage}: its actors died {deaths} times running its first rows, none made, on " \
+                       f"{nodes} (out of memory? {first or 'no row has failed yet'}); {stop}: {self.advice}"
         return None

@@ -25,15 +25,24 @@ class Tally:
     def __init__(self):
         self.rows: dict[str, int] = {}
         self.tries: dict[tuple[str, str], int] = {}  # (stage, row id) → tries of the batch holding it
+        self.trying: dict[tuple[str, str], str] = {}  # … → the node of its latest try
         self.alone_tries: dict[tuple[str, str], int] = {}  # … → tries of the row run alone
         self.loads: dict[str, dict] = {}  # stage → its class name and {node: why} where its models failed to load
         self.first: dict[str, str] = {}  # a count's first example (a prompt), for its warning
-        self.outcomes: dict[str, list] = {}  # stage → [rows made, failed, first error, nodes failing, nodes hosting]
+        # stage → [rows made, failed, first error, nodes failing, nodes hosting, actor deaths]
+        self.outcomes: dict[str, list] = {}
 
-    def begin(self, stage: str, ids: list[str]) -> list[int]:
-        """Count a try of a batch; the tries so far of each of its rows."""
+    def begin(self, stage: str, ids: list[str], node: str = "") -> list[int]:
+        """Count a try of a batch on `node`; the tries so far of each of its rows. A row tried before and not
+        ended means the actor of that try died (on the node of that try)."""
+        died_on = next((self.trying.get((stage, i), "") for i in ids if (stage, i) in self.tries), None)
+        if died_on is not None:
+            seen = self._outcome(stage)
+            seen[5] += 1
+            seen[3].add(died_on)
         for i in ids:
             self.tries[stage, i] = self.tries.get((stage, i), 0) + 1
+            self.trying[stage, i] = node
         return [self.tries[stage, i] for i in ids]
 
     def alone(self, stage: str, row_id: str) -> int:
@@ -49,6 +58,7 @@ class Tally:
         """A batch came back (done or raised): forget its rows' tries."""
         for i in ids:
             self.tries.pop((stage, i), None)
+            self.trying.pop((stage, i), None)
             self.alone_tries.pop((stage, i), None)
 
     def load_failed(self, stage: str, cls: str, node: str, why: str) -> None:
@@ -77,7 +87,7 @@ class Tally:
         self._outcome(stage)[4].add(node)
 
     def _outcome(self, stage: str) -> list:
-        return self.outcomes.setdefault(stage, [0, 0, None, set(), set()])
+        return self.outcomes.setdefault(stage, [0, 0, None, set(), set(), 0])
 
     def stage_outcomes(self) -> dict[str, list]:
         return self.outcomes

@@ -286,6 +286,31 @@ def test_failures_on_one_node_of_several_do_not_stop_the_run(ray_cluster):
     assert watch.check() is None
 
 
+def test_a_stage_whose_actors_keep_dying_stops_before_its_rows_are_tried_one_by_one(ray_cluster):
+    """Every row kills its actor (an OOM at any batch size): each costs MAX_DEATHS restarts, each a model load, so
+    the run stops after FAIL_FAST_DEATHS deaths with none made, on every node hosting the stage (a death counts
+    where the try that died ran, not where it is tried again); a node dying beside a working one does not."""
+    from jobs import isolation
+
+    tally = Tally.remote()
+    watch = isolation.FailureWatch(tally, "advice")
+    for node in ("node-a", "node-b"):
+        ray_cluster.get(tally.loaded.remote("decoder", node))
+    for n in range(isolation.FAIL_FAST_DEATHS + 1):  # row r0 dies on node-a each time; tried again on node-b
+        ray_cluster.get(tally.begin.remote("decoder", ["r0", "r1"], "node-a" if n < isolation.FAIL_FAST_DEATHS
+                                           else "node-b"))
+    assert watch.check() is None  # node-b has not failed yet
+    ray_cluster.get(tally.begin.remote("decoder", ["r0", "r1"], "node-a"))  # the try on node-b died too
+    assert watch.check() == (f"stages.decoder: its actors died {isolation.FAIL_FAST_DEATHS + 1} times running its "
+                             "first rows, none made, on 2 nodes (out of memory? no row has failed yet); the run "
+                             "stopped rather than fail every row: advice")
+    ray_cluster.get(tally.end.remote("decoder", ["r0", "r1"]))
+    ray_cluster.get(tally.begin.remote("decoder", ["r0", "r1"], "node-a"))  # ended, then tried anew: no death
+    assert ray_cluster.get(tally.stage_outcomes.remote())["decoder"][5] == isolation.FAIL_FAST_DEATHS + 1
+    ray_cluster.get(tally.outcome.remote("decoder", 1, 0, None, "node-a"))
+    assert watch.check() is None  # the stage works
+
+
 def test_poison_row_in_a_resumed_run_is_isolated(tmp_path, ray_cluster):
     prompts = write_prompts(tmp_path / "p.parquet", [{C.PROMPT: f"p{i}", C.SEED: i} for i in range(6)])
     spec = spec_from_dict(small_job(prompts, str(tmp_path / "out")))
@@ -382,6 +407,8 @@ def test_a_row_that_kills_its_actor_every_time_fails_after_bounded_tries(ray_clu
     assert out["r5"][C.ERROR] == f"decoder: the stage's actor died {MAX_DEATHS} times running this row alone " \
                                  "(out of memory?)"
     assert all(not out[f"r{i}"][C.ERROR] and out[f"r{i}"]["made"] for i in range(8) if i != 5)
+    # the deaths the run's FailureWatch counts: r5's batch once, then r5 alone MAX_DEATHS times
+    assert ray_cluster.get(tally.stage_outcomes.remote())["decoder"][5] == 1 + MAX_DEATHS
 
 
 def truncated(path: Path) -> None:
