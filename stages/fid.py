@@ -43,9 +43,10 @@ def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma1: np.ndarray | None = None) -> float:
-    """|mu1-mu2|² + tr Σ1 + tr Σ2 - 2 tr √(Σ1Σ2), the trace from eigenvalues of Σ1^½ Σ2 Σ1^½ (float64)."""
+    """|mu1-mu2|² + tr Σ1 + tr Σ2 - 2 tr √(Σ1Σ2), the trace from eigenvalues of Σ1^½ Σ2 Σ1^½ (float64); a distance,
+    so a rounding error below 0 (a set against itself) is 0, not "-0.000"."""
     root = psd_sqrt(np.asarray(sigma1, np.float64)) if sqrt_sigma1 is None else sqrt_sigma1
     eig = np.linalg.eigvalsh(root @ np.asarray(sigma2, np.float64) @ root)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean))
