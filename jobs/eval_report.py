@@ -148,11 +148,13 @@ def eval_html(fs, root: str) -> str:
     if not fs.exists(path):
         return ('<p class="note">Not evaluated: <code>wuerstchen-batch evaluate RUN_URI --clip-model MODEL '
                 '[--fid-reference REF]</code> writes CLIP score and FID here.</p>')
+    from jobs.report import fmt  # as the grid shows a value (report imports this module where it shows the table)
+
     try:  # the run's own report must not fail on it (an edited or older metrics.json)
         metrics = json.loads(fs.cat_file(path))
         rows = [["all", str(metrics["images"]), _num(metrics["clip_score"]), _num(metrics["fid"])]]
         for axis, values in metrics.get("by", {}).items():
-            rows += [[escape(f"{axis} = {v['value']}"), str(v["count"]), _num(v["clip_score"]), _num(v["fid"])]
+            rows += [[escape(f"{axis} = {fmt(axis, v['value'])}"), str(v["count"]), _num(v["clip_score"]), _num(v["fid"])]
                      for v in values]
     except Exception as err:  # noqa: BLE001 - said on the page instead
         return f'<p class="note">eval/metrics.json could not be shown ({escape(str(err))}).</p>'

@@ -123,7 +123,7 @@ def fmt(axis: str, value) -> str:
     """A sweep value as text (unescaped)."""
     if value is None:
         return "default" if axis == C.PRIOR_STEPS else "null"
-    if axis == RESOLUTION:
+    if axis == RESOLUTION and not isinstance(value, str):  # (height, width); evaluate's metrics.json holds "HxW"
         return "{}x{}".format(*value)
     if isinstance(value, float):
         return f"{value:g}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import io
+import json
 import posixpath
 import shutil
 import subprocess
@@ -356,3 +357,17 @@ def test_an_unreadable_evaluation_is_said_on_the_page_not_raised(local_run):
     (Path(output) / "eval" / "metrics.json").write_text('{"images": 3}')
     page = Path(build_report(output)).read_text()
     assert "eval/metrics.json could not be shown (&#x27;clip_score&#x27;)" in page and "Contact sheet" in page
+
+
+def test_the_evaluation_table_names_values_as_the_grid_does(local_run):
+    """A swept float is "2" in the grid's headings: the evaluation table beside it said "2.0" (JSON's float)."""
+    output, _ = local_run
+    (Path(output) / "eval").mkdir()
+    by = {C.DECODER_GUIDANCE: [{"value": 2.0, "count": 3, "clip_score": 0.25, "fid": None}],
+          "resolution": [{"value": "48x64", "count": 3, "clip_score": 0.25, "fid": None}],
+          C.PRIOR_STEPS: [{"value": None, "count": 3, "clip_score": 0.25, "fid": None}]}
+    (Path(output) / "eval" / "metrics.json").write_text(json.dumps({"images": 3, "clip_score": 0.25, "fid": 1.5,
+                                                                    "by": by}))
+    page = Path(build_report(output)).read_text()
+    for cell in ("decoder_guidance_scale = 2<", "resolution = 48x64<", "prior_steps = default<"):
+        assert f"<td>{cell}" in page, cell
