@@ -24,18 +24,24 @@ def local_ray_settings() -> None:
 
 
 def start_ray(verbose: bool = False) -> None:
-    """Join RAY_ADDRESS (or the caller's Ray), else start a local Ray; then set how loud Ray Data is."""
+    """Join RAY_ADDRESS (or the caller's Ray, or the cluster `ray start` started on this machine), else start a
+    local Ray; then set how loud Ray Data is."""
     import ray
 
     if verbose:
         os.environ["WUERSTCHEN_BATCH_VERBOSE"] = "1"  # stage actors keep the model libraries' messages
     if not ray.is_initialized():
         local_ray_settings()
-        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True,
-                 logging_level=logging.INFO if verbose else logging.ERROR)
+        try:
+            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True,
+                     logging_level=logging.INFO if verbose else logging.ERROR)
+        except SystemExit as err:  # ray.init's own SIGTERM handler (sys.exit(15)) while it starts
+            if err.code == signal.SIGTERM:
+                raise KeyboardInterrupt from None
+            raise
+        interrupt_on_sigterm()  # before anything else runs under Ray's handler
         if not verbose:
             absorb_restart_warning()
-        interrupt_on_sigterm()
     quiet_ray_data(verbose)
 
 

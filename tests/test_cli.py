@@ -266,6 +266,27 @@ def test_sigterm_before_ray_starts_interrupts_too(workdir):
     assert err.strip().splitlines()[-1].startswith("interrupted: run the same command again")
 
 
+def test_sigterm_as_ray_starts_interrupts_too(workdir):
+    """SIGTERM while the command starts its first actor, just after ray.init: Ray's own handler exited with code
+    15 and no word (a window of a second or two)."""
+    path = job_file(workdir, BASE)
+    script = ("import os, signal, sys\n"
+              "from jobs import console\n"
+              "first_actor = console.absorb_restart_warning\n"
+              "def absorb():\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)  # handled at once, by whatever handler is set now\n"
+              "    first_actor()\n"
+              "console.absorb_restart_warning = absorb\n"
+              "from jobs.cli import main\n"
+              f"sys.exit(main(['generate', {path!r}]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**env, "PYTHONPATH": str(ROOT)}, cwd=workdir)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("interrupted: run the same command again")
+    assert not (workdir / "out" / "_lease").exists()
+
+
 def test_an_interrupted_retry_says_how_to_make_the_rows_it_took_out(monkeypatch, capsys):
     """--retry-failed takes the failed entries out first: "the same command" would find no failed row to retry."""
     import jobs.cli as cli
