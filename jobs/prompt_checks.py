@@ -82,6 +82,7 @@ def _integer_somewhere(column: str, *schemas: pa.Schema) -> bool:
 # spellings (LAION's WIDTH and HEIGHT: the source image's size) are the table's own columns.
 SETTING_ALIASES = {"num_inference_steps": C.DECODER_STEPS, "prior_num_inference_steps": C.PRIOR_STEPS,
                    "guidance_scale": f"{C.PRIOR_GUIDANCE} or {C.DECODER_GUIDANCE}"}
+JOB_WIDE = "images_per_prompt"  # a generation key no column sets: every row would take the job's value
 
 
 def check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
@@ -95,6 +96,9 @@ def check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
             raise SpecError(f"prompts: column '{col}' in {name} is not a per-row setting (did you mean '{meant}'? "
                             f"names are exact); rename it to set the rows' value, or to another name to keep it "
                             f"as your own column")
+    if JOB_WIDE in schema.names:
+        raise SpecError(f"prompts: column '{JOB_WIDE}' in {name} is not a per-row setting (it is one value for "
+                        f"the whole job: generation.{JOB_WIDE}); rename the column to keep it as your own")
     if C.PROMPT not in schema.names:
         raise SpecError(f"prompts: {name} has no '{C.PROMPT}' column (columns: {', '.join(map(repr, schema.names))})")
     for col in C.RESERVED:

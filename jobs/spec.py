@@ -30,7 +30,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class GenerationSpec:
-    """Defaults for every row; same-named prompt-table columns override them per row."""
+    """Defaults for every row; same-named prompt-table columns override them per row (stages/columns.OVERRIDABLE:
+    all but images_per_prompt)."""
 
     height: int = 1024
     width: int = 1024

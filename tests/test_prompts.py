@@ -89,6 +89,8 @@ def test_a_column_a_sweep_replaces_is_warned_about(tmp_path):
     ({"prompt": ["a"], "height ": [512]}, "column 'height ' in"),  # would pass through, every row at the default
     ({"prompt": ["a"], "num_inference_steps": [30]}, "is not a per-row setting (did you mean 'decoder_steps'?"),
     ({"prompt": ["a"], "guidance_scale": [7.5]}, "(did you mean 'prior_guidance_scale or decoder_guidance_scale'?"),
+    ({"prompt": ["a", "b"], "images_per_prompt": [3, 1]}, "column 'images_per_prompt' in"),  # was kept as the
+    # table's own column: every row made generation.images_per_prompt images
 ])
 def test_bad_rows_are_named(tmp_path, cols, message):
     path = table_at(tmp_path, **cols)
