@@ -220,6 +220,10 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, 
     model); otherwise every check runs and the output is claimed before Ray starts, then the pipeline runs.
     `retry_failed`: only the rows whose manifest entry has an error are made again, their entries replaced."""
     started = time.time()
+    if spec.decoded_from:
+        raise SpecError(f"decoded_from: set by `decode` (the run whose Stage C it decodes), not by a generate job: "
+                        f"continue a decode with `wuerstchen-batch decode {spec.decoded_from} {spec.output}`, or "
+                        f"remove the key")
     check_reachable(stores(spec), spec.storage_options)
     if retry_failed and not output.read_job(spec.output, spec.storage_options):
         raise SpecError(f"--retry-failed: {spec.output} holds no run whose failed rows to make again (no "

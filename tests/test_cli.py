@@ -53,6 +53,7 @@ BASE = "prompts: good.parquet\noutput: out\n"
     (BASE + "generation: {height: 512\n", None, "YAML syntax error"),
     ("prompts: missing.parquet\noutput: out\n", None, "prompts: "),
     ("prompts: job.yaml\noutput: out\n", None, "job.yaml is not a readable Parquet file"),
+    (BASE + "decoded_from: runs/a\n", None, "decoded_from: set by `decode`"),  # was a full generate
 ])
 def test_bad_input_is_one_line_and_writes_nothing(workdir, capsys, body, table, message):
     if table is not None:
