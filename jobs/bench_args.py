@@ -10,14 +10,15 @@ from stages.dtypes import COMPILE_MODES
 
 def add_parser(subparsers) -> None:
     """Register the `benchmark` subcommand."""
-    bench = subparsers.add_parser("benchmark", help="images/s of the pipeline vs diffusers' combined pipeline")
-    bench.add_argument("--rows", type=int, default=256)
+    bench = subparsers.add_parser("benchmark", help="images/s of the pipeline vs diffusers' pipelines on the same rows")
+    bench.add_argument("--rows", type=int, default=256, help="rows to time (default 256)")
     bench.add_argument("--model", default="tiny", help="tiny, or a directory holding prior/ and decoder/")
     bench.add_argument("--prompts", help="a Parquet or TSV prompt table (default: generated prompts)")
-    bench.add_argument("--height", type=int, default=None)
-    bench.add_argument("--width", type=int, default=None)
-    bench.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
-    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--height", type=int, default=None, help="default: 256 for tiny, else 1024")
+    bench.add_argument("--width", type=int, default=None, help="default: 256 for tiny, else 1024")
+    bench.add_argument("--dtype", default=None, help="float32 (default) | float16 | bfloat16")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key of the benchmark's job spec, as generate's --set (repeatable)")
     bench.add_argument("--json", help="write the figures to this JSON file")
     bench.add_argument("--psnr-rows", type=int, default=8,
                        help="rows whose half-precision images are compared with float32 ones (0: none)")

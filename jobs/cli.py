@@ -23,7 +23,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("job", help="job spec (YAML)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec key, e.g. --set generation.height=512 (repeatable)")
-    gen.add_argument("--overwrite", action="store_true", help="delete what the output holds and start afresh")
+    gen.add_argument("--overwrite", action="store_true", help="delete the run the output holds (a run folder or an empty one; anything else is refused) and "
+                          "start afresh")
     gen.add_argument("--retry-failed", action="store_true",
                      help="make again only the rows whose manifest entry has an error, replacing those entries")
     gen.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
@@ -35,13 +36,16 @@ def parser() -> argparse.ArgumentParser:
                      help="decoder-side overrides, e.g. --set generation.decoder_steps=20")
     dec.add_argument("--storage-options", type=options_arg, default=None, metavar="JSON",
                      help="fsspec options for the stores (default: the run's job.yaml without its masked "
-                          "credentials, which then come from the environment)")
-    dec.add_argument("--overwrite", action="store_true")
+                          "credentials, which then come from the environment; a custom endpoint such as an "
+                          "S3-compatible store's must be given here: job.yaml is read through it)")
+    dec.add_argument("--overwrite", action="store_true",
+                     help="delete the run the output holds (a run folder or an empty one) and decode afresh")
     dec.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     plan = sub.add_parser("plan", help="rows, buckets, per-stage FLOPs and the suggested actor ratio of a job")
     plan.add_argument("job", help="job spec (YAML)")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a spec key, as generate's --set (repeatable)")
 
     tiny = sub.add_parser("tiny-model", help="write the tiny random-weight preset in the official layout")
     tiny.add_argument("directory")

@@ -44,7 +44,8 @@ def add_parser(subparsers) -> None:
     ev.add_argument("--inception", help="TorchScript FID Inception: file, directory or object-store URI")
     ev.add_argument("--by", nargs="+", action="extend", default=[], metavar="AXIS",
                     help="manifest column(s) to break the metrics down by (repeatable); resolution: by height x width")
-    ev.add_argument("--batch-size", type=int, default=PoolOptions.batch_size)
+    ev.add_argument("--batch-size", type=int, default=PoolOptions.batch_size,
+                    help=f"images per CLIP / Inception batch (default {PoolOptions.batch_size})")
     ev.add_argument("--concurrency", type=int, default=PoolOptions.concurrency, help="actors per pool")
     ev.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: by cluster)")
     ev.add_argument("--storage-options", type=options_arg, default="{}", help="fsspec options for remote URIs, as JSON")

@@ -268,7 +268,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("run", help="the run folder (a generate job's output: local path or fsspec URI)")
     parser.add_argument("--storage-options", type=options_arg, default=None, metavar="JSON",
                         help="fsspec options for the run's store (default: the run's job.yaml without its masked "
-                             "credentials, which then come from the environment)")
+                             "credentials, which then come from the environment; a custom endpoint such as an "
+                             "S3-compatible store's must be given here: job.yaml is read through it)")
     return parser
 
 
