@@ -246,25 +246,31 @@ def test_sigterm_interrupts_a_run_as_ctrl_c_does(workdir):
 
 
 def test_sigterm_before_ray_starts_interrupts_too(workdir):
-    """SIGTERM while the command still reads the prompt table (a FIFO here: the read waits for a writer)."""
+    """SIGTERM while the command still reads the prompt table (a FIFO here, which no one writes: its open waits)."""
     fifo = workdir / "slow.parquet"
     os.mkfifo(fifo)
     path = job_file(workdir, "prompts: slow.parquet\noutput: out\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", path], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env={**env, "PYTHONPATH": str(ROOT)}, cwd=workdir)
-    deadline, writer = time.time() + 120, None
-    while writer is None and run.poll() is None and time.time() < deadline:
-        try:
-            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # succeeds once the command opened it to read
-        except OSError:
-            time.sleep(0.1)
+    deadline = time.time() + 120
+    while not _waits_on_a_fifo(run.pid) and run.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # (opening the FIFO to write let the read go on, and fail, before the signal came)
     run.terminate()
     _, err = run.communicate(timeout=60)
-    if writer is not None:
-        os.close(writer)
     assert run.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("interrupted: run the same command again")
+
+
+def _waits_on_a_fifo(pid: int) -> bool:
+    """Whether a thread of process `pid` waits in the open of a FIFO (Linux: its wait channel)."""
+    waits = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            waits.append((task / "wchan").read_text())
+        except OSError:
+            pass  # the thread ended
+    return "wait_for_partner" in waits
 
 
 def test_sigterm_as_ray_starts_interrupts_too(workdir):

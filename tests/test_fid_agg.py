@@ -39,3 +39,24 @@ def test_merge_queues_at_most_compact_at_shards_of_a_group(ray_cluster):
     assert key == "all" and blocks == 300
     assert 2 <= fan_in <= G.COMPACT_AT + 7, fan_in  # ≤ 8 threads an aggregator
     assert {name: vars(HashAggregateOperator)[name] for name in G._THRESHOLDS} == before  # scoped to the merge
+
+
+def test_groups_merged_across_the_raw_rows_limit_give_numpy_statistics():
+    """Two blocks' accumulators of a group merged to exactly RAW_MAX rows, one fewer or one more, either way round:
+    raw rows below and at the limit, sums above it (a merge that packed exactly RAW_MAX rows as sums, then read
+    them as raw rows, crashed evaluate)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    rng = np.random.default_rng(0)
+    agg = G.GroupStats()
+    for sizes in ((1024, 1024), (2047, 1), (1, 2047), (2048, 1), (1, 2048), (2049, 3)):
+        x = rng.standard_normal((sum(sizes), 8)).astype(np.float32)
+        parts = np.split(x, [sizes[0]])
+        accs = [agg.aggregate_block(pa.table({G.GROUP: [G.ALL] * len(p), G.CLIP_SCORE: np.full(len(p), 0.5),
+                                              G.FEATURES: ArrowTensorArray.from_numpy(p)})) for p in parts]
+        values = G.GroupResult(agg.finalize(agg.combine(*accs)))
+        mu, sigma = values.mean_cov()
+        assert values.n == len(x) and values.clip_score() == 0.5, sizes
+        assert np.allclose(mu, x.astype(np.float64).mean(0)) and np.allclose(sigma, np.cov(x.astype(np.float64),
+                                                                                            rowvar=False)), sizes

@@ -23,12 +23,14 @@ def job(tmp_path, rows, sweep=None, **generation):
 
 def test_buckets_count_images_by_shape_steps_and_guidance(tmp_path):
     rows = [{C.PROMPT: "a"}, {C.PROMPT: "b", C.HEIGHT: 256}, {C.PROMPT: "c", C.HEIGHT: 256},
-            {C.PROMPT: "d", C.DECODER_GUIDANCE: 3.0}, {C.PROMPT: "e", C.PRIOR_GUIDANCE: 7.0}]
+            {C.PROMPT: "d", C.DECODER_GUIDANCE: 3.0}, {C.PROMPT: "e", C.PRIOR_GUIDANCE: 7.0},
+            {C.PROMPT: "f", C.PRIOR_GUIDANCE: 1.0, C.DECODER_GUIDANCE: 1.0}]  # 1.0: guidance off, as diffusers' > 1
     spec = job(tmp_path, rows, images_per_prompt=3)
     buckets = count_buckets(spec, scan(spec))
-    assert sum(b.images for b in buckets) == 15
-    by_key = {(b.height, b.decoder_cfg): b.images for b in buckets}
-    assert by_key == {(128, False): 6, (256, False): 6, (128, True): 3}  # guidance 4 vs 7: same bucket
+    assert sum(b.images for b in buckets) == 18
+    by_key = {(b.height, b.prior_cfg, b.decoder_cfg): b.images for b in buckets}
+    assert by_key == {(128, True, False): 6, (256, True, False): 6, (128, True, True): 3,
+                      (128, False, False): 3}  # guidance 4 vs 7: same bucket
 
 
 def test_flops_follow_steps_and_guidance(tmp_path):

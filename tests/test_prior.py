@@ -111,3 +111,25 @@ def test_non_finite_output_marks_the_row(stages):
     batch[C.PRIOR_TEXT][1, 0, 0] = np.nan  # a NaN in the conditioning reaches the output
     out = prior(batch)
     assert out[C.ERROR][0] == "" and "NaN" in out[C.ERROR][1]
+
+
+def test_a_row_with_one_non_finite_value_is_flagged_alone():
+    """A bf16 value outside float16's range travels as inf: one element of a row, not all of them (the NaN above
+    spreads through the whole embedding); an earlier stage's error is kept."""
+    from stages.batching import flag_nonfinite
+
+    out = np.zeros((4, 16, 3, 3), np.float16)
+    out[1, 0, 0, 0], out[2, 15, 2, 2] = np.inf, np.nan
+    errors = flag_nonfinite(np.asarray(["", "", "", "text: earlier"], dtype=object), [(np.arange(4), out)], "bad")
+    assert list(errors) == ["", "bad", "bad", "text: earlier"]
+
+
+def test_guidance_one_runs_the_conditional_branch_alone(stages, monkeypatch):
+    """Guidance 1.0 is the conditional prediction alone (diffusers guides above 1): Stage C runs one branch for it,
+    as for 0, not two (twice the work for the same bits)."""
+    text, prior = stages
+    branches = []
+    generate = prior._generate
+    monkeypatch.setattr(prior, "_generate", lambda *args: branches.append(args[-1]) or generate(*args))
+    prior(text(make_batch([{**ROWS[0], C.PRIOR_GUIDANCE: g} for g in (1.0, 4.0)])))
+    assert sorted(branches) == [False, True]

@@ -89,6 +89,10 @@ def test_a_column_a_sweep_replaces_is_warned_about(tmp_path):
     ({"prompt": ["a"], "height ": [512]}, "column 'height ' in"),  # would pass through, every row at the default
     ({"prompt": ["a"], "num_inference_steps": [30]}, "is not a per-row setting (did you mean 'decoder_steps'?"),
     ({"prompt": ["a"], "guidance_scale": [7.5]}, "(did you mean 'prior_guidance_scale or decoder_guidance_scale'?"),
+    ({"prompt": ["a"], "row_id": ["x"]}, "is set by the job itself, so its values would be replaced"),
+    ({"prompt": ["a"], "error": ["x"]}, "column 'error' in"),
+    ({"prompt": ["a"], "prior_checkpoint": ["tiny"]}, "is set by the job itself, so its values would be replaced: "
+                                                      "rename the column (per-row checkpoints: use sweep"),
     ({"prompt": ["a", "b"], "images_per_prompt": [3, 1]}, "column 'images_per_prompt' in"),  # was kept as the
     # table's own column: every row made generation.images_per_prompt images
 ])
@@ -136,6 +140,24 @@ def test_expand_fills_defaults_and_overrides(tmp_path):
     assert list(out[C.PRIOR_STEPS]) == [0, 0, 0, 0]  # 0: the default Stage C schedule
     assert list(out["Category"]) == ["p", "p", "q", "q"]  # user columns pass through
     assert len(set(out[C.ROW_ID])) == 4
+
+
+def test_every_sweep_combination_gets_every_image_once():
+    """Prompt rows × sweep combinations × images_per_prompt, each once, in spans too (a combination index that
+    ignored the image index made half the pairs twice, to be folded, and lost the others); resolution is
+    [height, width]."""
+    spec = spec_from_dict({"prompts": "x", "output": "o", "generation": {"images_per_prompt": 2, "seed": 10},
+                           "sweep": {"decoder_guidance_scale": [0.0, 2.0], "resolution": [[256, 128], [128, 384]]}})
+    out = expand(spec, prompt=["a", "b"])
+    made = sorted(zip(out[C.PROMPT], out[C.DECODER_GUIDANCE], out[C.HEIGHT], out[C.WIDTH], out[C.IMAGE_INDEX],
+                      out[C.SEED]))
+    assert made == sorted((p, g, h, w, k, 10 + k) for p in "ab" for g in (0.0, 2.0)
+                          for h, w in ((256, 128), (128, 384)) for k in (0, 1))
+    assert len(set(out[C.ROW_ID])) == 16
+    batch = {C.PROMPT: np.asarray(["a", "b"], dtype=object)}
+    spans = [expand_rows(batch, defaults_for(spec), 2, dict(decoder=spec.model.decoder, dtype=spec.model.dtype),
+                         sweep_combinations(spec.sweep), span)[C.ROW_ID] for span in ((0, 5), (5, 11), (11, 16))]
+    assert sorted(np.concatenate(spans)) == sorted(out[C.ROW_ID])
 
 
 def test_row_id_is_a_stable_hash_of_what_makes_the_image():
