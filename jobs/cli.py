@@ -23,8 +23,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("job", help="job spec (YAML)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec key, e.g. --set generation.height=512 (repeatable)")
-    gen.add_argument("--overwrite", action="store_true", help="delete the run the output holds (a run folder or an empty one; anything else is refused) and "
-                          "start afresh")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="delete the run the output holds (a run folder or an empty one; anything else is "
+                          "refused) and start afresh")
     gen.add_argument("--retry-failed", action="store_true",
                      help="make again only the rows whose manifest entry has an error, replacing those entries")
     gen.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)

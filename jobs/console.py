@@ -37,6 +37,7 @@ def start_ray(verbose: bool = False) -> None:
                      logging_level=logging.INFO if verbose else logging.ERROR)
         except SystemExit as err:  # ray.init's own SIGTERM handler (sys.exit(15)) while it starts
             if err.code == signal.SIGTERM:
+                interrupt_on_sigterm()  # a second SIGTERM while the command cleans up interrupts that too
                 raise KeyboardInterrupt from None
             raise
         interrupt_on_sigterm()  # before anything else runs under Ray's handler

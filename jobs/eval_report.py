@@ -154,8 +154,8 @@ def eval_html(fs, root: str) -> str:
         metrics = json.loads(fs.cat_file(path))
         rows = [["all", str(metrics["images"]), _num(metrics["clip_score"]), _num(metrics["fid"])]]
         for axis, values in metrics.get("by", {}).items():
-            rows += [[escape(f"{axis} = {fmt(axis, v['value'])}"), str(v["count"]), _num(v["clip_score"]), _num(v["fid"])]
-                     for v in values]
+            rows += [[escape(f"{axis} = {fmt(axis, v['value'])}"), str(v["count"]), _num(v["clip_score"]),
+                      _num(v["fid"])] for v in values]
     except Exception as err:  # noqa: BLE001 - said on the page instead
         return f'<p class="note">eval/metrics.json could not be shown ({escape(str(err))}).</p>'
     ref = metrics.get("fid_reference") or {}

@@ -17,8 +17,8 @@ MAX_DEATHS = 2
 # A stage whose first this many rows all failed (none made) stops the pass: a cause every row shares (a broken
 # checkpoint, a GPU out of memory at this micro-batch) would otherwise fail every row of the table, one by one.
 FAIL_FAST_ROWS = 64
-# … or whose actors died this often, no row made (each row that kills its actor costs MAX_DEATHS restarts, each a
-# model load: 64 such rows would take hours at full size).
+# … or whose actors died this often, none made (each row that kills its actor costs up to 1 + MAX_DEATHS restarts,
+# each a model load: 64 such rows would take hours at full size).
 FAIL_FAST_DEATHS = 8
 RERUN_ADVICE = ("the rows written so far are kept: once the cause is fixed under the same spec, run the same command "
                 "(the rows not made yet), then again with --retry-failed (the failed ones); a fix that changes the "
@@ -169,29 +169,33 @@ def _column(values: list, like: np.ndarray | None) -> np.ndarray:
     return np.asarray(values, dtype=like.dtype if like is not None and like.ndim == 1 else object)
 
 
+def _count(nodes: set) -> str:
+    return f"{len(nodes)} node{'s' * (len(nodes) != 1)}"
+
+
 class FailureWatch:
-    """A check for PassWatch while a pass runs: a stage whose first FAIL_FAST_ROWS rows all failed, or whose actors
-    died FAIL_FAST_DEATHS times, none made, on every node that hosts one of its actors stops the pass, which then
-    ends in one line naming the stage, its first error and `advice`. A node whose rows all fail beside one that has
-    not failed yet does not stop it (a broken GPU: the other nodes make the rows), nor does a stage that made a row
-    before (a restarted Tally counts anew)."""
+    """A check for PassWatch while a pass runs: a stage whose first FAIL_FAST_ROWS rows all failed, none made, with
+    failed rows on every node that hosts one of its actors, stops the pass, which then ends in one line naming the
+    stage, its first error and `advice`; so does one whose actors died FAIL_FAST_DEATHS times, none made, on every
+    such node. A node whose rows fail (or whose actors die) beside one that has not failed yet does not stop it (a
+    broken GPU: the other nodes make the rows), nor does a stage that made a row before (a restarted Tally counts
+    anew)."""
 
     def __init__(self, tally, advice: str):
         self.tally, self.advice, self.working = tally, advice, set()
 
     def check(self) -> str | None:
-        for stage, (made, failed, first, failing, hosts, deaths) in ray.get(self.tally.stage_outcomes.remote(),
-                                                                            timeout=10).items():
+        for stage, (made, failed, first, failing, hosts, deaths, dying) in ray.get(
+                self.tally.stage_outcomes.remote(), timeout=10).items():
             if made:
                 self.working.add(stage)
-            if stage in self.working or not failing >= hosts:
+            if stage in self.working:
                 continue
-            nodes = f"{len(failing)} node{'s' * (len(failing) != 1)}"
             stop = "the run stopped rather than fail every row"
-            if failed >= FAIL_FAST_ROWS:
-                return f"stages.{stage}: its first {failed} rows all failed, none made, on {nodes} (first: {first}); " \
-                       f"{stop}: {self.advice}"
-            if deaths >= FAIL_FAST_DEATHS:
+            if failed >= FAIL_FAST_ROWS and failing >= hosts:
+                return f"stages.{stage}: its first {failed} rows all failed, none made, on {_count(failing)} " \
+                       f"(first: {first}); {stop}: {self.advice}"
+            if deaths >= FAIL_FAST_DEATHS and dying >= hosts:
                 return f"stages.{stage}: its actors died {deaths} times running its first rows, none made, on " \
-                       f"{nodes} (out of memory? {first or 'no row has failed yet'}); {stop}: {self.advice}"
+                       f"{_count(dying)} (out of memory?); {stop}: {self.advice}"
         return None

@@ -29,7 +29,7 @@ class Tally:
         self.alone_tries: dict[tuple[str, str], int] = {}  # … → tries of the row run alone
         self.loads: dict[str, dict] = {}  # stage → its class name and {node: why} where its models failed to load
         self.first: dict[str, str] = {}  # a count's first example (a prompt), for its warning
-        # stage → [rows made, failed, first error, nodes failing, nodes hosting, actor deaths]
+        # stage → [rows made, failed, first error, nodes failing rows, nodes hosting, actor deaths, nodes of deaths]
         self.outcomes: dict[str, list] = {}
 
     def begin(self, stage: str, ids: list[str], node: str = "") -> list[int]:
@@ -39,7 +39,7 @@ class Tally:
         if died_on is not None:
             seen = self._outcome(stage)
             seen[5] += 1
-            seen[3].add(died_on)
+            seen[6].add(died_on)
         for i in ids:
             self.tries[stage, i] = self.tries.get((stage, i), 0) + 1
             self.trying[stage, i] = node
@@ -87,7 +87,7 @@ class Tally:
         self._outcome(stage)[4].add(node)
 
     def _outcome(self, stage: str) -> list:
-        return self.outcomes.setdefault(stage, [0, 0, None, set(), set(), 0])
+        return self.outcomes.setdefault(stage, [0, 0, None, set(), set(), 0, set()])
 
     def stage_outcomes(self) -> dict[str, list]:
         return self.outcomes

@@ -49,4 +49,4 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma1: np.ndarray | None = 
     eig = np.linalg.eigvalsh(root @ np.asarray(sigma2, np.float64) @ root)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
-    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean))
+    return max(float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean), 0.0)  # NaN stays NaN

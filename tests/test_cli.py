@@ -250,7 +250,7 @@ def test_sigterm_before_ray_starts_interrupts_too(workdir):
     fifo = workdir / "slow.parquet"
     os.mkfifo(fifo)
     path = job_file(workdir, "prompts: slow.parquet\noutput: out\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # not a cluster `ray start` left on this machine
     run = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", path], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env={**env, "PYTHONPATH": str(ROOT)}, cwd=workdir)
     deadline = time.time() + 120
@@ -286,7 +286,7 @@ def test_sigterm_as_ray_starts_interrupts_too(workdir):
               "console.absorb_restart_warning = absorb\n"
               "from jobs.cli import main\n"
               f"sys.exit(main(['generate', {path!r}]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # not a cluster `ray start` left on this machine
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**env, "PYTHONPATH": str(ROOT)}, cwd=workdir)
     assert result.returncode == 130, result.stderr[-2000:]

@@ -54,6 +54,7 @@ def test_frechet_matches_scipy_and_is_zero_on_itself():
     assert ours > 1 and ours == pytest.approx(reference, rel=1e-4)
     assert frechet_from_features(a, b) == pytest.approx(reference, rel=1e-6)  # the test's own formula, checked
     assert 0 <= F.frechet_distance(mu1, s1, mu1, s1) < 1e-8 * np.trace(s1)
+    assert np.isnan(F.frechet_distance(np.full_like(mu1, np.nan), s1, mu2, s2))  # no FID, not a perfect 0
     # rank-deficient (fewer samples than dimensions): still real, finite and ~0 on itself
     few = rng.standard_normal((20, 64))
     mu, sigma = np.mean(few, 0), np.cov(few, rowvar=False)

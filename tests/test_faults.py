@@ -302,13 +302,25 @@ def test_a_stage_whose_actors_keep_dying_stops_before_its_rows_are_tried_one_by_
     assert watch.check() is None  # node-b has not failed yet
     ray_cluster.get(tally.begin.remote("decoder", ["r0", "r1"], "node-a"))  # the try on node-b died too
     assert watch.check() == (f"stages.decoder: its actors died {isolation.FAIL_FAST_DEATHS + 1} times running its "
-                             "first rows, none made, on 2 nodes (out of memory? no row has failed yet); the run "
-                             "stopped rather than fail every row: advice")
+                             "first rows, none made, on 2 nodes (out of memory?); the run stopped rather than fail "
+                             "every row: advice")
     ray_cluster.get(tally.end.remote("decoder", ["r0", "r1"]))
     ray_cluster.get(tally.begin.remote("decoder", ["r0", "r1"], "node-a"))  # ended, then tried anew: no death
     assert ray_cluster.get(tally.stage_outcomes.remote())["decoder"][5] == isolation.FAIL_FAST_DEATHS + 1
     ray_cluster.get(tally.outcome.remote("decoder", 1, 0, None, "node-a"))
     assert watch.check() is None  # the stage works
+
+    mixed = Tally.remote()  # one node fails rows, the other's actor died once: neither rule holds on both nodes
+    watch = isolation.FailureWatch(mixed, "advice")
+    for node in ("node-a", "node-b"):
+        ray_cluster.get(mixed.loaded.remote("decoder", node))
+    ray_cluster.get(mixed.outcome.remote("decoder", 0, isolation.FAIL_FAST_ROWS, "boom", "node-a"))
+    for node in ("node-b", "node-a"):
+        ray_cluster.get(mixed.begin.remote("decoder", ["r0"], node))  # r0's actor died on node-b
+    assert watch.check() is None
+    for _ in range(isolation.FAIL_FAST_DEATHS):
+        ray_cluster.get(mixed.begin.remote("decoder", ["r0"], "node-a"))  # … then again and again on node-a
+    assert watch.check() is not None and "actors died" in watch.check()  # deaths on both nodes now
 
 
 def test_poison_row_in_a_resumed_run_is_isolated(tmp_path, ray_cluster):

@@ -53,7 +53,7 @@ def test_stages_report_the_rows_they_made_and_failed(ray_cluster):
     instance(batch(3))
     instance(batch(2, ["prior: came failed", ""]))
     node = ray_cluster.get_runtime_context().get_node_id()  # where the stage ran: here
-    assert ray_cluster.get(tally.stage_outcomes.remote()) == {"decoder": [3, 1, "boom", {node}, set(), 0]}  # no load
+    assert ray_cluster.get(tally.stage_outcomes.remote()) == {"decoder": [3, 1, "boom", {node}, set(), 0, set()]}  # no load
     # seen, no death
 
 
