@@ -179,6 +179,9 @@ def test_a_run_is_named_one_way_whatever_its_spelling():
     here = relocation("file:///data/copy")
     assert relocated("tar://k.png::/data/run/shards/s.tar", here) == "tar://k.png::/data/copy/shards/s.tar"
     assert relocated("/elsewhere/x.png", here) == "/elsewhere/x.png"  # not the run's layout: as written
+    here = relocation("/t/run")  # moved from a folder whose name starts with the new one's
+    assert relocated("/t/run2/images/ab/ab1.png", here) == "/t/run/images/ab/ab1.png"
+    assert relocated("tar://k.png::/t/run2/shards/s.tar", here) == "tar://k.png::/t/run/shards/s.tar"
 
 
 def test_an_override_given_twice_is_refused_and_one_into_a_bare_section_works(tmp_path):
@@ -188,3 +191,5 @@ def test_an_override_given_twice_is_refused_and_one_into_a_bare_section_works(tm
         apply_overrides(BASE, ["generation.height=256", "generation.height=512"])
     path = write(tmp_path, "prompts: a.parquet\noutput: out\nmodel:\n")
     assert load_spec(path, ["model.dtype=bfloat16"]).model.dtype == "bfloat16"
+    # a value holding "=" (a SAS token, a prompt) splits at the first one: the key's
+    assert apply_overrides(BASE, ["generation.negative_prompt=a=b"])["generation"]["negative_prompt"] == "a=b"

@@ -65,3 +65,19 @@ def test_guidance_is_applied_in_float32_in_half_precision(model_cache):
     batch = TextEncoder("tiny", "tiny", dtype="bfloat16")(make_batch(rows))
     embeddings = PriorStage("tiny", dtype="bfloat16")(batch)[C.IMAGE_EMBEDDINGS].astype(np.float32)
     assert not np.array_equal(embeddings[0], embeddings[1])
+
+
+def test_packed_rows_unpack_to_every_column_of_the_table_in_its_type():
+    """A part whose rows came from a file without one of the table's columns still writes that column (null), so
+    every manifest part has every column; a float with a fraction bound for an integer column is kept whole, as a
+    float, not cut to an integer."""
+    import pickle
+
+    from stages.user_columns import typed, unpack
+
+    types = pa.schema([("topic", pa.string()), ("score", pa.int64())])
+    columns = unpack(np.asarray([pickle.dumps({"score": 3}), pickle.dumps({})], dtype=object), types)
+    assert columns["topic"].type == pa.string() and columns["topic"].to_pylist() == [None, None]
+    assert columns["score"].type == pa.int64() and columns["score"].to_pylist() == [3, None]
+    kept = typed([2.5, 1.0], pa.int64())  # pa.array would give [2, 1]
+    assert kept.type == pa.float64() and kept.to_pylist() == [2.5, 1.0]

@@ -1,6 +1,7 @@
 """Writers: image encodings, atomic objects, and manifest rows for good and failed rows."""
 
 import io
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -86,3 +87,39 @@ def test_shard_rows_carry_their_encoded_images_and_a_shard_of_failures_only_is_n
                          "png").to_pylist()
     assert row[C.SHARD] is None and row[C.ERROR] == "Stage B/A produced NaN"
     assert len(list((tmp_path / "shards").iterdir())) == 1 and len(list((tmp_path / "shard_stats").iterdir())) == 1
+    (stats,) = [json.loads(p.read_text()) for p in (tmp_path / "shard_stats").iterdir()]
+    assert (stats["samples"], stats["failed"]) == (1, 1)  # the README's per-shard counts: the good row, the failed
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_shard_stats_give_each_image_s_byte_range_in_the_tar(tmp_path, fmt):
+    """report and evaluate read a sample's image with one range read at shard_stats' offset and size, in any
+    image format (a range that missed, or no range for a .jpg member, meant reading every header of the tar)."""
+    from stages.writer import EXTENSIONS, shard_columns, write_shard
+
+    rows = shard_columns(batch(), fmt)
+    written = write_shard(rows, str(tmp_path), {}, fmt).to_pylist()
+    (stats,) = [json.loads(p.read_text()) for p in (tmp_path / "shard_stats").iterdir()]
+    tar = open(written[0][C.SHARD], "rb").read()
+    for i, row in enumerate(written):
+        offset, size = stats["members"][f"{row[C.ROW_ID]}.{EXTENSIONS[fmt]}"]
+        assert tar[offset:offset + size] == rows[C.IMAGE_FILE][i]
+
+
+def test_a_write_cut_short_leaves_nothing_under_its_name(tmp_path, monkeypatch):
+    """A local write that fails halfway (a full disk, a kill) leaves no truncated part or image under the name
+    readers list: the bytes go to a hidden file, renamed once whole."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from stages.storage import write_atomic
+
+    whole = LocalFileSystem.pipe_file
+
+    def cut_short(self, path, value, **kwargs):
+        whole(self, path, value[: len(value) // 2], **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", cut_short)
+    with pytest.raises(OSError):
+        write_atomic(LocalFileSystem(), f"{tmp_path}/manifest/part-0.parquet", b"x" * 1000)
+    assert not (tmp_path / "manifest" / "part-0.parquet").exists()
