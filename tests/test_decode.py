@@ -258,6 +258,27 @@ def test_rows_made_identical_by_new_settings_are_decoded_once(first_run, tmp_pat
     assert sorted(stored) == sorted(r[C.ROW_ID] for r in rows)
 
 
+def test_stored_rows_without_input_rows_count_one_each():
+    """A decode of a decode stores input_rows null (no fold ran): each such row is one input row, so rows made
+    identical by new settings count them all (here 1 + 1 + 3), not 0 each."""
+    import pyarrow as pa
+
+    from jobs.decode import NEW_ID, stored_keys
+    from stages import output
+    from stages.writer import PARAMS_SCHEMA
+
+    row = {C.PROMPT: "a fox", C.NEGATIVE_PROMPT: "", C.SEED: 7, C.HEIGHT: 128, C.WIDTH: 128, C.PRIOR_STEPS: 2,
+           C.PRIOR_GUIDANCE: 4.0, C.DECODER_STEPS: 2, C.IMAGE_INDEX: 0, C.CHECKPOINT: "c", C.PRIOR_CHECKPOINT: "p"}
+    rows = [{**row, C.ROW_ID: f"r{i}", C.DECODER_GUIDANCE: g, C.INPUT_ROWS: n}
+            for i, (g, n) in enumerate([(1.0, None), (2.0, None), (3.0, 3)])]  # a sweep over decoder guidance
+    table = pa.Table.from_pylist(rows, schema=PARAMS_SCHEMA)
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    batch[output.PATH] = np.asarray(["part.parquet"] * 3, dtype=object)
+    keys = stored_keys(batch, {C.DECODER_GUIDANCE: 2.0}, {"decoder": "d", "dtype": "bfloat16"})
+    assert len(set(keys[NEW_ID])) == 1  # one row once re-decoded ...
+    assert keys[C.INPUT_ROWS].tolist() == [1, 1, 3]  # ... of 5 input rows
+
+
 def test_a_resumed_decode_reads_each_stored_part_once_for_its_footer_and_once_for_its_keys(first_run, counted_s3):
     """A decode resumed on S3 reads each of the run's embeddings footers once (stored rows and column types in one
     pass) and each part's keys once (made, counted and kept in one pass), the part holding a row left once more

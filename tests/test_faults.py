@@ -370,6 +370,7 @@ def test_shard_written_before_a_kill_is_not_left_beside_its_rewrite(tmp_path, ra
     keys = [s["__key__"] for s in wds.WebDataset(sorted(map(str, (out / "shards").glob("*"))), shardshuffle=False)]
     assert sorted(keys) == sorted(r[C.ROW_ID] for r in manifest)  # each sample once, in a shard the manifest names
     assert {str(p) for p in (out / "shards").iterdir()} == {r[C.SHARD] for r in manifest}
+    assert {p.stem for p in (out / output.SHARD_STATS).iterdir()} == {p.stem for p in (out / "shards").iterdir()}
     assert set(kept) <= {r[C.SHARD] for r in manifest}  # the shards of rows with entries stay as they were
 
 
@@ -480,3 +481,36 @@ def test_an_error_no_retry_fixes_is_one_line_naming_why(ray_cluster):
     import ssl  # an SSL error is an OSError of errno 1 (EPERM): a blip, not a refusal
     blip = ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad mac")
     assert storage_failure(failing(blip), "OUT") is None
+
+
+def test_an_ssl_error_in_this_process_is_not_a_refusal():
+    """An SSL error is an OSError of errno 1 (EPERM): a blip, not "an error no retry fixes", unwrapped too."""
+    import ssl
+
+    from jobs.retries import storage_failure
+
+    assert storage_failure(ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad mac"), "OUT") is None
+
+
+def test_an_error_raised_while_handling_a_dropped_connection_is_transient():
+    """A client's own error raised in its `except` of a connection reset (its __context__) is retried."""
+    from jobs.retries import storage_failure
+
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError:
+            raise RuntimeError("write failed")  # raised while handling it: its __context__
+    except RuntimeError as err:
+        during = err
+    assert transient(during)
+    assert "stayed unreachable through every retry" in storage_failure(during, "OUT")
+
+
+def test_a_403_seen_only_in_a_wrapped_errors_text_is_a_refusal():
+    """Ray's wrapped errors carry the store's 403 as text only: still "refused a request", not retried."""
+    from jobs.retries import refused_for_good
+
+    wrapped = RuntimeError("ray.exceptions.RayTaskError(PermissionError): ray::write()\nPermissionError: Access Denied")
+    assert not transient(wrapped)
+    assert refused_for_good(wrapped).startswith("the store refused a request (403")

@@ -70,6 +70,21 @@ def test_the_lease_of_an_invocation_that_died_is_taken_over(tmp_path):
     with pytest.raises(SpecError, match=r"host elsewhere, pid 1, lease renewed \d+ s ago"):
         with lease.held(spec.output, {}):
             pass
+    write_lease(tmp_path, host="elsewhere", pid=1, renewed_at=time.time() - lease.EXPIRES_S + 5)  # missed renewals
+    with pytest.raises(SpecError, match="being written by another invocation"):
+        with lease.held(spec.output, {}):
+            pass
+
+
+def test_a_lease_from_another_container_on_this_host_is_not_judged_by_its_pid(tmp_path):
+    """Containers share a hostname, not pids: a pid not running here may run in the lease's own pid namespace,
+    so a lease renewed just now from there still refuses a second invocation."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    write_lease(tmp_path, host=socket.gethostname(), pids=(lease.pid_namespace() or 0) + 1, pid=int(dead.stdout),
+                renewed_at=time.time())
+    with pytest.raises(SpecError, match="being written by another invocation"):
+        with lease.held(str(tmp_path / "out"), {}):
+            pass
 
 
 def test_of_two_invocations_starting_together_one_goes_on(tmp_path, monkeypatch):
@@ -103,6 +118,48 @@ def test_of_two_invocations_starting_together_one_goes_on(tmp_path, monkeypatch)
     assert sorted(outcomes, key=len)[0] == "held" and "another invocation" in sorted(outcomes, key=len)[1], outcomes
 
 
+def test_of_two_invocations_taking_over_a_dead_lease_together_one_goes_on(tmp_path, monkeypatch):
+    """Both find another host's expired lease; one deletes it and creates its own, the other (which saw the dead
+    lease too) deletes that and creates its own: the settle re-read leaves one holding it, the other refused."""
+    monkeypatch.setattr(lease, "SETTLE_S", 2.0)  # the second's delete and create land within it
+    write_lease(tmp_path, host="elsewhere", pid=1, renewed_at=time.time() - lease.EXPIRES_S - 1)
+    both_read, created, reads = threading.Barrier(2), threading.Event(), {}
+    read, create = lease.Lease.read, lease.Lease.create
+
+    def read_in_order(self):  # both see the dead lease twice; "late" deletes only once "early" has created
+        record = read(self)
+        reads[self.token] = reads.get(self.token, 0) + 1
+        if reads[self.token] == 2:
+            both_read.wait(timeout=10)
+            if threading.current_thread().name == "late":
+                created.wait(timeout=10)
+        return record
+
+    def create_and_say(self):
+        made = create(self)
+        created.set()
+        return made
+    monkeypatch.setattr(lease.Lease, "read", read_in_order)
+    monkeypatch.setattr(lease.Lease, "create", create_and_say)
+    outcomes, tried = [], threading.Barrier(2)
+
+    def start():
+        try:
+            with lease.held(str(tmp_path / "out"), {}):
+                outcomes.append("held")
+                tried.wait(timeout=10)  # held until the other has tried
+        except SpecError as err:
+            outcomes.append(str(err))
+            tried.wait(timeout=10)
+    threads = [threading.Thread(target=start, name=name) for name in ("early", "late")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("held") == 1, outcomes
+    assert any("another invocation" in outcome for outcome in outcomes), outcomes
+
+
 def test_a_renewal_under_way_does_not_outlive_the_lease(tmp_path, monkeypatch):
     """The lease is given back after its last renewal ends: not written again after it is deleted."""
     monkeypatch.setattr(lease, "RENEW_S", 0.05)
@@ -122,6 +179,7 @@ def test_an_invocation_whose_lease_was_taken_ends_in_an_error(tmp_path, monkeypa
         with lease.held(str(tmp_path / "out"), {}) as held:
             write_lease(tmp_path, host="elsewhere", pid=7, renewed_at=time.time())
             within(10, lambda: held.lost is not None)  # the next renewal finds it (a loaded machine: later)
+    assert json.loads((tmp_path / "out" / lease.LEASE).read_text())["token"] == "other"  # the other's: kept
 
 
 def test_a_lease_is_renewed_while_held(tmp_path, monkeypatch):
