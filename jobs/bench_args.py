@@ -10,7 +10,8 @@ from stages.dtypes import COMPILE_MODES
 
 def add_parser(subparsers) -> None:
     """Register the `benchmark` subcommand."""
-    bench = subparsers.add_parser("benchmark", help="images/s of the pipeline vs diffusers' pipelines on the same rows")
+    bench = subparsers.add_parser("benchmark",
+                                  help="images/s of the pipeline vs diffusers' pipelines on the same rows")
     bench.add_argument("--rows", type=int, default=256, help="rows to time (default 256)")
     bench.add_argument("--model", default="tiny", help="tiny, or a directory holding prior/ and decoder/")
     bench.add_argument("--prompts", help="a Parquet or TSV prompt table (default: generated prompts)")

@@ -222,8 +222,8 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, 
     started = time.time()
     if spec.decoded_from:
         raise SpecError(f"decoded_from: set by `decode` (the run whose Stage C it decodes), not by a generate job: "
-                        f"continue a decode with `wuerstchen-batch decode {spec.decoded_from} {spec.output}` (with its --set options), or "
-                        f"remove the key")
+                        f"continue a decode with `wuerstchen-batch decode {spec.decoded_from} {spec.output}` (with "
+                        f"its --set options), or remove the key")
     check_reachable(stores(spec), spec.storage_options)
     if retry_failed and not output.read_job(spec.output, spec.storage_options):
         raise SpecError(f"--retry-failed: {spec.output} holds no run whose failed rows to make again (no "

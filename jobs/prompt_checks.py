@@ -96,7 +96,7 @@ def check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
             raise SpecError(f"prompts: column '{col}' in {name} is not a per-row setting (did you mean '{meant}'? "
                             f"names are exact); rename it to set the rows' value, or to another name to keep it "
                             f"as your own column")
-    for col in (c for c in schema.names if c.strip() == JOB_WIDE):
+    if col := next((c for c in schema.names if c.strip() == JOB_WIDE), None):
         raise SpecError(f"prompts: column '{col}' in {name} is not a per-row setting (it is one value for "
                         f"the whole job: generation.{JOB_WIDE}); rename the column to keep it as your own")
     if C.PROMPT not in schema.names:
