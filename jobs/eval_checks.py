@@ -26,14 +26,13 @@ from stages.storage import full_uri, join, url_to_fs
 CLIP_FILES = (("config.json",), ("preprocessor_config.json", "processor_config.json"), ("tokenizer_config.json",),
               ("model.safetensors", "model.safetensors.index.json"))  # CLIPModel loads safetensors only
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # a reference folder's images
-RESOLUTION = "resolution"  # the sweep axis the manifest holds as height and width: an axis of "HxW" values
 AXIS_VALUES = 1000  # most values of one --by axis: each is a group of FID statistics (~32 MiB) and a result row
 
 
 def with_resolution(table: pa.Table) -> pa.Table:
-    """`table` (manifest rows) with the RESOLUTION axis: each row's "HxW"."""
+    """`table` (manifest rows) with the resolution axis: each row's "HxW"."""
     sides = [pc.cast(table.column(c), pa.string()) for c in (C.HEIGHT, C.WIDTH)]
-    return table.append_column(RESOLUTION, pc.binary_join_element_wise(*sides, "x"))
+    return table.append_column(C.RESOLUTION, pc.binary_join_element_wise(*sides, "x"))
 
 
 def check_axis_values(fs, files: list[str], axis: str) -> None:

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.report import fmt
 from stages import columns as C
 from stages import evaluate as E
 from stages import fid as F
@@ -148,8 +149,6 @@ def eval_html(fs, root: str) -> str:
     if not fs.exists(path):
         return ('<p class="note">Not evaluated: <code>wuerstchen-batch evaluate RUN_URI --clip-model MODEL '
                 '[--fid-reference REF]</code> writes CLIP score and FID here.</p>')
-    from jobs.report import fmt  # as the grid shows a value (report imports this module where it shows the table)
-
     try:  # the run's own report must not fail on it (an edited or older metrics.json)
         metrics = json.loads(fs.cat_file(path))
         rows = [["all", str(metrics["images"]), _num(metrics["clip_score"]), _num(metrics["fid"])]]

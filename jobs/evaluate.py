@@ -18,7 +18,7 @@ from jobs import lease
 from jobs.console import start_ray
 from jobs.retries import configure_ray_data
 from jobs.eval_args import EvalOptions, PoolOptions, add_parser, run_from_args  # noqa: F401 - this module's interface
-from jobs.eval_checks import (RESOLUTION, Reference, check_axis_values, check_clip, check_reference, load_npz,
+from jobs.eval_checks import (Reference, check_axis_values, check_clip, check_reference, load_npz,
                               run_fingerprint, with_resolution)
 from jobs.eval_report import summarize, warn, warn_if_few, write_eval, write_plots
 from jobs.eval_scores import parts_uri, write_scores
@@ -84,7 +84,7 @@ class Manifest:
     files: tuple[str, ...]
     schema: pa.Schema  # read with it: a column that a later table brought is null in the earlier parts
     integer_axes: tuple[str, ...] = ()  # --by axes the manifest holds as integers
-    resolution: bool = False  # the RESOLUTION axis is asked for, made from height and width as rows are read
+    resolution: bool = False  # the resolution axis is asked for, made from height and width as rows are read
     here: str = ""  # the folder the run is read from: image_uri values are read under it (see relocated)
 
     @property
@@ -104,13 +104,13 @@ def check_run(run: str, by: tuple[str, ...], storage_options: dict) -> Manifest:
     missing = [c for c in REQUIRED if c not in schema.names]  # from the parts of an earlier table
     if missing:
         raise SpecError(f"{run}: the manifest lacks the column(s) {', '.join(missing)}")
-    resolution = RESOLUTION in by and RESOLUTION not in schema.names  # a column of the user's own name wins
-    by = tuple(axis for axis in by if not (resolution and axis == RESOLUTION))
+    resolution = C.RESOLUTION in by and C.RESOLUTION not in schema.names  # a column of the user's own name wins
+    by = tuple(axis for axis in by if not (resolution and axis == C.RESOLUTION))
     for axis in by:
         field = schema.field(axis) if axis in schema.names else None
         if field is None:
             raise SpecError(f"--by {axis}: not a manifest column (columns: {', '.join(schema.names)}; or "
-                            f"{RESOLUTION}: height x width)")
+                            f"{C.RESOLUTION}: height x width)")
         if not _axis_type(field.type):
             raise SpecError(f"--by {axis}: a {field.type} column; an axis needs numbers, text or true/false "
                             f"(store dates and times as text)")
@@ -208,9 +208,9 @@ def unfinished_warning(run: str, storage_options: dict, warnings: list[str]) -> 
 def _read_manifest(manifest: Manifest, columns) -> ray.data.Dataset:
     ds = ray.data.read_parquet(list(manifest.files), filesystem=manifest.pyarrow_fs(), num_cpus=TASK_CPUS,
                                partitioning=None, schema=manifest.schema)
-    derived = manifest.resolution and RESOLUTION in columns
+    derived = manifest.resolution and C.RESOLUTION in columns
     ds = ds.select_columns(list(dict.fromkeys(c for c in (*columns, *(C.HEIGHT, C.WIDTH) * derived)
-                                              if not (derived and c == RESOLUTION))))
+                                              if not (derived and c == C.RESOLUTION))))
     if derived:
         ds = ds.map_batches(with_resolution, batch_format="pyarrow", num_cpus=TASK_CPUS)
     return ds.map_batches(_relocate, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(here=manifest.here))

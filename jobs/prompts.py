@@ -134,7 +134,7 @@ def scan(spec: JobSpec) -> PromptTable:
     for schema, paths in by_schema.items():
         check_casts(fs, paths, schema, unified)
     swept = tuple((column, axis) for axis in spec.sweep
-                  for column in ((C.HEIGHT, C.WIDTH) if axis == "resolution" else (axis,)) if column in unified.names)
+                  for column in ((C.HEIGHT, C.WIDTH) if axis == C.RESOLUTION else (axis,)) if column in unified.names)
     return PromptTable(fs=fs, files=tuple(files), rows=rows, schema=unified, blank=blank,
                        first_blank=first_blank, swept=swept, notes=tuple(sweep_warnings(spec.sweep)),
                        prompt_bytes=max(measured.values(), default=0))
@@ -170,7 +170,7 @@ def sweep_combinations(sweep: dict) -> list[dict]:
     for values in itertools.product(*sweep.values()):
         combo = {}
         for axis, value in zip(sweep, values):
-            if axis == "resolution":
+            if axis == C.RESOLUTION:
                 combo[C.HEIGHT], combo[C.WIDTH] = value
             elif axis == C.PRIOR_CHECKPOINT:
                 combo[axis] = prior_id(value)

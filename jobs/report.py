@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from jobs.report_data import (MAX_FAILED, RESOLUTION, STAGES, ManifestView, _order, axis_value, declared_axes,
+from jobs.report_data import (MAX_FAILED, STAGES, ManifestView, _order, axis_value, declared_axes,
                               images_per_prompt, read_view)
 from stages import columns as C
 from stages import output as output_folder
@@ -123,7 +123,7 @@ def fmt(axis: str, value) -> str:
     """A sweep value as text (unescaped)."""
     if value is None:
         return "default" if axis == C.PRIOR_STEPS else "null"
-    if axis == RESOLUTION and not isinstance(value, str):  # (height, width); evaluate's metrics.json holds "HxW"
+    if axis == C.RESOLUTION and not isinstance(value, str):  # (height, width); evaluate's metrics.json holds "HxW"
         return "{}x{}".format(*value)
     if isinstance(value, float):
         return f"{value:g}"

@@ -22,15 +22,14 @@ MAX_GRID = 200  # thumbnails per sweep grid
 MAX_FAILED = 500  # failed rows listed
 BATCH_ROWS = 65536
 SCAN = pads.ParquetFragmentScanOptions(pre_buffer=False)  # no whole-file buffering on object stores
-RESOLUTION = "resolution"  # the "HxW" sweep axis
 AXES = (C.SEED, C.PRIOR_GUIDANCE, C.DECODER_GUIDANCE, C.PRIOR_STEPS, C.DECODER_STEPS, C.NEGATIVE_PROMPT,
-        RESOLUTION, C.CHECKPOINT)
+        C.RESOLUTION, C.CHECKPOINT)
 STAGES = (("text", C.TEXT_SECONDS, C.TEXT_NODE), ("prior", C.PRIOR_SECONDS, C.PRIOR_NODE),
           ("decoder", C.DECODER_SECONDS, C.DECODER_NODE))
 SWEEP_COLUMNS = {"prior_checkpoint": C.CHECKPOINT}  # sweep axis → the manifest column that shows it
 # Contact-sheet and grid order (prompt, then every axis, nulls first), as Arrow sort keys.
 ORDER = [(c, "ascending", "at_start") for c in (C.PROMPT, *(c for a in AXES for c in ((C.HEIGHT, C.WIDTH)
-                                                if a == RESOLUTION else (a,))), C.ROW_ID)]
+                                                if a == C.RESOLUTION else (a,))), C.ROW_ID)]
 SHOWN = [C.ROW_ID, C.PROMPT, C.IMAGE_URI, C.ERROR, C.FINISHED_AT, *(k for k, _, _ in ORDER[1:-1])]
 
 
@@ -213,7 +212,7 @@ def images_per_prompt(job: dict) -> int:
 
 def axis_value(row: dict, axis: str):
     """A row's value on a sweep axis (resolution is (height, width))."""
-    return (row[C.HEIGHT], row[C.WIDTH]) if axis == RESOLUTION else row[axis]
+    return (row[C.HEIGHT], row[C.WIDTH]) if axis == C.RESOLUTION else row[axis]
 
 
 def _order(value) -> tuple:

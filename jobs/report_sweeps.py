@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from jobs import report_data
-from jobs.report_data import MAX_GRID, MAX_PROMPTS, ORDER, RESOLUTION, SHOWN, _member, _top, batches, row_order
+from jobs.report_data import MAX_GRID, MAX_PROMPTS, ORDER, SHOWN, _member, _top, batches, row_order
 from stages import columns as C
 
 MERGE_ROWS = 1 << 20  # per-prompt partial results merged once this many are pending (or as many as merged)
@@ -23,7 +23,7 @@ SEED = 0x5EED  # polars' hashes are stable for one seed within a process: both p
 def find_sweeps(dataset: pads.Dataset, axes: list[str]) -> tuple[list, int]:
     """(prompt, varying axes, rows in grid order, rows in all) of the first MAX_PROMPTS swept prompts (by name),
     and the number of swept prompts. A prompt is swept when its rows differ on a declared axis (nulls count)."""
-    columns = [c for a in axes for c in ((C.HEIGHT, C.WIDTH) if a == RESOLUTION else (a,))]
+    columns = [c for a in axes for c in ((C.HEIGHT, C.WIDTH) if a == C.RESOLUTION else (a,))]
     swept = swept_keys(dataset, columns)
     prompts = first_prompts(dataset, swept, MAX_PROMPTS)
     if not prompts:  # no prompt varies on a declared axis (a one-value sweep): no grid
@@ -51,7 +51,7 @@ class Grid:
         if sum(map(len, self.pending)) >= max(MERGE_ROWS, len(self.keys)):  # merges cost O(rows log rows) in all
             self.keys, self.pending = np.unique(np.concatenate([self.keys, *self.pending])), []
         for axis in axes:
-            columns = [C.HEIGHT, C.WIDTH] if axis == RESOLUTION else [axis]
+            columns = [C.HEIGHT, C.WIDTH] if axis == C.RESOLUTION else [axis]
             values = rows.select(columns).group_by(columns, use_threads=False).aggregate([]).to_pylist()
             self.first.setdefault(axis, values[0])
             if len(values) > 1 or values[0] != self.first[axis]:

@@ -10,6 +10,7 @@ import typing
 
 import fsspec
 
+from stages import columns as C
 from stages import credentials as secrets
 from stages.dtypes import COMPILE_MODES, DTYPE_NAMES
 from stages.refs import prior_id
@@ -114,7 +115,7 @@ def check_generation_value(name: str, value, param: str | None = None) -> None:
 
 
 SWEEP_AXES = ("seed", "prior_guidance_scale", "decoder_guidance_scale", "prior_steps", "decoder_steps",
-              "negative_prompt", "resolution", "prior_checkpoint")
+              "negative_prompt", C.RESOLUTION, "prior_checkpoint")
 
 
 def check_uris(spec: JobSpec) -> None:
@@ -213,7 +214,7 @@ def check_text(name: str, value: str) -> None:
 
 
 def _check_axis_value(name: str, axis: str, value) -> None:
-    if axis == "resolution":
+    if axis == C.RESOLUTION:
         if not (isinstance(value, list) and len(value) == 2):
             raise SpecError(f"{name}: expected [height, width], got {value!r}")
         for side, v in zip(("height", "width"), value):

@@ -21,6 +21,7 @@ OVERRIDABLE = (
     PRIOR_STEPS,
     DECODER_STEPS,
 )
+RESOLUTION = "resolution"  # the sweep axis of [height, width] pairs (report and evaluate show a row's as "HxW")
 INT_PARAMS = (SEED, HEIGHT, WIDTH, PRIOR_STEPS, DECODER_STEPS)
 FLOAT_PARAMS = (PRIOR_GUIDANCE, DECODER_GUIDANCE)
 
