@@ -156,24 +156,29 @@ def _dispatch(args) -> int:
         print(plan(load_spec(args.job, args.overrides)))
         return 0
     if args.command == "tiny-model":
-        from stages.models import quiet_libraries
-        from stages.presets import write_tiny_model
-
-        quiet_libraries()  # no "Writing model shards" bars: the command prints one line when done
-        if Path(args.directory).exists() and not Path(args.directory).is_dir():
-            raise SpecError(f"tiny-model: {args.directory} is a file, not a folder to write the model into")
-        held = [role for role in ("prior", "decoder") if (Path(args.directory) / role).exists()]
-        if held:  # a real model's weights would be replaced by random ones
-            raise SpecError(f"tiny-model: {args.directory} already holds {held[0]}/; choose a new folder")
-        try:
-            directory = write_tiny_model(args.directory, full=args.full_size)
-        except OSError as err:
-            raise SpecError(f"tiny-model: cannot write {args.directory} ({err.strerror or err})") from None
-        print(f"{'full-size random' if args.full_size else 'tiny'} model written to {directory} (prior/, decoder/)")
-        return 0
+        return _tiny_model(args.directory, args.full_size)
     from jobs.bench_args import run_from_args as benchmark_from_args
 
     return benchmark_from_args(args)
+
+
+def _tiny_model(directory: str, full_size: bool) -> int:
+    """Write the tiny preset (or the official shapes, `full_size`) with random weights into a new folder."""
+    from stages.models import quiet_libraries
+    from stages.presets import write_tiny_model
+
+    quiet_libraries()  # no "Writing model shards" bars: the command prints one line when done
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise SpecError(f"tiny-model: {directory} is a file, not a folder to write the model into")
+    held = [role for role in ("prior", "decoder") if (Path(directory) / role).exists()]
+    if held:  # a real model's weights would be replaced by random ones
+        raise SpecError(f"tiny-model: {directory} already holds {held[0]}/; choose a new folder")
+    try:
+        written = write_tiny_model(directory, full=full_size)
+    except OSError as err:
+        raise SpecError(f"tiny-model: cannot write {directory} ({err.strerror or err})") from None
+    print(f"{'full-size random' if full_size else 'tiny'} model written to {written} (prior/, decoder/)")
+    return 0
 
 
 if __name__ == "__main__":
