@@ -42,7 +42,7 @@ def cpu_warning(spec: JobSpec, cluster: dict) -> str | None:
     if placing_gpus(cluster) or all(m == "tiny" for m in (spec.model.prior, spec.model.decoder)):
         return None
     unplaced = [label for name, label in (("prior", "Stage C"), ("decoder", "Stage B/A"))
-                if not getattr(spec.stages, name).num_gpus]
+                if getattr(spec.stages, name).num_gpus is None]  # 0: CPUs, as asked
     if not unplaced:
         return None
     return (f"warning: the Ray cluster has no GPU (nor an autoscaler node group with one): {' and '.join(unplaced)} "
@@ -66,8 +66,7 @@ def split_gpus(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
     the defaults: 5 for Stage C, 3 for Stage B/A beside the text encoder). Else {}: the spec's pools."""
     gpus = int(cluster_gpus)
     stages = [spec.stages.text, spec.stages.prior, spec.stages.decoder]
-    if gpus < 2 or any(getattr(s, key) for s in stages for key in _PLACING) or any(
-            s.concurrency is not None for s in stages[1:]):
+    if gpus < 2 or any(places(s) for s in stages) or any(s.concurrency is not None for s in stages[1:]):
         return {}
     from stages.prior import DEFAULT_PRIOR_STEPS  # imports diffusers: only where the GPUs are split
 
@@ -76,6 +75,12 @@ def split_gpus(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
     decoder = gen.decoder_steps * (2 if gen.decoder_guidance_scale > 1 else 1) * _DECODER_STEP + _VQGAN
     priors = max(range(1, gpus), key=lambda p: min(p / prior, (gpus - p) / decoder))
     return {"prior": priors, "decoder": gpus - priors}
+
+
+def places(stage: StageSpec) -> bool:
+    """Whether the spec places the stage itself: num_gpus set (0 too: on CPUs), or resources, accelerator_type or
+    label_selector given."""
+    return stage.num_gpus is not None or any(getattr(stage, key) for key in _PLACING[1:])
 
 
 def placement(stage: StageSpec, name: str, cluster_gpus: float, share: float | None = None,

@@ -70,6 +70,35 @@ def test_a_spec_that_places_a_stage_gets_no_split(stages):
     assert placed["prior"][0] == stages.get("prior", {}).get("num_gpus", 0.45)
 
 
+def test_num_gpus_0_keeps_a_stage_on_cpus_on_any_cluster():
+    """num_gpus 0 places the stage itself (on CPUs), as on one GPU: no split of 8 GPUs gives it a share."""
+    spec = spec_from_dict(job(stages={"text": {"num_gpus": 0, "num_cpus": 0}}))
+    assert split_gpus(spec, 8) == {}
+    for gpus in (1, 8):
+        args = stage_placement(spec, "text", gpus)
+        assert args["num_gpus"] == 0 and args["num_cpus"] == 0
+    assert pools(spec, 3) == {"text": (0, 1, 1), "prior": (1.0, 1, 1), "decoder": (1.0, 1, 1)}  # whole GPUs from 3
+
+
+def test_a_fixed_text_pool_still_splits_the_gpus():
+    """Only Stage C's and B/A's pool sizes decide the split: more text encoders leave it as it was."""
+    spec = spec_from_dict(job(stages={"text": {"concurrency": 2}}))
+    assert split_gpus(spec, 8) == {"prior": 5, "decoder": 3}
+    assert pools(spec, 8)["text"] == (0.1, 2, 2)
+
+
+def test_a_cluster_too_small_for_the_minimum_pools_is_refused_naming_both_amounts():
+    """Ray Data's listing task (1 CPU) plus every minimum pool's CPUs must fit; one CPU short is a one-line error."""
+    from jobs.placement import check_capacity
+    from jobs.spec import SpecError
+
+    spec = spec_from_dict(job(stages={"prior": {"concurrency": 4}}))
+    need = 1 + 0.1 * 6  # the listing, and 6 actors of 0.1 CPU
+    check_capacity(spec, {"CPU": need, "GPU": 8})
+    with pytest.raises(SpecError, match=f"need {need:g} CPU, the Ray cluster has {need - 0.1:g}; lower a stage"):
+        check_capacity(spec, {"CPU": need - 0.1, "GPU": 8})
+
+
 def test_a_pool_the_spec_sizes_is_kept_and_asked_for_whole():
     spec = spec_from_dict(job(stages={"prior": {"concurrency": [1, 4], "num_gpus": 1}}))
     assert split_gpus(spec, 8) == {}  # the spec places Stage C: Stage B/A keeps its pool of one
@@ -104,6 +133,8 @@ def test_a_cluster_whose_gpu_nodes_start_from_zero_asks_for_gpus(ray_cluster):
     assert cpu_warning(spec_from_dict(job()), cluster) is None  # the tiny preset is meant for CPUs
     one_placed = spec_from_dict(job(model=spec.to_dict()["model"], stages={"prior": {"num_gpus": 1}}))
     assert "Stage B/A runs on CPUs" in cpu_warning(one_placed, cluster)
+    on_cpus = {name: {"num_gpus": 0} for name in ("prior", "decoder")}  # asked for: no warning
+    assert cpu_warning(spec_from_dict(job(model=spec.to_dict()["model"], stages=on_cpus)), cluster) is None
     config = ClusterConfig()
     group = config.node_group_configs.add(name="h100", min_count=0, max_count=4)
     group.resources.update({"CPU": 180, "GPU": 8})
