@@ -197,3 +197,28 @@ def test_a_ray_address_nothing_answers_is_one_line():
     with pytest.raises(SpecError, match=rf"^RAY_ADDRESS 127.0.0.1:{port}: no Ray cluster answers there \("):
         check_ray_address(f"127.0.0.1:{port}", wait_s=1)
     check_ray_address("no-such-host.invalid:6379")  # unresolvable here: Ray's to judge (a proxy may resolve it)
+
+
+def test_a_missing_node_is_waited_for_placement_timeout_s_once(monkeypatch, capsys):
+    """The wait asks the autoscaler once and gives up when `timeout` seconds have passed (a clock of its own)."""
+    import jobs.placement as placement
+    from jobs.spec import SpecError
+
+    class Clock:
+        now, asked = 1000.0, 0
+
+        def time(self):
+            return self.now
+
+        def sleep(self, seconds):
+            self.now += seconds
+
+    clock = Clock()
+    monkeypatch.setattr(placement, "time", clock)
+    monkeypatch.setattr(placement.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    monkeypatch.setattr(placement, "request_resources", lambda **kw: setattr(clock, "asked", clock.asked + 1))
+    spec = spec_from_dict(job(stages={"prior": {"resources": {"h100_group": 1}}}))
+    with pytest.raises(SpecError, match="no node of the Ray cluster offers h100_group.*after waiting 5 s"):
+        placement.wait_for_capacity(spec, 5)
+    assert clock.now == 1005.0 and clock.asked == 1
+    assert capsys.readouterr().err.count("waiting up to 5 s for the Ray cluster to offer") == 1

@@ -119,7 +119,7 @@ def test_a_row_with_one_non_finite_value_is_flagged_alone():
     from stages.batching import flag_nonfinite
 
     out = np.zeros((4, 16, 3, 3), np.float16)
-    out[1, 0, 0, 0], out[2, 15, 2, 2] = np.inf, np.nan
+    out[1, 0, 0, 0], out[2, 15, 2, 2], out[3, 0, 1, 1] = np.inf, np.nan, np.inf  # row 3's first error is named
     errors = flag_nonfinite(np.asarray(["", "", "", "text: earlier"], dtype=object), [(np.arange(4), out)], "bad")
     assert list(errors) == ["", "bad", "bad", "text: earlier"]
 

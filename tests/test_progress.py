@@ -4,6 +4,7 @@ import io
 import time
 
 import numpy as np
+import pytest
 
 from jobs.progress import Progress, Tally, _Rate, reporting
 from stages import columns as C
@@ -82,6 +83,18 @@ def test_lines_show_rate_and_eta_and_redraw_in_place_on_a_terminal():
     first, second = screen.getvalue().split("\n")[:2]
     assert first == "\x1b[2Kprior    100/100 rows  2.50 images/s  done"
     assert second.startswith("\x1b[1F\x1b[2Kprior")  # the second draw goes back up over the first
+
+
+def test_folded_rows_leave_the_total_and_a_pass_that_failed_does_not_say_done():
+    log = io.StringIO()
+    progress = Progress(None, ["decoder"], total=10, stream=log)  # no tally: its counts stay as set here
+    progress.rows["decoder"], progress.folded = 2, 3  # 3 copies of other rows: never made
+    assert progress.lines()[0].startswith("decoder  2/7 rows")
+    with pytest.raises(RuntimeError):
+        with progress:
+            progress.rows["decoder"] = 4
+            raise RuntimeError("the pass failed")
+    assert log.getvalue().startswith("decoder  4/7 rows") and "done" not in log.getvalue()
 
 
 def test_rate_is_measured_from_the_first_finished_rows():

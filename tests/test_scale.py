@@ -157,6 +157,22 @@ def test_compaction_keeps_every_row_once_at_every_step(tmp_path):
     assert compaction.compact(str(tmp_path), output.MANIFEST, {}) == 0 and sorted(os.listdir(folder)) == compacted
 
 
+def test_a_later_compaction_merges_only_the_new_small_parts_into_parts_of_the_target_size(tmp_path):
+    """Compacted parts stay as they are (not rewritten at each run's end); small parts fill a part up to exactly
+    `target_rows` (parts of 25 rows, target 50: parts of 50)."""
+    ids = random_ids(3200, 6)
+    write_parts(tmp_path, ids[:1600], 64, name="a")
+    assert compaction.compact(str(tmp_path), output.MANIFEST, {}, target_rows=50) == 64
+    folder = tmp_path / output.MANIFEST
+    first = {name: os.stat(folder / name).st_mtime_ns for name in os.listdir(folder)}
+    assert len(first) == 32 and all(pq.read_metadata(folder / n).num_rows == 50 for n in first)
+    write_parts(tmp_path, ids[1600:], 64, name="b")
+    assert compaction.compact(str(tmp_path), output.MANIFEST, {}, target_rows=50) == 64
+    after = {name: os.stat(folder / name).st_mtime_ns for name in os.listdir(folder)}
+    assert len(after) == 64 and all(after[name] == first[name] for name in first)
+    assert sorted(live_ids(tmp_path)) == sorted(ids)
+
+
 def test_a_compaction_that_fails_midway_on_s3_leaves_no_part(s3_server, monkeypatch):
     """On an object store a compaction that fails while merging (here a part deleted after its footer was read)
     uploads nothing: a half-written compacted part would name every part it meant to replace, and readers would

@@ -63,6 +63,14 @@ def test_identical_texts_are_encoded_once(encoder):
     assert (out[C.PRIOR_TEXT] == out[C.PRIOR_TEXT][0]).all() and (out[C.DECODER_TEXT] == out[C.DECODER_TEXT][0]).all()
 
 
+def test_an_actor_keeps_only_the_empty_text_encoded():
+    """Across batches an actor holds the empty negative's states alone: a run of 10M distinct prompts does not
+    grow its memory with them."""
+    encoder = TextEncoder("tiny", "tiny")
+    encoder(make_batch([{C.PROMPT: f"prompt {i}", C.PRIOR_GUIDANCE: 4.0, C.DECODER_GUIDANCE: 2.0} for i in range(20)]))
+    assert set(encoder.prior.cache) == set(encoder.decoder.cache) == {""}
+
+
 def test_long_prompts_are_truncated_with_one_warning_each_up_to_a_bound(caplog):
     encoder = TextEncoder("tiny", "tiny")  # its own: the bound counts per actor
     long_prompt = "a very long prompt " * 40

@@ -54,6 +54,27 @@ def test_split_prior_equals_the_models_own_forward(model, hw):
         assert (stale - expected).abs().max() > 100 * 1e-5
 
 
+def test_a_step_maps_no_text_and_an_unsupported_block_is_refused(model):
+    """The step's calls map zero text tokens (the work is in fill_text_terms, once per micro-batch); a block this
+    split would not reproduce (no self-attention) is refused, not computed wrong."""
+    split, tokens = split_of(model), []
+    linears = [m for mapper in split.modules() if isinstance(mapper, TextKeysValues) for m in mapper
+               if isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_hook(lambda m, args, out: tokens.append(args[0].shape[1])) for m in linears]
+    x, r, text = inputs(2, (6, 6))
+    with torch.no_grad():
+        fill_text_terms(split, text)
+        filled, tokens[:] = list(tokens), []
+        split(x, r, text)
+    for hook in hooks:
+        hook.remove()
+    assert filled == [77, 77] and tokens == [0, 0]
+    odd = copy.deepcopy(model)
+    next(m for m in odd.modules() if hasattr(m, "self_attn")).self_attn = False
+    with pytest.raises(ValueError, match="an AttnBlock this split does not reproduce"):
+        split_text_keys_values(odd)
+
+
 def test_split_prior_keeps_the_state_dict_keys(model):
     split = split_of(model)
     assert split.state_dict().keys() == model.state_dict().keys()
