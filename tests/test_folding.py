@@ -33,6 +33,14 @@ def test_a_block_keeps_the_first_copy_of_each_id_and_counts_the_copies():
                                                                                    ("c", 3, 1)]
 
 
+def test_a_folded_block_comes_out_in_shape_order():
+    """Rows of one shape side by side: a stage's batch then splits into few shape groups (full micro-batches)."""
+    heights = [256, 128, 256, 128, 256, 128]
+    block = pa.table({C.ROW_ID: list("abcdef"), C.HEIGHT: heights, C.WIDTH: [128] * 6, C.PRIOR_STEPS: [2] * 6,
+                      C.DECODER_STEPS: [2] * 6, C.PRIOR_CHECKPOINT: ["p"] * 6})
+    assert fold_block(block).column(C.HEIGHT).to_pylist() == sorted(heights)
+
+
 def test_the_warning_counts_each_folded_row_whose_own_columns_differ():
     class Counts(dict):
         """What fold_block asks of the Tally actor (`tally.add.remote(key, n)`), kept in this dict."""

@@ -139,6 +139,7 @@ def test_a_cluster_whose_gpu_nodes_start_from_zero_asks_for_gpus(ray_cluster):
     group = config.node_group_configs.add(name="h100", min_count=0, max_count=4)
     group.resources.update({"CPU": 180, "GPU": 8})
     config.node_group_configs.add(name="cpu", min_count=0, max_count=2).resources.update({"CPU": 16})
+    config.node_group_configs.add(name="off", min_count=0, max_count=0).resources.update({"GPU": 16})  # never up
     gcs = ray_cluster._private.worker.global_worker.gcs_client  # the driver's own (ray.experimental.internal_kv's
     # module-wide client is unset after an earlier test's interrupted shutdown)
     gcs.internal_kv_put(KEY.encode(), config.SerializeToString(), True, NAMESPACE.encode())
