@@ -46,6 +46,15 @@ def start_ray(verbose: bool = False) -> None:
     quiet_ray_data(verbose)
 
 
+def joined_cluster() -> bool:
+    """Whether this process's Ray is a cluster it joined (RAY_ADDRESS, a `ray start` cluster of this machine), not
+    a Ray started in this process: only a joined one may gain nodes while a job waits for them."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # the head node where this process started it
+    return ray.is_initialized() and node is not None and not node.head
+
+
 def raise_interrupt(signum, frame):
     """A signal handler that interrupts the main thread as Ctrl-C does."""
     raise KeyboardInterrupt

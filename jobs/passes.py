@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from jobs.console import start_ray
+from jobs.console import joined_cluster, start_ray
 from jobs.isolation import FailureWatch, isolating, load_error, load_warnings
 from jobs.placement import CapacityWatch, cpu_warning, placing_gpus, stage_placement, wait_for_capacity
 from jobs.progress import FOLDED_OTHER_VALUES, Progress, Tally, reporting
@@ -75,11 +74,11 @@ def in_task(fn, *args):
 
 
 def connect(spec: JobSpec, verbose: bool = False) -> None:
-    """Join RAY_ADDRESS (or the caller's Ray) and wait for the stages' resources, else start a local Ray."""
-    joined = ray.is_initialized() or os.environ.get("RAY_ADDRESS", "local") != "local"  # "local": start one
+    """Join RAY_ADDRESS (or the caller's Ray, or a `ray start` cluster of this machine) and wait for the stages'
+    resources, else start a local Ray (nothing can join it: no wait)."""
     start_ray(verbose)
     configure_ray_data()
-    wait_for_capacity(spec, spec.placement_timeout_s if joined else 0.0)
+    wait_for_capacity(spec, spec.placement_timeout_s if joined_cluster() else 0.0)
     if warning := cpu_warning(spec, ray.cluster_resources()):
         print(warning, file=sys.stderr)
 
