@@ -200,26 +200,62 @@ def test_a_ray_address_nothing_answers_is_one_line():
     check_ray_address("no-such-host.invalid:6379")  # unresolvable here: Ray's to judge (a proxy may resolve it)
 
 
-def test_a_missing_node_is_waited_for_placement_timeout_s_once(monkeypatch, capsys):
+class Clock:
+    """time.time and time.sleep of jobs.placement, on a clock of the test's own; counts the autoscaler requests."""
+
+    def __init__(self):
+        self.now, self.asked = 1000.0, 0
+
+    def time(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import jobs.placement as placement
+
+    clock = Clock()
+    monkeypatch.setattr(placement, "time", clock)
+    monkeypatch.setattr(placement, "request_resources", lambda **kw: setattr(clock, "asked", clock.asked + 1))
+    return clock
+
+
+def test_a_missing_node_is_waited_for_placement_timeout_s_once(monkeypatch, capsys, clock):
     """The wait asks the autoscaler once and gives up when `timeout` seconds have passed (a clock of its own)."""
     import jobs.placement as placement
     from jobs.spec import SpecError
 
-    class Clock:
-        now, asked = 1000.0, 0
-
-        def time(self):
-            return self.now
-
-        def sleep(self, seconds):
-            self.now += seconds
-
-    clock = Clock()
-    monkeypatch.setattr(placement, "time", clock)
     monkeypatch.setattr(placement.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
-    monkeypatch.setattr(placement, "request_resources", lambda **kw: setattr(clock, "asked", clock.asked + 1))
     spec = spec_from_dict(job(stages={"prior": {"resources": {"h100_group": 1}}}))
     with pytest.raises(SpecError, match="no node of the Ray cluster offers h100_group.*after waiting 5 s"):
         placement.wait_for_capacity(spec, 5)
     assert clock.now == 1005.0 and clock.asked == 1
     assert capsys.readouterr().err.count("waiting up to 5 s for the Ray cluster to offer") == 1
+
+
+def test_a_node_lost_mid_run_stops_the_pass_only_after_timeout_s_without_it(monkeypatch, clock):
+    """A stage's group node gone: the watch says nothing while it may come back, and stops the pass once it has
+    been gone `timeout` s running (a node back in between starts the wait anew)."""
+    import jobs.placement as placement
+
+    cluster = {"CPU": 4.0, "GPU": 1.0, "prior_group": 1.0}
+    monkeypatch.setattr(placement.ray, "cluster_resources", lambda: dict(cluster))
+    watch = placement.CapacityWatch(spec_from_dict(job(stages={"prior": {"resources": {"prior_group": 1}}})), 30)
+    assert watch.check() is None
+    del cluster["prior_group"]
+    for _ in range(3):  # gone 20 s, then back
+        assert watch.check() is None
+        clock.sleep(10)
+    cluster["prior_group"] = 1.0
+    assert watch.check() is None
+    del cluster["prior_group"]
+    for _ in range(3):  # gone again: 0, 10, 20 s
+        assert watch.check() is None
+        clock.sleep(10)
+    error = watch.check()  # 30 s
+    assert error.startswith("stages.prior: no node of the Ray cluster offers prior_group")
+    assert error.endswith("a node left mid-run (waited 30 s); the rows finished so far are kept: add a node that "
+                          "offers it and run the same command again") and clock.asked == 1
