@@ -142,7 +142,7 @@ def check_rows(batch: pa.RecordBatch, name: str, offset: int, images_per_prompt:
             elif column.type.bit_width == 64:  # a uint64 column: its values must fit the int64 the rows carry
                 fail(pc.fill_null(pc.greater(column, pa.scalar(MAX_SEED, column.type)), False).to_numpy(
                     zero_copy_only=False), f"{col} must fit a signed 64-bit integer", column)
-            values = pc.fill_null(column, 1).to_numpy(zero_copy_only=False)
+            values = pc.fill_null(column, 1).to_numpy(zero_copy_only=False).astype(np.int64)  # int8: 128 fits
         else:
             values = column.to_numpy(zero_copy_only=False).astype(np.float64)  # null → nan
             fail(present & ~np.isfinite(values), f"{col} must be a finite number", values)

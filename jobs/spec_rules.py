@@ -60,8 +60,9 @@ def validate(spec: JobSpec) -> None:
     check_text("generation.negative_prompt", gen.negative_prompt)
     if gen.prior_steps is not None:
         check_generation_value("generation.prior_steps", gen.prior_steps)
-    if gen.images_per_prompt < 1:
-        raise SpecError(f"generation.images_per_prompt: must be at least 1, got {gen.images_per_prompt}")
+    if not 1 <= gen.images_per_prompt <= MAX_SEED:
+        raise SpecError(f"generation.images_per_prompt: must be at least 1 and at most 2^63 - 1 (seed + image index "
+                        f"is a signed 64-bit integer), got {gen.images_per_prompt}")
     check_prior_spec("model.prior", spec.model.prior)
     validate_sweep(spec.sweep)
     check_uris(spec)
@@ -128,6 +129,13 @@ def check_uris(spec: JobSpec) -> None:
                                                    for i, p in enumerate(spec.sweep.get("prior_checkpoint") or [])]
     named += [(name, ref) for name, prior in priors
               for ref in (prior["interpolate"] if isinstance(prior, dict) else [prior])]
+    for name, uri in in_workers[:2]:
+        if not str(uri).strip():  # an unset variable in a template: "" would be the working directory
+            raise SpecError(f"{name}: empty; give a path or URI")
+    for name, uri in in_workers[1:]:
+        if pattern := next((c for c in "*?[" if c in str(uri)), None):
+            raise SpecError(f"{name} {uri}: a {pattern!r} in the path reads as a pattern (or, after '?', a URL "
+                            f"query) to fsspec and Ray, which would miss the rows it holds; choose a path without")
     for name, uri in in_workers:  # read or written by Ray's worker processes
         if str(uri).startswith("memory://"):
             raise SpecError(f"{name}: memory:// lives in one process's memory, which the job's Ray workers cannot "

@@ -85,6 +85,8 @@ def test_a_column_a_sweep_replaces_is_warned_about(tmp_path):
                                               "above 2^53"),
     ({"prompt": ["a", "b"], "decoder_steps": pa.array([2, 2**64 - 1], pa.uint64())},
      "row 1: decoder_steps must fit a signed 64-bit integer"),
+    ({"prompt": ["a", "b"], "height": pa.array([1, 2], pa.int8())}, "row 0: height must be a positive multiple of "
+                                                                  "128 up to 2048, got 1"),  # 128 > int8's range
     ({"prompt": ["a"], "negative_prompt": [3]}, "column 'negative_prompt' in"),
     ({"prompt": ["a"], "height ": [512]}, "column 'height ' in"),  # would pass through, every row at the default
     ({"prompt": ["a"], "num_inference_steps": [30]}, "is not a per-row setting (did you mean 'decoder_steps'?"),

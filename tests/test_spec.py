@@ -82,6 +82,13 @@ def test_spec_is_frozen():
     ({**BASE, "stages": {"text": {"resources": {"memory": "1G"}}}}, "stages.text.resources.memory: expected a "
                                                                     "non-negative number"),
     ({**BASE, "placement_timeout_s": float("nan")}, "placement_timeout_s: expected seconds, at least 0, got nan"),
+    ({**BASE, "generation": {"images_per_prompt": 2**63}}, "generation.images_per_prompt: must be at least 1 and "
+                                                           "at most 2^63 - 1"),  # it blamed a row's seed
+    ({**BASE, "prompts": ""}, "prompts: empty; give a path or URI"),  # "${PROMPTS}" unset: not the working dir
+    ({**BASE, "output": " "}, "output: empty; give a path or URI"),
+    ({**BASE, "output": "runs/q?x"}, "output runs/q?x: a '?' in the path reads as a pattern"),  # a resume missed
+    # its rows and made them again
+    ({**BASE, "output": "s3://b/run[1]"}, "output s3://b/run[1]: a '[' in the path reads as a pattern"),
 ])
 def test_bad_specs_name_the_field(data, message):
     with pytest.raises(SpecError) as err:
