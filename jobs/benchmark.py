@@ -91,13 +91,16 @@ def run_benchmark(args) -> dict:
     check_args(args)
     work = Path(tempfile.mkdtemp(prefix="wuerstchen-bench-"))
     try:
-        spec, prompts = benchmark_spec(args, work)
-        if not args.in_process and len(prompts) <= 2 * spec.stages.text.batch_size:
-            raise SpecError(f"benchmark: --rows must exceed twice the text batch size ({spec.stages.text.batch_size}) "
-                            f"to see the pipeline's steady state (or give --in-process)")
-    except SpecError:  # a mistaken --set, --height or --dtype leaves no folder behind
+        return _measure(args, work)
+    finally:  # its prompt table and the Ray run's output (images, manifest): the figures are what it keeps
         shutil.rmtree(work, ignore_errors=True)
-        raise
+
+
+def _measure(args, work: Path) -> dict:
+    spec, prompts = benchmark_spec(args, work)
+    if not args.in_process and len(prompts) <= 2 * spec.stages.text.batch_size:
+        raise SpecError(f"benchmark: --rows must exceed twice the text batch size ({spec.stages.text.batch_size}) "
+                        f"to see the pipeline's steady state (or give --in-process)")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     measured, images = in_process(spec, prompts)
     figures = {"rows": len(prompts), "model": args.model, "height": spec.generation.height,

@@ -105,14 +105,26 @@ class UnreadablePart(ValueError):
                          f"job again: {way}")
 
 
+class ForeignPart(UnreadablePart):
+    """A Parquet file in a run's folder that no run wrote there (no row_id column): put there by hand."""
+
+    def __init__(self, uri: str):
+        folder = uri.rstrip("/").rsplit("/", 2)[-2]
+        ValueError.__init__(self, f"{uri}: not a part of this run ({C.ROW_ID} is not among its columns); move it out "
+                                  f"of {folder}/ and run the command again")
+
+
 @contextlib.contextmanager
 def parquet_part(fs, path: str, **open_options):
-    """A part's pq.ParquetFile, open while in the block; one that is no Parquet file is an UnreadablePart."""
+    """A part's pq.ParquetFile, open while in the block; one that is no Parquet file is an UnreadablePart, one
+    without row ids a ForeignPart."""
     with fs.open(path, "rb", **open_options) as f:
         try:
             parquet = pq.ParquetFile(f)
         except pa.ArrowInvalid as err:  # not an OSError: a store's failure is no reason to delete the part
             raise UnreadablePart(full_uri(fs, path), err) from None
+        if C.ROW_ID not in parquet.schema_arrow.names:
+            raise ForeignPart(full_uri(fs, path))
         yield parquet
 
 

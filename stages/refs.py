@@ -88,11 +88,39 @@ def _check_config(ref: str, name: str, folder: str, read) -> None:
     load it, in a flood of tracebacks."""
     config = f"{folder}/{CONFIGS.get(folder, 'config.json')}"
     try:
-        json.loads(read(config))
+        values = json.loads(read(config))
     except FileNotFoundError:
         raise ModelRefError(f"{name}: {ref} lacks {config}") from None
     except (ValueError, OSError) as err:
         raise ModelRefError(f"{name}: {ref.rstrip('/')}/{config} is not a readable JSON file ({reason(err)})") from None
+    _check_builds(ref, name, folder, values)
+
+
+def _check_builds(ref: str, name: str, folder: str, config: dict) -> None:
+    """The model of a weights subfolder builds from its config (on the meta device: no memory, no weights): a
+    config of another component (Stage C's in decoder/) is named here, not in each stage actor's traceback."""
+    import torch
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    models = {"prior": WuerstchenPrior, "decoder": WuerstchenDiffNeXt, "vqgan": PaellaVQModel,
+              "text_encoder": CLIPTextModel}
+    if folder not in models:
+        return
+    named = config.get("_class_name") if isinstance(config, dict) else None
+    if named != models[folder].__name__ and named in {cls.__name__ for cls in models.values()}:
+        raise ModelRefError(f"{name}: {ref.rstrip('/')}/{folder}/config.json is a {named}'s, not a "
+                            f"{models[folder].__name__}'s (a component copied into the wrong folder?)")
+    values = {k: v for k, v in config.items() if not k.startswith("_")} if isinstance(config, dict) else config
+    try:
+        with torch.device("meta"):
+            if folder == "text_encoder":
+                CLIPTextModel(CLIPTextConfig(**values))
+            else:
+                models[folder].from_config(values)
+    except Exception as err:  # noqa: BLE001 - TypeError, ValueError…: one line naming the file
+        raise ModelRefError(f"{name}: {ref.rstrip('/')}/{folder}/config.json does not describe a "
+                            f"{models[folder].__name__} ({type(err).__name__}: {reason(err)})") from None
 
 
 def check_local_weights(ref: str, name: str, folders: list[Path]) -> None:

@@ -1,12 +1,16 @@
 """The benchmark commands: figures and ratios, and their argument mistakes as one line before any work."""
 
 import json
+import tempfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
+from jobs.spec import SpecError
+from stages import columns as C
 
 
 def test_tiny_model_command(tmp_path, capsys):
@@ -93,3 +97,71 @@ def test_bench_scale_measures_its_bookkeeping_steps(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "built 1200 done rows in 3 manifest parts" in out and "report/index.html" in out
     assert "(3 manifest parts, scores.parquet of 1200 rows)" in out
+
+
+def test_the_steady_state_starts_after_the_first_block_and_its_burst(tmp_path):
+    """Rows finished at these times (s), the first block 2 rows: 4 rows after its end (t=1) over 5 s; rows written
+    in one burst with the first block take no time of their own; too few rows to see a steady state is said."""
+    from jobs.benchmark import steady_state_rate
+
+    def rate(finished, skip=2):
+        run = tmp_path / str(len(list(tmp_path.iterdir())))
+        (run / "manifest").mkdir(parents=True)
+        pq.write_table(pa.table({C.FINISHED_AT: pa.array(finished, pa.float64())}), run / "manifest" / "a.parquet")
+        return steady_state_rate(str(run), skip)
+
+    assert rate([6, 0, 2, 1, 5, 4]) == pytest.approx(4 / 5)
+    assert rate([0, 0, 0, 1, 2]) == pytest.approx(2 / 2)
+    for finished in ([0, 1, 2, 3], [0, 0, 0, 0, 0, 1]):
+        with pytest.raises(SystemExit):
+            rate(finished)
+
+
+def test_the_figures_come_from_the_steady_state_and_the_faster_diffusers_way(tmp_path, monkeypatch):
+    """The pipeline's figure is Ray's steady state, the end-to-end ratio its end to end, both against diffusers'
+    faster way; --psnr-rows, --height and --width reach the work; nothing is left in the temp folder."""
+    from jobs import benchmark
+    from jobs.cli import parser
+
+    seen = {}
+    measured = {"stages": {}, "matmul_peak_tflops": 1.0, "in_process_images_per_s": 7.0, "in_process_mfu": 0.1,
+                "in_process_warmup_s": 1.0, "failed_rows": 0}
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(benchmark, "in_process", lambda spec, texts: (seen.update(spec=spec) or dict(measured),
+                                                                       np.zeros(len(texts))))
+    monkeypatch.setattr(benchmark, "ray_rates", lambda spec, verbose=False: {
+        "ray_steady_images_per_s": 10.0, "ray_end_to_end_images_per_s": 4.0})
+    monkeypatch.setattr(benchmark, "diffusers_rates", lambda spec, texts, compiled, modes: {
+        "combined": (1.0, 0.1), "batched": (2.0, 0.2)})
+    monkeypatch.setattr(benchmark, "psnr_vs_float32", lambda spec, texts, images, rows: (
+        seen.update(psnr_rows=rows) or {"rows": rows, "mean": 30.0, "min": 25.0}))
+    args = parser().parse_args(["benchmark", "--rows", "200", "--dtype", "bfloat16", "--psnr-rows", "3",
+                                "--height", "256", "--width", "128"])
+    figures = benchmark.run_benchmark(args)
+    assert (figures["pipeline_images_per_s"], figures["ratio"], figures["end_to_end_ratio"]) == (10.0, 5.0, 2.0)
+    assert seen["psnr_rows"] == 3 and (seen["spec"].generation.height, seen["spec"].generation.width) == (256, 128)
+    assert list(tmp_path.iterdir()) == []  # its prompt table and run output were kept in /tmp for good
+    with pytest.raises(SpecError, match="--rows must exceed twice the text batch size"):
+        benchmark.run_benchmark(parser().parse_args(["benchmark", "--rows", "128", "--skip-diffusers"]))
+
+
+def test_tsv_prompts_and_the_argument_defaults(tmp_path):
+    """A PartiPrompts TSV (commas inside prompts), cycled to --rows; the defaults the README gives."""
+    from jobs.benchmark import benchmark_prompts
+    from jobs.cli import parser
+
+    (tmp_path / "p.tsv").write_text("Prompt\tCategory\nhello, world\tA\nsecond\tB\n")
+    assert benchmark_prompts(3, str(tmp_path / "p.tsv")) == ["hello, world", "second", "hello, world"]
+    args = parser().parse_args(["benchmark"])
+    assert (args.rows, args.dtype, args.psnr_rows, args.diffusers, args.compile) == (
+        256, None, 8, ["combined", "batched"], False)
+    assert parser().parse_args(["benchmark", "--compile"]).compile is True
+
+
+def test_psnr_of_uint8_images():
+    from jobs.bench_stages import psnr
+
+    images = np.zeros((2, 2, 2, 3), np.uint8)
+    off_by_one = images.copy()
+    off_by_one[1] += 1
+    assert list(psnr(images, off_by_one)) == [np.inf, pytest.approx(10 * np.log10(255 ** 2))]

@@ -433,6 +433,7 @@ def test_a_part_cut_short_is_one_line_naming_it(tmp_path, ray_cluster, capsys, m
     """A manifest part whose footer is gone (counted from footers on the driver) and an embeddings part read by
     Ray Data: each is one line naming the part and the way on (a 47-line ArrowInvalid traceback before)."""
     from jobs import cli
+    from jobs.report_data import read_view
     from stages import footers
 
     folder = tmp_path / "out" / output.MANIFEST
@@ -441,8 +442,10 @@ def test_a_part_cut_short_is_one_line_naming_it(tmp_path, ray_cluster, capsys, m
         pq.write_table(pa.table({C.ROW_ID: [f"{name}1", f"{name}2"], C.ERROR: pa.nulls(2, pa.string())}),
                        folder / f"{name}.parquet")
     truncated(folder / "b.parquet")
-    with pytest.raises(output.UnreadablePart, match=rf"^{folder / 'b.parquet'}: not a readable Parquet part"):
-        footers.part_counts(str(tmp_path / "out"), output.MANIFEST, {}, nulls_of=C.ERROR)
+    for count in (lambda: footers.part_counts(str(tmp_path / "out"), output.MANIFEST, {}, nulls_of=C.ERROR),
+                  lambda: read_view(str(tmp_path / "out"), {}, [])):  # report's passes: an ArrowInvalid traceback
+        with pytest.raises(output.UnreadablePart, match=rf"^{folder / 'b.parquet'}: not a readable Parquet part"):
+            count()
     with pytest.raises(Exception) as err:  # the same part read by Ray Data (as in-flight embeddings are)
         output.read_parts(str(tmp_path / "out"), output.MANIFEST, {}).take_all()
     assert str(output.unreadable_part(err.value)).startswith(f"{folder / 'b.parquet'}: not a readable Parquet part")
@@ -454,6 +457,24 @@ def test_a_part_cut_short_is_one_line_naming_it(tmp_path, ray_cluster, capsys, m
     message = capsys.readouterr().err.strip()
     assert "\n" not in message and message.startswith(f"error: {folder / 'b.parquet'}: not a readable Parquet")
     assert message.endswith("delete it and run the job again: its rows are made again")
+
+
+def test_a_table_put_in_a_run_folder_by_hand_is_one_line_naming_it(tmp_path):
+    """A Parquet file without row ids in manifest/ (a prompt table copied there): generate failed on it after
+    claiming the output (70 lines), report counted its rows as entries, evaluate said to rerun evaluate."""
+    from jobs.report_data import read_view
+    from stages import footers
+
+    folder = tmp_path / "out" / output.MANIFEST
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({C.ROW_ID: ["a1"], C.ERROR: pa.nulls(1, pa.string())}), folder / "a.parquet")
+    pq.write_table(pa.table({C.PROMPT: ["a fox", "a cat"]}), folder / "prompts.parquet")
+    message = (rf"^{folder / 'prompts.parquet'}: not a part of this run \(row_id is not among its columns\); move it "
+               rf"out of manifest/ and run the command again$")
+    for count in (lambda: footers.manifest_counts(str(tmp_path / "out"), {}),
+                  lambda: read_view(str(tmp_path / "out"), {}, [])):
+        with pytest.raises(output.ForeignPart, match=message):
+            count()
 
 
 def test_an_error_no_retry_fixes_is_one_line_naming_why(ray_cluster):

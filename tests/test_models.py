@@ -1,8 +1,10 @@
 """Model references and the tiny preset: official layouts that diffusers and transformers load unchanged."""
 
+import json
 from pathlib import Path
 
 import fsspec
+
 import pytest
 from diffusers import DDPMWuerstchenScheduler
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
@@ -84,6 +86,16 @@ def test_missing_or_broken_configs_are_named_before_any_model_work(tiny_dir, tmp
     (model / "vqgan" / "config.json").write_text("{bad")
     with pytest.raises(ModelRefError, match=r"model.decoder: .*vqgan/config.json is not a readable JSON file \(Exp"):
         check_ref(str(model), "decoder", DECODER_SUBFOLDERS, {})
+    shutil.copy(tiny_dir / "prior" / "prior" / "config.json", model / "vqgan" / "config.json")  # another model's
+    with pytest.raises(ModelRefError, match=r"model.decoder: .*vqgan/config.json is a WuerstchenPrior's, not a "
+                                            r"PaellaVQModel's"):  # each actor failed on it, 500 lines, output claimed
+        check_ref(str(model), "decoder", DECODER_SUBFOLDERS, {})
+    config = json.loads((tiny_dir / "prior" / "prior" / "config.json").read_text())
+    (model / "decoder" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "_class_name"}))
+    with pytest.raises(ModelRefError, match=r"model.decoder: .*/decoder/config.json does not describe a "
+                                            r"WuerstchenDiffNeXt \(TypeError: "):  # no class named: built to see
+        check_ref(str(model), "decoder", DECODER_SUBFOLDERS, {})
+    shutil.copy(tiny_dir / "decoder" / "decoder" / "config.json", model / "decoder" / "config.json")
     shutil.copy(tiny_dir / "decoder" / "vqgan" / "config.json", model / "vqgan" / "config.json")
     (model / "scheduler" / "scheduler_config.json").unlink()
     with pytest.raises(ModelRefError, match=r"model.decoder: .*decoder lacks scheduler/scheduler_config.json$"):
