@@ -51,8 +51,8 @@ def joined_cluster() -> bool:
     a Ray started in this process: only a joined one may gain nodes while a job waits for them."""
     import ray
 
-    node = getattr(ray._private.worker, "_global_node", None)  # the head node where this process started it
-    return ray.is_initialized() and node is not None and not node.head
+    node = getattr(ray._private.worker, "_global_node", None)  # the head node where this process started it; None
+    return ray.is_initialized() and (node is None or not node.head)  # for a Ray Client (ray://) connection
 
 
 def raise_interrupt(signum, frame):

@@ -39,9 +39,10 @@ def open_output(spec: JobSpec, start: float, verbose: bool = False) -> tuple[int
     footers, one pass)."""
     record_run(spec.output, spec.storage_options, start)
     connect(spec, verbose)
+    counts = footers.manifest_counts(spec.output, spec.storage_options)  # first: a bad part is named on the driver
     if spec.output_format == "webdataset":  # a killed run's shards, written again below (reads every part)
         in_task(drop_unlisted_shards, spec.output, spec.storage_options)
-    return footers.manifest_counts(spec.output, spec.storage_options)
+    return counts
 
 
 def close_output(spec: JobSpec, start: float, done: int, failed: int, retried: int | None = None,

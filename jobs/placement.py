@@ -55,7 +55,7 @@ def stage_placement(spec: JobSpec, name: str, cluster_gpus: float, rows: int | N
     """map_batches keyword arguments for stage `name` of a job on a cluster with `cluster_gpus` GPUs (for a pass
     of at most `rows` rows, where given)."""
     split = split_gpus(spec, cluster_gpus)
-    shares = dict(share=_SPLIT_SHARES[name], pool=split.get(name)) if split else {}
+    shares = dict(share=split_shares(spec)[name], pool=split.get(name)) if split else {}
     return placement(getattr(spec.stages, name), name, cluster_gpus, rows=rows, **shares)
 
 
@@ -66,7 +66,8 @@ def split_gpus(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
     the defaults: 5 for Stage C, 3 for Stage B/A beside the text encoder). Else {}: the spec's pools."""
     gpus = int(cluster_gpus)
     stages = [spec.stages.text, spec.stages.prior, spec.stages.decoder]
-    if gpus < 2 or any(places(s) for s in stages) or any(s.concurrency is not None for s in stages[1:]):
+    if gpus < 2 or any(places(s) for s in stages[1:]) or places(stages[0]) and not on_cpus(stages[0]) or any(
+            s.concurrency is not None for s in stages[1:]):
         return {}
     from stages.prior import DEFAULT_PRIOR_STEPS  # imports diffusers: only where the GPUs are split
 
@@ -75,6 +76,17 @@ def split_gpus(spec: JobSpec, cluster_gpus: float) -> dict[str, int]:
     decoder = gen.decoder_steps * (2 if gen.decoder_guidance_scale > 1 else 1) * _DECODER_STEP + _VQGAN
     priors = max(range(1, gpus), key=lambda p: min(p / prior, (gpus - p) / decoder))
     return {"prior": priors, "decoder": gpus - priors}
+
+
+def split_shares(spec: JobSpec) -> dict[str, float]:
+    """Each stage's GPU share in a split: the text encoder's 0.1 beside a Stage B/A actor, or, with the text
+    encoder on CPUs (num_gpus 0), none, and Stage B/A's whole GPUs."""
+    return {"text": 0, "prior": 1.0, "decoder": 1.0} if on_cpus(spec.stages.text) else _SPLIT_SHARES
+
+
+def on_cpus(stage: StageSpec) -> bool:
+    """A stage the spec puts on CPUs (num_gpus 0) and places no other way."""
+    return stage.num_gpus == 0 and not any(getattr(stage, key) for key in _PLACING[1:])
 
 
 def places(stage: StageSpec) -> bool:

@@ -133,7 +133,8 @@ def check_uris(spec: JobSpec) -> None:
         if not str(uri).strip():  # an unset variable in a template: "" would be the working directory
             raise SpecError(f"{name}: empty; give a path or URI")
     for name, uri in in_workers[1:]:
-        if pattern := next((c for c in "*?[" if c in str(uri)), None):
+        path = str(uri).split("://", 1)[1].partition("/")[2] if "://" in str(uri) else str(uri)  # not a [host]
+        if pattern := next((c for c in "*?[" if c in path), None):
             raise SpecError(f"{name} {uri}: a {pattern!r} in the path reads as a pattern (or, after '?', a URL "
                             f"query) to fsspec and Ray, which would miss the rows it holds; choose a path without")
     for name, uri in in_workers:  # read or written by Ray's worker processes

@@ -34,6 +34,11 @@ def manifest_counts(output: str, storage_options: dict | None) -> tuple[int, int
     return tuple(sum(c[i] for c in counts) for i in range(3))
 
 
+def check_parts(output: str, name: str, storage_options: dict | None) -> None:
+    """Open every live part's footer: one that is no Parquet file, or no part of the run, raises (see parquet_part)."""
+    _per_part(output, name, storage_options, lambda parquet: None, cache_type="none")
+
+
 def _per_part(output: str, name: str, storage_options: dict | None, read, **open_options) -> list:
     """`read(parquet)` of each live part of <output>/<name>, the parts opened in threads with `open_options`."""
     fs, files = layout.list_parts(output, name, storage_options)

@@ -104,6 +104,15 @@ class UnreadablePart(ValueError):
         super().__init__(f"{uri}: not a readable Parquet part ({str(err).splitlines()[0]}); delete it and run the "
                          f"job again: {way}")
 
+    def __reduce__(self):  # raised in a Ray task: its message travels, not the arguments it was made from
+        return _rebuilt, (type(self), str(self))
+
+
+def _rebuilt(kind: type, message: str) -> UnreadablePart:
+    err = kind.__new__(kind)
+    ValueError.__init__(err, message)
+    return err
+
 
 class ForeignPart(UnreadablePart):
     """A Parquet file in a run's folder that no run wrote there (no row_id column): put there by hand."""
@@ -123,14 +132,17 @@ def parquet_part(fs, path: str, **open_options):
             parquet = pq.ParquetFile(f)
         except pa.ArrowInvalid as err:  # not an OSError: a store's failure is no reason to delete the part
             raise UnreadablePart(full_uri(fs, path), err) from None
-        if C.ROW_ID not in parquet.schema_arrow.names:
+        meta = parquet.metadata  # its column chunks' paths: no schema built (see footers.column_index)
+        if meta.num_row_groups and not any(meta.row_group(0).column(i).path_in_schema == C.ROW_ID
+                                           for i in range(meta.num_columns)):
             raise ForeignPart(full_uri(fs, path))
         yield parquet
 
 
 def unreadable_part(err: BaseException) -> UnreadablePart | None:
     """The UnreadablePart `err` was raised from (in this process or a Ray task), if any."""
-    return next((e for e in causes(err) if isinstance(e, UnreadablePart)), None)
+    found = next((e for e in causes(err) if isinstance(e, UnreadablePart)), None)
+    return getattr(found, "cause", found)  # a RayTaskError subclassing it: its str() is the remote traceback
 
 
 def vanished_part(err: BaseException) -> str | None:

@@ -459,7 +459,7 @@ def test_a_part_cut_short_is_one_line_naming_it(tmp_path, ray_cluster, capsys, m
     assert message.endswith("delete it and run the job again: its rows are made again")
 
 
-def test_a_table_put_in_a_run_folder_by_hand_is_one_line_naming_it(tmp_path):
+def test_a_table_put_in_a_run_folder_by_hand_is_one_line_naming_it(tmp_path, ray_cluster):
     """A Parquet file without row ids in manifest/ (a prompt table copied there): generate failed on it after
     claiming the output (70 lines), report counted its rows as entries, evaluate said to rerun evaluate."""
     from jobs.report_data import read_view
@@ -475,6 +475,9 @@ def test_a_table_put_in_a_run_folder_by_hand_is_one_line_naming_it(tmp_path):
                   lambda: read_view(str(tmp_path / "out"), {}, [])):
         with pytest.raises(output.ForeignPart, match=message):
             count()
+    with pytest.raises(Exception) as err:  # in a Ray task (a webdataset run's shard check): the same one line
+        ray_cluster.get(ray_cluster.remote(footers.manifest_counts).remote(str(tmp_path / "out"), {}))
+    assert re.match(message, str(output.unreadable_part(err.value)))
 
 
 def test_an_error_no_retry_fixes_is_one_line_naming_why(ray_cluster):

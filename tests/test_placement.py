@@ -71,13 +71,14 @@ def test_a_spec_that_places_a_stage_gets_no_split(stages):
 
 
 def test_num_gpus_0_keeps_a_stage_on_cpus_on_any_cluster():
-    """num_gpus 0 places the stage itself (on CPUs), as on one GPU: no split of 8 GPUs gives it a share."""
+    """num_gpus 0 puts a stage on CPUs, as on one GPU: no split of 8 GPUs gives it a share. The text encoder on
+    CPUs keeps the split, Stage B/A then on whole GPUs; Stage C on CPUs places the GPUs by the spec."""
     spec = spec_from_dict(job(stages={"text": {"num_gpus": 0, "num_cpus": 0}}))
-    assert split_gpus(spec, 8) == {}
-    for gpus in (1, 8):
-        args = stage_placement(spec, "text", gpus)
-        assert args["num_gpus"] == 0 and args["num_cpus"] == 0
-    assert pools(spec, 3) == {"text": (0, 1, 1), "prior": (1.0, 1, 1), "decoder": (1.0, 1, 1)}  # whole GPUs from 3
+    assert pools(spec, 8) == {"text": (0, 1, 1), "prior": (1.0, 5, 5), "decoder": (1.0, 3, 3)}  # no GPU idles
+    assert stage_placement(spec, "text", 1)["num_gpus"] == stage_placement(spec, "text", 8)["num_cpus"] == 0
+    on_cpus = spec_from_dict(job(stages={"prior": {"num_gpus": 0}}))
+    assert split_gpus(on_cpus, 8) == {} and stage_placement(on_cpus, "prior", 8)["num_gpus"] == 0
+    assert pools(on_cpus, 3) == {"text": (0.25, 1, 1), "prior": (0, 1, 1), "decoder": (1.0, 1, 1)}  # whole from 3
 
 
 def test_a_fixed_text_pool_still_splits_the_gpus():
@@ -259,3 +260,14 @@ def test_a_node_lost_mid_run_stops_the_pass_only_after_timeout_s_without_it(monk
     assert error.startswith("stages.prior: no node of the Ray cluster offers prior_group")
     assert error.endswith("a node left mid-run (waited 30 s); the rows finished so far are kept: add a node that "
                           "offers it and run the same command again") and clock.asked == 1
+
+
+def test_a_joined_cluster_is_waited_for_and_a_ray_started_here_is_not(ray_cluster, monkeypatch):
+    """The session's Ray was started in this process (its head node is ours): nothing can join it. A Ray Client
+    (ray://) connection holds no node of this process: a cluster joined, which an autoscaler may grow."""
+    from jobs.console import joined_cluster
+
+    ray_cluster.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    assert joined_cluster() is False
+    monkeypatch.setattr(ray_cluster._private.worker, "_global_node", None)
+    assert joined_cluster() is True

@@ -97,6 +97,10 @@ def test_bad_specs_name_the_field(data, message):
     assert "\n" not in str(err.value)
 
 
+def test_brackets_of_a_host_are_no_pattern():
+    assert spec_from_dict({**BASE, "output": "http://[::1]:8000/runs/a"}).output == "http://[::1]:8000/runs/a"
+
+
 def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
     path = write(tmp_path, "prompts: a.parquet\noutput: [unclosed\n")
     with pytest.raises(SpecError, match=r"job.yaml line \d+: YAML syntax error"):
