@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from jobs import prompts
 from jobs.preflight import preflight
@@ -23,6 +23,7 @@ from stages import columns as C
 from stages.effnet_terms import fill_effnet_terms, split_effnet_linears
 from stages.text_terms import fill_text_terms, split_text_keys_values
 from stages.models import prior_refs, ref_kind, resolve
+from stages.refs import meta_model
 from stages.prior import DEFAULT_PRIOR_STEPS, embedding_size
 from stages.storage import join, url_to_fs
 
@@ -111,20 +112,13 @@ def meta_models(spec: JobSpec) -> dict[str, torch.nn.Module]:
     opts, prior = spec.storage_options, prior_refs(spec.model.prior)[0]
     specs = {
         "prior": (WuerstchenPrior, _config(prior, "prior", "prior", opts), OFFICIAL["prior"]),
-        "prior_text": (CLIPTextConfig, _config(prior, "prior", "text_encoder", opts), OFFICIAL["prior_text"]),
+        "prior_text": (CLIPTextModel, _config(prior, "prior", "text_encoder", opts), OFFICIAL["prior_text"]),
         "decoder": (WuerstchenDiffNeXt, _config(spec.model.decoder, "decoder", "decoder", opts), OFFICIAL["decoder"]),
-        "decoder_text": (CLIPTextConfig, _config(spec.model.decoder, "decoder", "text_encoder", opts),
+        "decoder_text": (CLIPTextModel, _config(spec.model.decoder, "decoder", "text_encoder", opts),
                          OFFICIAL["decoder_text"]),
         "vqgan": (PaellaVQModel, _config(spec.model.decoder, "decoder", "vqgan", opts), OFFICIAL["vqgan"]),
     }
-    models = {}
-    with torch.device("meta"):
-        for name, (cls, config, fallback) in specs.items():
-            config = {k: v for k, v in (config or fallback).items() if not k.startswith("_")}
-            if cls is CLIPTextConfig:
-                models[name] = CLIPTextModel(CLIPTextConfig(**config))
-            else:
-                models[name] = cls.from_config(config)
+    models = {name: meta_model(cls, config or fallback) for name, (cls, config, fallback) in specs.items()}
     split_effnet_linears(models["decoder"])  # as DecoderStage runs it: the effnet share once per micro-batch
     for name in ("prior", "decoder"):  # as the stages run them: the text's keys and values once per micro-batch
         split_text_keys_values(models[name])

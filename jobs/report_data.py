@@ -68,8 +68,8 @@ def read_view(output_uri: str, storage_options: dict, axes: list[str]) -> Manife
     view = ManifestView()
     if not files:
         return view
-    footers.check_parts(output_uri, output.MANIFEST, storage_options)  # one cut short, or a file put there by hand,
-    # is named in one line (the passes below would fail on it, or count a stray table's rows)
+    footers.check_parts(fs, files)  # one cut short, or a file put there by hand, is named in one line (the passes
+    # below would fail on it, or count a stray table's rows)
     dataset = pads.dataset(files, filesystem=output.arrow_fs(fs), format="parquet", schema=MANIFEST_SCHEMA)
     ok = count_rows(dataset, view)
     view.failed_rows = failed_rows(dataset, ok)

@@ -34,15 +34,19 @@ def manifest_counts(output: str, storage_options: dict | None) -> tuple[int, int
     return tuple(sum(c[i] for c in counts) for i in range(3))
 
 
-def check_parts(output: str, name: str, storage_options: dict | None) -> None:
-    """Open every live part's footer: one that is no Parquet file, or no part of the run, raises (see parquet_part)."""
-    _per_part(output, name, storage_options, lambda parquet: None, cache_type="none")
+def check_parts(fs, files: list[str]) -> None:
+    """Open every listed part's footer: one that is no Parquet file, or no part of the run, raises (see
+    parquet_part)."""
+    _each_part(fs, files, lambda parquet: None, cache_type="none")
 
 
 def _per_part(output: str, name: str, storage_options: dict | None, read, **open_options) -> list:
     """`read(parquet)` of each live part of <output>/<name>, the parts opened in threads with `open_options`."""
-    fs, files = layout.list_parts(output, name, storage_options)
+    return _each_part(*layout.list_parts(output, name, storage_options), read, **open_options)
 
+
+def _each_part(fs, files: list[str], read, **open_options) -> list:
+    """`read(parquet)` of each of the parts `files`, opened in threads with `open_options`."""
     def one(file: str):
         with layout.parquet_part(fs, file, **open_options) as parquet:
             return read(parquet)

@@ -98,9 +98,8 @@ class UnreadablePart(ValueError):
     """A part of a run folder that is no Parquet file (cut short: a crash between a local write and its disk)."""
 
     def __init__(self, uri: str, err: Exception):
-        folder = uri.rstrip("/").rsplit("/", 2)[-2]
         way = ("its rows without a manifest entry are made again (those with one keep their images, but decode "
-               "cannot make them again)" if folder == EMBEDDINGS else "its rows are made again")
+               "cannot make them again)" if _folder_of(uri) == EMBEDDINGS else "its rows are made again")
         super().__init__(f"{uri}: not a readable Parquet part ({str(err).splitlines()[0]}); delete it and run the "
                          f"job again: {way}")
 
@@ -118,9 +117,13 @@ class ForeignPart(UnreadablePart):
     """A Parquet file in a run's folder that no run wrote there (no row_id column): put there by hand."""
 
     def __init__(self, uri: str):
-        folder = uri.rstrip("/").rsplit("/", 2)[-2]
         ValueError.__init__(self, f"{uri}: not a part of this run ({C.ROW_ID} is not among its columns); move it out "
-                                  f"of {folder}/ and run the command again")
+                                  f"of {_folder_of(uri)}/ and run the command again")
+
+
+def _folder_of(uri: str) -> str:
+    """The run folder (manifest, embeddings) a part's URI is in."""
+    return uri.rstrip("/").rsplit("/", 2)[-2]
 
 
 @contextlib.contextmanager

@@ -96,28 +96,37 @@ def _check_config(ref: str, name: str, folder: str, read) -> None:
     _check_builds(ref, name, folder, values)
 
 
-def _check_builds(ref: str, name: str, folder: str, config: dict) -> None:
-    """The model of a weights subfolder builds from its config (on the meta device: no memory, no weights): a
-    config of another component (Stage C's in decoder/) is named here, not in each stage actor's traceback."""
-    import torch
+def component_classes() -> dict:
+    """The model class of each weights subfolder."""
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+    from transformers import CLIPTextModel
+
+    return {"prior": WuerstchenPrior, "decoder": WuerstchenDiffNeXt, "vqgan": PaellaVQModel,
+            "text_encoder": CLIPTextModel}
+
+
+def meta_model(cls, config: dict):
+    """A component built from its config on the meta device (no memory, no weights)."""
+    import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    models = {"prior": WuerstchenPrior, "decoder": WuerstchenDiffNeXt, "vqgan": PaellaVQModel,
-              "text_encoder": CLIPTextModel}
+    values = {k: v for k, v in config.items() if not k.startswith("_")} if isinstance(config, dict) else config
+    with torch.device("meta"):
+        return CLIPTextModel(CLIPTextConfig(**values)) if cls is CLIPTextModel else cls.from_config(values)
+
+
+def _check_builds(ref: str, name: str, folder: str, config: dict) -> None:
+    """The model of a weights subfolder builds from its config: a config of another component (Stage C's in
+    decoder/) is named here, not in each stage actor's traceback."""
+    models = component_classes()
     if folder not in models:
         return
     named = config.get("_class_name") if isinstance(config, dict) else None
     if named != models[folder].__name__ and named in {cls.__name__ for cls in models.values()}:
         raise ModelRefError(f"{name}: {ref.rstrip('/')}/{folder}/config.json is a {named}'s, not a "
                             f"{models[folder].__name__}'s (a component copied into the wrong folder?)")
-    values = {k: v for k, v in config.items() if not k.startswith("_")} if isinstance(config, dict) else config
     try:
-        with torch.device("meta"):
-            if folder == "text_encoder":
-                CLIPTextModel(CLIPTextConfig(**values))
-            else:
-                models[folder].from_config(values)
+        meta_model(models[folder], config)
     except Exception as err:  # noqa: BLE001 - TypeError, ValueError…: one line naming the file
         raise ModelRefError(f"{name}: {ref.rstrip('/')}/{folder}/config.json does not describe a "
                             f"{models[folder].__name__} ({type(err).__name__}: {reason(err)})") from None
