@@ -12,6 +12,8 @@ from stages.storage import reason, url_to_fs
 PRIOR_SUBFOLDERS = ("prior", "text_encoder", "tokenizer", "scheduler")
 DECODER_SUBFOLDERS = ("decoder", "text_encoder", "tokenizer", "vqgan", "scheduler")
 WEIGHT_SUBFOLDERS = ("prior", "text_encoder", "decoder", "vqgan")  # loaded from .safetensors files only
+# Their tensor names are checked against the config (transformers renames the text encoder's across its versions)
+CHECKED_TENSORS = ("prior", "decoder", "vqgan")
 CONFIGS = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}  # else config.json
 HUB_TIMEOUT_S = 5.0  # an unreachable hub is reported after this long, not after the actors' retries
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -64,9 +66,9 @@ def check_ref(ref: str, role: str, subfolders: tuple[str, ...], storage_options:
         if not path.is_dir():
             raise ModelRefError(f"{name}: directory {ref} does not exist")
         _check_subfolders(ref, name, subfolders, {p.name for p in path.iterdir() if p.is_dir()})
-        for folder in subfolders:
-            _check_config(ref, name, folder, lambda config: (path / config).read_bytes())
-        check_local_weights(ref, name, [path / s for s in subfolders if s in WEIGHT_SUBFOLDERS])
+        models = {folder: _check_config(ref, name, folder, lambda config: (path / config).read_bytes())
+                  for folder in subfolders}
+        check_local_weights(ref, name, [path / s for s in subfolders if s in WEIGHT_SUBFOLDERS], models)
     elif kind == "uri":
         _check_uri(ref, name, subfolders, storage_options)
     elif kind == "hub":
@@ -83,9 +85,9 @@ def _check_subfolders(ref: str, name: str, subfolders: tuple[str, ...], present:
         raise ModelRefError(f"{name}: {ref} lacks the subfolder(s) {', '.join(missing)}")
 
 
-def _check_config(ref: str, name: str, folder: str, read) -> None:
+def _check_config(ref: str, name: str, folder: str, read):
     """A component's config exists and is JSON (`read(relative path)` its bytes): else each stage actor fails to
-    load it, in a flood of tracebacks."""
+    load it, in a flood of tracebacks. Returns the component built on the meta device (None for a non-model)."""
     config = f"{folder}/{CONFIGS.get(folder, 'config.json')}"
     try:
         values = json.loads(read(config))
@@ -93,7 +95,7 @@ def _check_config(ref: str, name: str, folder: str, read) -> None:
         raise ModelRefError(f"{name}: {ref} lacks {config}") from None
     except (ValueError, OSError) as err:
         raise ModelRefError(f"{name}: {ref.rstrip('/')}/{config} is not a readable JSON file ({reason(err)})") from None
-    _check_builds(ref, name, folder, values)
+    return _check_builds(ref, name, folder, values)
 
 
 def component_classes() -> dict:
@@ -115,39 +117,58 @@ def meta_model(cls, config: dict):
         return CLIPTextModel(CLIPTextConfig(**values)) if cls is CLIPTextModel else cls.from_config(values)
 
 
-def _check_builds(ref: str, name: str, folder: str, config: dict) -> None:
+def _check_builds(ref: str, name: str, folder: str, config: dict):
     """The model of a weights subfolder builds from its config: a config of another component (Stage C's in
     decoder/) is named here, not in each stage actor's traceback."""
     models = component_classes()
     if folder not in models:
-        return
+        return None
     named = config.get("_class_name") if isinstance(config, dict) else None
     if named != models[folder].__name__ and named in {cls.__name__ for cls in models.values()}:
         raise ModelRefError(f"{name}: {ref.rstrip('/')}/{folder}/config.json is a {named}'s, not a "
                             f"{models[folder].__name__}'s (a component copied into the wrong folder?)")
     try:
-        meta_model(models[folder], config)
+        return meta_model(models[folder], config)
     except Exception as err:  # noqa: BLE001 - TypeError, ValueError…: one line naming the file
         raise ModelRefError(f"{name}: {ref.rstrip('/')}/{folder}/config.json does not describe a "
                             f"{models[folder].__name__} ({type(err).__name__}: {reason(err)})") from None
 
 
-def check_local_weights(ref: str, name: str, folders: list[Path]) -> None:
+def check_local_weights(ref: str, name: str, folders: list[Path], models: dict | None = None) -> None:
     """Every weights subfolder holds .safetensors files whose header and size agree (safetensors checks both):
-    a truncated or half-copied file is named here, not in a traceback from each stage actor that loads it."""
+    a truncated or half-copied file is named here, not in a traceback from each stage actor that loads it; and
+    they hold the tensors of the folder's meta-built model in `models`."""
     from safetensors import safe_open
 
     for folder in folders:
-        files = sorted(folder.glob("*.safetensors"))
+        files, shapes = sorted(folder.glob("*.safetensors")), {}
         if not files:
             raise _no_weights(name, ref, folder.name)
         for file in files:
             try:
-                with safe_open(str(file), framework="pt"):
-                    pass
+                with safe_open(str(file), framework="pt") as tensors:
+                    shapes.update({key: tensors.get_slice(key).get_shape() for key in tensors.keys()})
             except Exception as err:  # noqa: BLE001 - SafetensorError or OSError: one line naming the file
                 raise ModelRefError(f"{name}: {file} is not a complete safetensors file ({reason(err)}); "
                                     f"copy it again") from None
+        if models and folder.name in CHECKED_TENSORS:
+            check_tensors(f"{name}: {ref.rstrip('/')}/{folder.name}", models[folder.name], shapes)
+
+
+def check_tensors(where: str, model, shapes: dict[str, list[int]]) -> None:
+    """The weights' tensors (name → shape) are those the config's diffusers model expects: a wrong shape fails in
+    every stage actor, and a missing one is left unloaded (on the meta device) and fails there too. (None of the
+    Würstchen classes has the deprecated attention blocks whose names diffusers rewrites on load.)"""
+    expected = {key: list(value.shape) for key, value in model.state_dict().items()}
+    wrong = [key for key in expected if key in shapes and list(shapes[key]) != expected[key]]
+    missing = [key for key in expected if key not in shapes]
+    if wrong:
+        raise ModelRefError(f"{where}: tensor {wrong[0]} has shape {list(shapes[wrong[0]])} where its "
+                            f"config.json makes {expected[wrong[0]]} ({len(wrong)} such): the weights and the "
+                            f"config are of different models")
+    if missing:
+        raise ModelRefError(f"{where}: the weights lack {len(missing)} of the {len(expected)} tensors of "
+                            f"{type(model).__name__} (e.g. {missing[0]}): another model's weights, or a partial copy")
 
 
 def _no_weights(name: str, ref: str, folder: str) -> ModelRefError:
@@ -161,15 +182,30 @@ def _check_uri(ref: str, name: str, subfolders: tuple[str, ...], storage_options
             raise ModelRefError(f"{name}: {ref} does not exist")
         present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
         _check_subfolders(ref, name, subfolders, present)
-        for folder in (s for s in subfolders if s in WEIGHT_SUBFOLDERS):
-            if not fs.glob(f"{path.rstrip('/')}/{folder}/*.safetensors"):
-                raise _no_weights(name, ref, folder)
-        for folder in subfolders:
-            _check_config(ref, name, folder, lambda config: fs.cat_file(f"{path.rstrip('/')}/{config}"))
+        root = path.rstrip("/")
+        weights = {s: fs.glob(f"{root}/{s}/*.safetensors") for s in subfolders if s in WEIGHT_SUBFOLDERS}
+        empty = [folder for folder, files in weights.items() if not files]
+        if empty:
+            raise _no_weights(name, ref, empty[0])
+        models = {s: _check_config(ref, name, s, lambda config: fs.cat_file(f"{root}/{config}")) for s in subfolders}
+        for folder, files in weights.items():
+            if folder in CHECKED_TENSORS:
+                check_tensors(f"{name}: {ref.rstrip('/')}/{folder}", models[folder], _stored_shapes(fs, files))
     except ModelRefError:
         raise
     except Exception as err:  # noqa: BLE001 - any store failure is one line naming the model
         raise ModelRefError(f"{name}: cannot read {ref} ({reason(err)})") from None
+
+
+def _stored_shapes(fs, files: list[str]) -> dict[str, list[int]]:
+    """Tensor name → shape from the headers of stored .safetensors files (a little-endian 8-byte length, then that
+    much JSON): two ranged reads a file, no weights fetched."""
+    shapes = {}
+    for file in files:
+        size = int.from_bytes(fs.cat_file(file, start=0, end=8), "little")
+        header = json.loads(fs.cat_file(file, start=8, end=8 + size))
+        shapes.update({key: value["shape"] for key, value in header.items() if key != "__metadata__"})
+    return shapes
 
 
 def hub_entries(repo: str, name: str, needed: tuple[str, ...] = ()) -> set[str]:

@@ -136,6 +136,37 @@ def test_unreadable_weights_are_named_before_any_model_work(tiny_dir, tmp_path):
         check_ref("memory://unsafe/prior", "prior", PRIOR_SUBFOLDERS, {})
 
 
+def test_weights_of_another_model_are_named_before_any_model_work(tiny_dir, tmp_path):
+    """A config that does not match its weights failed in every stage actor after the output was claimed (a shape
+    ValueError), and a partial checkpoint left tensors unloaded: both are one line naming the folder."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = Path(shutil.copytree(tiny_dir / "prior", tmp_path / "prior"))
+    config = json.loads((model / "prior" / "config.json").read_text())
+    (model / "prior" / "config.json").write_text(json.dumps({**config, "c": config["c"] * 2}))  # a bigger model's
+    with pytest.raises(ModelRefError, match=rf"^model.prior: {model}/prior: tensor \S+ has shape \[{config['c']}, .*"
+                                            rf"where its config.json makes \[{config['c'] * 2}, .*different models$"):
+        check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})
+    (model / "prior" / "config.json").write_text(json.dumps(config))
+    weights = model / "prior" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    save_file(dict(sorted(tensors.items())[1:]), weights)  # one tensor short
+    with pytest.raises(ModelRefError, match=rf"^model.prior: {model}/prior: the weights lack 1 of the {len(tensors)} "
+                                            rf"tensors of WuerstchenPrior \(e.g. {min(tensors)}\)"):
+        check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})
+    # In an object store the headers are read by range (fsspec's memory store stands in for S3).
+    store = fsspec.filesystem("memory")
+    store.put(str(model), "/mismatch/prior", recursive=True)
+    with pytest.raises(ModelRefError, match=r"^model.prior: memory://mismatch/prior/prior: the weights lack 1 of"):
+        check_ref("memory://mismatch/prior", "prior", PRIOR_SUBFOLDERS, {})
+    store.pipe("/mismatch/prior/prior/diffusion_pytorch_model.safetensors",
+               (tiny_dir / "prior" / "prior" / "diffusion_pytorch_model.safetensors").read_bytes())
+    check_ref("memory://mismatch/prior", "prior", PRIOR_SUBFOLDERS, {})  # the intact weights pass
+    store.rm("/mismatch", recursive=True)
+
+
 def test_object_store_models_are_copied_once_per_node(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WUERSTCHEN_BATCH_CACHE", str(tmp_path / "cache"))
     fs = fsspec.filesystem("memory")
