@@ -17,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModel
 
 from jobs import prompts
-from jobs.preflight import preflight
+from jobs.preflight import preflight, stores
+from jobs.retries import check_reachable
 from jobs.spec import JobSpec
 from stages import columns as C
 from stages.effnet_terms import fill_effnet_terms, split_effnet_linears
@@ -171,6 +172,7 @@ def bucket_flops(models: dict, bucket: Bucket, sizes: dict | None = None) -> dic
 
 def plan(spec: JobSpec) -> str:
     """The report `wuerstchen-batch plan` prints."""
+    check_reachable(stores(spec), spec.storage_options)  # a mistyped endpoint: one line in seconds, not a minute
     table = preflight(spec)
     buckets, models, sizes = count_buckets(spec, table), meta_models(spec), {}
     totals = {"text": 0.0, "prior": 0.0, "decoder": 0.0}

@@ -92,7 +92,7 @@ def test_a_store_out_of_reach_is_one_line_in_seconds(tmp_path, capsys):
     job.write_text(yaml.safe_dump({"prompts": str(write_prompts(tmp_path / "p.parquet", [{"prompt": "a"}])),
                                    "output": "s3://bucket/new", "model": {"prior": "tiny", "decoder": "tiny"},
                                    "storage_options": store}))
-    cases = [(["generate", str(job)], "output s3://bucket/new"),
+    cases = [(["generate", str(job)], "output s3://bucket/new"), (["plan", str(job)], "output s3://bucket/new"),
              (["decode", "s3://bucket/run", str(tmp_path / "new"), "--storage-options", options], "run s3://bucket/run"),
              (["report", "s3://bucket/run", "--storage-options", options], "run s3://bucket/run"),
              (["evaluate", "s3://bucket/run", "--clip-model", "clip", "--storage-options", options],
@@ -104,7 +104,7 @@ def test_a_store_out_of_reach_is_one_line_in_seconds(tmp_path, capsys):
             err = capsys.readouterr().err.strip()
             assert err.startswith(f"error: {named}: cannot connect to the object store (Could not connect"), err
             assert "endpoint_url" in err and "\n" not in err and time.time() - started < 30, (argv, err)
-            assert ("--storage-options" in err) == (argv[0] != "generate"), err  # where a run's options come from
+            assert ("--storage-options" in err) == (argv[0] not in ("generate", "plan")), err  # where a run's options come from
     finally:
         port.close()
     assert not (tmp_path / "new").exists()
