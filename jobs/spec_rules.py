@@ -66,6 +66,9 @@ def validate(spec: JobSpec) -> None:
     check_prior_spec("model.prior", spec.model.prior)
     validate_sweep(spec.sweep)
     check_uris(spec)
+    if key := secrets.misshapen(spec.storage_options):
+        raise SpecError(f"storage_options.{key}: expected a mapping of options (as in client_kwargs: "
+                        f"{{endpoint_url: …}}), got a value not shown (it may hold credentials)")
     for name, seed in [("generation.seed", gen.seed)] + [(f"sweep.seed[{i}]", v)
                                                          for i, v in enumerate(spec.sweep.get("seed") or [])]:
         if isinstance(seed, int) and seed + gen.images_per_prompt - 1 > MAX_SEED:

@@ -65,6 +65,16 @@ def _strings(value):
         yield str(value)
 
 
+MAPPING_OPTIONS = ("client_kwargs", "config_kwargs", "s3_additional_kwargs")  # s3fs unpacks them with **
+
+
+def misshapen(options: dict) -> str | None:
+    """The first storage option that s3fs unpacks as a mapping but is not one (`client_kwargs: http://…`, the
+    endpoint written without its key), or None."""
+    return next((key for key in MAPPING_OPTIONS if options.get(key) is not None
+                 and not isinstance(options[key], dict)), None)
+
+
 def options_arg(text: str) -> dict:
     """argparse type of --storage-options: a JSON object; an error never echoes the value (argparse would)."""
     import argparse
@@ -77,6 +87,9 @@ def options_arg(text: str) -> dict:
                                          f"shown: it may hold credentials)") from None
     if not isinstance(options, dict):
         raise argparse.ArgumentTypeError("expected a JSON object of fsspec options")
+    if key := misshapen(options):
+        raise argparse.ArgumentTypeError(f"{key}: expected a JSON object of options (as in {{\"client_kwargs\": "
+                                         f"{{\"endpoint_url\": …}}}}); the value is not shown: it may hold credentials")
     remember(options)
     return options
 

@@ -135,6 +135,24 @@ def test_mistyped_options_are_never_echoed(tmp_path, capsys, monkeypatch, argv):
     assert code == 2 and SECRET not in out.err + out.out and "storage" in out.err  # pointed to the options
 
 
+@pytest.mark.parametrize("argv", [
+    ["generate", "job.yaml", "--set", f"storage_options.client_kwargs=http://{KEY}:{SECRET}@127.0.0.1:9"],
+    ["report", "s3://bucket/run", "--storage-options", '{"config_kwargs": "%s"}' % SECRET],
+])
+def test_an_option_s3fs_unpacks_given_as_text_is_named(tmp_path, capsys, monkeypatch, argv):
+    """client_kwargs given the endpoint itself (its key forgotten) was "cannot write there ('str' object has no
+    attribute 'copy')": the option is named, before any store is asked, and its value never echoed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.yaml").write_text("prompts: p\noutput: s3://bucket/new\n")
+    try:
+        code = main(argv)
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err
+    key = "client_kwargs" if argv[0] == "generate" else "config_kwargs"
+    assert code == 2 and f"{key}: expected a" in err and SECRET not in err and KEY not in err, err
+
+
 @pytest.fixture(scope="module")
 def s3_run(s3_server, tmp_path_factory, ray_cluster):
     """A finished run on S3 made through the CLI with credentials in its storage options; what it printed."""
