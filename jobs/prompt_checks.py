@@ -85,18 +85,23 @@ SETTING_ALIASES = {"num_inference_steps": C.DECODER_STEPS, "prior_num_inference_
 JOB_WIDE = "images_per_prompt"  # a generation key no column sets: every row would take the job's value
 
 
+def _spelled(column: str) -> str:
+    """A column name as a setting's would read written another way (`Seed`, `negative prompt`, ` height`)."""
+    return column.strip().lower().replace(" ", "_").replace("-", "_")
+
+
 def check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:
     twice = sorted({c for c in schema.names if schema.names.count(c) > 1})
     if twice:
         raise SpecError(f"prompts: column '{twice[0]}' appears twice in {name}; rename one")
     settings = (C.PROMPT, *C.OVERRIDABLE)
     for col in schema.names:
-        meant = SETTING_ALIASES.get(col) or next((s for s in settings if col != s and col.strip() == s), None)
+        meant = SETTING_ALIASES.get(col) or next((s for s in settings if col != s and _spelled(col) == s), None)
         if meant:
             raise SpecError(f"prompts: column '{col}' in {name} is not a per-row setting (did you mean '{meant}'? "
                             f"names are exact); rename it to set the rows' value, or to another name to keep it "
                             f"as your own column")
-    if col := next((c for c in schema.names if c.strip() == JOB_WIDE), None):
+    if col := next((c for c in schema.names if _spelled(c) == JOB_WIDE), None):
         raise SpecError(f"prompts: column '{col}' in {name} is not a per-row setting (it is one value for "
                         f"the whole job: generation.{JOB_WIDE}); rename the column to keep it as your own")
     if C.PROMPT not in schema.names:

@@ -89,6 +89,9 @@ def test_a_column_a_sweep_replaces_is_warned_about(tmp_path):
                                                                   "128 up to 2048, got 1"),  # 128 > int8's range
     ({"prompt": ["a"], "negative_prompt": [3]}, "column 'negative_prompt' in"),
     ({"prompt": ["a"], "height ": [512]}, "column 'height ' in"),  # would pass through, every row at the default
+    ({"prompt": ["a"], "Seed": [7]}, "column 'Seed' in"),  # kept as the user's column: every row at the job's seed
+    ({"prompt": ["a"], "negative prompt": ["blur"]}, "is not a per-row setting (did you mean 'negative_prompt'?"),
+    ({"prompt": ["a"], "Images-Per-Prompt": [2]}, "column 'Images-Per-Prompt' in"),
     ({"prompt": ["a"], "num_inference_steps": [30]}, "is not a per-row setting (did you mean 'decoder_steps'?"),
     ({"prompt": ["a"], "guidance_scale": [7.5]}, "(did you mean 'prior_guidance_scale or decoder_guidance_scale'?"),
     ({"prompt": ["a"], "row_id": ["x"]}, "is set by the job itself, so its values would be replaced"),
