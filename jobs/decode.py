@@ -11,11 +11,10 @@ import time
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from jobs import lease
 from jobs.folding import fold_keys
 from jobs.isolation import DECODE_ADVICE
-from jobs.preflight import answered_decode, check_models, check_overwrite_keeps_inputs
-from jobs.resume import Summary, claim
+from jobs.preflight import answered_decode, check_models, check_overwrite_keeps_inputs, claimed
+from jobs.resume import Summary
 from jobs.retries import RUN_OPTIONS, check_reachable, run_folder_read
 from jobs.row_ids import identify
 from jobs.spec import TASK_CPUS, JobSpec, ModelSpec, SpecError, apply_overrides, check_key, spec_from_dict
@@ -122,12 +121,8 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     from jobs.placement import check_ray  # imports Ray: not for a decode answered above
 
     check_ray(spec)
-    with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
-        claim(spec, overwrite)
-        from jobs.retries import storage_errors_named
-
-        with storage_errors_named(spec.output):
-            return _decode(spec, list(overrides), started, verbose, *source())
+    with claimed(spec, overwrite):
+        return _decode(spec, list(overrides), started, verbose, *source())
 
 
 def made_unstored(run: str, storage_options: dict | None, stored: int) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 from jobs import lease, prompts
 from jobs.resume import Summary, claim, finished
 from jobs.prompt_checks import FLOAT_EXACT
-from jobs.retries import check_reachable
+from jobs.retries import check_reachable, storage_errors_named
 from jobs.spec import JobSpec, SpecError
 from stages import columns as C
 from stages import footers, output, user_columns
@@ -241,10 +242,17 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, 
     table = preflight(spec)
     for warning in table.warnings():
         print(warning, file=sys.stderr)
-    with lease.held(spec.output, spec.storage_options):  # another invocation on this output is refused
-        claim(spec, overwrite)
+    with claimed(spec, overwrite):
         from jobs.generate import generate
-        from jobs.retries import storage_errors_named
 
+        return generate(spec, table, started, verbose, retry_failed=retry_failed)
+
+
+@contextlib.contextmanager
+def claimed(spec: JobSpec, overwrite: bool):
+    """The output held by this invocation alone (another is refused) and claimed for the spec; a store that fails
+    on the way is one line naming the output."""
+    with lease.held(spec.output, spec.storage_options):
+        claim(spec, overwrite)
         with storage_errors_named(spec.output):
-            return generate(spec, table, started, verbose, retry_failed=retry_failed)
+            yield
