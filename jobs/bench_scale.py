@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -234,13 +235,22 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Build (unless a measured step is asked for), then measure each step in a child process."""
-    if not args.step:
-        check_args(args)
-    work = Path(args.work or tempfile.mkdtemp(prefix="wuerstchen-scale-"))
+    """Build (unless a measured step is asked for), then measure each step in a child process; a temporary
+    folder (no --work) is deleted at the end."""
     if args.step:
-        print(json.dumps(step(args.step, work)))
+        print(json.dumps(step(args.step, Path(args.work))))
         return 0
+    check_args(args)
+    work = Path(args.work or tempfile.mkdtemp(prefix="wuerstchen-scale-"))
+    try:
+        return measure(args, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, work: Path) -> int:
+    """Build the synthetic output in `work` (unless --keep), then each step's figures, printed."""
     started = time.time()
     if not args.keep:
         build(work, args.rows, args.new, args.part_rows)

@@ -121,8 +121,8 @@ def run_decode(run: str, output: str, overrides: list[str] = (), storage_options
     from jobs.placement import check_ray  # imports Ray: not for a decode answered above
 
     check_ray(spec)
-    with claimed(spec, overwrite):
-        return _decode(spec, list(overrides), started, verbose, *source())
+    with claimed(spec, overwrite, verbose):
+        return _decode(spec, list(overrides), started, *source())
 
 
 def made_unstored(run: str, storage_options: dict | None, stored: int) -> tuple[int, int]:
@@ -174,14 +174,13 @@ def stage_c_dtype(run: str, storage_options: dict | None) -> str:
     return (output.read_job(run, storage_options).get("model") or {}).get("dtype", ModelSpec.dtype)
 
 
-def _decode(spec: JobSpec, overrides: list[str], started: float, verbose: bool, stored: int,
-            user_types) -> Summary:
+def _decode(spec: JobSpec, overrides: list[str], started: float, stored: int, user_types) -> Summary:
     """Decode the run's `stored` Stage C rows (their own columns of `user_types`) that the output has no entry for."""
     from jobs.passes import (DECODE_STAGES, EMBEDDINGS_PART_ROWS, close_output, coalesced, decode_dataset,
                              decode_in_flight, open_output, stored_embeddings, write_manifest)
 
     run = spec.decoded_from
-    done, failed, _ = open_output(spec, started, verbose)
+    done, failed, _ = open_output(spec, started)
     keys = {item.partition("=")[0].strip() for item in overrides}  # as decode_spec and the spec read them
     changed = {name: getattr(spec.generation, name) for name in ROW_SETTINGS if f"generation.{name}" in keys}
     model = dict(decoder=spec.model.decoder, dtype=spec.model.dtype,

@@ -33,13 +33,12 @@ def run(spec: JobSpec, overwrite: bool = False, verbose: bool = False) -> Summar
     return generate_job(spec, overwrite, verbose)
 
 
-def generate(spec: JobSpec, table: prompts.PromptTable, start: float, verbose: bool = False,
-             retry_failed: bool = False) -> Summary:
+def generate(spec: JobSpec, table: prompts.PromptTable, start: float, retry_failed: bool = False) -> Summary:
     """The pipeline for a checked spec on its claimed output: rows whose Stage C embeddings were stored
     before an interruption are decoded first, then every row without a manifest entry is made (with
     `retry_failed`, only the failed rows the prompt table still plans, their entries taken out first). Done rows
     are counted from Parquet footers and dropped inside Ray: nothing on the driver grows with the rows."""
-    done, failed, folded = open_output(spec, start, verbose)
+    done, failed, folded = open_output(spec, start)
     # Listed before a retry takes embeddings/_closed away: only these parts may hold rows in flight.
     fresh = output.written_since_closed(spec.output, spec.storage_options) if retry_failed else None
     only, retried, stored, kept = retry.take_out_failed(

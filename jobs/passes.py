@@ -33,12 +33,10 @@ MANIFEST_PART_ROWS = 1024
 EMBEDDINGS_PART_ROWS = 256
 
 
-def open_output(spec: JobSpec, start: float, verbose: bool = False) -> tuple[int, int, int]:
-    """Record this invocation's start, join Ray (quietly unless `verbose`) with the stages' resources; returns
-    the counts of manifest rows already there, of their failed rows and of input rows folded into them (from the
-    footers, one pass)."""
+def open_output(spec: JobSpec, start: float) -> tuple[int, int, int]:
+    """Record this invocation's start (Ray joined already: preflight.claimed); returns the counts of manifest rows
+    already there, of their failed rows and of input rows folded into them (from the footers, one pass)."""
     record_run(spec.output, spec.storage_options, start)
-    connect(spec, verbose)
     counts = footers.manifest_counts(spec.output, spec.storage_options)  # first: a bad part is named on the driver
     if spec.output_format == "webdataset":  # a killed run's shards, written again below (reads every part)
         in_task(drop_unlisted_shards, spec.output, spec.storage_options)
@@ -76,7 +74,7 @@ def in_task(fn, *args):
 
 def connect(spec: JobSpec, verbose: bool = False) -> None:
     """Join RAY_ADDRESS (or the caller's Ray, or a `ray start` cluster of this machine) and wait for the stages'
-    resources, else start a local Ray (nothing can join it: no wait)."""
+    resources, else start a local Ray (nothing can join it: no wait); quietly unless `verbose`."""
     start_ray(verbose)
     configure_ray_data()
     wait_for_capacity(spec, spec.placement_timeout_s if joined_cluster() else 0.0)

@@ -242,16 +242,20 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, 
     table = preflight(spec)
     for warning in table.warnings():
         print(warning, file=sys.stderr)
-    with claimed(spec, overwrite):
+    with claimed(spec, overwrite, verbose):
         from jobs.generate import generate
 
-        return generate(spec, table, started, verbose, retry_failed=retry_failed)
+        return generate(spec, table, started, retry_failed=retry_failed)
 
 
 @contextlib.contextmanager
-def claimed(spec: JobSpec, overwrite: bool):
-    """The output held by this invocation alone (another is refused) and claimed for the spec; a store that fails
-    on the way is one line naming the output."""
+def claimed(spec: JobSpec, overwrite: bool, verbose: bool = False):
+    """Ray joined, with the stages' resources (one that no node offers is refused before anything is written),
+    then the output held by this invocation alone (another is refused) and claimed for the spec; a store that
+    fails on the way is one line naming the output."""
+    from jobs.passes import connect  # imports Ray
+
+    connect(spec, verbose)
     with lease.held(spec.output, spec.storage_options):
         claim(spec, overwrite)
         with storage_errors_named(spec.output):

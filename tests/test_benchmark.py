@@ -88,15 +88,21 @@ def test_bench_scale_mistakes_are_one_line_before_anything_is_written(tmp_path, 
         assert not any((tmp_path / "work").iterdir()) and not any((tmp_path / "tmp").iterdir()), argv
 
 
-def test_bench_scale_measures_its_bookkeeping_steps(tmp_path, capsys):
+def test_bench_scale_measures_its_bookkeeping_steps(tmp_path, capsys, monkeypatch):
     """The report and evaluate steps run on a small synthetic output and say what they made (evaluate's step had
-    failed since --by refused an axis of a value per row: it grouped by seed)."""
-    argv = ["bench-scale", "--rows", "1200", "--part-rows", "400", "--work", str(tmp_path / "work"),  # > 1000 seeds
+    failed since --by refused an axis of a value per row: it grouped by seed); without --work the synthetic output
+    is built in a temporary folder, deleted at the end (it was left behind)."""
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    argv = ["bench-scale", "--rows", "1200", "--part-rows", "400",  # > 1000 seeds
             "--steps", "report,evaluate-bookkeeping"]
     assert main(argv) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
-    assert "built 1200 done rows in 3 manifest parts" in out and "report/index.html" in out
+    assert f"built 1200 done rows in 3 manifest parts under {tmp_path / 'tmp'}" in out and "report/index.html" in out
     assert "(3 manifest parts, scores.parquet of 1200 rows)" in out
+    assert not any((tmp_path / "tmp").iterdir())
 
 
 def test_the_steady_state_starts_after_the_first_block_and_its_burst(tmp_path):

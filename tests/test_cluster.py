@@ -70,7 +70,7 @@ def test_a_group_without_nodes_is_a_clear_error(cluster, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stages.prior: no node of the Ray cluster offers h100_group")
     assert "waiting up to 2 s" in result.stderr and "after waiting 2 s" in last and "Traceback" not in result.stderr
-    assert not (tmp_path / "out" / "manifest").exists()
+    assert not (tmp_path / "out").exists()  # refused before anything is written (job.yaml, runs/ were)
 
 
 def test_a_node_that_cannot_load_the_model_is_passed_over(cluster, tmp_path):
