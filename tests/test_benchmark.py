@@ -133,12 +133,12 @@ def test_the_figures_come_from_the_steady_state_and_the_faster_diffusers_way(tmp
     measured = {"stages": {}, "matmul_peak_tflops": 1.0, "in_process_images_per_s": 7.0, "in_process_mfu": 0.1,
                 "in_process_warmup_s": 1.0, "failed_rows": 0}
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(benchmark, "in_process", lambda spec, texts: (seen.update(spec=spec) or dict(measured),
-                                                                       np.zeros(len(texts))))
-    monkeypatch.setattr(benchmark, "ray_rates", lambda spec, verbose=False: {
+    monkeypatch.setattr(benchmark, "in_process", lambda spec, texts: (
+        seen.update(spec=spec, texts=texts) or dict(measured), np.zeros(len(texts))))
+    monkeypatch.setattr(benchmark, "ray_rates", lambda spec, verbose=False: seen.update(ray_verbose=verbose) or {
         "ray_steady_images_per_s": 10.0, "ray_end_to_end_images_per_s": 4.0})
-    monkeypatch.setattr(benchmark, "diffusers_rates", lambda spec, texts, compiled, modes: {
-        "combined": (1.0, 0.1), "batched": (2.0, 0.2)})
+    monkeypatch.setattr(benchmark, "diffusers_rates", lambda spec, texts, compiled, modes: seen.update(
+        modes=modes, compiled=compiled) or {"combined": (1.0, 0.1), "batched": (2.0, 0.2)})
     monkeypatch.setattr(benchmark, "psnr_vs_float32", lambda spec, texts, images, rows: (
         seen.update(psnr_rows=rows) or {"rows": rows, "mean": 30.0, "min": 25.0}))
     args = parser().parse_args(["benchmark", "--rows", "200", "--dtype", "bfloat16", "--psnr-rows", "3",
@@ -147,8 +147,28 @@ def test_the_figures_come_from_the_steady_state_and_the_faster_diffusers_way(tmp
     assert (figures["pipeline_images_per_s"], figures["ratio"], figures["end_to_end_ratio"]) == (10.0, 5.0, 2.0)
     assert seen["psnr_rows"] == 3 and (seen["spec"].generation.height, seen["spec"].generation.width) == (256, 128)
     assert list(tmp_path.iterdir()) == []  # its prompt table and run output were kept in /tmp for good
+    assert seen["ray_verbose"] is False and seen["modes"] == ["combined", "batched"] and seen["compiled"] is False
     with pytest.raises(SpecError, match="--rows must exceed twice the text batch size"):
         benchmark.run_benchmark(parser().parse_args(["benchmark", "--rows", "128", "--skip-diffusers"]))
+    # Each flag reaches the work: a compile mode, one diffusers way, a TSV's prompts, --verbose, --set.
+    (tmp_path / "p.tsv").write_text("Prompt\nfirst\nsecond\n")
+    seen.clear()
+    benchmark.run_benchmark(parser().parse_args([
+        "benchmark", "--rows", "4", "--compile", "max-autotune", "--diffusers", "combined", "--prompts",
+        str(tmp_path / "p.tsv"), "--verbose", "--set", "stages.text.batch_size=1", "--set", "stages.prior.micro_batch=2"]))
+    spec = seen["spec"]
+    assert spec.stages.prior.compile == spec.stages.decoder.compile == "max-autotune" and seen["compiled"] is True
+    assert seen["modes"] == ["combined"] and seen["texts"] == ["first", "second", "first", "second"]
+    assert seen["ray_verbose"] is True and spec.stages.prior.micro_batch == 2
+    # --in-process: no Ray pass; --skip-diffusers: no diffusers pass; a model folder's default size is 1024².
+    from stages.presets import write_tiny_model
+
+    seen.clear()
+    figures = benchmark.run_benchmark(parser().parse_args([
+        "benchmark", "--rows", "2", "--in-process", "--skip-diffusers", "--model",
+        str(write_tiny_model(tmp_path / "model"))]))
+    assert "ray_verbose" not in seen and "modes" not in seen and "ratio" not in figures
+    assert (seen["spec"].generation.height, seen["spec"].generation.width) == (1024, 1024)
 
 
 def test_tsv_prompts_and_the_argument_defaults(tmp_path):

@@ -305,3 +305,56 @@ def test_an_interrupted_retry_says_how_to_make_the_rows_it_took_out(monkeypatch,
     assert "run the same command without --retry-failed to make the failed rows" in capsys.readouterr().err
     assert main(["generate", "job.yaml"]) == 130
     assert "run the same command again to continue" in capsys.readouterr().err
+
+
+def test_each_commands_flags_reach_what_it_runs(tmp_path, monkeypatch, capsys):
+    """Every flag of generate, decode, plan, tiny-model and evaluate arrives where the command hands it on (the
+    callee records it here; what each does with it has its own tests): a flag dropped on the way is silent."""
+    import types
+
+    import jobs.decode
+    import jobs.evaluate
+    import jobs.plan
+    import jobs.preflight
+    import stages.presets
+    from jobs.eval_args import EvalOptions, PoolOptions
+
+    seen = {}
+
+    def record(name, result):
+        def callee(*args, **kwargs):
+            seen[name] = (args, kwargs)
+            return result
+        return callee
+
+    done = types.SimpleNamespace(failed=0, kept=0, unstored=0)
+    monkeypatch.setattr(jobs.preflight, "generate_job", record("generate", done))
+    monkeypatch.setattr(jobs.decode, "run_decode", record("decode", done))
+    monkeypatch.setattr(jobs.plan, "plan", record("plan", "planned"))
+    monkeypatch.setattr(stages.presets, "write_tiny_model", record("tiny-model", tmp_path / "m"))
+    monkeypatch.setattr(jobs.evaluate, "evaluate", record("evaluate", {"images": 0, "failed": 0, "fid": None,
+                                                                       "clip_score": None}))
+    job = tmp_path / "job.yaml"
+    job.write_text(f"prompts: {tmp_path / 'p.parquet'}\noutput: {tmp_path / 'out'}\n")
+    assert main(["generate", str(job), "--set", "generation.height=512", "--verbose", "--retry-failed"]) == 0
+    (spec,), options = seen["generate"]
+    assert spec.generation.height == 512 and options == {"overwrite": False, "verbose": True, "retry_failed": True}
+    assert main(["decode", "run", "again", "--set", "generation.decoder_steps=3", "--storage-options",
+                 '{"anon": true}', "--overwrite", "--verbose"]) == 0
+    assert seen["decode"] == (("run", "again", ["generation.decoder_steps=3"], {"anon": True}, True),
+                              {"verbose": True})
+    assert main(["plan", str(job), "--set", "generation.width=384"]) == 0
+    assert seen["plan"][0][0].generation.width == 384
+    assert main(["tiny-model", str(tmp_path / "m"), "--full-size"]) == 0
+    assert seen["tiny-model"] == ((str(tmp_path / "m"),), {"full": True})
+    assert "full-size random model written" in capsys.readouterr().out
+    (tmp_path / "held" / "decoder").mkdir(parents=True)  # a model's folder: its weights would be replaced
+    assert main(["tiny-model", str(tmp_path / "held")]) == 2
+    assert "tiny-model: " + str(tmp_path / "held") + " already holds decoder/" in capsys.readouterr().err
+    argv = ["evaluate", str(tmp_path / "out"), "--clip-model", "clip", "--fid-reference", "ref", "--inception", "inc",
+            "--by", "seed", "--by", "seed", "height", "--batch-size", "7", "--concurrency", "3", "--num-gpus", "0.5",
+            "--verbose"]
+    assert main(argv) == 1  # not one image read: no metric
+    assert seen["evaluate"] == ((EvalOptions(
+        run=str(tmp_path / "out"), clip_model="clip", fid_reference="ref", inception="inc", by=("seed", "height"),
+        storage_options={}, pools=PoolOptions(batch_size=7, concurrency=3, num_gpus=0.5), verbose=True),), {})

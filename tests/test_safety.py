@@ -122,7 +122,7 @@ def test_credentials_in_a_uri_are_refused_without_showing_them(tmp_path, capsys,
     (["decode", "run", "out", "--storage-options", "{'secret': '%s'}" % SECRET], "storage"),
     (["evaluate", "run", "--clip-model", "m", "--storage-options", '{"secret": "%s",}' % SECRET], "storage"),
     (["generate", "job.yaml", "--set", "storage_options.secret=[%s" % SECRET], "storage"),
-    (["report", f"s3://{KEY}:{SECRET}@bucket/run"], "storage"),
+    (["report", f"s3://{KEY}:{SECRET}@bucket/run"], "error: run: credentials in a URI"),
     # An option s3fs unpacks as a mapping, given the endpoint itself (its key forgotten): was "cannot write there
     # ('str' object has no attribute 'copy')"; now named before any store is asked.
     (["generate", "job.yaml", "--set", f"storage_options.client_kwargs=http://{KEY}:{SECRET}@127.0.0.1:9"],

@@ -136,6 +136,12 @@ def test_bad_override_is_reported(tmp_path):
         load_spec(path, ["generation.hieght=512"])
     with pytest.raises(SpecError, match="expected key=value"):
         load_spec(path, ["generation.height"])
+    with pytest.raises(SpecError, match=r"^--set =5: expected key=value$"):  # no key: not an "unknown key ''"
+        load_spec(path, ["=5"])
+    path = write(tmp_path, "prompts: a.parquet\noutput: out\ngeneration: {height: 512}\n")
+    for item, part in (("generation.height.x=1", "height"), ("prompts.x=1", "prompts")):  # into a value: no
+        with pytest.raises(SpecError, match=rf"^--set {item}: {part} is not a mapping$"):  # item assignment error
+            load_spec(path, [item])
 
 
 def test_example_jobs_are_valid():
