@@ -96,7 +96,9 @@ def test_a_store_out_of_reach_is_one_line_in_seconds(tmp_path, capsys):
              (["decode", "s3://bucket/run", str(tmp_path / "new"), "--storage-options", options], "run s3://bucket/run"),
              (["report", "s3://bucket/run", "--storage-options", options], "run s3://bucket/run"),
              (["evaluate", "s3://bucket/run", "--clip-model", "clip", "--storage-options", options],
-              "run s3://bucket/run")]
+              "run s3://bucket/run"),
+             (["evaluate", str(tmp_path / "run"), "--clip-model", "clip", "--fid-reference", "s3://bucket/ref",
+               "--storage-options", options], "--fid-reference s3://bucket/ref")]
     try:
         for argv, named in cases:
             started = time.time()
