@@ -236,17 +236,20 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Build (unless a measured step is asked for), then measure each step in a child process; a temporary
-    folder (no --work) is deleted at the end."""
+    folder (no --work) is deleted at the end, unless a step failed (kept to look into, and said)."""
     if args.step:
         print(json.dumps(step(args.step, Path(args.work))))
         return 0
     check_args(args)
-    work = Path(args.work or tempfile.mkdtemp(prefix="wuerstchen-scale-"))
+    work, code = Path(args.work or tempfile.mkdtemp(prefix="wuerstchen-scale-")), 1
     try:
-        return measure(args, work)
+        code = measure(args, work)
+        return code
     finally:
-        if not args.work:
+        if not args.work and code == 0:
             shutil.rmtree(work, ignore_errors=True)
+        elif not args.work:
+            print(f"the synthetic output is kept in {work} (a step failed); delete it when done", flush=True)
 
 
 def measure(args: argparse.Namespace, work: Path) -> int:

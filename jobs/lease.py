@@ -152,6 +152,13 @@ def taken(output: str, record: dict, lost: str) -> str:
             f"so {lost}")
 
 
+def refuse_if_held(output: str, storage_options: dict | None, **why) -> None:
+    """The refusal `held` gives, early and read-only (before Ray starts): another invocation holds the output."""
+    lease = Lease(output, storage_options, **why)
+    if (other := lease.read()) is not None and alive(other):
+        raise SpecError(busy(output, other, lease.why))
+
+
 @contextlib.contextmanager
 def held(output: str, storage_options: dict | None, **why):
     """Hold the output's lease while the block runs (the block's writes are this invocation's alone)."""

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs import lease, prompts
-from jobs.resume import Summary, claim, finished
+from jobs.resume import Summary, check_continuation, claim, finished
 from jobs.prompt_checks import FLOAT_EXACT
 from jobs.retries import check_reachable, storage_errors_named
 from jobs.spec import JobSpec, SpecError
@@ -218,7 +218,8 @@ def _place(uri: str) -> str:
 
 def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, retry_failed: bool = False) -> Summary:
     """A whole `generate`: a finished rerun is answered from its manifest (without importing Ray, torch or a
-    model); otherwise every check runs and the output is claimed before Ray starts, then the pipeline runs.
+    model); otherwise every check runs, Ray is joined and the output claimed (preflight.claimed), then the
+    pipeline runs.
     `retry_failed`: only the rows whose manifest entry has an error are made again, their entries replaced."""
     started = time.time()
     if spec.decoded_from:
@@ -250,11 +251,18 @@ def generate_job(spec: JobSpec, overwrite: bool = False, verbose: bool = False, 
 
 @contextlib.contextmanager
 def claimed(spec: JobSpec, overwrite: bool, verbose: bool = False):
-    """Ray joined, with the stages' resources (one that no node offers is refused before anything is written),
-    then the output held by this invocation alone (another is refused) and claimed for the spec; a store that
-    fails on the way is one line naming the output."""
+    """The refusals that only read the output first (another invocation on it, rows of another spec); then Ray
+    joined, with the stages' resources (one that no node offers is refused before anything is written); then the
+    output held by this invocation alone and claimed for the spec. A store that fails is one line naming it."""
     from jobs.passes import connect  # imports Ray
 
+    try:
+        lease.refuse_if_held(spec.output, spec.storage_options)
+        check_continuation(spec, overwrite, delete=False)
+    except SpecError:
+        raise
+    except Exception as err:  # noqa: BLE001 - permissions, a file in the way: one line
+        raise SpecError(f"output {spec.output}: cannot read it ({reason(err)})") from None
     connect(spec, verbose)
     with lease.held(spec.output, spec.storage_options):
         claim(spec, overwrite)

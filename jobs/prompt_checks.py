@@ -77,17 +77,17 @@ def _integer_somewhere(column: str, *schemas: pa.Schema) -> bool:
     return any(column in s.names and pa.types.is_integer(s.field(column).type) for s in schemas)
 
 
-# Per-row settings under other names (diffusers' combined pipeline's arguments, or with spaces around): without
-# a check they would pass through as the table's own columns while every row takes the job's value. Other
-# spellings (LAION's WIDTH and HEIGHT: the source image's size) are the table's own columns.
+# Per-row settings under other names (diffusers' combined pipeline's arguments, or with spaces around, or a space
+# or '-' for '_'): without a check they would pass through as the table's own columns while every row takes the
+# job's value. Another case (LAION's WIDTH and HEIGHT: the source image's size) is the table's own column.
 SETTING_ALIASES = {"num_inference_steps": C.DECODER_STEPS, "prior_num_inference_steps": C.PRIOR_STEPS,
                    "guidance_scale": f"{C.PRIOR_GUIDANCE} or {C.DECODER_GUIDANCE}"}
 JOB_WIDE = "images_per_prompt"  # a generation key no column sets: every row would take the job's value
 
 
 def _spelled(column: str) -> str:
-    """A column name as a setting's would read written another way (`Seed`, `negative prompt`, ` height`)."""
-    return column.strip().lower().replace(" ", "_").replace("-", "_")
+    """A column name as a setting's would read written another way (`negative prompt`, `prior-steps`, ` height`)."""
+    return column.strip().replace(" ", "_").replace("-", "_")
 
 
 def check_schema(schema: pa.Schema, name: str) -> tuple[str, ...]:

@@ -188,17 +188,17 @@ def claim(spec: JobSpec, overwrite: bool) -> None:
         raise SpecError(f"output {spec.output}: cannot write there ({reason(err)})") from None
 
 
-def check_continuation(spec: JobSpec, overwrite: bool) -> None:
-    """Start afresh on --overwrite (only where the output holds a run or nothing); refuse an output holding rows
-    of a different spec, naming the first difference (a job.yaml without rows, left by an attempt that failed
-    early, is no reason to refuse)."""
+def check_continuation(spec: JobSpec, overwrite: bool, delete: bool = True) -> None:
+    """Start afresh on --overwrite (only where the output holds a run or nothing; `delete` False: only that check);
+    refuse an output holding rows of a different spec, naming the first difference (a job.yaml without rows, left
+    by an attempt that failed early, is no reason to refuse)."""
     fs, root = url_to_fs(spec.output, spec.storage_options)
     job_file, lease = join(root, output_folder.JOB_FILE), join(root, LEASE)  # the lease: this invocation's
     if overwrite:
         if fs.exists(root) and not fs.exists(job_file) and (not fs.isdir(root) or _holds_files(fs, root, lease)):
             raise SpecError(f"output {spec.output} holds files but no run (no job.yaml): --overwrite deletes only "
                             f"a run folder or an empty one; choose another output")
-        if fs.exists(root):
+        if delete and fs.exists(root):
             remove_tree(fs, root, keep=lease)
         return
     if not fs.exists(job_file):

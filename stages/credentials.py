@@ -70,9 +70,8 @@ MAPPING_OPTIONS = ("client_kwargs", "config_kwargs", "s3_additional_kwargs")  # 
 
 def misshapen(options: dict) -> str | None:
     """The first storage option that s3fs unpacks as a mapping but is not one (`client_kwargs: http://…`, the
-    endpoint written without its key), or None."""
-    return next((key for key in MAPPING_OPTIONS if options.get(key) is not None
-                 and not isinstance(options[key], dict)), None)
+    endpoint written without its key), or None; an empty one is no options, as s3fs reads it."""
+    return next((key for key in MAPPING_OPTIONS if options.get(key) and not isinstance(options[key], dict)), None)
 
 
 def options_arg(text: str) -> dict:

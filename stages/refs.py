@@ -14,6 +14,7 @@ DECODER_SUBFOLDERS = ("decoder", "text_encoder", "tokenizer", "vqgan", "schedule
 WEIGHT_SUBFOLDERS = ("prior", "text_encoder", "decoder", "vqgan")  # loaded from .safetensors files only
 # Their tensor names are checked against the config (transformers renames the text encoder's across its versions)
 CHECKED_TENSORS = ("prior", "decoder", "vqgan")
+MAX_HEADER = 100_000_000  # bytes: the largest safetensors header the safetensors library reads
 CONFIGS = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}  # else config.json
 HUB_TIMEOUT_S = 5.0  # an unreachable hub is reported after this long, not after the actors' retries
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -190,21 +191,28 @@ def _check_uri(ref: str, name: str, subfolders: tuple[str, ...], storage_options
         models = {s: _check_config(ref, name, s, lambda config: fs.cat_file(f"{root}/{config}")) for s in subfolders}
         for folder, files in weights.items():
             if folder in CHECKED_TENSORS:
-                check_tensors(f"{name}: {ref.rstrip('/')}/{folder}", models[folder], _stored_shapes(fs, files))
+                check_tensors(f"{name}: {ref.rstrip('/')}/{folder}", models[folder], _stored_shapes(fs, files, name))
     except ModelRefError:
         raise
     except Exception as err:  # noqa: BLE001 - any store failure is one line naming the model
         raise ModelRefError(f"{name}: cannot read {ref} ({reason(err)})") from None
 
 
-def _stored_shapes(fs, files: list[str]) -> dict[str, list[int]]:
+def _stored_shapes(fs, files: list[str], name: str) -> dict[str, list[int]]:
     """Tensor name → shape from the headers of stored .safetensors files (a little-endian 8-byte length, then that
-    much JSON): two ranged reads a file, no weights fetched."""
+    much JSON, at most MAX_HEADER bytes): two ranged reads a file, no weights fetched; a file that is none (a
+    git-lfs pointer) is named."""
     shapes = {}
     for file in files:
-        size = int.from_bytes(fs.cat_file(file, start=0, end=8), "little")
-        header = json.loads(fs.cat_file(file, start=8, end=8 + size))
-        shapes.update({key: value["shape"] for key, value in header.items() if key != "__metadata__"})
+        try:
+            size = int.from_bytes(fs.cat_file(file, start=0, end=8), "little")
+            if not 2 <= size <= MAX_HEADER:
+                raise ValueError(f"its header would be {size} bytes")
+            header = json.loads(fs.cat_file(file, start=8, end=8 + size))
+            shapes.update({key: value["shape"] for key, value in header.items() if key != "__metadata__"})
+        except Exception as err:  # noqa: BLE001 - a short file, not JSON, no shapes: one line naming the file
+            raise ModelRefError(f"{name}: {fs.unstrip_protocol(file)} is not a complete safetensors file "
+                                f"({reason(err)}); copy it again") from None
     return shapes
 
 

@@ -38,10 +38,16 @@ def within(seconds: float, condition) -> bool:
     return True
 
 
-def test_an_output_being_written_is_refused_before_any_write(tmp_path):
+def test_an_output_being_written_is_refused_before_any_write(tmp_path, monkeypatch):
     """Two runs at once on one output (a job submitted twice) would each make every row: the manifest would hold
-    each row twice, for good."""
+    each row twice, for good. Refused before Ray is joined (on a cluster scaled to zero, a wait for its GPUs)."""
+    import jobs.passes
+
+    def connect(*args):
+        raise AssertionError("joined Ray before refusing")
+
     spec = spec_at(tmp_path)
+    monkeypatch.setattr(jobs.passes, "connect", connect)
     with lease.held(spec.output, {}):  # another invocation, in this (running) process
         with pytest.raises(SpecError, match=r"^output .* is being written by another invocation \(host "):
             generate_job(spec)

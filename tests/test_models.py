@@ -164,6 +164,11 @@ def test_weights_of_another_model_are_named_before_any_model_work(tiny_dir, tmp_
     store.pipe("/mismatch/prior/prior/diffusion_pytorch_model.safetensors",
                (tiny_dir / "prior" / "prior" / "diffusion_pytorch_model.safetensors").read_bytes())
     check_ref("memory://mismatch/prior", "prior", PRIOR_SUBFOLDERS, {})  # the intact weights pass
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"  # cloned without git-lfs
+    store.pipe("/mismatch/prior/prior/diffusion_pytorch_model.safetensors", pointer)
+    with pytest.raises(ModelRefError, match=r"^model.prior: memory:///?mismatch/prior/prior/diffusion_pytorch_model"
+                                            r".safetensors is not a complete safetensors file \(its header would be"):
+        check_ref("memory://mismatch/prior", "prior", PRIOR_SUBFOLDERS, {})  # not the whole object fetched
     store.rm("/mismatch", recursive=True)
 
 

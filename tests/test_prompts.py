@@ -89,9 +89,9 @@ def test_a_column_a_sweep_replaces_is_warned_about(tmp_path):
                                                                   "128 up to 2048, got 1"),  # 128 > int8's range
     ({"prompt": ["a"], "negative_prompt": [3]}, "column 'negative_prompt' in"),
     ({"prompt": ["a"], "height ": [512]}, "column 'height ' in"),  # would pass through, every row at the default
-    ({"prompt": ["a"], "Seed": [7]}, "column 'Seed' in"),  # kept as the user's column: every row at the job's seed
     ({"prompt": ["a"], "negative prompt": ["blur"]}, "is not a per-row setting (did you mean 'negative_prompt'?"),
-    ({"prompt": ["a"], "Images-Per-Prompt": [2]}, "column 'Images-Per-Prompt' in"),
+    ({"prompt": ["a"], "prior-steps": [4]}, "column 'prior-steps' in"),  # kept as the user's column: every row at
+    ({"prompt": ["a"], "images per prompt": [2]}, "column 'images per prompt' in"),  # the job's value
     ({"prompt": ["a"], "num_inference_steps": [30]}, "is not a per-row setting (did you mean 'decoder_steps'?"),
     ({"prompt": ["a"], "guidance_scale": [7.5]}, "(did you mean 'prior_guidance_scale or decoder_guidance_scale'?"),
     ({"prompt": ["a"], "row_id": ["x"]}, "is set by the job itself, so its values would be replaced"),
@@ -382,3 +382,11 @@ def test_row_bytes_are_the_packed_size_of_the_users_columns(tmp_path):
     for name, least in (("t", 3000), ("c", 3000), ("v", 4000)):
         assert scan(spec_for(tmp_path / f"{name}.parquet")).row_bytes > least, name
     assert scan(spec_for(table_at(tmp_path, "s.parquet", prompt=["x"] * 10))).row_bytes < 300
+
+
+def test_a_settings_name_in_another_case_is_the_tables_own_column():
+    """LAION's WIDTH and HEIGHT are the source image's size, not the image to make: kept as the user's columns."""
+    from jobs.prompt_checks import check_schema
+
+    schema = pa.schema([("prompt", pa.string()), ("WIDTH", pa.int64()), ("HEIGHT", pa.int64()), ("Seed", pa.int64())])
+    assert check_schema(schema, "laion.parquet") == ("prompt",)

@@ -95,11 +95,15 @@ def test_a_rerun_whose_counts_add_up_still_finds_a_row_edited_in_place(tmp_path,
     assert not all_made(spec, table, 3)
 
 
-def test_changed_spec_is_refused_unless_overwrite(tmp_path, ray_cluster):
+def test_changed_spec_is_refused_unless_overwrite(tmp_path, ray_cluster, monkeypatch):
+    import jobs.passes
+
     original, changed = (spec_from_dict({**job_dict(tmp_path, rows=2), "generation": {
         "height": height, "width": 128, "prior_steps": 2, "decoder_steps": 2}}) for height in (128, 256))
     held_row(tmp_path, original.to_dict())  # an output holding a row of the original spec
-    with pytest.raises(SpecError, match=r"holds a run of another spec \(generation.height: 128 → 256\)"):
+    with monkeypatch.context() as patched, pytest.raises(
+            SpecError, match=r"holds a run of another spec \(generation.height: 128 → 256\)"):
+        patched.setattr(jobs.passes, "connect", lambda *args: pytest.fail("joined Ray before refusing"))
         run(changed)
     summary = run(changed, overwrite=True)
     assert summary.rows == summary.new == 2 and {r[C.HEIGHT] for r in manifest(tmp_path)} == {256}
