@@ -262,7 +262,7 @@ def claimed(spec: JobSpec, overwrite: bool, verbose: bool = False):
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - permissions, a file in the way: one line
-        raise SpecError(f"output {spec.output}: cannot read it ({reason(err)})") from None
+        raise SpecError(f"output {spec.output}: cannot write there ({reason(err)})") from None  # as claim says
     connect(spec, verbose)
     with lease.held(spec.output, spec.storage_options):
         claim(spec, overwrite)
