@@ -15,6 +15,8 @@ WEIGHT_SUBFOLDERS = ("prior", "text_encoder", "decoder", "vqgan")  # loaded from
 # Their tensor names are checked against the config (transformers renames the text encoder's across its versions)
 CHECKED_TENSORS = ("prior", "decoder", "vqgan")
 MAX_HEADER = 100_000_000  # bytes: the largest safetensors header the safetensors library reads
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what diffusers loads (no variant such as .fp16) …
+WEIGHTS_INDEX = f"{WEIGHTS_FILE}.index.json"  # … or, where this index is, the shards it lists
 CONFIGS = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}  # else config.json
 HUB_TIMEOUT_S = 5.0  # an unreachable hub is reported after this long, not after the actors' retries
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -148,12 +150,35 @@ def check_local_weights(ref: str, name: str, folders: list[Path], models: dict |
         for file in files:
             try:
                 with safe_open(str(file), framework="pt") as tensors:
-                    shapes.update({key: tensors.get_slice(key).get_shape() for key in tensors.keys()})
+                    shapes[file.name] = {key: tensors.get_slice(key).get_shape() for key in tensors.keys()}
             except Exception as err:  # noqa: BLE001 - SafetensorError or OSError: one line naming the file
                 raise ModelRefError(f"{name}: {file} is not a complete safetensors file ({reason(err)}); "
                                     f"copy it again") from None
         if models and folder.name in CHECKED_TENSORS:
-            check_tensors(f"{name}: {ref.rstrip('/')}/{folder.name}", models[folder.name], shapes)
+            where = f"{name}: {ref.rstrip('/')}/{folder.name}"
+            loaded = loaded_files(where, set(shapes), lambda index: (folder / index).read_bytes())
+            check_tensors(where, models[folder.name], {k: v for f in loaded for k, v in shapes[f].items()})
+
+
+def loaded_files(where: str, names: set[str], read) -> list[str]:
+    """Of a diffusers component folder's .safetensors files (`names`), those loading it reads, as diffusers picks
+    them: the shards its index lists, else WEIGHTS_FILE (`read(name)`: a file's bytes); else one line."""
+    try:
+        index = read(WEIGHTS_INDEX)
+    except FileNotFoundError:
+        index = None
+    if index is None and WEIGHTS_FILE not in names:
+        raise ModelRefError(f"{where}: no {WEIGHTS_FILE} (nor its index), which diffusers loads; a variant such as "
+                            f"{sorted(names)[0]} is not loaded")
+    if index is None:
+        return [WEIGHTS_FILE]
+    try:
+        shards = sorted(set(json.loads(index)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelRefError(f"{where}/{WEIGHTS_INDEX} is not a weights index ({reason(err)})") from None
+    if missing := [shard for shard in shards if shard not in names]:
+        raise ModelRefError(f"{where}: {WEIGHTS_INDEX} lists {missing[0]}, which is not there (a partial copy?)")
+    return shards
 
 
 def check_tensors(where: str, model, shapes: dict[str, list[int]]) -> None:
@@ -191,7 +216,10 @@ def _check_uri(ref: str, name: str, subfolders: tuple[str, ...], storage_options
         models = {s: _check_config(ref, name, s, lambda config: fs.cat_file(f"{root}/{config}")) for s in subfolders}
         for folder, files in weights.items():
             if folder in CHECKED_TENSORS:
-                check_tensors(f"{name}: {ref.rstrip('/')}/{folder}", models[folder], _stored_shapes(fs, files, name))
+                where, names = f"{name}: {ref.rstrip('/')}/{folder}", {f.rsplit("/", 1)[-1] for f in files}
+                loaded = loaded_files(where, names, lambda index: fs.cat_file(f"{root}/{folder}/{index}"))
+                shapes = _stored_shapes(fs, [f"{root}/{folder}/{file}" for file in loaded], name)
+                check_tensors(where, models[folder], shapes)
     except ModelRefError:
         raise
     except Exception as err:  # noqa: BLE001 - any store failure is one line naming the model

@@ -156,6 +156,27 @@ def test_weights_of_another_model_are_named_before_any_model_work(tiny_dir, tmp_
     with pytest.raises(ModelRefError, match=rf"^model.prior: {model}/prior: the weights lack 1 of the {len(tensors)} "
                                             rf"tensors of WuerstchenPrior \(e.g. {min(tensors)}\)"):
         check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})
+    # Only the files diffusers loads count: a folder holding a variant alone fails to load, and sharded weights are
+    # the shards their index lists.
+    weights.rename(weights.with_suffix(".fp16.safetensors"))
+    with pytest.raises(OSError):
+        WuerstchenPrior.from_pretrained(str(model), subfolder="prior", use_safetensors=True)
+    with pytest.raises(ModelRefError, match=r"^model.prior: .*/prior: no diffusion_pytorch_model.safetensors \(nor its "
+                                            r"index\), which diffusers loads; a variant such as .*fp16.* is not"):
+        check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})
+    weights.with_suffix(".fp16.safetensors").unlink()
+    WuerstchenPrior.from_pretrained(str(tiny_dir / "prior"), subfolder="prior").save_pretrained(
+        str(model / "prior"), max_shard_size="40KB")
+    shards = sorted((model / "prior").glob("*-of-*.safetensors"))
+    assert len(shards) > 1 and not weights.exists()
+    check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})  # sharded, whole: passes
+    shards[-1].unlink()
+    with pytest.raises(ModelRefError, match=rf"prior: diffusion_pytorch_model.safetensors.index.json lists "
+                                            rf"{shards[-1].name}, which is not there"):
+        check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})
+    shutil.rmtree(model / "prior")
+    shutil.copytree(tiny_dir / "prior" / "prior", model / "prior")
+    save_file(dict(sorted(tensors.items())[1:]), weights)  # one tensor short, again
     # In an object store the headers are read by range (fsspec's memory store stands in for S3).
     store = fsspec.filesystem("memory")
     store.put(str(model), "/mismatch/prior", recursive=True)
