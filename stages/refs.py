@@ -168,8 +168,8 @@ def loaded_files(where: str, names: set[str], read) -> list[str]:
     except FileNotFoundError:
         index = None
     if index is None and WEIGHTS_FILE not in names:
-        raise ModelRefError(f"{where}: no {WEIGHTS_FILE} (nor its index), which diffusers loads; a variant such as "
-                            f"{sorted(names)[0]} is not loaded")
+        raise ModelRefError(f"{where}: no {WEIGHTS_FILE} (nor its index), which diffusers loads: "
+                            f"{sorted(names)[0]} is not (a variant such as .fp16 is loaded only when asked for)")
     if index is None:
         return [WEIGHTS_FILE]
     try:

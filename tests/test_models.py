@@ -162,7 +162,7 @@ def test_weights_of_another_model_are_named_before_any_model_work(tiny_dir, tmp_
     with pytest.raises(OSError):
         WuerstchenPrior.from_pretrained(str(model), subfolder="prior", use_safetensors=True)
     with pytest.raises(ModelRefError, match=r"^model.prior: .*/prior: no diffusion_pytorch_model.safetensors \(nor its "
-                                            r"index\), which diffusers loads; a variant such as .*fp16.* is not"):
+                                            r"index\), which diffusers loads: .*fp16.safetensors is not"):
         check_ref(str(model), "prior", PRIOR_SUBFOLDERS, {})
     weights.with_suffix(".fp16.safetensors").unlink()
     WuerstchenPrior.from_pretrained(str(tiny_dir / "prior"), subfolder="prior").save_pretrained(
