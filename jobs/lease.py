@@ -71,11 +71,17 @@ class Lease:
             self.renew()
             return False
 
-    def take(self) -> None:
-        """Hold the lease, or raise a one-line SpecError naming the invocation that holds it."""
+    def refuse_if_held(self) -> dict | None:
+        """The lease's record where its invocation is gone (None without one); a one-line SpecError naming the
+        invocation where it may still be writing."""
         other = self.read()
         if other is not None and alive(other):
             raise SpecError(busy(self.output, other, self.why))
+        return other
+
+    def take(self) -> None:
+        """Hold the lease, or raise a one-line SpecError naming the invocation that holds it."""
+        other = self.refuse_if_held()
         if other is not None and (self.read() or {}).get("token") == other.get("token"):
             self.fs.rm(self.path)  # a dead invocation's
         started = time.monotonic()
@@ -154,9 +160,7 @@ def taken(output: str, record: dict, lost: str) -> str:
 
 def refuse_if_held(output: str, storage_options: dict | None, **why) -> None:
     """The refusal `held` gives, early and read-only (before Ray starts): another invocation holds the output."""
-    lease = Lease(output, storage_options, **why)
-    if (other := lease.read()) is not None and alive(other):
-        raise SpecError(busy(output, other, lease.why))
+    Lease(output, storage_options, **why).refuse_if_held()
 
 
 @contextlib.contextmanager
